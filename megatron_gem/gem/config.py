@@ -1,0 +1,104 @@
+"""GEMConfig: every knob of the method, saved as ``gem_config.json`` beside a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+CONFIG_NAME = "gem_config.json"
+LAYOUTS = ("split", "reconstruct")
+
+
+@dataclass
+class GEMConfig:
+    # Summary tokens (GEM_SPEC 2): K distinct new vocabulary entries.
+    num_special_tokens: int = 1
+    special_token_template: str = "<|gem_{i}|>"
+    # Filled in when the tokens are added to a tokenizer; saved so readout needs no guessing.
+    special_token_ids: list[int] = field(default_factory=list)
+    # Phase 1, mixed NTP (GEM_SPEC 4): a document is `plain` with probability p_raw, else `layout`.
+    p_raw: float = 0.8
+    layout: str = "split"
+    min_prefix_len: int = 4  # counted in tokens, BOS included
+    min_suffix_len: int = 4
+    # Mask option (GEM_SPEC 3, open point): keep the document's first token visible to the suffix.
+    suffix_sees_bos: bool = False
+    # Phase 2, contrastive (GEM_SPEC 4).
+    prefix_dropout: float = 0.1  # token deletion rate of the positive view
+    logit_scale_init: float = 20.0
+    logit_scale_max: float = 100.0
+    contrastive_from_step: int = 100
+    alpha: float = 1.0  # phase-2 weight of the contrastive loss; < 1 keeps some NTP
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return [self.special_token_template.format(i=i) for i in range(self.num_special_tokens)]
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"GEMConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.num_special_tokens, int) or self.num_special_tokens < 1:
+            raise bad("num_special_tokens", "must be an integer >= 1")
+        if "{i}" not in self.special_token_template:
+            raise bad("special_token_template", "must contain '{i}' so the K tokens are distinct")
+        if not 0.0 <= self.p_raw <= 1.0:
+            raise bad("p_raw", "must lie in [0, 1]")
+        if self.layout not in LAYOUTS:
+            raise bad("layout", f"must be one of {LAYOUTS}")
+        if self.min_prefix_len < 1 or self.min_suffix_len < 1:
+            raise bad("min_prefix_len" if self.min_prefix_len < 1 else "min_suffix_len", "must be >= 1")
+        if not 0.0 <= self.prefix_dropout < 1.0:
+            raise bad("prefix_dropout", "must lie in [0, 1)")
+        if not 1.0 <= self.logit_scale_init <= self.logit_scale_max:
+            raise bad("logit_scale_init", f"must lie in [1, logit_scale_max={self.logit_scale_max}]")
+        if self.contrastive_from_step < 0:
+            raise bad("contrastive_from_step", "must be >= 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise bad("alpha", "must lie in [0, 1]")
+        if self.special_token_ids and len(self.special_token_ids) != self.num_special_tokens:
+            raise bad("special_token_ids", f"needs exactly num_special_tokens={self.num_special_tokens} ids")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GEMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GEMConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``gem_config.json`` into ``directory`` atomically; returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory_or_file: str | os.PathLike) -> "GEMConfig":
+        path = str(directory_or_file)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}: is this a GEM checkpoint?")
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from e
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
