@@ -1,0 +1,85 @@
+"""Tiny offline models and tokenizers for tests, benchmarks and smoke runs.
+
+Nothing here downloads: the tokenizer is a small BPE trained on generated sentences, the model
+a randomly initialised Llama built from a config. The code paths that use them are the ones
+users run with real checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+_WORDS = (
+    "the a one two cat dog bird fish tree river stone light dark cold warm fast slow red blue "
+    "green old new small large city road house garden book song water fire wind rain sun moon "
+    "runs sleeps sings reads writes sees finds makes takes gives holds eats drinks walks flies "
+    "under over near behind before after with without from into because while when where why "
+    "model token vector summary embedding attention layer train learn data text word meaning"
+).split()
+
+
+def sample_sentences(n: int, seed: int = 0, min_words: int = 4, max_words: int = 24) -> list[str]:
+    """Deterministic pseudo-sentences over a fixed vocabulary."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randint(min_words, max_words)
+        words = [rng.choice(_WORDS) for _ in range(k)]
+        out.append(" ".join(words).capitalize() + ".")
+    return out
+
+
+def make_tiny_tokenizer(vocab_size: int = 320):
+    """A Llama-like fast tokenizer (BOS added, EOS and PAD defined) trained offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sample_sentences(2000, seed=1234), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def make_tiny_llama(vocab_size: int, *, tie_word_embeddings: bool = False, seed: int = 0, **overrides):
+    """A 2-layer random Llama (GQA 4 query / 2 key-value heads) for tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        use_cache=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg))
+
+
+def save_tiny_checkpoint(directory: str | os.PathLike, *, tie_word_embeddings: bool = False, seed: int = 0) -> str:
+    """Write a tiny HF checkpoint (safetensors + tokenizer) that from_pretrained loads."""
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(len(tok), tie_word_embeddings=tie_word_embeddings, seed=seed)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
