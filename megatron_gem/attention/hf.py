@@ -1,0 +1,84 @@
+"""transformers adapter: GEM attention as an HF attention implementation named "gem".
+
+Usage: ``use_gem_attention(model, backend="auto")`` then call the model with the packed
+batch's metadata as extra keyword arguments: ``model(input_ids, position_ids=...,
+doc_ids=..., roles=...)``. transformers forwards those keywords to every attention call.
+
+Without doc_ids/roles (e.g. ``generate()``), "gem" falls back to plain causal attention,
+which is what GEM means for text without special tokens. That fallback ignores padding masks:
+for padded batched generation switch the model to "sdpa" (a GEM export loads with sdpa).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import gem_attention
+
+ATTN_NAME = "gem"
+_registered = False
+
+
+def _no_mask(*args, **kwargs):
+    # GEM builds its own (block-sparse) mask from doc_ids/roles; never let transformers
+    # materialise a dense [B, L, L] mask for us.
+    return None
+
+
+def _causal_fallback(query, key, value, scaling):
+    q_len, k_len = query.shape[2], key.shape[2]
+    enable_gqa = key.shape[1] != query.shape[1]
+    if q_len == k_len:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=enable_gqa)
+    # Queries are the last q_len positions of the k_len keys (KV cache): causal with an offset.
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(diagonal=k_len - q_len)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
+
+
+def hf_gem_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers AttentionInterface function: query [B, H, L, D] -> ([B, L, H, D], None)."""
+    if dropout:
+        raise ValueError("GEM attention does not implement attention dropout; set config.attention_dropout=0")
+    doc_ids, roles = kwargs.get("doc_ids"), kwargs.get("roles")
+    if doc_ids is None and roles is None:
+        out = _causal_fallback(query, key, value, scaling)
+    elif doc_ids is None or roles is None:
+        raise ValueError("GEM attention needs both doc_ids and roles (got only one of them)")
+    else:
+        if key.shape[2] != query.shape[2]:
+            raise ValueError("GEM attention with doc_ids/roles runs without a KV cache: set use_cache=False")
+        cfg = module.config
+        out = gem_attention(
+            query,
+            key,
+            value,
+            doc_ids,
+            roles,
+            scale=scaling,
+            backend=kwargs.get("gem_backend") or getattr(cfg, "gem_attention_backend", "auto"),
+            suffix_sees_bos=getattr(cfg, "gem_suffix_sees_bos", False),
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_gem_attention() -> None:
+    """Register "gem" with transformers' attention and mask interfaces (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, hf_gem_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+    _registered = True
+
+
+def use_gem_attention(model, *, backend: str = "auto", suffix_sees_bos: bool = False):
+    """Switch an HF model to GEM attention; turns the KV cache off (packing needs it off)."""
+    register_gem_attention()
+    model.config.gem_attention_backend = backend
+    model.config.gem_suffix_sees_bos = suffix_sees_bos
+    model.config.use_cache = False
+    model.set_attn_implementation(ATTN_NAME)
+    return model

@@ -1,0 +1,91 @@
+"""Adding the K GEM special tokens to an HF tokenizer and model (GEM_SPEC section 2).
+
+New input-embedding rows (and LM-head rows when the head is untied) start as the mean of the
+model's existing rows: random or reused "reserved" rows (near zero in Llama-3) make the first
+steps unstable. Works on any model with get_input_embeddings / get_output_embeddings /
+resize_token_embeddings (HF PreTrainedModel). Under ZeRO-3 pass ``gather`` (a context-manager
+factory such as ``lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)``)
+so the partitioned rows are gathered, edited on rank 0 and re-partitioned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Iterable
+
+import torch
+
+from .config import GEMConfig
+
+GatherFn = Callable[[list[torch.nn.Parameter]], ContextManager]
+
+
+def _no_gather(params: Iterable[torch.nn.Parameter]) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def find_gem_tokens(tokenizer, config: GEMConfig) -> list[int] | None:
+    """Ids of the config's special tokens if the tokenizer already has all of them as special
+    tokens (a GEM checkpoint); None if it has none of them. Refuses anything in between, and
+    any name that is an ordinary token with another meaning."""
+    names = config.special_tokens
+    vocab = tokenizer.get_vocab()
+    specials = set(tokenizer.all_special_tokens)
+    ordinary = [n for n in names if n in vocab and n not in specials]
+    if ordinary:
+        raise ValueError(
+            f"GEM token name(s) {ordinary} already exist in the tokenizer as ordinary token(s) with another "
+            f"meaning (ids {[vocab[n] for n in ordinary]}); choose another GEMConfig.special_token_template"
+        )
+    present = [n for n in names if n in specials]
+    if not present:
+        return None
+    if len(present) != len(names):
+        missing = [n for n in names if n not in specials]
+        raise ValueError(
+            f"the tokenizer has GEM tokens {present} but not {missing}: it was extended for a different "
+            f"num_special_tokens; use the checkpoint's gem_config.json or start from the base model"
+        )
+    return [vocab[n] for n in names]
+
+
+@torch.no_grad()
+def init_rows_to_mean(model, token_ids: list[int], num_old_rows: int, *, gather: GatherFn | None = None) -> None:
+    """Set the embedding (and untied LM-head) rows ``token_ids`` to the mean of rows [0, num_old_rows)."""
+    gather = gather or _no_gather
+    matrices = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not matrices[0]:  # untied head
+        matrices.append(head.weight)
+    idx = torch.as_tensor(token_ids, dtype=torch.long)
+    for weight in matrices:
+        with gather([weight]):
+            if weight.numel() == 0:  # a ZeRO-3 rank that does not hold the gathered copy
+                continue
+            mean = weight[:num_old_rows].float().mean(dim=0)
+            weight[idx.to(weight.device)] = mean.to(weight.dtype)
+
+
+def add_gem_tokens(model, tokenizer, config: GEMConfig, *, gather: GatherFn | None = None) -> list[int]:
+    """Add the K GEM tokens to ``tokenizer`` and ``model`` (resize + mean-row init).
+
+    Idempotent: a tokenizer that already carries the tokens (a GEM checkpoint) is left as is.
+    Records the ids in ``config.special_token_ids`` and returns them.
+    """
+    ids = find_gem_tokens(tokenizer, config)
+    num_rows = model.get_input_embeddings().weight.shape[0]
+    if ids is None:
+        tokenizer.add_special_tokens({"additional_special_tokens": config.special_tokens}, replace_extra_special_tokens=False)
+        ids = tokenizer.convert_tokens_to_ids(config.special_tokens)
+        # A model whose vocabulary is padded beyond the tokenizer keeps its size when the new ids
+        # fit; the reused rows are re-initialised like new ones.
+        if len(tokenizer) > num_rows:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        init_rows_to_mean(model, ids, num_rows, gather=gather)
+    elif max(ids) >= num_rows:
+        raise ValueError(
+            f"tokenizer has GEM token id {max(ids)} but the model has only {num_rows} embedding rows: "
+            f"the model and tokenizer come from different checkpoints"
+        )
+    config.special_token_ids = list(ids)
+    return list(ids)

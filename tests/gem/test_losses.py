@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from megatron_gem.gem import IGNORE_INDEX, GEMConfig
+from megatron_gem.gem.losses import LogitScale, info_nce, loss_weights, ntp_loss, ntp_loss_sum
+
+
+def hand_info_nce(a, p, s):
+    """-1/n sum_i log( exp(s cos(a_i,p_i)) / sum_j exp(s cos(a_i,p_j)) ), written out."""
+    n = len(a)
+    total = 0.0
+    for i in range(n):
+        cos = [float(torch.dot(a[i], p[j]) / (a[i].norm() * p[j].norm())) for j in range(n)]
+        total += -(s * cos[i] - math.log(sum(math.exp(s * c) for c in cos)))
+    return total / n
+
+
+def test_info_nce_value_matches_hand_computation():
+    torch.manual_seed(0)
+    a, p = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    got = info_nce(a, p, torch.tensor(20.0))
+    assert got.item() == pytest.approx(hand_info_nce(a, p, 20.0), rel=1e-5)
+
+
+def test_info_nce_gradient_matches_finite_differences():
+    torch.manual_seed(1)
+    a = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    # info_nce computes in float32; compare against the float64 hand formula with a looser bound
+    loss = info_nce(a, p, scale)
+    loss.backward()
+    eps = 1e-6
+    for tensor, grad in ((a, a.grad), (p, p.grad)):
+        for idx in [(0, 0), (2, 3), (3, 5)]:
+            with torch.no_grad():
+                tensor[idx] += eps
+                up = hand_info_nce(a.detach(), p.detach(), 7.0)
+                tensor[idx] -= 2 * eps
+                down = hand_info_nce(a.detach(), p.detach(), 7.0)
+                tensor[idx] += eps
+            assert grad[idx].item() == pytest.approx((up - down) / (2 * eps), abs=2e-4)
+    up, down = hand_info_nce(a.detach(), p.detach(), 7.0 + eps), hand_info_nce(a.detach(), p.detach(), 7.0 - eps)
+    assert scale.grad.item() == pytest.approx((up - down) / (2 * eps), abs=2e-4)
+
+
+def test_info_nce_gathered_negatives():
+    torch.manual_seed(2)
+    a, p = torch.randn(3, 8), torch.randn(3, 8)
+    other = torch.randn(4, 8)  # positives held by another rank, placed before ours
+
+    def gather(keys):
+        return torch.cat([torch.nn.functional.normalize(other, dim=-1), keys]), 4
+
+    got = info_nce(a, p, torch.tensor(10.0), gather_keys=gather)
+    # same as a local batch of 7 anchors whose first 4 are "other rank" rows, scored on ours
+    sims = 10.0 * torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(torch.cat([other, p]), dim=-1).T
+    expected = torch.nn.functional.cross_entropy(sims, torch.arange(3) + 4)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_logit_scale_init_and_clamp():
+    ls = LogitScale.from_config(GEMConfig(logit_scale_init=20.0, logit_scale_max=100.0))
+    assert ls().item() == pytest.approx(20.0)
+    with torch.no_grad():
+        ls.log_scale.fill_(10.0)
+    assert ls().item() == pytest.approx(100.0)
+    with torch.no_grad():
+        ls.log_scale.fill_(-3.0)
+    assert ls().item() == pytest.approx(1.0)
+    ls().backward()  # clamped: no gradient pushes it further out
+    assert ls.log_scale.grad.item() == 0.0
+    with pytest.raises(ValueError):
+        LogitScale(init=200.0, max_scale=100.0)
+
+
+def test_ntp_loss_is_a_token_mean_under_packing_padding_and_accumulation():
+    torch.manual_seed(3)
+    logits = torch.randn(4, 6, 11)
+    labels = torch.randint(0, 11, (4, 6))
+    labels[0, 3:] = IGNORE_INDEX  # padding / masked
+    labels[2, :5] = IGNORE_INDEX
+    full_mean = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    # two micro-batches of 2 rows, each divided by the global count, summed
+    _, count = ntp_loss_sum(logits, labels)
+    accumulated = ntp_loss(logits[:2], labels[:2], count) + ntp_loss(logits[2:], labels[2:], count)
+    assert torch.allclose(accumulated, full_mean, atol=1e-6)
+    # the naive mean of per-micro-batch means would differ here
+    naive = 0.5 * (ntp_loss(logits[:2], labels[:2]) + ntp_loss(logits[2:], labels[2:]))
+    assert not torch.allclose(naive, full_mean, atol=1e-4)
+    # a batch with nothing to train gives 0, not NaN
+    assert ntp_loss(logits, torch.full_like(labels, IGNORE_INDEX)).item() == 0.0
+
+
+def test_loss_weights_schedule():
+    cfg = GEMConfig(contrastive_from_step=100, alpha=1.0)
+    assert loss_weights(0, cfg) == (1.0, 0.0) and loss_weights(99, cfg) == (1.0, 0.0)
+    assert loss_weights(100, cfg) == (0.0, 1.0)
+    assert loss_weights(150, GEMConfig(contrastive_from_step=100, alpha=0.75)) == pytest.approx((0.25, 0.75))
