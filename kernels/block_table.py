@@ -1,0 +1,261 @@
+"""Block table of the GEM mask: which (query block, key block) tiles a kernel must visit.
+
+The dense GEM mask (megatron_gem.gem.mask.gem_mask) is cut into tiles of BLOCK_M query rows by
+BLOCK_N key columns. Each tile is one of
+  EMPTY    no allowed pair: never visited,
+  FULL     every pair allowed: visited without evaluating the rule,
+  PARTIAL  some pairs allowed: visited, the rule evaluated per element.
+The table stores, per (row b, query block i), the key blocks of each visited kind in the
+two-list layout of torch FlexAttention's BlockMask (``kv_num_blocks``/``kv_indices`` for
+PARTIAL, ``full_kv_num_blocks``/``full_kv_indices`` for FULL; no head dimension, the GEM mask is
+the same for every head), and the transposed lists (per key block, the query blocks) that the
+dK/dV pass walks. Index lists are ascending, padded with zeros, and trimmed to the longest
+list of the batch (FlexAttention keeps all nK columns; trimming is what keeps the table small
+at long L).
+
+How tiles are classified (exactly, from O(L) per-block summaries; never a dense [L, L] mask).
+Write I = [a, b] for the in-bounds query positions of a query block, J = [c, e] for the key
+block. Documents are contiguous runs of one doc_id (checked, see ``validate``).
+  * J after I (c > b): every pair has k > q. EMPTY (causality).
+  * J overlaps I: contains some (p, p), and a token always sees itself. Visited. Never FULL:
+    with even block sizes the tile also holds a pair with k > q.
+  * J before I (e < a): every pair is causal. Documents are contiguous, so the only document
+    that can have both queries in I and keys in J is doc[e] (the document of J's last key),
+    and only if doc[a] == doc[e]; its queries are a leading run of I, its keys a trailing run
+    of J. The tile has an allowed pair iff some role pair of those two runs is allowed
+    (off the diagonal, so rule 4's "q == k" never applies):
+        PREFIX query   sees any key of its document,
+        SPECIAL query  sees PREFIX and SUFFIX keys,
+        SUFFIX query   sees SPECIAL and SUFFIX keys (and the document start if suffix_sees_bos).
+    The tile is FULL iff both blocks are complete (no tail past L) and lie in the one document,
+    and no query role of I is denied a key role of J: not (SPECIAL queries and SPECIAL keys),
+    not (SUFFIX queries and PREFIX keys other than a visible document start).
+Blocks cut by the end of the row (L not a multiple of the block size) are never FULL, so the
+kernel's bound checks live only in the PARTIAL path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from megatron_gem.gem.mask import doc_starts
+from megatron_gem.gem.roles import Role
+
+_PREFIX, _SPECIAL, _SUFFIX = int(Role.PREFIX), int(Role.SPECIAL), int(Role.SUFFIX)
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclass
+class GemBlockTable:
+    """Block-sparse description of the GEM mask of a batch, for one (block_m, block_n) tiling.
+
+    Forward / dQ (per query block; [B, nQ] counts, [B, nQ, W] int32 indices):
+        kv_num_blocks, kv_indices            PARTIAL key blocks
+        full_kv_num_blocks, full_kv_indices  FULL key blocks
+    dK / dV (per key block; [B, nK] counts, [B, nK, W'] indices):
+        q_num_blocks, q_indices, full_q_num_blocks, full_q_indices
+    """
+
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    full_kv_num_blocks: torch.Tensor
+    full_kv_indices: torch.Tensor
+    q_num_blocks: torch.Tensor
+    q_indices: torch.Tensor
+    full_q_num_blocks: torch.Tensor
+    full_q_indices: torch.Tensor
+    seq_len: int
+    block_m: int
+    block_n: int
+    suffix_sees_bos: bool
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.kv_num_blocks.shape[1]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.q_num_blocks.shape[1]
+
+    def nbytes(self) -> int:
+        """Memory held by the table's tensors."""
+        return sum(
+            getattr(self, f.name).numel() * getattr(self, f.name).element_size()
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        )
+
+    def to_dense(self) -> torch.Tensor:
+        """int8 [B, nQ, nK] with EMPTY / PARTIAL / FULL, rebuilt from the forward lists."""
+        return _lists_to_dense(self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices, self.num_kv_blocks)
+
+    def to_dense_transposed(self) -> torch.Tensor:
+        """int8 [B, nK, nQ] rebuilt from the dK/dV lists (equals to_dense().transpose(1, 2))."""
+        return _lists_to_dense(self.q_num_blocks, self.q_indices, self.full_q_num_blocks, self.full_q_indices, self.num_q_blocks)
+
+
+def _lists_to_dense(num_partial, idx_partial, num_full, idx_full, n_cols):
+    B, n_rows = num_partial.shape
+    out = torch.zeros(B, n_rows, n_cols + 1, dtype=torch.int8, device=num_partial.device)
+    for num, idx, kind in ((num_partial, idx_partial, PARTIAL), (num_full, idx_full, FULL)):
+        col = torch.arange(idx.shape[-1], device=idx.device)
+        where = torch.where(col < num[..., None], idx.long(), n_cols)  # unused slots -> spare column
+        out.scatter_(-1, where, kind)
+    return out[..., :n_cols]
+
+
+def _to_lists(flags: torch.Tensor):
+    """bool [B, R, C] -> (counts int32 [B, R], ascending indices int32 [B, R, W]), W = max count."""
+    counts = flags.sum(-1, dtype=torch.int32)
+    width = max(int(counts.max()), 1) if counts.numel() else 1
+    # Stable descending sort of the 0/1 flags puts the set columns first, in ascending order.
+    order = torch.argsort(flags.to(torch.int8), dim=-1, descending=True, stable=True)[..., :width]
+    order = torch.where(torch.arange(width, device=flags.device) < counts[..., None], order, 0)
+    return counts, order.to(torch.int32).contiguous()
+
+
+def _block_summaries(doc_ids, roles, starts, block: int, seg: str):
+    """Per block of ``block`` positions: first/last in-bounds doc id, completeness, and the role
+    presence inside the block's leading (seg='first') or trailing (seg='last') document run."""
+    B, L = doc_ids.shape
+    n = -(-L // block)
+    pad = n * block - L
+    inb = torch.ones(B, L, dtype=torch.bool, device=doc_ids.device)
+    d = torch.nn.functional.pad(doc_ids, (0, pad)).view(B, n, block)
+    r = torch.nn.functional.pad(roles, (0, pad)).view(B, n, block)
+    s = torch.nn.functional.pad(starts, (0, pad)).view(B, n, block)
+    inb = torch.nn.functional.pad(inb, (0, pad)).view(B, n, block)
+    last_pos = torch.clamp(L - 1 - torch.arange(n, device=doc_ids.device) * block, max=block - 1)  # [n]
+    first_doc = d[..., 0]
+    last_doc = torch.gather(d, 2, last_pos.expand(B, n)[..., None])[..., 0]
+    anchor = first_doc if seg == "first" else last_doc
+    in_seg = (d == anchor[..., None]) & inb
+    return {
+        "first_doc": first_doc,
+        "last_doc": last_doc,
+        "complete": (torch.arange(1, n + 1, device=doc_ids.device) * block <= L).expand(B, n),
+        "pre": (in_seg & (r == _PREFIX)).any(-1),
+        "spe": (in_seg & (r == _SPECIAL)).any(-1),
+        "suf": (in_seg & (r == _SUFFIX)).any(-1),
+        "start": (in_seg & s).any(-1),
+        "pre_nonstart": (in_seg & (r == _PREFIX) & ~s).any(-1),
+    }
+
+
+def check_contiguous_documents(doc_ids: torch.Tensor) -> None:
+    """Raise if a doc_id label occurs in two separate runs of a row.
+
+    The rule compares labels, so a label reused by a later document would let the two see each
+    other; the block table additionally relies on documents being contiguous. One sort per row
+    (and one host sync).
+    """
+    runs = doc_starts(doc_ids).sum(-1)
+    srt = torch.sort(doc_ids, dim=-1).values
+    distinct = 1 + (srt[..., 1:] != srt[..., :-1]).sum(-1)
+    if bool((runs != distinct).any()):
+        bad = int(torch.nonzero(runs != distinct)[0, 0])
+        raise ValueError(f"doc_ids row {bad}: a doc_id label is used by two separate runs; documents must have distinct labels")
+
+
+def classify_blocks(doc_ids, roles, *, block_m: int, block_n: int, suffix_sees_bos: bool = False) -> torch.Tensor:
+    """int8 [B, nQ, nK]: EMPTY / PARTIAL / FULL per tile (see the module docstring for why)."""
+    if block_m < 2 or block_n < 2 or block_m % 2 or block_n % 2:
+        raise ValueError(f"block sizes must be even and >= 2, got {block_m}, {block_n}")
+    doc_ids = doc_ids.long()
+    roles = roles.long()
+    B, L = doc_ids.shape
+    dev = doc_ids.device
+    starts = doc_starts(doc_ids)
+    qs = _block_summaries(doc_ids, roles, starts, block_m, "first")
+    ks = _block_summaries(doc_ids, roles, starts, block_n, "last")
+    nq, nk = qs["first_doc"].shape[1], ks["first_doc"].shape[1]
+
+    a = torch.arange(nq, device=dev) * block_m  # first query of each query block
+    b = torch.clamp(a + block_m, max=L) - 1  # last in-bounds query
+    c = torch.arange(nk, device=dev) * block_n
+    e = torch.clamp(c + block_n, max=L) - 1
+    before = (e[None, :] < a[:, None])[None]  # [1, nQ, nK]: J entirely before I
+    overlap = ((c[None, :] <= b[:, None]) & (e[None, :] >= a[:, None]))[None]
+
+    Q = {k: v[:, :, None] for k, v in qs.items()}  # [B, nQ, 1]
+    K = {k: v[:, None, :] for k, v in ks.items()}  # [B, 1, nK]
+    link = Q["first_doc"] == K["last_doc"]
+    suffix_keys = K["spe"] | K["suf"]
+    if suffix_sees_bos:
+        suffix_keys = suffix_keys | K["start"]
+    some_pair = Q["pre"] | (Q["spe"] & (K["pre"] | K["suf"])) | (Q["suf"] & suffix_keys)
+    visit = overlap | (before & link & some_pair)
+
+    one_doc = (Q["first_doc"] == Q["last_doc"]) & (K["first_doc"] == K["last_doc"]) & link
+    hidden_prefix = K["pre_nonstart"] if suffix_sees_bos else K["pre"]
+    no_denied = ~(Q["spe"] & K["spe"]) & ~(Q["suf"] & hidden_prefix)
+    full = before & Q["complete"] & K["complete"] & one_doc & no_denied
+
+    out = torch.zeros(B, nq, nk, dtype=torch.int8, device=dev)
+    out[visit.expand(B, nq, nk)] = PARTIAL
+    out[full] = FULL
+    return out
+
+
+def build_block_table(
+    doc_ids: torch.Tensor,
+    roles: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    suffix_sees_bos: bool = False,
+    validate: bool = True,
+) -> GemBlockTable:
+    """Block table of the GEM mask for integer doc_ids/roles [B, L] (any device).
+
+    Vectorised torch: O(L) summaries, O(nQ * nK) tile flags, one argsort per list. ``validate``
+    checks that each doc_id label forms one contiguous run (a host sync).
+    """
+    if doc_ids.dim() != 2 or doc_ids.shape != roles.shape:
+        raise ValueError(f"doc_ids and roles must both be [B, L]; got {tuple(doc_ids.shape)}, {tuple(roles.shape)}")
+    if doc_ids.dtype.is_floating_point or roles.dtype.is_floating_point:
+        raise TypeError("doc_ids and roles must be integer tensors")
+    if validate:
+        check_contiguous_documents(doc_ids)
+    kind = classify_blocks(doc_ids, roles, block_m=block_m, block_n=block_n, suffix_sees_bos=suffix_sees_bos)
+    partial, full = kind == PARTIAL, kind == FULL
+    kv_num, kv_idx = _to_lists(partial)
+    fkv_num, fkv_idx = _to_lists(full)
+    q_num, q_idx = _to_lists(partial.transpose(1, 2))
+    fq_num, fq_idx = _to_lists(full.transpose(1, 2))
+    return GemBlockTable(
+        kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
+        seq_len=doc_ids.shape[1], block_m=block_m, block_n=block_n, suffix_sees_bos=suffix_sees_bos,
+    )
+
+
+def allowed_pair_count(doc_ids: torch.Tensor, roles: torch.Tensor, *, suffix_sees_bos: bool = False) -> torch.Tensor:
+    """Number of allowed (query, key) pairs per row, int64 [B], in O(L) memory.
+
+    For query q with document start s: PREFIX sees [s, q]; SPECIAL sees the non-SPECIAL keys of
+    [s, q) plus itself; SUFFIX sees the non-PREFIX keys of [s, q] (plus s when suffix_sees_bos).
+    Counted with prefix sums; equals gem_mask(...).sum((-1, -2)) (tested).
+    """
+    doc_ids, roles = doc_ids.long(), roles.long()
+    B, L = doc_ids.shape
+    starts = doc_starts(doc_ids)
+    idx = torch.arange(L, device=doc_ids.device).expand(B, L)
+    s = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=-1).values
+
+    def window_count(flag):  # number of flagged keys in [s(q), q]
+        cs = torch.nn.functional.pad(torch.cumsum(flag.long(), -1), (1, 0))
+        return torch.gather(cs, 1, idx + 1) - torch.gather(cs, 1, s)
+
+    non_special = window_count(roles != _SPECIAL)
+    suffix_visible = roles != _PREFIX
+    if suffix_sees_bos:
+        suffix_visible = suffix_visible | starts
+    per_q = torch.where(
+        roles == _PREFIX,
+        idx - s + 1,
+        torch.where(roles == _SPECIAL, non_special + 1, window_count(suffix_visible)),
+    )
+    return per_q.sum(-1)
