@@ -1,0 +1,64 @@
+"""Data pipeline: corpora -> GEM pieces (seeded layout per document) -> packed rows -> batches.
+
+The batch contract (every field int64 [B, seq_length]): ``input_ids``, ``labels``
+(gem.layout.next_token_labels), ``position_ids`` (restart per document), ``doc_ids`` (unique
+within the micro-batch, padding PAD_DOC_ID, padding only at a row's end), ``roles``.
+Contrastive micro-batches add ``num_texts`` (N): doc ids 0..N-1 anchors, N+j positive of j.
+See docs/data.md.
+"""
+
+from .loader import (
+    ContrastiveDataset,
+    EpochPlan,
+    GEMDataLoader,
+    MegatronBatchSampler,
+    PackedDataset,
+    StreamingPackedDataset,
+    make_ntp_loader,
+)
+from .packing import BestFitPacker, assemble_row, collate_rows, pack_lengths, pack_texts
+from .samples import PiecePlan, SampleBuilder, epoch_order
+from .sources import (
+    DataError,
+    Document,
+    IndexedCorpus,
+    IndexedWriter,
+    InMemoryCorpus,
+    iter_documents,
+    iter_hf_documents,
+    open_corpus,
+    resolve_paths,
+    tokenize_stream,
+    tokenize_texts,
+)
+from .stats import DataStats
+
+__all__ = [
+    "BestFitPacker",
+    "ContrastiveDataset",
+    "DataError",
+    "DataStats",
+    "Document",
+    "EpochPlan",
+    "GEMDataLoader",
+    "IndexedCorpus",
+    "IndexedWriter",
+    "InMemoryCorpus",
+    "MegatronBatchSampler",
+    "PackedDataset",
+    "PiecePlan",
+    "SampleBuilder",
+    "StreamingPackedDataset",
+    "assemble_row",
+    "collate_rows",
+    "epoch_order",
+    "iter_documents",
+    "iter_hf_documents",
+    "make_ntp_loader",
+    "open_corpus",
+    "pack_lengths",
+    "pack_texts",
+    "resolve_paths",
+    "tokenize_stream",
+    "tokenize_texts",
+]

@@ -1,0 +1,598 @@
+"""Datasets of packed rows and contrastive texts, and the distributed, resumable loader.
+
+Sample arithmetic follows Megatron: a *sample* is one packed row (NTP) or one text
+(contrastive). Samples are numbered globally across epochs (epoch 0's rows, then epoch 1's,
+...). A global batch is ``global_batch_size`` consecutive samples = micro_batch_size x
+data-parallel size x gradient-accumulation steps. Micro-step m of a global batch takes the
+next ``micro_batch_size * dp_size`` samples, and data-parallel rank r the r-th
+``micro_batch_size`` of them, so the union over ranks of a step equals the one-rank global
+batch. ``consumed_samples`` (all ranks together, as Megatron counts it) is the whole iterator
+state: a resumed loader continues with exactly the next sample. A final incomplete global
+batch is dropped.
+
+Two ways to get rows, same rows (given the same document order):
+  PackedDataset          map-style over a corpus (in memory or .bin/.idx). Each epoch's plan
+                         (pieces and rows) is computed from document lengths only, so any row
+                         is available by index: worker count and resume point cannot change
+                         it, resume is O(1).
+  StreamingPackedDataset reads, tokenises and packs on the fly (inputs larger than memory,
+                         hub streaming). Every rank runs the same stream and keeps its slice;
+                         resume replays the stream up to consumed_samples. No shuffling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from ..gem.config import GEMConfig
+from .packing import DEFAULT_MAX_OPEN_ROWS, BestFitPacker, assemble_row, collate_rows, pack_lengths, pack_texts
+from .samples import LAYOUT_NAMES, PiecePlan, SampleBuilder, epoch_order
+from .sources import Document, iter_documents, iter_hf_documents, tokenize_stream
+from .stats import DataStats
+
+
+def _config_hash(config: GEMConfig) -> str:
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _plan_stats(plan: PiecePlan, num_rows: int, seq_length: int, k: int) -> DataStats:
+    s = DataStats()
+    s.rows = num_rows
+    s.pieces = len(plan)
+    s.tokens_out = int(plan.out_len.sum())
+    s.padding_tokens = num_rows * seq_length - s.tokens_out
+    codes, counts = np.unique(plan.layout, return_counts=True)
+    s.layouts.update({LAYOUT_NAMES[int(c)]: int(n) for c, n in zip(codes, counts)})
+    gem = plan.layout != 0
+    s.special_tokens = int(gem.sum()) * k
+    s.copied_tokens = s.tokens_out - int(plan.length.sum()) - s.special_tokens
+    s.chunked_documents = int(np.unique(plan.doc[plan.start > 0]).shape[0])
+    return s
+
+
+@dataclass
+class EpochPlan:
+    pieces: PiecePlan  # ordered row after row
+    row_offsets: np.ndarray  # int64 [rows + 1]
+    stats: DataStats
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_offsets.shape[0] - 1)
+
+
+class _GlobalIndex:
+    """Maps a global sample index (across epochs) to (epoch, index in epoch)."""
+
+    num_epochs: int | None
+
+    def samples_in_epoch(self, epoch: int) -> int:
+        raise NotImplementedError
+
+    def total_samples(self) -> int | None:
+        if self.num_epochs is None:
+            return None
+        return sum(self.samples_in_epoch(e) for e in range(self.num_epochs))
+
+    def locate(self, index: int) -> tuple[int, int]:
+        epoch = 0
+        while True:
+            if self.num_epochs is not None and epoch >= self.num_epochs:
+                raise IndexError(f"sample {index} is past the last epoch ({self.num_epochs} epochs)")
+            n = self.samples_in_epoch(epoch)
+            if index < n:
+                return epoch, index
+            index -= n
+            epoch += 1
+
+
+class PackedDataset(_GlobalIndex, torch.utils.data.Dataset):
+    """Packed NTP rows of a corpus; item i is the i-th row over all epochs.
+
+    Per epoch: documents in a seeded order (``shuffle``) -> pieces (chunking + seeded layout) ->
+    bounded best-fit packing. ``pad_id`` fills padding (never a target); ``bos_id`` (the
+    tokenizer's BOS) keeps reconstruct from repeating it.
+    """
+
+    kind = "ntp"
+
+    def __init__(
+        self,
+        corpus,
+        config: GEMConfig,
+        seq_length: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        max_open_rows: int = DEFAULT_MAX_OPEN_ROWS,
+        pad_id: int = 0,
+        bos_id: int | None = None,
+    ):
+        self.corpus, self.config, self.seq_length = corpus, config, int(seq_length)
+        self.seed, self.shuffle, self.num_epochs = int(seed), bool(shuffle), num_epochs
+        self.max_open_rows, self.pad_id = int(max_open_rows), int(pad_id)
+        self.builder = SampleBuilder(config, seq_length, seed=seed, bos_id=bos_id)
+        self._plans: dict[int, EpochPlan] = {}
+        self._rows_per_epoch: dict[int, int] = {}
+        self._first = None
+        if len(corpus) == 0:
+            raise ValueError("the corpus holds no documents")
+
+    # ------------------------------------------------------------------ plan
+    def _first_tokens(self):
+        if self._first is None and self.config.layout == "reconstruct" and self.builder.bos_id is not None:
+            self._first = self.corpus.first_tokens()
+        return self._first
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """Pieces and rows of one epoch (cached for the two most recent epochs)."""
+        if epoch in self._plans:
+            return self._plans[epoch]
+        order = epoch_order(len(self.corpus), self.seed, epoch, self.shuffle)
+        first = self._first_tokens()
+        pieces = self.builder.plan(order, self.corpus.lengths[order], epoch, None if first is None else first[order])
+        offsets, item_order = pack_lengths(pieces.out_len, self.seq_length, self.max_open_rows)
+        plan = EpochPlan(pieces.take(item_order), offsets, _plan_stats(pieces, len(offsets) - 1, self.seq_length, self.builder.k))
+        known = self._rows_per_epoch.get(epoch)
+        if known is not None and known != plan.num_rows:
+            raise RuntimeError(
+                f"epoch {epoch} packs into {plan.num_rows} rows but the loaded state says {known}: "
+                "the data, seq_length, seed or GEMConfig differ from the checkpointed run"
+            )
+        self._rows_per_epoch[epoch] = plan.num_rows
+        self._plans[epoch] = plan
+        for old in sorted(self._plans)[:-2]:
+            del self._plans[old]
+        return plan
+
+    def samples_in_epoch(self, epoch: int) -> int:
+        if epoch not in self._rows_per_epoch:
+            self.plan(epoch)
+        return self._rows_per_epoch[epoch]
+
+    def epoch_stats(self, epoch: int = 0) -> DataStats:
+        """Reading stats of the corpus plus packing stats of the epoch."""
+        s = DataStats().merge(self.corpus.stats)
+        s.merge(self.plan(epoch).stats)
+        return s
+
+    # ------------------------------------------------------------------ rows
+    def row(self, epoch: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        plan = self.plan(epoch)
+        a, b = int(plan.row_offsets[r]), int(plan.row_offsets[r + 1])
+        p = plan.pieces
+        pieces = []
+        for i in range(a, b):
+            d = int(p.doc[i])
+            pieces.append(self.builder.build(self.corpus.get(d), int(p.start[i]), int(p.length[i]), int(p.layout[i]), int(p.cut[i])))
+        return assemble_row(pieces, self.seq_length, self.pad_id)
+
+    def __getitem__(self, index: int):
+        return self.row(*self.locate(int(index)))
+
+    def __len__(self) -> int:
+        total = self.total_samples()
+        if total is None:
+            raise TypeError("an endless PackedDataset (num_epochs=None) has no length")
+        return total
+
+    def collate(self, rows) -> dict[str, torch.Tensor]:
+        return collate_rows(rows)
+
+    # ------------------------------------------------------------------ resume support
+    def fingerprint(self) -> str:
+        return (
+            f"{self.kind}|{self.corpus.fingerprint()}|seq{self.seq_length}|seed{self.seed}|shuffle{int(self.shuffle)}"
+            f"|open{self.max_open_rows}|gem{_config_hash(self.config)}"
+        )
+
+    def index_state(self) -> dict:
+        return {"rows_per_epoch": {str(k): v for k, v in sorted(self._rows_per_epoch.items())}}
+
+    def load_index_state(self, state: dict) -> None:
+        for k, v in state.get("rows_per_epoch", {}).items():
+            known = self._rows_per_epoch.get(int(k))
+            if known is not None and known != v:
+                raise RuntimeError(f"epoch {k}: {known} rows here, {v} in the loaded state")
+            self._rows_per_epoch[int(k)] = int(v)
+
+
+class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
+    """Texts for the contrastive phase; item i is the i-th text over all epochs.
+
+    An item is an anchor (text + K specials, the ``embed`` layout) and its positive view
+    (prefix dropout of the text + K specials). Texts longer than ``max_text_len - K`` are
+    truncated (the specials never are). ``collate`` packs a micro-batch of N items into rows of
+    ``seq_length``: doc ids 0..N-1 are the anchors, N+j the positive view of anchor j.
+    ``num_rows`` fixes the row count of every micro-batch (raises if the texts do not fit).
+    """
+
+    kind = "contrastive"
+
+    def __init__(
+        self,
+        corpus,
+        config: GEMConfig,
+        *,
+        max_text_len: int,
+        seq_length: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        pad_id: int = 0,
+        num_rows: int | None = None,
+    ):
+        self.seq_length = int(seq_length if seq_length is not None else max_text_len)
+        if max_text_len > self.seq_length:
+            raise ValueError(f"max_text_len={max_text_len} exceeds seq_length={self.seq_length}")
+        self.corpus, self.config, self.max_text_len = corpus, config, int(max_text_len)
+        self.seed, self.shuffle, self.num_epochs, self.pad_id, self.num_rows = int(seed), bool(shuffle), num_epochs, int(pad_id), num_rows
+        self.builder = SampleBuilder(config, self.seq_length, seed=seed)
+        if self.max_text_len <= self.builder.k:
+            raise ValueError(f"max_text_len={max_text_len} leaves no room beside K={self.builder.k} special tokens")
+        self.valid = np.flatnonzero(np.asarray(corpus.lengths) > 0)
+        if self.valid.shape[0] == 0:
+            raise ValueError("the corpus holds no non-empty text")
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def samples_in_epoch(self, epoch: int) -> int:
+        return int(self.valid.shape[0])
+
+    def _epoch_docs(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.valid[epoch_order(self.valid.shape[0], self.seed, epoch, self.shuffle)])
+        return self._order[1]
+
+    def __getitem__(self, index: int):
+        epoch, i = self.locate(int(index))
+        d = int(self._epoch_docs(epoch)[i])
+        return self.builder.embed_pair(self.corpus.get(d), d, epoch, self.max_text_len)
+
+    def __len__(self) -> int:
+        total = self.total_samples()
+        if total is None:
+            raise TypeError("an endless ContrastiveDataset (num_epochs=None) has no length")
+        return total
+
+    def collate(self, items) -> dict:
+        n = len(items)
+        texts = [it[0] for it in items] + [it[1] for it in items]
+        batch = collate_rows(pack_texts(texts, self.seq_length, pad_id=self.pad_id, num_rows=self.num_rows), renumber=False)
+        batch["num_texts"] = n
+        batch["truncated_tokens"] = int(sum(it[2] for it in items))
+        return batch
+
+    def epoch_stats(self, epoch: int = 0) -> DataStats:
+        s = DataStats().merge(self.corpus.stats)
+        over = np.asarray(self.corpus.lengths)[self.valid] - (self.max_text_len - self.builder.k)
+        s.truncated_texts = int((over > 0).sum())
+        s.truncated_tokens = int(over[over > 0].sum())
+        return s
+
+    def fingerprint(self) -> str:
+        return (
+            f"{self.kind}|{self.corpus.fingerprint()}|len{self.max_text_len}|seq{self.seq_length}|seed{self.seed}"
+            f"|shuffle{int(self.shuffle)}|gem{_config_hash(self.config)}"
+        )
+
+    def index_state(self) -> dict:
+        return {}
+
+    def load_index_state(self, state: dict) -> None:
+        pass
+
+
+class StreamingPackedDataset:
+    """Rows packed on the fly from a document stream, identical to PackedDataset(shuffle=False).
+
+    ``source``: local paths (read with ``iter_documents``), ``"hf:<name>"`` or a ``datasets``
+    object (``iter_hf_documents``, streaming), or a callable returning an iterable of texts.
+    Reading options (text_field, txt_unit, on_bad, max_chars) go to the reader. Tokenisation
+    runs ``num_proc`` processes. ``stats[epoch]`` fills in while an epoch is read.
+    """
+
+    kind = "ntp-stream"
+
+    def __init__(
+        self,
+        source,
+        tokenizer,
+        config: GEMConfig,
+        seq_length: int,
+        *,
+        seed: int = 0,
+        num_epochs: int | None = 1,
+        max_open_rows: int = DEFAULT_MAX_OPEN_ROWS,
+        pad_id: int = 0,
+        bos_id: int | None = None,
+        num_proc: int = 1,
+        add_special_tokens: bool = True,
+        append_eod: bool = False,
+        plan_batch: int = 256,
+        **read_kwargs,
+    ):
+        self.source, self.tokenizer, self.config, self.seq_length = source, tokenizer, config, int(seq_length)
+        self.seed, self.num_epochs, self.max_open_rows, self.pad_id = int(seed), num_epochs, int(max_open_rows), int(pad_id)
+        self.builder = SampleBuilder(config, seq_length, seed=seed, bos_id=bos_id)
+        self.tok_kwargs = dict(num_proc=num_proc, add_special_tokens=add_special_tokens, append_eod=append_eod)
+        self.read_kwargs, self.plan_batch = read_kwargs, int(plan_batch)
+        self.stats: dict[int, DataStats] = {}
+
+    def _documents(self, stats: DataStats) -> Iterable:
+        src = self.source
+        if callable(src):
+            return src()
+        if isinstance(src, str) and src.startswith("hf:"):
+            return iter_hf_documents(src[3:], stats=stats, **self.read_kwargs)
+        if isinstance(src, (str, os.PathLike, list, tuple)):
+            return iter_documents(src, stats=stats, **self.read_kwargs)
+        return iter_hf_documents(src, stats=stats, **self.read_kwargs)
+
+    def _pieces(self, epoch: int, stats: DataStats) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], int]]:
+        texts = (d.text if isinstance(d, Document) else d for d in self._documents(stats))
+        buf: list[np.ndarray] = []
+        base = 0
+
+        def flush(buf, base):
+            lens = np.array([t.shape[0] for t in buf], dtype=np.int64)
+            first = np.array([t[0] if t.shape[0] else -1 for t in buf], dtype=np.int64)
+            plan = self.builder.plan(np.arange(base, base + len(buf)), lens, epoch, first)
+            stats.tokens_in += int(lens.sum())
+            pst = _plan_stats(plan, 0, self.seq_length, self.builder.k)
+            for f in ("pieces", "tokens_out", "special_tokens", "copied_tokens", "chunked_documents"):
+                setattr(stats, f, getattr(stats, f) + getattr(pst, f))
+            stats.layouts.update(pst.layouts)
+            for i in range(len(plan)):
+                toks = buf[int(plan.doc[i]) - base]
+                yield self.builder.build(toks, int(plan.start[i]), int(plan.length[i]), int(plan.layout[i]), int(plan.cut[i])), int(plan.out_len[i])
+
+        for toks in tokenize_stream(texts, self.tokenizer, **self.tok_kwargs):
+            buf.append(toks)
+            if len(buf) == self.plan_batch:
+                yield from flush(buf, base)
+                base += len(buf)
+                buf = []
+        if buf:
+            yield from flush(buf, base)
+
+    def iter_rows(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Rows of one epoch, in order."""
+        stats = self.stats[epoch] = DataStats()
+        packer = BestFitPacker(self.seq_length, self.max_open_rows)
+
+        def emit(rows):
+            for r in rows:
+                row = assemble_row(r, self.seq_length, self.pad_id)
+                stats.rows += 1
+                stats.padding_tokens += int((row[2] < 0).sum())
+                yield row
+
+        for piece, n in self._pieces(epoch, stats):
+            yield from emit(packer.add(piece, n))
+        yield from emit(packer.flush())
+
+    def iter_all_rows(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        epoch = 0
+        while self.num_epochs is None or epoch < self.num_epochs:
+            empty = True
+            for row in self.iter_rows(epoch):
+                empty = False
+                yield row
+            if empty:
+                raise ValueError("the document stream produced no rows")
+            epoch += 1
+
+    def collate(self, rows) -> dict[str, torch.Tensor]:
+        return collate_rows(rows)
+
+    def epoch_stats(self, epoch: int = 0) -> DataStats:
+        return self.stats[epoch]
+
+    def fingerprint(self) -> str:
+        return (
+            f"{self.kind}|{self.source if isinstance(self.source, (str, list, tuple)) else type(self.source).__name__}"
+            f"|seq{self.seq_length}|seed{self.seed}|open{self.max_open_rows}|gem{_config_hash(self.config)}"
+        )
+
+    def index_state(self) -> dict:
+        return {}
+
+    def load_index_state(self, state: dict) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------- sampler and loader
+
+
+class MegatronBatchSampler:
+    """Global sample indices of this rank's micro-batches, from ``consumed_samples`` on."""
+
+    def __init__(self, total_samples: int | None, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int, data_parallel_size: int):
+        self.total, self.consumed = total_samples, int(consumed_samples)
+        self.mbs, self.rank, self.dp = int(micro_batch_size), int(data_parallel_rank), int(data_parallel_size)
+        if not 0 <= self.rank < self.dp:
+            raise ValueError(f"data_parallel_rank={data_parallel_rank} outside [0, {data_parallel_size})")
+        if self.consumed % (self.mbs * self.dp):
+            raise ValueError(f"consumed_samples={consumed_samples} is not a multiple of micro_batch_size x dp = {self.mbs * self.dp}")
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.mbs * self.dp
+        start = self.consumed
+        while self.total is None or start + step <= self.total:
+            first = start + self.rank * self.mbs
+            yield list(range(first, first + self.mbs))
+            start += step
+
+    def __len__(self) -> int:
+        if self.total is None:
+            raise TypeError("endless sampler")
+        return max(0, (self.total - self.consumed) // (self.mbs * self.dp))
+
+
+def _dist_rank_size() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class GEMDataLoader:
+    """Yields this rank's micro-batches (dicts of int64 [B, seq_length] tensors); resumable.
+
+    ``global_batch_size`` defaults to micro_batch_size x dp size (no accumulation) and must be a
+    multiple of it; ``num_microbatches`` = global / (micro x dp). ``data_parallel_rank/size``
+    default to torch.distributed's rank/world size (pass the DP group's under TP/PP).
+    ``num_workers`` torch DataLoader workers build rows (map-style datasets only); they do not
+    change the batches. ``state_dict()`` goes into checkpoints; ``load_state_dict`` restores it.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        *,
+        micro_batch_size: int,
+        global_batch_size: int | None = None,
+        data_parallel_rank: int | None = None,
+        data_parallel_size: int | None = None,
+        num_workers: int = 0,
+        consumed_samples: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ):
+        if data_parallel_rank is None or data_parallel_size is None:
+            r, s = _dist_rank_size()
+            data_parallel_rank = r if data_parallel_rank is None else data_parallel_rank
+            data_parallel_size = s if data_parallel_size is None else data_parallel_size
+        self.dataset = dataset
+        self.micro_batch_size, self.dp_rank, self.dp_size = int(micro_batch_size), int(data_parallel_rank), int(data_parallel_size)
+        step = self.micro_batch_size * self.dp_size
+        self.global_batch_size = int(global_batch_size or step)
+        if self.global_batch_size % step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size x data-parallel size = {step}"
+            )
+        self.streaming = isinstance(dataset, StreamingPackedDataset)
+        if self.streaming and num_workers:
+            raise ValueError("a StreamingPackedDataset runs in the main process (num_workers=0); use num_proc for tokenising")
+        self.num_workers, self.pin_memory, self.prefetch_factor = int(num_workers), pin_memory, prefetch_factor
+        self.consumed_samples = int(consumed_samples)
+        MegatronBatchSampler(None, self.consumed_samples, self.micro_batch_size, self.dp_rank, self.dp_size)  # validates
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def total_samples(self) -> int | None:
+        """Samples the run will consume: all epochs, cut to whole global batches (None if endless)."""
+        if self.streaming:
+            return None
+        total = self.dataset.total_samples()
+        return None if total is None else total - total % self.global_batch_size
+
+    def __len__(self) -> int:
+        """Micro-batches left for this rank."""
+        total = self.total_samples()
+        if total is None:
+            raise TypeError("endless loader (num_epochs=None or a stream) has no length")
+        return max(0, (total - self.consumed_samples) // (self.micro_batch_size * self.dp_size))
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.streaming:
+            yield from self._iter_stream()
+            return
+        sampler = MegatronBatchSampler(self.total_samples(), self.consumed_samples, self.micro_batch_size, self.dp_rank, self.dp_size)
+        if self.num_workers and isinstance(self.dataset, PackedDataset):
+            # Plan the current epoch here so forked workers inherit it instead of each re-planning.
+            try:
+                self.dataset.plan(self.dataset.locate(self.consumed_samples)[0])
+            except IndexError:
+                pass  # nothing left to load
+        kwargs = {}
+        if self.num_workers:
+            kwargs = dict(multiprocessing_context="fork", prefetch_factor=self.prefetch_factor)
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=self.dataset.collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            **kwargs,
+        )
+        step = self.micro_batch_size * self.dp_size
+        for batch in loader:
+            self.consumed_samples += step
+            yield batch
+
+    def _iter_stream(self) -> Iterator[dict]:
+        gbs, step = self.global_batch_size, self.micro_batch_size * self.dp_size
+        skip = self.consumed_samples
+        pending: list = []
+        for row in self.dataset.iter_all_rows():
+            if skip:
+                skip -= 1
+                continue
+            pending.append(row)
+            if len(pending) < gbs:
+                continue
+            # A whole global batch is here: it exists in every run, so it may be handed out.
+            for m in range(self.num_microbatches):
+                first = m * step + self.dp_rank * self.micro_batch_size
+                batch = self.dataset.collate(pending[first : first + self.micro_batch_size])
+                self.consumed_samples += step
+                yield batch
+            pending = []
+
+    def state_dict(self) -> dict:
+        return {
+            "consumed_samples": self.consumed_samples,
+            "micro_batch_size": self.micro_batch_size,
+            "global_batch_size": self.global_batch_size,
+            "data_parallel_size": self.dp_size,
+            "fingerprint": self.dataset.fingerprint(),
+            **self.dataset.index_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``consumed_samples``; the dataset must be the one the state was saved with.
+
+        Data-parallel size and micro batch size may change on resume (as in Megatron) when
+        consumed_samples stays a multiple of micro_batch_size x dp size.
+        """
+        fp = self.dataset.fingerprint()
+        if state.get("fingerprint") != fp:
+            raise ValueError(
+                f"data loader state belongs to another dataset:\n  saved: {state.get('fingerprint')}\n  here:  {fp}"
+            )
+        MegatronBatchSampler(None, state["consumed_samples"], self.micro_batch_size, self.dp_rank, self.dp_size)
+        self.dataset.load_index_state(state)
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+def make_ntp_loader(
+    corpus,
+    config: GEMConfig,
+    seq_length: int,
+    *,
+    micro_batch_size: int,
+    global_batch_size: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    tokenizer=None,
+    **loader_kwargs,
+) -> GEMDataLoader:
+    """PackedDataset + GEMDataLoader with pad/BOS ids taken from ``tokenizer`` when given."""
+    pad_id = bos_id = None
+    if tokenizer is not None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        bos_id = tokenizer.bos_token_id
+    ds = PackedDataset(corpus, config, seq_length, seed=seed, shuffle=shuffle, num_epochs=num_epochs, pad_id=pad_id or 0, bos_id=bos_id)
+    return GEMDataLoader(ds, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, **loader_kwargs)
+

@@ -1,0 +1,165 @@
+"""Per-document GEM samples: chunking, the seeded layout draw, and building the token arrays.
+
+A *piece* is what the mask treats as one document: a whole document, or one chunk of a
+document longer than a row's budget. Chunks are cut at ``max_chunk_tokens`` so that every
+layout of a chunk fits in one row (no token is dropped): ``seq_length - K`` for split (the
+chunk plus its K special tokens), ``(seq_length - K) // 2`` for reconstruct (the chunk twice
+plus K), ``seq_length`` when every piece is plain (p_raw = 1).
+
+Randomness: the layouts of a document's pieces come from ``document_rng(seed, epoch,
+doc_index, LAYOUT_STREAM)``, drawn chunk after chunk (``draw_layout`` always consumes two
+draws), so a piece never depends on worker count, rank count, document order or resume point.
+
+The plan (:class:`PiecePlan`) needs only document lengths (and, for reconstruct, each
+document's first token, so a leading BOS is not repeated): it is computed before any token is
+read, which makes packing a cheap numpy/Python pass over integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..gem.config import GEMConfig
+from ..gem.layout import build_layout, document_rng, draw_layout, prefix_dropout
+from ..gem.roles import Role
+
+LAYOUT_STREAM = 0  # document_rng stream of the layout draw
+DROPOUT_STREAM = 1  # document_rng stream of the contrastive positive view
+SHUFFLE_STREAM = 2**31 - 1  # rng tag of the per-epoch document order (not a document stream)
+
+LAYOUT_CODES = {"plain": 0, "split": 1, "reconstruct": 2, "embed": 3}
+LAYOUT_NAMES = {v: k for k, v in LAYOUT_CODES.items()}
+
+
+@dataclass
+class PiecePlan:
+    """Pieces in document order, as parallel arrays (one entry per piece)."""
+
+    doc: np.ndarray  # int64 document index in the corpus
+    start: np.ndarray  # int64 first token of the piece within its document
+    length: np.ndarray  # int64 tokens of the document in the piece
+    layout: np.ndarray  # int8 LAYOUT_CODES
+    cut: np.ndarray  # int64 split cut (tokens before the specials), -1 otherwise
+    out_len: np.ndarray  # int64 tokens the piece occupies in a row
+
+    def __len__(self) -> int:
+        return int(self.doc.shape[0])
+
+    def take(self, index: np.ndarray) -> "PiecePlan":
+        return PiecePlan(*(a[index] for a in (self.doc, self.start, self.length, self.layout, self.cut, self.out_len)))
+
+
+def epoch_order(num_docs: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Document order of an epoch: a seeded permutation, or corpus order."""
+    if not shuffle:
+        return np.arange(num_docs, dtype=np.int64)
+    return np.random.default_rng([seed, epoch, SHUFFLE_STREAM]).permutation(num_docs).astype(np.int64)
+
+
+class SampleBuilder:
+    """Turns documents into GEM pieces for rows of ``seq_length`` tokens."""
+
+    def __init__(self, config: GEMConfig, seq_length: int, *, seed: int = 0, bos_id: int | None = None):
+        k = config.num_special_tokens
+        if len(config.special_token_ids) != k:
+            raise ValueError(
+                f"GEMConfig.special_token_ids={config.special_token_ids} must hold num_special_tokens={k} ids "
+                "(add the special tokens to the tokenizer first)"
+            )
+        need = 2 * (k + 1) if config.layout == "reconstruct" else k + 2
+        if seq_length < need:
+            raise ValueError(f"seq_length={seq_length} is too short for K={k} special tokens ({need} needed)")
+        self.config, self.seq_length, self.seed, self.bos_id = config, int(seq_length), int(seed), bos_id
+        self.special_ids = np.asarray(config.special_token_ids, dtype=np.int64)
+        self.k = k
+
+    @property
+    def max_chunk_tokens(self) -> int:
+        if self.config.p_raw >= 1.0:
+            return self.seq_length
+        if self.config.layout == "reconstruct":
+            return (self.seq_length - self.k) // 2
+        return self.seq_length - self.k
+
+    def plan(self, docs: np.ndarray, lengths: np.ndarray, epoch: int, first_tokens: np.ndarray | None = None) -> PiecePlan:
+        """Pieces of the documents ``docs`` (corpus indices, in packing order).
+
+        ``lengths[i]`` is the token count of document ``docs[i]``; ``first_tokens[i]`` its first
+        token (needed only for reconstruct with a bos_id). Empty documents produce no piece.
+        """
+        order = np.asarray(docs, dtype=np.int64)
+        lens = np.asarray(lengths, dtype=np.int64)
+        c = self.max_chunk_tokens
+        nchunks = (lens + c - 1) // c
+        total = int(nchunks.sum())
+        doc = np.repeat(order, nchunks)
+        first_piece = np.cumsum(nchunks) - nchunks
+        j = np.arange(total, dtype=np.int64) - np.repeat(first_piece, nchunks)
+        start = j * c
+        length = np.minimum(c, np.repeat(lens, nchunks) - start)
+        layout = np.zeros(total, dtype=np.int8)
+        cut = np.full(total, -1, dtype=np.int64)
+        cfg = self.config
+        if cfg.p_raw < 1.0:
+            split_code, recon_code = LAYOUT_CODES["split"], LAYOUT_CODES["reconstruct"]
+            length_list = length.tolist()
+            for d, p0, n in zip(order.tolist(), first_piece.tolist(), nchunks.tolist()):
+                if n == 0:
+                    continue
+                rng = document_rng(self.seed, epoch, d, LAYOUT_STREAM)
+                for p in range(p0, p0 + n):
+                    name, cut_p = draw_layout(length_list[p], cfg, rng)
+                    if name == "split":
+                        layout[p] = split_code
+                        cut[p] = cut_p
+                    elif name == "reconstruct":
+                        layout[p] = recon_code
+        out_len = length.copy()
+        out_len[layout != 0] += self.k
+        recon = layout == LAYOUT_CODES["reconstruct"]
+        if recon.any():
+            again = length[recon].copy()
+            if self.bos_id is not None:
+                if first_tokens is None:
+                    raise ValueError("reconstruct with a bos_id needs first_tokens to size the second copy")
+                first = np.repeat(np.asarray(first_tokens, dtype=np.int64), nchunks)
+                drops = (j[recon] == 0) & (first[recon] == self.bos_id) & (again > 1)
+                again -= drops
+            out_len[recon] += again
+        return PiecePlan(doc, start, length, layout, cut, out_len)
+
+    def build(self, doc_tokens: np.ndarray, start: int, length: int, layout: int, cut: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64, roles int8) of one piece; ``doc_tokens`` are its document's tokens."""
+        tokens = doc_tokens[start : start + length]
+        name = LAYOUT_NAMES[int(layout)]
+        if name == "plain":
+            return tokens, np.full(tokens.shape[0], Role.PREFIX, dtype=np.int8)
+        return build_layout(
+            tokens,
+            name,
+            self.special_ids,
+            cut=int(cut) if name == "split" else None,
+            bos_id=self.bos_id if start == 0 else None,
+        )
+
+    # ------------------------------------------------------------------ contrastive phase
+
+    def embed_pair(self, doc_tokens: np.ndarray, doc_index: int, epoch: int, max_text_len: int):
+        """Anchor and positive view of one text in the ``embed`` layout.
+
+        The text is truncated to ``max_text_len - K`` tokens so its K special tokens always fit;
+        the positive view is ``prefix_dropout`` of the (truncated) text with rate
+        ``config.prefix_dropout`` and the document's DROPOUT_STREAM rng.
+        Returns ((ids, roles), (ids, roles), tokens_cut).
+        """
+        budget = max_text_len - self.k
+        if budget < 1:
+            raise ValueError(f"max_text_len={max_text_len} leaves no room for text beside K={self.k} special tokens")
+        text = doc_tokens[:budget]
+        cut = int(doc_tokens.shape[0] - text.shape[0])
+        anchor = build_layout(text, "embed", self.special_ids)
+        rng = document_rng(self.seed, epoch, doc_index, DROPOUT_STREAM)
+        positive = build_layout(prefix_dropout(text, self.config.prefix_dropout, rng), "embed", self.special_ids)
+        return anchor, positive, cut
