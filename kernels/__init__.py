@@ -1,0 +1,29 @@
+"""Fast paths for executing the GEM rule (imported as megatron_gem.kernels).
+
+  block_table            which (query block, key block) tiles hold allowed pairs (torch only)
+  gem_attention_triton   the block-sparse Triton attention: forward, backward, autograd.Function
+
+``triton_gem_attention`` is what megatron_gem.gem_attention(..., backend="triton") calls.
+"""
+
+from .block_table import GemBlockTable, allowed_pair_count, build_block_table, classify_blocks
+
+
+def __getattr__(name):
+    # Triton is imported only when the kernel is asked for (the block table needs torch only).
+    if name in ("triton_gem_attention", "GemAttentionFunction", "default_launch_config"):
+        from . import gem_attention_triton
+
+        return getattr(gem_attention_triton, name)
+    raise AttributeError(f"module 'megatron_gem.kernels' has no attribute {name!r}")
+
+
+__all__ = [
+    "GemAttentionFunction",
+    "GemBlockTable",
+    "allowed_pair_count",
+    "build_block_table",
+    "classify_blocks",
+    "default_launch_config",
+    "triton_gem_attention",
+]

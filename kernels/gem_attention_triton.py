@@ -1,0 +1,502 @@
+"""Block-sparse GEM attention in Triton: forward, backward, autograd.Function, launcher.
+
+Design
+  FlashAttention-2 (Dao, 2023) tiling with an online softmax in base 2, the log-sum-exp saved
+  by the forward, and a backward in two passes without atomics: one program per key block
+  accumulates dK and dV over the query blocks that see it (all query heads of its GQA group, so
+  repeated K/V are never materialised), one program per query block accumulates dQ. The pair
+  "which tiles, and which of them need the mask" comes from FlexAttention's BlockMask idea
+  (two lists per query block: PARTIAL and FULL key blocks, plus the transposed lists for dK/dV),
+  computed for GEM by ``kernels/block_table.py`` from per-block summaries of doc_ids and roles.
+  EMPTY tiles are never visited. FULL tiles run with no mask at all. In PARTIAL tiles the rule
+  is evaluated per element from per-token doc_id / role loads (``_gem_allowed``, a line-by-line
+  mirror of megatron_gem.gem.mask.allowed); no dense mask exists anywhere.
+  Inputs fp16 / bf16 (fp32 accumulation, P and dS rounded to the input type before their
+  matmuls, as FlashAttention does) or fp32 (IEEE dots, for tests). Any head dim up to 256
+  (padded to the next power of two with masked loads); any L (the row tail past L is masked by
+  bounds in PARTIAL tiles; tiles cut by L are never FULL).
+
+What is tested (tests/kernels, under TRITON_INTERPRET=1 on CPU)
+  Outputs and dQ/dK/dV against a plain-PyTorch reference in fp32/fp64, error bounded by twice
+  the error of the same reference computed in the input precision (flash-attention's test
+  style), over random packed layouts: K in {1, 2, 5, 10}, one-token documents, special runs
+  straddling block edges, all-plain rows, one long document, padding tails, L not a multiple
+  of the block, GQA ratios 1/2/4, rows of different layouts in one batch, suffix_sees_bos on
+  and off, fp32 and fp16; all backends (sdpa, flex forward, triton) agree. The kernels are also
+  compiled ahead of time for sm_80 and sm_90 (test_aot_compile.py; figures in docs/kernel.md).
+
+Known limits
+  * Correctness is proven in the interpreter and the kernels compile for sm_80/sm_90, but no
+    GPU run or GPU timing has been made from this repository; block sizes and warps are
+    first choices checked only for spills and shared memory.
+  * bf16 is exercised in the interpreter only through an fp32 upcast before tl.dot (the
+    interpreter's bf16 dot is broken), so the tests cannot see bf16-specific GPU behaviour.
+  * No dropout, no attention bias / score_mod, no KV cache, query and key length are equal.
+  * The block table is rebuilt per call (cheap, but a host sync); pass ``block_table=`` to
+    reuse one across layers of the same batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_table import GemBlockTable, build_block_table
+
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# The rule, in tl. Mirrors megatron_gem.gem.mask.allowed term by term (roles: PREFIX=0,
+# SPECIAL=1, SUFFIX=2); test_triton_gem_attention ties the two through the kernel's output.
+# Out-of-bounds positions (the row tail past L) are never allowed.
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS: tl.constexpr):
+    same_doc = doc_q[:, None] == doc_k[None, :]
+    causal = offs_n[None, :] <= offs_m[:, None]
+    suffix_cut = (role_q[:, None] == 2) & (role_k[None, :] == 0)
+    if SUFFIX_SEES_BOS:
+        suffix_cut = suffix_cut & (start_k[None, :] == 0)
+    special_pair = (role_q[:, None] == 1) & (role_k[None, :] == 1) & (offs_m[:, None] != offs_n[None, :])
+    in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < L)
+    return same_doc & causal & (suffix_cut == 0) & (special_pair == 0) & in_bounds
+
+
+@triton.jit
+def _load_meta(DOC, ROLE, offs, L, SUFFIX_SEES_BOS: tl.constexpr):
+    """doc_id, role and is-document-start of positions ``offs`` of one row (int32)."""
+    inb = offs < L
+    doc = tl.load(DOC + offs, mask=inb, other=-2)
+    role = tl.load(ROLE + offs, mask=inb, other=0)
+    if SUFFIX_SEES_BOS:
+        prev = tl.load(DOC + offs - 1, mask=inb & (offs > 0), other=-2)
+        start = ((offs == 0) | (prev != doc)).to(tl.int32)
+    else:
+        start = tl.zeros_like(doc)
+    return doc, role, start
+
+
+@triton.jit
+def _mm(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # DOT_FP32: the interpreter's bf16 dot is wrong; fp16/bf16 products are exact in fp32, so the
+    # upcast changes no result, only the execution.
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, IDX, num, L, qk_scale,
+    IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for t in range(num):
+        j = tl.load(IDX + t)
+        offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        if IS_FULL:  # complete block inside the row: no bound mask
+            kv_ok = d_ok
+        else:
+            kv_ok = (offs_n[:, None] < L) & d_ok
+        k = tl.load(K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+        v = tl.load(V_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        s = _mm(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale  # [M, N], log2 units
+        if not IS_FULL:
+            doc_k, role_k, start_k = _load_meta(DOC_row, ROLE_row, offs_n, L, SUFFIX_SEES_BOS)
+            ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_FP32, PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _gem_attn_fwd_kernel(
+    Q, K, V, O, LSE, DOC, ROLE,
+    KV_NUM, KV_IDX, FKV_NUM, FKV_IDX,
+    sm_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    L, H_Q, GROUP, NUM_QB, KV_W, FKV_W,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_Q
+    h = bh % H_Q
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    Q_head = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(Q_head + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
+    DOC_row = DOC + b64 * L
+    ROLE_row = ROLE + b64 * L
+    doc_q, role_q, _ = _load_meta(DOC_row, ROLE_row, offs_m, L, False)
+    K_head = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    V_head = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # Finite start: a row with no allowed key (only the masked tail past L) stays NaN-free.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row = b * NUM_QB + i
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, KV_IDX + row * KV_W, tl.load(KV_NUM + row), L, qk_scale,
+        False, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, FKV_IDX + row * FKV_W, tl.load(FKV_NUM + row), L, qk_scale,
+        True, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+    )
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    O_head = O + b64 * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(O_head + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=q_ok)
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, m_i + tl.math.log2(l_safe), mask=offs_m < L)  # base 2
+
+
+# --------------------------------------------------------------------------------------------
+# Backward, pass 1: dK, dV per key block (over the query heads of its GQA group)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_kv_tiles(
+    dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head,
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, IDX, num, L, qk_scale,
+    IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for t in range(num):
+        i = tl.load(IDX + t)
+        offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+        if IS_FULL:
+            q_ok = d_ok
+            row_ok = offs_m >= 0
+        else:
+            q_ok = (offs_m[:, None] < L) & d_ok
+            row_ok = offs_m < L
+        q = tl.load(Q_head + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
+        do = tl.load(DO_head + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_ok, other=0.0)
+        lse = tl.load(LSE_head + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA_head + offs_m, mask=row_ok, other=0.0)
+        s = _mm(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if not IS_FULL:
+            doc_q, role_q, _ = _load_meta(DOC_row, ROLE_row, offs_m, L, False)
+            ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
+            p = tl.where(ok, p, 0.0)
+        dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
+        dp = _mm(do, tl.trans(v), DOT_FP32, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _gem_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC, ROLE,
+    Q_NUM, Q_IDX, FQ_NUM, FQ_IDX,
+    sm_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    L, H_Q, H_KV, GROUP, NUM_KB, Q_W, FQ_W,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_KV
+    hk = bh % H_KV
+    b64 = b.to(tl.int64)
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_ok = (offs_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+    DOC_row = DOC + b64 * L
+    ROLE_row = ROLE + b64 * L
+    doc_k, role_k, start_k = _load_meta(DOC_row, ROLE_row, offs_n, L, SUFFIX_SEES_BOS)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    row = b * NUM_KB + j
+    n_partial = tl.load(Q_NUM + row)
+    n_full = tl.load(FQ_NUM + row)
+    for g in range(GROUP):
+        h = (hk * GROUP + g).to(tl.int64)
+        Q_head = Q + b64 * stride_qb + h * stride_qh
+        DO_head = DO + b64 * stride_dob + h * stride_doh
+        LSE_head = LSE + (b64 * H_Q + h) * L
+        DELTA_head = DELTA + (b64 * H_Q + h) * L
+        dk, dv = _bwd_kv_tiles(
+            dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
+            offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, Q_IDX + row * Q_W, n_partial, L, qk_scale,
+            False, HEAD_DIM, BLOCK_M, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+        )
+        dk, dv = _bwd_kv_tiles(
+            dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
+            offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, FQ_IDX + row * FQ_W, n_full, L, qk_scale,
+            True, HEAD_DIM, BLOCK_M, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+        )
+    dk = dk * sm_scale
+    tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward, pass 2: dQ per query block
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_q_tiles(
+    dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, IDX, num, L, qk_scale,
+    IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for t in range(num):
+        j = tl.load(IDX + t)
+        offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        if IS_FULL:
+            kv_ok = d_ok
+        else:
+            kv_ok = (offs_n[:, None] < L) & d_ok
+        k = tl.load(K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+        v = tl.load(V_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        s = _mm(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if not IS_FULL:
+            doc_k, role_k, start_k = _load_meta(DOC_row, ROLE_row, offs_n, L, SUFFIX_SEES_BOS)
+            ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
+            p = tl.where(ok, p, 0.0)
+        dp = _mm(do, tl.trans(v), DOT_FP32, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, DOT_FP32, PRECISION)
+    return dq
+
+
+@triton.jit
+def _gem_attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DOC, ROLE,
+    KV_NUM, KV_IDX, FKV_NUM, FKV_IDX,
+    sm_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    L, H_Q, GROUP, NUM_QB, KV_W, FKV_W,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_Q
+    h = bh % H_Q
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_ok, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
+    DOC_row = DOC + b64 * L
+    ROLE_row = ROLE + b64 * L
+    doc_q, role_q, _ = _load_meta(DOC_row, ROLE_row, offs_m, L, False)
+    K_head = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    V_head = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row = b * NUM_QB + i
+    dq = _bwd_q_tiles(
+        dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, KV_IDX + row * KV_W, tl.load(KV_NUM + row), L, qk_scale,
+        False, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+    )
+    dq = _bwd_q_tiles(
+        dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, FKV_IDX + row * FKV_W, tl.load(FKV_NUM + row), L, qk_scale,
+        True, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+    )
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def default_launch_config(head_dim: int, device: torch.device) -> dict:
+    """Block sizes and warps. Interpreter: small tiles (fewer wasted lanes on CPU). GPU: 64 x 64
+    tiles, the largest that compile spill-free for head dim 128 in all three kernels on sm_80
+    and sm_90 (docs/kernel.md has the registers / shared memory per config)."""
+    if device.type != "cuda":
+        return {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 1}
+    return {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3 if head_dim <= 64 else 2}
+
+
+def _common(q, head_dim):
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return block_d, precision
+
+
+def _forward(q, k, v, doc, role, table: GemBlockTable, scale: float, cfg: dict):
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    block_d, precision = _common(q, D)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, Hq, L, device=q.device, dtype=torch.float32)
+    grid = (table.num_q_blocks, B * Hq)
+    _gem_attn_fwd_kernel[grid](
+        q, k, v, o, lse, doc, role,
+        table.kv_num_blocks, table.kv_indices, table.full_kv_num_blocks, table.full_kv_indices,
+        scale,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        L, Hq, Hq // Hkv, table.num_q_blocks, table.kv_indices.shape[-1], table.full_kv_indices.shape[-1],
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
+        SUFFIX_SEES_BOS=table.suffix_sees_bos, DOT_FP32=_interpreting(), PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, doc, role, table: GemBlockTable, scale: float, cfg: dict):
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    block_d, precision = _common(q, D)
+    delta = (o.float() * do.float()).sum(-1).contiguous()  # [B, Hq, L]: rowsum(dO * O)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    common = dict(
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
+        SUFFIX_SEES_BOS=table.suffix_sees_bos, DOT_FP32=_interpreting(), PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    _gem_attn_bwd_dkdv_kernel[(table.num_kv_blocks, B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, doc, role,
+        table.q_num_blocks, table.q_indices, table.full_q_num_blocks, table.full_q_indices,
+        scale,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        L, Hq, Hkv, Hq // Hkv, table.num_kv_blocks, table.q_indices.shape[-1], table.full_q_indices.shape[-1],
+        **common,
+    )
+    _gem_attn_bwd_dq_kernel[(table.num_q_blocks, B * Hq)](
+        q, k, v, do, lse, delta, dq, doc, role,
+        table.kv_num_blocks, table.kv_indices, table.full_kv_num_blocks, table.full_kv_indices,
+        scale,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        L, Hq, Hq // Hkv, table.num_q_blocks, table.kv_indices.shape[-1], table.full_kv_indices.shape[-1],
+        **common,
+    )
+    return dq, dk, dv
+
+
+class GemAttentionFunction(torch.autograd.Function):
+    """o = softmax(scale * q k^T under the GEM mask) v, with the block-sparse Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, doc, role, table, scale, cfg):
+        o, lse = _forward(q, k, v, doc, role, table, scale, cfg)
+        ctx.save_for_backward(q, k, v, o, lse, doc, role)
+        ctx.table, ctx.scale, ctx.cfg = table, scale, cfg
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, doc, role = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, doc, role, ctx.table, ctx.scale, ctx.cfg)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def triton_gem_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: torch.Tensor,
+    roles: torch.Tensor,
+    *,
+    scale: float | None = None,
+    suffix_sees_bos: bool = False,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_table: GemBlockTable | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """GEM attention with the block-sparse Triton kernel (differentiable in q, k, v).
+
+    q [B, Hq, L, D], k and v [B, Hkv, L, D] with Hkv dividing Hq (GQA/MQA, K/V never repeated),
+    D <= 256; fp16, bf16 or fp32; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    doc_ids, roles: integer [B, L] (documents are contiguous runs of distinct doc_ids).
+    Returns [B, Hq, L, D] in q's dtype. ``block_table`` (built by build_block_table for the
+    same doc_ids/roles, block sizes and suffix_sees_bos) skips rebuilding it.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, L, D = q.shape
+    if k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != (B, L, D) or Hq % k.shape[1]:
+        raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} (Hkv must divide Hq)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if D > 256:
+        raise ValueError(f"head dim {D} > 256 is not supported")
+    if doc_ids.shape != (B, L) or roles.shape != (B, L):
+        raise ValueError(f"doc_ids/roles must be [B, L] = {(B, L)}; got {tuple(doc_ids.shape)}, {tuple(roles.shape)}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("the Triton GEM kernel needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    cfg = default_launch_config(D, q.device)
+    if num_warps is not None:
+        cfg["num_warps"] = num_warps
+    if num_stages is not None:
+        cfg["num_stages"] = num_stages
+    if block_table is None:
+        block_table = build_block_table(
+            doc_ids, roles, block_m=block_m or cfg["block_m"], block_n=block_n or cfg["block_n"], suffix_sees_bos=suffix_sees_bos
+        )
+    elif (
+        block_table.seq_len != L
+        or block_table.suffix_sees_bos != suffix_sees_bos
+        or (block_m is not None and block_table.block_m != block_m)
+        or (block_n is not None and block_table.block_n != block_n)
+    ):
+        raise ValueError("block_table was built for another length, tiling or suffix_sees_bos")
+    doc = doc_ids.to(device=q.device, dtype=torch.int32).contiguous()
+    role = roles.to(device=q.device, dtype=torch.int32).contiguous()
+    return GemAttentionFunction.apply(q, k, v, doc, role, block_table, float(scale), cfg)
