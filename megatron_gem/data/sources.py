@@ -538,9 +538,9 @@ class IndexedWriter:
         tokens = np.asarray(tokens)
         if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"token id out of range for {np.dtype(self.dtype).name}")
-        import torch
-
-        self._builder.add_document(torch.from_numpy(tokens.astype(self.dtype)), [int(tokens.shape[0])])
+        # add_document only needs an array (it calls numpy.array on it); a numpy array avoids a
+        # torch __array__ deprecation warning.
+        self._builder.add_document(tokens.astype(self.dtype), [int(tokens.shape[0])])
         self.documents += 1
         self.tokens += int(tokens.shape[0])
 

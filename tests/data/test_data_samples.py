@@ -1,0 +1,103 @@
+"""GEM pieces: chunking without loss, seeded layouts, the layout rules."""
+
+import numpy as np
+import pytest
+
+from megatron_gem.data import SampleBuilder
+from megatron_gem.data.samples import LAYOUT_CODES
+from megatron_gem.gem import GEMConfig, Role
+
+SPECIAL = [1000, 1001]
+
+
+def cfg(**kw):
+    kw.setdefault("num_special_tokens", len(SPECIAL))
+    kw.setdefault("special_token_ids", SPECIAL)
+    return GEMConfig(**kw)
+
+
+def pieces_of(builder, docs, epoch=0):
+    lengths = np.array([len(d) for d in docs])
+    first = np.array([d[0] for d in docs])
+    plan = builder.plan(np.arange(len(docs)), lengths, epoch, first)
+    out = [builder.build(docs[plan.doc[i]], plan.start[i], plan.length[i], plan.layout[i], plan.cut[i]) for i in range(len(plan))]
+    return plan, out
+
+
+def test_chunking_keeps_every_token_and_fits_rows():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(5, 900, size=n) for n in (3, 60, 64, 65, 200, 1000)]
+    for layout in ("split", "reconstruct"):
+        b = SampleBuilder(cfg(p_raw=0.3, layout=layout), 64, seed=7, bos_id=None)
+        plan, pieces = pieces_of(b, docs)
+        for i, (ids, roles) in enumerate(pieces):
+            assert len(ids) == plan.out_len[i] <= 64
+            if plan.layout[i] == LAYOUT_CODES["plain"]:
+                assert (roles == Role.PREFIX).all()
+        # the document tokens (first copy, specials removed) come back in order, nothing dropped
+        for d, doc in enumerate(docs):
+            parts = []
+            for i in np.flatnonzero(plan.doc == d):
+                ids, roles = pieces[i]
+                first_copy = ids[roles != Role.SPECIAL][: plan.length[i]]
+                parts.append(first_copy)
+            assert np.array_equal(np.concatenate(parts), doc)
+        assert (plan.length <= b.max_chunk_tokens).all()
+
+
+def test_layout_draw_is_per_document_and_respects_min_lengths():
+    docs = [np.arange(10, 10 + n) for n in np.random.default_rng(1).integers(1, 40, size=300)]
+    b = SampleBuilder(cfg(p_raw=0.5, min_prefix_len=4, min_suffix_len=3), 512, seed=3)
+    plan, pieces = pieces_of(b, docs)
+    split = plan.layout == LAYOUT_CODES["split"]
+    assert 0.3 < split.mean() < 0.6
+    assert (plan.length[split] >= 7).all()
+    assert (plan.cut[split] >= 4).all() and (plan.length[split] - plan.cut[split] >= 3).all()
+    for i in np.flatnonzero(split):
+        ids, roles = pieces[i]
+        c = plan.cut[i]
+        assert (roles[:c] == Role.PREFIX).all() and (ids[c : c + 2] == SPECIAL).all() and (roles[c + 2 :] == Role.SUFFIX).all()
+    # too short for a split: always plain
+    assert (plan.layout[plan.length < 7] == 0).all()
+    # the same document gets the same piece whatever order or company it is planned in
+    rev = b.plan(np.arange(len(docs))[::-1], np.array([len(d) for d in docs])[::-1], 0)
+    fwd_by_doc = {int(d): (int(l), int(c)) for d, l, c in zip(plan.doc, plan.layout, plan.cut)}
+    rev_by_doc = {int(d): (int(l), int(c)) for d, l, c in zip(rev.doc, rev.layout, rev.cut)}
+    assert fwd_by_doc == rev_by_doc
+    # another epoch or seed draws differently
+    other = b.plan(np.arange(len(docs)), np.array([len(d) for d in docs]), 1)
+    assert not np.array_equal(other.layout, plan.layout)
+
+
+def test_reconstruct_does_not_repeat_bos_and_p_raw_one_is_plain():
+    bos = 1
+    docs = [np.array([bos, 5, 6, 7, 8, 9]), np.array([bos] + list(range(20, 220)))]
+    b = SampleBuilder(cfg(p_raw=0.0, layout="reconstruct"), 64, bos_id=bos)
+    plan, pieces = pieces_of(b, docs)
+    ids, roles = pieces[0]
+    assert list(ids) == [1, 5, 6, 7, 8, 9, 1000, 1001, 5, 6, 7, 8, 9]
+    assert b.max_chunk_tokens == 31
+    assert all(len(p[0]) == n for p, n in zip(pieces, plan.out_len))
+    raw = SampleBuilder(cfg(p_raw=1.0), 64)
+    plan, _ = pieces_of(raw, docs)
+    assert (plan.layout == 0).all() and raw.max_chunk_tokens == 64
+
+
+def test_embed_pair_truncates_text_never_specials():
+    b = SampleBuilder(cfg(prefix_dropout=0.3), 64, seed=5)
+    doc = np.arange(100, 150)
+    (a_ids, a_roles), (p_ids, p_roles), cut = b.embed_pair(doc, 4, 0, max_text_len=20)
+    assert cut == 32 and list(a_ids) == list(range(100, 118)) + SPECIAL
+    assert list(a_roles) == [Role.PREFIX] * 18 + [Role.SPECIAL] * 2
+    assert list(p_ids[-2:]) == SPECIAL and len(p_ids) < len(a_ids) and p_ids[0] == 100
+    assert set(p_ids[:-2]) <= set(a_ids[:-2])
+    again = b.embed_pair(doc, 4, 0, max_text_len=20)[1][0]
+    assert np.array_equal(again, p_ids)  # seeded by (seed, epoch, document)
+    assert not np.array_equal(b.embed_pair(doc, 5, 0, max_text_len=20)[1][0], p_ids)
+
+
+def test_builder_validates():
+    with pytest.raises(ValueError, match="special_token_ids"):
+        SampleBuilder(GEMConfig(num_special_tokens=2), 64)
+    with pytest.raises(ValueError, match="too short"):
+        SampleBuilder(cfg(), 3)
