@@ -1,0 +1,166 @@
+"""The Triton GEM kernel (forward and backward) against a plain-PyTorch reference.
+
+Runs under TRITON_INTERPRET=1 (tests/conftest.py) on CPU tensors. Error bounds follow
+flash-attention's tests: the kernel's error against a high-precision reference (fp32 for fp16 /
+bf16 inputs, fp64 for fp32 inputs) must stay within twice the error of the same reference
+computed in the input precision, plus a small absolute slack.
+"""
+
+import math
+
+import pytest
+import torch
+
+from kernel_layouts import random_batch
+from megatron_gem.gem.mask import gem_mask
+from megatron_gem.kernels import build_block_table, triton_gem_attention
+
+# (input dtype, high-precision reference dtype, absolute slack relative to the reference's scale)
+PRECISION = {
+    torch.float32: (torch.float64, 1e-6),
+    torch.float16: (torch.float32, 1e-4),
+    torch.bfloat16: (torch.float32, 1e-3),
+}
+
+
+def reference_attention(q, k, v, mask, scale, dtype):
+    """softmax(scale q k^T, masked) v with every op in ``dtype`` (K/V heads repeated for GQA)."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def run_with_grads(fn, q, k, v, do):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def make_inputs(seed, B, Hq, Hkv, L, D, dtype):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, L, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    do = torch.randn(B, Hq, L, D, generator=g).to(dtype)
+    return q, k, v, do
+
+
+def check_against_reference(doc, role, *, Hq, Hkv, D, dtype, block_m, block_n, bos=False, seed=0, scale=None):
+    B, L = doc.shape
+    q, k, v, do = make_inputs(seed, B, Hq, Hkv, L, D, dtype)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    mask = gem_mask(doc, role, suffix_sees_bos=bos)
+    hi, slack = PRECISION[dtype]
+
+    tri = run_with_grads(
+        lambda q, k, v: triton_gem_attention(q, k, v, doc, role, scale=scale, suffix_sees_bos=bos, block_m=block_m, block_n=block_n),
+        q, k, v, do,
+    )
+    ref = run_with_grads(lambda q, k, v: reference_attention(q, k, v, mask, scale, hi), q, k, v, do.to(hi))
+    low = run_with_grads(lambda q, k, v: reference_attention(q, k, v, mask, scale, dtype), q, k, v, do)
+
+    for name, t, r, lo in zip(("out", "dq", "dk", "dv"), tri, ref, low):
+        assert t.dtype == dtype and t.shape == r.shape, name
+        assert torch.isfinite(t).all(), f"{name} has NaN/inf"
+        err = (t.to(hi) - r).abs().max().item()
+        ref_err = (lo.to(hi) - r).abs().max().item()
+        bound = 2 * ref_err + slack * max(1.0, r.abs().max().item())
+        assert err <= bound, f"{name}: kernel error {err:.3g} > bound {bound:.3g} (reference in {dtype}: {ref_err:.3g})"
+    return tri
+
+
+# (style of row 0, style of row 1, L, K, Hq, Hkv, block_m, block_n)
+LAYOUTS = [
+    ("mixed", "straddle", 100, 1, 4, 4, 16, 16),
+    ("straddle", "tiny", 77, 2, 4, 2, 16, 16),
+    ("mixed", "plain", 131, 5, 4, 1, 16, 16),
+    ("long", "straddle", 90, 10, 4, 2, 16, 16),
+    ("straddle", "mixed", 113, 5, 2, 2, 32, 16),
+    ("tiny", "long", 64, 1, 4, 4, 16, 32),
+    ("chaos", "mixed", 70, 2, 4, 2, 16, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda c: f"{c[0]}-{c[1]}-L{c[2]}-K{c[3]}-gqa{c[4] // c[5]}-b{c[6]}x{c[7]}")
+def test_matches_reference(layout, dtype):
+    s0, s1, L, K, Hq, Hkv, bm, bn = layout
+    doc, role = random_batch(L * 31 + K, 2, L, K, styles=(s0, s1), block=bm)
+    check_against_reference(doc, role, Hq=Hq, Hkv=Hkv, D=32, dtype=dtype, block_m=bm, block_n=bn, seed=K)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_suffix_sees_bos(dtype):
+    doc, role = random_batch(7, 2, 96, 2, styles=("straddle", "mixed"))
+    check_against_reference(doc, role, Hq=4, Hkv=2, D=32, dtype=dtype, block_m=16, block_n=16, bos=True)
+
+
+@pytest.mark.parametrize("D", [16, 64, 128, 48])
+def test_head_dims(D):
+    """Powers of two 16..128, and a non-power of two (padded to 64 with masked loads)."""
+    doc, role = random_batch(D, 1, 50, 2, styles=("straddle",))
+    check_against_reference(doc, role, Hq=2, Hkv=1, D=D, dtype=torch.float32, block_m=16, block_n=16)
+
+
+def test_bf16():
+    doc, role = random_batch(11, 1, 64, 2, styles=("straddle",))
+    check_against_reference(doc, role, Hq=2, Hkv=1, D=32, dtype=torch.bfloat16, block_m=16, block_n=16)
+
+
+def test_default_blocks_and_scale():
+    """Launcher defaults (interpreter tiles), a custom scale, one long document plus padding."""
+    doc, role = random_batch(5, 1, 70, 1, styles=("long",))
+    check_against_reference(doc, role, Hq=2, Hkv=2, D=32, dtype=torch.float32, block_m=None, block_n=None, scale=0.3)
+
+
+def test_one_token_documents_no_nan():
+    """Every token its own document: each row sees only itself, so out == v (per kv head)."""
+    L = 40
+    doc = torch.arange(L)[None]
+    role = torch.tensor([0, 1, 2] * 13 + [1])[None]
+    q, k, v, do = make_inputs(0, 1, 4, 2, L, 32, torch.float32)
+    out = triton_gem_attention(q, k, v, doc, role, block_m=16, block_n=16)
+    torch.testing.assert_close(out, v.repeat_interleave(2, 1), rtol=0, atol=1e-6)
+
+
+def test_non_contiguous_inputs():
+    """q/k/v as views of a [B, L, H, D] layout (what HF projections produce)."""
+    B, L, Hq, Hkv, D = 2, 48, 4, 2, 32
+    doc, role = random_batch(3, B, L, 2, styles=("straddle", "mixed"))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, L, Hq, D, generator=g).transpose(1, 2)
+    k = torch.randn(B, L, Hkv, D, generator=g).transpose(1, 2)
+    v = torch.randn(B, L, Hkv, D, generator=g).transpose(1, 2)
+    do = torch.randn(B, L, Hq, D, generator=g).transpose(1, 2)
+    assert not q.is_contiguous()
+    mask = gem_mask(doc, role)
+    tri = run_with_grads(lambda q, k, v: triton_gem_attention(q, k, v, doc, role, block_m=16, block_n=16), q, k, v, do)
+    ref = run_with_grads(lambda q, k, v: reference_attention(q, k, v, mask, D**-0.5, torch.float64), q, k, v, do.double())
+    for t, r in zip(tri, ref):
+        torch.testing.assert_close(t.double(), r.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_block_table_reuse_and_mismatch():
+    doc, role = random_batch(2, 1, 40, 1, styles=("mixed",))
+    q, k, v, _ = make_inputs(0, 1, 2, 2, 40, 16, torch.float32)
+    table = build_block_table(doc, role, block_m=16, block_n=16)
+    a = triton_gem_attention(q, k, v, doc, role, block_table=table)
+    b = triton_gem_attention(q, k, v, doc, role, block_m=16, block_n=16)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="another length, tiling or suffix_sees_bos"):
+        triton_gem_attention(q, k, v, doc, role, block_table=table, suffix_sees_bos=True)
+
+
+def test_rejects_bad_inputs():
+    doc = torch.zeros(1, 16, dtype=torch.long)
+    q = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="Hkv must divide Hq"):
+        triton_gem_attention(q, torch.randn(1, 2, 16, 16), torch.randn(1, 2, 16, 16), doc, doc)
+    with pytest.raises(TypeError, match="fp16/bf16/fp32"):
+        triton_gem_attention(q, q.double(), q, doc, doc)
+    with pytest.raises(ValueError, match=r"\[B, L\]"):
+        triton_gem_attention(q, q, q, doc[:, :8], doc[:, :8])
