@@ -44,14 +44,15 @@ class LogitScale(torch.nn.Module):
         if not 1.0 <= init <= max_scale:
             raise ValueError(f"logit scale init {init} must lie in [1, {max_scale}]")
         self.log_max = math.log(max_scale)
-        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(init), dtype=torch.float32))
+        # Shape [1], not a 0-d scalar: ZeRO-3 partitions parameters by flattening them.
+        self.log_scale = torch.nn.Parameter(torch.tensor([math.log(init)], dtype=torch.float32))
 
     @classmethod
     def from_config(cls, config: GEMConfig) -> "LogitScale":
         return cls(config.logit_scale_init, config.logit_scale_max)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(0.0, self.log_max).exp()
+        return self.log_scale.clamp(0.0, self.log_max).exp().squeeze(0)
 
 
 # Gathers keys from all data-parallel ranks: takes the local keys [n, d] and returns

@@ -73,7 +73,8 @@ def add_gem_tokens(model, tokenizer, config: GEMConfig, *, gather: GatherFn | No
     Records the ids in ``config.special_token_ids`` and returns them.
     """
     ids = find_gem_tokens(tokenizer, config)
-    num_rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    num_rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions are empty; ds_shape is real
     if ids is None:
         tokenizer.add_special_tokens({"additional_special_tokens": config.special_tokens}, replace_extra_special_tokens=False)
         ids = tokenizer.convert_tokens_to_ids(config.special_tokens)

@@ -1,0 +1,151 @@
+"""Command line of train.py, with Megatron-LM / DeepSpeed flag names.
+
+Everything a run needs is checked here, before any model is loaded, so wrong or
+conflicting arguments fail at start with one clear message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..gem.config import LAYOUTS, GEMConfig
+
+
+_DATA_EXTENSIONS = (".json", ".jsonl", ".txt", ".parquet", ".gz", ".bin", ".idx")
+
+
+class ArgumentError(ValueError):
+    """A bad command-line argument; the message names the flag."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="GEM post-training of an HF causal LM with DeepSpeed (ZeRO-1/2/3). Run with "
+        "`deepspeed train.py --deepspeed ds_zero3.json ...`, `torchrun ... train.py ...` or plain "
+        "`python train.py ...` (one process).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="HF checkpoint directory (or hub name when online)")
+    g.add_argument("--data", required=True, nargs="+", help="jsonl/json/parquet/txt files, or a Megatron .bin/.idx prefix")
+    g.add_argument("--text-field", default="text", help="field holding the text in json/jsonl/parquet records")
+    g.add_argument("--skip-bad-records", action="store_true", help="count and skip malformed records instead of failing")
+    g.add_argument("--save", required=True, help="output directory: checkpoints, metrics.jsonl, hf/ export")
+    g.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+
+    g = p.add_argument_group("batch and schedule (Megatron names)")
+    g.add_argument("--seq-length", type=int, default=512, help="packed row length in tokens")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="rows per micro-batch per data-parallel rank")
+    g.add_argument("--global-batch-size", type=int, default=None, help="rows per optimizer step over all ranks (default: micro x dp)")
+    g.add_argument("--contrastive-batch-size", type=int, default=None, help="texts per contrastive micro-batch per rank (default: 8 x micro-batch-size)")
+    g.add_argument("--contrastive-max-length", type=int, default=512, help="tokens per contrastive text before its special tokens are appended (capped by --seq-length)")
+    g.add_argument("--train-iters", type=int, required=True, help="optimizer steps in total (both phases)")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of phase 1 (mixed NTP)")
+    g.add_argument("--contrastive-lr", type=float, default=1e-5, help="peak learning rate of phase 2 (contrastive)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of the phase's peak")
+    g.add_argument("--lr-warmup-fraction", type=float, default=0.01, help="warmup fraction of each phase")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping (fills DeepSpeed's gradient_clipping)")
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("GEM")
+    g.add_argument("--gem-num-special-tokens", type=int, default=1, help="K summary tokens")
+    g.add_argument("--gem-p-raw", type=float, default=0.8, help="probability that a document stays plain in phase 1")
+    g.add_argument("--gem-layout", choices=LAYOUTS, default="split")
+    g.add_argument("--gem-min-prefix-len", type=int, default=4)
+    g.add_argument("--gem-min-suffix-len", type=int, default=4)
+    g.add_argument("--gem-suffix-sees-bos", action="store_true", help="keep the document's first token visible to the suffix")
+    g.add_argument("--gem-contrastive-from-step", type=int, default=100, help="first step of phase 2 (contrastive)")
+    g.add_argument("--gem-alpha", type=float, default=1.0, help="phase-2 weight of the contrastive loss; < 1 keeps (1-alpha) NTP to preserve generation")
+    g.add_argument("--gem-prefix-dropout", type=float, default=0.1, help="token deletion rate of the positive view")
+    g.add_argument("--gem-logit-scale-init", type=float, default=20.0)
+    g.add_argument("--gem-logit-scale-max", type=float, default=100.0)
+    g.add_argument("--attention-backend", choices=("auto", "sdpa", "flex", "triton"), default="auto")
+
+    g = p.add_argument_group("precision, memory, logging, checkpoints")
+    g.add_argument("--bf16", action="store_true", help="bf16 training (fills DeepSpeed's bf16.enabled)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--save-interval", type=int, default=1000, help="DeepSpeed checkpoint every N steps (and at the end)")
+    g.add_argument("--hf-export-interval", type=int, default=0, help="also write the HF export every N steps (0: only at the end)")
+    g.add_argument("--log-interval", type=int, default=10, help="one metrics.jsonl line every N steps")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--exit-after-iters", type=int, default=None, help="stop (after saving) at this step; for tests and pre-emption drills")
+
+    g = p.add_argument_group("launcher")
+    g.add_argument("--deepspeed", dest="deepspeed_config", default=None, help="DeepSpeed JSON config (e.g. ds_zero3.json)")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    return p
+
+
+def gem_config_from_args(args) -> GEMConfig:
+    return GEMConfig(
+        num_special_tokens=args.gem_num_special_tokens,
+        p_raw=args.gem_p_raw,
+        layout=args.gem_layout,
+        min_prefix_len=args.gem_min_prefix_len,
+        min_suffix_len=args.gem_min_suffix_len,
+        suffix_sees_bos=args.gem_suffix_sees_bos,
+        prefix_dropout=args.gem_prefix_dropout,
+        logit_scale_init=args.gem_logit_scale_init,
+        logit_scale_max=args.gem_logit_scale_max,
+        contrastive_from_step=args.gem_contrastive_from_step,
+        alpha=args.gem_alpha,
+    )
+
+
+def validate_args(args, dp_size: int) -> None:
+    """Raise ArgumentError (naming the flag) for anything wrong or conflicting."""
+
+    def positive(flag: str, value) -> None:
+        if value is None or value < 1:
+            raise ArgumentError(f"{flag} must be >= 1, got {value}")
+
+    for flag in ("--seq-length", "--micro-batch-size", "--train-iters", "--save-interval", "--log-interval"):
+        positive(flag, getattr(args, flag[2:].replace("-", "_")))
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp_size
+    per_step = args.micro_batch_size * dp_size
+    if args.global_batch_size % per_step:
+        raise ArgumentError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {dp_size} = {per_step}"
+        )
+    if args.contrastive_batch_size is None:
+        args.contrastive_batch_size = 8 * args.micro_batch_size
+    positive("--contrastive-batch-size", args.contrastive_batch_size)
+    if args.lr <= 0 or args.contrastive_lr <= 0:
+        raise ArgumentError(f"--lr and --contrastive-lr must be > 0, got {args.lr} and {args.contrastive_lr}")
+    if not 0 <= args.lr_warmup_fraction < 1:
+        raise ArgumentError(f"--lr-warmup-fraction must lie in [0, 1), got {args.lr_warmup_fraction}")
+    if args.gem_contrastive_from_step > args.train_iters:
+        raise ArgumentError(
+            f"--gem-contrastive-from-step {args.gem_contrastive_from_step} is after --train-iters {args.train_iters}: "
+            f"phase 2 would never run (set it <= --train-iters; equal means phase 1 only)"
+        )
+    if args.seq_length <= args.gem_num_special_tokens + args.gem_min_prefix_len:
+        raise ArgumentError(f"--seq-length {args.seq_length} leaves no room for text around {args.gem_num_special_tokens} special tokens")
+    if not os.path.exists(args.model) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ArgumentError(f"--model {args.model}: no such directory (and HF_HUB_OFFLINE=1 forbids the hub)")
+    for path in args.data:
+        if os.path.exists(path) or os.path.exists(path + ".idx"):
+            continue
+        # Anything else can only be a hub dataset name: not with a file extension, not offline.
+        if path.endswith(_DATA_EXTENSIONS) or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            raise ArgumentError(f"--data {path}: no such file (nor {path}.idx for a Megatron indexed dataset)")
+    if args.load is not None and not os.path.isdir(args.load):
+        raise ArgumentError(f"--load {args.load}: no such directory")
+    if args.deepspeed_config is not None and not os.path.isfile(args.deepspeed_config):
+        raise ArgumentError(f"--deepspeed {args.deepspeed_config}: no such file")
+    try:
+        gem_config_from_args(args)
+    except ValueError as e:  # GEMConfig names the field; map it back to the flag
+        raise ArgumentError(f"GEM option: {e}") from e
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
