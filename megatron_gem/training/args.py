@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf-export-interval", type=int, default=0, help="also write the HF export every N steps (0: only at the end)")
     g.add_argument("--log-interval", type=int, default=10, help="one metrics.jsonl line every N steps")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--exit-signal-handler", action="store_true", help="on SIGUSR1/SIGTERM (e.g. SLURM's --signal before the time limit): finish the step, save a checkpoint, exit 0")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10, help="collective timeout: a dead rank fails the job instead of hanging")
     g.add_argument("--exit-after-iters", type=int, default=None, help="stop (after saving) at this step; for tests and pre-emption drills")
 
     g = p.add_argument_group("launcher")

@@ -56,7 +56,8 @@ def train(args) -> dict:
     """Run the whole job; returns a summary dict (rank 0's view)."""
     import deepspeed
 
-    D.init_deepspeed_distributed()
+    D.init_deepspeed_distributed(args.distributed_timeout_minutes)
+    stop = D.ExitSignalHandler(args.exit_signal_handler)
     dp_rank, dp_size = D.rank(), D.world_size()
     validate_args(args, dp_size)
     gem_config = gem_config_from_args(args)
@@ -117,6 +118,7 @@ def train(args) -> dict:
     # DeepSpeed's plain fp32 engine clips but does not keep the norm; compute it ourselves there.
     reports_no_grad_norm = zero_stage(ds_config) == 0 and not args.bf16
     summary = {"first_loss": None, "last_loss": None}
+    preempted = False
     for step in range(start_step, end_step):
         t0 = time.perf_counter()
         w_ntp, w_cl = loss_weights(step, gem_config)
@@ -146,6 +148,9 @@ def train(args) -> dict:
             summary["first_loss"] = record["loss"]
         summary["last_loss"] = record["loss"]
         done = step + 1
+        preempted = args.exit_signal_handler and stop.should_exit()
+        if preempted:
+            end_step = done
         if done % args.log_interval == 0 or done == end_step:
             log.log(record)
         log.tick({"loss": f"{record['loss']:.4f}", "phase": record["phase"]})
@@ -154,8 +159,12 @@ def train(args) -> dict:
             save_engine_checkpoint(engine, args.save, done, client)
         if (args.hf_export_interval and done % args.hf_export_interval == 0) or done == args.train_iters:
             export_hf(engine.module.lm, tokenizer, gem_config, os.path.join(args.save, "hf"), extra={"step": done, "args": vars(args)})
+        if preempted:
+            if D.is_main():
+                print(f"[megatron-gem] {stop.received or 'signal'}: saved step {done} to {args.save}; exiting for requeue", flush=True)
+            break
     log.close()
-    summary.update(step=end_step, save=args.save, zero_stage=zero_stage(ds_config), dp_size=dp_size)
+    summary.update(preempted=preempted, step=end_step, save=args.save, zero_stage=zero_stage(ds_config), dp_size=dp_size)
     del zero3_handle
     return summary
 

@@ -24,13 +24,18 @@ def skip_deepspeed_shm_build() -> None:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def init_deepspeed_distributed() -> None:
+def init_deepspeed_distributed(timeout_minutes: int = 10) -> None:
+    import datetime
+
     import deepspeed
 
     ensure_launcher_env()
     skip_deepspeed_shm_build()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -92,3 +97,25 @@ def make_gather_keys(group=None):
         return _GatherWithGrad.apply(keys, group), dist.get_rank(group) * keys.shape[0]
 
     return gather
+
+
+class ExitSignalHandler:
+    """Remembers that SIGUSR1/SIGTERM arrived; ``should_exit()`` asks every rank (any rank that
+    got the signal stops them all at the same step)."""
+
+    def __init__(self, enabled: bool, signals=("SIGUSR1", "SIGTERM")):
+        import signal
+
+        self.received: str | None = None
+        if enabled:
+            for name in signals:
+                signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.received = signal.Signals(signum).name
+
+    def should_exit(self) -> bool:
+        flag = torch.tensor(1.0 if self.received else 0.0)
+        return bool(all_reduce_sum(flag) > 0)
