@@ -36,8 +36,9 @@ class BestFitPacker:
             raise ValueError("capacity and max_open_rows must be >= 1")
         self.capacity, self.max_open_rows = int(capacity), int(max_open_rows)
         self._free: list[tuple[int, int]] = []  # sorted (room left, row serial)
-        self._rows: dict[int, list] = {}
+        self._rows: dict[int, list] = {}  # serial -> [(arrival number, item, length)]
         self._serial = 0
+        self._count = 0
 
     def add(self, item: Hashable, length: int) -> list[list]:
         if not 0 < length <= self.capacity:
@@ -50,22 +51,46 @@ class BestFitPacker:
             room, serial = self.capacity, self._serial
             self._serial += 1
             self._rows[serial] = []
-        self._rows[serial].append(item)
+        self._rows[serial].append((self._count, item, length))
+        self._count += 1
         room -= length
         if room == 0:
-            closed.append(self._rows.pop(serial))
+            closed.append(self._items(self._rows.pop(serial)))
         else:
             bisect.insort(self._free, (room, serial))
             if len(self._free) > self.max_open_rows:
                 _, fullest = self._free.pop(0)
-                closed.append(self._rows.pop(fullest))
+                closed.append(self._items(self._rows.pop(fullest)))
         return closed
 
+    @staticmethod
+    def _items(row: list) -> list:
+        return [item for _, item, _ in row]
+
     def flush(self) -> list[list]:
-        """Close every open row, oldest first."""
+        """Close every open row, oldest first.
+
+        The open rows at the end of a stream are the ones nothing more would fit: their pieces
+        are re-packed first-fit decreasing, which often needs fewer rows (kept if it does).
+        Pieces keep their arrival order inside each row.
+        """
         rows = [self._rows[s] for s in sorted(self._rows)]
         self._free, self._rows = [], {}
-        return rows
+        entries = sorted((e for r in rows for e in r), key=lambda e: (-e[2], e[0]))
+        bins: list[list] = []
+        room: list[int] = []
+        for e in entries:
+            for b, free in enumerate(room):
+                if e[2] <= free:
+                    bins[b].append(e)
+                    room[b] -= e[2]
+                    break
+            else:
+                bins.append([e])
+                room.append(self.capacity - e[2])
+        if len(bins) < len(rows):
+            rows = sorted((sorted(b) for b in bins), key=lambda b: b[0][0])
+        return [self._items(r) for r in rows]
 
 
 def pack_lengths(lengths: Sequence[int] | np.ndarray, capacity: int, max_open_rows: int = DEFAULT_MAX_OPEN_ROWS):
