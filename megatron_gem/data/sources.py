@@ -490,7 +490,9 @@ class IndexedCorpus(_CorpusBase):
         cum = np.concatenate([[0], np.cumsum(seq_lengths)])
         self.lengths = cum[self.doc_index[1:]] - cum[self.doc_index[:-1]]
         self._single = bool(np.all(np.diff(self.doc_index) == 1))
-        self.stats = DataStats(documents_read=len(self.lengths), tokens_in=int(self.lengths.sum()))
+        self.stats = DataStats(documents_read=int((self.lengths > 0).sum()), tokens_in=int(self.lengths.sum()))
+        if (self.lengths == 0).any():  # possible in files from other tools; they yield no piece
+            self.stats.skip("empty", int((self.lengths == 0).sum()))
 
     def get(self, i: int) -> np.ndarray:
         if self._single:
