@@ -218,3 +218,37 @@ def test_contrastive_batches(corpus, gem_cfg):
     whole = next(iter(GEMDataLoader(ContrastiveDataset(corpus, gem_cfg, max_text_len=24, seq_length=SEQ, seed=2, num_epochs=1), micro_batch_size=12)))
     anchors_whole = [tuple(whole["input_ids"][whole["doc_ids"] == j].tolist()) for j in range(6, 12)]
     assert anchors_whole == [tuple(b["input_ids"][docs == j].tolist()) for j in range(6)]
+
+
+def test_huge_document_is_chunked_without_losing_a_token(tiny_tokenizer, gem_cfg):
+    text = " ".join(sample_sentences(3000, seed=4))
+    corpus = InMemoryCorpus.from_texts([text, "a short one", text[:80]], tiny_tokenizer)
+    assert corpus.lengths[0] > 200 * SEQ
+    ds = PackedDataset(corpus, gem_cfg, SEQ, seed=1, shuffle=False, num_epochs=1)
+    plan = ds.plan(0)
+    s = ds.epoch_stats(0)
+    assert s.chunked_documents == 1 and s.tokens_out == corpus.num_tokens + s.special_tokens
+    # rebuild document 0 from its pieces (chunk order = start order), specials removed
+    got = {}
+    for r in range(plan.num_rows):
+        ids, roles, seg = ds.row(0, r)
+        for i, piece in enumerate(range(plan.row_offsets[r], plan.row_offsets[r + 1])):
+            if plan.pieces.doc[piece] == 0:
+                sel = (seg == i) & (roles != Role.SPECIAL)
+                got[int(plan.pieces.start[piece])] = ids[sel]
+    assert np.array_equal(np.concatenate([got[k] for k in sorted(got)]), corpus.get(0))
+
+
+def test_streaming_from_a_hf_iterable_dataset(tiny_tokenizer, gem_cfg):
+    import datasets
+
+    texts = sample_sentences(150, seed=21)
+    hf = datasets.Dataset.from_dict({"sentence": texts}).to_iterable_dataset()
+    stream = StreamingPackedDataset(hf, tiny_tokenizer, gem_cfg, SEQ, seed=2, num_epochs=1, text_field="sentence")
+    ref = PackedDataset(InMemoryCorpus.from_texts(texts, tiny_tokenizer), gem_cfg, SEQ, seed=2, shuffle=False, num_epochs=1)
+    got = batches(GEMDataLoader(stream, micro_batch_size=2))
+    want = batches(GEMDataLoader(ref, micro_batch_size=2))
+    assert len(got) == len(want) > 3
+    for x, y in zip(got, want):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert stream.epoch_stats(0).documents_read == 150
