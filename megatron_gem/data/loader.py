@@ -26,12 +26,13 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from ..gem.config import GEMConfig
+from ..gem.roles import PAD_DOC_ID
 from .packing import DEFAULT_MAX_OPEN_ROWS, BestFitPacker, assemble_row, collate_rows, pack_lengths, pack_texts
 from .samples import LAYOUT_NAMES, PiecePlan, SampleBuilder, epoch_order
 from .sources import Document, iter_documents, iter_hf_documents, tokenize_stream
@@ -166,14 +167,21 @@ class PackedDataset(_GlobalIndex, torch.utils.data.Dataset):
 
     # ------------------------------------------------------------------ rows
     def row(self, epoch: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row r of an epoch: (ids int64 [L], roles int8 [L], seg int64 [L], -1 on padding)."""
         plan = self.plan(epoch)
         a, b = int(plan.row_offsets[r]), int(plan.row_offsets[r + 1])
         p = plan.pieces
-        pieces = []
-        for i in range(a, b):
-            d = int(p.doc[i])
-            pieces.append(self.builder.build(self.corpus.get(d), int(p.start[i]), int(p.length[i]), int(p.layout[i]), int(p.cut[i])))
-        return assemble_row(pieces, self.seq_length, self.pad_id)
+        L = self.seq_length
+        ids = np.full(L, self.pad_id, dtype=np.int64)
+        roles = np.zeros(L, dtype=np.int8)
+        seg = np.full(L, PAD_DOC_ID, dtype=np.int64)
+        pos = 0
+        fields = (p.doc[a:b], p.start[a:b], p.length[a:b], p.layout[a:b], p.cut[a:b])
+        for i, (d, start, n, layout, cut) in enumerate(zip(*(f.tolist() for f in fields))):
+            end = self.builder.write(ids, roles, pos, self.corpus.get_slice(d, start, n), layout, cut, start == 0)
+            seg[pos:end] = i
+            pos = end
+        return ids, roles, seg
 
     def __getitem__(self, index: int):
         return self.row(*self.locate(int(index)))

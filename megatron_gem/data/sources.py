@@ -28,7 +28,7 @@ import multiprocessing as mp
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -389,6 +389,10 @@ class _CorpusBase:
     def num_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    def get_slice(self, i: int, start: int, length: int) -> np.ndarray:
+        """Tokens ``start:start+length`` of document i (any integer dtype)."""
+        return self.get(i)[start : start + length]
+
     def first_tokens(self) -> np.ndarray:
         """First token of every document (-1 for an empty one)."""
         return np.array([self.get(i)[0] if self.lengths[i] else -1 for i in range(len(self))], dtype=np.int64)
@@ -452,6 +456,10 @@ class InMemoryCorpus(_CorpusBase):
     def get(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]].astype(np.int64)
 
+    def get_slice(self, i: int, start: int, length: int) -> np.ndarray:
+        a = int(self.offsets[i]) + start
+        return self.tokens[a : a + length]  # a view: no copy of a huge document per chunk
+
     def first_tokens(self) -> np.ndarray:
         first = np.full(len(self), -1, dtype=np.int64)
         nz = self.lengths > 0
@@ -501,6 +509,11 @@ class IndexedCorpus(_CorpusBase):
         if e == s:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate(self.dataset[s:e]).astype(np.int64)
+
+    def get_slice(self, i: int, start: int, length: int) -> np.ndarray:
+        if self._single:  # read only the chunk from the mmap, not the whole document
+            return self.dataset.get(int(i), offset=int(start), length=int(length))
+        return self.get(i)[start : start + length]
 
     def first_tokens(self) -> np.ndarray:
         first = np.full(len(self), -1, dtype=np.int64)
@@ -599,6 +612,3 @@ def open_corpus(
     if len(corpus) == 0:
         raise DataError(f"{source}: no usable documents ({stats.summary('read')})")
     return corpus
-
-
-DocumentsFactory = Callable[[], Iterable[Document | str]]

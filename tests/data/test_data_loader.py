@@ -12,7 +12,6 @@ from megatron_gem.data import (
     InMemoryCorpus,
     PackedDataset,
     StreamingPackedDataset,
-    iter_documents,
     open_corpus,
 )
 from megatron_gem.data.preprocess import preprocess_to_indexed

@@ -101,3 +101,27 @@ def test_builder_validates():
         SampleBuilder(GEMConfig(num_special_tokens=2), 64)
     with pytest.raises(ValueError, match="too short"):
         SampleBuilder(cfg(), 3)
+
+
+def test_fast_row_writer_equals_build_and_assemble():
+    from megatron_gem.data import assemble_row
+
+    rng = np.random.default_rng(3)
+    docs = [np.concatenate([[1], rng.integers(5, 900, size=int(n))]) for n in rng.integers(1, 150, size=60)]
+    for layout in ("split", "reconstruct"):
+        b = SampleBuilder(cfg(p_raw=0.3, layout=layout), 160, seed=4, bos_id=1)
+        plan, pieces = pieces_of(b, docs)
+        for lo in range(0, len(plan), 5):
+            sel = range(lo, min(lo + 5, len(plan)))
+            if sum(plan.out_len[i] for i in sel) > 400:
+                continue
+            ref = assemble_row([pieces[i] for i in sel], 400, pad_id=3)
+            ids, roles, seg = np.full(400, 3, np.int64), np.zeros(400, np.int8), np.full(400, -1, np.int64)
+            pos = 0
+            for n, i in enumerate(sel):
+                chunk = docs[plan.doc[i]][plan.start[i] : plan.start[i] + plan.length[i]]
+                end = b.write(ids, roles, pos, chunk, int(plan.layout[i]), int(plan.cut[i]), plan.start[i] == 0)
+                seg[pos:end] = n
+                pos = end
+            assert np.array_equal(ids, ref[0]) and np.array_equal(roles, ref[1]) and np.array_equal(seg, ref[2])
+        assert len(set(plan.layout.tolist())) == 2
