@@ -190,13 +190,15 @@ def _bwd_kv_tiles(
     dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head,
     stride_qm, stride_qd, stride_dom, stride_dod,
     offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, IDX, num, L, qk_scale,
-    IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr,
     SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     d_ok = offs_d[None, :] < HEAD_DIM
-    for t in range(num):
-        i = tl.load(IDX + t)
-        offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    # A query block is walked in SUB_M-row slices: the [SUB_M, BLOCK_N] score, probability and
+    # gradient tiles then fit in registers next to the dK/dV accumulators (see docs/kernel.md).
+    for t in range(num * (BLOCK_M // SUB_M)):
+        i = tl.load(IDX + t // (BLOCK_M // SUB_M))
+        offs_m = i * BLOCK_M + (t % (BLOCK_M // SUB_M)) * SUB_M + tl.arange(0, SUB_M)
         if IS_FULL:
             q_ok = d_ok
             row_ok = offs_m >= 0
@@ -232,7 +234,7 @@ def _gem_attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     L, H_Q, H_KV, GROUP, NUM_KB, Q_W, FQ_W,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
     SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     j = tl.program_id(0)
@@ -263,12 +265,12 @@ def _gem_attn_bwd_dkdv_kernel(
         dk, dv = _bwd_kv_tiles(
             dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
             offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, Q_IDX + row * Q_W, n_partial, L, qk_scale,
-            False, HEAD_DIM, BLOCK_M, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+            False, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
         )
         dk, dv = _bwd_kv_tiles(
             dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
             offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, FQ_IDX + row * FQ_W, n_full, L, qk_scale,
-            True, HEAD_DIM, BLOCK_M, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+            True, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
         )
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -360,12 +362,18 @@ def _gem_attn_bwd_dq_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 def default_launch_config(head_dim: int, device: torch.device) -> dict:
-    """Block sizes and warps. Interpreter: small tiles (fewer wasted lanes on CPU). GPU: 64 x 64
-    tiles, the largest that compile spill-free for head dim 128 in all three kernels on sm_80
-    and sm_90 (docs/kernel.md has the registers / shared memory per config)."""
+    """Tiles and, per kernel, (num_warps, num_stages); dK/dV also its query slice ``sub_m``.
+
+    GPU: 64 x 64 tiles. Warps / stages / slices are the choices that compile without register
+    spills for head dims 64 and 128 on both sm_80 and sm_90 (measured with kernels/aot.py; the
+    table is in docs/kernel.md). Interpreter: 32 x 32 tiles with 16-row dK/dV slices, so the
+    slicing path runs in the tests. num_warps/num_stages are ignored by the interpreter.
+    """
     if device.type != "cuda":
-        return {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 1}
-    return {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3 if head_dim <= 64 else 2}
+        return {"block_m": 32, "block_n": 32, "fwd": (4, 1), "bwd_dq": (4, 1), "bwd_dkdv": (4, 1), "sub_m": 16}
+    if head_dim <= 64:
+        return {"block_m": 64, "block_n": 64, "fwd": (4, 3), "bwd_dq": (8, 2), "bwd_dkdv": (8, 1), "sub_m": 16}
+    return {"block_m": 64, "block_n": 64, "fwd": (8, 2), "bwd_dq": (8, 2), "bwd_dkdv": (8, 2), "sub_m": 16}
 
 
 def _common(q, head_dim):
@@ -389,7 +397,7 @@ def _forward(q, k, v, doc, role, table: GemBlockTable, scale: float, cfg: dict):
         L, Hq, Hq // Hkv, table.num_q_blocks, table.kv_indices.shape[-1], table.full_kv_indices.shape[-1],
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
         SUFFIX_SEES_BOS=table.suffix_sees_bos, DOT_FP32=_interpreting(), PRECISION=precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["fwd"][0], num_stages=cfg["fwd"][1],
     )
     return o, lse
 
@@ -405,15 +413,15 @@ def _backward(do, q, k, v, o, lse, doc, role, table: GemBlockTable, scale: float
     common = dict(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
         SUFFIX_SEES_BOS=table.suffix_sees_bos, DOT_FP32=_interpreting(), PRECISION=precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    sub_m = min(cfg["sub_m"], table.block_m)
     _gem_attn_bwd_dkdv_kernel[(table.num_kv_blocks, B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, doc, role,
         table.q_num_blocks, table.q_indices, table.full_q_num_blocks, table.full_q_indices,
         scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         L, Hq, Hkv, Hq // Hkv, table.num_kv_blocks, table.q_indices.shape[-1], table.full_q_indices.shape[-1],
-        **common,
+        SUB_M=sub_m, num_warps=cfg["bwd_dkdv"][0], num_stages=cfg["bwd_dkdv"][1], **common,
     )
     _gem_attn_bwd_dq_kernel[(table.num_q_blocks, B * Hq)](
         q, k, v, do, lse, delta, dq, doc, role,
@@ -421,7 +429,7 @@ def _backward(do, q, k, v, o, lse, doc, role, table: GemBlockTable, scale: float
         scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         L, Hq, Hq // Hkv, table.num_q_blocks, table.kv_indices.shape[-1], table.full_kv_indices.shape[-1],
-        **common,
+        num_warps=cfg["bwd_dq"][0], num_stages=cfg["bwd_dq"][1], **common,
     )
     return dq, dk, dv
 
@@ -455,8 +463,7 @@ def triton_gem_attention(
     block_m: int | None = None,
     block_n: int | None = None,
     block_table: GemBlockTable | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    bwd_sub_m: int | None = None,
 ) -> torch.Tensor:
     """GEM attention with the block-sparse Triton kernel (differentiable in q, k, v).
 
@@ -464,7 +471,8 @@ def triton_gem_attention(
     D <= 256; fp16, bf16 or fp32; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     doc_ids, roles: integer [B, L] (documents are contiguous runs of distinct doc_ids).
     Returns [B, Hq, L, D] in q's dtype. ``block_table`` (built by build_block_table for the
-    same doc_ids/roles, block sizes and suffix_sees_bos) skips rebuilding it.
+    same doc_ids/roles, block sizes and suffix_sees_bos) skips rebuilding it. ``bwd_sub_m``: rows
+    of a query block the dK/dV pass handles per step (a power of two dividing block_m, >= 16).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -482,10 +490,8 @@ def triton_gem_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     cfg = default_launch_config(D, q.device)
-    if num_warps is not None:
-        cfg["num_warps"] = num_warps
-    if num_stages is not None:
-        cfg["num_stages"] = num_stages
+    if bwd_sub_m is not None:
+        cfg["sub_m"] = bwd_sub_m
     if block_table is None:
         block_table = build_block_table(
             doc_ids, roles, block_m=block_m or cfg["block_m"], block_n=block_n or cfg["block_n"], suffix_sees_bos=suffix_sees_bos
@@ -497,6 +503,12 @@ def triton_gem_attention(
         or (block_n is not None and block_table.block_n != block_n)
     ):
         raise ValueError("block_table was built for another length, tiling or suffix_sees_bos")
+    for name, size in (("block_m", block_table.block_m), ("block_n", block_table.block_n)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name}={size} must be a power of two >= 16 (tl.dot / tl.arange)")
+    sub_m = min(cfg["sub_m"], block_table.block_m)
+    if sub_m < 16 or block_table.block_m % sub_m or sub_m & (sub_m - 1):
+        raise ValueError(f"bwd_sub_m={sub_m} must be a power of two >= 16 dividing block_m={block_table.block_m}")
     doc = doc_ids.to(device=q.device, dtype=torch.int32).contiguous()
     role = roles.to(device=q.device, dtype=torch.int32).contiguous()
     return GemAttentionFunction.apply(q, k, v, doc, role, block_table, float(scale), cfg)
