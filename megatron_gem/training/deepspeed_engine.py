@@ -56,10 +56,11 @@ def train(args) -> dict:
     """Run the whole job; returns a summary dict (rank 0's view)."""
     import deepspeed
 
+    D.ensure_launcher_env()
+    validate_args(args, int(os.environ["WORLD_SIZE"]))  # before any process group: bad flags fail fast
     D.init_deepspeed_distributed(args.distributed_timeout_minutes)
     stop = D.ExitSignalHandler(args.exit_signal_handler)
     dp_rank, dp_size = D.rank(), D.world_size()
-    validate_args(args, dp_size)
     gem_config = gem_config_from_args(args)
     seed_everything(args.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -35,12 +35,18 @@ class GEMModel(torch.nn.Module):
         ).last_hidden_state
 
     def forward(self, batch: dict, task: str = "ntp"):
+        # Every parameter takes part in every forward (the unused one times zero): ZeRO-3
+        # otherwise keeps a stale gradient for a parameter a step did not use (the LM head in
+        # the contrastive phase), which leaks into the grad norm and the update and breaks
+        # exact resume; DDP-style engines need no unused-parameter search either.
         hidden = self.hidden_states(batch)
+        head = self.lm.get_output_embeddings()
+        scale = self.logit_scale()
         if task == "ntp":
-            return self.lm.get_output_embeddings()(hidden)
+            return head(hidden) + 0.0 * scale
         if task == "embed":
             emb = pool_special_states(hidden, batch["roles"], batch["doc_ids"], 2 * int(batch["num_texts"]))
-            return emb, self.logit_scale()
+            return emb + 0.0 * head(hidden[:1, :1]).sum(), scale
         raise ValueError(f"unknown task {task!r}; expected 'ntp' or 'embed'")
 
 
