@@ -1,0 +1,99 @@
+"""Bad arguments fail at start with one clear message; DeepSpeed configs get their "auto" filled."""
+
+import json
+import os
+
+import pytest
+
+from conftest import REPO
+from megatron_gem.training.args import ArgumentError, parse_args, validate_args
+from megatron_gem.training.deepspeed_engine import main
+from megatron_gem.training.ds_config import load_ds_config
+
+
+def args_for(tiny_inputs, tmp_path, *extra):
+    return ["--model", tiny_inputs["model"], "--data", tiny_inputs["data"], "--save", str(tmp_path / "out"), "--train-iters", "4", "--gem-contrastive-from-step", "2", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--micro-batch-size", "3", "--global-batch-size", "4"], "--global-batch-size 4 is not divisible by --micro-batch-size 3"),
+        (["--gem-contrastive-from-step", "9"], "--gem-contrastive-from-step 9 is after --train-iters 4"),
+        (["--gem-p-raw", "1.5"], "p_raw"),
+        (["--seq-length", "3"], "--seq-length 3"),
+        (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt"),
+        (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed /nonexistent/ds.json"),
+    ],
+)
+def test_bad_arguments_fail_at_start(tiny_inputs, tmp_path, capsys, extra, message):
+    assert main(args_for(tiny_inputs, tmp_path, *extra)) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("train.py: error:") and message in out
+
+
+def test_missing_data_and_model(tiny_inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = args_for(tiny_inputs, tmp_path)
+    args[args.index("--data") + 1] = str(tmp_path / "missing.jsonl")
+    assert main(args) == 2 and "missing.jsonl: no such file" in capsys.readouterr().out
+    args = args_for(tiny_inputs, tmp_path)
+    args[args.index("--model") + 1] = str(tmp_path / "no_model")
+    assert main(args) == 2 and "no_model: no such directory" in capsys.readouterr().out
+
+
+def test_model_without_causal_lm_head_is_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from megatron_gem.training.model import ModelLoadError, load_causal_lm
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="no causal LM head"):
+        load_causal_lm(str(tmp_path), dtype=None)
+
+
+def test_global_batch_defaults_to_micro_times_dp(tiny_inputs, tmp_path):
+    args = parse_args(args_for(tiny_inputs, tmp_path, "--micro-batch-size", "2"))
+    validate_args(args, dp_size=4)
+    assert args.global_batch_size == 8
+    args = parse_args(args_for(tiny_inputs, tmp_path, "--micro-batch-size", "2", "--global-batch-size", "12"))
+    with pytest.raises(ArgumentError, match="data-parallel size 4"):
+        validate_args(args, dp_size=4)
+
+
+class _Cfg:
+    hidden_size = 4096
+
+
+def _args(tiny_inputs, tmp_path, *extra):
+    a = parse_args(args_for(tiny_inputs, tmp_path, "--micro-batch-size", "2", "--global-batch-size", "32", "--bf16", *extra))
+    validate_args(a, dp_size=8)
+    return a
+
+
+@pytest.mark.parametrize("name", ["ds_zero3.json", "configs/deepspeed/ds_zero2.json", "configs/deepspeed/ds_zero3_offload.json"])
+def test_shipped_configs_fill_every_auto(tiny_inputs, tmp_path, name):
+    cfg = load_ds_config(os.path.join(REPO, name), _args(tiny_inputs, tmp_path), 8, _Cfg())
+    assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["gradient_accumulation_steps"] == 2 and cfg["train_batch_size"] == 32
+    assert cfg["bf16"]["enabled"] is True and cfg["gradient_clipping"] == 1.0
+    assert "auto" not in json.dumps(cfg)
+    if cfg["zero_optimization"]["stage"] == 3:
+        assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+        assert cfg["zero_optimization"]["reduce_bucket_size"] == 4096 * 4096
+        assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * 4096
+
+
+def test_config_conflicts_are_named(tiny_inputs, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=4 conflicts with --micro-batch-size"):
+        load_ds_config(str(path), _args(tiny_inputs, tmp_path), 8, _Cfg())
+    path.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
+    with pytest.raises(ValueError, match="scheduler"):
+        load_ds_config(str(path), _args(tiny_inputs, tmp_path), 8, _Cfg())
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}))
+    with pytest.raises(ValueError, match="zero_optimization.sub_group_size"):
+        load_ds_config(str(path), _args(tiny_inputs, tmp_path), 8, _Cfg())
+    path.write_text('{"bf16": {\n "enabled": true,,}}')
+    with pytest.raises(ValueError, match="line 2"):
+        load_ds_config(str(path), _args(tiny_inputs, tmp_path), 8, _Cfg())
