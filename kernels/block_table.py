@@ -160,6 +160,22 @@ def check_contiguous_documents(doc_ids: torch.Tensor) -> None:
         raise ValueError(f"doc_ids row {bad}: a doc_id label is used by two separate runs; documents must have distinct labels")
 
 
+def _role_luts(suffix_sees_bos: bool, device):
+    """Lookup tables over (query code * 32 + key code) for the two role conditions of a tile
+    whose key block lies before its query block (module docstring):
+      some_pair  some query role of I's leading run may see some key role of J's trailing run,
+      no_denied  no query role of I is denied any key of J (J, I in one document)."""
+    code = torch.arange(256)
+    q, k = code // 32, code % 32
+    q_pre, q_spe, q_suf = q & 1 > 0, q & 2 > 0, q & 4 > 0
+    k_pre, k_spe, k_suf, k_start, k_pre_nonstart = k & 1 > 0, k & 2 > 0, k & 4 > 0, k & 8 > 0, k & 16 > 0
+    suffix_keys = k_spe | k_suf | (k_start if suffix_sees_bos else torch.zeros_like(k_start))
+    some_pair = q_pre | (q_spe & (k_pre | k_suf)) | (q_suf & suffix_keys)
+    hidden_prefix = k_pre_nonstart if suffix_sees_bos else k_pre
+    no_denied = ~(q_spe & k_spe) & ~(q_suf & hidden_prefix)
+    return some_pair.to(device), no_denied.to(device)
+
+
 def classify_blocks(doc_ids, roles, *, block_m: int, block_n: int, suffix_sees_bos: bool = False) -> torch.Tensor:
     """int8 [B, nQ, nK]: EMPTY / PARTIAL / FULL per tile (see the module docstring for why)."""
     if block_m < 2 or block_n < 2 or block_m % 2 or block_n % 2:
@@ -180,19 +196,18 @@ def classify_blocks(doc_ids, roles, *, block_m: int, block_n: int, suffix_sees_b
     before = (e[None, :] < a[:, None])[None]  # [1, nQ, nK]: J entirely before I
     overlap = ((c[None, :] <= b[:, None]) & (e[None, :] >= a[:, None]))[None]
 
-    Q = {k: v[:, :, None] for k, v in qs.items()}  # [B, nQ, 1]
-    K = {k: v[:, None, :] for k, v in ks.items()}  # [B, 1, nK]
-    link = Q["first_doc"] == K["last_doc"]
-    suffix_keys = K["spe"] | K["suf"]
-    if suffix_sees_bos:
-        suffix_keys = suffix_keys | K["start"]
-    some_pair = Q["pre"] | (Q["spe"] & (K["pre"] | K["suf"])) | (Q["suf"] & suffix_keys)
-    visit = overlap | (before & link & some_pair)
-
-    one_doc = (Q["first_doc"] == Q["last_doc"]) & (K["first_doc"] == K["last_doc"]) & link
-    hidden_prefix = K["pre_nonstart"] if suffix_sees_bos else K["pre"]
-    no_denied = ~(Q["spe"] & K["spe"]) & ~(Q["suf"] & hidden_prefix)
-    full = before & Q["complete"] & K["complete"] & one_doc & no_denied
+    # Role presence is packed into small codes (query: 3 bits, key: 5 bits) and the two tile
+    # conditions on roles are read from 256-entry lookup tables built from the same rules: a
+    # few elementwise ops on [B, nQ, nK] instead of dozens (the table build stays cheap at 32k+).
+    qcode = qs["pre"].long() | qs["spe"].long() << 1 | qs["suf"].long() << 2
+    kcode = ks["pre"].long() | ks["spe"].long() << 1 | ks["suf"].long() << 2 | ks["start"].long() << 3 | ks["pre_nonstart"].long() << 4
+    some_pair_lut, no_denied_lut = _role_luts(suffix_sees_bos, dev)
+    code = qcode[:, :, None] * 32 + kcode[:, None, :]
+    link = qs["first_doc"][:, :, None] == ks["last_doc"][:, None, :]
+    visit = overlap | (before & link & some_pair_lut[code])
+    q_whole = qs["complete"] & (qs["first_doc"] == qs["last_doc"])  # complete and in one document
+    k_whole = ks["complete"] & (ks["first_doc"] == ks["last_doc"])
+    full = before & link & q_whole[:, :, None] & k_whole[:, None, :] & no_denied_lut[code]
 
     out = torch.zeros(B, nq, nk, dtype=torch.int8, device=dev)
     out[visit.expand(B, nq, nk)] = PARTIAL
