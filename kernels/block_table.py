@@ -109,12 +109,16 @@ def _lists_to_dense(num_partial, idx_partial, num_full, idx_full, n_cols):
 
 def _to_lists(flags: torch.Tensor):
     """bool [B, R, C] -> (counts int32 [B, R], ascending indices int32 [B, R, W]), W = max count."""
+    flags = flags.contiguous()
     counts = flags.sum(-1, dtype=torch.int32)
     width = max(int(counts.max()), 1) if counts.numel() else 1
-    # Stable descending sort of the 0/1 flags puts the set columns first, in ascending order.
-    order = torch.argsort(flags.to(torch.int8), dim=-1, descending=True, stable=True)[..., :width]
-    order = torch.where(torch.arange(width, device=flags.device) < counts[..., None], order, 0)
-    return counts, order.to(torch.int32).contiguous()
+    # Each set column goes to slot (number of set columns before it): a cumsum and one scatter,
+    # no sort. Unset columns are sent to a spare slot W that is cut off afterwards.
+    slot = torch.where(flags, torch.cumsum(flags, -1, dtype=torch.int32) - 1, width).long()
+    cols = torch.arange(flags.shape[-1], device=flags.device, dtype=torch.int32).expand_as(slot)
+    out = torch.zeros(*flags.shape[:-1], width + 1, dtype=torch.int32, device=flags.device)
+    out.scatter_(-1, slot, cols)
+    return counts, out[..., :width].contiguous()
 
 
 def _block_summaries(doc_ids, roles, starts, block: int, seg: str):
@@ -226,7 +230,7 @@ def build_block_table(
 ) -> GemBlockTable:
     """Block table of the GEM mask for integer doc_ids/roles [B, L] (any device).
 
-    Vectorised torch: O(L) summaries, O(nQ * nK) tile flags, one argsort per list. ``validate``
+    Vectorised torch: O(L) summaries, O(nQ * nK) tile flags, one cumsum + scatter per list. ``validate``
     checks that each doc_id label forms one contiguous run (a host sync).
     """
     if doc_ids.dim() != 2 or doc_ids.shape != roles.shape:
