@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Training step time of GEM vs plain causal LM on the same model and tokens (CPU or GPU).
+
+Modes (each measured in its own subprocess, so peak memory is per mode):
+  causal        plain causal LM step: HF model with its stock sdpa attention, labels = the
+                packed rows' own next tokens, position ids restarting per document (HF then
+                keeps packed documents apart, as a user's packed SFT/CPT run does)
+  gem_ntp       GEM phase-1 step: the same rows with GEM layouts (p_raw of them plain), GEM
+                attention (auto backend), GEM labels
+  gem_contrast  GEM phase-2 step: InfoNCE over --contrastive-batch-size texts + their views
+Each step = forward + backward + AdamW step. Reports median seconds per step, tokens/s, the
+GEM/causal ratio (target <= 1.05) and peak RSS (CPU) or peak CUDA memory. Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+MODES = ("causal", "gem_ntp", "gem_contrast")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="HF checkpoint dir, 'smollm2' (packaged SmolLM2-135M) or 'tiny'")
+    p.add_argument("--seq-length", type=int, default=512)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--contrastive-batch-size", type=int, default=16)
+    p.add_argument("--contrastive-max-length", type=int, default=64)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per mode (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--p-raw", type=float, default=0.8)
+    p.add_argument("--mode", choices=MODES, default=None, help=argparse.SUPPRESS)  # internal: one mode
+    return p.parse_args(argv)
+
+
+def load(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model == "tiny":
+        from megatron_gem.testing import make_tiny_llama, make_tiny_tokenizer
+
+        tok = make_tiny_tokenizer()
+        return make_tiny_llama(len(tok), max_position_embeddings=4096), tok, "tiny random Llama"
+    path = args.model
+    if path == "smollm2":
+        from megatron_gem.packaged_models import smollm2_135m_dir
+
+        path = smollm2_135m_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok, path
+
+
+def corpus_texts() -> tuple[list[str], str]:
+    try:
+        from megatron_gem.eval.corpora import python_doc_paragraphs
+
+        return python_doc_paragraphs(part="library"), "python3.11-doc library paragraphs"
+    except Exception as e:  # noqa: BLE001 - any missing corpus: say so, fall back
+        from megatron_gem.testing import sample_sentences
+
+        print(f"bench_train: no Python docs ({e}); using generated sentences", file=sys.stderr)
+        return sample_sentences(4000, seed=0, min_words=10, max_words=120), "generated sentences"
+
+
+def run_mode(args) -> dict:
+    import torch
+
+    from megatron_gem.data import ContrastiveDataset, GEMDataLoader, InMemoryCorpus, make_ntp_loader
+    from megatron_gem.gem import GEMConfig
+    from megatron_gem.training.model import GEMModel, prepare_gem_lm
+    from megatron_gem.training.step import contrastive_micro_loss, ntp_micro_loss
+
+    torch.manual_seed(0)
+    lm, tok, model_name = load(args)
+    texts, corpus_name = corpus_texts()
+    cfg = GEMConfig(p_raw=args.p_raw)
+    prepare_gem_lm(lm, tok, cfg, backend="auto", gradient_checkpointing=False)
+    corpus = InMemoryCorpus.from_texts(texts, tok)
+    model = GEMModel(lm, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    if args.mode == "gem_contrast":
+        ds = ContrastiveDataset(corpus, cfg, max_text_len=args.contrastive_max_length, seq_length=args.seq_length, pad_id=tok.pad_token_id)
+        loader = GEMDataLoader(ds, micro_batch_size=args.contrastive_batch_size, data_parallel_rank=0, data_parallel_size=1)
+    else:
+        loader = make_ntp_loader(corpus, cfg, args.seq_length, micro_batch_size=args.micro_batch_size, tokenizer=tok, data_parallel_rank=0, data_parallel_size=1)
+    if args.mode == "causal":
+        lm.set_attn_implementation("sdpa")  # the stock path over the same rows and token count
+    it = iter(loader)
+    times, tokens = [], 0
+    for i in range(args.warmup + args.steps):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(it).items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if args.mode == "causal":
+            out = lm(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["input_ids"].masked_fill(batch["doc_ids"] < 0, -100))
+            loss = out.loss
+        elif args.mode == "gem_ntp":
+            loss = ntp_micro_loss(model, batch, global_tokens=int((batch["labels"] != -100).sum()), dp_size=1, accum_steps=1).loss
+        else:
+            loss = contrastive_micro_loss(model, batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            tokens += int((batch["doc_ids"] >= 0).sum())
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "mode": args.mode,
+        "median_step_s": statistics.median(times),
+        "tokens_per_s": tokens / sum(times),
+        "peak_memory_mb": peak_mb,
+        "model": model_name,
+        "corpus": corpus_name,
+        "device": device.type,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.mode:
+        print(json.dumps(run_mode(args)))
+        return 0
+    results = {}
+    for mode in MODES:
+        print(f"bench_train: measuring {mode} ({args.warmup}+{args.steps} steps) ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--mode", mode]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")).stdout
+        results[mode] = json.loads(out.strip().splitlines()[-1])
+        r = results[mode]
+        print(f"  {mode:13s} {r['median_step_s']:.3f} s/step  {r['tokens_per_s']:.0f} tokens/s  peak {r['peak_memory_mb']:.0f} MB", file=sys.stderr, flush=True)
+    ratio = results["gem_ntp"]["median_step_s"] / results["causal"]["median_step_s"]
+    summary = {
+        "model": results["causal"]["model"],
+        "corpus": results["causal"]["corpus"],
+        "device": results["causal"]["device"],
+        "seq_length": args.seq_length,
+        "micro_batch_size": args.micro_batch_size,
+        "contrastive_batch_size": args.contrastive_batch_size,
+        "causal_step_s": results["causal"]["median_step_s"],
+        "gem_ntp_step_s": results["gem_ntp"]["median_step_s"],
+        "gem_contrastive_step_s": results["gem_contrast"]["median_step_s"],
+        "gem_ntp_over_causal": ratio,
+        "target_ratio": 1.05,
+        "meets_target": ratio <= 1.05,
+        "peak_memory_mb": {m: results[m]["peak_memory_mb"] for m in MODES},
+        "tokens_per_s": {m: results[m]["tokens_per_s"] for m in MODES},
+    }
+    print(f"GEM mixed-NTP step / causal step = {ratio:.3f} (target <= 1.05)")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
