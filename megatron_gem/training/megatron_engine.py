@@ -53,6 +53,10 @@ from .model import ModelLoadError, load_tokenizer
 from .schedule import gem_lr
 
 STATE_NAME = "gem_state.json"
+# megatron-core 0.16's distributed-optimizer formats with torch Adam (no TE/apex): the
+# "fully_reshardable" loader fails on Adam's "step" entry and "fully_sharded_model_space" is no
+# longer accepted by dist_checkpointing; "dp_reshardable" works (resume at the same TP/PP, any DP).
+OPTIM_CKPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 # ------------------------------------------------------------------------ model loading
@@ -277,7 +281,7 @@ def save_checkpoint(model, optimizer, save_dir: str, step: int, state: dict, met
     path = os.path.join(save_dir, tag)
     os.makedirs(path, exist_ok=True)
     msd = model.sharded_state_dict()
-    sharded = {"model": msd, "optimizer": optimizer.sharded_state_dict(msd)}
+    sharded = {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, metadata=OPTIM_CKPT_META)}
     dist_checkpointing.save(sharded, path)
     torch.save(rng_state(), os.path.join(path, f"rng_state_rank{dist.get_rank()}.pt"))
     if dist.get_rank() == 0:
@@ -292,6 +296,32 @@ def save_checkpoint(model, optimizer, save_dir: str, step: int, state: dict, met
     return tag
 
 
+
+def _dbg_opt(optimizer, tag):
+    if not os.environ.get("GEMDBG"):
+        return
+    for opt in optimizer.chained_optimizers:
+        for i, g in enumerate(opt.optimizer.param_groups):
+            for j, p in enumerate(g["params"]):
+                st = opt.optimizer.state.get(p, {})
+                print(f"DBG {tag} g{i} p{j} n{p.numel()} step={float(st['step']) if 'step' in st else None} m={float(st['exp_avg'].norm()) if 'exp_avg' in st else None:} v={float(st['exp_avg_sq'].sum()) if 'exp_avg_sq' in st else None} p={float(p.detach().float().norm()):.6f}", flush=True)
+
+def _restore_adam_step(optimizer, saved: dict) -> None:
+    """torch Adam keeps its step count per parameter state; megatron-core's distributed optimizer
+    saves it once (in param_groups) but does not put it back on load with torch Adam, leaving
+    the dummy count and thus the wrong bias correction. Put the saved count back."""
+    groups = (saved.get("optimizer") or {}).get("param_groups", []) if isinstance(saved, dict) else []
+    steps = {g["step"] for g in groups if g.get("step") is not None}
+    if len(steps) != 1:
+        return
+    step = float(steps.pop())
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"].fill_(step)
+
+
 def load_checkpoint(model, optimizer, load_dir: str) -> dict | None:
     from megatron.core import dist_checkpointing
 
@@ -299,14 +329,22 @@ def load_checkpoint(model, optimizer, load_dir: str) -> dict | None:
     if tag is None:
         return None
     path = os.path.join(load_dir, tag)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        # megatron-core's distributed optimizer with torch Adam (no TE/apex) cannot describe an
+        # optimizer that has not stepped yet; give it (dummy) states, which the load replaces.
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
     msd = model.sharded_state_dict()
-    sharded = {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=True)}
+    sharded = {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=True, metadata=OPTIM_CKPT_META)}
     loaded = dist_checkpointing.load(sharded, path)
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"{path}: model state does not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_step(optimizer, loaded["optimizer"])
+    _dbg_opt(optimizer, "load")
     rng_path = os.path.join(path, f"rng_state_rank{dist.get_rank()}.pt")
     if os.path.isfile(rng_path):
         set_rng_state(torch.load(rng_path, weights_only=False))  # our own file
@@ -447,6 +485,7 @@ def train(args) -> dict:
         if done % args.save_interval == 0 or done == end_step:
             state = {"step": done, "ntp_data": ntp_loader.state_dict(), "contrastive_data": cl_loader.state_dict() if cl_loader is not None else None}
             save_checkpoint(model, optimizer, args.save, done, state, meta, tokenizer, gem_config)
+            _dbg_opt(optimizer, f"save{done}")
         if (args.hf_export_interval and done % args.hf_export_interval == 0) or done == args.train_iters:
             io.export_hf_from_model(
                 model,
