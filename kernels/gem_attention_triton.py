@@ -12,8 +12,9 @@ Design
   is evaluated per element from per-token doc_id / role loads (``_gem_allowed``, a line-by-line
   mirror of megatron_gem.gem.mask.allowed); no dense mask exists anywhere.
   Inputs fp16 / bf16 (fp32 accumulation, P and dS rounded to the input type before their
-  matmuls, as FlashAttention does) or fp32 (IEEE dots, for tests). Any head dim up to 256
-  (padded to the next power of two with masked loads); any L (the row tail past L is masked by
+  matmuls, as FlashAttention does) or fp32 (IEEE dots, for tests). Head dims up to 256 are
+  accepted (padded to the next power of two with masked loads; 16, 32, 48, 64, 128 tested in
+  the interpreter, 64 and 128 compiled for GPUs); any L (the row tail past L is masked by
   bounds in PARTIAL tiles; tiles cut by L are never FULL).
 
 What is tested (tests/kernels, under TRITON_INTERPRET=1 on CPU)
