@@ -53,10 +53,37 @@ def flex_gem_attention(q, k, v, doc_ids, roles, *, scale=None, suffix_sees_bos=F
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
-def triton_gem_attention(q, k, v, doc_ids, roles, *, scale=None, suffix_sees_bos=False):
-    from ..kernels import triton_gem_attention as _triton  # imported lazily: triton is optional on CPU
+class _BlockTableCache:
+    """The block table of the last (doc_ids, roles) seen. Every layer of a forward gets the same
+    metadata tensors, so the table (and its host sync) is built once per batch, not per layer.
+    The cache holds references to the tensors it was built from: their memory cannot be reused
+    by another batch while cached, so identity + version equality means equal contents."""
 
-    return _triton(q, k, v, doc_ids, roles, scale=scale, suffix_sees_bos=suffix_sees_bos)
+    def __init__(self):
+        self.key = None
+        self.table = None
+
+    def get(self, doc_ids, roles, block_m: int, block_n: int, suffix_sees_bos: bool):
+        from ..kernels import build_block_table
+
+        key = (doc_ids, roles, doc_ids._version, roles._version, block_m, block_n, suffix_sees_bos)
+        k = self.key
+        if k is None or not (k[0] is doc_ids and k[1] is roles and k[2:] == key[2:]):
+            self.table = build_block_table(doc_ids, roles, block_m=block_m, block_n=block_n, suffix_sees_bos=suffix_sees_bos)
+            self.key = key
+        return self.table
+
+
+_block_tables = _BlockTableCache()
+
+
+def triton_gem_attention(q, k, v, doc_ids, roles, *, scale=None, suffix_sees_bos=False):
+    # imported lazily: triton is optional on CPU
+    from ..kernels import default_launch_config, triton_gem_attention as _triton
+
+    cfg = default_launch_config(q.shape[-1], q.device)
+    table = _block_tables.get(doc_ids, roles, cfg["block_m"], cfg["block_n"], suffix_sees_bos)
+    return _triton(q, k, v, doc_ids, roles, scale=scale, suffix_sees_bos=suffix_sees_bos, block_table=table)
 
 
 _IMPLS = {"sdpa": sdpa_gem_attention, "flex": flex_gem_attention, "triton": triton_gem_attention}

@@ -100,3 +100,30 @@ def test_missing_metadata_and_dropout_are_refused(tiny_tokenizer):
     ids = torch.tensor([tiny_tokenizer("The cat.")["input_ids"]])
     with pytest.raises(ValueError, match="both doc_ids and roles"):
         model(ids, doc_ids=torch.zeros_like(ids))
+
+
+def test_triton_backend_in_a_model_builds_one_block_table_per_batch(tiny_tokenizer, monkeypatch):
+    import megatron_gem.kernels.block_table as bt
+    from megatron_gem.attention import dispatch
+
+    calls = []
+    real = bt.build_block_table
+    monkeypatch.setattr(bt, "build_block_table", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import megatron_gem.kernels as kernels_pkg
+
+    monkeypatch.setattr(kernels_pkg, "build_block_table", bt.build_block_table)
+    dispatch._block_tables.__init__()
+    model = make_tiny_llama(len(tiny_tokenizer))
+    batch = packed_batch(tiny_tokenizer)
+    use_gem_attention(model, backend="sdpa")
+    ref = model(**batch).logits
+    use_gem_attention(model, backend="triton")
+    out = model(**batch).logits
+    assert len(calls) == 1, "one table for both layers"
+    assert torch.allclose(out, ref, atol=1e-4)
+    batch2 = {k: v.clone() for k, v in batch.items()}
+    model(**batch2)
+    assert len(calls) == 2, "a new batch gets its own table"
+    batch2["roles"][0, :] = 0  # in-place edit bumps the version: rebuilt
+    model(**batch2)
+    assert len(calls) == 3
