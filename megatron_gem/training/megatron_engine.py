@@ -296,20 +296,11 @@ def save_checkpoint(model, optimizer, save_dir: str, step: int, state: dict, met
     return tag
 
 
-
-def _dbg_opt(optimizer, tag):
-    if not os.environ.get("GEMDBG"):
-        return
-    for opt in optimizer.chained_optimizers:
-        for i, g in enumerate(opt.optimizer.param_groups):
-            for j, p in enumerate(g["params"]):
-                st = opt.optimizer.state.get(p, {})
-                print(f"DBG {tag} g{i} p{j} n{p.numel()} step={float(st['step']) if 'step' in st else None} m={float(st['exp_avg'].norm()) if 'exp_avg' in st else None:} v={float(st['exp_avg_sq'].sum()) if 'exp_avg_sq' in st else None} p={float(p.detach().float().norm()):.6f}", flush=True)
-
 def _restore_adam_step(optimizer, saved: dict) -> None:
     """torch Adam keeps its step count per parameter state; megatron-core's distributed optimizer
-    saves it once (in param_groups) but does not put it back on load with torch Adam, leaving
-    the dummy count and thus the wrong bias correction. Put the saved count back."""
+    saves it once (in param_groups) and on load with torch Adam leaves one step tensor shared by
+    all parameters (so every step advances it once per parameter: wrong bias correction).
+    Put the saved count back, one tensor per parameter."""
     groups = (saved.get("optimizer") or {}).get("param_groups", []) if isinstance(saved, dict) else []
     steps = {g["step"] for g in groups if g.get("step") is not None}
     if len(steps) != 1:
@@ -319,7 +310,9 @@ def _restore_adam_step(optimizer, saved: dict) -> None:
         inner = getattr(opt, "optimizer", None)
         for state in getattr(inner, "state", {}).values():
             if isinstance(state.get("step"), torch.Tensor):
-                state["step"].fill_(step)
+                # A tensor of its own per parameter: the loaded states share one step tensor,
+                # which torch Adam would then advance once per parameter.
+                state["step"] = torch.full_like(state["step"], step)
 
 
 def load_checkpoint(model, optimizer, load_dir: str) -> dict | None:
@@ -344,7 +337,6 @@ def load_checkpoint(model, optimizer, load_dir: str) -> dict | None:
     with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_step(optimizer, loaded["optimizer"])
-    _dbg_opt(optimizer, "load")
     rng_path = os.path.join(path, f"rng_state_rank{dist.get_rank()}.pt")
     if os.path.isfile(rng_path):
         set_rng_state(torch.load(rng_path, weights_only=False))  # our own file
@@ -485,7 +477,6 @@ def train(args) -> dict:
         if done % args.save_interval == 0 or done == end_step:
             state = {"step": done, "ntp_data": ntp_loader.state_dict(), "contrastive_data": cl_loader.state_dict() if cl_loader is not None else None}
             save_checkpoint(model, optimizer, args.save, done, state, meta, tokenizer, gem_config)
-            _dbg_opt(optimizer, f"save{done}")
         if (args.hf_export_interval and done % args.hf_export_interval == 0) or done == args.train_iters:
             io.export_hf_from_model(
                 model,

@@ -1,0 +1,177 @@
+"""Checkpoint conversions behind tools/convert_checkpoint.py and tools/add_gem_tokens.py.
+
+  hf_to_megatron     HF safetensors dir -> megatron-core dist_checkpointing dir (reshardable)
+  megatron_to_hf     back; bit-equal weights, padding rows dropped
+  deepspeed_to_hf    a ZeRO checkpoint of the DeepSpeed path -> HF (DeepSpeed's zero_to_fp32)
+  add_gem_tokens_to_hf_dir   extend an HF checkpoint with the K GEM tokens (mean-row init)
+
+The megatron conversions run in one process (``runtime.init_model_parallel(1, 1)`` first):
+dist_checkpointing stores global tensors with their sharding, so a checkpoint written from the
+unsplit model loads at any TP/PP. The requested TP decides the vocabulary padding (a multiple
+of make_vocab_size_divisible_by x TP) and TP/PP are recorded in megatron_gem.json.
+Every output directory is written to ``<out>.tmp`` and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from ..gem.config import CONFIG_NAME, GEMConfig
+from . import checkpoint_io as io
+from .hf_mapping import HFWeights, load_hf_into_model
+from .llama import arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+
+
+def _load_tokenizer(directory: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        return None  # weights-only checkpoint
+
+
+def _fresh_tmp(out_dir: str) -> str:
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _swap_in(tmp: str, out_dir: str) -> str:
+    old = out_dir.rstrip("/") + ".old"
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, divisible_by: int = 128, log=print) -> dict:
+    """Convert; returns the written megatron_gem.json content."""
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(hf_dir)
+    arch = arch_from_hf_config(hf_config)
+    weights = HFWeights(hf_dir)
+    embed = weights("model.embed_tokens.weight")
+    vocab = embed.shape[0]
+    arch.vocab_size = vocab
+    padded = padded_vocab_size(vocab, tp, divisible_by)
+    # Validates the split (heads, KV heads, FFN, layers) now, not when someone loads it.
+    from .llama import check_parallel_sizes
+
+    check_parallel_sizes(arch, tp, pp)
+    config = transformer_config(arch, params_dtype=embed.dtype)
+    model = build_gem_gpt_model(arch, config, vocab_size=vocab, padded_vocab=padded, pre_process=True, post_process=True)
+    load_hf_into_model(model, weights, arch, tp_rank=0, tp_size=1)
+    tmp = _fresh_tmp(out_dir)
+    log(f"[convert] {hf_dir}: {arch.architecture}, {arch.num_layers} layers, vocab {vocab} -> padded {padded} (TP={tp}), dtype {embed.dtype}")
+    io.save_model(model, tmp)
+    meta = io.make_meta(arch, vocab_size=vocab, padded_vocab=padded, tp=tp, pp=pp, hf_config=hf_config.to_dict(), divisible_by=divisible_by)
+    meta["dtype"] = str(embed.dtype).replace("torch.", "")
+    io.write_json_atomic(os.path.join(tmp, io.META_NAME), meta)
+    tok = _load_tokenizer(hf_dir)
+    if tok is not None:
+        tok.save_pretrained(tmp)
+    if os.path.isfile(os.path.join(hf_dir, CONFIG_NAME)):
+        GEMConfig.load(hf_dir).save(tmp)
+    _swap_in(tmp, out_dir)
+    log(f"[convert] wrote megatron-core dist checkpoint {out_dir} (loads at any TP/PP; made for TP={tp}, PP={pp})")
+    return meta
+
+
+def build_from_meta(meta: dict, *, tp: int = 1, pp: int = 1, **kwargs):
+    """An (unloaded) GEM GPTModel for a checkpoint's metadata at the current parallel layout."""
+    from .llama import LlamaArch
+
+    arch = LlamaArch.from_dict(meta["arch"])
+    dtype = getattr(torch, meta.get("dtype", "float32"))
+    config = transformer_config(arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype, **kwargs)
+    model = build_gem_gpt_model(arch, config, vocab_size=meta["vocab_size"], padded_vocab=meta["padded_vocab_size"])
+    return arch, model
+
+
+def megatron_to_hf(megatron_dir: str, out_dir: str, *, log=print) -> str:
+    meta = io.read_meta(megatron_dir)
+    log(
+        f"[convert] {megatron_dir}: made for TP={meta['tensor_model_parallel_size']}, PP={meta['pipeline_model_parallel_size']}; "
+        f"vocab {meta['vocab_size']} (padded {meta['padded_vocab_size']})"
+    )
+    arch, model = build_from_meta(meta)
+    io.load_model(model, megatron_dir)
+    tok = _load_tokenizer(megatron_dir)
+    gem = GEMConfig.load(megatron_dir) if os.path.isfile(os.path.join(megatron_dir, CONFIG_NAME)) else None
+    io.export_hf_from_model(model, arch, out_dir, hf_config=meta["hf_config"], vocab_size=meta["vocab_size"], tokenizer=tok, gem_config=gem)
+    log(f"[convert] wrote HF checkpoint {out_dir}")
+    return out_dir
+
+
+def deepspeed_to_hf(ds_dir: str, out_dir: str, *, model_dir: str, tag: str | None = None, log=print) -> str:
+    """A DeepSpeed checkpoint of the GEM DeepSpeed path (``--save`` dir with ``latest``, any ZeRO
+    stage) -> HF safetensors, via DeepSpeed's own zero_to_fp32 consolidation. ``model_dir``: the
+    HF checkpoint the run started from (config and tokenizer); GEM tokens are re-added to that
+    tokenizer from the run's gem_config.json and must land on the recorded ids."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    state = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag)
+    lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+    if not lm_state:
+        raise ValueError(f"{ds_dir}: no 'lm.*' parameters; not a checkpoint of the GEM DeepSpeed engine")
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    vocab = lm_state["model.embed_tokens.weight"].shape[0]
+    hf_config.vocab_size = vocab
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    gem = None
+    if os.path.isfile(os.path.join(ds_dir, CONFIG_NAME)):
+        gem = GEMConfig.load(ds_dir)
+        from ..gem.tokens import find_gem_tokens
+
+        if find_gem_tokens(tokenizer, gem) is None:
+            tokenizer.add_special_tokens({"additional_special_tokens": gem.special_tokens}, replace_extra_special_tokens=False)
+        ids = tokenizer.convert_tokens_to_ids(gem.special_tokens)
+        if gem.special_token_ids and list(ids) != list(gem.special_token_ids):
+            raise ValueError(f"GEM tokens get ids {ids} in {model_dir}'s tokenizer but the run used {gem.special_token_ids}: wrong --model")
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    missing, unexpected = lm.load_state_dict(lm_state, strict=False, assign=True)
+    missing = [k for k in missing if not (k == "lm_head.weight" and hf_config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"{ds_dir}: parameters do not match {model_dir}'s architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if hf_config.tie_word_embeddings:
+        lm.tie_weights()
+    tmp = _fresh_tmp(out_dir)
+    lm.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if gem is not None:
+        gem.save(tmp)
+    _swap_in(tmp, out_dir)
+    log(f"[convert] consolidated {ds_dir} ({len(lm_state)} tensors, fp32) into {out_dir}")
+    return out_dir
+
+
+def add_gem_tokens_to_hf_dir(in_dir: str, out_dir: str, gem_config: GEMConfig, *, log=print) -> list[int]:
+    """Extend an HF checkpoint (safetensors) with the GEM tokens; writes gem_config.json with their
+    ids. Idempotent on a checkpoint that already has them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..gem.tokens import add_gem_tokens
+
+    if not (os.path.isfile(os.path.join(in_dir, "model.safetensors")) or os.path.isfile(os.path.join(in_dir, "model.safetensors.index.json"))):
+        raise FileNotFoundError(f"{in_dir}: no safetensors weights (model.safetensors or its index); re-save the model with safe_serialization=True")
+    tokenizer = AutoTokenizer.from_pretrained(in_dir)
+    model = AutoModelForCausalLM.from_pretrained(in_dir, dtype="auto", use_safetensors=True)
+    before = model.get_input_embeddings().weight.shape[0]
+    ids = add_gem_tokens(model, tokenizer, gem_config)
+    tmp = _fresh_tmp(out_dir)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    gem_config.save(tmp)
+    _swap_in(tmp, out_dir)
+    log(f"[add_gem_tokens] {in_dir}: tokens {gem_config.special_tokens} -> ids {ids}; embedding rows {before} -> {model.get_input_embeddings().weight.shape[0]}; wrote {out_dir}")
+    return ids

@@ -1,0 +1,144 @@
+"""Subprocess side of tests/megatron (launched with torchrun; never imported by pytest).
+
+    torchrun ... megatron_worker.py equivalence OUT.json
+        One process: HF Llama/Mistral logits under GEM attention vs the megatron-core GEM model
+        after state-dict conversion, for several configurations; writes max |difference|.
+    torchrun --nproc-per-node 4 ... megatron_worker.py load_logits MEGATRON_DIR BATCH.pt OUT.pt
+        Loads a converted dist checkpoint at TP=2 x PP=2 and runs one packed batch through
+        megatron-core's pipeline schedule (forward only); the last stage saves its logits.
+"""
+
+import json
+import sys
+
+import torch
+
+
+def packed_batch(vocab: int, seed: int = 0):
+    """Two rows, each packing a split document (prefix / special / suffix) and a plain one."""
+    g = torch.Generator().manual_seed(seed)
+    B, L = 2, 48
+    ids = torch.randint(4, vocab, (B, L), generator=g)
+    doc = torch.zeros(B, L, dtype=torch.long)
+    doc[:, 28:] = 1
+    doc[1, 44:] = -1  # padding at the end of row 1
+    pos = torch.cat([torch.arange(28), torch.arange(20)]).repeat(B, 1)
+    roles = torch.zeros(B, L, dtype=torch.long)
+    roles[:, 12] = 1
+    roles[:, 13:28] = 2
+    return ids, pos, doc, roles
+
+
+def hf_logits(hf, ids, pos, doc, roles):
+    from megatron_gem.attention.hf import use_gem_attention
+
+    use_gem_attention(hf, backend="sdpa")
+    with torch.no_grad():
+        return hf(input_ids=ids, position_ids=pos, doc_ids=doc, roles=roles, use_cache=False).logits
+
+
+def megatron_logits(hf, arch=None, padded_extra=0):
+    from megatron_gem.attention.megatron import gem_mask_info
+    from megatron_gem.models.hf_mapping import dict_getter, load_hf_into_model
+    from megatron_gem.models.llama import arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+
+    arch = arch or arch_from_hf_config(hf.config)
+    model = build_gem_gpt_model(arch, transformer_config(arch), vocab_size=arch.vocab_size, padded_vocab=padded_vocab_size(arch.vocab_size, 1) + padded_extra, backend="sdpa")
+    load_hf_into_model(model, dict_getter(hf.state_dict()), arch, tp_rank=0, tp_size=1)
+    model.eval()
+    ids, pos, doc, roles = packed_batch(arch.vocab_size)
+    with torch.no_grad():
+        logits, _ = model(ids, pos, gem_mask_info(doc, roles))
+    return logits, (ids, pos, doc, roles)
+
+
+def equivalence(out_path):
+    from megatron_gem.models.llama import arch_from_hf_config
+    from megatron_gem.models.runtime import init_model_parallel
+    from megatron_gem.testing import make_tiny_llama
+
+    init_model_parallel(1, 1)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    configs = {
+        "untied_gqa": dict(),
+        "tied": dict(tie_word_embeddings=True),
+        "llama3_rope_scaling": dict(rope_scaling=llama3, rope_theta=500000.0, max_position_embeddings=256),
+        "mha_3layers": dict(num_key_value_heads=4, num_hidden_layers=3),
+    }
+    result = {}
+    for name, over in configs.items():
+        hf = make_tiny_llama(301, seed=len(name), **over)
+        logits, batch = megatron_logits(hf)
+        ref = hf_logits(hf, *batch)
+        V = ref.shape[-1]
+        result[name] = {
+            "max_abs_diff": float((logits[..., :V] - ref).abs().max()),
+            "ref_scale": float(ref.abs().max()),
+            "padding_is_masked": bool(torch.isinf(logits[..., V:]).all()) and logits.shape[-1] > V,
+        }
+        if name == "llama3_rope_scaling":  # the same model with the scaling dropped must differ
+            arch = arch_from_hf_config(hf.config)
+            arch.rope_scaling = None
+            wrong, _ = megatron_logits(hf, arch)
+            result["llama3_without_scaling_diff"] = float((wrong[..., :V] - ref).abs().max())
+    # Mistral: its own HF class (sliding window far beyond the batch length).
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(3)
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, use_cache=False, architectures=["MistralForCausalLM"]))
+    logits, batch = megatron_logits(mistral)
+    ref = hf_logits(mistral, *batch)
+    result["mistral"] = {"max_abs_diff": float((logits[..., :301] - ref).abs().max()), "ref_scale": float(ref.abs().max()), "padding_is_masked": True}
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+def load_logits(megatron_dir, batch_path, out_path):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gem.attention.megatron import gem_mask_info
+    from megatron_gem.models import checkpoint_io as io
+    from megatron_gem.models.convert import build_from_meta
+    from megatron_gem.models.runtime import destroy, init_model_parallel
+
+    init_model_parallel(2, 2)
+    meta = io.read_meta(megatron_dir)
+    _, model = build_from_meta(meta, tp=2, pp=2)
+    io.load_model(model, megatron_dir)
+    model.eval()
+    ids, pos, doc, roles = torch.load(batch_path)
+    out = {}
+
+    def keep(o):
+        out["logits"] = o[0]
+        return torch.zeros(()), {}
+
+    def step2(it, m):
+        b = next(it)
+        return m(b[0], b[1], gem_mask_info(b[2], b[3])), keep
+
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=step2, data_iterator=iter([(ids, pos, doc, roles)]), model=[model], num_microbatches=1,
+            seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=True,
+        )
+    if parallel_state.is_pipeline_last_stage():
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        full = gather_from_tensor_model_parallel_region(out["logits"].contiguous())
+        if parallel_state.get_tensor_model_parallel_rank() == 0:
+            torch.save(full, out_path)
+    dist.barrier()
+    destroy()
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "equivalence":
+        equivalence(sys.argv[2])
+    elif cmd == "load_logits":
+        load_logits(*sys.argv[2:5])
+    else:
+        raise SystemExit(f"unknown command {cmd}")
