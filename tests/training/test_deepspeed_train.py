@@ -80,3 +80,12 @@ def test_plain_python_without_deepspeed_config_equals_zero3(single_run, tiny_inp
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
     assert os.path.isfile(save / "hf" / "gem_config.json")
+
+
+def test_alpha_below_one_keeps_next_token_loss_in_phase_two(tiny_inputs, tmp_path):
+    save = tmp_path / "alpha"
+    ok(launch(base_args(tiny_inputs, save, **{"--train-iters": 2, "--gem-contrastive-from-step": 1, "--gem-alpha": 0.25})))
+    first, second = read_metrics(save)
+    assert first["phase"] == 1 and first["cl_loss"] is None
+    assert second["phase"] == 2 and second["ntp_loss"] is not None and second["cl_loss"] is not None
+    assert second["loss"] == pytest.approx(0.75 * second["ntp_loss"] + 0.25 * second["cl_loss"], rel=1e-9)
