@@ -512,3 +512,9 @@ def main(argv=None) -> int:
 
     destroy()
     return 0
+
+
+if __name__ == "__main__":  # torchrun -m megatron_gem.training.megatron_engine ...
+    import sys
+
+    sys.exit(main())
