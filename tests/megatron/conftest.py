@@ -10,6 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # the thin command-line tools, callable in-process
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 _ports = itertools.count(29700 + (os.getpid() % 50) * 20)
 
@@ -49,7 +50,6 @@ def gem_hf_checkpoint(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("mg_ckpt")
     save_tiny_checkpoint(base / "base")
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
     import add_gem_tokens
 
     assert add_gem_tokens.main(["--input", str(base / "base"), "--output", str(base / "gem")]) == 0
