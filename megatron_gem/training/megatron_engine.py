@@ -133,6 +133,11 @@ def build_model(args, tokenizer, gem_config):
     else:
         arch, hf_config, source, vocab = _hf_source(args.model, tokenizer, gem_config)
         padded = padded_vocab_size(vocab, tp, args.make_vocab_size_divisible_by)
+    if arch.sliding_window and args.seq_length > arch.sliding_window:
+        raise ArgumentError(
+            f"--seq-length {args.seq_length} exceeds {arch.architecture}'s sliding window {arch.sliding_window}; GEM attention "
+            f"implements full (windowless) attention, exact only up to the window"
+        )
     try:
         config = transformer_config(
             arch,
