@@ -101,18 +101,22 @@ export MASTER_ADDR MASTER_PORT NODES RANKS_PER_NODE PYTHON
 
 # ---- the train.py command line -----------------------------------------------------------------
 # shellcheck disable=SC2206  # DATA and TRAIN_ARGS are word lists on purpose
-TRAIN=("$GEM_ROOT/train.py" --model "$MODEL" --data $DATA --save "$SAVE" --load "$SAVE"
-  --exit-signal-handler --no-progress)
+TRAIN=(--model "$MODEL" --data $DATA --save "$SAVE" --load "$SAVE" --exit-signal-handler --no-progress)
 case "$BACKEND" in
   deepspeed)
     [ -f "$DS_CONFIG" ] || die "DS_CONFIG=$DS_CONFIG does not exist"
-    TRAIN+=(--deepspeed "$DS_CONFIG")
+    TRAIN=("$GEM_ROOT/train.py" "${TRAIN[@]}" --deepspeed "$DS_CONFIG")
     ;;
   megatron)
-    # The megatron-core engine is driven by the same train.py with Megatron's parallelism flags.
-    "$PYTHON" "$GEM_ROOT/train.py" --help 2>/dev/null | grep -q -- '--tensor-model-parallel-size' ||
-      die "BACKEND=megatron: this checkout's train.py has no --tensor-model-parallel-size (the megatron-core backend has not landed); use BACKEND=deepspeed"
-    TRAIN+=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
+    # The megatron-core engine takes train.py's flags plus Megatron's parallelism flags; it is
+    # started as its module (what train.py hands over to when given those flags).
+    [ -f "$GEM_ROOT/megatron_gem/training/megatron_engine.py" ] ||
+      die "BACKEND=megatron: this checkout has no megatron-core engine (megatron_gem/training/megatron_engine.py); use BACKEND=deepspeed"
+    [ $((NODES * RANKS_PER_NODE % (TP * PP))) -eq 0 ] ||
+      die "BACKEND=megatron: world size $((NODES * RANKS_PER_NODE)) is not a multiple of TP=$TP x PP=$PP"
+    export PYTHONPATH="$GEM_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    TRAIN=(-m megatron_gem.training.megatron_engine "${TRAIN[@]}"
+      --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
     ;;
   *) die "BACKEND=$BACKEND: expected deepspeed or megatron" ;;
 esac
@@ -141,7 +145,7 @@ log "checkout ${GEM_ROOT}; python ${PYTHON}; backend ${BACKEND}$([ "$BACKEND" = 
 log "nodes ${NODES} x ranks ${RANKS_PER_NODE} = world size $((NODES * RANKS_PER_NODE)); device ${DEVICE}; gpus/node ${GPUS_PER_NODE}; cpus/node ${CPUS_PER_NODE}; OMP_NUM_THREADS ${OMP_NUM_THREADS}"
 log "rendezvous ${MASTER_ADDR}:${MASTER_PORT} (node rank = SLURM_NODEID)"
 log "model ${MODEL}; data ${DATA}; save ${SAVE}; resume ${RESUME}"
-log "train.py ${TRAIN[*]:1}"
+log "train: ${TRAIN[*]}"
 
 # ---- launch, forward pre-emption, requeue ------------------------------------------------------
 PREEMPTED=0

@@ -2,8 +2,8 @@
 # One per node, started by gem_train.sh through srun: torchrun with this node's rank.
 #
 # Rendezvous is static: node rank SLURM_NODEID, the first node of the job as MASTER_ADDR and
-# a port derived from the job id (both exported by gem_train.sh). Arguments: train.py and
-# its flags.
+# a port derived from the job id (all exported by gem_train.sh). Arguments: what each rank
+# runs (train.py and its flags, or -m <module> and its flags).
 set -euo pipefail
 : "${MASTER_ADDR:?}" "${MASTER_PORT:?}" "${NODES:?}" "${RANKS_PER_NODE:?}" "${PYTHON:?}"
 NODE_RANK=${SLURM_NODEID:-${SLURM_PROCID:?not started by srun}}
