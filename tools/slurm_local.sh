@@ -98,21 +98,29 @@ pid_alive() {
   [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$2" ]
 }
 
-stop_pidfile() {  # stop_pidfile FILE NAME
-  local pid i
-  if ! pid_alive "$1" "$2"; then rm -f "$1"; return 0; fi
-  pid=$(tr -dc 0-9 <"$1")
-  log "stopping $2 (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 100); do
-    [ -d "/proc/$pid" ] || break
-    sleep 0.1
+# stop_daemons FILE:NAME...: SIGTERM to each live one at once, then wait (SIGKILL after 10 s).
+stop_daemons() {
+  local spec file name pid i pids=()
+  for spec in "$@"; do
+    file=${spec%%:*} name=${spec##*:}
+    if pid_alive "$file" "$name"; then
+      pid=$(tr -dc 0-9 <"$file")
+      log "stopping $name (pid $pid)"
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+    fi
+    rm -f "$file"
   done
-  if [ -d "/proc/$pid" ]; then
-    log "$2 (pid $pid) ignored SIGTERM for 10 s; SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$1"
+  for pid in "${pids[@]}"; do
+    for i in $(seq 1 100); do
+      [ -d "/proc/$pid" ] || break
+      sleep 0.1
+    done
+    if [ -d "/proc/$pid" ]; then
+      log "pid $pid ignored SIGTERM for 10 s; SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
 }
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -276,12 +284,12 @@ cmd_down() {
     wait_for 30 no_live_jobs ||
       log "warning: jobs still listed after 30 s"
   fi
-  local f
+  local f daemons=("$DIR/pid/slurmctld.pid:slurmctld")
   for f in "$DIR"/pid/slurmd.*.pid; do
-    [ -e "$f" ] && stop_pidfile "$f" slurmd
+    [ -e "$f" ] && daemons+=("$f:slurmd")
   done
-  stop_pidfile "$DIR/pid/slurmctld.pid" slurmctld
-  stop_pidfile "$DIR/pid/munged.pid" munged
+  stop_daemons "${daemons[@]}"
+  stop_daemons "$DIR/pid/munged.pid:munged"  # last: the others authenticate through it
   remove_hosts
   log "down ($DIR)"
 }

@@ -42,6 +42,9 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 # The allocation override: the header asks for 2 nodes x 8 GPUs x 64 CPUs for 24 h.
 SBATCH_ARGS = ["--nodes=2", "--cpus-per-task=2", "--time=30"]
 JOB_TIMEOUT = 180
+# Steps of the fresh run + resubmission: enough that the pre-emption signal, sent once the
+# resubmission has trained a step, lands well before the end.
+ITERS = 16
 
 
 def _free_port_block(n: int) -> int:
@@ -188,8 +191,10 @@ def job_log(workdir, job_id, ext="out") -> str:
 
 
 def metrics(save) -> list[dict]:
+    """The complete lines of metrics.jsonl (read while rank 0 may be appending to it)."""
     path = Path(save) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def describe(workdir, job_id) -> str:
@@ -213,7 +218,7 @@ def test_setup_is_idempotent(cluster):
 @pytest.fixture(scope="module")
 def fresh_run(cluster, workdir):
     save = workdir / "run"
-    env = job_env(cluster, workdir, save, TRAIN_ITERS="10", TRAIN_ARGS="--exit-after-iters 2")
+    env = job_env(cluster, workdir, save, TRAIN_ITERS=str(ITERS), TRAIN_ARGS="--exit-after-iters 2")
     job_id = submit(env, workdir)
     seen: dict[int, dict] = {}
     info = wait_job(cluster["env"], job_id, on_poll=lambda _: seen.update(rank_processes(cluster, job_id)))
@@ -245,7 +250,7 @@ def test_resubmission_resumes_and_preemption_requeues(fresh_run, cluster, workdi
     save = fresh_run["save"]
     assert (save / "latest").is_file(), "needs the fresh run's checkpoint"
     before = metrics(save)
-    env = dict(fresh_run["env"], TRAIN_ARGS="")  # same run, no early stop: train to step 10
+    env = dict(fresh_run["env"], TRAIN_ARGS="")  # same run, no early stop: train to the end
     job = submit(env, workdir)
     signalled = {}
 
@@ -264,21 +269,21 @@ def test_resubmission_resumes_and_preemption_requeues(fresh_run, cluster, workdi
     # First run of this job: resumed from the fresh run's checkpoint, saved on the signal.
     first, _, second = out.partition("restart 1 on")
     assert "restart 0" in first and f"resume from {save}/global_step2" in first, out
-    assert "steps 2->10" in first, out
+    assert f"steps 2->{ITERS}" in first, out
     saved = [line for line in first.splitlines() if "SIGUSR1: saved step" in line]
     assert saved, f"no save on SIGUSR1:\n{out}"
     k = int(saved[0].split("saved step ")[1].split()[0])
-    assert 3 <= k < 10, k
+    assert 3 <= k < ITERS, k
     assert f"requeueing job {job}" in first
     # The requeued run (same job, Restarts=1) resumed from that save and finished.
     assert info["Restarts"] == "1", info
-    assert f"resume from {save}/global_step{k}" in second and f"steps {k}->10" in second, out
-    assert "'preempted': False, 'step': 10" in second, out
+    assert f"resume from {save}/global_step{k}" in second and f"steps {k}->{ITERS}" in second, out
+    assert f"'preempted': False, 'step': {ITERS}" in second, out
 
     steps = metrics(save)
-    assert [m["step"] for m in steps] == list(range(1, 11)), [m["step"] for m in steps]
+    assert [m["step"] for m in steps] == list(range(1, ITERS + 1)), [m["step"] for m in steps]
     assert steps[:2] == before, "the fresh run's metrics were rewritten: the resubmission restarted"
-    assert (save / "latest").read_text().strip() == "global_step10"
+    assert (save / "latest").read_text().strip() == f"global_step{ITERS}"
     assert (save / f"global_step{k}").is_dir() and (save / "hf" / "config.json").is_file()
 
 
