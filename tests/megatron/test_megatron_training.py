@@ -12,13 +12,13 @@ VOLATILE = ("tokens_per_s", "step_time_s")
 
 def _args(model, data, save, *extra):
     return [
-        "-m", "megatron_gem.training.megatron_engine",
+        "train.py",  # the user's entry: the parallelism flag below selects megatron-core
         "--model", str(model), "--data", str(data), "--save", str(save),
         "--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "4",
         "--train-iters", "4", "--gem-contrastive-from-step", "2", "--gem-alpha", "0.5",
         "--contrastive-batch-size", "4", "--contrastive-max-length", "24",
         "--lr", "1e-3", "--contrastive-lr", "1e-3", "--log-interval", "1", "--save-interval", "2",
-        "--attention-backend", "sdpa", "--no-progress", *extra,
+        "--attention-backend", "sdpa", "--no-progress", "--tensor-model-parallel-size", "1", *extra,
     ]  # fmt: skip
 
 
