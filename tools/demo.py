@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--contrastive-lr", type=float, default=5e-5)
     p.add_argument("--gem-alpha", type=float, default=1.0)
-    p.add_argument("--eval-items", type=int, default=300, help="queries/pairs per evaluation task")
+    p.add_argument("--eval-items", type=int, default=200, help="queries/pairs per evaluation task")
+    p.add_argument("--eval-max-length", type=int, default=128, help="tokens per evaluated text")
     p.add_argument("--ppl-texts", type=int, default=150, help="held-out paragraphs for perplexity")
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args(argv)
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_gem import GEMEmbedder
-    from megatron_gem.eval.baselines import last_token_encoder, mean_pooling_encoder
+    from megatron_gem.eval.baselines import mean_pooling_encoder
     from megatron_gem.eval.corpora import python_doc_paragraphs, wordnet_glosses
     from megatron_gem.eval.quick import demo_tasks
     from megatron_gem.packaged_models import smollm2_135m_dir
@@ -105,11 +106,10 @@ def main(argv=None) -> int:
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    rows = []
-    for method, make in (("mean", mean_pooling_encoder), ("last", last_token_encoder)):
-        enc = make(model, tok, max_length=256, batch_size=16)
-        rows.append(evaluate(f"base SmolLM2, {method} pooling", enc, model if method == "mean" else None, tok, tasks, ppl_texts))
-    rows[1]["perplexity"] = rows[0]["perplexity"]
+    # The base model's stronger training-free readout on these tasks is mean pooling (last-token
+    # and the prompt-based baselines are compared in the full reproduction table, docs/eval.md).
+    enc = mean_pooling_encoder(model, tok, max_length=args.eval_max_length, batch_size=16)
+    rows = [evaluate("base SmolLM2, mean pooling", enc, model, tok, tasks, ppl_texts)]
     del model
 
     total = args.phase1_steps + args.phase2_steps
@@ -131,18 +131,18 @@ def main(argv=None) -> int:
     log(f"training took {train_seconds:.0f} s")
 
     hf = os.path.join(args.out, "hf")
-    emb = GEMEmbedder.from_pretrained(hf, max_length=256)
+    emb = GEMEmbedder.from_pretrained(hf, max_length=args.eval_max_length)
     trained = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     rows.append(evaluate("GEM SmolLM2 (runs/demo/hf)", lambda t: emb.encode(t, batch_size=16), trained, emb.tokenizer, tasks, ppl_texts))
 
     names = [t.name for t in tasks]
     print_table(rows, names)
-    best_base = max(r["embedding_avg"] for r in rows[:2])
+    best_base = rows[0]["embedding_avg"]
     gem = rows[-1]
     summary = {
         "rows": rows,
         "tasks": {t.name: t.metric for t in tasks},
-        "gem_vs_best_base_relative": (gem["embedding_avg"] - best_base) / abs(best_base),
+        "gem_vs_base_relative": (gem["embedding_avg"] - best_base) / abs(best_base),
         "perplexity_change": gem["perplexity"] - rows[0]["perplexity"],
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - t_start,
@@ -151,8 +151,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     log(
-        f"GEM embedding average {gem['embedding_avg']:.3f} vs best base {best_base:.3f} "
-        f"({100 * summary['gem_vs_best_base_relative']:+.0f}%); held-out perplexity "
+        f"GEM embedding average {gem['embedding_avg']:.3f} vs base mean pooling {best_base:.3f} "
+        f"({100 * summary['gem_vs_base_relative']:+.0f}%); held-out perplexity "
         f"{rows[0]['perplexity']:.1f} -> {gem['perplexity']:.1f}. Model: {hf}; results: {args.out}/results.json; "
         f"total {summary['total_seconds'] / 60:.1f} min"
     )

@@ -58,6 +58,10 @@ class CausalLMEncoder:
         piece = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])
         self._echo = [piece(s) for s in ECHO_TEMPLATE]
         self._eol = [piece(s) for s in PROMPTEOL_TEMPLATE]
+        overhead = (self.bos is not None) + {"mean": 0, "last": 0, "echo": sum(map(len, self._echo)), "prompteol": sum(map(len, self._eol))}[method]
+        need = overhead + (2 if method == "echo" else 1)
+        if max_length < need:
+            raise ValueError(f"max_length={max_length} leaves no room for text in the {method} template ({overhead} tokens)")
 
     @property
     def device(self) -> torch.device:
@@ -67,20 +71,20 @@ class CausalLMEncoder:
         """(token ids, positions to pool) of one text under this method."""
         head = [self.bos] if self.bos is not None else []
         x = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not x:
+            raise ValueError(f"text {text!r} tokenises to nothing; cannot embed an empty text")
         if self.method in ("mean", "last"):
             x = x[: self.max_length - len(head)]
-            if not x:
-                raise ValueError(f"text {text!r} tokenises to nothing; cannot embed an empty text")
             ids = head + x
             pool = list(range(len(head), len(ids))) if self.method == "mean" else [len(ids) - 1]
             return ids, pool
         if self.method == "echo":
             a, b = self._echo
-            x = x[: max(1, (self.max_length - len(head) - len(a) - len(b)) // 2)]
+            x = x[: (self.max_length - len(head) - len(a) - len(b)) // 2]
             ids = head + a + x + b + x
             return ids, list(range(len(ids) - len(x), len(ids)))
         a, b = self._eol
-        x = x[: max(1, self.max_length - len(head) - len(a) - len(b))]
+        x = x[: self.max_length - len(head) - len(a) - len(b)]
         ids = head + a + x + b
         return ids, [len(ids) - 1]
 
