@@ -109,7 +109,7 @@ case "$BACKEND" in
     ;;
   megatron)
     # The megatron-core engine takes train.py's flags plus Megatron's parallelism flags; it is
-    # started as its module (what train.py hands over to when given those flags).
+    # started through its own entry point (train.py runs the DeepSpeed engine).
     [ -f "$GEM_ROOT/megatron_gem/training/megatron_engine.py" ] ||
       die "BACKEND=megatron: this checkout has no megatron-core engine (megatron_gem/training/megatron_engine.py); use BACKEND=deepspeed"
     [ $((NODES * RANKS_PER_NODE % (TP * PP))) -eq 0 ] ||
