@@ -22,6 +22,7 @@ from .args import ArgumentError, gem_config_from_args, validate_args
 from .checkpoint import export_hf, load_engine_checkpoint, save_engine_checkpoint
 from .data_setup import build_loaders, open_training_corpus
 from .ds_config import load_ds_config, zero_stage
+from .loop import StepBookkeeping
 from .metrics import MetricsLogger
 from .model import GEMModel, ModelLoadError, load_causal_lm, load_tokenizer, param_groups, prepare_gem_lm, zero3_gather
 from .schedule import build_scheduler
@@ -118,8 +119,15 @@ def train(args) -> dict:
     engine.train()
     # DeepSpeed's plain fp32 engine clips but does not keep the norm; compute it ourselves there.
     reports_no_grad_norm = zero_stage(ds_config) == 0 and not args.bf16
-    summary = {"first_loss": None, "last_loss": None}
-    preempted = False
+    book = StepBookkeeping(
+        args,
+        log,
+        stop,
+        end_step,
+        save=lambda done: save_engine_checkpoint(engine, args.save, done, _client_state(done, ntp_loader, cl_loader)),
+        export=lambda done: export_hf(engine.module.lm, tokenizer, gem_config, os.path.join(args.save, "hf"), extra={"step": done, "args": vars(args)}),
+        is_main=D.is_main(),
+    )
     for step in range(start_step, end_step):
         t0 = time.perf_counter()
         w_ntp, w_cl = loss_weights(step, gem_config)
@@ -145,29 +153,16 @@ def train(args) -> dict:
             engine.step()
         grad_norm = own_norm if reports_no_grad_norm else engine.get_global_grad_norm()
         record = _step_record(step, parts, w_ntp, w_cl, global_tokens, engine, lr, grad_norm, time.perf_counter() - t0, dp_size)
-        if summary["first_loss"] is None:
-            summary["first_loss"] = record["loss"]
-        summary["last_loss"] = record["loss"]
-        done = step + 1
-        preempted = args.exit_signal_handler and stop.should_exit()
-        if preempted:
-            end_step = done
-        if done % args.log_interval == 0 or done == end_step:
-            log.log(record)
-        log.tick({"loss": f"{record['loss']:.4f}", "phase": record["phase"]})
-        if done % args.save_interval == 0 or done == end_step:
-            client = {"step": done, "ntp_data": ntp_loader.state_dict(), "contrastive_data": cl_loader.state_dict() if cl_loader is not None else None}
-            save_engine_checkpoint(engine, args.save, done, client)
-        if (args.hf_export_interval and done % args.hf_export_interval == 0) or done == args.train_iters:
-            export_hf(engine.module.lm, tokenizer, gem_config, os.path.join(args.save, "hf"), extra={"step": done, "args": vars(args)})
-        if preempted:
-            if D.is_main():
-                print(f"[megatron-gem] {stop.received or 'signal'}: saved step {done} to {args.save}; exiting for requeue", flush=True)
+        if book.after_step(step, record):
             break
     log.close()
-    summary.update(preempted=preempted, step=end_step, save=args.save, zero_stage=zero_stage(ds_config), dp_size=dp_size)
     del zero3_handle
-    return summary
+    return book.summary(zero_stage=zero_stage(ds_config), dp_size=dp_size)
+
+
+def _client_state(done: int, ntp_loader, cl_loader) -> dict:
+    """What a checkpoint needs beyond the engine's own state for an exact resume."""
+    return {"step": done, "ntp_data": ntp_loader.state_dict(), "contrastive_data": cl_loader.state_dict() if cl_loader is not None else None}
 
 
 @torch.no_grad()

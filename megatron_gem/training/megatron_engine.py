@@ -48,6 +48,7 @@ from .args import ArgumentError, gem_config_from_args
 from .checkpoint import LATEST, read_latest, rng_state, set_rng_state, tag_for, write_text_atomic
 from .data_setup import build_loaders, open_training_corpus
 from .megatron_args import validate_megatron_args
+from .loop import StepBookkeeping
 from .metrics import MetricsLogger
 from .model import ModelLoadError, load_tokenizer
 from .schedule import gem_lr
@@ -431,8 +432,33 @@ def train(args) -> dict:
     ntp_iter, cl_iter = iter(ntp_loader), (iter(cl_loader) if cl_loader is not None else None)
     ddp.train()
     dp_group = parallel_state.get_data_parallel_group()
-    summary = {"first_loss": None, "last_loss": None}
-    preempted = False
+    book = StepBookkeeping(
+        args,
+        log,
+        stop,
+        end_step,
+        save=lambda done: save_checkpoint(
+            model,
+            optimizer,
+            args.save,
+            done,
+            {"step": done, "ntp_data": ntp_loader.state_dict(), "contrastive_data": cl_loader.state_dict() if cl_loader is not None else None},
+            meta,
+            tokenizer,
+            gem_config,
+        ),
+        export=lambda done: io.export_hf_from_model(
+            model,
+            arch,
+            os.path.join(args.save, "hf"),
+            hf_config=meta["hf_config"],
+            vocab_size=meta["vocab_size"],
+            tokenizer=tokenizer,
+            gem_config=gem_config,
+            extra={"step": done, "args": vars(args)},
+        ),
+        is_main=is_main,
+    )
     for step in range(start_step, end_step):
         t0 = time.perf_counter()
         w_ntp, w_cl = loss_weights(step, gem_config)
@@ -469,37 +495,10 @@ def train(args) -> dict:
             raise FloatingPointError(f"step {step + 1}: the optimizer skipped the update (non-finite gradients)")
         scale = float(model.logit_scale()) if model.post_process else None
         record = step_record(step, stats, w_ntp, w_cl, global_tokens, lr, grad_norm, time.perf_counter() - t0, dp_size, scale)
-        if summary["first_loss"] is None:
-            summary["first_loss"] = record["loss"]
-        summary["last_loss"] = record["loss"]
-        done = step + 1
-        preempted = args.exit_signal_handler and stop.should_exit()
-        if preempted:
-            end_step = done
-        if done % args.log_interval == 0 or done == end_step:
-            log.log(record)
-        log.tick({"loss": f"{record['loss']:.4f}", "phase": record["phase"]})
-        if done % args.save_interval == 0 or done == end_step:
-            state = {"step": done, "ntp_data": ntp_loader.state_dict(), "contrastive_data": cl_loader.state_dict() if cl_loader is not None else None}
-            save_checkpoint(model, optimizer, args.save, done, state, meta, tokenizer, gem_config)
-        if (args.hf_export_interval and done % args.hf_export_interval == 0) or done == args.train_iters:
-            io.export_hf_from_model(
-                model,
-                arch,
-                os.path.join(args.save, "hf"),
-                hf_config=meta["hf_config"],
-                vocab_size=meta["vocab_size"],
-                tokenizer=tokenizer,
-                gem_config=gem_config,
-                extra={"step": done, "args": vars(args)},
-            )
-        if preempted:
-            if is_main:
-                print(f"[megatron-gem] {stop.received or 'signal'}: saved step {done} to {args.save}; exiting for requeue", flush=True)
+        if book.after_step(step, record):
             break
     log.close()
-    summary.update(preempted=preempted, step=end_step, save=args.save, tp=tp, pp=pp, dp_size=dp_size)
-    return summary
+    return book.summary(tp=tp, pp=pp, dp_size=dp_size)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,45 @@
+"""What every engine does after an optimizer step: metrics, progress, checkpoints, HF export,
+pre-emption. The engines differ in how a step is computed, not in this bookkeeping."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+class StepBookkeeping:
+    """``after_step(step, record)`` returns True when the loop must stop (pre-empted).
+
+    ``save(done)`` writes an engine checkpoint of ``done`` steps; ``export(done)`` the HF export.
+    Checkpoints at every --save-interval and at the last step; export at every
+    --hf-export-interval and at --train-iters; a received exit signal ends the run after the
+    current step with a checkpoint.
+    """
+
+    def __init__(self, args, log, stop, end_step: int, *, save: Callable[[int], None], export: Callable[[int], None], is_main: bool):
+        self.args, self.log, self.stop = args, log, stop
+        self.end_step = end_step
+        self.save, self.export, self.is_main = save, export, is_main
+        self.first_loss = self.last_loss = None
+        self.preempted = False
+
+    def after_step(self, step: int, record: dict) -> bool:
+        a = self.args
+        if self.first_loss is None:
+            self.first_loss = record["loss"]
+        self.last_loss = record["loss"]
+        done = step + 1
+        if a.exit_signal_handler and self.stop.should_exit():
+            self.preempted, self.end_step = True, done
+        if done % a.log_interval == 0 or done == self.end_step:
+            self.log.log(record)
+        self.log.tick({"loss": f"{record['loss']:.4f}", "phase": record["phase"]})
+        if done % a.save_interval == 0 or done == self.end_step:
+            self.save(done)
+        if (a.hf_export_interval and done % a.hf_export_interval == 0) or done == a.train_iters:
+            self.export(done)
+        if self.preempted and self.is_main:
+            print(f"[megatron-gem] {self.stop.received or 'signal'}: saved step {done} to {a.save}; exiting for requeue", flush=True)
+        return self.preempted
+
+    def summary(self, **extra) -> dict:
+        return {"first_loss": self.first_loss, "last_loss": self.last_loss, "preempted": self.preempted, "step": self.end_step, "save": self.args.save, **extra}
