@@ -1,0 +1,210 @@
+"""GEMDataCollator: the GEM layout for HF Trainer / TRL pipelines that already tokenise.
+
+Each example (``input_ids`` and optionally the pipeline's own ``labels``) gets a seeded layout
+from ``gem.layout.draw_layout`` (plain with probability ``p_raw``, else split / reconstruct),
+the K special tokens are inserted, and the batch carries everything the "gem" attention needs:
+
+  input_ids     int64 [B, L]   tokens (padding: the tokenizer's pad id)
+  labels        int64 [B, L]   HF convention (*not* shifted): labels[j] is the target token at j,
+                               predicted from position j-1; HF causal LMs (and TRL) shift them
+                               internally. -100 on: special tokens (never targets), the first
+                               token of every document (nothing of the same document predicts
+                               it; in packed rows position j-1 is another document), padding, and
+                               every token whose label the pipeline had masked (e.g. SFT prompts:
+                               the pipeline's mask is carried through the insertion, and in a
+                               reconstruct layout a masked token stays masked in both copies).
+                               After HF's shift this is exactly ``gem.layout.next_token_labels``
+                               restricted to the pipeline's trained tokens.
+  position_ids  int64 [B, L]   restart at 0 at each document
+  doc_ids       int64 [B, L]   document of each token, PAD_DOC_ID (-1) on padding
+  roles         int64 [B, L]   Role.PREFIX / SPECIAL / SUFFIX
+
+``packing=False``: one example per row (doc id 0), padded at the end to the longest row.
+``packing=True``: examples are packed first-fit decreasing into rows of ``max_length`` (doc ids
+unique in the batch), then trimmed to the longest row. Token ids are never re-tokenised, so
+chat templates survive as the pipeline rendered them.
+
+With ``contrastive=True`` (set by :class:`~megatron_gem.integrations.GEMTrainer`) the batch
+also carries the phase-2 view: each example's text (its tokens as given, truncated to
+``max_length - K``) as ``text SPECIAL*K`` (anchor, doc j) and a copy with ``prefix_dropout``
+token deletion (positive, doc N + j), packed into ``gem_cl_input_ids``, ``gem_cl_position_ids``,
+``gem_cl_doc_ids``, ``gem_cl_roles`` and ``gem_cl_num_texts`` (N).
+
+Randomness: example i of the c-th call in DataLoader worker w uses
+``numpy.random.default_rng([seed, w, c, i, stream])`` (stream 0 layout, 1 dropout), so a run is
+reproducible for a fixed seed, batch size and worker count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..data.packing import collate_rows, pack_texts
+from ..gem.config import GEMConfig
+from ..gem.layout import build_layout, draw_layout, position_ids_from_doc_ids, prefix_dropout
+from ..gem.roles import IGNORE_INDEX, PAD_DOC_ID, Role
+
+CL_PREFIX = "gem_cl_"
+CL_KEYS = tuple(CL_PREFIX + k for k in ("input_ids", "position_ids", "doc_ids", "roles", "num_texts"))
+LAYOUT_STREAM, DROPOUT_STREAM = 0, 1
+
+
+def _as_array(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.int64).reshape(-1)
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+@dataclass
+class GEMDataCollator:
+    """See the module docstring. ``config.special_token_ids`` must be set (``enable_gem`` does)."""
+
+    config: GEMConfig
+    pad_token_id: int = 0
+    max_length: int | None = None
+    packing: bool = False
+    pad_to_multiple_of: int | None = None
+    seed: int = 0
+    bos_token_id: int | None = None  # reconstruct: a leading BOS is not repeated
+    contrastive: bool = False
+    stats: dict = field(default_factory=lambda: {"plain": 0, "split": 0, "reconstruct": 0, "reconstruct_too_long": 0})
+    _calls: int = field(default=0, repr=False)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, config: GEMConfig, **kwargs) -> "GEMDataCollator":
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(config=config, pad_token_id=int(pad if pad is not None else 0), bos_token_id=tokenizer.bos_token_id, **kwargs)
+
+    def __post_init__(self):
+        k = len(self.config.special_token_ids)
+        if k != self.config.num_special_tokens:
+            raise ValueError("GEMConfig.special_token_ids is not set: call enable_gem(model, tokenizer, config) first")
+        if self.packing and not self.max_length:
+            raise ValueError("packing=True needs max_length (the row length)")
+        if self.max_length is not None and self.max_length <= k + 1:
+            raise ValueError(f"max_length={self.max_length} leaves no room for text around {k} special tokens")
+
+    # ------------------------------------------------------------------ one example
+    def _tokens_and_labels(self, feature: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        ids = _as_array(feature["input_ids"])
+        if feature.get("labels") is not None:
+            labels = _as_array(feature["labels"])
+        else:
+            labels = ids.copy()
+            for mask_key in ("completion_mask", "assistant_masks"):  # TRL's mask columns
+                if feature.get(mask_key) is not None:
+                    labels[_as_array(feature[mask_key]) == 0] = IGNORE_INDEX
+        if labels.shape != ids.shape:
+            raise ValueError(f"labels ({labels.shape[0]}) and input_ids ({ids.shape[0]}) differ in length")
+        if feature.get("attention_mask") is not None:  # pre-padded examples: keep the real tokens
+            keep = _as_array(feature["attention_mask"]) != 0
+            ids, labels = ids[keep], labels[keep]
+        if ids.shape[0] == 0:
+            raise ValueError("an example has no tokens")
+        return ids, labels
+
+    def _rng(self, i: int, stream: int) -> np.random.Generator:
+        info = torch.utils.data.get_worker_info()
+        return np.random.default_rng([self.seed, 0 if info is None else info.id, self._calls, i, stream])
+
+    def layout_example(self, ids: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+        """(ids, roles, labels) of one example under a drawn layout; labels as described above."""
+        cfg, specials = self.config, self.config.special_token_ids
+        k = len(specials)
+        n_budget = ids.shape[0] if self.max_length is None else min(ids.shape[0], self.max_length - k)
+        layout, cut = draw_layout(n_budget, cfg, rng)
+        masked_k = np.full(k, IGNORE_INDEX, dtype=np.int64)
+        if layout == "reconstruct":
+            t, lab = ids[:n_budget], labels[:n_budget]
+            drop_bos = self.bos_token_id is not None and t[0] == self.bos_token_id and t.shape[0] > 1
+            if self.max_length is not None and 2 * t.shape[0] - int(drop_bos) + k > self.max_length:
+                self.stats["reconstruct_too_long"] += 1
+                layout = "plain"
+            else:
+                out_ids, roles = build_layout(t, "reconstruct", specials, bos_id=self.bos_token_id)
+                out_lab = np.concatenate([lab, masked_k, lab[1:] if drop_bos else lab])
+        if layout == "plain":
+            end = ids.shape[0] if self.max_length is None else min(ids.shape[0], self.max_length)
+            out_ids, roles = build_layout(ids[:end], "plain", specials)
+            out_lab = labels[:end].copy()
+        elif layout == "split":
+            t, lab = ids[:n_budget], labels[:n_budget]
+            out_ids, roles = build_layout(t, "split", specials, cut=cut)
+            out_lab = np.concatenate([lab[:cut], masked_k, lab[cut:]])
+        self.stats[layout] += 1
+        out_lab = np.where(roles == Role.SPECIAL, IGNORE_INDEX, out_lab)
+        out_lab[0] = IGNORE_INDEX  # the document's first token has no predictor in the document
+        return out_ids, roles, out_lab.astype(np.int64)
+
+    # ------------------------------------------------------------------ the batch
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pairs = [self._tokens_and_labels(f) for f in features]
+        examples = [self.layout_example(ids, lab, self._rng(i, LAYOUT_STREAM)) for i, (ids, lab) in enumerate(pairs)]
+        batch = self._pack(examples) if self.packing else self._pad(examples)
+        if self.contrastive:
+            batch.update(self._contrastive([ids for ids, _ in pairs]))
+        self._calls += 1
+        return batch
+
+    def _pad(self, examples) -> dict[str, torch.Tensor]:
+        width = _round_up(max(e[0].shape[0] for e in examples), self.pad_to_multiple_of)
+        B = len(examples)
+        ids = np.full((B, width), self.pad_token_id, dtype=np.int64)
+        roles = np.full((B, width), int(Role.PREFIX), dtype=np.int64)
+        labels = np.full((B, width), IGNORE_INDEX, dtype=np.int64)
+        doc = np.full((B, width), PAD_DOC_ID, dtype=np.int64)
+        for b, (e_ids, e_roles, e_lab) in enumerate(examples):
+            n = e_ids.shape[0]
+            ids[b, :n], roles[b, :n], labels[b, :n], doc[b, :n] = e_ids, e_roles, e_lab, 0
+        return self._tensors(ids, labels, doc, roles)
+
+    def _pack(self, examples) -> dict[str, torch.Tensor]:
+        rows = pack_texts([(e[0], e[1]) for e in examples], self.max_length, pad_id=self.pad_token_id)
+        used = max(int((seg != PAD_DOC_ID).sum()) for _, _, seg in rows)
+        width = min(self.max_length, _round_up(used, self.pad_to_multiple_of))
+        labels = np.full((len(rows), self.max_length), IGNORE_INDEX, dtype=np.int64)
+        for r, (_, _, seg) in enumerate(rows):
+            # pack_texts numbers each piece by its example index and keeps pieces contiguous,
+            # in increasing order along the row: the labels follow the same order.
+            members = [int(d) for d in np.unique(seg) if d != PAD_DOC_ID]
+            lab = np.concatenate([examples[d][2] for d in members]) if members else np.zeros(0, np.int64)
+            labels[r, : lab.shape[0]] = lab
+        ids = np.stack([r[0] for r in rows])[:, :width]
+        roles = np.stack([r[1] for r in rows]).astype(np.int64)[:, :width]
+        doc = np.stack([r[2] for r in rows])[:, :width]
+        return self._tensors(ids, labels[:, :width], doc, roles)
+
+    @staticmethod
+    def _tensors(ids, labels, doc, roles) -> dict[str, torch.Tensor]:
+        doc_t = torch.from_numpy(np.ascontiguousarray(doc))
+        return {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(ids)),
+            "labels": torch.from_numpy(np.ascontiguousarray(labels)),
+            "position_ids": position_ids_from_doc_ids(doc_t),
+            "doc_ids": doc_t,
+            "roles": torch.from_numpy(np.ascontiguousarray(roles, dtype=np.int64)),
+        }
+
+    def _contrastive(self, texts: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        k = len(self.config.special_token_ids)
+        if self.max_length is not None:
+            texts = [t[: self.max_length - k] for t in texts]
+        positives = [prefix_dropout(t, self.config.prefix_dropout, self._rng(i, DROPOUT_STREAM)) for i, t in enumerate(texts)]
+        items = [build_layout(t, "embed", self.config.special_token_ids) for t in texts + positives]
+        seq = self.max_length or max(x[0].shape[0] for x in items)
+        rows = pack_texts(items, seq, pad_id=self.pad_token_id)
+        used = max(int((seg != PAD_DOC_ID).sum()) for _, _, seg in rows)
+        width = _round_up(used, self.pad_to_multiple_of)
+        rows = [(i[:width], r[:width], s[:width]) for i, r, s in rows] if width <= seq else rows
+        cl = collate_rows(rows, renumber=False)
+        out = {CL_PREFIX + key: cl[key] for key in ("input_ids", "position_ids", "doc_ids", "roles")}
+        out[CL_PREFIX + "num_texts"] = torch.tensor(len(texts))
+        return out

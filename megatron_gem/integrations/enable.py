@@ -1,0 +1,90 @@
+"""Add GEM to any HF causal LM in one call, and take it off again for export.
+
+``enable_gem(model, tokenizer, config)``
+  1. adds the K special tokens to the tokenizer and the model (``gem.tokens.add_gem_tokens``:
+     mean-row init of the new input (and untied output) rows; idempotent, so a GEM checkpoint
+     is left as is; under ZeRO-3 the rows are gathered, edited on rank 0 and re-partitioned);
+  2. registers and selects the "gem" attention (``attention.hf.use_gem_attention``): forwards
+     that carry ``doc_ids=`` and ``roles=`` run the GEM mask, forwards without them (e.g.
+     ``generate()``) are plain causal attention, which is what GEM means for ordinary text;
+  3. tells ``generate()`` never to emit the special tokens (``generation_config.suppress_tokens``):
+     they are never next-token targets, but their LM-head rows start at the mean row.
+  The model is then ready for batches with ``input_ids, labels, position_ids, doc_ids, roles``
+  (what :class:`~megatron_gem.integrations.GEMDataCollator` produces).
+
+``disable_gem(model)`` is the inverse for export: back to "sdpa" (the attention an exported
+GEM checkpoint loads with), KV cache on again, the GEM attention settings removed from the HF
+config. The special tokens stay (they are part of the checkpoint; the embedder needs them).
+"""
+
+from __future__ import annotations
+
+from ..attention.hf import ATTN_NAME, use_gem_attention
+from ..gem.config import GEMConfig
+from ..gem.tokens import add_gem_tokens
+
+_CONFIG_KEYS = ("gem_attention_backend", "gem_suffix_sees_bos")
+
+
+def _zero3_gather(model):
+    """``gather`` for add_gem_tokens when the model's parameters are ZeRO-3 partitioned."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return None
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def _suppress(generation_config, token_ids: list[int], add: bool) -> None:
+    if generation_config is None:
+        return
+    current = [t for t in (getattr(generation_config, "suppress_tokens", None) or []) if t not in token_ids]
+    generation_config.suppress_tokens = (current + list(token_ids) if add else current) or None
+
+
+def enable_gem(
+    model,
+    tokenizer,
+    config: GEMConfig | None = None,
+    *,
+    backend: str = "auto",
+    gather=None,
+    suppress_in_generate: bool = True,
+):
+    """Make ``model`` (an HF causal LM) a GEM model; returns it (same object).
+
+    ``config``: the GEM settings (default ``GEMConfig()``); its ``special_token_ids`` are filled
+    in and it is kept as ``model.gem_config``. ``backend``: "auto" | "sdpa" | "flex" | "triton"
+    (see ``megatron_gem.gem_attention``). ``gather``: ZeRO-3 gather factory for the token rows;
+    found automatically when the parameters are ZeRO-3 partitioned. Turns the KV cache off in
+    the model config (packed training needs it off); ``generate()`` still works (causal).
+    """
+    config = config if config is not None else GEMConfig()
+    if tokenizer.pad_token_id is None:
+        # The collator pads with this id; padding is masked and never trained.
+        tokenizer.pad_token = tokenizer.eos_token
+    ids = add_gem_tokens(model, tokenizer, config, gather=gather if gather is not None else _zero3_gather(model))
+    use_gem_attention(model, backend=backend, suffix_sees_bos=config.suffix_sees_bos)
+    if suppress_in_generate:
+        _suppress(getattr(model, "generation_config", None), ids, add=True)
+    model.gem_config = config
+    return model
+
+
+def disable_gem(model, *, attn_implementation: str = "sdpa", use_cache: bool = True):
+    """Undo the attention part of :func:`enable_gem` (for export or plain-LM use); returns the
+    model. Keeps the special tokens and their suppression in ``generate()``."""
+    if getattr(model.config, "_attn_implementation", None) == ATTN_NAME or attn_implementation != "sdpa":
+        model.set_attn_implementation(attn_implementation)
+    for key in _CONFIG_KEYS:
+        if hasattr(model.config, key):
+            delattr(model.config, key)
+    model.config.use_cache = use_cache
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.use_cache = use_cache
+    return model
+
+
+def is_gem_enabled(model) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == ATTN_NAME

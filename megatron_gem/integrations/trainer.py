@@ -1,0 +1,198 @@
+"""GEM's two phases inside an HF ``Trainer`` (or any subclass, e.g. TRL's ``SFTTrainer``).
+
+Phase 1 (steps < ``config.contrastive_from_step``) needs nothing special: the collator's
+labels make the model's own (or TRL's) next-token loss the GEM mixed-NTP loss. From that step
+on, :class:`GEMTrainerMixin` adds InfoNCE over the summary embeddings of the collator's
+contrastive view: ``loss = (1 - alpha) * ntp + alpha * info_nce`` (``gem.losses.loss_weights``).
+
+    trainer = GEMTrainer(model=model, args=args, train_dataset=ds, data_collator=collator, gem_config=cfg)
+    GEMSFTTrainer = gem_trainer_class(trl.SFTTrainer)      # the same for any Trainer subclass
+
+The learnable logit scale (``gem.losses.LogitScale``) lives on the trainer, not in the model (so
+the exported checkpoint stays a plain HF model): it joins the optimizer as its own parameter
+group (no weight decay), its gradient is averaged over data-parallel ranks, and it is saved as
+``gem_logit_scale.pt`` in every Trainer checkpoint and restored on resume. The contrastive
+negatives are gathered from every data-parallel rank (``training.distributed.make_gather_keys``).
+The embeddings come from the model's own forward (``output_hidden_states``), so DDP / DeepSpeed
+see one ordinary forward per loss term. Logged: ``gem_phase``, ``gem_ntp_loss``,
+``gem_cl_loss``, ``gem_logit_scale`` (means over the logging window).
+
+:class:`GEMPhaseCallback` reports the phase switch for pipelines that keep their own Trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback
+
+from ..gem.config import GEMConfig
+from ..gem.losses import LogitScale, info_nce, loss_weights
+from ..gem.readout import pool_special_states
+from ..training.distributed import make_gather_keys
+from .collator import CL_KEYS, CL_PREFIX, GEMDataCollator
+from .enable import is_gem_enabled
+
+logger = logging.getLogger(__name__)
+LOGIT_SCALE_FILE = "gem_logit_scale.pt"
+
+
+def gem_phase(step: int, config: GEMConfig) -> int:
+    """1 (mixed NTP) before ``config.contrastive_from_step``, 2 (contrastive) from it on."""
+    return 1 if loss_weights(step, config)[1] == 0.0 else 2
+
+
+class GEMPhaseCallback(TrainerCallback):
+    """Tracks the GEM phase of the step about to run (``self.phase``), logs the switch once,
+    and adds ``gem_phase`` to every log record."""
+
+    def __init__(self, config: GEMConfig):
+        self.config = config
+        self.phase = 1
+        self.switched_at: int | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        phase = gem_phase(state.global_step, self.config)
+        if phase == 2 and self.phase == 1:
+            self.switched_at = state.global_step
+            logger.info("GEM: contrastive phase from step %d on", state.global_step)
+        self.phase = phase
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None:
+            logs.setdefault("gem_phase", self.phase)
+
+
+class GEMTrainerMixin:
+    """Put before a Trainer class in the bases; takes ``gem_config=`` (default: the model's
+    ``gem_config`` set by enable_gem)."""
+
+    def __init__(self, *args, gem_config: GEMConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self.model
+        config = gem_config or getattr(model, "gem_config", None)
+        if config is None:
+            raise ValueError("GEM trainer: pass gem_config= or call enable_gem(model, tokenizer, config) first")
+        if not is_gem_enabled(model):
+            raise ValueError("GEM trainer: the model does not run the GEM attention; call enable_gem(model, tokenizer, config)")
+        self.gem_config = config
+        collator = self.data_collator
+        if not isinstance(collator, GEMDataCollator):
+            raise TypeError(f"GEM trainer needs a GEMDataCollator as data_collator, got {type(collator).__name__}")
+        if config.alpha > 0:
+            collator.contrastive = True  # set before any DataLoader (and its workers) exists
+        device = next(model.parameters()).device
+        self.gem_logit_scale = LogitScale.from_config(config).to(device)
+        self._gem_gather = make_gather_keys()
+        self._gem_logs: dict[str, list[float]] = {}
+        self.add_callback(GEMPhaseCallback(config))
+
+    # -------------------------------------------------------------------- optimizer
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        param = self.gem_logit_scale.log_scale
+        if not any(param is p for g in optimizer.param_groups for p in g["params"]):
+            group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+            group.update(params=[param], weight_decay=0.0)
+            optimizer.add_param_group(group)
+        return optimizer
+
+    # -------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cl_batch = {k[len(CL_PREFIX):]: inputs.pop(k) for k in CL_KEYS if k in inputs}
+        w_ntp, w_cl = loss_weights(self.state.global_step, self.gem_config)
+        if w_cl == 0.0:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not cl_batch:
+            raise ValueError("contrastive phase without the collator's contrastive view (GEMDataCollator.contrastive is off)")
+        outputs = None
+        loss = torch.zeros((), device=inputs["input_ids"].device)
+        if w_ntp > 0:
+            ntp = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if return_outputs:
+                ntp, outputs = ntp
+            loss = loss + w_ntp * ntp
+            self._gem_record("gem_ntp_loss", ntp)
+        cl = self.gem_contrastive_loss(model, cl_batch)
+        self._gem_record("gem_cl_loss", cl)
+        self._gem_record("gem_logit_scale", self.gem_logit_scale())
+        if self._gem_trainer_skips_ga_division(num_items_in_batch):
+            # The Trainer leaves accumulation to a token-normalised NTP loss; the InfoNCE mean
+            # must then be divided by the accumulation steps here.
+            cl = cl / self.current_gradient_accumulation_steps
+        loss = loss + w_cl * cl
+        return (loss, outputs) if return_outputs else loss
+
+    def _gem_trainer_skips_ga_division(self, num_items_in_batch) -> bool:
+        # Mirrors Trainer.training_step's rule for when it divides the loss by the steps.
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
+        if flag is not None:
+            return bool(flag)
+        accepts = getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+        return bool(accepts or getattr(self, "compute_loss_func", None) is not None)
+
+    def gem_contrastive_loss(self, model, cl_batch: dict) -> torch.Tensor:
+        """InfoNCE between each text (doc j) and its dropout view (doc N + j)."""
+        n = int(cl_batch["num_texts"])
+        out = model(
+            input_ids=cl_batch["input_ids"],
+            position_ids=cl_batch["position_ids"],
+            doc_ids=cl_batch["doc_ids"],
+            roles=cl_batch["roles"],
+            output_hidden_states=True,
+            logits_to_keep=1,  # no full-vocabulary logits for the contrastive rows
+            use_cache=False,
+        )
+        hidden = out.hidden_states[-1]
+        emb = pool_special_states(hidden, cl_batch["roles"], cl_batch["doc_ids"], 2 * n)
+        # The LM head took part with one position; tie it to the loss so DDP sees it used.
+        emb = emb + 0.0 * out.logits.sum()
+        return info_nce(emb[:n], emb[n:], self.gem_logit_scale(), gather_keys=self._gem_gather)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        grad = self.gem_logit_scale.log_scale.grad
+        if grad is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Averaging is linear, so doing it after every accumulation micro-step is exact.
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+            grad /= dist.get_world_size()
+        return loss
+
+    # -------------------------------------------------------------------- logging
+    def _gem_record(self, key: str, value: torch.Tensor) -> None:
+        self._gem_logs.setdefault(key, []).append(float(value.detach()))
+
+    def log(self, logs: dict, *args, **kwargs):
+        for key, values in self._gem_logs.items():
+            if values:
+                logs[key] = sum(values) / len(values)
+        self._gem_logs = {}
+        logs.setdefault("gem_phase", gem_phase(max(self.state.global_step - 1, 0), self.gem_config))
+        return super().log(logs, *args, **kwargs)
+
+    # -------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        super()._save_checkpoint(model, trial, *args, **kwargs)
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if os.path.isdir(folder):
+                torch.save(self.gem_logit_scale.state_dict(), os.path.join(folder, LOGIT_SCALE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, *args, **kwargs):
+        super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
+        path = os.path.join(resume_from_checkpoint, LOGIT_SCALE_FILE)
+        if os.path.isfile(path):
+            self.gem_logit_scale.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def gem_trainer_class(base: type = Trainer) -> type:
+    """``base`` (a Trainer class) with GEM's contrastive phase: ``gem_trainer_class(SFTTrainer)``."""
+    return type(f"GEM{base.__name__}", (GEMTrainerMixin, base), {})
+
+
+GEMTrainer = gem_trainer_class(Trainer)
