@@ -17,6 +17,11 @@ import sys
 from megatron_gem.training.megatron_args import wants_megatron  # imports no megatron-core
 
 if __name__ == "__main__":
+    if "--exit-signal-handler" in sys.argv:
+        # Before the heavy imports: a pre-emption signal during start-up is not lost.
+        from megatron_gem.training.distributed import exit_signal_handler
+
+        exit_signal_handler(True)
     # Import only the chosen engine: the DeepSpeed path never loads megatron-core.
     engine = "megatron_engine" if wants_megatron(sys.argv[1:]) else "deepspeed_engine"
     sys.exit(importlib.import_module(f"megatron_gem.training.{engine}").main())

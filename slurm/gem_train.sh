@@ -108,14 +108,10 @@ case "$BACKEND" in
     TRAIN=("$GEM_ROOT/train.py" "${TRAIN[@]}" --deepspeed "$DS_CONFIG")
     ;;
   megatron)
-    # The megatron-core engine takes train.py's flags plus Megatron's parallelism flags; it is
-    # started through its own entry point (train.py runs the DeepSpeed engine).
-    [ -f "$GEM_ROOT/megatron_gem/training/megatron_engine.py" ] ||
-      die "BACKEND=megatron: this checkout has no megatron-core engine (megatron_gem/training/megatron_engine.py); use BACKEND=deepspeed"
+    # train.py selects the megatron-core engine when Megatron's parallelism flags are given.
     [ $((NODES * RANKS_PER_NODE % (TP * PP))) -eq 0 ] ||
       die "BACKEND=megatron: world size $((NODES * RANKS_PER_NODE)) is not a multiple of TP=$TP x PP=$PP"
-    export PYTHONPATH="$GEM_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-    TRAIN=(-m megatron_gem.training.megatron_engine "${TRAIN[@]}"
+    TRAIN=("$GEM_ROOT/train.py" "${TRAIN[@]}"
       --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
     ;;
   *) die "BACKEND=$BACKEND: expected deepspeed or megatron" ;;

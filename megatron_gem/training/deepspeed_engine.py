@@ -60,7 +60,7 @@ def train(args) -> dict:
     D.ensure_launcher_env()
     validate_args(args, int(os.environ["WORLD_SIZE"]))  # before any process group: bad flags fail fast
     D.init_deepspeed_distributed(args.distributed_timeout_minutes)
-    stop = D.ExitSignalHandler(args.exit_signal_handler)
+    stop = D.exit_signal_handler(args.exit_signal_handler)
     dp_rank, dp_size = D.rank(), D.world_size()
     gem_config = gem_config_from_args(args)
     seed_everything(args.seed)

@@ -119,3 +119,15 @@ class ExitSignalHandler:
     def should_exit(self) -> bool:
         flag = torch.tensor(1.0 if self.received else 0.0)
         return bool(all_reduce_sum(flag) > 0)
+
+
+_exit_handler: ExitSignalHandler | None = None
+
+
+def exit_signal_handler(enabled: bool) -> ExitSignalHandler:
+    """The process's one ExitSignalHandler. train.py installs it before its heavy imports, so
+    a signal that arrives during start-up is remembered too; engines then get the same one."""
+    global _exit_handler
+    if _exit_handler is None:
+        _exit_handler = ExitSignalHandler(enabled)
+    return _exit_handler

@@ -367,7 +367,7 @@ def train(args) -> dict:
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     init_model_parallel(tp, pp, seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
-    stop = D.ExitSignalHandler(args.exit_signal_handler)
+    stop = D.exit_signal_handler(args.exit_signal_handler)
     dp_size = validate_megatron_args(args, dist.get_world_size())
     dp_rank = parallel_state.get_data_parallel_rank()
     gem_config = gem_config_from_args(args)
