@@ -116,13 +116,17 @@ def _wrapper_class():
                 texts = [prefix + t for t in texts]
             # Empty texts would have nothing to read out; one space keeps their row defined.
             texts = [t if t.strip() else " " for t in texts]
-            emb = self.encode_fn(texts)
+            # mteb's STS evaluator sends every pair's texts (Lee-50: 1225 pairs of 50 documents):
+            # embed each distinct text once.
+            unique = list(dict.fromkeys(texts))
+            emb = self.encode_fn(unique)
             if isinstance(emb, torch.Tensor):
                 emb = emb.detach().float().cpu().numpy()
             emb = np.asarray(emb, dtype=np.float32)
-            if emb.shape[0] != len(texts):
-                raise RuntimeError(f"encoder returned {emb.shape[0]} rows for {len(texts)} texts")
-            return emb
+            if emb.shape[0] != len(unique):
+                raise RuntimeError(f"encoder returned {emb.shape[0]} rows for {len(unique)} texts")
+            index = {t: i for i, t in enumerate(unique)}
+            return emb[[index[t] for t in texts]]
 
     return MTEBEncoder
 
