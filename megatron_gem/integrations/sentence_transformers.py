@@ -209,16 +209,14 @@ class GEMSentenceEncoder(_input_module_base()):
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
         from .enable import disable_gem
 
+        from ..attention.hf import use_gem_attention
+
         model = self.auto_model
-        attn = model.config._attn_implementation
-        disable_gem(model)  # the export loads with sdpa; restore GEM attention afterwards
+        disable_gem(model)  # the export loads with sdpa; the GEM attention comes back afterwards
         try:
             model.save_pretrained(output_path, safe_serialization=safe_serialization)
         finally:
-            from ..attention.hf import use_gem_attention
-
             use_gem_attention(model, backend=self.backend, suffix_sees_bos=self.embedder.config.suffix_sees_bos)
-            assert model.config._attn_implementation == attn
         self.tokenizer.save_pretrained(output_path)
         self.embedder.config.save(output_path)
         self.save_config(output_path)

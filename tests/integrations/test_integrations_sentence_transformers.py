@@ -90,3 +90,15 @@ def test_mteb_loads_the_export_by_path(exports):
     got = torch.as_tensor(wrapper.encode(loader, task_metadata=task.metadata, hf_split="test", hf_subset="default"))
     ref = GEMEmbedder.from_pretrained(path, backend="sdpa", max_length=64).encode(TEXTS)
     assert torch.allclose(got.float(), ref, atol=1e-5)
+
+
+def test_custom_module_save_round_trip(exports, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    save_sentence_transformer(exports[2])
+    st = SentenceTransformer(exports[2], device="cpu", trust_remote_code=True)
+    before = st.encode(TEXTS, convert_to_tensor=True)
+    st.save(str(tmp_path / "again"))
+    again = SentenceTransformer(str(tmp_path / "again"), device="cpu", trust_remote_code=True)
+    assert torch.allclose(again.encode(TEXTS, convert_to_tensor=True), before, atol=1e-6)
+    assert st[0].auto_model.config._attn_implementation == "gem"  # saving left the live module on GEM attention
