@@ -344,7 +344,14 @@ class TriviaItem:
 
 def red_trivia() -> list[TriviaItem]:
     """Trivia questions of the red-trivia package (YAML lists, one file per category)."""
+    return list(_red_trivia())
+
+
+@lru_cache(maxsize=1)
+def _red_trivia() -> tuple[TriviaItem, ...]:
     import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
     base = os.path.join(_package_dir("redbot", "red-trivia"), "ext", "trivia", "lists")
     files = sorted(glob.glob(os.path.join(base, "*.yaml")))
@@ -354,11 +361,11 @@ def red_trivia() -> list[TriviaItem]:
     for path in files:
         category = os.path.basename(path)[:-5]
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=loader) or {}
         for q, answers in data.items():
             if q in ("AUTHOR", "CONFIG") or not isinstance(answers, list) or not answers:
                 continue
             answers = tuple(str(a).strip() for a in answers if str(a).strip())
             if answers:
                 out.append(TriviaItem(category, " ".join(str(q).split()), answers))
-    return out
+    return tuple(out)

@@ -64,5 +64,8 @@ def test_eval_lm_tool(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "out" / "lm_results.json").read_text())["results"]
     assert 0 <= res["gem_trivia_mc"]["acc"] <= 1 and "gem_trivia_mc acc" in r.stdout
-    r = subprocess.run(cmd + ["--tasks", "no_such_task_xyz"], capture_output=True, text=True, env=env, timeout=400)
-    assert r.returncode == 2 and "unknown lm-eval task" in r.stderr
+
+
+def test_unknown_task_is_refused(tmp_path, tiny_tokenizer, tiny_llama):
+    with pytest.raises(ValueError, match="unknown lm-eval task"):
+        run_lm_eval(tiny_llama, tiny_tokenizer, tasks=["gem_trivia_mc", "no_such_task_xyz"], work_dir=str(tmp_path), max_items=4)

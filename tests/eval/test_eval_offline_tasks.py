@@ -107,24 +107,29 @@ def test_wrapper_dedupes_and_keeps_order(gem_checkpoint):
 
 
 def test_eval_mteb_tool_end_to_end(gem_checkpoint, tmp_path):
-    from megatron_gem.testing import save_tiny_checkpoint
-
-    base = save_tiny_checkpoint(tmp_path / "base")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    for path, method in ((gem_checkpoint, "gem"), (base, "echo")):
-        out = tmp_path / f"out_{method}"
-        r = subprocess.run(
-            [sys.executable, os.path.join(REPO, "tools", "eval_mteb.py"), "--model", path, "--method", method,
-             "--tasks", "SimLex999", "WordNetDefToExample", "--scale", str(SCALE), "--output", str(out), "--no-progress", "--max-length", "64"],
-            capture_output=True, text=True, env=env, timeout=400,
-        )  # fmt: skip
-        assert r.returncode == 0, r.stderr[-2000:]
-        summary = json.loads((out / "summary.json").read_text())
-        (name, scores), = summary.items()
-        assert name.endswith(f"-{method}") and set(scores) == {"SimLex999", "WordNetDefToExample"}
-        assert "| avg |" in (out / "summary.md").read_text()
-    bad = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "eval_mteb.py"), "--model", base, "--method", "mean", "--tasks", "NoSuchTaskAnywhere", "--output", str(tmp_path / "x")],
-        capture_output=True, text=True, env=env, timeout=200,
-    )
-    assert bad.returncode != 0 and "unknown task or benchmark 'NoSuchTaskAnywhere'" in bad.stderr
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "eval_mteb.py"), "--model", gem_checkpoint, "--method", "gem",
+         "--tasks", "SimLex999", "WordNetDefToExample", "--scale", str(SCALE), "--output", str(out), "--no-progress", "--max-length", "64"],
+        capture_output=True, text=True, env=env, timeout=400,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    (name, scores), = summary.items()
+    assert name.endswith("-gem") and set(scores) == {"SimLex999", "WordNetDefToExample"}
+    assert "| avg |" in (out / "summary.md").read_text() and name in r.stdout
+
+
+def test_eval_mteb_task_names():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import eval_mteb
+
+    names = [t.metadata.name for t in eval_mteb.resolve_tasks(["offline"], SCALE)]
+    from megatron_gem.eval.tasks import OFFLINE_TASKS
+
+    assert names == list(OFFLINE_TASKS)
+    real = eval_mteb.resolve_tasks(["STSBenchmark", "Lee50DocSim"], SCALE)  # a real MTEB task is looked up, not loaded
+    assert [t.metadata.name for t in real] == ["Lee50DocSim", "STSBenchmark"]
+    with pytest.raises(SystemExit, match="unknown task or benchmark 'NoSuchTaskAnywhere'"):
+        eval_mteb.resolve_tasks(["NoSuchTaskAnywhere"], SCALE)
