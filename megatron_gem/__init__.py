@@ -4,14 +4,16 @@ Public API:
   Role, GEMConfig, gem_mask      the method (megatron_gem.gem)
   gem_attention                  the rule executed by a backend (sdpa | flex | triton)
   GEMEmbedder                    readout of embeddings from a GEM checkpoint
+  enable_gem, disable_gem        GEM on any HF causal LM (see megatron_gem.integrations)
 """
 
 from .attention.dispatch import gem_attention
 from .gem import GEMConfig, Role, gem_mask
+from .integrations.enable import disable_gem, enable_gem
 
 __version__ = "0.1.0"
 
-__all__ = ["GEMConfig", "GEMEmbedder", "Role", "gem_attention", "gem_mask", "__version__"]
+__all__ = ["GEMConfig", "GEMEmbedder", "Role", "disable_gem", "enable_gem", "gem_attention", "gem_mask", "__version__"]
 
 
 def __getattr__(name):
