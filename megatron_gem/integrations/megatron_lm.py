@@ -74,13 +74,13 @@ def gem_model_provider(
 
         from ..models.hf_mapping import load_hf_into_model
         from ..models.llama import build_gem_gpt_model, padded_vocab_size, transformer_config
-        from ..training.megatron_engine import _hf_source  # HF config + weights with the GEM rows
+        from ..training.megatron_engine import load_hf_source  # HF config + weights with the GEM rows
 
         if vp_stage is not None:
             raise ValueError("GEM model_provider does not support virtual pipeline stages")
         tp = parallel_state.get_tensor_model_parallel_world_size()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
-        arch, _, weights, vocab = _hf_source(hf_checkpoint, tokenizer, config)
+        arch, _, weights, vocab = load_hf_source(hf_checkpoint, tokenizer, config)
         tconf = transformer_config(
             arch,
             tensor_model_parallel_size=tp,

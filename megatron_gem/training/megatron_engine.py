@@ -89,7 +89,7 @@ class _EmbeddingTables(torch.nn.Module):
             self.head.weight = grow(self.head.weight)
 
 
-def _hf_source(path: str, tokenizer, gem_config):
+def load_hf_source(path: str, tokenizer, gem_config):
     """(arch, HF config dict, weight getter, vocab) of an HF checkpoint, GEM tokens added."""
     from transformers import AutoConfig
 
@@ -132,7 +132,7 @@ def build_model(args, tokenizer, gem_config):
         source = None
         hf_config = meta["hf_config"]
     else:
-        arch, hf_config, source, vocab = _hf_source(args.model, tokenizer, gem_config)
+        arch, hf_config, source, vocab = load_hf_source(args.model, tokenizer, gem_config)
         padded = padded_vocab_size(vocab, tp, args.make_vocab_size_divisible_by)
     if arch.sliding_window and args.seq_length > arch.sliding_window:
         raise ArgumentError(
