@@ -36,8 +36,11 @@ def _check_shapes(q, k, v, doc_ids, roles) -> None:
 
 
 def sdpa_gem_attention(q, k, v, doc_ids, roles, *, scale=None, suffix_sees_bos=False):
-    """Reference backend: dense mask + SDPA (GQA handled without copying through enable_gqa)."""
-    mask = gem_mask(doc_ids, roles, suffix_sees_bos=suffix_sees_bos)[:, None]  # [B, 1, L, L]
+    """Reference backend: dense mask + SDPA (GQA handled without copying through enable_gqa).
+    The mask is built once per batch and shared by every layer."""
+    mask = _dense_masks.get(
+        doc_ids, roles, (suffix_sees_bos, q.device), lambda: gem_mask(doc_ids, roles, suffix_sees_bos=suffix_sees_bos)[:, None].to(q.device)
+    )  # [B, 1, L, L]
     enable_gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
 
@@ -53,36 +56,41 @@ def flex_gem_attention(q, k, v, doc_ids, roles, *, scale=None, suffix_sees_bos=F
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
-class _BlockTableCache:
-    """The block table of the last (doc_ids, roles) seen. Every layer of a forward gets the same
-    metadata tensors, so the table (and its host sync) is built once per batch, not per layer.
-    The cache holds references to the tensors it was built from: their memory cannot be reused
-    by another batch while cached, so identity + version equality means equal contents."""
+class _PerBatchCache:
+    """Memo of what is derived from one batch's (doc_ids, roles): the dense mask (sdpa) or the
+    block table (triton). Every layer of a forward gets the same metadata tensors, so it is
+    built once per batch, not once per layer. The cache holds references to the tensors it was
+    built from: their memory cannot be reused by another batch while cached, so identity +
+    version equality means equal contents."""
 
     def __init__(self):
         self.key = None
-        self.table = None
+        self.value = None
 
-    def get(self, doc_ids, roles, block_m: int, block_n: int, suffix_sees_bos: bool):
-        from ..kernels import build_block_table
-
-        key = (doc_ids, roles, doc_ids._version, roles._version, block_m, block_n, suffix_sees_bos)
+    def get(self, doc_ids, roles, extra: tuple, build):
+        if doc_ids.is_inference() or roles.is_inference():
+            return build()  # inference tensors have no version counter: nothing safe to key on
+        key = (doc_ids, roles, doc_ids._version, roles._version, *extra)
         k = self.key
         if k is None or not (k[0] is doc_ids and k[1] is roles and k[2:] == key[2:]):
-            self.table = build_block_table(doc_ids, roles, block_m=block_m, block_n=block_n, suffix_sees_bos=suffix_sees_bos)
+            self.value = build()
             self.key = key
-        return self.table
+        return self.value
 
 
-_block_tables = _BlockTableCache()
+_dense_masks = _PerBatchCache()
+_block_tables = _PerBatchCache()
 
 
 def triton_gem_attention(q, k, v, doc_ids, roles, *, scale=None, suffix_sees_bos=False):
     # imported lazily: triton is optional on CPU
-    from ..kernels import default_launch_config, triton_gem_attention as _triton
+    from ..kernels import build_block_table, default_launch_config, triton_gem_attention as _triton
 
     cfg = default_launch_config(q.shape[-1], q.device)
-    table = _block_tables.get(doc_ids, roles, cfg["block_m"], cfg["block_n"], suffix_sees_bos)
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    table = _block_tables.get(
+        doc_ids, roles, (bm, bn, suffix_sees_bos), lambda: build_block_table(doc_ids, roles, block_m=bm, block_n=bn, suffix_sees_bos=suffix_sees_bos)
+    )
     return _triton(q, k, v, doc_ids, roles, scale=scale, suffix_sees_bos=suffix_sees_bos, block_table=table)
 
 

@@ -43,7 +43,7 @@ class GEMModel(torch.nn.Module):
         head = self.lm.get_output_embeddings()
         scale = self.logit_scale()
         if task == "ntp":
-            return head(hidden) + 0.0 * scale
+            return head(hidden + 0.0 * scale)  # touched on [B, L, H], not on the larger logits
         if task == "embed":
             emb = pool_special_states(hidden, batch["roles"], batch["doc_ids"], 2 * int(batch["num_texts"]))
             return emb + 0.0 * head(hidden[:1, :1]).sum(), scale

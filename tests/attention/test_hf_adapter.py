@@ -127,3 +127,13 @@ def test_triton_backend_in_a_model_builds_one_block_table_per_batch(tiny_tokeniz
     batch2["roles"][0, :] = 0  # in-place edit bumps the version: rebuilt
     model(**batch2)
     assert len(calls) == 3
+
+
+def test_sdpa_mask_cache_follows_in_place_edits(tiny_tokenizer):
+    model = use_gem_attention(make_tiny_llama(len(tiny_tokenizer)), backend="sdpa")
+    batch = packed_batch(tiny_tokenizer)
+    model(**batch)
+    batch["roles"][0, :] = 0  # all plain now: the cached mask of the GEM layout must not be reused
+    edited = model(**batch).logits
+    fresh = model(**{k: v.clone() for k, v in batch.items()}).logits
+    assert torch.equal(edited, fresh)
