@@ -51,7 +51,7 @@ from .megatron_args import validate_megatron_args
 from .loop import StepBookkeeping
 from .metrics import MetricsLogger
 from .model import ModelLoadError, load_tokenizer
-from .schedule import gem_lr
+from .schedule import lr_for_step
 
 STATE_NAME = "gem_state.json"
 # megatron-core 0.16's distributed-optimizer formats with torch Adam (no TE/apex): the
@@ -467,15 +467,7 @@ def train(args) -> dict:
         micro = [combine(a, b, device) for a, b in zip(ntp_batches, cl_batches)]
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in ntp_batches if b is not None)
         global_tokens = int(D.all_reduce_sum(torch.tensor(local_tokens, device=device), group=dp_group)) if w_ntp > 0 else 0
-        lr = gem_lr(
-            step,
-            train_iters=args.train_iters,
-            contrastive_from_step=args.gem_contrastive_from_step,
-            lr=args.lr,
-            contrastive_lr=args.contrastive_lr,
-            warmup_fraction=args.lr_warmup_fraction,
-            min_ratio=args.min_lr_ratio,
-        )
+        lr = lr_for_step(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss = StepLoss(w_ntp=w_ntp, w_cl=w_cl, global_tokens=global_tokens, dp_size=dp_size, accum=accum, gather_keys=gather_keys)

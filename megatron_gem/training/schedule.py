@@ -26,19 +26,21 @@ def gem_lr(step: int, *, train_iters: int, contrastive_from_step: int, lr: float
     return phase_lr(step, contrastive_from_step, train_iters, contrastive_lr, warmup_fraction, min_ratio)
 
 
+def lr_for_step(step: int, args) -> float:
+    """The LR of ``step`` for train.py's arguments."""
+    return gem_lr(
+        step,
+        train_iters=args.train_iters,
+        contrastive_from_step=args.gem_contrastive_from_step,
+        lr=args.lr,
+        contrastive_lr=args.contrastive_lr,
+        warmup_fraction=args.lr_warmup_fraction,
+        min_ratio=args.min_lr_ratio,
+    )
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, args) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over the optimizer's base lr (= args.lr); its state is only the step count, so
     it resumes exactly from a checkpoint."""
 
-    def factor(step: int) -> float:
-        return gem_lr(
-            step,
-            train_iters=args.train_iters,
-            contrastive_from_step=args.gem_contrastive_from_step,
-            lr=args.lr,
-            contrastive_lr=args.contrastive_lr,
-            warmup_fraction=args.lr_warmup_fraction,
-            min_ratio=args.min_lr_ratio,
-        ) / args.lr
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_for_step(step, args) / args.lr)
