@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_python, run_torchrun
+from megatron_launch import run_python, run_torchrun
 
 
 def test_megatron_logits_equal_hf(tmp_path):

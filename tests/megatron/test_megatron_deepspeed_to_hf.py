@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import ROOT, free_port, run_python
+from megatron_launch import ROOT, free_port, run_python
 
 
 def test_zero3_checkpoint_to_hf_equals_the_runs_export(tmp_path):

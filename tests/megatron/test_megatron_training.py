@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_torchrun
+from megatron_launch import run_torchrun
 
 VOLATILE = ("tokens_per_s", "step_time_s")
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import REPO
+from train_launch import REPO
 from megatron_gem.training.args import ArgumentError, parse_args, validate_args
 from megatron_gem.training.deepspeed_engine import main
 from megatron_gem.training.ds_config import load_ds_config

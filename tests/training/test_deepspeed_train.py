@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, base_args, launch, read_metrics
+from train_launch import REPO, base_args, launch, read_metrics
 
 DS_ZERO3 = os.path.join(REPO, "ds_zero3.json")
 
