@@ -20,6 +20,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from ..training.checkpoint import replace_dir_atomic
 from .llama import LlamaArch
 
 META_NAME = "megatron_gem.json"
@@ -117,13 +118,7 @@ def finish_hf_dir(tmp_dir: str, out_dir: str, *, config: dict, weight_map: dict[
         gem_config.save(tmp_dir)
     if extra:
         write_json_atomic(os.path.join(tmp_dir, "training_info.json"), extra)
-    old = out_dir.rstrip("/") + ".old"
-    if os.path.exists(out_dir):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp_dir, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return replace_dir_atomic(tmp_dir, out_dir)
 
 
 def gather_tp(t: torch.Tensor) -> list[torch.Tensor]:

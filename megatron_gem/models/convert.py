@@ -20,6 +20,7 @@ import shutil
 import torch
 
 from ..gem.config import CONFIG_NAME, GEMConfig
+from ..training.checkpoint import replace_dir_atomic
 from . import checkpoint_io as io
 from .hf_mapping import HFWeights, load_hf_into_model
 from .llama import arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
@@ -39,16 +40,6 @@ def _fresh_tmp(out_dir: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
-
-
-def _swap_in(tmp: str, out_dir: str) -> str:
-    old = out_dir.rstrip("/") + ".old"
-    if os.path.exists(out_dir):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
 
 def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, divisible_by: int = 128, log=print) -> dict:
@@ -80,7 +71,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, divisible_by:
         tok.save_pretrained(tmp)
     if os.path.isfile(os.path.join(hf_dir, CONFIG_NAME)):
         GEMConfig.load(hf_dir).save(tmp)
-    _swap_in(tmp, out_dir)
+    replace_dir_atomic(tmp, out_dir)
     log(f"[convert] wrote megatron-core dist checkpoint {out_dir} (loads at any TP/PP; made for TP={tp}, PP={pp})")
     return meta
 
@@ -150,7 +141,7 @@ def deepspeed_to_hf(ds_dir: str, out_dir: str, *, model_dir: str, tag: str | Non
     tokenizer.save_pretrained(tmp)
     if gem is not None:
         gem.save(tmp)
-    _swap_in(tmp, out_dir)
+    replace_dir_atomic(tmp, out_dir)
     log(f"[convert] consolidated {ds_dir} ({len(lm_state)} tensors, fp32) into {out_dir}")
     return out_dir
 
@@ -172,6 +163,6 @@ def add_gem_tokens_to_hf_dir(in_dir: str, out_dir: str, gem_config: GEMConfig, *
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     gem_config.save(tmp)
-    _swap_in(tmp, out_dir)
+    replace_dir_atomic(tmp, out_dir)
     log(f"[add_gem_tokens] {in_dir}: tokens {gem_config.special_tokens} -> ids {ids}; embedding rows {before} -> {model.get_input_embeddings().weight.shape[0]}; wrote {out_dir}")
     return ids

@@ -34,6 +34,18 @@ def write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_dir_atomic(tmp: str, out_dir: str) -> str:
+    """Swap the finished directory ``tmp`` in as ``out_dir`` by renames (the old one, if any,
+    is moved aside first and removed last): readers see the old or the new, never a mix."""
+    old = out_dir.rstrip("/") + ".old"
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
 def read_latest(load_dir: str) -> str | None:
     path = os.path.join(load_dir, LATEST)
     if not os.path.isfile(path):
@@ -118,12 +130,6 @@ def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = N
         gem_config.save(tmp)
         if extra:
             write_text_atomic(os.path.join(tmp, "training_info.json"), json.dumps(extra, indent=2) + "\n")
-        old = out_dir.rstrip("/") + ".old"
-        if os.path.exists(out_dir):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        path = out_dir
+        path = replace_dir_atomic(tmp, out_dir)
     D.barrier()
     return path
