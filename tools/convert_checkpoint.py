@@ -9,15 +9,18 @@
 The megatron output is megatron-core dist_checkpointing (torch_dist): it loads at any TP/PP.
 T sets the vocabulary padding (a multiple of --make-vocab-size-divisible-by x T); T and P are
 recorded in DIR/megatron_gem.json. megatron-to-hf drops the padding again and writes
-safetensors with bit-equal weights. Llama-family models only (Llama 2/3/3.1/3.2, Mistral);
-anything else is refused. Runs in one process on CPU; the whole model is held in memory once
-(about 2 bytes per parameter in bf16). See docs/megatron.md.
+safetensors with bit-equal weights (shards of --max-shard-size). Llama-family models only
+(Llama 2/3/3.1/3.2, Mistral); anything else is refused. Runs in one process on CPU and streams
+tensor by tensor: peak memory is about one layer (hf-to-megatron) or one output shard plus one
+layer (megatron-to-hf), not the model. Loads only safetensors, torch.load(weights_only=True)
+and, for the dist checkpoint's .metadata, a restricted unpickler. See docs/megatron.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import socket
 import sys
 
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("megatron-to-hf", help="megatron-core dist checkpoint (from hf-to-megatron or training) -> HF")
     b.add_argument("--input", required=True)
     b.add_argument("--output", required=True)
+    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file of the HF output, HF's spelling (default 5GB)")
     c = sub.add_parser("deepspeed-to-hf", help="ZeRO checkpoint of the DeepSpeed GEM path -> HF (DeepSpeed's zero_to_fp32)")
     c.add_argument("--input", required=True, help="the run's --save directory (holds 'latest') or a tag directory's parent")
     c.add_argument("--model", required=True, help="the HF checkpoint the run started from (config, tokenizer)")
@@ -84,10 +88,10 @@ def main(argv=None) -> int:
                     divisible_by=args.make_vocab_size_divisible_by,
                 )
             else:
-                convert.megatron_to_hf(args.input, args.output)
+                convert.megatron_to_hf(args.input, args.output, max_shard_size=args.max_shard_size)
         finally:
             runtime.destroy()
-    except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
+    except (UnsupportedModelError, FileNotFoundError, ValueError, pickle.UnpicklingError) as e:
         print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
         return 2
     return 0

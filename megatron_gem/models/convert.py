@@ -22,8 +22,8 @@ import torch
 from ..gem.config import CONFIG_NAME, GEMConfig
 from ..training.checkpoint import replace_dir_atomic
 from . import checkpoint_io as io
-from .hf_mapping import HFWeights, load_hf_into_model
-from .llama import arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+from .hf_mapping import HFWeights, hf_from_megatron, megatron_from_hf
+from .llama import LlamaArch, arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
 
 
 def _load_tokenizer(directory: str):
@@ -42,29 +42,51 @@ def _fresh_tmp(out_dir: str) -> str:
     return tmp
 
 
-def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, divisible_by: int = 128, log=print) -> dict:
-    """Convert; returns the written megatron_gem.json content."""
+def _meta_gem_model(arch, *, vocab: int, padded: int, dtype: torch.dtype):
+    """The TP=PP=1 GEM GPTModel on the meta device (layout only); GEM's logit scale is built for
+    real (its initial value is what a fresh model saves)."""
+    from ..gem.losses import LogitScale
+
+    config = transformer_config(arch, params_dtype=dtype)
+    with torch.device("meta"):
+        model = build_gem_gpt_model(arch, config, vocab_size=vocab, padded_vocab=padded, pre_process=True, post_process=True)
+    init = model.logit_scale.log_scale  # meta; rebuild with the constructor's defaults
+    model.logit_scale = LogitScale()
+    assert model.logit_scale.log_scale.shape == init.shape
+    return model
+
+
+def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, divisible_by: int = 128, progress: bool = True, log=print) -> dict:
+    """Convert, tensor by tensor (peak memory about one layer); returns the written
+    megatron_gem.json content."""
     from transformers import AutoConfig
+
+    from . import streaming_io
 
     hf_config = AutoConfig.from_pretrained(hf_dir)
     arch = arch_from_hf_config(hf_config)
     weights = HFWeights(hf_dir)
     embed = weights("model.embed_tokens.weight")
-    vocab = embed.shape[0]
+    vocab, dtype = embed.shape[0], embed.dtype
+    del embed
     arch.vocab_size = vocab
     padded = padded_vocab_size(vocab, tp, divisible_by)
     # Validates the split (heads, KV heads, FFN, layers) now, not when someone loads it.
     from .llama import check_parallel_sizes
 
     check_parallel_sizes(arch, tp, pp)
-    config = transformer_config(arch, params_dtype=embed.dtype)
-    model = build_gem_gpt_model(arch, config, vocab_size=vocab, padded_vocab=padded, pre_process=True, post_process=True)
-    load_hf_into_model(model, weights, arch, tp_rank=0, tp_size=1)
+    model = _meta_gem_model(arch, vocab=vocab, padded=padded, dtype=dtype)
     tmp = _fresh_tmp(out_dir)
-    log(f"[convert] {hf_dir}: {arch.architecture}, {arch.num_layers} layers, vocab {vocab} -> padded {padded} (TP={tp}), dtype {embed.dtype}")
-    io.save_model(model, tmp)
+    log(f"[convert] {hf_dir}: {arch.architecture}, {arch.num_layers} layers, vocab {vocab} -> padded {padded} (TP={tp}), dtype {dtype}")
+
+    def materialize(name: str, want: torch.dtype) -> torch.Tensor:
+        if name == "output_layer.weight" and arch.tie_word_embeddings:
+            name = "embedding.word_embeddings.weight"
+        return megatron_from_hf(name, weights, arch, padded)
+
+    streaming_io.save_dist_checkpoint_lazily(model, tmp, materialize, progress=progress)
     meta = io.make_meta(arch, vocab_size=vocab, padded_vocab=padded, tp=tp, pp=pp, hf_config=hf_config.to_dict(), divisible_by=divisible_by)
-    meta["dtype"] = str(embed.dtype).replace("torch.", "")
+    meta["dtype"] = str(dtype).replace("torch.", "")
     io.write_json_atomic(os.path.join(tmp, io.META_NAME), meta)
     tok = _load_tokenizer(hf_dir)
     if tok is not None:
@@ -87,18 +109,32 @@ def build_from_meta(meta: dict, *, tp: int = 1, pp: int = 1, **kwargs):
     return arch, model
 
 
-def megatron_to_hf(megatron_dir: str, out_dir: str, *, log=print) -> str:
+def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5GB", progress: bool = True, log=print) -> str:
+    """Megatron dist checkpoint (converted or trained, any TP/PP) -> HF safetensors, one group of
+    parameters at a time (peak memory about one shard of ``max_shard_size`` plus one layer)."""
+    from . import streaming_io
+
     meta = io.read_meta(megatron_dir)
     log(
         f"[convert] {megatron_dir}: made for TP={meta['tensor_model_parallel_size']}, PP={meta['pipeline_model_parallel_size']}; "
         f"vocab {meta['vocab_size']} (padded {meta['padded_vocab_size']})"
     )
-    arch, model = build_from_meta(meta)
-    io.load_model(model, megatron_dir)
+    arch = LlamaArch.from_dict(meta["arch"])
+    model = _meta_gem_model(arch, vocab=meta["vocab_size"], padded=meta["padded_vocab_size"], dtype=getattr(torch, meta.get("dtype", "float32")))
     tok = _load_tokenizer(megatron_dir)
     gem = GEMConfig.load(megatron_dir) if os.path.isfile(os.path.join(megatron_dir, CONFIG_NAME)) else None
-    io.export_hf_from_model(model, arch, out_dir, hf_config=meta["hf_config"], vocab_size=meta["vocab_size"], tokenizer=tok, gem_config=gem)
-    log(f"[convert] wrote HF checkpoint {out_dir}")
+    tmp = _fresh_tmp(out_dir)
+    shards = streaming_io.HFShardWriter(tmp, streaming_io.parse_size(max_shard_size))
+    for group in streaming_io.iter_dist_checkpoint_groups(model, megatron_dir, progress=progress):
+        for name, full in group.items():
+            if name.startswith("logit_scale.") or (name == "output_layer.weight" and arch.tie_word_embeddings):
+                continue
+            for hf_name, t in hf_from_megatron(name, full, arch, meta["vocab_size"]).items():
+                shards.add(hf_name, t)
+        del group
+    weight_map, total = shards.close()
+    io.finish_hf_dir(tmp, out_dir, config=io.hf_config_dict(meta["hf_config"], meta["vocab_size"]), weight_map=weight_map, total_size=total, tokenizer=tok, gem_config=gem)
+    log(f"[convert] wrote HF checkpoint {out_dir} ({len(set(weight_map.values()))} safetensors file(s))")
     return out_dir
 
 

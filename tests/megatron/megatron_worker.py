@@ -3,12 +3,15 @@
     torchrun ... megatron_worker.py equivalence OUT.json
         One process: HF Llama/Mistral logits under GEM attention vs the megatron-core GEM model
         after state-dict conversion, for several configurations; writes max |difference|.
-    torchrun --nproc-per-node 4 ... megatron_worker.py load_logits MEGATRON_DIR BATCH.pt OUT.pt
-        Loads a converted dist checkpoint at TP=2 x PP=2 and runs one packed batch through
+    torchrun --nproc-per-node T*P ... megatron_worker.py load_logits MEGATRON_DIR BATCH.pt OUT.pt T P
+        Loads a converted dist checkpoint at TP=T x PP=P and runs one packed batch through
         megatron-core's pipeline schedule (forward only); the last stage saves its logits.
+    torchrun ... megatron_worker.py stream_vs_reference HF_DIR WORK_DIR
+        The streaming converter against an in-memory model saved by dist_checkpointing.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -93,7 +96,7 @@ def equivalence(out_path):
         json.dump(result, f)
 
 
-def load_logits(megatron_dir, batch_path, out_path):
+def load_logits(megatron_dir, batch_path, out_path, tp="2", pp="2"):
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -103,9 +106,10 @@ def load_logits(megatron_dir, batch_path, out_path):
     from megatron_gem.models.convert import build_from_meta
     from megatron_gem.models.runtime import destroy, init_model_parallel
 
-    init_model_parallel(2, 2)
+    tp, pp = int(tp), int(pp)
+    init_model_parallel(tp, pp)
     meta = io.read_meta(megatron_dir)
-    _, model = build_from_meta(meta, tp=2, pp=2)
+    _, model = build_from_meta(meta, tp=tp, pp=pp)
     io.load_model(model, megatron_dir)
     model.eval()
     ids, pos, doc, roles = torch.load(batch_path)
@@ -134,11 +138,42 @@ def load_logits(megatron_dir, batch_path, out_path):
     destroy()
 
 
+def stream_vs_reference(hf_dir, work_dir):
+    """The streaming converter (tensor by tensor, meta-device layout) against the obvious
+    reference: a real model filled with load_hf_into_model and saved by dist_checkpointing.save.
+    Both checkpoints hold the same chunks, and load to bit-equal models."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_gem.models import checkpoint_io as io
+    from megatron_gem.models import convert
+    from megatron_gem.models.hf_mapping import HFWeights, load_hf_into_model
+    from megatron_gem.models.runtime import destroy, init_model_parallel
+
+    init_model_parallel(1, 1)
+    streamed, reference = os.path.join(work_dir, "streamed"), os.path.join(work_dir, "reference")
+    meta = convert.hf_to_megatron(hf_dir, streamed, tp=2, pp=1, progress=False)
+    arch, ref_model = convert.build_from_meta(meta)
+    load_hf_into_model(ref_model, HFWeights(hf_dir), arch, tp_rank=0, tp_size=1)
+    io.save_model(ref_model, reference)
+    md_s, md_r = FileSystemReader(streamed).read_metadata(), FileSystemReader(reference).read_metadata()
+    layout = lambda md: {k: (tuple(v.size), sorted((tuple(c.offsets), tuple(c.sizes)) for c in v.chunks)) for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks")}  # noqa: E731
+    assert layout(md_s) == layout(md_r), "streamed checkpoint has a different chunk layout"
+    _, got = convert.build_from_meta(meta)
+    io.load_model(got, streamed)
+    a, b = ref_model.state_dict(), got.state_dict()
+    bad = [k for k, v in a.items() if isinstance(v, torch.Tensor) and not torch.equal(v, b[k])]
+    assert not bad, f"streamed checkpoint differs from the reference in {bad}"
+    print(json.dumps({"tensors": len(layout(md_s)), "equal": True}))
+    destroy()
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "equivalence":
         equivalence(sys.argv[2])
     elif cmd == "load_logits":
-        load_logits(*sys.argv[2:5])
+        load_logits(*sys.argv[2:])
+    elif cmd == "stream_vs_reference":
+        stream_vs_reference(*sys.argv[2:])
     else:
         raise SystemExit(f"unknown command {cmd}")

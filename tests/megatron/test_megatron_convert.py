@@ -1,6 +1,7 @@
 """Conversion: converted models give the HF logits; HF -> Megatron -> HF is bit-equal."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -49,11 +50,89 @@ def test_round_trip_bit_equal_and_tp2_pp2_load(gem_hf_checkpoint, converted_chec
     hf = AutoModelForCausalLM.from_pretrained(gem_hf_checkpoint)
     batch = packed_batch(vocab, seed=1)
     torch.save(batch, tmp_path / "batch.pt")
-    run_torchrun(["tests/megatron/megatron_worker.py", "load_logits", str(converted_checkpoint), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt")], nproc=4)
+    run_torchrun(["tests/megatron/megatron_worker.py", "load_logits", str(converted_checkpoint), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt"), "2", "2"], nproc=4)
     got = torch.load(tmp_path / "logits.pt")
     ref = hf_logits(hf, *batch)
     assert got.shape[-1] == meta["padded_vocab_size"]
     assert torch.allclose(got[..., :vocab], ref, atol=1e-5, rtol=1e-5), float((got[..., :vocab] - ref).abs().max())
+
+
+@pytest.fixture(scope="module")
+def tied_rope_scaled_checkpoint(tmp_path_factory):
+    """A tiny tied-embedding HF Llama with Llama-3 rope scaling, as a user's checkpoint."""
+    from megatron_gem.testing import save_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("mg_tied") / "hf"
+    save_tiny_checkpoint(d, tie_word_embeddings=True, seed=4)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(rope_theta=500000.0, max_position_embeddings=256, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("tp,pp,kind", [(1, 1, "untied"), (2, 1, "tied"), (1, 2, "tied"), (2, 2, "tied")])
+def test_converted_logits_equal_hf_at_each_layout(tp, pp, kind, gem_hf_checkpoint, tied_rope_scaled_checkpoint, tmp_path):
+    """hf-to-megatron through the command line, loaded at TP x PP processes: the packed GEM batch
+    gives the HF logits (fp32). Tied embeddings + Llama-3 rope scaling at TP2, PP2 and TP2xPP2
+    (the untied checkpoint at TP2xPP2: test_round_trip_bit_equal_and_tp2_pp2_load)."""
+    from transformers import AutoModelForCausalLM
+
+    import sys
+
+    sys.path.insert(0, "tests/megatron")
+    from megatron_worker import hf_logits, packed_batch
+
+    src = gem_hf_checkpoint if kind == "untied" else tied_rope_scaled_checkpoint
+    out = tmp_path / "mg"
+    run_python(["tools/convert_checkpoint.py", "hf-to-megatron", "--input", str(src), "--output", str(out), "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)])
+    hf = AutoModelForCausalLM.from_pretrained(src)
+    vocab = hf.config.vocab_size
+    batch = packed_batch(vocab, seed=2)
+    torch.save(batch, tmp_path / "batch.pt")
+    run_torchrun(["tests/megatron/megatron_worker.py", "load_logits", str(out), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt"), str(tp), str(pp)], nproc=tp * pp)
+    got = torch.load(tmp_path / "logits.pt")
+    ref = hf_logits(hf, *batch)
+    assert torch.allclose(got[..., :vocab], ref, atol=1e-5, rtol=1e-5), float((got[..., :vocab] - ref).abs().max())
+
+
+def test_streaming_conversion_equals_in_memory_reference(gem_hf_checkpoint, tmp_path):
+    """The tensor-by-tensor converter writes the same dist checkpoint layout as megatron-core's
+    save of a real model filled from HF, and it loads to bit-equal weights."""
+    proc = run_torchrun(["tests/megatron/megatron_worker.py", "stream_vs_reference", str(gem_hf_checkpoint), str(tmp_path)])
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["equal"] is True
+
+
+def test_megatron_to_hf_shards_and_refuses_unsafe_metadata(converted_checkpoint, gem_hf_checkpoint, tmp_path):
+    """--max-shard-size splits the HF output into an indexed set of shards HF loads; a .metadata
+    pickle that would run code is refused."""
+    import pickle
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sharded"
+    run_python(["tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(converted_checkpoint), "--output", str(out), "--max-shard-size", "60KB"])
+    files = sorted(out.glob("model-*-of-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(files) > 2 and sorted(set(index["weight_map"].values())) == [f.name for f in files]
+    got = {}
+    for f in files:
+        got.update(load_file(f))
+    ref = load_file(gem_hf_checkpoint / "model.safetensors")
+    assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    AutoModelForCausalLM.from_pretrained(out)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "bad"
+    shutil.copytree(converted_checkpoint, bad)
+    (bad / ".metadata").write_bytes(pickle.dumps(Evil()))
+    proc = run_python(["tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(bad), "--output", str(tmp_path / "o")], check=False)
+    assert proc.returncode == 2 and "refusing to load" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "o").exists()
 
 
 def test_refuses_unknown_architecture(tmp_path, capsys):

@@ -1,0 +1,311 @@
+"""Tensor-by-tensor checkpoint I/O for the converter: peak memory is about one layer, not the model.
+
+The model is built on the meta device only to get megatron-core's sharded state dict (keys,
+global shapes, layer stacking, the SwiGLU split), so the checkpoint layout is exactly the one
+``dist_checkpointing.save`` of a live model writes (``checkpoint_io.save_model``, the reference
+the tests compare against). Only the bytes are produced lazily:
+
+  save_dist_checkpoint_lazily   megatron-core's own save pipeline (common.pt, metadata.json,
+                                torch_dist .metadata) with a save strategy whose planner builds
+                                each chunk when the writer asks for it, one file per chunk, so no
+                                file (and no buffer) holds more than one tensor
+  iter_dist_checkpoint_groups   reads a dist checkpoint one group of parameters (the embedding,
+                                one decoder layer, the rest) at a time
+  HFShardWriter                 writes safetensors shards of at most ``max_shard_bytes``
+
+Coordinates: in the dist checkpoint a decoder parameter is one global tensor stacked over the
+layers (prepended axis = layer index); the rest of the global tensor is the full (TP=1)
+megatron parameter, so every chunk is a slice of the full parameter of one layer.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from typing import Callable, Iterator
+
+import torch
+
+_LAYER_LOCAL = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+# (global megatron parameter name, dtype) -> full TP=1 tensor
+Materialize = Callable[[str, torch.dtype], torch.Tensor]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, mininterval=2.0)
+
+
+def _sharded_key_to_param(model) -> dict[str, tuple[str, bool]]:
+    """Sharded-checkpoint key -> (parameter name, stacked over layers) for every tensor of
+    ``model.sharded_state_dict()``. Decoder parameters get a ``{layer}`` placeholder."""
+    out: dict[str, tuple[str, bool]] = {}
+    for local, sh in model.sharded_state_dict().items():
+        key = getattr(sh, "key", None)
+        if key is None or local.endswith("_extra_state"):
+            continue
+        m = _LAYER_LOCAL.match(local)
+        name, stacked = (f"decoder.layers.{{layer}}.{m.group(2)}", True) if m else (local, False)
+        if out.setdefault(key, (name, stacked)) != (name, stacked):
+            raise ValueError(f"sharded key {key!r} maps to two parameters: {out[key][0]!r} and {name!r}")
+    return out
+
+
+class _Chunks:
+    """Builds one saved chunk (global key, offsets, sizes) from full parameters; keeps the last
+    full parameter, since the SwiGLU halves of linear_fc1 are two chunks of one parameter."""
+
+    def __init__(self, key_map: dict[str, tuple[str, bool]], materialize: Materialize):
+        self.key_map = key_map
+        self.materialize = materialize
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __call__(self, key: str, offsets, sizes, dtype: torch.dtype) -> torch.Tensor:
+        name, stacked = self.key_map[key]
+        if stacked:
+            name = name.format(layer=int(offsets[0]))
+            offsets, sizes, lead = offsets[1:], sizes[1:], (int(sizes[0]),)
+            if lead != (1,):
+                raise ValueError(f"{key}: a chunk spans {lead[0]} layers; expected one")
+        else:
+            lead = ()
+        if self._last is None or self._last[0] != name:
+            self._last = None  # free the previous parameter before building the next one
+            self._last = (name, self.materialize(name, dtype).to(dtype))
+        full = self._last[1]
+        if full.dim() != len(sizes):
+            raise ValueError(f"{name}: full parameter has {full.dim()} dims, the checkpoint chunk {len(sizes)}")
+        part = full
+        for dim, (o, s) in enumerate(zip(offsets, sizes)):
+            part = part.narrow(dim, int(o), int(s))
+        return part.reshape(*lead, *part.shape).contiguous()
+
+
+def _lazy_strategy(chunks: _Chunks, progress):
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed import checkpoint as dcp
+
+    class LazyPlanner(MCoreSavePlanner):
+        def resolve_data(self, write_item):
+            obj = super().resolve_data(write_item)
+            if not (isinstance(obj, torch.Tensor) and obj.is_meta):
+                return obj  # bytes objects and tensors that exist for real (GEM's logit scale)
+            chunk = write_item.tensor_data.chunk
+            data = chunks(write_item.index.fqn, chunk.offsets, chunk.sizes, obj.dtype)
+            if tuple(data.shape) != tuple(obj.shape):
+                raise ValueError(f"{write_item.index.fqn} at {tuple(chunk.offsets)}: built {tuple(data.shape)}, checkpoint expects {tuple(obj.shape)}")
+            progress.update(1)
+            return data
+
+    class LazySaveStrategy(TorchDistSaveShardedStrategy):
+        """torch_dist format, written synchronously, one file per chunk, chunks built on demand."""
+
+        def __init__(self):
+            super().__init__("torch_dist", 1, thread_count=1)
+
+        def save(self, sharded_state_dict, checkpoint_dir):
+            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            progress.total = sum(1 for shards in flat.values() for sh in shards if isinstance(getattr(sh, "data", None), torch.Tensor) and sh.data.is_meta)
+            state = mcore_to_pyt_state_dict(flat, False)
+            writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=1)
+            dcp.save(state, storage_writer=writer, planner=LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+
+    return LazySaveStrategy()
+
+
+def save_dist_checkpoint_lazily(meta_model, directory: str, materialize: Materialize, *, progress: bool = True) -> None:
+    """Write the dist checkpoint of ``meta_model`` (a GEM GPTModel on the meta device, TP=PP=1)
+    into ``directory`` with the weights ``materialize(global_name, dtype)`` returns."""
+    from megatron.core import dist_checkpointing
+
+    chunks = _Chunks(_sharded_key_to_param(meta_model), materialize)
+    os.makedirs(directory, exist_ok=True)
+    with _progress(0, "writing megatron checkpoint", progress) as bar:
+        dist_checkpointing.save({"model": meta_model.sharded_state_dict()}, directory, sharded_strategy=_lazy_strategy(chunks, bar))
+
+
+def _group_of(local: str) -> str:
+    m = _LAYER_LOCAL.match(local)
+    if m:
+        return f"layer {m.group(1)}"
+    return "embedding" if local.startswith("embedding.") else "head"
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """The DCP ``.metadata`` file is a pickle; allow only the classes it is made of."""
+
+    def find_class(self, module, name):
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module == "collections" and name == "OrderedDict")
+            or (module == "builtins" and name in ("set", "frozenset", "slice"))
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's .metadata (only checkpoint metadata types are allowed)")
+        return super().find_class(module, name)
+
+
+def read_dcp_metadata(directory: str):
+    """The torch_dist checkpoint's ``.metadata`` through the restricted unpickler."""
+    path = os.path.join(directory, ".metadata")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory}: no .metadata; not a megatron-core torch_dist checkpoint")
+    with open(path, "rb") as f:
+        return _SafeUnpickler(f).load()
+
+
+def _safe_reader(directory: str):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeMetadataReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_dcp_metadata(directory)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            if metadata.planner_data is None:
+                metadata.planner_data = {}
+            return metadata
+
+    return SafeMetadataReader(directory)
+
+
+def _chunk_load_planner(wanted: dict[tuple[str, tuple[int, ...]], torch.Tensor]):
+    """A DCP load planner that fills the given destination chunks, each (key, global offsets) ->
+    tensor of the chunk's shape, from whatever chunks the checkpoint stored (any TP/PP)."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class ChunkLoadPlanner(DefaultLoadPlanner):
+        def create_local_plan(self):
+            items = []
+            for (key, offsets), dest in wanted.items():
+                md = self.metadata.state_dict_metadata.get(key)
+                if not isinstance(md, TensorStorageMetadata):
+                    raise KeyError(f"tensor {key!r} is not in the checkpoint")
+                if len(md.size) != dest.dim() or any(o + s > g for o, s, g in zip(offsets, dest.shape, md.size)):
+                    raise ValueError(f"{key}: checkpoint holds shape {tuple(md.size)}, the model wants {tuple(dest.shape)} at {offsets}")
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+                items += create_read_items_for_chunk_list(key, md, [chunk])
+            covered = {}
+            for it in items:
+                covered[(it.dest_index.fqn, tuple(it.dest_index.offset))] = covered.get((it.dest_index.fqn, tuple(it.dest_index.offset)), 0) + int(torch.Size(it.lengths).numel())
+            for (key, offsets), dest in wanted.items():
+                if covered.get((key, tuple(offsets)), 0) != dest.numel():
+                    raise ValueError(f"{key}: the checkpoint's chunks cover {covered.get((key, tuple(offsets)), 0)} of {dest.numel()} elements at {offsets}")
+            return LoadPlan(items)
+
+        def resolve_tensor(self, read_item):
+            dest = wanted[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
+            for dim, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                dest = dest.narrow(dim, o, n)
+            return dest
+
+        def commit_tensor(self, read_item, tensor):
+            pass  # copied in place by the reader
+
+    return ChunkLoadPlanner()
+
+
+def iter_dist_checkpoint_groups(meta_model, directory: str, *, progress: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield {parameter name: full TP=1 tensor} of a megatron-core dist checkpoint (converted or
+    trained, saved at any TP/PP), one group at a time: the embedding, each decoder layer, then
+    the final norm / output layer / logit scale. ``meta_model``: the TP=PP=1 GEM GPTModel on the
+    meta device (names, shapes, dtypes). Reads only the model's tensors, through a restricted
+    unpickler for the .metadata file and torch.load(weights_only=True) for the data."""
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    stored = read_dcp_metadata(directory).state_dict_metadata  # refuses unsafe pickles up front
+    key_of = {}
+    for key, (name, stacked) in _sharded_key_to_param(meta_model).items():
+        key_of[name] = (key, stacked)
+    groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, param in meta_model.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state") or not isinstance(param, torch.Tensor):
+            continue
+        groups.setdefault(_group_of(name), []).append((name, param))
+    order = ["embedding"] + [f"layer {i}" for i in range(len(meta_model.decoder.layers))] + ["head"]
+    with _progress(sum(len(g) for g in groups.values()), "reading megatron checkpoint", progress) as bar:
+        for group in order:
+            params = groups.get(group)
+            if not params:
+                continue
+            out, wanted = {}, {}
+            for name, param in params:
+                m = _LAYER_LOCAL.match(name)
+                key, stacked = key_of[f"decoder.layers.{{layer}}.{m.group(2)}" if m else name]
+                if key not in stored:
+                    raise ValueError(f"{directory}: tensor {key!r} ({name}) is not in the checkpoint; does megatron_gem.json describe this checkpoint?")
+                out[name] = torch.empty(param.shape, dtype=param.dtype)
+                if stacked:
+                    wanted[(key, (int(m.group(1)),) + (0,) * param.dim())] = out[name].view(1, *param.shape)
+                else:
+                    wanted[(key, (0,) * param.dim())] = out[name]
+            load({}, storage_reader=_safe_reader(directory), planner=_chunk_load_planner(wanted))
+            bar.update(len(params))
+            yield out
+
+
+class HFShardWriter:
+    """Safetensors shards of an HF checkpoint written as tensors arrive; a shard is flushed when
+    adding the next tensor would pass ``max_shard_bytes`` (HF's ``max_shard_size``). Shards are
+    named model-XXXXX-of-YYYYY.safetensors at the end (model.safetensors when there is one)."""
+
+    def __init__(self, directory: str, max_shard_bytes: int):
+        self.directory = directory
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[list[str]] = []  # tensor names of each flushed shard
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.detach().contiguous().cpu()
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        from safetensors.torch import save_file
+
+        save_file(self.pending, os.path.join(self.directory, f"shard-{len(self.files):05d}.tmp"), metadata={"format": "pt"})
+        self.files.append(list(self.pending))
+        self.total_bytes += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> tuple[dict[str, str], int]:
+        """Flush and name the shards; returns (weight map, total bytes)."""
+        self.flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, names in enumerate(self.files):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.directory, f"shard-{i:05d}.tmp"), os.path.join(self.directory, final))
+            weight_map.update({k: final for k in names})
+        return weight_map, self.total_bytes
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes (HF's max_shard_size spelling)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in units:
+        raise ValueError(f"size {text!r}: expected a number with an optional unit (e.g. 5GB, 500MB, 2GiB)")
+    return int(float(m.group(1)) * units[m.group(2).upper()])
