@@ -11,8 +11,7 @@ T sets the vocabulary padding (a multiple of --make-vocab-size-divisible-by x T)
 recorded in DIR/megatron_gem.json. megatron-to-hf drops the padding again and writes
 safetensors with bit-equal weights (shards of --max-shard-size). Llama-family models only
 (Llama 2/3/3.1/3.2, Mistral); anything else is refused. Runs in one process on CPU and streams
-tensor by tensor: peak memory is about one layer (hf-to-megatron) or one output shard plus one
-layer (megatron-to-hf), not the model. Loads only safetensors, torch.load(weights_only=True)
+tensor by tensor: peak memory is about one layer in both directions, not the model. Loads only safetensors, torch.load(weights_only=True)
 and, for the dist checkpoint's .metadata, a restricted unpickler. See docs/megatron.md.
 """
 

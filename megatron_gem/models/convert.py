@@ -111,7 +111,7 @@ def build_from_meta(meta: dict, *, tp: int = 1, pp: int = 1, **kwargs):
 
 def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5GB", progress: bool = True, log=print) -> str:
     """Megatron dist checkpoint (converted or trained, any TP/PP) -> HF safetensors, one group of
-    parameters at a time (peak memory about one shard of ``max_shard_size`` plus one layer)."""
+    parameters at a time (peak memory about one layer, whatever ``max_shard_size``)."""
     from . import streaming_io
 
     meta = io.read_meta(megatron_dir)
@@ -124,12 +124,18 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5G
     tok = _load_tokenizer(megatron_dir)
     gem = GEMConfig.load(megatron_dir) if os.path.isfile(os.path.join(megatron_dir, CONFIG_NAME)) else None
     tmp = _fresh_tmp(out_dir)
-    shards = streaming_io.HFShardWriter(tmp, streaming_io.parse_size(max_shard_size))
+
+    def hf_tensors(name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name.startswith("logit_scale.") or (name == "output_layer.weight" and arch.tie_word_embeddings):
+            return {}  # GEM's training-only temperature; the tied head is the embedding
+        return hf_from_megatron(name, full, arch, meta["vocab_size"])
+
+    # The HF tensors' names and shapes come from the same mapping run on the meta model.
+    plan = [(k, tuple(t.shape), t.dtype) for group in streaming_io.parameter_groups(model) for name, p in group for k, t in hf_tensors(name, p).items()]
+    shards = streaming_io.SafetensorsShardWriter(tmp, plan, streaming_io.parse_size(max_shard_size))
     for group in streaming_io.iter_dist_checkpoint_groups(model, megatron_dir, progress=progress):
         for name, full in group.items():
-            if name.startswith("logit_scale.") or (name == "output_layer.weight" and arch.tie_word_embeddings):
-                continue
-            for hf_name, t in hf_from_megatron(name, full, arch, meta["vocab_size"]).items():
+            for hf_name, t in hf_tensors(name, full).items():
                 shards.add(hf_name, t)
         del group
     weight_map, total = shards.close()

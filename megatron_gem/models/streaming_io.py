@@ -11,7 +11,7 @@ the tests compare against). Only the bytes are produced lazily:
                                 file (and no buffer) holds more than one tensor
   iter_dist_checkpoint_groups   reads a dist checkpoint one group of parameters (the embedding,
                                 one decoder layer, the rest) at a time
-  HFShardWriter                 writes safetensors shards of at most ``max_shard_bytes``
+  SafetensorsShardWriter        writes HF safetensors shards as the tensors arrive
 
 Coordinates: in the dist checkpoint a decoder parameter is one global tensor stacked over the
 layers (prepended axis = layer index); the rest of the global tensor is the full (TP=1)
@@ -221,6 +221,18 @@ def _chunk_load_planner(wanted: dict[tuple[str, tuple[int, ...]], torch.Tensor])
     return ChunkLoadPlanner()
 
 
+def parameter_groups(meta_model) -> list[list[tuple[str, torch.Tensor]]]:
+    """The model's parameters (global names, TP=PP=1) in reading order: the embedding, each
+    decoder layer, then the final norm / output layer / logit scale."""
+    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for name, param in meta_model.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state") or not isinstance(param, torch.Tensor):
+            continue
+        groups.setdefault(_group_of(name), []).append((name, param))
+    order = ["embedding"] + [f"layer {i}" for i in range(len(meta_model.decoder.layers))] + ["head"]
+    return [groups[g] for g in order if g in groups]
+
+
 def iter_dist_checkpoint_groups(meta_model, directory: str, *, progress: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Yield {parameter name: full TP=1 tensor} of a megatron-core dist checkpoint (converted or
     trained, saved at any TP/PP), one group at a time: the embedding, each decoder layer, then
@@ -233,17 +245,9 @@ def iter_dist_checkpoint_groups(meta_model, directory: str, *, progress: bool = 
     key_of = {}
     for key, (name, stacked) in _sharded_key_to_param(meta_model).items():
         key_of[name] = (key, stacked)
-    groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
-    for name, param in meta_model.state_dict(keep_vars=True).items():
-        if name.endswith("_extra_state") or not isinstance(param, torch.Tensor):
-            continue
-        groups.setdefault(_group_of(name), []).append((name, param))
-    order = ["embedding"] + [f"layer {i}" for i in range(len(meta_model.decoder.layers))] + ["head"]
-    with _progress(sum(len(g) for g in groups.values()), "reading megatron checkpoint", progress) as bar:
-        for group in order:
-            params = groups.get(group)
-            if not params:
-                continue
+    groups = parameter_groups(meta_model)
+    with _progress(sum(len(g) for g in groups), "reading megatron checkpoint", progress) as bar:
+        for params in groups:
             out, wanted = {}, {}
             for name, param in params:
                 m = _LAYER_LOCAL.match(name)
@@ -260,46 +264,92 @@ def iter_dist_checkpoint_groups(meta_model, directory: str, *, progress: bool = 
             yield out
 
 
-class HFShardWriter:
-    """Safetensors shards of an HF checkpoint written as tensors arrive; a shard is flushed when
-    adding the next tensor would pass ``max_shard_bytes`` (HF's ``max_shard_size``). Shards are
-    named model-XXXXX-of-YYYYY.safetensors at the end (model.safetensors when there is one)."""
+_SAFETENSORS_DTYPE = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
 
-    def __init__(self, directory: str, max_shard_bytes: int):
+
+class SafetensorsShardWriter:
+    """HF safetensors shards written while the tensors arrive, without holding a shard in memory.
+
+    safetensors' own ``save_file`` needs a whole file's tensors at once (an 8B model's 5 GB
+    shard would be the peak memory), so the files are written here in the same documented
+    format: an 8-byte little-endian header length, the JSON header (dtype, shape, data offsets,
+    padded with spaces to 8 bytes), then the raw bytes. The header needs every tensor's shape
+    up front: ``plan`` lists (name, shape, dtype) in arrival order, split into shards of at most
+    ``max_shard_bytes`` (HF's ``max_shard_size``); files are model.safetensors or
+    model-XXXXX-of-YYYYY.safetensors. The tests read them back with safetensors and HF."""
+
+    def __init__(self, directory: str, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
         self.directory = directory
-        self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[list[str]] = []  # tensor names of each flushed shard
-        self.total_bytes = 0
+        self.plan = plan
+        shards: list[list[int]] = [[]]
+        size = 0
+        for i, (_, shape, dtype) in enumerate(plan):
+            n = _nbytes(shape, dtype)
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(i)
+            size += n
+        self.shards = [s for s in shards if s]
+        count = len(self.shards)
+        self.file_of = {}
+        for k, members in enumerate(self.shards):
+            name = "model.safetensors" if count == 1 else f"model-{k + 1:05d}-of-{count:05d}.safetensors"
+            for i in members:
+                self.file_of[i] = (k, name)
+        self.next = 0
+        self._file = None
+        self.total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in plan)
+
+    def _open(self, shard: int, name: str) -> None:
+        import json
+
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for i in self.shards[shard]:
+            tname, shape, dtype = self.plan[i]
+            n = _nbytes(shape, dtype)
+            header[tname] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(os.path.join(self.directory, name), "wb")
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self.pending[name] = tensor.detach().contiguous().cpu()
-        self.pending_bytes += size
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        from safetensors.torch import save_file
-
-        save_file(self.pending, os.path.join(self.directory, f"shard-{len(self.files):05d}.tmp"), metadata={"format": "pt"})
-        self.files.append(list(self.pending))
-        self.total_bytes += self.pending_bytes
-        self.pending, self.pending_bytes = {}, 0
+        if self.next >= len(self.plan) or self.plan[self.next][0] != name:
+            expected = self.plan[self.next][0] if self.next < len(self.plan) else "nothing"
+            raise ValueError(f"safetensors writer: got {name!r}, expected {expected!r} (tensors must arrive in plan order)")
+        _, shape, dtype = self.plan[self.next]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {tuple(shape)} {dtype}")
+        shard, file_name = self.file_of[self.next]
+        if self._file is None:
+            self._open(shard, file_name)
+        data = tensor.detach().contiguous().cpu()
+        if data.numel():
+            self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+        self.next += 1
+        if self.next == len(self.plan) or self.file_of[self.next][0] != shard:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
 
     def close(self) -> tuple[dict[str, str], int]:
-        """Flush and name the shards; returns (weight map, total bytes)."""
-        self.flush()
-        n = len(self.files)
-        weight_map = {}
-        for i, names in enumerate(self.files):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.directory, f"shard-{i:05d}.tmp"), os.path.join(self.directory, final))
-            weight_map.update({k: final for k in names})
-        return weight_map, self.total_bytes
+        """Check that everything arrived; returns (weight map, total bytes)."""
+        if self.next != len(self.plan):
+            raise ValueError(f"safetensors writer: {len(self.plan) - self.next} planned tensors never arrived (first: {self.plan[self.next][0]!r})")
+        return {self.plan[i][0]: self.file_of[i][1] for i in range(len(self.plan))}, self.total_bytes
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
 
 
 def parse_size(text: str) -> int:
