@@ -114,6 +114,7 @@ def _lazy_strategy(chunks: _Chunks, progress):
         def save(self, sharded_state_dict, checkpoint_dir):
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             progress.total = sum(1 for shards in flat.values() for sh in shards if isinstance(getattr(sh, "data", None), torch.Tensor) and sh.data.is_meta)
+            progress.refresh()
             state = mcore_to_pyt_state_dict(flat, False)
             writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=1)
             dcp.save(state, storage_writer=writer, planner=LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
@@ -260,6 +261,9 @@ def iter_dist_checkpoint_groups(meta_model, directory: str, *, progress: bool = 
                 else:
                     wanted[(key, (0,) * param.dim())] = out[name]
             load({}, storage_reader=_safe_reader(directory), planner=_chunk_load_planner(wanted))
+            # The planner and reader classes are built per call (reference cycles): drop the
+            # views into ``out`` now, or every group would stay alive until a cyclic GC pass.
+            wanted.clear()
             bar.update(len(params))
             yield out
 
