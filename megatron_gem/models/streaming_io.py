@@ -117,7 +117,12 @@ def _lazy_strategy(chunks: _Chunks, progress):
             progress.refresh()
             state = mcore_to_pyt_state_dict(flat, False)
             writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=1)
-            dcp.save(state, storage_writer=writer, planner=LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+            from torch.utils.serialization import config as serialization_config
+
+            # Each chunk is one torch.save record; its zip CRC32 (not checked on load) cost about
+            # as much as writing the bytes (see tools/bench_convert.py).
+            with serialization_config.patch({"save.compute_crc32": False}):
+                dcp.save(state, storage_writer=writer, planner=LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
 
     return LazySaveStrategy()
 
