@@ -133,7 +133,8 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5G
     # The HF tensors' names and shapes come from the same mapping run on the meta model.
     plan = [(k, tuple(t.shape), t.dtype) for group in streaming_io.parameter_groups(model) for name, p in group for k, t in hf_tensors(name, p).items()]
     shards = streaming_io.SafetensorsShardWriter(tmp, plan, streaming_io.parse_size(max_shard_size))
-    for group in streaming_io.iter_dist_checkpoint_groups(model, megatron_dir, progress=progress):
+    # Reading the next group overlaps writing this one.
+    for group in streaming_io.prefetched(streaming_io.iter_dist_checkpoint_groups(model, megatron_dir, progress=progress)):
         for name, full in group.items():
             for hf_name, t in hf_tensors(name, full).items():
                 shards.add(hf_name, t)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import torch
@@ -62,8 +64,13 @@ class _Chunks:
         self.key_map = key_map
         self.materialize = materialize
         self._last: tuple[str, torch.Tensor] | None = None
+        self._lock = threading.Lock()  # the writer's thread and the prefetch thread
 
     def __call__(self, key: str, offsets, sizes, dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            return self._build(key, offsets, sizes, dtype)
+
+    def _build(self, key: str, offsets, sizes, dtype: torch.dtype) -> torch.Tensor:
         name, stacked = self.key_map[key]
         if stacked:
             name = name.format(layer=int(offsets[0]))
@@ -81,7 +88,42 @@ class _Chunks:
         part = full
         for dim, (o, s) in enumerate(zip(offsets, sizes)):
             part = part.narrow(dim, int(o), int(s))
-        return part.reshape(*lead, *part.shape).contiguous()
+        part = part.reshape(*lead, *part.shape).contiguous()
+        # A slice of a bigger tensor (the SwiGLU halves) gets storage of its own here (the
+        # prefetch thread) rather than in the writer, which copies such views before writing.
+        return part.clone() if part.untyped_storage().nbytes() != part.nbytes else part
+
+
+def _item_key(write_item) -> tuple:
+    return (write_item.index.fqn, tuple(write_item.index.offset or ()))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _prefetch_pool() -> ThreadPoolExecutor:
+    """One background thread for reading ahead (tensor copies and file reads release the GIL)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(1, thread_name_prefix="convert-prefetch")
+    return _POOL
+
+
+_END = object()
+
+
+def prefetched(iterable):
+    """Iterate ``iterable`` with its next item produced in the background meanwhile (one ahead:
+    at most two items exist at a time)."""
+    it = iter(iterable)
+    pending = _prefetch_pool().submit(next, it, _END)
+    while True:
+        item = pending.result()
+        if item is _END:
+            return
+        pending = _prefetch_pool().submit(next, it, _END)
+        yield item
+        del item
 
 
 def _lazy_strategy(chunks: _Chunks, progress):
@@ -93,15 +135,45 @@ def _lazy_strategy(chunks: _Chunks, progress):
     )
     from torch.distributed import checkpoint as dcp
 
+    from torch.distributed.checkpoint.planner import WriteItemType
+
     class LazyPlanner(MCoreSavePlanner):
-        def resolve_data(self, write_item):
+        """Builds each tensor chunk when the writer asks for it, and the next one in a
+        background thread meanwhile (reading and converting overlap writing; at most two chunks
+        exist at a time)."""
+
+        def finish_plan(self, new_plan):
+            plan = super().finish_plan(new_plan)
+            self._order = [wi for wi in plan.items if wi.type != WriteItemType.BYTE_IO]  # the writer's order
+            self._position = {_item_key(wi): i for i, wi in enumerate(self._order)}
+            self._ahead: tuple[tuple, Future] | None = None
+            return plan
+
+        def _lazy(self, write_item) -> torch.Tensor | None:
             obj = super().resolve_data(write_item)
-            if not (isinstance(obj, torch.Tensor) and obj.is_meta):
-                return obj  # bytes objects and tensors that exist for real (GEM's logit scale)
+            return obj if isinstance(obj, torch.Tensor) and obj.is_meta else None
+
+        def _build(self, write_item, meta: torch.Tensor) -> torch.Tensor:
             chunk = write_item.tensor_data.chunk
-            data = chunks(write_item.index.fqn, chunk.offsets, chunk.sizes, obj.dtype)
-            if tuple(data.shape) != tuple(obj.shape):
-                raise ValueError(f"{write_item.index.fqn} at {tuple(chunk.offsets)}: built {tuple(data.shape)}, checkpoint expects {tuple(obj.shape)}")
+            data = chunks(write_item.index.fqn, chunk.offsets, chunk.sizes, meta.dtype)
+            if tuple(data.shape) != tuple(meta.shape):
+                raise ValueError(f"{write_item.index.fqn} at {tuple(chunk.offsets)}: built {tuple(data.shape)}, checkpoint expects {tuple(meta.shape)}")
+            return data
+
+        def resolve_data(self, write_item):
+            meta = self._lazy(write_item)
+            if meta is None:
+                return super().resolve_data(write_item)  # bytes, and real tensors (GEM's logit scale)
+            key = _item_key(write_item)
+            ahead, self._ahead = self._ahead, None
+            data = ahead[1].result() if ahead is not None and ahead[0] == key else self._build(write_item, meta)
+            del ahead
+            i = self._position.get(key)
+            if i is not None and i + 1 < len(self._order):
+                nxt = self._order[i + 1]
+                nxt_meta = self._lazy(nxt)
+                if nxt_meta is not None:
+                    self._ahead = (_item_key(nxt), _prefetch_pool().submit(self._build, nxt, nxt_meta))
             progress.update(1)
             return data
 
