@@ -83,11 +83,15 @@ def load_model(model, directory: str) -> None:
 
 
 # ------------------------------------------------------------------------------ HF output
-def hf_config_dict(hf_config_or_dict, vocab_size: int) -> dict:
+def hf_config_dict(hf_config_or_dict, vocab_size: int, *, for_generation: bool = True) -> dict:
+    """The HF config to write: the recorded one with the real vocabulary size; a training
+    export (``for_generation``) turns the KV cache back on, which training code turns off.
+    The converter keeps the recorded config as it is (round trips are exact)."""
     d = hf_config_or_dict if isinstance(hf_config_or_dict, dict) else hf_config_or_dict.to_dict()
     d = dict(d)
     d["vocab_size"] = vocab_size
-    d["use_cache"] = True  # an exported model is for generation; training code turns it off
+    if for_generation:
+        d["use_cache"] = True
     return d
 
 

@@ -140,7 +140,7 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5G
                 shards.add(hf_name, t)
         del group
     weight_map, total = shards.close()
-    io.finish_hf_dir(tmp, out_dir, config=io.hf_config_dict(meta["hf_config"], meta["vocab_size"]), weight_map=weight_map, total_size=total, tokenizer=tok, gem_config=gem)
+    io.finish_hf_dir(tmp, out_dir, config=io.hf_config_dict(meta["hf_config"], meta["vocab_size"], for_generation=False), weight_map=weight_map, total_size=total, tokenizer=tok, gem_config=gem)
     log(f"[convert] wrote HF checkpoint {out_dir} ({len(set(weight_map.values()))} safetensors file(s))")
     return out_dir
 

@@ -37,6 +37,8 @@ def test_round_trip_bit_equal_and_tp2_pp2_load(gem_hf_checkpoint, converted_chec
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (gem_hf_checkpoint, back))
+    assert {k: v for k, v in ca.items() if k != "transformers_version"} == {k: v for k, v in cb.items() if k != "transformers_version"}
     assert GEMConfig.load(back).special_token_ids == GEMConfig.load(gem_hf_checkpoint).special_token_ids
     assert len(AutoTokenizer.from_pretrained(back)) == vocab
     AutoModelForCausalLM.from_pretrained(back)  # loads as a plain HF model
