@@ -169,3 +169,13 @@ def test_add_gem_tokens_tool(gem_hf_checkpoint, tmp_path):
     assert torch.equal(load_file(tmp_path / "again" / "model.safetensors")["model.embed_tokens.weight"], emb)
     with pytest.raises(SystemExit):
         add_gem_tokens.main(["--output", "x"])
+
+
+def test_bench_convert_tool_runs_on_a_small_shape(tmp_path):
+    """tools/bench_convert.py end to end on a small shape: round trip bit-exact, figures in
+    its last-line JSON (the 8B run itself is a benchmark, outside the suite)."""
+    proc = run_python(["tools/bench_convert.py", "--shape", "tiny", "--workdir", str(tmp_path)])
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["bit_exact"] is True and r["mismatches"] == [] and r["tensors"] == 4 * 9 + 3
+    assert r["hf_to_megatron_peak_rss_gb"] > 0 and r["copy_s"] > 0 and len(r["copy_runs_s"]) == 2
+    assert not (tmp_path / "tiny").exists()  # cleaned up without --keep
