@@ -4,9 +4,11 @@
     python tools/add_gem_tokens.py --input HF_DIR --output OUT_DIR [--num-special-tokens K]
 
 New embedding rows (and LM-head rows when untied) start as the mean of the existing rows
-(megatron_gem.gem.tokens.add_gem_tokens). Writes safetensors, the tokenizer with the tokens and
-gem_config.json with their ids; the output appears only when complete (written to OUT_DIR.tmp,
-then renamed). A checkpoint that already carries the tokens is copied unchanged.
+(as megatron_gem.gem.tokens.add_gem_tokens does on a live model). Streams tensor by tensor, so
+an 8B checkpoint never sits in memory. Writes safetensors (shards of --max-shard-size), the
+tokenizer with the tokens and gem_config.json with their ids; the output appears only when
+complete (written to OUT_DIR.tmp, then renamed). A checkpoint that already carries the tokens
+is copied unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--num-special-tokens", type=int, default=None, help="K (default: the input's gem_config.json, else 1)")
     p.add_argument("--special-token-template", default=None, help="token name template with {i} (default <|gem_{i}|>)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file of the output, HF's spelling (default 5GB)")
     args = p.parse_args(argv)
     from megatron_gem.gem.config import CONFIG_NAME, GEMConfig
     from megatron_gem.models.convert import add_gem_tokens_to_hf_dir
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
             if args.special_token_template is not None:
                 kw["special_token_template"] = args.special_token_template
             config = GEMConfig(**kw)
-        add_gem_tokens_to_hf_dir(args.input, args.output, config)
+        add_gem_tokens_to_hf_dir(args.input, args.output, config, max_shard_size=args.max_shard_size)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"add_gem_tokens.py: error: {e}", file=sys.stderr)
         return 2

@@ -49,6 +49,12 @@ def find_gem_tokens(tokenizer, config: GEMConfig) -> list[int] | None:
     return [vocab[n] for n in names]
 
 
+def mean_row(weight: torch.Tensor, num_old_rows: int) -> torch.Tensor:
+    """The initial value of a new GEM token's row: the mean of rows [0, num_old_rows), computed
+    in fp32, in the weight's dtype. (Also used by the streaming checkpoint tool.)"""
+    return weight[:num_old_rows].float().mean(dim=0).to(weight.dtype)
+
+
 @torch.no_grad()
 def init_rows_to_mean(model, token_ids: list[int], num_old_rows: int, *, gather: GatherFn | None = None) -> None:
     """Set the embedding (and untied LM-head) rows ``token_ids`` to the mean of rows [0, num_old_rows)."""
@@ -62,8 +68,7 @@ def init_rows_to_mean(model, token_ids: list[int], num_old_rows: int, *, gather:
         with gather([weight]):
             if weight.numel() == 0:  # a ZeRO-3 rank that does not hold the gathered copy
                 continue
-            mean = weight[:num_old_rows].float().mean(dim=0)
-            weight[idx.to(weight.device)] = mean.to(weight.dtype)
+            weight[idx.to(weight.device)] = mean_row(weight, num_old_rows)
 
 
 def add_gem_tokens(model, tokenizer, config: GEMConfig, *, gather: GatherFn | None = None) -> list[int]:

@@ -189,23 +189,73 @@ def deepspeed_to_hf(ds_dir: str, out_dir: str, *, model_dir: str, tag: str | Non
     return out_dir
 
 
-def add_gem_tokens_to_hf_dir(in_dir: str, out_dir: str, gem_config: GEMConfig, *, log=print) -> list[int]:
+def add_gem_tokens_to_hf_dir(in_dir: str, out_dir: str, gem_config: GEMConfig, *, max_shard_size: str = "5GB", progress: bool = True, log=print) -> list[int]:
     """Extend an HF checkpoint (safetensors) with the GEM tokens; writes gem_config.json with their
-    ids. Idempotent on a checkpoint that already has them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ids. Idempotent on a checkpoint that already has them. Streams tensor by tensor (an 8B model
+    never sits in memory): only the embedding and an untied LM head change, their new rows set
+    like ``gem.tokens.add_gem_tokens`` does on a live model (the test's reference)."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoTokenizer
 
-    from ..gem.tokens import add_gem_tokens
+    from ..gem.tokens import find_gem_tokens, mean_row
+    from . import streaming_io
 
-    if not (os.path.isfile(os.path.join(in_dir, "model.safetensors")) or os.path.isfile(os.path.join(in_dir, "model.safetensors.index.json"))):
-        raise FileNotFoundError(f"{in_dir}: no safetensors weights (model.safetensors or its index); re-save the model with safe_serialization=True")
+    weights = HFWeights(in_dir)  # refuses non-safetensors checkpoints with a message
     tokenizer = AutoTokenizer.from_pretrained(in_dir)
-    model = AutoModelForCausalLM.from_pretrained(in_dir, dtype="auto", use_safetensors=True)
-    before = model.get_input_embeddings().weight.shape[0]
-    ids = add_gem_tokens(model, tokenizer, gem_config)
+    hf_config = AutoConfig.from_pretrained(in_dir)
+    shapes, dtypes = {}, {}
+    for file in sorted(set(weights.where.values())):
+        with safe_open(os.path.join(in_dir, file), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                shapes[name], dtypes[name] = tuple(sl.get_shape()), streaming_io.TORCH_DTYPE[sl.get_dtype()]
+    if "model.embed_tokens.weight" not in shapes:
+        raise ValueError(f"{in_dir}: no model.embed_tokens.weight; not a Llama-family HF checkpoint")
+    before = shapes["model.embed_tokens.weight"][0]
+    ids = find_gem_tokens(tokenizer, gem_config)
+    if ids is None:
+        tokenizer.add_special_tokens({"additional_special_tokens": gem_config.special_tokens}, replace_extra_special_tokens=False)
+        ids = tokenizer.convert_tokens_to_ids(gem_config.special_tokens)
+        init_ids = list(ids)
+    elif max(ids) >= before:
+        raise ValueError(f"tokenizer has GEM token id {max(ids)} but the model has only {before} embedding rows: the model and tokenizer come from different checkpoints")
+    else:
+        init_ids = []  # already a GEM checkpoint: copied unchanged
+    gem_config.special_token_ids = list(ids)
+    rows = max(before, len(tokenizer))
+    resized = [n for n in ("model.embed_tokens.weight", "lm_head.weight") if n in shapes]
+    for n in resized:
+        if shapes[n][0] != before:
+            raise ValueError(f"{in_dir}: {n} has {shapes[n][0]} rows, the embedding {before}")
+        shapes[n] = (rows, *shapes[n][1:])
+    order = sorted(shapes, key=_hf_tensor_order)
     tmp = _fresh_tmp(out_dir)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    gem_config.save(tmp)
-    replace_dir_atomic(tmp, out_dir)
-    log(f"[add_gem_tokens] {in_dir}: tokens {gem_config.special_tokens} -> ids {ids}; embedding rows {before} -> {model.get_input_embeddings().weight.shape[0]}; wrote {out_dir}")
-    return ids
+    writer = streaming_io.SafetensorsShardWriter(tmp, [(n, shapes[n], dtypes[n]) for n in order], streaming_io.parse_size(max_shard_size))
+    for name in tqdm(order, desc="add_gem_tokens", unit="tensor", disable=not progress, mininterval=2.0):
+        t = weights(name)
+        if name in resized:
+            # A new tensor either way (the read one may be backed by the file's mapping).
+            t = torch.cat([t, t.new_zeros(rows - before, *t.shape[1:])]) if rows > before else t.clone()
+            if init_ids:
+                t[torch.as_tensor(init_ids)] = mean_row(t, before)
+        writer.add(name, t)
+        del t
+    weight_map, total = writer.close()
+    config = hf_config.to_dict()
+    config["vocab_size"] = rows
+    if os.path.isfile(os.path.join(in_dir, "generation_config.json")):
+        shutil.copy(os.path.join(in_dir, "generation_config.json"), tmp)
+    io.finish_hf_dir(tmp, out_dir, config=config, weight_map=weight_map, total_size=total, tokenizer=tokenizer, gem_config=gem_config)
+    log(f"[add_gem_tokens] {in_dir}: tokens {gem_config.special_tokens} -> ids {ids}; embedding rows {before} -> {rows}; wrote {out_dir}")
+    return list(ids)
+
+
+def _hf_tensor_order(name: str):
+    """Embedding first, then layers in numeric order, then the rest (HF's usual file order)."""
+    import re
+
+    m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+    if m:
+        return (1, int(m.group(1)), m.group(2))
+    return (0 if "embed_tokens" in name else 2, 0, name)

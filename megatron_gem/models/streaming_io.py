@@ -349,6 +349,7 @@ _SAFETENSORS_DTYPE = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
+TORCH_DTYPE = {name: dtype for dtype, name in _SAFETENSORS_DTYPE.items()}  # safetensors name -> torch dtype
 
 
 class SafetensorsShardWriter:

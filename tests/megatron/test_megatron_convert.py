@@ -171,6 +171,34 @@ def test_add_gem_tokens_tool(gem_hf_checkpoint, tmp_path):
         add_gem_tokens.main(["--output", "x"])
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_add_gem_tokens_streaming_equals_live_model(tied, tmp_path):
+    """The streaming tool (tensor by tensor) against the reference: gem.tokens.add_gem_tokens on
+    the loaded HF model, then save_pretrained. Same tensors (bit-equal), vocab size, token ids."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_gem.gem.config import GEMConfig
+    from megatron_gem.gem.tokens import add_gem_tokens
+    from megatron_gem.models.convert import add_gem_tokens_to_hf_dir
+    from megatron_gem.testing import save_tiny_checkpoint
+
+    base = tmp_path / "base"
+    save_tiny_checkpoint(base, tie_word_embeddings=tied, seed=7)
+    ids = add_gem_tokens_to_hf_dir(str(base), str(tmp_path / "streamed"), GEMConfig(num_special_tokens=2), progress=False)
+    model, tok = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    ref_ids = add_gem_tokens(model, tok, GEMConfig(num_special_tokens=2))
+    model.save_pretrained(tmp_path / "reference")
+    assert ids == ref_ids
+    got, ref = load_file(tmp_path / "streamed" / "model.safetensors"), load_file(tmp_path / "reference" / "model.safetensors")
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    cfg = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert cfg["vocab_size"] == model.config.vocab_size == len(tok) and cfg["tie_word_embeddings"] == tied
+    assert AutoTokenizer.from_pretrained(tmp_path / "streamed").convert_tokens_to_ids(GEMConfig(num_special_tokens=2).special_tokens) == ids
+
+
 def test_bench_convert_tool_runs_on_a_small_shape(tmp_path):
     """tools/bench_convert.py end to end on a small shape: round trip bit-exact, figures in
     its last-line JSON (the 8B run itself is a benchmark, outside the suite)."""
