@@ -6,9 +6,11 @@
   add_gem_tokens_to_hf_dir   extend an HF checkpoint with the K GEM tokens (mean-row init)
 
 The megatron conversions run in one process (``runtime.init_model_parallel(1, 1)`` first):
-dist_checkpointing stores global tensors with their sharding, so a checkpoint written from the
-unsplit model loads at any TP/PP. The requested TP decides the vocabulary padding (a multiple
+dist_checkpointing stores global tensors with their sharding, so a checkpoint written for the
+unsplit (meta-device) model loads at any TP/PP. The requested TP decides the vocabulary padding (a multiple
 of make_vocab_size_divisible_by x TP) and TP/PP are recorded in megatron_gem.json.
+hf_to_megatron, megatron_to_hf and add_gem_tokens_to_hf_dir stream tensor by tensor
+(``streaming_io``): peak memory is about one layer, whatever the model size.
 Every output directory is written to ``<out>.tmp`` and renamed when complete.
 """
 
