@@ -65,6 +65,12 @@ RECIPES = {
     # Longer phase 1 (30 mixed-NTP steps instead of 10, 40% split samples instead of 20%), the
     # paper's phase 2: the paper credits most of its gain to the mixed NTP phase (GEM_SPEC 5).
     "gem-more-ntp": _override(COMMON, train_iters=42, gem_contrastive_from_step=30, gem_p_raw=0.6, gem_alpha=1.0),
+    # gem-more-ntp with K=4 summary tokens (the paper's ablation: more tokens helped a little).
+    "gem-more-ntp-k4": _override(
+        COMMON, train_iters=42, gem_contrastive_from_step=30, gem_p_raw=0.6, gem_num_special_tokens=4, gem_alpha=1.0
+    ),
+    # The gem-more-ntp direction further: 80 mixed-NTP steps, then 20 contrastive steps.
+    "gem-ntp-80": _override(COMMON, train_iters=100, gem_contrastive_from_step=80, gem_p_raw=0.6, gem_alpha=1.0),
 }
 TRAIN_DOCS = 30000
 BASE_METHODS = ("mean", "last", "echo", "prompteol")
