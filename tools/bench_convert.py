@@ -40,25 +40,13 @@ def log(msg: str) -> None:
 
 
 def hf_tensor_shapes(cfg) -> list[tuple[str, tuple[int, ...]]]:
-    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    d = h // cfg.num_attention_heads
-    kv = cfg.num_key_value_heads * d
-    out = [("model.embed_tokens.weight", (v, h))]
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "input_layernorm.weight", (h,)),
-            (p + "self_attn.q_proj.weight", (h, h)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "post_attention_layernorm.weight", (h,)),
-            (p + "mlp.gate_proj.weight", (f, h)),
-            (p + "mlp.up_proj.weight", (f, h)),
-            (p + "mlp.down_proj.weight", (h, f)),
-        ]
-    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-    return out
+    """(name, shape) of every tensor of the HF Llama model of ``cfg`` (built on the meta device)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    return [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
 
 
 def write_random_checkpoint(directory: str, shape: str, seed: int) -> int:
@@ -67,7 +55,7 @@ def write_random_checkpoint(directory: str, shape: str, seed: int) -> int:
     from tqdm.auto import tqdm
     from transformers import LlamaConfig
 
-    from megatron_gem.models.checkpoint_io import write_json_atomic
+    from megatron_gem.models.checkpoint_io import finish_hf_dir
     from megatron_gem.models.streaming_io import SafetensorsShardWriter
 
     cfg = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])
@@ -85,10 +73,7 @@ def write_random_checkpoint(directory: str, shape: str, seed: int) -> int:
             t.normal_(0.0, 0.02, generator=gen)
         shards.add(name, t)
     weight_map, total = shards.close()
-    if len(set(weight_map.values())) > 1:
-        write_json_atomic(os.path.join(tmp, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": weight_map})
-    cfg.save_pretrained(tmp)
-    os.replace(tmp, directory)
+    finish_hf_dir(tmp, directory, config=cfg.to_dict(), weight_map=weight_map, total_size=total)
     return total
 
 

@@ -17,6 +17,7 @@ Every output directory is written to ``<out>.tmp`` and renamed when complete.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import torch
@@ -68,9 +69,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, divisible_by:
     hf_config = AutoConfig.from_pretrained(hf_dir)
     arch = arch_from_hf_config(hf_config)
     weights = HFWeights(hf_dir)
-    embed = weights("model.embed_tokens.weight")
-    vocab, dtype = embed.shape[0], embed.dtype
-    del embed
+    (vocab, _), dtype = weights.info("model.embed_tokens.weight")
     arch.vocab_size = vocab
     padded = padded_vocab_size(vocab, tp, divisible_by)
     # Validates the split (heads, KV heads, FFN, layers) now, not when someone loads it.
@@ -81,12 +80,8 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, divisible_by:
     tmp = _fresh_tmp(out_dir)
     log(f"[convert] {hf_dir}: {arch.architecture}, {arch.num_layers} layers, vocab {vocab} -> padded {padded} (TP={tp}), dtype {dtype}")
 
-    def materialize(name: str, want: torch.dtype) -> torch.Tensor:
-        if name == "output_layer.weight" and arch.tie_word_embeddings:
-            name = "embedding.word_embeddings.weight"
-        return megatron_from_hf(name, weights, arch, padded)
-
-    streaming_io.save_dist_checkpoint_lazily(model, tmp, materialize, progress=progress)
+    # (A tied model has no output_layer parameter at PP=1: the embedding is the head.)
+    streaming_io.save_dist_checkpoint_lazily(model, tmp, lambda name: megatron_from_hf(name, weights, arch, padded), progress=progress)
     meta = io.make_meta(arch, vocab_size=vocab, padded_vocab=padded, tp=tp, pp=pp, hf_config=hf_config.to_dict(), divisible_by=divisible_by)
     meta["dtype"] = str(dtype).replace("torch.", "")
     io.write_json_atomic(os.path.join(tmp, io.META_NAME), meta)
@@ -128,8 +123,8 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5G
     tmp = _fresh_tmp(out_dir)
 
     def hf_tensors(name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
-        if name.startswith("logit_scale.") or (name == "output_layer.weight" and arch.tie_word_embeddings):
-            return {}  # GEM's training-only temperature; the tied head is the embedding
+        if name.startswith("logit_scale."):
+            return {}  # GEM's training-only temperature (a tied model has no output_layer here)
         return hf_from_megatron(name, full, arch, meta["vocab_size"])
 
     # The HF tensors' names and shapes come from the same mapping run on the meta model.
@@ -196,7 +191,6 @@ def add_gem_tokens_to_hf_dir(in_dir: str, out_dir: str, gem_config: GEMConfig, *
     ids. Idempotent on a checkpoint that already has them. Streams tensor by tensor (an 8B model
     never sits in memory): only the embedding and an untied LM head change, their new rows set
     like ``gem.tokens.add_gem_tokens`` does on a live model (the test's reference)."""
-    from safetensors import safe_open
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
@@ -207,11 +201,8 @@ def add_gem_tokens_to_hf_dir(in_dir: str, out_dir: str, gem_config: GEMConfig, *
     tokenizer = AutoTokenizer.from_pretrained(in_dir)
     hf_config = AutoConfig.from_pretrained(in_dir)
     shapes, dtypes = {}, {}
-    for file in sorted(set(weights.where.values())):
-        with safe_open(os.path.join(in_dir, file), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                shapes[name], dtypes[name] = tuple(sl.get_shape()), streaming_io.TORCH_DTYPE[sl.get_dtype()]
+    for name in weights.where:
+        shapes[name], dtypes[name] = weights.info(name)
     if "model.embed_tokens.weight" not in shapes:
         raise ValueError(f"{in_dir}: no model.embed_tokens.weight; not a Llama-family HF checkpoint")
     before = shapes["model.embed_tokens.weight"][0]
@@ -255,8 +246,6 @@ def add_gem_tokens_to_hf_dir(in_dir: str, out_dir: str, gem_config: GEMConfig, *
 
 def _hf_tensor_order(name: str):
     """Embedding first, then layers in numeric order, then the rest (HF's usual file order)."""
-    import re
-
     m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
     if m:
         return (1, int(m.group(1)), m.group(2))

@@ -226,6 +226,13 @@ def stage_megatron_tensors(model) -> Iterable[tuple[str, torch.Tensor]]:
 
 
 # ----------------------------------------------------------------------- HF checkpoint I/O
+SAFETENSORS_DTYPE_NAME = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+SAFETENSORS_DTYPE = {name: dtype for dtype, name in SAFETENSORS_DTYPE_NAME.items()}
+
+
 class HFWeights:
     """Lazy reader of an HF safetensors checkpoint (one file or an index of shards): tensors are
     read one at a time, so a pipeline stage reads only its own layers."""
@@ -254,17 +261,30 @@ class HFWeights:
     def __contains__(self, name: str) -> bool:
         return name in self.overrides or name in self.where
 
-    def __call__(self, name: str) -> torch.Tensor:
-        if name in self.overrides:
-            return self.overrides[name]
+    def _file(self, name: str) -> tuple[str, str]:
         if name == "lm_head.weight" and name not in self.where:
             name = "model.embed_tokens.weight"  # tied checkpoints store one copy
         if name not in self.where:
             raise KeyError(f"{self.directory}: tensor {name!r} not in the checkpoint")
+        return name, os.path.join(self.directory, self.where[name])
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name in self.overrides:
+            return self.overrides[name]
         from safetensors import safe_open
 
-        with safe_open(os.path.join(self.directory, self.where[name]), framework="pt") as f:
+        name, path = self._file(name)
+        with safe_open(path, framework="pt") as f:
             return f.get_tensor(name)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of a stored tensor, from the file header (no data read)."""
+        from safetensors import safe_open
+
+        name, path = self._file(name)
+        with safe_open(path, framework="pt") as f:
+            sl = f.get_slice(name)
+            return tuple(sl.get_shape()), SAFETENSORS_DTYPE[sl.get_dtype()]
 
 
 def dict_getter(state_dict: dict[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:

@@ -20,19 +20,23 @@ megatron parameter, so every chunk is a slice of the full parameter of one layer
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
 import threading
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import torch
 
+from .hf_mapping import SAFETENSORS_DTYPE_NAME
+
 _LAYER_LOCAL = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
-# (global megatron parameter name, dtype) -> full TP=1 tensor
-Materialize = Callable[[str, torch.dtype], torch.Tensor]
+# global megatron parameter name -> its full TP=1 tensor (cast to the checkpoint's dtype here)
+Materialize = Callable[[str], torch.Tensor]
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -81,7 +85,7 @@ class _Chunks:
             lead = ()
         if self._last is None or self._last[0] != name:
             self._last = None  # free the previous parameter before building the next one
-            self._last = (name, self.materialize(name, dtype).to(dtype))
+            self._last = (name, self.materialize(name).to(dtype))
         full = self._last[1]
         if full.dim() != len(sizes):
             raise ValueError(f"{name}: full parameter has {full.dim()} dims, the checkpoint chunk {len(sizes)}")
@@ -201,7 +205,7 @@ def _lazy_strategy(chunks: _Chunks, progress):
 
 def save_dist_checkpoint_lazily(meta_model, directory: str, materialize: Materialize, *, progress: bool = True) -> None:
     """Write the dist checkpoint of ``meta_model`` (a GEM GPTModel on the meta device, TP=PP=1)
-    into ``directory`` with the weights ``materialize(global_name, dtype)`` returns."""
+    into ``directory`` with the weights ``materialize(global_name)`` returns."""
     from megatron.core import dist_checkpointing
 
     chunks = _Chunks(_sharded_key_to_param(meta_model), materialize)
@@ -243,19 +247,18 @@ def read_dcp_metadata(directory: str):
         return _SafeUnpickler(f).load()
 
 
-def _safe_reader(directory: str):
+def _safe_reader(directory: str, metadata):
+    """A DCP reader of ``directory`` that uses ``metadata`` (read once, safely) instead of
+    unpickling .metadata itself."""
+    import dataclasses
+
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeMetadataReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            metadata = read_dcp_metadata(directory)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            if metadata.planner_data is None:
-                metadata.planner_data = {}
-            return metadata
+            storage_meta = dataclasses.replace(metadata.storage_meta or StorageMeta(), load_id=self.load_id)
+            return dataclasses.replace(metadata, storage_meta=storage_meta, planner_data=metadata.planner_data or {})
 
     return SafeMetadataReader(directory)
 
@@ -279,12 +282,12 @@ def _chunk_load_planner(wanted: dict[tuple[str, tuple[int, ...]], torch.Tensor])
                     raise ValueError(f"{key}: checkpoint holds shape {tuple(md.size)}, the model wants {tuple(dest.shape)} at {offsets}")
                 chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
                 items += create_read_items_for_chunk_list(key, md, [chunk])
-            covered = {}
+            covered = Counter()
             for it in items:
-                covered[(it.dest_index.fqn, tuple(it.dest_index.offset))] = covered.get((it.dest_index.fqn, tuple(it.dest_index.offset)), 0) + int(torch.Size(it.lengths).numel())
+                covered[(it.dest_index.fqn, tuple(it.dest_index.offset))] += math.prod(it.lengths)
             for (key, offsets), dest in wanted.items():
-                if covered.get((key, tuple(offsets)), 0) != dest.numel():
-                    raise ValueError(f"{key}: the checkpoint's chunks cover {covered.get((key, tuple(offsets)), 0)} of {dest.numel()} elements at {offsets}")
+                if covered[(key, tuple(offsets))] != dest.numel():
+                    raise ValueError(f"{key}: the checkpoint's chunks cover {covered[(key, tuple(offsets))]} of {dest.numel()} elements at {offsets}")
             return LoadPlan(items)
 
         def resolve_tensor(self, read_item):
@@ -319,7 +322,8 @@ def iter_dist_checkpoint_groups(meta_model, directory: str, *, progress: bool = 
     unpickler for the .metadata file and torch.load(weights_only=True) for the data."""
     from torch.distributed.checkpoint.state_dict_loader import load
 
-    stored = read_dcp_metadata(directory).state_dict_metadata  # refuses unsafe pickles up front
+    metadata = read_dcp_metadata(directory)  # once; refuses unsafe pickles up front
+    stored = metadata.state_dict_metadata
     key_of = {}
     for key, (name, stacked) in _sharded_key_to_param(meta_model).items():
         key_of[name] = (key, stacked)
@@ -337,19 +341,12 @@ def iter_dist_checkpoint_groups(meta_model, directory: str, *, progress: bool = 
                     wanted[(key, (int(m.group(1)),) + (0,) * param.dim())] = out[name].view(1, *param.shape)
                 else:
                     wanted[(key, (0,) * param.dim())] = out[name]
-            load({}, storage_reader=_safe_reader(directory), planner=_chunk_load_planner(wanted))
+            load({}, storage_reader=_safe_reader(directory, metadata), planner=_chunk_load_planner(wanted))
             # The planner and reader classes are built per call (reference cycles): drop the
             # views into ``out`` now, or every group would stay alive until a cyclic GC pass.
             wanted.clear()
             bar.update(len(params))
             yield out
-
-
-_SAFETENSORS_DTYPE = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
-TORCH_DTYPE = {name: dtype for dtype, name in _SAFETENSORS_DTYPE.items()}  # safetensors name -> torch dtype
 
 
 class SafetensorsShardWriter:
@@ -361,7 +358,7 @@ class SafetensorsShardWriter:
     padded with spaces to 8 bytes), then the raw bytes. The header needs every tensor's shape
     up front: ``plan`` lists (name, shape, dtype) in arrival order, split into shards of at most
     ``max_shard_bytes`` (HF's ``max_shard_size``); files are model.safetensors or
-    model-XXXXX-of-YYYYY.safetensors. The tests read them back with safetensors and HF."""
+    model-XXXXX-of-YYYYY.safetensors."""
 
     def __init__(self, directory: str, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
         self.directory = directory
@@ -393,7 +390,7 @@ class SafetensorsShardWriter:
         for i in self.shards[shard]:
             tname, shape, dtype = self.plan[i]
             n = _nbytes(shape, dtype)
-            header[tname] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            header[tname] = {"dtype": SAFETENSORS_DTYPE_NAME[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -428,10 +425,7 @@ class SafetensorsShardWriter:
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def parse_size(text: str) -> int:
