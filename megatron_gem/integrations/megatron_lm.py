@@ -40,9 +40,8 @@ from ..gem.config import GEMConfig
 from ..gem.losses import info_nce, loss_weights
 from ..gem.readout import pool_special_states
 from ..gem.roles import IGNORE_INDEX
+from ..models.batch import BATCH_KEYS, join_rows, unwrap_model
 from .collator import CL_PREFIX
-
-BATCH_KEYS = ("input_ids", "position_ids", "doc_ids", "roles")
 
 
 def gem_model_provider(
@@ -128,28 +127,9 @@ def megatron_batch(collated: dict | None = None, *, contrastive: dict | None = N
         ntp["labels"] = aligned
     if contrastive is None and collated is not None and CL_PREFIX + "input_ids" in collated:
         contrastive = {k[len(CL_PREFIX):]: v for k, v in collated.items() if k.startswith(CL_PREFIX)}
-    parts = [p for p in (ntp, contrastive) if p is not None]
-    if not parts:
+    if ntp is None and contrastive is None:
         raise ValueError("megatron_batch: neither next-token rows nor contrastive rows given")
-    width = max(p["input_ids"].shape[1] for p in parts)
-
-    def widen(t: torch.Tensor, fill: int) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
-
-    fills = {"input_ids": 0, "position_ids": 0, "doc_ids": -1, "roles": 0}
-    out = {k: torch.cat([widen(p[k], fills[k]) for p in parts]) for k in BATCH_KEYS}
-    out["labels"] = widen(ntp["labels"], IGNORE_INDEX) if ntp is not None else None
-    out["ntp_rows"] = ntp["input_ids"].shape[0] if ntp is not None else 0
-    out["num_texts"] = int(contrastive["num_texts"]) if contrastive is not None else 0
-    if device is not None:
-        out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-    return out
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+    return join_rows(ntp, contrastive, device)
 
 
 class GEMForwardStep:
@@ -176,7 +156,7 @@ class GEMForwardStep:
         batch = next(data_iterator)
         output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"])
         step = self.current_step() if self.current_step is not None else self.step
-        return output, partial(self.loss_func, batch, _unwrap(model), loss_weights(int(step), self.config))
+        return output, partial(self.loss_func, batch, unwrap_model(model), loss_weights(int(step), self.config))
 
     def loss_func(self, batch: dict, model, weights: tuple[float, float], output):
         """Last pipeline stage: (loss, {"lm loss", "gem cl loss"}) in megatron-core's 2-tuple form."""

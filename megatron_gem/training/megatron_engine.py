@@ -41,6 +41,7 @@ from ..gem.readout import pool_special_states
 from ..gem.roles import IGNORE_INDEX
 from ..gem.tokens import add_gem_tokens, find_gem_tokens
 from ..models import checkpoint_io as io
+from ..models.batch import join_rows, unwrap_model
 from ..models.hf_mapping import HFWeights, load_hf_into_model
 from ..models.llama import UnsupportedModelError, arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
 from . import distributed as D
@@ -181,22 +182,6 @@ def contrastive_rows(num_texts: int, seq_length: int, max_text_len: int) -> int:
 
 
 # ---------------------------------------------------------------------------- one step
-def combine(ntp: dict | None, cl: dict | None, device) -> dict:
-    """One forward's rows: NTP rows first, then the contrastive texts' rows."""
-    parts = [b for b in (ntp, cl) if b is not None]
-    out = {k: torch.cat([b[k] for b in parts]).to(device) for k in ("input_ids", "position_ids", "doc_ids", "roles")}
-    out["ntp_rows"] = ntp["input_ids"].shape[0] if ntp is not None else 0
-    out["labels"] = ntp["labels"].to(device) if ntp is not None else None
-    out["num_texts"] = int(cl["num_texts"]) if cl is not None else 0
-    return out
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 class StepLoss:
     """forward_step_func / loss_func pair of one optimizer step (megatron-core schedule API)."""
 
@@ -208,7 +193,7 @@ class StepLoss:
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"])
-        return output, partial(self.loss, batch, _unwrap(model))
+        return output, partial(self.loss, batch, unwrap_model(model))
 
     def loss(self, batch, model, output):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -464,7 +449,7 @@ def train(args) -> dict:
         w_ntp, w_cl = loss_weights(step, gem_config)
         ntp_batches = [next(ntp_iter) for _ in range(accum)] if w_ntp > 0 else [None] * accum
         cl_batches = [next(cl_iter) for _ in range(accum)] if w_cl > 0 else [None] * accum
-        micro = [combine(a, b, device) for a, b in zip(ntp_batches, cl_batches)]
+        micro = [join_rows(a, b, device) for a, b in zip(ntp_batches, cl_batches)]
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in ntp_batches if b is not None)
         global_tokens = int(D.all_reduce_sum(torch.tensor(local_tokens, device=device), group=dp_group)) if w_ntp > 0 else 0
         lr = lr_for_step(step, args)
