@@ -141,28 +141,33 @@ def job_info(env, job_id) -> dict:
     return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
 
 
-def job_processes(cluster, job_id) -> dict[int, tuple[str, dict]]:
-    """Every process of one of this cluster's jobs on this host: pid -> (command line, env)."""
+def job_processes(cluster, job_id) -> dict[int, tuple[str, dict, int]]:
+    """Every process of one of this cluster's jobs on this host: pid -> (command line, env, parent pid)."""
     found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
         env = dict(e.decode(errors="replace").split("=", 1) for e in raw if b"=" in e)
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after "(comm)": state, ppid, ...
         if env.get("SLURM_CONF") == cluster["env"]["SLURM_CONF"] and env.get("SLURM_JOB_ID") == job_id:
-            found[int(pid)] = (cmd, env)
+            found[int(pid)] = (cmd, env, ppid)
     return found
 
 
 def rank_processes(cluster, job_id) -> dict[int, dict]:
-    """The training ranks of a job (torchrun's workers, not the agents or their helpers):
+    """The training ranks of a job: the direct children of torchrun's agents (not the agents, and
+    not what a rank forks, e.g. a compile or loader helper that inherits its environment):
     pid -> SLURM's node name and torchrun's RANK, WORLD_SIZE, LOCAL_RANK."""
+    procs = job_processes(cluster, job_id)
+    agents = {pid for pid, (cmd, _, _) in procs.items() if "torch.distributed.run" in cmd}
     return {
         pid: {k: env[k] for k in ("SLURMD_NODENAME", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        for pid, (cmd, env) in job_processes(cluster, job_id).items()
-        if "RANK" in env and "torch.distributed.run" not in cmd and "multiprocessing" not in cmd
+        for pid, (cmd, env, ppid) in procs.items()
+        if "RANK" in env and ppid in agents and pid not in agents
     }
 
 
