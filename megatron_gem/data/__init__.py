@@ -3,7 +3,8 @@
 The batch contract (every field int64 [B, seq_length]): ``input_ids``, ``labels``
 (gem.layout.next_token_labels), ``position_ids`` (restart per document), ``doc_ids`` (unique
 within the micro-batch, padding PAD_DOC_ID, padding only at a row's end), ``roles``.
-Contrastive micro-batches add ``num_texts`` (N): doc ids 0..N-1 anchors, N+j positive of j.
+Contrastive micro-batches add ``num_texts`` (N): doc ids 0..N-1 anchors, N+j positive of j
+(a dropout view of text j, or its paired text when trained on pairs).
 See docs/data.md.
 """
 
@@ -24,9 +25,11 @@ from .sources import (
     IndexedCorpus,
     IndexedWriter,
     InMemoryCorpus,
+    PairCorpus,
     iter_documents,
     iter_hf_documents,
     open_corpus,
+    open_pair_corpus,
     resolve_paths,
     tokenize_stream,
     tokenize_texts,
@@ -46,6 +49,7 @@ __all__ = [
     "InMemoryCorpus",
     "MegatronBatchSampler",
     "PackedDataset",
+    "PairCorpus",
     "PiecePlan",
     "SampleBuilder",
     "StreamingPackedDataset",
@@ -56,6 +60,7 @@ __all__ = [
     "iter_hf_documents",
     "make_ntp_loader",
     "open_corpus",
+    "open_pair_corpus",
     "pack_lengths",
     "pack_texts",
     "resolve_paths",

@@ -216,8 +216,10 @@ class PackedDataset(_GlobalIndex, torch.utils.data.Dataset):
 class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
     """Texts for the contrastive phase; item i is the i-th text over all epochs.
 
-    An item is an anchor (text + K specials, the ``embed`` layout) and its positive view
-    (prefix dropout of the text + K specials). Texts longer than ``max_text_len - K`` are
+    An item is an anchor (text + K specials, the ``embed`` layout) and its positive view:
+    prefix dropout of the text + K specials (self-supervised, the paper), or, when
+    ``positives`` (a corpus aligned with ``corpus``, e.g. :class:`PairCorpus`) is given, the
+    paired text + K specials (supervised pairs). Texts longer than ``max_text_len - K`` are
     truncated (the specials never are). ``collate`` packs a micro-batch of N items into rows of
     ``seq_length``: doc ids 0..N-1 are the anchors, N+j the positive view of anchor j.
     ``num_rows`` fixes the row count of every micro-batch (raises if the texts do not fit).
@@ -237,6 +239,7 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
         num_epochs: int | None = None,
         pad_id: int = 0,
         num_rows: int | None = None,
+        positives=None,
     ):
         self.seq_length = int(seq_length if seq_length is not None else max_text_len)
         if max_text_len > self.seq_length:
@@ -246,7 +249,13 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
         self.builder = SampleBuilder(config, self.seq_length, seed=seed)
         if self.max_text_len <= self.builder.k:
             raise ValueError(f"max_text_len={max_text_len} leaves no room beside K={self.builder.k} special tokens")
-        self.valid = np.flatnonzero(np.asarray(corpus.lengths) > 0)
+        self.positives = positives
+        nonempty = np.asarray(corpus.lengths) > 0
+        if positives is not None:
+            if len(positives) != len(corpus):
+                raise ValueError(f"positives hold {len(positives)} texts but the corpus {len(corpus)}: pairs must be aligned")
+            nonempty &= np.asarray(positives.lengths) > 0
+        self.valid = np.flatnonzero(nonempty)
         if self.valid.shape[0] == 0:
             raise ValueError("the corpus holds no non-empty text")
         self._order: tuple[int, np.ndarray] | None = None
@@ -262,7 +271,8 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         epoch, i = self.locate(int(index))
         d = int(self._epoch_docs(epoch)[i])
-        return self.builder.embed_pair(self.corpus.get(d), d, epoch, self.max_text_len)
+        positive = self.positives.get(d) if self.positives is not None else None
+        return self.builder.embed_pair(self.corpus.get(d), d, epoch, self.max_text_len, positive)
 
     def __len__(self) -> int:
         total = self.total_samples()
@@ -280,14 +290,18 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
 
     def epoch_stats(self, epoch: int = 0) -> DataStats:
         s = DataStats().merge(self.corpus.stats)
-        over = np.asarray(self.corpus.lengths)[self.valid] - (self.max_text_len - self.builder.k)
-        s.truncated_texts = int((over > 0).sum())
-        s.truncated_tokens = int(over[over > 0].sum())
+        budget = self.max_text_len - self.builder.k
+        for side in (self.corpus, self.positives):
+            if side is not None:
+                over = np.asarray(side.lengths)[self.valid] - budget
+                s.truncated_texts += int((over > 0).sum())
+                s.truncated_tokens += int(over[over > 0].sum())
         return s
 
     def fingerprint(self) -> str:
+        pairs = f"|positives:{self.positives.fingerprint()}" if self.positives is not None else ""
         return (
-            f"{self.kind}|{self.corpus.fingerprint()}|len{self.max_text_len}|seq{self.seq_length}|seed{self.seed}"
+            f"{self.kind}|{self.corpus.fingerprint()}{pairs}|len{self.max_text_len}|seq{self.seq_length}|seed{self.seed}"
             f"|shuffle{int(self.shuffle)}|gem{_config_hash(self.config)}"
         )
 

@@ -209,12 +209,14 @@ class SampleBuilder:
 
     # ------------------------------------------------------------------ contrastive phase
 
-    def embed_pair(self, doc_tokens: np.ndarray, doc_index: int, epoch: int, max_text_len: int):
+    def embed_pair(self, doc_tokens: np.ndarray, doc_index: int, epoch: int, max_text_len: int, positive_tokens: np.ndarray | None = None):
         """Anchor and positive view of one text in the ``embed`` layout.
 
-        The text is truncated to ``max_text_len - K`` tokens so its K special tokens always fit;
-        the positive view is ``prefix_dropout`` of the (truncated) text with rate
-        ``config.prefix_dropout`` and the document's DROPOUT_STREAM rng.
+        The text is truncated to ``max_text_len - K`` tokens so its K special tokens always fit.
+        Without ``positive_tokens`` (self-supervised, the paper's phase 2) the positive view is
+        ``prefix_dropout`` of the (truncated) text with rate ``config.prefix_dropout`` and the
+        document's DROPOUT_STREAM rng; with them (a supervised pair) it is that text, truncated
+        the same way and left intact.
         Returns ((ids, roles), (ids, roles), tokens_cut).
         """
         budget = max_text_len - self.k
@@ -223,6 +225,10 @@ class SampleBuilder:
         text = doc_tokens[:budget]
         cut = int(doc_tokens.shape[0] - text.shape[0])
         anchor = build_layout(text, "embed", self.special_ids)
+        if positive_tokens is not None:
+            other = positive_tokens[:budget]
+            cut += int(positive_tokens.shape[0] - other.shape[0])
+            return anchor, build_layout(other, "embed", self.special_ids), cut
         rng = document_rng(self.seed, epoch, doc_index, DROPOUT_STREAM)
         positive = build_layout(prefix_dropout(text, self.config.prefix_dropout, rng), "embed", self.special_ids)
         return anchor, positive, cut

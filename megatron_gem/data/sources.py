@@ -48,7 +48,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Document:
-    text: str
+    text: str  # a tuple of texts when several fields were read (pairs)
     where: str  # "path:line" (or "path:row N" / "dataset:record N") of the record
 
 
@@ -117,15 +117,33 @@ class _Validator:
         self.stats.documents_read += 1
         return Document(value, where)
 
-    def field(self, record, text_field: str, where: str) -> Document | None:
+    def field(self, record, text_field: str | tuple[str, ...], where: str) -> Document | None:
+        """The record's text; with a tuple of field names (pairs), a Document whose ``text`` is
+        the tuple of their texts, and the whole record skipped if any field is bad or empty."""
         if not isinstance(record, dict):
             self.bad("not_an_object", where, f"record is a JSON {type(record).__name__}, expected an object")
             return None
-        if text_field not in record:
-            keys = ", ".join(sorted(map(str, record))[:8]) or "none"
-            self.bad("missing_field", where, f"no field {text_field!r} (fields: {keys})")
-            return None
-        return self.text(record[text_field], where)
+        names = text_field if isinstance(text_field, tuple) else (text_field,)
+        for name in names:
+            if name not in record:
+                keys = ", ".join(sorted(map(str, record))[:8]) or "none"
+                self.bad("missing_field", where, f"no field {name!r} (fields: {keys})")
+                return None
+        if not isinstance(text_field, tuple):
+            return self.text(record[text_field], where)
+        values = [record[name] for name in names]
+        for name, value in zip(names, values):
+            if not isinstance(value, str):
+                self.bad("not_a_string", where, f"field {name!r} is {type(value).__name__}, not a string")
+                return None
+            if not value.strip():
+                self.stats.skip("empty")
+                return None
+            if self.max_chars is not None and len(value) > self.max_chars:
+                self.bad("too_long", where, f"field {name!r} has {len(value)} characters > max_chars={self.max_chars}")
+                return None
+        self.stats.documents_read += 1
+        return Document(tuple(values), where)
 
 
 def _decode_lines(path: str, check: _Validator) -> Iterator[tuple[int, str]]:
@@ -138,7 +156,7 @@ def _decode_lines(path: str, check: _Validator) -> Iterator[tuple[int, str]]:
                 check.bad("invalid_utf8", f"{path}:{lineno}", f"invalid UTF-8 at byte {e.start} of the line")
 
 
-def _iter_jsonl(path: str, text_field: str, check: _Validator) -> Iterator[Document]:
+def _iter_jsonl(path: str, text_field: str | tuple[str, ...], check: _Validator) -> Iterator[Document]:
     for lineno, line in _decode_lines(path, check):
         if not line.strip():
             continue  # blank separator lines are not records
@@ -152,7 +170,7 @@ def _iter_jsonl(path: str, text_field: str, check: _Validator) -> Iterator[Docum
             yield doc
 
 
-def _iter_json_array(path: str, text_field: str, check: _Validator) -> Iterator[Document]:
+def _iter_json_array(path: str, text_field: str | tuple[str, ...], check: _Validator) -> Iterator[Document]:
     with _open_binary(path) as f:
         raw = f.read()
     try:
@@ -213,7 +231,7 @@ def _iter_txt(path: str, unit: str, check: _Validator) -> Iterator[Document]:
             yield doc
 
 
-def _iter_parquet(path: str, text_field: str, check: _Validator) -> Iterator[Document]:
+def _iter_parquet(path: str, text_field: str | tuple[str, ...], check: _Validator) -> Iterator[Document]:
     import datasets
 
     ds = datasets.load_dataset("parquet", data_files=[path], split="train", streaming=True)
@@ -226,7 +244,7 @@ def _iter_parquet(path: str, text_field: str, check: _Validator) -> Iterator[Doc
 def iter_documents(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,
-    text_field: str = "text",
+    text_field: str | tuple[str, ...] = "text",
     txt_unit: str = "document",
     on_bad: str = "error",
     max_chars: int | None = None,
@@ -238,7 +256,8 @@ def iter_documents(
     or one JSON array of records; ``.txt/.text/.md/.rst`` plain text with ``txt_unit`` one of
     ``document`` (a file is one document), ``paragraph`` (blank-line separated) or ``line``;
     ``.parquet`` through HF ``datasets`` (streaming). ``text_field`` names the field holding the
-    text in json/parquet records. Counts go to ``stats``.
+    text in json/parquet records (a tuple of names reads several fields: see
+    :func:`open_pair_corpus`). Counts go to ``stats``.
     """
     if txt_unit not in TXT_UNITS:
         raise ValueError(f"txt_unit={txt_unit!r}: expected one of {TXT_UNITS}")
@@ -271,7 +290,7 @@ def iter_documents(
 def iter_hf_documents(
     dataset,
     *,
-    text_field: str = "text",
+    text_field: str | tuple[str, ...] = "text",
     split: str = "train",
     name: str | None = None,
     streaming: bool = True,
@@ -612,3 +631,55 @@ def open_corpus(
     if len(corpus) == 0:
         raise DataError(f"{source}: no usable documents ({stats.summary('read')})")
     return corpus
+
+
+@dataclass
+class PairCorpus:
+    """Aligned (query, positive) texts for supervised contrastive training: pair i is
+    ``queries.get(i)`` and ``positives.get(i)``; ``stats`` counts pairs read and skipped."""
+
+    queries: InMemoryCorpus
+    positives: InMemoryCorpus
+    stats: DataStats
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+def open_pair_corpus(
+    source,
+    tokenizer,
+    *,
+    query_field: str = "query",
+    positive_field: str = "positive",
+    on_bad: str = "error",
+    max_chars: int | None = None,
+    num_proc: int = 1,
+    hf_split: str = "train",
+) -> PairCorpus:
+    """Read (query, positive) pairs from json/jsonl/parquet files or a HF dataset (``hf:NAME``).
+
+    Every record must hold both fields as non-empty strings; a bad record raises
+    :class:`DataError` naming its file and line, or with ``on_bad="skip"`` is skipped and
+    counted (a pair is never half-kept, so the two sides stay aligned).
+    """
+    if query_field == positive_field:
+        raise ValueError(f"query and positive field are both {query_field!r}")
+    fields = (query_field, positive_field)
+    stats = DataStats()
+    if isinstance(source, str) and source.startswith("hf:"):
+        pairs = iter_hf_documents(source[3:], text_field=fields, split=hf_split, on_bad=on_bad, max_chars=max_chars, stats=stats)
+    elif isinstance(source, (str, os.PathLike, list, tuple)):
+        for path in resolve_paths(source):
+            if _suffix(path) not in JSON_SUFFIXES + PARQUET_SUFFIXES:
+                raise DataError(f"{path}: pairs need records with fields {fields} (json, jsonl or parquet), not {_suffix(path)!r}")
+        pairs = iter_documents(source, text_field=fields, on_bad=on_bad, max_chars=max_chars, stats=stats)
+    else:
+        pairs = iter_hf_documents(source, text_field=fields, on_bad=on_bad, max_chars=max_chars, stats=stats)
+    texts = [d.text for d in pairs]
+    if not texts:
+        raise DataError(f"{source}: no usable pairs ({stats.summary('read')})")
+    sides = [InMemoryCorpus.from_texts(list(side), tokenizer, stats=DataStats(), num_proc=num_proc) for side in zip(*texts)]
+    stats.tokens_in = sum(side.stats.tokens_in for side in sides)
+    sides[0].stats = stats  # what reading the pairs counted travels with the anchors (ContrastiveDataset.epoch_stats)
+    return PairCorpus(sides[0], sides[1], stats)

@@ -155,6 +155,29 @@ def wordnet_glosses(limit: int | None = None, *, include_heldout: bool = False, 
     return texts if limit is None else texts[:limit]
 
 
+def wordnet_pairs(limit: int | None = None, *, seed: int = 0, root: str | None = None) -> list[dict]:
+    """Supervised (query, positive) pairs from the training synsets (held-out ones excluded):
+    word -> its definition, definition -> each example sentence, word -> a synonym.
+
+    Records ``{"query", "positive", "kind"}`` in a fixed shuffle (``seed``); the format
+    ``train.py --contrastive-data`` reads. In-domain for the WordNet tasks of the offline suite
+    (same kind of text, disjoint synsets); SimLex/WordSim words may occur as training words.
+    """
+    out, seen = [], set()
+    for s in wordnet_synsets(root):
+        if s.heldout:
+            continue
+        cands = [(w, s.definition, "word_definition") for w in s.words[:3]]
+        cands += [(s.definition, e, "definition_example") for e in s.examples]
+        cands += [(a, b, "synonym") for a, b in zip(s.words, s.words[1:3]) if a.lower() != b.lower()]
+        for q, p, kind in cands:
+            if (q, p) not in seen:
+                seen.add((q, p))
+                out.append({"query": q, "positive": p, "kind": kind})
+    random.Random(seed).shuffle(out)
+    return out if limit is None else out[:limit]
+
+
 # --------------------------------------------------------------------------- fortunes
 
 

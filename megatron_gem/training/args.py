@@ -32,6 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", required=True, nargs="+", help="jsonl/json/parquet/txt files, or a Megatron .bin/.idx prefix")
     g.add_argument("--text-field", default="text", help="field holding the text in json/jsonl/parquet records")
     g.add_argument("--skip-bad-records", action="store_true", help="count and skip malformed records instead of failing")
+    g.add_argument(
+        "--contrastive-data",
+        nargs="+",
+        default=None,
+        help="supervised pairs for phase 2 (jsonl/json/parquet records, or hf:NAME): each record's query field is "
+        "the anchor and its positive field the positive, other pairs' positives the negatives; default: "
+        "self-supervised positives (a token-dropout view of each --data text, the paper)",
+    )
+    g.add_argument("--contrastive-query-field", default="query", help="anchor field of --contrastive-data records")
+    g.add_argument("--contrastive-positive-field", default="positive", help="positive field of --contrastive-data records")
     g.add_argument("--save", required=True, help="output directory: checkpoints, metrics.jsonl, hf/ export")
     g.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
@@ -139,6 +149,16 @@ def validate_args(args, dp_size: int) -> None:
         # Anything else can only be a hub dataset name: not with a file extension, not offline.
         if path.endswith(_DATA_EXTENSIONS) or os.environ.get("HF_DATASETS_OFFLINE") == "1":
             raise ArgumentError(f"--data {path}: no such file (nor {path}.idx for a Megatron indexed dataset)")
+    for path in args.contrastive_data or ():
+        if not path.startswith("hf:") and not os.path.exists(path):
+            raise ArgumentError(f"--contrastive-data {path}: no such file (hub datasets are written hf:NAME)")
+    if args.contrastive_data and args.gem_contrastive_from_step >= args.train_iters:
+        raise ArgumentError(
+            f"--contrastive-data is given but phase 2 never runs (--gem-contrastive-from-step "
+            f"{args.gem_contrastive_from_step} >= --train-iters {args.train_iters})"
+        )
+    if args.contrastive_query_field == args.contrastive_positive_field:
+        raise ArgumentError(f"--contrastive-query-field and --contrastive-positive-field are both {args.contrastive_query_field!r}")
     if args.load is not None and not os.path.isdir(args.load):
         raise ArgumentError(f"--load {args.load}: no such directory")
     if args.deepspeed_config is not None and not os.path.isfile(args.deepspeed_config):

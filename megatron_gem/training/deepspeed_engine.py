@@ -20,7 +20,7 @@ from ..gem.losses import loss_weights
 from . import distributed as D
 from .args import ArgumentError, gem_config_from_args, validate_args
 from .checkpoint import export_hf, load_engine_checkpoint, save_engine_checkpoint
-from .data_setup import build_loaders, open_training_corpus
+from .data_setup import build_loaders, data_summary, open_training_corpus
 from .ds_config import load_ds_config, zero_stage
 from .loop import StepBookkeeping
 from .metrics import MetricsLogger
@@ -111,7 +111,7 @@ def train(args) -> dict:
         print(
             f"[megatron-gem] {args.model}: ZeRO-{zero_stage(ds_config)}, dp={dp_size}, accum={accum}, "
             f"steps {start_step}->{end_step} (phase 2 from {args.gem_contrastive_from_step}), "
-            f"{len(corpus)} documents; data: {corpus.stats.summary('read')}",
+            f"{len(corpus)} documents; data: {data_summary(corpus, cl_loader)}",
             flush=True,
         )
     gather_keys = D.make_gather_keys()

@@ -47,7 +47,7 @@ from ..models.llama import UnsupportedModelError, arch_from_hf_config, build_gem
 from . import distributed as D
 from .args import ArgumentError, gem_config_from_args
 from .checkpoint import LATEST, read_latest, rng_state, set_rng_state, tag_for, write_text_atomic
-from .data_setup import build_loaders, open_training_corpus
+from .data_setup import build_loaders, data_summary, open_training_corpus
 from .megatron_args import validate_megatron_args
 from .loop import StepBookkeeping
 from .metrics import MetricsLogger
@@ -409,7 +409,8 @@ def train(args) -> dict:
         print(
             f"[megatron-gem] {args.model}: megatron-core TP={tp} PP={pp} DP={dp_size} (distributed optimizer: "
             f"{args.use_distributed_optimizer}, SP: {config.sequence_parallel}, recompute: {config.recompute_granularity}), "
-            f"accum={accum}, steps {start_step}->{end_step} (phase 2 from {args.gem_contrastive_from_step}), {len(corpus)} documents",
+            f"accum={accum}, steps {start_step}->{end_step} (phase 2 from {args.gem_contrastive_from_step}), {len(corpus)} documents; "
+            f"data: {data_summary(corpus, cl_loader)}",
             flush=True,
         )
     gather_keys = D.make_gather_keys(parallel_state.get_data_parallel_group())

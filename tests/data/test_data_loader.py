@@ -251,3 +251,70 @@ def test_streaming_from_a_hf_iterable_dataset(tiny_tokenizer, gem_cfg):
     for x, y in zip(got, want):
         assert all(torch.equal(x[k], y[k]) for k in x)
     assert stream.epoch_stats(0).documents_read == 150
+
+
+# ---- supervised pairs for phase 2 ---------------------------------------------------------
+
+
+def write_pairs(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def test_pair_batches_hold_query_and_its_own_positive(tmp_path, tiny_tokenizer, gem_cfg):
+    from megatron_gem.data import open_pair_corpus
+
+    queries = sample_sentences(40, seed=3)
+    positives = [f"answer number {i}: " + s for i, s in enumerate(sample_sentences(40, seed=4))]
+    path = write_pairs(tmp_path / "pairs.jsonl", [{"q": q, "p": p} for q, p in zip(queries, positives)])
+    pairs = open_pair_corpus(path, tiny_tokenizer, query_field="q", positive_field="p")
+    assert len(pairs) == 40 and pairs.stats.documents_read == 40
+    ds = ContrastiveDataset(pairs.queries, gem_cfg, positives=pairs.positives, max_text_len=40, seq_length=SEQ, seed=2, num_epochs=1)
+    k = gem_cfg.num_special_tokens
+    b = next(iter(GEMDataLoader(ds, micro_batch_size=8)))
+    n = b["num_texts"]
+    docs = b["doc_ids"]
+    tokenize = lambda t: tiny_tokenizer(t)["input_ids"][: 40 - k]
+    seen = set()
+    for j in range(n):
+        a_ids, a_roles = b["input_ids"][docs == j], b["roles"][docs == j]
+        p_ids, p_roles = b["input_ids"][docs == n + j], b["roles"][docs == n + j]
+        for ids, roles in ((a_ids, a_roles), (p_ids, p_roles)):
+            assert ids[-k:].tolist() == gem_cfg.special_token_ids and roles[-k:].tolist() == [Role.SPECIAL] * k
+            assert (roles[:-k] == Role.PREFIX).all()
+        # the anchor is one query, intact; its positive is that query's own positive, intact (no dropout)
+        i = next(i for i, q in enumerate(queries) if tokenize(q) == a_ids[:-k].tolist())
+        assert p_ids[:-k].tolist() == tokenize(positives[i])
+        seen.add(i)
+    assert len(seen) == n
+    # the pairs take part in the resume fingerprint
+    self_supervised = ContrastiveDataset(pairs.queries, gem_cfg, max_text_len=40, seq_length=SEQ, seed=2)
+    assert ds.fingerprint() != self_supervised.fingerprint()
+
+
+def test_bad_pairs_name_their_line_or_are_skipped_and_counted(tmp_path, tiny_tokenizer):
+    from megatron_gem.data import DataError, open_pair_corpus
+
+    path = write_pairs(
+        tmp_path / "pairs.jsonl",
+        [
+            {"query": "a good query", "positive": "its positive"},
+            {"query": "no positive here"},
+            {"query": "empty positive", "positive": "  "},
+            {"query": 7, "positive": "a number is no text"},
+            "{not json",
+            {"query": "another good one", "positive": "and its positive"},
+        ],
+    )
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: no field 'positive'"):
+        open_pair_corpus(path, tiny_tokenizer)
+    pairs = open_pair_corpus(path, tiny_tokenizer, on_bad="skip")
+    assert len(pairs) == 2 and len(pairs.positives) == 2  # never half a pair: the sides stay aligned
+    assert dict(pairs.stats.skipped) == {"missing_field": 1, "empty": 1, "not_a_string": 1, "malformed_json": 1}
+    assert tiny_tokenizer.decode(pairs.positives.get(1), skip_special_tokens=True).strip() == "and its positive"
+    txt = tmp_path / "pairs.txt"
+    txt.write_text("plain text has no fields\n")
+    with pytest.raises(DataError, match="pairs.txt: pairs need records"):
+        open_pair_corpus(str(txt), tiny_tokenizer)

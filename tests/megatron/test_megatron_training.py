@@ -117,3 +117,18 @@ def test_exact_resume(reference, gem_hf_checkpoint, corpus, tmp_path):
         assert {k: v for k, v in ra.items() if k not in VOLATILE} == {k: v for k, v in rb.items() if k not in VOLATILE}
     a, b = _weights(reference), _weights(save)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_supervised_pairs_in_phase_two(reference, gem_hf_checkpoint, tmp_path, corpus):
+    """--contrastive-data through megatron-core: phase 1 unchanged, phase 2 trains on the pairs."""
+    from megatron_gem.testing import sample_sentences
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"item {i}", "positive": s}) + "\n" for i, s in enumerate(sample_sentences(40, seed=8))))
+    save = tmp_path / "pairs_run"
+    proc = run_torchrun(_args(gem_hf_checkpoint, corpus, save, "--contrastive-data", str(pairs)))
+    assert "phase-2 pairs (40)" in proc.stdout and "[pairs] documents skipped: 0" in proc.stdout, proc.stdout[-3000:]
+    ref, m = _metrics(reference), _metrics(save)
+    _close(ref[:2], m[:2])
+    assert [r["phase"] for r in m] == [1, 1, 2, 2]
+    assert all(abs(a["cl_loss"] - b["cl_loss"]) > 1e-3 for a, b in zip(ref[2:], m[2:]))

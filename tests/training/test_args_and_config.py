@@ -24,6 +24,9 @@ def args_for(tiny_inputs, tmp_path, *extra):
         (["--seq-length", "3"], "--seq-length 3"),
         (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt"),
         (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed /nonexistent/ds.json"),
+        (["--contrastive-data", "/nonexistent/pairs.jsonl"], "--contrastive-data /nonexistent/pairs.jsonl: no such file"),
+        (["--contrastive-data", "hf:x", "--gem-contrastive-from-step", "4"], "--contrastive-data is given but phase 2 never runs"),
+        (["--contrastive-query-field", "text", "--contrastive-positive-field", "text"], "are both 'text'"),
     ],
 )
 def test_bad_arguments_fail_at_start(tiny_inputs, tmp_path, capsys, extra, message):

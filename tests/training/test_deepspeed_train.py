@@ -1,5 +1,6 @@
 """End-to-end GEM training through train.py: ZeRO-3 on 2 processes vs 1, resume, export."""
 
+import json
 import os
 
 import pytest
@@ -89,3 +90,31 @@ def test_alpha_below_one_keeps_next_token_loss_in_phase_two(tiny_inputs, tmp_pat
     assert first["phase"] == 1 and first["cl_loss"] is None
     assert second["phase"] == 2 and second["ntp_loss"] is not None and second["cl_loss"] is not None
     assert second["loss"] == pytest.approx(0.75 * second["ntp_loss"] + 0.25 * second["cl_loss"], rel=1e-9)
+
+
+def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
+    # Phase 2 on --contrastive-data pairs: phase 1 is untouched (same losses as the
+    # self-supervised run), phase 2 trains on the pairs, and a bad record is skipped and counted.
+    from megatron_gem.testing import sample_sentences
+
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for i, s in enumerate(sample_sentences(64, seed=9)):
+            f.write(json.dumps({"question": f"what is said in item {i}?", "answer": s}) + "\n")
+        f.write(json.dumps({"question": "a record without its answer"}) + "\n")
+    save = tmp_path / "pairs_run"
+    extra = {
+        "--deepspeed": DS_ZERO3,
+        "--contrastive-data": str(pairs),
+        "--contrastive-query-field": "question",
+        "--contrastive-positive-field": "answer",
+        "--skip-bad-records": True,
+    }
+    proc = ok(launch(base_args(tiny_inputs, save, **extra)))
+    assert "phase-2 pairs (64)" in proc.stdout and "skipped: 1 (missing_field: 1)" in proc.stdout, proc.stdout[-3000:]
+    straight, paired = read_metrics(single_run), read_metrics(save)
+    assert [m["phase"] for m in paired] == [1, 1, 1, 2, 2, 2]
+    for a, b in zip(straight[:3], paired[:3]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-5), (a, b)
+    assert all(abs(b["cl_loss"] - a["cl_loss"]) > 1e-3 for a, b in zip(straight[3:], paired[3:]))
+    assert paired[5]["cl_loss"] < paired[3]["cl_loss"]
