@@ -62,6 +62,29 @@ def test_wordnet_glosses_exclude_heldout_and_are_deterministic():
     assert all(isinstance(t, str) and t for t in g)
 
 
+@needs_wordnet
+def test_wordnet_pairs_come_from_training_synsets_only():
+    synsets = corpora.wordnet_synsets()
+    held = {t for s in synsets if s.heldout for t in (s.definition, *s.examples)}
+    train = {t for s in synsets if not s.heldout for t in (s.definition, *s.examples)}
+    pairs = corpora.wordnet_pairs()
+    kinds = {p["kind"] for p in pairs}
+    assert kinds == {"word_definition", "definition_example", "synonym"}
+    sentences = {"word_definition": ("positive",), "definition_example": ("query", "positive"), "synonym": ()}
+    only_held = held - train
+    for p in pairs:  # no definition/example only a held-out synset has (the evaluation's) is trained on
+        for side in sentences[p["kind"]]:
+            assert p[side] not in only_held, p
+    examples_of = {}
+    for s in synsets:
+        if not s.heldout:
+            examples_of.setdefault(s.definition, set()).update(s.examples)
+    for p in (p for p in pairs if p["kind"] == "definition_example"):
+        assert p["positive"] in examples_of[p["query"]], p
+    assert len({(p["query"], p["positive"]) for p in pairs}) == len(pairs)
+    assert corpora.wordnet_pairs(500) == pairs[:500]
+
+
 @needs_fortunes
 def test_fortunes_have_categories():
     f = corpora.fortunes()
