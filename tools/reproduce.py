@@ -52,6 +52,12 @@ def _override(args: list[str], **values) -> list[str]:
     return out
 
 
+# Supervised phase-2 pairs (train.py --contrastive-data) from the training synsets of WordNet:
+# word -> definition, definition -> example, word -> synonym (eval.corpora.wordnet_pairs);
+# the placeholder becomes the path of OUT/wordnet_pairs_N.jsonl.
+PAIRS = "@wordnet_pairs"
+TRAIN_PAIRS = 60000
+
 RECIPES = {
     "gem-paper": COMMON + ["--gem-alpha", "1.0"],
     # Keeps half of the NTP loss in phase 2 (our generation-preserving option).
@@ -71,6 +77,18 @@ RECIPES = {
     ),
     # The gem-more-ntp direction further: 80 mixed-NTP steps, then 20 contrastive steps.
     "gem-ntp-80": _override(COMMON, train_iters=100, gem_contrastive_from_step=80, gem_p_raw=0.6, gem_alpha=1.0),
+    # Phase 2 on supervised pairs (PAIRS below) instead of dropout views: gem-more-ntp's phase 1,
+    # then 250 contrastive steps of 64 pairs at lr 1e-4 (in-batch negatives).
+    "gem-wordnet-pairs": _override(
+        COMMON,
+        train_iters=280,
+        gem_contrastive_from_step=30,
+        gem_p_raw=0.6,
+        contrastive_batch_size=64,
+        contrastive_lr=1e-4,
+        gem_alpha=1.0,
+        contrastive_data=PAIRS,
+    ),
 }
 TRAIN_DOCS = 30000
 BASE_METHODS = ("mean", "last", "echo", "prompteol")
@@ -89,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--ppl-texts", type=int, default=100, help="Python tutorial paragraphs for perplexity")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=256, help="tokens per text for the embedders")
-    p.add_argument("--only", nargs="*", help="compute only these rows (names as in the table)")
+    p.add_argument("--only", nargs="*", help="compute only these rows (names as in the table); other rows come from the cache when there")
     return p.parse_args(argv)
 
 
@@ -100,17 +118,33 @@ def _model_hash(path: str) -> str:
     return h.hexdigest()[:12]
 
 
+def pairs_file(out: str) -> str:
+    """OUT/wordnet_pairs_N.jsonl, written once (query/positive records for --contrastive-data)."""
+    from megatron_gem.eval.corpora import wordnet_pairs
+
+    path = os.path.join(out, f"wordnet_pairs_{TRAIN_PAIRS}.jsonl")
+    if not os.path.isfile(path):
+        with open(path + ".tmp", "w") as f:
+            for r in wordnet_pairs(limit=TRAIN_PAIRS, seed=0):
+                f.write(json.dumps(r) + "\n")
+        os.replace(path + ".tmp", path)
+    return path
+
+
 def train(name: str, base: str, data: str, runs: str) -> str:
     """Train recipe ``name`` with train.py (or reuse a finished run of the same recipe)."""
     run = os.path.join(runs, name)
     recipe = {"args": RECIPES[name], "base": _model_hash(base), "data": os.path.basename(data), "train_docs": TRAIN_DOCS}
+    if PAIRS in RECIPES[name]:
+        recipe["train_pairs"] = TRAIN_PAIRS
     done = os.path.join(run, "recipe.json")
     if os.path.isfile(os.path.join(run, "hf", "gem_config.json")) and os.path.isfile(done):
         with open(done) as f:
             if json.load(f) == recipe:
                 log(f"{name}: reusing the finished run {run}")
                 return os.path.join(run, "hf")
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model", base, "--data", data, "--save", run] + RECIPES[name]
+    recipe_args = [pairs_file(os.path.dirname(data)) if a == PAIRS else a for a in RECIPES[name]]
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model", base, "--data", data, "--save", run] + recipe_args
     log(f"{name}: training: " + " ".join(cmd[1:]))
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + len(name)), PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
@@ -221,8 +255,6 @@ def main(argv=None) -> int:
     tasks_fn = lambda: offline_tasks(scale=args.scale)
     rows = []
     for name, kind, path, method, lm in plan:
-        if args.only and name not in args.only:
-            continue
         cache = os.path.join(args.out, "rows", name.replace(" ", "_") + ".json")
         settings = {"scale": args.scale, "mc_items": args.mc_items, "ppl_texts": args.ppl_texts, "max_length": args.max_length}
         if os.path.isfile(cache):
@@ -232,6 +264,9 @@ def main(argv=None) -> int:
                 log(f"{name}: reusing {cache}")
                 rows.append(row)
                 continue
+        if args.only and name not in args.only:
+            log(f"{name}: not computed (--only); left out of the table")
+            continue
         if kind == "gem":
             path = train(name, base, data, os.path.join(args.out, "runs"))
         log(f"{name}: evaluating ({method})")

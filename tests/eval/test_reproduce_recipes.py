@@ -34,7 +34,10 @@ def test_every_recipe_parses_and_validates(tmp_path):
     model.mkdir()
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "a"}\n')
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"query": "a", "positive": "b"}\n')
     for name, recipe in rep.RECIPES.items():
+        recipe = [str(pairs) if a == rep.PAIRS else a for a in recipe]
         args = build_parser().parse_args(["--model", str(model), "--data", str(data), "--save", str(tmp_path / name)] + recipe)
         validate_args(args, dp_size=1)
         assert args.gem_contrastive_from_step < args.train_iters, name  # both phases run
