@@ -89,6 +89,17 @@ RECIPES = {
         gem_alpha=1.0,
         contrastive_data=PAIRS,
     ),
+    # gem-wordnet-pairs keeping half of the NTP loss in phase 2 (generation-preserving option).
+    "gem-wordnet-pairs-keep-ntp": _override(
+        COMMON,
+        train_iters=280,
+        gem_contrastive_from_step=30,
+        gem_p_raw=0.6,
+        contrastive_batch_size=64,
+        contrastive_lr=1e-4,
+        gem_alpha=0.5,
+        contrastive_data=PAIRS,
+    ),
 }
 TRAIN_DOCS = 30000
 BASE_METHODS = ("mean", "last", "echo", "prompteol")
