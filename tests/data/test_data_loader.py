@@ -318,3 +318,15 @@ def test_bad_pairs_name_their_line_or_are_skipped_and_counted(tmp_path, tiny_tok
     txt.write_text("plain text has no fields\n")
     with pytest.raises(DataError, match="pairs.txt: pairs need records"):
         open_pair_corpus(str(txt), tiny_tokenizer)
+
+
+def test_pairs_from_a_hf_dataset_object(tiny_tokenizer):
+    import datasets
+
+    from megatron_gem.data import open_pair_corpus
+
+    ds = datasets.Dataset.from_list([{"anchor": f"query {i}", "pos": f"the answer to {i}", "extra": i} for i in range(5)])
+    pairs = open_pair_corpus(ds, tiny_tokenizer, query_field="anchor", positive_field="pos")
+    assert len(pairs) == 5 and pairs.stats.documents_read == 5
+    assert tiny_tokenizer.decode(pairs.queries.get(3), skip_special_tokens=True).strip() == "query 3"
+    assert tiny_tokenizer.decode(pairs.positives.get(3), skip_special_tokens=True).strip() == "the answer to 3"
