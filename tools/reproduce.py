@@ -58,6 +58,17 @@ def _override(args: list[str], **values) -> list[str]:
 PAIRS = "@wordnet_pairs"
 TRAIN_PAIRS = 60000
 
+PAIRS_RECIPE = _override(
+    COMMON,
+    train_iters=280,
+    gem_contrastive_from_step=30,
+    gem_p_raw=0.6,
+    contrastive_batch_size=64,
+    contrastive_lr=1e-4,
+    gem_alpha=1.0,
+    contrastive_data=PAIRS,
+)
+
 RECIPES = {
     "gem-paper": COMMON + ["--gem-alpha", "1.0"],
     # Keeps half of the NTP loss in phase 2 (our generation-preserving option).
@@ -77,29 +88,11 @@ RECIPES = {
     ),
     # The gem-more-ntp direction further: 80 mixed-NTP steps, then 20 contrastive steps.
     "gem-ntp-80": _override(COMMON, train_iters=100, gem_contrastive_from_step=80, gem_p_raw=0.6, gem_alpha=1.0),
-    # Phase 2 on supervised pairs (PAIRS below) instead of dropout views: gem-more-ntp's phase 1,
-    # then 250 contrastive steps of 64 pairs at lr 1e-4 (in-batch negatives).
-    "gem-wordnet-pairs": _override(
-        COMMON,
-        train_iters=280,
-        gem_contrastive_from_step=30,
-        gem_p_raw=0.6,
-        contrastive_batch_size=64,
-        contrastive_lr=1e-4,
-        gem_alpha=1.0,
-        contrastive_data=PAIRS,
-    ),
-    # gem-wordnet-pairs keeping half of the NTP loss in phase 2 (generation-preserving option).
-    "gem-wordnet-pairs-keep-ntp": _override(
-        COMMON,
-        train_iters=280,
-        gem_contrastive_from_step=30,
-        gem_p_raw=0.6,
-        contrastive_batch_size=64,
-        contrastive_lr=1e-4,
-        gem_alpha=0.5,
-        contrastive_data=PAIRS,
-    ),
+    # Phase 2 on supervised pairs (PAIRS) instead of dropout views: gem-more-ntp's phase 1, then
+    # 250 contrastive steps of 64 pairs at lr 1e-4 (the other pairs' positives are the negatives).
+    "gem-wordnet-pairs": PAIRS_RECIPE,
+    # The same, keeping half of the NTP loss in phase 2 (the generation-preserving option).
+    "gem-wordnet-pairs-keep-ntp": _override(PAIRS_RECIPE, gem_alpha=0.5),
 }
 TRAIN_DOCS = 30000
 BASE_METHODS = ("mean", "last", "echo", "prompteol")

@@ -104,15 +104,21 @@ class _Validator:
             return
         raise DataError(f"{where}: {message} (pass on_bad='skip' / --skip-bad-records to skip and count such records)")
 
-    def text(self, value, where: str) -> Document | None:
+    def _usable(self, value, where: str, what: str) -> bool:
+        """Whether one text value can be trained on; counts (or raises for) what cannot."""
         if not isinstance(value, str):
-            self.bad("not_a_string", where, f"text is {type(value).__name__}, not a string")
-            return None
+            self.bad("not_a_string", where, f"{what} is {type(value).__name__}, not a string")
+            return False
         if not value.strip():
             self.stats.skip("empty")
-            return None
+            return False
         if self.max_chars is not None and len(value) > self.max_chars:
-            self.bad("too_long", where, f"document has {len(value)} characters > max_chars={self.max_chars}")
+            self.bad("too_long", where, f"{what} has {len(value)} characters > max_chars={self.max_chars}")
+            return False
+        return True
+
+    def text(self, value, where: str) -> Document | None:
+        if not self._usable(value, where, "text"):
             return None
         self.stats.documents_read += 1
         return Document(value, where)
@@ -131,19 +137,10 @@ class _Validator:
                 return None
         if not isinstance(text_field, tuple):
             return self.text(record[text_field], where)
-        values = [record[name] for name in names]
-        for name, value in zip(names, values):
-            if not isinstance(value, str):
-                self.bad("not_a_string", where, f"field {name!r} is {type(value).__name__}, not a string")
-                return None
-            if not value.strip():
-                self.stats.skip("empty")
-                return None
-            if self.max_chars is not None and len(value) > self.max_chars:
-                self.bad("too_long", where, f"field {name!r} has {len(value)} characters > max_chars={self.max_chars}")
-                return None
+        if not all(self._usable(record[name], where, f"field {name!r}") for name in names):
+            return None
         self.stats.documents_read += 1
-        return Document(tuple(values), where)
+        return Document(tuple(record[name] for name in names), where)
 
 
 def _decode_lines(path: str, check: _Validator) -> Iterator[tuple[int, str]]:

@@ -111,7 +111,7 @@ def test_malformed_json_array_names_line(tmp_path):
 def test_huge_document_limit_and_tokenising(tmp_path, tiny_tokenizer):
     big = "word " * 200_000
     p = write(tmp_path / "huge.jsonl", (json.dumps({"text": "small one"}) + "\n" + json.dumps({"text": big}) + "\n").encode())
-    with pytest.raises(DataError, match=r"huge\.jsonl:2: document has 1000000 characters > max_chars=100000"):
+    with pytest.raises(DataError, match=r"huge\.jsonl:2: text has 1000000 characters > max_chars=100000"):
         list(iter_documents(p, max_chars=100_000))
     stats = DataStats()
     assert texts(p, max_chars=100_000, on_bad="skip", stats=stats) == ["small one"]
