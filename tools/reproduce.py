@@ -11,7 +11,7 @@ Writes OUT/results.json, OUT/table.md, the bar chart (--chart, default docs/eval
 and the mteb result files under OUT/mteb. Each finished row is kept in OUT/rows/ and reused on
 a re-run (delete it to recompute); a finished training run is reused when its recipe matches.
 
-    python tools/reproduce.py                  # everything, ~1 h on 2 free cores
+    python tools/reproduce.py                  # everything: ~4 h from scratch on 2 cores, seconds when cached
     python tools/reproduce.py --scale 0.3      # smaller evaluation sets
 """
 
