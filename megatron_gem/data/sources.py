@@ -48,7 +48,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Document:
-    text: str  # a tuple of texts when several fields were read (pairs)
+    text: str | tuple[str, ...]  # a tuple when several fields were read (pairs)
     where: str  # "path:line" (or "path:row N" / "dataset:record N") of the record
 
 
@@ -589,6 +589,15 @@ class IndexedWriter:
             self._builder.data_file.close()
 
 
+def _read_source(source, *, text_field, txt_unit, on_bad, max_chars, stats, hf_split) -> Iterator[Document]:
+    """Validated documents of text input: ``hf:<name>``, local files, or a ``datasets`` object."""
+    if isinstance(source, str) and source.startswith("hf:"):
+        return iter_hf_documents(source[3:], text_field=text_field, split=hf_split, on_bad=on_bad, max_chars=max_chars, stats=stats)
+    if isinstance(source, (str, os.PathLike, list, tuple)):
+        return iter_documents(source, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats)
+    return iter_hf_documents(source, text_field=text_field, on_bad=on_bad, max_chars=max_chars, stats=stats)
+
+
 def open_corpus(
     source,
     tokenizer=None,
@@ -616,12 +625,7 @@ def open_corpus(
     if tokenizer is None:
         raise ValueError(f"{source!r} is text input: a tokenizer is needed")
     stats = DataStats()
-    if isinstance(source, str) and source.startswith("hf:"):
-        docs = iter_hf_documents(source[3:], text_field=text_field, split=hf_split, on_bad=on_bad, max_chars=max_chars, stats=stats)
-    elif isinstance(source, (str, os.PathLike, list, tuple)):
-        docs = iter_documents(source, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats)
-    else:
-        docs = iter_hf_documents(source, text_field=text_field, on_bad=on_bad, max_chars=max_chars, stats=stats)
+    docs = _read_source(source, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats, hf_split=hf_split)
     corpus = InMemoryCorpus.from_texts(
         docs, tokenizer, stats=stats, num_proc=num_proc, add_special_tokens=add_special_tokens, append_eod=append_eod
     )
@@ -637,7 +641,10 @@ class PairCorpus:
 
     queries: InMemoryCorpus
     positives: InMemoryCorpus
-    stats: DataStats
+
+    @property
+    def stats(self) -> DataStats:
+        return self.queries.stats
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -663,20 +670,16 @@ def open_pair_corpus(
     if query_field == positive_field:
         raise ValueError(f"query and positive field are both {query_field!r}")
     fields = (query_field, positive_field)
-    stats = DataStats()
-    if isinstance(source, str) and source.startswith("hf:"):
-        pairs = iter_hf_documents(source[3:], text_field=fields, split=hf_split, on_bad=on_bad, max_chars=max_chars, stats=stats)
-    elif isinstance(source, (str, os.PathLike, list, tuple)):
+    if isinstance(source, (str, os.PathLike, list, tuple)) and not str(source).startswith("hf:"):
         for path in resolve_paths(source):
             if _suffix(path) not in JSON_SUFFIXES + PARQUET_SUFFIXES:
                 raise DataError(f"{path}: pairs need records with fields {fields} (json, jsonl or parquet), not {_suffix(path)!r}")
-        pairs = iter_documents(source, text_field=fields, on_bad=on_bad, max_chars=max_chars, stats=stats)
-    else:
-        pairs = iter_hf_documents(source, text_field=fields, on_bad=on_bad, max_chars=max_chars, stats=stats)
+    stats = DataStats()
+    pairs = _read_source(source, text_field=fields, txt_unit="document", on_bad=on_bad, max_chars=max_chars, stats=stats, hf_split=hf_split)
     texts = [d.text for d in pairs]
     if not texts:
         raise DataError(f"{source}: no usable pairs ({stats.summary('read')})")
-    sides = [InMemoryCorpus.from_texts(list(side), tokenizer, stats=DataStats(), num_proc=num_proc) for side in zip(*texts)]
-    stats.tokens_in = sum(side.stats.tokens_in for side in sides)
-    sides[0].stats = stats  # what reading the pairs counted travels with the anchors (ContrastiveDataset.epoch_stats)
-    return PairCorpus(sides[0], sides[1], stats)
+    queries, positives = (InMemoryCorpus.from_texts(list(side), tokenizer, stats=DataStats(), num_proc=num_proc) for side in zip(*texts))
+    stats.tokens_in = queries.stats.tokens_in + positives.stats.tokens_in
+    queries.stats = stats  # what reading the pairs counted travels with the anchors (ContrastiveDataset.epoch_stats)
+    return PairCorpus(queries, positives)

@@ -357,8 +357,8 @@ class SafetensorsShardWriter:
     format: an 8-byte little-endian header length, the JSON header (dtype, shape, data offsets,
     padded with spaces to 8 bytes), then the raw bytes. The header needs every tensor's shape
     up front: ``plan`` lists (name, shape, dtype) in arrival order, split into shards of at most
-    ``max_shard_bytes`` (HF's ``max_shard_size``); files are model.safetensors or
-    model-XXXXX-of-YYYYY.safetensors."""
+    ``max_shard_bytes`` (HF's ``max_shard_size``); files are model.safetensors (one shard) or
+    model-00001-of-00003.safetensors and so on (HF's names)."""
 
     def __init__(self, directory: str, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
         self.directory = directory
