@@ -7,7 +7,8 @@ Reports, for each direction, the wall time against copying the same bytes on the
 (target: <= 2x; the copy is timed before and after the conversions and averaged), the
 converter's peak RSS (target: <= 4 GB; each conversion runs in its own
 process, measured with wait4), and whether the round trip is bit-exact (every tensor, and the
-config). Needs ~50 GB free in --workdir (input, one copy or converted checkpoint, output); the
+config). Figures in the JSON are unrounded (a tiny copy can take
+under 5 ms; rounding it would report 0). Needs ~50 GB free in --workdir (input, one copy or converted checkpoint, output); the
 copy is deleted before converting. Last line: one JSON object.
 
     python tools/bench_convert.py                          # Llama-3-8B shapes, ~16 GB
@@ -201,21 +202,21 @@ def main(argv=None) -> dict:
         "shape": args.shape,
         "tp": tp,
         "pp": pp,
-        "checkpoint_gb": round(size / 1e9, 3),
-        "megatron_checkpoint_gb": round(mg_bytes / 1e9, 3),
-        "copy_s": round(copy_s, 2),
-        "copy_runs_s": [round(c, 2) for c in copies],
-        "hf_to_megatron_s": round(to_mg_s, 2),
-        "megatron_to_hf_s": round(to_hf_s, 2),
-        "hf_to_megatron_vs_copy": round(to_mg_s / copy_s, 3),
-        "megatron_to_hf_vs_copy": round(to_hf_s / copy_s, 3),
-        "hf_to_megatron_peak_rss_gb": round(to_mg_rss, 3),
-        "megatron_to_hf_peak_rss_gb": round(to_hf_rss, 3),
+        "checkpoint_gb": size / 1e9,
+        "megatron_checkpoint_gb": mg_bytes / 1e9,
+        "copy_s": copy_s,
+        "copy_runs_s": list(copies),
+        "hf_to_megatron_s": to_mg_s,
+        "megatron_to_hf_s": to_hf_s,
+        "hf_to_megatron_vs_copy": to_mg_s / copy_s,
+        "megatron_to_hf_vs_copy": to_hf_s / copy_s,
+        "hf_to_megatron_peak_rss_gb": to_mg_rss,
+        "megatron_to_hf_peak_rss_gb": to_hf_rss,
         "bit_exact": equal,
         "tensors": n,
         "mismatches": bad[:20],
         "targets": {"vs_copy_max": 2.0, "peak_rss_gb_max": 4.0},
-        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "load_avg_1m": os.getloadavg()[0],
         "cpus": os.cpu_count(),
     }
     if not args.keep:
