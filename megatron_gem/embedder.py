@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention.hf import use_gem_attention
+from .common.manifest import MANIFEST
+from .common.manifest import verify as verify_manifest
 from .gem.config import GEMConfig
 from .gem.layout import build_layout, position_ids_from_doc_ids
 from .gem.readout import pool_special_states
@@ -54,14 +56,19 @@ class GEMEmbedder:
         device: str | torch.device | None = None,
         backend: str = "auto",
         max_length: int = 512,
+        verify: bool = True,
     ) -> "GEMEmbedder":
         """From a checkpoint directory (model, tokenizer and gem_config.json), or from a live
         model and its tokenizer; for a live model ``config`` defaults to GEMConfig() and the
-        special-token ids are looked up in the tokenizer by name."""
+        special-token ids are looked up in the tokenizer by name. A directory with a
+        manifest.json (train.py's exports) is verified first (``verify``): a missing, truncated
+        or changed file raises CheckpointError naming it."""
         if isinstance(path_or_model, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             path = str(path_or_model)
+            if verify and os.path.isfile(os.path.join(path, MANIFEST)):
+                verify_manifest(path)
             config = config or GEMConfig.load(path)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)

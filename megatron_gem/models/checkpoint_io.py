@@ -20,19 +20,12 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from ..training.checkpoint import replace_dir_atomic
+from ..common.files import replace_dir_atomic, write_json_atomic
+from ..common.manifest import write_manifest
 from .llama import LlamaArch
 
 META_NAME = "megatron_gem.json"
 FORMAT_VERSION = 1
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def read_meta(directory: str) -> dict:
@@ -106,8 +99,9 @@ def write_hf_shard(tmp_dir: str, tensors: dict[str, torch.Tensor], shard_index: 
     return name, {k: name for k in tensors}, size
 
 
-def finish_hf_dir(tmp_dir: str, out_dir: str, *, config: dict, weight_map: dict[str, str], total_size: int, tokenizer=None, gem_config=None, extra: dict | None = None) -> str:
-    """Write config/index/tokenizer/gem_config into ``tmp_dir`` and swap it in as ``out_dir``."""
+def finish_hf_dir(tmp_dir: str, out_dir: str, *, config: dict, weight_map: dict[str, str], total_size: int, tokenizer=None, gem_config=None, extra: dict | None = None, manifest: bool = False) -> str:
+    """Write config/index/tokenizer/gem_config (and, with ``manifest``, manifest.json last)
+    into ``tmp_dir`` and swap it in as ``out_dir``."""
     from transformers import AutoConfig
 
     files = sorted(set(weight_map.values()))
@@ -122,6 +116,8 @@ def finish_hf_dir(tmp_dir: str, out_dir: str, *, config: dict, weight_map: dict[
         gem_config.save(tmp_dir)
     if extra:
         write_json_atomic(os.path.join(tmp_dir, "training_info.json"), extra)
+    if manifest:
+        write_manifest(tmp_dir)
     return replace_dir_atomic(tmp_dir, out_dir)
 
 
@@ -170,6 +166,6 @@ def export_hf_from_model(model, arch: LlamaArch, out_dir: str, *, hf_config: dic
             if item is not None:
                 weight_map.update(item[1])
                 total += item[2]
-        result = finish_hf_dir(tmp, out_dir, config=hf_config_dict(hf_config, vocab_size), weight_map=weight_map, total_size=total, tokenizer=tokenizer, gem_config=gem_config, extra=extra)
+        result = finish_hf_dir(tmp, out_dir, config=hf_config_dict(hf_config, vocab_size), weight_map=weight_map, total_size=total, tokenizer=tokenizer, gem_config=gem_config, extra=extra, manifest=True)
     dist.barrier()
     return result

@@ -23,7 +23,7 @@ import shutil
 import torch
 
 from ..gem.config import CONFIG_NAME, GEMConfig
-from ..training.checkpoint import replace_dir_atomic
+from ..common.files import replace_dir_atomic, write_json_atomic
 from . import checkpoint_io as io
 from .hf_mapping import HFWeights, hf_from_megatron, megatron_from_hf
 from .llama import LlamaArch, arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
@@ -84,7 +84,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, divisible_by:
     streaming_io.save_dist_checkpoint_lazily(model, tmp, lambda name: megatron_from_hf(name, weights, arch, padded), progress=progress)
     meta = io.make_meta(arch, vocab_size=vocab, padded_vocab=padded, tp=tp, pp=pp, hf_config=hf_config.to_dict(), divisible_by=divisible_by)
     meta["dtype"] = str(dtype).replace("torch.", "")
-    io.write_json_atomic(os.path.join(tmp, io.META_NAME), meta)
+    write_json_atomic(os.path.join(tmp, io.META_NAME), meta)
     tok = _load_tokenizer(hf_dir)
     if tok is not None:
         tok.save_pretrained(tmp)

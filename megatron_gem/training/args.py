@@ -7,7 +7,9 @@ conflicting arguments fail at start with one clear message naming the flag.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 
 from ..gem.config import LAYOUTS, GEMConfig
 
@@ -43,7 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--contrastive-query-field", default="query", help="anchor field of --contrastive-data records")
     g.add_argument("--contrastive-positive-field", default="positive", help="positive field of --contrastive-data records")
     g.add_argument("--save", required=True, help="output directory: checkpoints, metrics.jsonl, hf/ export")
-    g.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
+    g.add_argument(
+        "--load",
+        default=None,
+        help="resume from the checkpoint DIR/latest names, after verifying its manifest; a DIR with no checkpoint "
+        "(or no DIR) starts from step 0, saying so",
+    )
+    g.add_argument(
+        "--load-fallback",
+        action="store_true",
+        help="if the checkpoint latest names is damaged or incomplete, resume from the newest earlier one that verifies",
+    )
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
 
     g = p.add_argument_group("batch and schedule (Megatron names)")
@@ -86,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--exit-signal-handler", action="store_true", help="on SIGUSR1/SIGTERM (e.g. SLURM's --signal before the time limit): finish the step, save a checkpoint, exit 0")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10, help="collective timeout: a dead rank fails the job instead of hanging")
+    g.add_argument(
+        "--check-for-nan-in-loss-and-grad",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stop every rank, before saving, at a step whose loss or gradient norm is NaN/Inf on any rank",
+    )
     g.add_argument("--exit-after-iters", type=int, default=None, help="stop (after saving) at this step; for tests and pre-emption drills")
 
     g = p.add_argument_group("launcher")
@@ -141,17 +159,7 @@ def validate_args(args, dp_size: int) -> None:
         )
     if args.seq_length <= args.gem_num_special_tokens + args.gem_min_prefix_len:
         raise ArgumentError(f"--seq-length {args.seq_length} leaves no room for text around {args.gem_num_special_tokens} special tokens")
-    if not os.path.exists(args.model) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ArgumentError(f"--model {args.model}: no such directory (and HF_HUB_OFFLINE=1 forbids the hub)")
-    for path in args.data:
-        if os.path.exists(path) or os.path.exists(path + ".idx"):
-            continue
-        # Anything else can only be a hub dataset name: not with a file extension, not offline.
-        if path.endswith(_DATA_EXTENSIONS) or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            raise ArgumentError(f"--data {path}: no such file (nor {path}.idx for a Megatron indexed dataset)")
-    for path in args.contrastive_data or ():
-        if not path.startswith("hf:") and not os.path.exists(path):
-            raise ArgumentError(f"--contrastive-data {path}: no such file (hub datasets are written hf:NAME)")
+    validate_paths(args)
     if args.contrastive_data and args.gem_contrastive_from_step >= args.train_iters:
         raise ArgumentError(
             f"--contrastive-data is given but phase 2 never runs (--gem-contrastive-from-step "
@@ -159,14 +167,95 @@ def validate_args(args, dp_size: int) -> None:
         )
     if args.contrastive_query_field == args.contrastive_positive_field:
         raise ArgumentError(f"--contrastive-query-field and --contrastive-positive-field are both {args.contrastive_query_field!r}")
-    if args.load is not None and not os.path.isdir(args.load):
-        raise ArgumentError(f"--load {args.load}: no such directory")
-    if args.deepspeed_config is not None and not os.path.isfile(args.deepspeed_config):
-        raise ArgumentError(f"--deepspeed {args.deepspeed_config}: no such file")
     try:
         gem_config_from_args(args)
     except ValueError as e:  # GEMConfig names the field; map it back to the flag
         raise ArgumentError(f"GEM option: {e}") from e
+
+
+# huggingface_hub's rule for a repo id ("name" or "owner/name"); anything else can only be a path.
+_REPO_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]{1,96}$")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _readable(flag: str, path: str, what: str) -> None:
+    if not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
+        raise ArgumentError(f"{flag} {path}: {what} is not readable (permission denied)")
+
+
+def check_model_path(flag: str, path: str) -> None:
+    """A local checkpoint directory, or an HF repo id when the hub can be reached (or the repo
+    is in the local HF cache)."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ArgumentError(f"{flag} {path}: is a file; expected a checkpoint directory")
+        _readable(flag, path, "directory")
+        return
+    looks_local = path.startswith(("/", ".", "~")) or "\\" in path or "--" in path or ".." in path or not _REPO_ID.match(path)
+    if looks_local:
+        raise ArgumentError(f"{flag} {path}: no such directory")
+    if _offline():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = isinstance(try_to_load_from_cache(path, "config.json" if flag == "--model" else "tokenizer_config.json"), str)
+        except Exception:  # an old or missing huggingface_hub: treat as not cached
+            cached = False
+        if not cached:
+            raise ArgumentError(f"{flag} {path}: no such directory, and as an HF repo id it cannot be fetched: the hub is off (HF_HUB_OFFLINE) and the repo is not in the local HF cache")
+
+
+def check_data_path(flag: str, path: str) -> None:
+    if path.startswith("hf:"):
+        return  # a hub dataset: datasets fetches it, or finds it in its cache offline
+    if os.path.isdir(path):
+        raise ArgumentError(f"{flag} {path}: is a directory; give the files (jsonl/json/parquet/txt) or a Megatron .bin/.idx prefix")
+    if os.path.isfile(path):
+        _readable(flag, path, "file")
+        return
+    if os.path.isfile(path + ".idx") or os.path.isfile(path + ".bin"):
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(path + ext):
+                raise ArgumentError(f"{flag} {path}: Megatron indexed dataset without its {ext} file ({path}{ext})")
+            _readable(flag, path + ext, "file")
+        return
+    if flag == "--data" and not path.endswith(_DATA_EXTENSIONS) and os.environ.get("HF_DATASETS_OFFLINE") != "1":
+        return  # can only be a hub dataset name, fetched by datasets
+    hub = "" if flag == "--data" else " (hub datasets are written hf:NAME)"
+    raise ArgumentError(f"{flag} {path}: no such file (nor {path}.bin/.idx for a Megatron indexed dataset){hub}")
+
+
+def validate_paths(args) -> None:
+    """Every path argument, before anything heavy: one line naming the flag and the path."""
+    check_model_path("--model", args.model)
+    if args.tokenizer is not None:
+        check_model_path("--tokenizer", args.tokenizer)
+    for path in args.data:
+        check_data_path("--data", path)
+    for path in args.contrastive_data or ():
+        check_data_path("--contrastive-data", path)
+    if args.load is not None and os.path.exists(args.load) and not os.path.isdir(args.load):
+        raise ArgumentError(f"--load {args.load}: is a file; expected the --save directory of an earlier run")
+    if os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise ArgumentError(f"--save {args.save}: is a file; expected a directory")
+    parent = os.path.abspath(args.save)
+    while not os.path.isdir(parent):  # the nearest existing directory is where it gets created
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArgumentError(f"--save {args.save}: cannot write there ({parent} is not writable)")
+    if args.deepspeed_config is not None:
+        if not os.path.isfile(args.deepspeed_config):
+            raise ArgumentError(f"--deepspeed {args.deepspeed_config}: no such file")
+        try:
+            with open(args.deepspeed_config) as f:
+                json.load(f)
+        except json.JSONDecodeError as e:
+            raise ArgumentError(f"--deepspeed {args.deepspeed_config}:{e.lineno}: not valid JSON ({e.msg})") from e
+        except OSError as e:
+            raise ArgumentError(f"--deepspeed {args.deepspeed_config}: unreadable ({e.strerror})") from e
 
 
 def parse_args(argv=None):

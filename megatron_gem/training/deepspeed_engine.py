@@ -15,13 +15,15 @@ import time
 import numpy as np
 import torch
 
+from ..common.manifest import CheckpointError
 from ..data import DataError
 from ..gem.losses import loss_weights
 from . import distributed as D
 from .args import ArgumentError, gem_config_from_args, validate_args
-from .checkpoint import export_hf, load_engine_checkpoint, save_engine_checkpoint
+from .checkpoint import CheckpointWriteError, export_hf, load_engine_checkpoint, resolve_checkpoint, save_engine_checkpoint
 from .data_setup import build_loaders, data_summary, open_training_corpus
 from .ds_config import load_ds_config, zero_stage
+from .guard import NonFiniteError
 from .loop import StepBookkeeping
 from .metrics import MetricsLogger
 from .model import GEMModel, ModelLoadError, load_causal_lm, load_tokenizer, param_groups, prepare_gem_lm, zero3_gather
@@ -96,8 +98,9 @@ def train(args) -> dict:
 
     start_step = 0
     if args.load:
-        state = load_engine_checkpoint(engine, args.load)
-        if state is not None:
+        tag = resolve_checkpoint(args.load, fallback=args.load_fallback, log=D.print_main)
+        if tag is not None:
+            state = load_engine_checkpoint(engine, args.load, tag)
             start_step = int(state["step"])
             ntp_loader.load_state_dict(state["ntp_data"])
             if cl_loader is not None and state.get("contrastive_data"):
@@ -153,7 +156,8 @@ def train(args) -> dict:
             engine.step()
         grad_norm = own_norm if reports_no_grad_norm else engine.get_global_grad_norm()
         record = _step_record(step, parts, w_ntp, w_cl, global_tokens, engine, lr, grad_norm, time.perf_counter() - t0, dp_size)
-        if book.after_step(step, record):
+        local = [p.ntp_sum for p in parts] + [p.cl_loss for p in parts]
+        if book.after_step(step, record, local_losses=local, device=device):
             break
     log.close()
     del zero3_handle
@@ -213,6 +217,11 @@ def main(argv=None) -> int:
     except (ArgumentError, ModelLoadError, DataError) as e:  # user errors: one clear line
         print(f"train.py: error: {e}", flush=True)
         return 2
+    except (NonFiniteError, CheckpointError, CheckpointWriteError) as e:
+        # The run cannot go on. Every rank raised the same error (they agree collectively), so
+        # one of them says it.
+        D.print_main(f"train.py: error: {e}")
+        return 1
     if D.is_main():
         print(f"[megatron-gem] done: {summary}", flush=True)
     return 0

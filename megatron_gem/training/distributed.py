@@ -52,6 +52,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def print_main(*args) -> None:
+    """print on rank 0 only (flushed: launchers interleave ranks' output)."""
+    if is_main():
+        print(*args, flush=True)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -62,6 +68,15 @@ def all_reduce_sum(value: torch.Tensor, group=None) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's ``obj`` (picklable, small: error strings, manifest entries), in rank order."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -1,9 +1,12 @@
 """What every engine does after an optimizer step: metrics, progress, checkpoints, HF export,
-pre-emption. The engines differ in how a step is computed, not in this bookkeeping."""
+pre-emption, and the non-finite check (guard.py) before any of them. The engines differ in how
+a step is computed, not in this bookkeeping."""
 
 from __future__ import annotations
 
 from typing import Callable
+
+from .guard import NonFiniteError, check_step
 
 
 class StepBookkeeping:
@@ -22,8 +25,16 @@ class StepBookkeeping:
         self.first_loss = self.last_loss = None
         self.preempted = False
 
-    def after_step(self, step: int, record: dict) -> bool:
+    def after_step(self, step: int, record: dict, local_losses=(), device=None) -> bool:
+        """``local_losses``: this rank's own loss values of the step (for the non-finite check's
+        message). Collective: call on every rank."""
         a = self.args
+        if a.check_for_nan_in_loss_and_grad:
+            try:
+                check_step(record, local_losses, save_dir=a.save, device=device)
+            except NonFiniteError:
+                self.log.log(record)  # the bad step's figures, for the post-mortem
+                raise
         if self.first_loss is None:
             self.first_loss = record["loss"]
         self.last_loss = record["loss"]

@@ -46,7 +46,10 @@ from ..models.hf_mapping import HFWeights, load_hf_into_model
 from ..models.llama import UnsupportedModelError, arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
 from . import distributed as D
 from .args import ArgumentError, gem_config_from_args
-from .checkpoint import LATEST, read_latest, rng_state, set_rng_state, tag_for, write_text_atomic
+from ..common.files import write_json_atomic
+from ..common.manifest import CheckpointError
+from .checkpoint import CheckpointWriteError, agree_on_write, commit_checkpoint, resolve_checkpoint, rng_state, set_rng_state, tag_for
+from .guard import NonFiniteError
 from .data_setup import build_loaders, data_summary, open_training_corpus
 from .megatron_args import validate_megatron_args
 from .loop import StepBookkeeping
@@ -263,27 +266,32 @@ def _comm_device():
 
 # ---------------------------------------------------------------------------- checkpoints
 def save_checkpoint(model, optimizer, save_dir: str, step: int, state: dict, meta: dict, tokenizer, gem_config) -> str:
-    """Model + distributed optimizer (dist_checkpointing), RNG per rank, loader state; ``latest``
-    moves only when every rank is done. The tag directory is also a megatron checkpoint that
-    tools/convert_checkpoint.py megatron-to-hf reads."""
+    """Model + distributed optimizer (dist_checkpointing), RNG per rank, loader state; then the
+    manifest and ``latest`` (commit_checkpoint). The tag directory is also a megatron checkpoint
+    that tools/convert_checkpoint.py megatron-to-hf reads."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     tag = tag_for(step)
     path = os.path.join(save_dir, tag)
-    os.makedirs(path, exist_ok=True)
-    msd = model.sharded_state_dict()
-    sharded = {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, metadata=OPTIM_CKPT_META)}
-    dist_checkpointing.save(sharded, path)
-    torch.save(rng_state(), os.path.join(path, f"rng_state_rank{dist.get_rank()}.pt"))
-    if dist.get_rank() == 0:
-        io.write_json_atomic(os.path.join(path, STATE_NAME), state)
-        io.write_json_atomic(os.path.join(path, io.META_NAME), meta)
-        tokenizer.save_pretrained(path)
-        gem_config.save(path)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        write_text_atomic(os.path.join(save_dir, LATEST), tag)
-    dist.barrier()
+    error = None
+    try:
+        os.makedirs(path, exist_ok=True)
+        msd = model.sharded_state_dict()
+        sharded = {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, metadata=OPTIM_CKPT_META)}
+        # Collective; torch.distributed.checkpoint gathers a write error of any rank and raises
+        # it on all of them (CheckpointException), so no rank is left waiting.
+        dist_checkpointing.save(sharded, path)
+        torch.save(rng_state(), os.path.join(path, f"rng_state_rank{dist.get_rank()}.pt"))
+        if dist.get_rank() == 0:
+            write_json_atomic(os.path.join(path, STATE_NAME), state)
+            write_json_atomic(os.path.join(path, io.META_NAME), meta)
+            tokenizer.save_pretrained(path)
+            gem_config.save(path)
+    except (OSError, CheckpointException) as e:
+        error = e
+    agree_on_write(path, error, partial=path)
+    commit_checkpoint(save_dir, tag, step=step, engine="megatron-core")
     return tag
 
 
@@ -306,12 +314,10 @@ def _restore_adam_step(optimizer, saved: dict) -> None:
                 state["step"] = torch.full_like(state["step"], step)
 
 
-def load_checkpoint(model, optimizer, load_dir: str) -> dict | None:
+def load_checkpoint(model, optimizer, load_dir: str, tag: str) -> dict:
+    """Resume from ``load_dir/tag`` (resolve_checkpoint chose and verified it)."""
     from megatron.core import dist_checkpointing
 
-    tag = read_latest(load_dir)
-    if tag is None:
-        return None
     path = os.path.join(load_dir, tag)
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         # megatron-core's distributed optimizer with torch Adam (no TE/apex) cannot describe an
@@ -393,8 +399,9 @@ def train(args) -> dict:
 
     start_step = 0
     if args.load:
-        state = load_checkpoint(model, optimizer, args.load)
-        if state is not None:
+        tag = resolve_checkpoint(args.load, fallback=args.load_fallback, log=D.print_main)
+        if tag is not None:
+            state = load_checkpoint(model, optimizer, args.load, tag)
             start_step = int(state["step"])
             ntp_loader.load_state_dict(state["ntp_data"])
             if cl_loader is not None and state.get("contrastive_data"):
@@ -469,11 +476,12 @@ def train(args) -> dict:
             forward_only=False,
         )
         ok, grad_norm, _ = optimizer.step()
-        if not ok:
-            raise FloatingPointError(f"step {step + 1}: the optimizer skipped the update (non-finite gradients)")
+        if not ok:  # megatron-core found inf/nan gradients and skipped the update
+            grad_norm = float("nan")
         scale = float(model.logit_scale()) if model.post_process else None
         record = step_record(step, stats, w_ntp, w_cl, global_tokens, lr, grad_norm, time.perf_counter() - t0, dp_size, scale)
-        if book.after_step(step, record):
+        local = [s["ntp_sum"] for s in stats] + [s["cl"] for s in stats]
+        if book.after_step(step, record, local_losses=local, device=device):
             break
     log.close()
     return book.summary(tp=tp, pp=pp, dp_size=dp_size)
@@ -488,6 +496,9 @@ def main(argv=None) -> int:
     except (ArgumentError, ModelLoadError, UnsupportedModelError, DataError) as e:
         print(f"train.py: error: {e}", flush=True)
         return 2
+    except (NonFiniteError, CheckpointError, CheckpointWriteError) as e:
+        D.print_main(f"train.py: error: {e}")  # every rank raised the same error
+        return 1
     if dist.is_initialized() and dist.get_rank() == 0:
         print(f"[megatron-gem] done: {summary}", flush=True)
     from ..models.runtime import destroy

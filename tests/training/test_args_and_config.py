@@ -22,7 +22,13 @@ def args_for(tiny_inputs, tmp_path, *extra):
         (["--gem-contrastive-from-step", "9"], "--gem-contrastive-from-step 9 is after --train-iters 4"),
         (["--gem-p-raw", "1.5"], "p_raw"),
         (["--seq-length", "3"], "--seq-length 3"),
-        (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt"),
+        (["--load", "README.md"], "--load README.md: is a file"),
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
+        (["--model", "README.md"], "--model README.md: is a file"),
+        (["--tokenizer", "./no/tokenizer"], "--tokenizer ./no/tokenizer: no such directory"),
+        (["--data", "tests"], "--data tests: is a directory"),
+        (["--deepspeed", "pyproject.toml"], "--deepspeed pyproject.toml:1: not valid JSON"),
+        (["--save", "README.md"], "--save README.md: is a file"),
         (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed /nonexistent/ds.json"),
         (["--contrastive-data", "/nonexistent/pairs.jsonl"], "--contrastive-data /nonexistent/pairs.jsonl: no such file"),
         (["--contrastive-data", "hf:x", "--gem-contrastive-from-step", "4"], "--contrastive-data is given but phase 2 never runs"),
@@ -43,6 +49,25 @@ def test_missing_data_and_model(tiny_inputs, tmp_path, capsys, monkeypatch):
     args = args_for(tiny_inputs, tmp_path)
     args[args.index("--model") + 1] = str(tmp_path / "no_model")
     assert main(args) == 2 and "no_model: no such directory" in capsys.readouterr().out
+
+
+def test_repo_id_offline_and_not_cached_is_refused(tiny_inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    args = args_for(tiny_inputs, tmp_path)
+    args[args.index("--model") + 1] = "meta-llama/Llama-3.2-1B"
+    assert main(args) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("train.py: error: --model meta-llama/Llama-3.2-1B: no such directory") and "HF_HUB_OFFLINE" in out
+
+
+def test_unreadable_data_file_is_named(tiny_inputs, tmp_path, capsys, monkeypatch):
+    # As root every file is readable; what the check relies on is os.access, so ask it.
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == tiny_inputs["data"] else real(p, mode))
+    assert main(args_for(tiny_inputs, tmp_path)) == 2
+    assert f"--data {tiny_inputs['data']}: file is not readable" in capsys.readouterr().out
 
 
 def test_model_without_causal_lm_head_is_refused(tmp_path):

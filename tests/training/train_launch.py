@@ -8,6 +8,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(REPO, "train.py")
+FAULT_TRAIN = os.path.join(REPO, "tests", "training", "fault_train.py")
 
 
 def base_args(inputs, save, **overrides):
@@ -42,20 +43,21 @@ def base_args(inputs, save, **overrides):
 _port = [20000 + (os.getpid() * 37) % 20000]
 
 
-def launch(args, *, nproc=1, launcher="python", timeout=240):
-    """Run train.py in subprocess(es); returns CompletedProcess (stdout+stderr in .stdout)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore")
+def launch(args, *, nproc=1, launcher="python", timeout=240, script=TRAIN, env=None):
+    """Run train.py (or ``script``, e.g. fault_train.py) in subprocess(es); returns
+    CompletedProcess (stdout+stderr in .stdout). ``env``: extra environment variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore", **(env or {}))
     env.pop("TRITON_INTERPRET", None)
     _port[0] += 7
     if launcher == "python":
         assert nproc == 1
         env.update(MASTER_PORT=str(_port[0]))
-        cmd = [sys.executable, TRAIN, *args]
+        cmd = [sys.executable, script, *args]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port[0]}", TRAIN, *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port[0]}", script, *args]
     elif launcher == "deepspeed":
         ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        cmd = [ds, f"--num_gpus={nproc}", f"--master_port={_port[0]}", TRAIN, *args]
+        cmd = [ds, f"--num_gpus={nproc}", f"--master_port={_port[0]}", script, *args]
     else:
         raise ValueError(launcher)
     return subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)

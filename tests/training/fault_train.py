@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""train.py with one injected fault, for the reliability tests (never used in production).
+
+MG_FAULT selects it:
+    nan@K:R            rank R's loss of step K (1-based, as in metrics.jsonl) is NaN
+    enospc@K:R:NAME    rank R's write of a file whose name contains NAME, while saving
+                       global_stepK, fails with ENOSPC (No space left on device)
+
+The patches go on the module attributes the engines call at run time; then train.py runs as
+``__main__`` exactly as a user launches it (deepspeed / torchrun / python).
+"""
+
+import errno
+import os
+import runpy
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+kind, spec = os.environ["MG_FAULT"].split("@")
+fields = spec.split(":")
+STEP, RANK = int(fields[0]), int(fields[1])
+ME = int(os.environ.get("RANK", "0"))
+current = {"step": -1}  # 0-based index of the step being computed
+
+
+def _track(engine_module):
+    original = engine_module.loss_weights
+
+    def loss_weights(step, config):
+        current["step"] = step
+        return original(step, config)
+
+    engine_module.loss_weights = loss_weights
+
+
+def _poisoned() -> bool:
+    return ME == RANK and current["step"] + 1 == STEP
+
+
+if kind == "nan":
+    from megatron_gem.training import deepspeed_engine, step
+
+    _track(deepspeed_engine)
+    ntp_loss_sum = step.ntp_loss_sum
+
+    def poisoned_ntp_loss_sum(logits, labels):
+        total, count = ntp_loss_sum(logits, labels)
+        return (total * float("nan") if _poisoned() else total), count
+
+    step.ntp_loss_sum = poisoned_ntp_loss_sum
+    if "--tensor-model-parallel-size" in sys.argv or "--pipeline-model-parallel-size" in sys.argv:
+        import megatron.core.tensor_parallel as tensor_parallel
+
+        from megatron_gem.training import megatron_engine
+
+        _track(megatron_engine)
+        cross_entropy = tensor_parallel.vocab_parallel_cross_entropy
+
+        def poisoned_cross_entropy(logits, target, *args, **kwargs):
+            out = cross_entropy(logits, target, *args, **kwargs)
+            return out * float("nan") if _poisoned() else out
+
+        tensor_parallel.vocab_parallel_cross_entropy = poisoned_cross_entropy
+elif kind == "enospc":
+    NAME = fields[2]
+    save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        path = str(f)
+        if ME == RANK and f"global_step{STEP}" in path and NAME in os.path.basename(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return save(obj, f, *args, **kwargs)
+
+    torch.save = failing_save
+else:
+    raise SystemExit(f"fault_train.py: unknown MG_FAULT kind {kind!r}")
+
+sys.argv = [os.path.join(REPO, "train.py"), *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")

@@ -1,0 +1,176 @@
+"""What clusters do to runs (DeepSpeed engine): a non-finite step, a damaged or incomplete
+checkpoint, a full disk mid-save, a --load path with nothing in it."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from train_launch import FAULT_TRAIN, REPO, base_args, launch, read_metrics
+
+DS_ZERO3 = os.path.join(REPO, "ds_zero3.json")
+VOLATILE = ("tokens_per_s", "step_time_s")
+# 2 ranks x 2 rows (the 2-process ZeRO-3 set-up of test_deepspeed_train), checkpoints at 2 and 4.
+DP2 = {"--deepspeed": DS_ZERO3, "--micro-batch-size": 2, "--contrastive-batch-size": 4, "--save-interval": 2}
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc
+
+
+def same_run(a, b):
+    """Step records equal in everything but timing (fp32 on CPU: a resume is exact)."""
+    strip = lambda r: {k: v for k, v in r.items() if k not in VOLATILE}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+
+
+def error_line(out):
+    lines = [line for line in out.splitlines() if line.startswith("train.py: error:")]
+    assert len(lines) == 1, out[-4000:]  # one message, not one per rank
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def dp2_reference(tiny_inputs, tmp_path_factory):
+    save = tmp_path_factory.mktemp("dp2_reference")
+    ok(launch(base_args(tiny_inputs, save, **DP2), nproc=2, launcher="deepspeed"))
+    return save
+
+
+@pytest.mark.multiprocess
+def test_nan_on_one_rank_stops_every_rank_before_saving_and_resume_is_exact(dp2_reference, tiny_inputs, tmp_path):
+    save = tmp_path / "nan"
+    args = base_args(tiny_inputs, save, **DP2)
+    proc = launch(args, nproc=2, launcher="deepspeed", script=FAULT_TRAIN, env={"MG_FAULT": "nan@3:1"})
+    assert proc.returncode != 0
+    line = error_line(proc.stdout)
+    assert "step 3 (phase 1): non-finite loss on rank(s) 1," in line and "still names global_step2" in line, line
+    assert (save / "latest").read_text().strip() == "global_step2"
+    assert not (save / "global_step4").exists() and not (save / "hf").exists()
+    assert [m["step"] for m in read_metrics(save)] == [1, 2, 3]  # the bad step is logged, then nothing
+    # The cause removed, the run resumes from the last good checkpoint and is the uninterrupted run.
+    ok(launch(args + ["--load", str(save)], nproc=2, launcher="deepspeed"))
+    same_run(read_metrics(dp2_reference), read_metrics(save))
+
+
+@pytest.mark.multiprocess
+def test_write_error_mid_save_keeps_the_previous_checkpoint(dp2_reference, tiny_inputs, tmp_path):
+    # Rank 1's ZeRO optimizer-state file of step 4 hits a full disk inside DeepSpeed's save.
+    save = tmp_path / "enospc"
+    args = base_args(tiny_inputs, save, **DP2)
+    proc = launch(args, nproc=2, launcher="deepspeed", script=FAULT_TRAIN, env={"MG_FAULT": "enospc@4:1:optim_states"}, timeout=180)
+    assert proc.returncode != 0
+    line = error_line(proc.stdout)
+    assert f"saving checkpoint {save / 'global_step4'} failed on rank 1" in line and "No space left on device" in line, line
+    assert (save / "latest").read_text().strip() == "global_step2"
+    assert not (save / "global_step4").exists()  # the half-written save is removed (the disk is full)
+    ok(launch(args + ["--load", str(save)], nproc=2, launcher="deepspeed"))
+    same_run(read_metrics(dp2_reference), read_metrics(save))
+
+
+# ---- damaged checkpoints (one process) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny_inputs, tmp_path_factory):
+    """An uninterrupted 4-step run with checkpoints at steps 2 and 4."""
+    save = tmp_path_factory.mktemp("saved_run")
+    ok(launch(base_args(tiny_inputs, save, **{"--train-iters": 4, "--gem-contrastive-from-step": 2, "--save-interval": 2})))
+    return save
+
+
+def _damage_truncate(ckpt):
+    path = max((p for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"), key=lambda p: p.stat().st_size)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _damage_flip(ckpt):
+    path = max((p for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"), key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _damage_delete(ckpt):
+    path = next(p for p in sorted(ckpt.rglob("rng_state_rank0.pt")))
+    path.unlink()
+    return path
+
+
+def _damage_manifest(ckpt):
+    path = ckpt / "manifest.json"
+    path.unlink()
+    return path
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_flip, _damage_delete, _damage_manifest], ids=["truncated", "flipped-byte", "missing-file", "missing-manifest"])
+def test_damaged_checkpoint_is_refused_and_fallback_resumes_from_the_earlier_one(saved_run, tiny_inputs, tmp_path, damage):
+    save = tmp_path / "run"
+    shutil.copytree(saved_run, save)
+    bad = damage(save / "global_step4")
+    args = base_args(tiny_inputs, save, **{"--train-iters": 4, "--gem-contrastive-from-step": 2, "--save-interval": 2, "--load": str(save)})
+    proc = launch(args)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    line = error_line(proc.stdout)
+    assert "checkpoint global_step4 refused" in line and str(bad) in line, line
+    proc = ok(launch(args + ["--load-fallback"]))
+    assert "checkpoint global_step4 refused" in proc.stdout and "falling back to global_step2" in proc.stdout
+    assert "steps 2->4" in proc.stdout
+    same_run(read_metrics(saved_run), read_metrics(save))
+
+
+def test_every_save_has_a_manifest_and_the_export_verifies(saved_run):
+    from megatron_gem.common.manifest import verify
+
+    for sub in ("global_step2", "global_step4", "hf"):
+        files = verify(str(saved_run / sub))["files"]
+        assert files and "manifest.json" not in files
+    assert {"mp_rank_00_model_states.pt", "rng_state_rank0.pt"} <= set(verify(str(saved_run / "global_step4"))["files"])
+    assert "model.safetensors" in verify(str(saved_run / "hf"))["files"]
+
+
+def test_damaged_export_is_refused_by_the_embedder(saved_run, tmp_path):
+    from megatron_gem import GEMEmbedder
+    from megatron_gem.common.manifest import CheckpointError
+
+    hf = tmp_path / "hf"
+    shutil.copytree(saved_run / "hf", hf)
+    weights = hf / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: content does not match"):
+        GEMEmbedder.from_pretrained(str(hf))
+    GEMEmbedder.from_pretrained(str(hf), verify=False)  # the user can still insist
+
+
+def test_verify_checkpoint_tool(saved_run, tmp_path):
+    import subprocess
+    import sys
+
+    tool = [sys.executable, os.path.join(REPO, "tools", "verify_checkpoint.py")]
+    run = lambda *a: subprocess.run([*tool, *a], capture_output=True, text=True, cwd=REPO)  # noqa: E731
+    good = run(str(saved_run), "--all")
+    assert good.returncode == 0 and good.stdout.count("ok ") == 3, good.stdout + good.stderr
+    save = tmp_path / "run"
+    shutil.copytree(saved_run, save)
+    (save / "global_step2" / "manifest.json").unlink()
+    bad = run(str(save), "--all")
+    assert bad.returncode == 1 and "REFUSED" in bad.stdout and "global_step2" in bad.stdout and bad.stdout.count("ok ") == 2
+
+
+@pytest.mark.parametrize("where", ["empty", "missing"])
+def test_load_without_a_checkpoint_says_so_and_starts_fresh(saved_run, tiny_inputs, tmp_path, where):
+    load = tmp_path / "nothing"
+    if where == "empty":
+        load.mkdir()
+    save = tmp_path / "fresh"
+    proc = ok(launch(base_args(tiny_inputs, save, **{"--train-iters": 4, "--gem-contrastive-from-step": 2, "--save-interval": 2, "--load": str(load)})))
+    said = [line for line in proc.stdout.splitlines() if f"--load {load}" in line]
+    assert len(said) == 1 and "starting from step 0" in said[0], proc.stdout[-3000:]
+    assert "steps 0->4" in proc.stdout
+    same_run(read_metrics(saved_run), read_metrics(save))
