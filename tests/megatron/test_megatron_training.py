@@ -132,3 +132,31 @@ def test_supervised_pairs_in_phase_two(reference, gem_hf_checkpoint, tmp_path, c
     _close(ref[:2], m[:2])
     assert [r["phase"] for r in m] == [1, 1, 2, 2]
     assert all(abs(a["cl_loss"] - b["cl_loss"]) > 1e-3 for a, b in zip(ref[2:], m[2:]))
+
+
+def test_tp2_nan_on_one_rank_stops_all_and_damaged_checkpoints_are_refused(reference, gem_hf_checkpoint, corpus, tmp_path):
+    """TP=2: a NaN loss on rank 1 at step 3 stops both ranks before saving (latest stays at
+    step 2); resuming without the fault gives the uninterrupted numbers; then a flipped byte in
+    the step-4 checkpoint is refused naming the file, and --load-fallback resumes from step 2."""
+    save = tmp_path / "tp2"
+    args = _args(gem_hf_checkpoint, corpus, save, "--tensor-model-parallel-size", "2")
+    args[0] = "tests/training/fault_train.py"
+    proc = run_torchrun(args, nproc=2, check=False, env={"MG_FAULT": "nan@3:1"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and "step 3 (phase 2): non-finite loss on rank(s) 1," in errors[0], proc.stdout[-3000:]
+    assert "still names global_step2" in errors[0]
+    assert (save / "latest").read_text().strip() == "global_step2" and not (save / "global_step4").exists()
+    args[0] = "train.py"
+    run_torchrun(args + ["--load", str(save)], nproc=2)
+    _close(_metrics(reference), _metrics(save))
+
+    shard = max((save / "global_step4").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    shard.write_bytes(bytes(data))
+    proc = run_torchrun(args + ["--load", str(save)], nproc=2, check=False)
+    assert proc.returncode == 1 and f"{shard}: content does not match its sha256" in proc.stdout, proc.stdout[-3000:]
+    proc = run_torchrun(args + ["--load", str(save), "--load-fallback"], nproc=2)
+    assert "falling back to global_step2" in proc.stdout and "steps 2->4" in proc.stdout
+    _close(_metrics(reference), _metrics(save))
