@@ -107,16 +107,35 @@ def _damage_manifest(ckpt):
     return path
 
 
-@pytest.mark.parametrize("damage", [_damage_truncate, _damage_flip, _damage_delete, _damage_manifest], ids=["truncated", "flipped-byte", "missing-file", "missing-manifest"])
-def test_damaged_checkpoint_is_refused_and_fallback_resumes_from_the_earlier_one(saved_run, tiny_inputs, tmp_path, damage):
+DAMAGES = {"truncated": _damage_truncate, "flipped-byte": _damage_flip, "missing-file": _damage_delete, "missing-manifest": _damage_manifest}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGES))
+def test_damaged_checkpoint_is_refused_naming_the_file(saved_run, tmp_path, kind):
+    # What --load does before loading anything (resolve_checkpoint), on a real training save.
+    from megatron_gem.common.manifest import CheckpointError
+    from megatron_gem.training.checkpoint import resolve_checkpoint
+
     save = tmp_path / "run"
     shutil.copytree(saved_run, save)
-    bad = damage(save / "global_step4")
+    bad = DAMAGES[kind](save / "global_step4")
+    with pytest.raises(CheckpointError, match="checkpoint global_step4 refused") as e:
+        resolve_checkpoint(str(save))
+    assert str(bad) in str(e.value)
+    said = []
+    assert resolve_checkpoint(str(save), fallback=True, log=said.append) == "global_step2"
+    assert "global_step4 refused" in said[0] and "falling back to global_step2" in said[1]
+
+
+def test_train_refuses_a_damaged_checkpoint_and_falls_back_when_asked(saved_run, tiny_inputs, tmp_path):
+    save = tmp_path / "run"
+    shutil.copytree(saved_run, save)
+    bad = _damage_flip(save / "global_step4")
     args = base_args(tiny_inputs, save, **{"--train-iters": 4, "--gem-contrastive-from-step": 2, "--save-interval": 2, "--load": str(save)})
     proc = launch(args)
     assert proc.returncode == 1, proc.stdout[-3000:]
     line = error_line(proc.stdout)
-    assert "checkpoint global_step4 refused" in line and str(bad) in line, line
+    assert "checkpoint global_step4 refused" in line and f"{bad}: content does not match its sha256" in line, line
     proc = ok(launch(args + ["--load-fallback"]))
     assert "checkpoint global_step4 refused" in proc.stdout and "falling back to global_step2" in proc.stdout
     assert "steps 2->4" in proc.stdout
@@ -163,11 +182,18 @@ def test_verify_checkpoint_tool(saved_run, tmp_path):
     assert bad.returncode == 1 and "REFUSED" in bad.stdout and "global_step2" in bad.stdout and bad.stdout.count("ok ") == 2
 
 
-@pytest.mark.parametrize("where", ["empty", "missing"])
-def test_load_without_a_checkpoint_says_so_and_starts_fresh(saved_run, tiny_inputs, tmp_path, where):
+def test_load_without_a_checkpoint_says_so(tmp_path):
+    from megatron_gem.training.checkpoint import resolve_checkpoint
+
+    for load in (tmp_path / "missing", tmp_path):
+        said = []
+        assert resolve_checkpoint(str(load), log=said.append) is None
+        assert len(said) == 1 and f"--load {load}:" in said[0] and "starting from step 0" in said[0]
+
+
+def test_train_with_an_empty_load_dir_starts_fresh(saved_run, tiny_inputs, tmp_path):
     load = tmp_path / "nothing"
-    if where == "empty":
-        load.mkdir()
+    load.mkdir()
     save = tmp_path / "fresh"
     proc = ok(launch(base_args(tiny_inputs, save, **{"--train-iters": 4, "--gem-contrastive-from-step": 2, "--save-interval": 2, "--load": str(load)})))
     said = [line for line in proc.stdout.splitlines() if f"--load {load}" in line]
