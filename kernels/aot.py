@@ -7,7 +7,8 @@ For every (arch, dtype, head dim, tiling, warps, stages) config and each of the 
 -> PTX -> cubin with the ptxas shipped in Triton) and reports the shared memory Triton allocates
 and the registers / spill (LOCAL) bytes that ``cuobjdump --dump-resource-usage`` reads from the
 cubin. The signature mirrors a real launch on contiguous [B, H, L, D] tensors: 16-byte aligned
-pointers, unit stride on the head dim, other strides multiples of 16, GROUP and L unspecialised.
+pointers, unit stride on the head dim, other strides multiples of 16, L unspecialised; the dK/dV
+kernel's GQA group (a constexpr) is AOT_GROUP = 4.
 Needs the real compiler: with TRITON_INTERPRET=1 ``triton.jit`` yields interpreter functions.
 """
 
@@ -28,7 +29,8 @@ _POINTER_TYPES = {
     "Q_NUM": "*i32", "Q_IDX": "*i32", "FQ_NUM": "*i32", "FQ_IDX": "*i32",
 }
 _TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
-_CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "SUB_M", "SUFFIX_SEES_BOS", "DOT_FP32", "PRECISION")
+# GQA group of the dK/dV kernel (a constexpr there): 4, as Llama-3 (32 query : 8 KV heads).
+AOT_GROUP = 4
 
 # (dtype, head_dim): each compiled with the launcher's own GPU choices (default_launch_config).
 CONFIGS = [("fp16", 64), ("fp16", 128), ("bf16", 64), ("bf16", 128)]
@@ -46,10 +48,11 @@ def _signature(kernel, dtype: str, head_dim: int, block_m: int, block_n: int, su
     signature, constexprs, attrs = {}, {}, {}
     values = {
         "HEAD_DIM": head_dim, "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()), "BLOCK_M": block_m,
-        "BLOCK_N": block_n, "SUB_M": sub_m, "SUFFIX_SEES_BOS": suffix_sees_bos, "DOT_FP32": False, "PRECISION": "tf32",
+        "BLOCK_N": block_n, "SUB_M": sub_m, "SUFFIX_SEES_BOS": suffix_sees_bos, "INTERPRET": False, "PRECISION": "tf32",
+        "GROUP": AOT_GROUP,
     }
     for i, name in enumerate(kernel.arg_names):
-        if name in _CONSTEXPRS:
+        if kernel.params[i].is_constexpr:  # GROUP is one in dK/dV only
             signature[name], constexprs[name] = "constexpr", values[name]
         elif name in _TENSORS:
             signature[name], attrs[(i,)] = f"*{dtype}", [["tt.divisibility", 16]]

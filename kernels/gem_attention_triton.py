@@ -87,46 +87,107 @@ def _load_meta(DOC, ROLE, offs, L, SUFFIX_SEES_BOS: tl.constexpr):
 
 
 @triton.jit
-def _mm(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    # DOT_FP32: the interpreter's bf16 dot is wrong; fp16/bf16 products are exact in fp32, so the
-    # upcast changes no result, only the execution.
-    if DOT_FP32:
+def _mm(a, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    # The interpreter's bf16 dot is wrong; fp16/bf16 products are exact in fp32, so the upcast
+    # changes no result, only the execution. Compiled code never takes this branch.
+    if INTERPRET:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _mm_low(p, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """p (fp32: probabilities or dS) rounded to b's dtype, as FlashAttention does, times b.
+
+    Compiled: p.to(b.dtype) (round to nearest even) and the dot. Interpreter: Triton's
+    interpreter truncates fp32 -> bf16 (round toward zero, a bias that made the bf16 dQ error
+    about 4x the bf16 reference's), so there the fp32 bits are rounded to nearest even by hand
+    and the dot runs on the exactly representable fp32 values (same result as the GPU's)."""
+    if INTERPRET:
+        if b.dtype == tl.bfloat16:
+            bits = p.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            p = bits.to(tl.float32, bitcast=True)
+        else:
+            p = p.to(b.dtype).to(tl.float32)
+        out = tl.dot(p, b.to(tl.float32), input_precision=PRECISION)
+    else:
+        out = tl.dot(p.to(b.dtype), b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x.to(dtype) for the stored results, rounding to nearest even in the interpreter too (see
+    _mm_low). Compiled code is a plain cast."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, j, L, qk_scale,
+    IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key block ``j`` of the online softmax."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IS_FULL:  # complete block inside the row: no bound mask
+        kv_ok = d_ok
+    else:
+        kv_ok = (offs_n[:, None] < L) & d_ok
+    k = tl.load(K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+    v = tl.load(V_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+    s = _mm(q, tl.trans(k), INTERPRET, PRECISION) * qk_scale  # [M, N], log2 units
+    if not IS_FULL:
+        doc_k, role_k, start_k = _load_meta(DOC_row, ROLE_row, offs_n, L, SUFFIX_SEES_BOS)
+        ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm_low(p, v, INTERPRET, PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, IDX, num, L, qk_scale,
     IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    d_ok = offs_d[None, :] < HEAD_DIM
-    for t in range(num):
-        j = tl.load(IDX + t)
-        offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        if IS_FULL:  # complete block inside the row: no bound mask
-            kv_ok = d_ok
-        else:
-            kv_ok = (offs_n[:, None] < L) & d_ok
-        k = tl.load(K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-        v = tl.load(V_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-        s = _mm(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale  # [M, N], log2 units
-        if not IS_FULL:
-            doc_k, role_k, start_k = _load_meta(DOC_row, ROLE_row, offs_n, L, SUFFIX_SEES_BOS)
-            ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_FP32, PRECISION)
-        m_i = m_new
+    """The ``num`` key blocks listed at IDX. Only listed (visited) blocks are ever touched."""
+    if INTERPRET:
+        # Triton 3.6's interpreter cannot use a loaded scalar as a range() bound (it holds
+        # scalars as 1-element arrays); a while loop over the same list works in every version.
+        t = 0
+        while t < num:
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, qk_scale,
+                IS_FULL, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
+            )
+            t += 1
+    else:
+        # Compiled: a counted loop over the list (scf.for, which the software pipeliner handles).
+        for t in range(num):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, qk_scale,
+                IS_FULL, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
+            )
     return acc, l_i, m_i
 
 
@@ -141,7 +202,7 @@ def _gem_attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     L, H_Q, GROUP, NUM_QB, KV_W, FKV_W,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i = tl.program_id(0)
     bh = tl.program_id(1)
@@ -169,17 +230,17 @@ def _gem_attn_fwd_kernel(
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, KV_IDX + row * KV_W, tl.load(KV_NUM + row), L, qk_scale,
-        False, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+        False, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, FKV_IDX + row * FKV_W, tl.load(FKV_NUM + row), L, qk_scale,
-        True, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+        True, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
     )
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     O_head = O + b64 * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(O_head + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=q_ok)
+    tl.store(O_head + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, _to(out, O.dtype.element_ty, INTERPRET), mask=q_ok)
     tl.store(LSE + bh.to(tl.int64) * L + offs_m, m_i + tl.math.log2(l_safe), mask=offs_m < L)  # base 2
 
 
@@ -187,39 +248,66 @@ def _gem_attn_fwd_kernel(
 # Backward, pass 1: dK, dV per key block (over the query heads of its GQA group)
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _bwd_kv_tile(
+    dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head,
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, i, sub, L, qk_scale,
+    IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Slice ``sub`` (SUB_M rows) of query block ``i`` added into dK, dV."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    offs_m = i * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
+    if IS_FULL:
+        q_ok = d_ok
+        row_ok = offs_m >= 0
+    else:
+        q_ok = (offs_m[:, None] < L) & d_ok
+        row_ok = offs_m < L
+    q = tl.load(Q_head + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
+    do = tl.load(DO_head + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_ok, other=0.0)
+    lse = tl.load(LSE_head + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA_head + offs_m, mask=row_ok, other=0.0)
+    s = _mm(q, tl.trans(k), INTERPRET, PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if not IS_FULL:
+        doc_q, role_q, _ = _load_meta(DOC_row, ROLE_row, offs_m, L, False)
+        ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
+        p = tl.where(ok, p, 0.0)
+    dv += _mm_low(tl.trans(p), do, INTERPRET, PRECISION)
+    dp = _mm(do, tl.trans(v), INTERPRET, PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk += _mm_low(tl.trans(ds), q, INTERPRET, PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_kv_tiles(
     dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head,
     stride_qm, stride_qd, stride_dom, stride_dod,
     offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, IDX, num, L, qk_scale,
     IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr,
-    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    d_ok = offs_d[None, :] < HEAD_DIM
     # A query block is walked in SUB_M-row slices: the [SUB_M, BLOCK_N] score, probability and
     # gradient tiles then fit in registers next to the dK/dV accumulators (see docs/kernel.md).
-    for t in range(num * (BLOCK_M // SUB_M)):
-        i = tl.load(IDX + t // (BLOCK_M // SUB_M))
-        offs_m = i * BLOCK_M + (t % (BLOCK_M // SUB_M)) * SUB_M + tl.arange(0, SUB_M)
-        if IS_FULL:
-            q_ok = d_ok
-            row_ok = offs_m >= 0
-        else:
-            q_ok = (offs_m[:, None] < L) & d_ok
-            row_ok = offs_m < L
-        q = tl.load(Q_head + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
-        do = tl.load(DO_head + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_ok, other=0.0)
-        lse = tl.load(LSE_head + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA_head + offs_m, mask=row_ok, other=0.0)
-        s = _mm(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        if not IS_FULL:
-            doc_q, role_q, _ = _load_meta(DOC_row, ROLE_row, offs_m, L, False)
-            ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
-            p = tl.where(ok, p, 0.0)
-        dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
-        dp = _mm(do, tl.trans(v), DOT_FP32, PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION)
+    SLICES: tl.constexpr = BLOCK_M // SUB_M
+    if INTERPRET:  # see _fwd_tiles: a while loop, for triton 3.6's interpreter
+        t = 0
+        while t < num * SLICES:
+            dk, dv = _bwd_kv_tile(
+                dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
+                offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, tl.load(IDX + t // SLICES), t % SLICES, L, qk_scale,
+                IS_FULL, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
+            )
+            t += 1
+    else:
+        for t in range(num * SLICES):
+            dk, dv = _bwd_kv_tile(
+                dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
+                offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, tl.load(IDX + t // SLICES), t % SLICES, L, qk_scale,
+                IS_FULL, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
+            )
     return dk, dv
 
 
@@ -234,9 +322,9 @@ def _gem_attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    L, H_Q, H_KV, GROUP, NUM_KB, Q_W, FQ_W,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
-    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    L, H_Q, H_KV, NUM_KB, Q_W, FQ_W,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     j = tl.program_id(0)
     bh = tl.program_id(1)
@@ -257,7 +345,7 @@ def _gem_attn_bwd_dkdv_kernel(
     row = b * NUM_KB + j
     n_partial = tl.load(Q_NUM + row)
     n_full = tl.load(FQ_NUM + row)
-    for g in range(GROUP):
+    for g in range(GROUP):  # constexpr trip count (a runtime bound trips triton 3.6's interpreter)
         h = (hk * GROUP + g).to(tl.int64)
         Q_head = Q + b64 * stride_qb + h * stride_qh
         DO_head = DO + b64 * stride_dob + h * stride_doh
@@ -266,47 +354,72 @@ def _gem_attn_bwd_dkdv_kernel(
         dk, dv = _bwd_kv_tiles(
             dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
             offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, Q_IDX + row * Q_W, n_partial, L, qk_scale,
-            False, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+            False, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
         )
         dk, dv = _bwd_kv_tiles(
             dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
             offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, FQ_IDX + row * FQ_W, n_full, L, qk_scale,
-            True, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+            True, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
         )
     dk = dk * sm_scale
-    tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, _to(dk, DK.dtype.element_ty, INTERPRET), mask=kv_ok)
+    tl.store(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, _to(dv, DV.dtype.element_ty, INTERPRET), mask=kv_ok)
 
 
 # --------------------------------------------------------------------------------------------
 # Backward, pass 2: dQ per query block
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _bwd_q_tile(
+    dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, j, L, qk_scale,
+    IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Key block ``j`` added into dQ."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IS_FULL:
+        kv_ok = d_ok
+    else:
+        kv_ok = (offs_n[:, None] < L) & d_ok
+    k = tl.load(K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+    v = tl.load(V_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+    s = _mm(q, tl.trans(k), INTERPRET, PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if not IS_FULL:
+        doc_k, role_k, start_k = _load_meta(DOC_row, ROLE_row, offs_n, L, SUFFIX_SEES_BOS)
+        ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
+        p = tl.where(ok, p, 0.0)
+    dp = _mm(do, tl.trans(v), INTERPRET, PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += _mm_low(ds, k, INTERPRET, PRECISION)
+    return dq
+
+
+@triton.jit
 def _bwd_q_tiles(
     dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, IDX, num, L, qk_scale,
     IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    d_ok = offs_d[None, :] < HEAD_DIM
-    for t in range(num):
-        j = tl.load(IDX + t)
-        offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        if IS_FULL:
-            kv_ok = d_ok
-        else:
-            kv_ok = (offs_n[:, None] < L) & d_ok
-        k = tl.load(K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-        v = tl.load(V_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-        s = _mm(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        if not IS_FULL:
-            doc_k, role_k, start_k = _load_meta(DOC_row, ROLE_row, offs_n, L, SUFFIX_SEES_BOS)
-            ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
-            p = tl.where(ok, p, 0.0)
-        dp = _mm(do, tl.trans(v), DOT_FP32, PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, DOT_FP32, PRECISION)
+    if INTERPRET:  # see _fwd_tiles: a while loop, for triton 3.6's interpreter
+        t = 0
+        while t < num:
+            dq = _bwd_q_tile(
+                dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, qk_scale,
+                IS_FULL, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
+            )
+            t += 1
+    else:
+        for t in range(num):
+            dq = _bwd_q_tile(
+                dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, qk_scale,
+                IS_FULL, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
+            )
     return dq
 
 
@@ -322,7 +435,7 @@ def _gem_attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     L, H_Q, GROUP, NUM_QB, KV_W, FKV_W,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUFFIX_SEES_BOS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i = tl.program_id(0)
     bh = tl.program_id(1)
@@ -348,15 +461,15 @@ def _gem_attn_bwd_dq_kernel(
     dq = _bwd_q_tiles(
         dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, KV_IDX + row * KV_W, tl.load(KV_NUM + row), L, qk_scale,
-        False, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+        False, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
     )
     dq = _bwd_q_tiles(
         dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, FKV_IDX + row * FKV_W, tl.load(FKV_NUM + row), L, qk_scale,
-        True, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, DOT_FP32, PRECISION,
+        True, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
     )
     dq = dq * sm_scale
-    tl.store(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_ok)
+    tl.store(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, _to(dq, DQ.dtype.element_ty, INTERPRET), mask=q_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +496,8 @@ def _common(q, head_dim):
     return block_d, precision
 
 
-def _forward(q, k, v, doc, role, table: GemBlockTable, scale: float, cfg: dict):
+def launch_forward(q, k, v, doc, role, table: GemBlockTable, scale: float, cfg: dict):
+    """The forward kernel: (o [B, Hq, L, D], lse [B, Hq, L] fp32, base 2). doc/role int32."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     block_d, precision = _common(q, D)
@@ -397,41 +511,63 @@ def _forward(q, k, v, doc, role, table: GemBlockTable, scale: float, cfg: dict):
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         L, Hq, Hq // Hkv, table.num_q_blocks, table.kv_indices.shape[-1], table.full_kv_indices.shape[-1],
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
-        SUFFIX_SEES_BOS=table.suffix_sees_bos, DOT_FP32=_interpreting(), PRECISION=precision,
+        SUFFIX_SEES_BOS=table.suffix_sees_bos, INTERPRET=_interpreting(), PRECISION=precision,
         num_warps=cfg["fwd"][0], num_stages=cfg["fwd"][1],
     )
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, doc, role, table: GemBlockTable, scale: float, cfg: dict):
-    B, Hq, L, D = q.shape
+def backward_delta(o, do):
+    """Delta = rowsum(dO * O) [B, Hq, L] fp32, the backward's softmax correction term."""
+    return (o.float() * do.float()).sum(-1).contiguous()
+
+
+def _bwd_common(q, table):
+    block_d, precision = _common(q, q.shape[-1])
+    return dict(
+        HEAD_DIM=q.shape[-1], BLOCK_D=block_d, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
+        SUFFIX_SEES_BOS=table.suffix_sees_bos, INTERPRET=_interpreting(), PRECISION=precision,
+    )
+
+
+def launch_backward_dkdv(do, q, k, v, lse, delta, doc, role, table: GemBlockTable, scale: float, cfg: dict):
+    """The dK/dV kernel (one program per key block and KV head): (dk, dv)."""
+    B, Hq, L, _ = q.shape
     Hkv = k.shape[1]
-    block_d, precision = _common(q, D)
-    delta = (o.float() * do.float()).sum(-1).contiguous()  # [B, Hq, L]: rowsum(dO * O)
-    dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    common = dict(
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
-        SUFFIX_SEES_BOS=table.suffix_sees_bos, DOT_FP32=_interpreting(), PRECISION=precision,
-    )
     sub_m = min(cfg["sub_m"], table.block_m)
     _gem_attn_bwd_dkdv_kernel[(table.num_kv_blocks, B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, doc, role,
         table.q_num_blocks, table.q_indices, table.full_q_num_blocks, table.full_q_indices,
         scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        L, Hq, Hkv, Hq // Hkv, table.num_kv_blocks, table.q_indices.shape[-1], table.full_q_indices.shape[-1],
-        SUB_M=sub_m, num_warps=cfg["bwd_dkdv"][0], num_stages=cfg["bwd_dkdv"][1], **common,
+        L, Hq, Hkv, table.num_kv_blocks, table.q_indices.shape[-1], table.full_q_indices.shape[-1],
+        GROUP=Hq // Hkv, SUB_M=sub_m, num_warps=cfg["bwd_dkdv"][0], num_stages=cfg["bwd_dkdv"][1], **_bwd_common(q, table),
     )
+    return dk, dv
+
+
+def launch_backward_dq(do, q, k, v, lse, delta, doc, role, table: GemBlockTable, scale: float, cfg: dict):
+    """The dQ kernel (one program per query block and query head): dq."""
+    B, Hq, L, _ = q.shape
+    Hkv = k.shape[1]
+    dq = torch.empty_like(q)
     _gem_attn_bwd_dq_kernel[(table.num_q_blocks, B * Hq)](
         q, k, v, do, lse, delta, dq, doc, role,
         table.kv_num_blocks, table.kv_indices, table.full_kv_num_blocks, table.full_kv_indices,
         scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         L, Hq, Hq // Hkv, table.num_q_blocks, table.kv_indices.shape[-1], table.full_kv_indices.shape[-1],
-        num_warps=cfg["bwd_dq"][0], num_stages=cfg["bwd_dq"][1], **common,
+        num_warps=cfg["bwd_dq"][0], num_stages=cfg["bwd_dq"][1], **_bwd_common(q, table),
     )
+    return dq
+
+
+def _backward(do, q, k, v, o, lse, doc, role, table: GemBlockTable, scale: float, cfg: dict):
+    delta = backward_delta(o, do)
+    dk, dv = launch_backward_dkdv(do, q, k, v, lse, delta, doc, role, table, scale, cfg)
+    dq = launch_backward_dq(do, q, k, v, lse, delta, doc, role, table, scale, cfg)
     return dq, dk, dv
 
 
@@ -440,7 +576,7 @@ class GemAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, doc, role, table, scale, cfg):
-        o, lse = _forward(q, k, v, doc, role, table, scale, cfg)
+        o, lse = launch_forward(q, k, v, doc, role, table, scale, cfg)
         ctx.save_for_backward(q, k, v, o, lse, doc, role)
         ctx.table, ctx.scale, ctx.cfg = table, scale, cfg
         return o
@@ -465,6 +601,7 @@ def triton_gem_attention(
     block_n: int | None = None,
     block_table: GemBlockTable | None = None,
     bwd_sub_m: int | None = None,
+    launch_config: dict | None = None,
 ) -> torch.Tensor:
     """GEM attention with the block-sparse Triton kernel (differentiable in q, k, v).
 
@@ -474,6 +611,8 @@ def triton_gem_attention(
     Returns [B, Hq, L, D] in q's dtype. ``block_table`` (built by build_block_table for the
     same doc_ids/roles, block sizes and suffix_sees_bos) skips rebuilding it. ``bwd_sub_m``: rows
     of a query block the dK/dV pass handles per step (a power of two dividing block_m, >= 16).
+    ``launch_config``: a full dict in the form of default_launch_config (tiles, per-kernel
+    (num_warps, num_stages), sub_m) used instead of the default (tools/gpu_check.py tunes with it).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -490,7 +629,7 @@ def triton_gem_attention(
         raise RuntimeError("the Triton GEM kernel needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    cfg = default_launch_config(D, q.device)
+    cfg = dict(launch_config) if launch_config is not None else default_launch_config(D, q.device)
     if bwd_sub_m is not None:
         cfg["sub_m"] = bwd_sub_m
     if block_table is None:
