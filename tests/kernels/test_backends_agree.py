@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from kernel_layouts import random_batch
 from megatron_gem import gem_attention
+from megatron_gem.kernels.testing import random_batch
 
 
 def _inputs(B, Hq, Hkv, L, D, seed=0):

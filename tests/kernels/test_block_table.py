@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel_layouts import random_batch
 from megatron_gem.gem.mask import gem_mask
 from megatron_gem.gem.roles import Role
 from megatron_gem.kernels.block_table import (
@@ -19,8 +18,8 @@ from megatron_gem.kernels.block_table import (
     check_contiguous_documents,
     classify_blocks,
 )
+from megatron_gem.kernels.testing import STYLES, random_batch
 
-STYLES = ("mixed", "plain", "long", "straddle", "tiny", "chaos")
 TILINGS = ((16, 16), (32, 16), (16, 32), (64, 64))
 
 

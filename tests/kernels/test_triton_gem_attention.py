@@ -11,42 +11,9 @@ import math
 import pytest
 import torch
 
-from kernel_layouts import random_batch
 from megatron_gem.gem.mask import gem_mask
 from megatron_gem.kernels import build_block_table, triton_gem_attention
-
-# (input dtype, high-precision reference dtype, absolute slack relative to the reference's scale)
-PRECISION = {
-    torch.float32: (torch.float64, 1e-6),
-    torch.float16: (torch.float32, 1e-4),
-    torch.bfloat16: (torch.float32, 1e-3),
-}
-
-
-def reference_attention(q, k, v, mask, scale, dtype):
-    """softmax(scale q k^T, masked) v with every op in ``dtype`` (K/V heads repeated for GQA)."""
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~mask[:, None], float("-inf"))
-    return s.softmax(-1) @ v
-
-
-def run_with_grads(fn, q, k, v, do):
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(do)
-    return out.detach(), q.grad, k.grad, v.grad
-
-
-def make_inputs(seed, B, Hq, Hkv, L, D, dtype):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, L, D, generator=g).to(dtype)
-    k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
-    v = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
-    do = torch.randn(B, Hq, L, D, generator=g).to(dtype)
-    return q, k, v, do
+from megatron_gem.kernels.testing import PRECISION, error_report, make_inputs, random_batch, reference_attention, run_with_grads
 
 
 def check_against_reference(doc, role, *, Hq, Hkv, D, dtype, block_m, block_n, bos=False, seed=0, scale=None):
@@ -54,7 +21,7 @@ def check_against_reference(doc, role, *, Hq, Hkv, D, dtype, block_m, block_n, b
     q, k, v, do = make_inputs(seed, B, Hq, Hkv, L, D, dtype)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     mask = gem_mask(doc, role, suffix_sees_bos=bos)
-    hi, slack = PRECISION[dtype]
+    hi, _ = PRECISION[dtype]
 
     tri = run_with_grads(
         lambda q, k, v: triton_gem_attention(q, k, v, doc, role, scale=scale, suffix_sees_bos=bos, block_m=block_m, block_n=block_n),
@@ -65,11 +32,9 @@ def check_against_reference(doc, role, *, Hq, Hkv, D, dtype, block_m, block_n, b
 
     for name, t, r, lo in zip(("out", "dq", "dk", "dv"), tri, ref, low):
         assert t.dtype == dtype and t.shape == r.shape, name
-        assert torch.isfinite(t).all(), f"{name} has NaN/inf"
-        err = (t.to(hi) - r).abs().max().item()
-        ref_err = (lo.to(hi) - r).abs().max().item()
-        bound = 2 * ref_err + slack * max(1.0, r.abs().max().item())
-        assert err <= bound, f"{name}: kernel error {err:.3g} > bound {bound:.3g} (reference in {dtype}: {ref_err:.3g})"
+        rep = error_report(t, r, lo, dtype)
+        assert rep["finite"], f"{name} has NaN/inf"
+        assert rep["ok"], f"{name}: kernel error {rep['err']:.3g} > bound {rep['bound']:.3g} (reference in {dtype}: {rep['ref_err']:.3g})"
     return tri
 
 
@@ -106,9 +71,12 @@ def test_head_dims(D):
     check_against_reference(doc, role, Hq=2, Hkv=1, D=D, dtype=torch.float32, block_m=16, block_n=16)
 
 
-def test_bf16():
-    doc, role = random_batch(11, 1, 64, 2, styles=("straddle",))
-    check_against_reference(doc, role, Hq=2, Hkv=1, D=32, dtype=torch.bfloat16, block_m=16, block_n=16)
+@pytest.mark.parametrize("styles,bos", [(("straddle",), False), (("chaos", "straddle"), True)], ids=["straddle", "chaos-bos"])
+def test_bf16(styles, bos):
+    """bf16 (the interpreter rounds P, dS and the outputs to nearest even as GPUs do: with its
+    own truncating cast, the chaos layout's dq error was 0.031 against the bf16 reference's 0.008)."""
+    doc, role = random_batch(11, len(styles), 70, 2, styles=styles)
+    check_against_reference(doc, role, Hq=2, Hkv=1, D=16, dtype=torch.bfloat16, block_m=16, block_n=16, bos=bos)
 
 
 def test_default_blocks_and_scale():
