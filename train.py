@@ -11,10 +11,7 @@ megatron-core (tensor/pipeline/data parallel), selected by Megatron's parallelis
 See README.md.
 """
 
-import importlib
 import sys
-
-from megatron_gem.training.megatron_args import wants_megatron  # imports no megatron-core
 
 if __name__ == "__main__":
     if "--exit-signal-handler" in sys.argv:
@@ -22,6 +19,6 @@ if __name__ == "__main__":
         from megatron_gem.training.distributed import exit_signal_handler
 
         exit_signal_handler(True)
-    # Import only the chosen engine: the DeepSpeed path never loads megatron-core.
-    engine = "megatron_engine" if wants_megatron(sys.argv[1:]) else "deepspeed_engine"
-    sys.exit(importlib.import_module(f"megatron_gem.training.{engine}").main())
+    from megatron_gem.training.main import main
+
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""GEMEmbedder: text embeddings from a GEM checkpoint (GEM_SPEC sections 1 and 4).
+"""GEMEmbedder: text embeddings from a GEM checkpoint (docs/method.md).
 
 Each text is laid out as ``text SPECIAL*K`` (the `embed` layout), run through the model
 under the GEM mask, and its embedding is the mean of the K special tokens' last-layer states,
@@ -32,8 +32,7 @@ class GEMEmbedder:
         ids = config.special_token_ids or find_gem_tokens(tokenizer, config)
         if not ids:
             raise ValueError(
-                f"the tokenizer has no GEM tokens {config.special_tokens}: train or extend the model with "
-                f"megatron_gem (tools/add_gem_tokens.py) first"
+                f"the tokenizer has no GEM tokens {config.special_tokens}: train or extend the model with megatron_gem (tools/add_gem_tokens.py) first"
             )
         if max_length <= len(ids):
             raise ValueError(f"max_length={max_length} leaves no room for text before {len(ids)} special tokens")

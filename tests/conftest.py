@@ -21,3 +21,54 @@ def tiny_llama(tiny_tokenizer):
     from megatron_gem.testing import make_tiny_llama
 
     return make_tiny_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs(tmp_path_factory):
+    """A tiny HF checkpoint and a jsonl corpus, written once per session."""
+    import json
+
+    from megatron_gem.testing import sample_sentences, save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_inputs")
+    model = save_tiny_checkpoint(root / "model")
+    data = root / "data.jsonl"
+    with open(data, "w") as f:
+        for s in sample_sentences(300, seed=5):
+            f.write(json.dumps({"text": s}) + "\n")
+    return {"model": str(model), "data": str(data)}
+
+
+@pytest.fixture(scope="session")
+def gem_hf_checkpoint(tmp_path_factory):
+    """A tiny untied HF Llama with the GEM token added by tools/add_gem_tokens.py."""
+    from megatron_gem.testing import save_tiny_checkpoint
+    from tests.launch import load_tool
+
+    base = tmp_path_factory.mktemp("mg_ckpt")
+    save_tiny_checkpoint(base / "base")
+    assert load_tool("add_gem_tokens").main(["--input", str(base / "base"), "--output", str(base / "gem")]) == 0
+    return base / "gem"
+
+
+@pytest.fixture(scope="session")
+def converted_checkpoint(gem_hf_checkpoint, tmp_path_factory):
+    """hf-to-megatron (TP=2, PP=2 target) of gem_hf_checkpoint through the command line."""
+    from tests.launch import run_python
+
+    out = tmp_path_factory.mktemp("mg_conv") / "megatron"
+    run_python(
+        [
+            "tools/convert_checkpoint.py",
+            "hf-to-megatron",
+            "--input",
+            str(gem_hf_checkpoint),
+            "--output",
+            str(out),
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+        ]
+    )
+    return out

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file of the output, HF's spelling (default 5GB)")
     args = p.parse_args(argv)
     from megatron_gem.gem.config import CONFIG_NAME, GEMConfig
-    from megatron_gem.models.convert import add_gem_tokens_to_hf_dir
+    from megatron_gem.mcore.convert import add_gem_tokens_to_hf_dir
 
     try:
         if os.path.isfile(os.path.join(args.input, CONFIG_NAME)):

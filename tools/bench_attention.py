@@ -222,9 +222,21 @@ def main(argv=None):
             run["cpu_sdpa"] = {"fwd_s": fwd, "fwd_bwd_s": fwd_bwd, "threads": torch.get_num_threads()}
             log(f"  cpu sdpa: fwd {fwd:.3f} s, fwd+bwd {fwd_bwd:.3f} s")
         else:
-            result["skipped"].append({"seq_len": L, "what": "cpu sdpa timing", "why": f"L > --cpu-max-len={args.cpu_max_len}: the dense path holds a [B, L, L] mask and [B, H, L, L] scores"})
+            result["skipped"].append(
+                {
+                    "seq_len": L,
+                    "what": "cpu sdpa timing",
+                    "why": f"L > --cpu-max-len={args.cpu_max_len}: the dense path holds a [B, L, L] mask and [B, H, L, L] scores",
+                }
+            )
         if not cuda:
-            result["skipped"].append({"seq_len": L, "what": "triton / flex / FA2 TFLOP/s", "why": "no CUDA device (the Triton interpreter is a correctness tool, not a performance path)"})
+            result["skipped"].append(
+                {
+                    "seq_len": L,
+                    "what": "triton / flex / FA2 TFLOP/s",
+                    "why": "no CUDA device (the Triton interpreter is a correctness tool, not a performance path)",
+                }
+            )
         result["runs"].append(run)
     print(json.dumps(result))
 

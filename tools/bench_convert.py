@@ -31,8 +31,28 @@ sys.path.insert(0, REPO)
 
 SHAPES = {
     # meta-llama/Meta-Llama-3-8B config.json
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512, rope_theta=500000.0, tie_word_embeddings=False),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=1000,
+        max_position_embeddings=512,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -56,8 +76,8 @@ def write_random_checkpoint(directory: str, shape: str, seed: int) -> int:
     from tqdm.auto import tqdm
     from transformers import LlamaConfig
 
-    from megatron_gem.models.checkpoint_io import finish_hf_dir
-    from megatron_gem.models.streaming_io import SafetensorsShardWriter
+    from megatron_gem.mcore.checkpoint_io import finish_hf_dir
+    from megatron_gem.mcore.lazy_checkpoint_io import SafetensorsShardWriter
 
     cfg = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])
     tmp = directory + ".tmp"
@@ -112,7 +132,7 @@ def round_trip_equal(a_dir: str, b_dir: str) -> tuple[bool, int, list[str]]:
     """Tensor-by-tensor comparison of two HF checkpoints; (equal, tensors compared, mismatches)."""
     import torch
 
-    from megatron_gem.models.hf_mapping import HFWeights
+    from megatron_gem.mcore.hf_mapping import HFWeights
 
     a, b = HFWeights(a_dir), HFWeights(b_dir)
     bad = sorted(set(a.where) ^ set(b.where))
@@ -185,7 +205,9 @@ def main(argv=None) -> dict:
     tool = [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py")]
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     log(f"hf-to-megatron (TP={tp}, PP={pp})")
-    to_mg_s, to_mg_rss = run_measured(tool + ["hf-to-megatron", "--input", src, "--output", mg, "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)])
+    to_mg_s, to_mg_rss = run_measured(
+        tool + ["hf-to-megatron", "--input", src, "--output", mg, "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+    )
     log(f"  {to_mg_s:.1f} s, peak RSS {to_mg_rss:.2f} GB")
     log("megatron-to-hf")
     to_hf_s, to_hf_rss = run_measured(tool + ["megatron-to-hf", "--input", mg, "--output", back])

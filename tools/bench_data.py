@@ -81,8 +81,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     from megatron_gem.data import DataError, GEMDataLoader, InMemoryCorpus, PackedDataset, iter_documents, tokenize_stream
+    from megatron_gem.data.corpus import IndexedCorpus
     from megatron_gem.data.preprocess import preprocess_to_indexed
-    from megatron_gem.data.sources import IndexedCorpus
     from megatron_gem.data.stats import DataStats
     from megatron_gem.gem import GEMConfig
 

@@ -79,8 +79,8 @@ def run_mode(args) -> dict:
 
     from megatron_gem.data import ContrastiveDataset, GEMDataLoader, InMemoryCorpus, make_ntp_loader
     from megatron_gem.gem import GEMConfig
-    from megatron_gem.training.model import GEMModel, prepare_gem_lm
-    from megatron_gem.training.step import contrastive_micro_loss, ntp_micro_loss
+    from megatron_gem.hf.model import GEMModel, prepare_gem_lm
+    from megatron_gem.training.step import contrastive_micro_loss, ntp_loss_scale, ntp_micro_loss
 
     torch.manual_seed(0)
     lm, tok, model_name = load(args)
@@ -96,7 +96,9 @@ def run_mode(args) -> dict:
         ds = ContrastiveDataset(corpus, cfg, max_text_len=args.contrastive_max_length, seq_length=args.seq_length, pad_id=tok.pad_token_id)
         loader = GEMDataLoader(ds, micro_batch_size=args.contrastive_batch_size, data_parallel_rank=0, data_parallel_size=1)
     else:
-        loader = make_ntp_loader(corpus, cfg, args.seq_length, micro_batch_size=args.micro_batch_size, tokenizer=tok, data_parallel_rank=0, data_parallel_size=1)
+        loader = make_ntp_loader(
+            corpus, cfg, args.seq_length, micro_batch_size=args.micro_batch_size, tokenizer=tok, data_parallel_rank=0, data_parallel_size=1
+        )
     if args.mode == "causal":
         lm.set_attn_implementation("sdpa")  # the stock path over the same rows and token count
     it = iter(loader)
@@ -110,7 +112,7 @@ def run_mode(args) -> dict:
             out = lm(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["input_ids"].masked_fill(batch["doc_ids"] < 0, -100))
             loss = out.loss
         elif args.mode == "gem_ntp":
-            loss = ntp_micro_loss(model, batch, global_tokens=int((batch["labels"] != -100).sum()), dp_size=1, accum_steps=1).loss
+            loss = ntp_micro_loss(model, batch, scale=ntp_loss_scale(1.0, dp_size=1, accum_steps=1, global_tokens=int((batch["labels"] != -100).sum()))).loss
         else:
             loss = contrastive_micro_loss(model, batch).loss
         loss.backward()

@@ -58,23 +58,25 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.input):
         print(f"convert_checkpoint.py: error: --input {args.input}: no such directory", file=sys.stderr)
         return 2
-    from megatron_gem.models.llama import UnsupportedModelError
+    from megatron_gem.mcore.llama import UnsupportedModelError
 
     try:
         if args.command == "deepspeed-to-hf":
-            from megatron_gem.models.convert import deepspeed_to_hf
+            from megatron_gem.mcore.convert import deepspeed_to_hf
 
             deepspeed_to_hf(args.input, args.output, model_dir=args.model, tag=args.tag)
             return 0
         if args.command == "hf-to-megatron":  # refuse unsupported models before starting megatron-core
             from transformers import AutoConfig
 
-            from megatron_gem.models.llama import arch_from_hf_config, check_parallel_sizes
+            from megatron_gem.mcore.llama import arch_from_hf_config, check_parallel_sizes
 
-            check_parallel_sizes(arch_from_hf_config(AutoConfig.from_pretrained(args.input)), args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+            check_parallel_sizes(
+                arch_from_hf_config(AutoConfig.from_pretrained(args.input)), args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+            )
         if "RANK" not in os.environ:  # a plain one-process run: private rendezvous port
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port())
-        from megatron_gem.models import convert, runtime
+        from megatron_gem.mcore import convert, runtime
 
         runtime.init_model_parallel(1, 1)
         try:

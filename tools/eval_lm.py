@@ -47,8 +47,16 @@ def main(argv=None) -> int:
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
     try:
         res = run_lm_eval(
-            args.model, tasks=args.tasks, work_dir=args.output, max_items=args.max_items, limit=limit,
-            batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed, perplexity_texts=args.ppl_texts,
+            args.model,
+            tasks=args.tasks,
+            work_dir=args.output,
+            max_items=args.max_items,
+            limit=limit,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            seed=args.seed,
+            perplexity_texts=args.ppl_texts,
         )
     except (RuntimeError, ValueError) as e:
         print(f"eval_lm: {e}", file=sys.stderr)

@@ -56,10 +56,7 @@ def resolve_tasks(names: list[str], scale: float) -> list:
                 try:
                     out.append(mteb.get_task(n))
                 except KeyError as e:
-                    raise SystemExit(
-                        f"eval_mteb: unknown task or benchmark {n!r}: neither in the offline suite "
-                        f"({', '.join(OFFLINE_TASKS)}) nor in mteb ({e})"
-                    )
+                    raise SystemExit(f"eval_mteb: unknown task or benchmark {n!r}: neither in the offline suite ({', '.join(OFFLINE_TASKS)}) nor in mteb ({e})")
     return offline_tasks(offline, scale=scale) + out if offline else out
 
 
@@ -71,8 +68,15 @@ def main(argv=None) -> int:
     if not tasks:
         raise SystemExit("eval_mteb: no tasks")
     model = load_mteb_model(
-        args.model, args.method, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-        max_length=args.max_length, instructions=args.instructions, show_progress_bar=not args.no_progress, name=args.name,
+        args.model,
+        args.method,
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        instructions=args.instructions,
+        show_progress_bar=not args.no_progress,
+        name=args.name,
     )
     scores = run_mteb(model, tasks, args.output, show_progress_bar=not args.no_progress, batch_size=args.batch_size)
     table = save_summary({model.mteb_model_meta.name: scores}, args.output)

@@ -81,11 +81,134 @@ N_QUANTILES = 128
 # no such corpus, so it samples from this table; tests/kernels/test_gpu_check.py recomputes it
 # from the corpus where installed and checks it equals this table.
 EMBEDDED_LENGTHS = (
-    5, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 12, 12,
-    12, 12, 13, 13, 13, 14, 14, 14, 15, 15, 15, 16, 16, 16, 17, 17, 18, 18, 18, 19, 19, 20, 20, 21, 21, 22, 22, 23, 23, 24,
-    24, 25, 26, 26, 27, 27, 28, 29, 29, 30, 31, 31, 32, 33, 33, 34, 35, 36, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47,
-    48, 49, 50, 52, 53, 54, 55, 57, 58, 59, 61, 62, 64, 66, 67, 69, 71, 73, 75, 77, 79, 82, 85, 87, 91, 94, 98, 103, 107, 113,
-    120, 128, 139, 153, 178, 260,
+    5,
+    6,
+    6,
+    6,
+    6,
+    6,
+    6,
+    6,
+    6,
+    6,
+    7,
+    7,
+    7,
+    7,
+    7,
+    8,
+    8,
+    8,
+    8,
+    9,
+    9,
+    9,
+    9,
+    10,
+    10,
+    10,
+    10,
+    11,
+    11,
+    11,
+    12,
+    12,
+    12,
+    12,
+    13,
+    13,
+    13,
+    14,
+    14,
+    14,
+    15,
+    15,
+    15,
+    16,
+    16,
+    16,
+    17,
+    17,
+    18,
+    18,
+    18,
+    19,
+    19,
+    20,
+    20,
+    21,
+    21,
+    22,
+    22,
+    23,
+    23,
+    24,
+    24,
+    25,
+    26,
+    26,
+    27,
+    27,
+    28,
+    29,
+    29,
+    30,
+    31,
+    31,
+    32,
+    33,
+    33,
+    34,
+    35,
+    36,
+    36,
+    37,
+    38,
+    39,
+    40,
+    41,
+    42,
+    43,
+    44,
+    45,
+    46,
+    47,
+    48,
+    49,
+    50,
+    52,
+    53,
+    54,
+    55,
+    57,
+    58,
+    59,
+    61,
+    62,
+    64,
+    66,
+    67,
+    69,
+    71,
+    73,
+    75,
+    77,
+    79,
+    82,
+    85,
+    87,
+    91,
+    94,
+    98,
+    103,
+    107,
+    113,
+    120,
+    128,
+    139,
+    153,
+    178,
+    260,
 )
 EMBEDDED_SOURCE = (
     "embedded table: 128 quantiles of the paragraph lengths of Debian python3.11-doc 3.11.2-6+deb12u8 "
@@ -108,7 +231,10 @@ def corpus_length_table(pattern: str = CORPUS_GLOB) -> tuple[np.ndarray, str] | 
         return None
     q = (np.arange(N_QUANTILES) + 0.5) / N_QUANTILES
     table = np.quantile(np.array(lengths), q, method="nearest").astype(np.int64)
-    return table, f"measured here: python3.11-doc reST paragraphs ({len(files)} files, {len(lengths)} paragraphs, tokens ~ bytes/{BYTES_PER_TOKEN}), {N_QUANTILES} quantiles"
+    return (
+        table,
+        f"measured here: python3.11-doc reST paragraphs ({len(files)} files, {len(lengths)} paragraphs, tokens ~ bytes/{BYTES_PER_TOKEN}), {N_QUANTILES} quantiles",
+    )
 
 
 def document_lengths() -> tuple[np.ndarray, str]:
@@ -295,7 +421,9 @@ def environment(cuda: bool) -> dict:
     if cuda:
         p = torch.cuda.get_device_properties(0)
         env.update(
-            gpu=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
+            gpu=p.name,
+            capability=f"{p.major}.{p.minor}",
+            sm_count=p.multi_processor_count,
             gpu_memory_gib=round(p.total_memory / 2**30, 1),
         )
         try:
@@ -368,10 +496,22 @@ def part_a(ctx: dict, clock: Clock, res: dict, save) -> None:
         t0 = time.monotonic()
         ref = run_with_grads(lambda q, k, v: reference_attention(q, k, v, mask, scale, hi), q, k, v, do.to(hi))
         low = run_with_grads(lambda q, k, v: reference_attention(q, k, v, mask, scale, dtype), q, k, v, do)
-        del mask
+        mask = None
         for backend in ("triton", "sdpa", "flex"):
-            row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "backend": backend, "B": B, "L": L, "Hq": Hq, "Hkv": Hkv, "D": D, "K": K, "suffix_sees_bos": bos}
+            row = {
+                "case": name,
+                "dtype": str(dtype).replace("torch.", ""),
+                "backend": backend,
+                "B": B,
+                "L": L,
+                "Hq": Hq,
+                "Hkv": Hkv,
+                "D": D,
+                "K": K,
+                "suffix_sees_bos": bos,
+            }
             try:
+
                 def fn(q, k, v, backend=backend):
                     return gem_attention(q, k, v, doc, role, scale=scale, backend=backend, suffix_sees_bos=bos)
 
@@ -394,9 +534,12 @@ def part_a(ctx: dict, clock: Clock, res: dict, save) -> None:
                 row.update(ok=False, error=error_text(e))
                 log(traceback.format_exc())
             res["checks"].append(row)
-            log(f"  a: {tag} {backend}: {'ok' if row['ok'] else 'FAIL'} " + " ".join(f"{t}={row[t]['err']:.2e}/{row[t]['bound']:.2e}" for t in ("out", "dq", "dk", "dv") if t in row))
+            log(
+                f"  a: {tag} {backend}: {'ok' if row['ok'] else 'FAIL'} "
+                + " ".join(f"{t}={row[t]['err']:.2e}/{row[t]['bound']:.2e}" for t in ("out", "dq", "dk", "dv") if t in row)
+            )
         res.setdefault("case_seconds", {})[tag] = round(time.monotonic() - t0, 2)
-        del ref, low, q, k, v, do
+        ref = low = q = k = v = do = None
         save()
     checks = res["checks"]
     res["summary"] = {
@@ -467,7 +610,7 @@ def time_fwd_bwd(timer: Timer, f, q, k, v, do, fwd_flops: int, tile_flops: int |
         out["fwd_ms"] = timer.ms(lambda: f(q, k, v))
     o = f(q, k, v)
     out["bwd_ms"] = timer.ms(lambda: o.backward(do, retain_graph=True), grad_to_none=[q, k, v])
-    del o
+    o = None
     out["fwd_bwd_ms"] = timer.ms(lambda: f(q, k, v).backward(do), grad_to_none=[q, k, v])
     total = (1 + BWD_FACTOR) * fwd_flops
     out["fwd_tflops"] = fwd_flops / out["fwd_ms"] / 1e9
@@ -517,9 +660,17 @@ def part_b(ctx: dict, clock: Clock, res: dict, save) -> None:
     Hq, Hkv = (2, 1) if quick else (32, 8)
     dtype = torch.bfloat16
     res.update(
-        corpus=source, dtype="bf16", heads=[Hq, Hkv], batch=1, seq_lens=Ls, head_dims=Ds, masks=list(MASKS),
+        corpus=source,
+        dtype="bf16",
+        heads=[Hq, Hkv],
+        batch=1,
+        seq_lens=Ls,
+        head_dims=Ds,
+        masks=list(MASKS),
         flops_convention=f"forward = 4 * D * Hq * allowed pairs; backward = {BWD_FACTOR} x forward; tiles: the same per visited tile element",
-        flashmask_docs={str(L): flashmask_doc_range(L) for L in Ls}, runs=[], skipped=[],
+        flashmask_docs={str(L): flashmask_doc_range(L) for L in Ls},
+        runs=[],
+        skipped=[],
     )
     flex = None
     try:
@@ -549,8 +700,14 @@ def part_b(ctx: dict, clock: Clock, res: dict, save) -> None:
             nq = bt.num_q_blocks
             fwd_flops = attention_flops(D, Hq, pairs)
             run.update(
-                allowed_pairs=pairs, causal_pairs=L * (L + 1) // 2, tiles=[bm, bn], tiles_partial=partial, tiles_full=full,
-                tiles_causal=nq * (nq + 1) // 2, fwd_flops=fwd_flops, fwd_flops_tiles=attention_flops(D, Hq, bm * bn * (partial + full)),
+                allowed_pairs=pairs,
+                causal_pairs=L * (L + 1) // 2,
+                tiles=[bm, bn],
+                tiles_partial=partial,
+                tiles_full=full,
+                tiles_causal=nq * (nq + 1) // 2,
+                fwd_flops=fwd_flops,
+                fwd_flops_tiles=attention_flops(D, Hq, bm * bn * (partial + full)),
             )
             g = torch.Generator().manual_seed(L + D)
             q = torch.randn(1, Hq, L, D, generator=g).to(dev, dtype).requires_grad_()
@@ -591,7 +748,7 @@ def part_b(ctx: dict, clock: Clock, res: dict, save) -> None:
                     with torch.no_grad():
                         o_tri = tri(q, k, v)
                     run["flex"]["max_abs_diff_vs_triton"] = (o_flex.float() - o_tri.float()).abs().max().item()
-                    del o_flex, o_tri
+                    o_flex = o_tri = None
                     if cuda:
                         t0 = time.perf_counter()
                         fx(q, k, v).backward(do)
@@ -618,7 +775,7 @@ def part_b(ctx: dict, clock: Clock, res: dict, save) -> None:
                         run[key] = {"error": error_text(e)}
                 if not cuda:
                     run["note"] = "CPU: sdpa_math stands in for SDPA flash / cuDNN (CUDA only)"
-            del q, k, v, do
+            q = k = v = do = None
             if cuda:
                 torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
@@ -716,7 +873,10 @@ def part_c(ctx: dict, clock: Clock, res: dict, save) -> None:
                 except Exception as e:  # noqa: BLE001
                     row.update(ok=False, error=error_text(e))
                 out["candidates"].append(row)
-                log(f"  c: D={D} {stage} {kernel} tiles {cfg['block_m']}x{cfg['block_n']} {setting}: " + (f"{row['ms']:.3f} ms err {row['rel_err_vs_default']:.1e}" if "ms" in row else row.get("error", "")))
+                log(
+                    f"  c: D={D} {stage} {kernel} tiles {cfg['block_m']}x{cfg['block_n']} {setting}: "
+                    + (f"{row['ms']:.3f} ms err {row['rel_err_vs_default']:.1e}" if "ms" in row else row.get("error", ""))
+                )
                 return row
 
             # Stage 1: each tiling with the default per-kernel settings (8 warps for 128-row tiles).
@@ -757,11 +917,21 @@ def part_c(ctx: dict, clock: Clock, res: dict, save) -> None:
                         best[kn] = (row["ms"], tuple(setting))
                 save()
             out["skipped"] += sum(len(qq) for qq in queues.values())
-            tuned = {"block_m": bm, "block_n": bn, "fwd": tuple(best["fwd"][1]), "bwd_dq": tuple(best["bwd_dq"][1]),
-                     "bwd_dkdv": tuple(best["bwd_dkdv"][1][:2]), "sub_m": best["bwd_dkdv"][1][2]}
+            tuned = {
+                "block_m": bm,
+                "block_n": bn,
+                "fwd": tuple(best["fwd"][1]),
+                "bwd_dq": tuple(best["bwd_dq"][1]),
+                "bwd_dkdv": tuple(best["bwd_dkdv"][1][:2]),
+                "sub_m": best["bwd_dkdv"][1][2],
+            }
             default_rows = by_tiling.get((base["block_m"], base["block_n"]))
             tuned_ms = sum(b[0] for b in best.values())
-            out["best"] = {"config": {k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in tuned.items()}, "kernel_ms": {kn: best[kn][0] for kn in best}, "total_ms": tuned_ms}
+            out["best"] = {
+                "config": {k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in tuned.items()},
+                "kernel_ms": {kn: best[kn][0] for kn in best},
+                "total_ms": tuned_ms,
+            }
             if default_rows is not None:
                 out["default_total_ms"] = default_rows[0]
                 out["speedup_vs_default"] = default_rows[0] / tuned_ms
@@ -770,11 +940,15 @@ def part_c(ctx: dict, clock: Clock, res: dict, save) -> None:
             if same:
                 rec = f"default_launch_config ({which}, D={D}): keep the current setting {_fmt_cfg(base)}"
             else:
-                gain = f" (fwd+dK/dV+dQ {tuned_ms:.3f} ms vs {default_rows[0]:.3f} ms for the current default, {default_rows[0] / tuned_ms:.2f}x)" if default_rows else ""
+                gain = (
+                    f" (fwd+dK/dV+dQ {tuned_ms:.3f} ms vs {default_rows[0]:.3f} ms for the current default, {default_rows[0] / tuned_ms:.2f}x)"
+                    if default_rows
+                    else ""
+                )
                 rec = f"default_launch_config ({which}, D={D}): return {_fmt_cfg(tuned)}{gain}; re-run `python -m megatron_gem.kernels.aot` (spills on sm_80/sm_90) before adopting"
             out["recommendation"] = rec
             res["recommendation"].append(rec)
-            del q, k, v, do, o_ref, dq_ref, dk_ref, dv_ref
+            q = k = v = do = o_ref = dq_ref = dk_ref = dv_ref = None
         except Exception as e:  # noqa: BLE001
             out["error"] = error_text(e)
             log(traceback.format_exc())
@@ -790,12 +964,28 @@ def _fmt_cfg(cfg: dict) -> str:
 # Part d: a GEM training step with transformers
 # ---------------------------------------------------------------------------------------------
 LLAMA_3_2_1B = dict(  # the published Llama-3.2-1B shape (random weights here, built from config)
-    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
 )
 TINY_LLAMA = dict(
-    vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=1, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    vocab_size=512,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
 )
 
 
@@ -845,9 +1035,19 @@ def part_d(ctx: dict, clock: Clock, res: dict, save) -> None:
     warmup, steps = (0, 1) if quick else (2, 4)
     dtype = torch.bfloat16
     table, source = document_lengths()
-    res.update(model="tiny Llama (CPU quick mode)" if quick else "Llama-3.2-1B shape (random init)", config=shape, seq_len=L, rows=rows,
-               dtype="bf16", optimizer="AdamW (fused on CUDA), lr 1e-5", transformers=transformers.__version__, corpus=source,
-               rope="the config's default RoPE (speed-neutral)", variants={}, skipped=[])
+    res.update(
+        model="tiny Llama (CPU quick mode)" if quick else "Llama-3.2-1B shape (random init)",
+        config=shape,
+        seq_len=L,
+        rows=rows,
+        dtype="bf16",
+        optimizer="AdamW (fused on CUDA), lr 1e-5",
+        transformers=transformers.__version__,
+        corpus=source,
+        rope="the config's default RoPE (speed-neutral)",
+        variants={},
+        skipped=[],
+    )
     config = LlamaConfig(**shape, attention_dropout=0.0, use_cache=False)
     torch.manual_seed(0)
     with torch.device(dev):
@@ -861,8 +1061,14 @@ def part_d(ctx: dict, clock: Clock, res: dict, save) -> None:
     tokens = batch["input_ids"].numel()
     gem_pairs = int(allowed_pair_count(batch["doc_ids"], batch["roles"]).sum())
     causal_pairs = rows * L * (L + 1) // 2
-    res.update(tokens_per_step=tokens, trained_tokens=int((batch["labels"] != -100).sum()), documents=len(torch.unique(batch["doc_ids"][batch["doc_ids"] >= 0])),
-               gem_documents=len(torch.unique(batch["doc_ids"][batch["roles"] == 1])), allowed_pairs=gem_pairs, causal_pairs=causal_pairs)
+    res.update(
+        tokens_per_step=tokens,
+        trained_tokens=int((batch["labels"] != -100).sum()),
+        documents=len(torch.unique(batch["doc_ids"][batch["doc_ids"] >= 0])),
+        gem_documents=len(torch.unique(batch["doc_ids"][batch["roles"] == 1])),
+        allowed_pairs=gem_pairs,
+        causal_pairs=causal_pairs,
+    )
     save()
     D, Hq, layers = shape["head_dim"], shape["num_attention_heads"], shape["num_hidden_layers"]
 
@@ -929,22 +1135,35 @@ def part_d(ctx: dict, clock: Clock, res: dict, save) -> None:
             pairs = causal_pairs if variant == "causal_flash" else gem_pairs
             step_s = statistics.median(times)
             model_flops = 6 * n_matmul * tokens + 3 * attention_flops(D, Hq, pairs) * layers
-            out.update(step_s=step_s, step_times_s=times, tokens_per_s=tokens / step_s, losses=losses, loss_finite=all(math.isfinite(x) for x in losses),
-                       attention_pairs=pairs, model_flops_per_step=model_flops, achieved_tflops=model_flops / step_s / 1e12)
+            out.update(
+                step_s=step_s,
+                step_times_s=times,
+                tokens_per_s=tokens / step_s,
+                losses=losses,
+                loss_finite=all(math.isfinite(x) for x in losses),
+                attention_pairs=pairs,
+                model_flops_per_step=model_flops,
+                achieved_tflops=model_flops / step_s / 1e12,
+            )
             if cuda:
                 out["mfu"] = out["achieved_tflops"] / PEAK_BF16_TFLOPS
                 out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             else:
                 out["mfu"] = None
                 out["note"] = "CPU quick mode: MFU and memory have no meaning here"
-            log(f"  d: {variant}: {out['tokens_per_s']:.0f} tokens/s, step {step_s * 1e3:.1f} ms" + (f", MFU {out['mfu']:.3f}, peak {out['peak_memory_gib']:.1f} GiB" if cuda else ""))
+            log(
+                f"  d: {variant}: {out['tokens_per_s']:.0f} tokens/s, step {step_s * 1e3:.1f} ms"
+                + (f", MFU {out['mfu']:.3f}, peak {out['peak_memory_gib']:.1f} GiB" if cuda else "")
+            )
         except Exception as e:  # noqa: BLE001
             out["error"] = error_text(e)
             log(traceback.format_exc())
             if cuda:
                 torch.cuda.empty_cache()
         save()
-    res["mfu_convention"] = f"(6 * matmul params * tokens + 3 * 4 * D * Hq * attention pairs * layers) / step time / {PEAK_BF16_TFLOPS} TFLOP/s (dense bf16 datasheet peak); attention pairs: causal for causal_flash, allowed GEM pairs otherwise"
+    res["mfu_convention"] = (
+        f"(6 * matmul params * tokens + 3 * 4 * D * Hq * attention pairs * layers) / step time / {PEAK_BF16_TFLOPS} TFLOP/s (dense bf16 datasheet peak); attention pairs: causal for causal_flash, allowed GEM pairs otherwise"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -960,8 +1179,16 @@ def evaluate_targets(result: dict) -> dict:
     pairs = []
     for r in runs:
         if r["mask"].startswith("gem") and "fwd_bwd_ms" in r.get("triton", {}) and "fwd_bwd_ms" in r.get("flex", {}):
-            pairs.append({"mask": r["mask"], "L": r["L"], "D": r["D"], "triton_ms": r["triton"]["fwd_bwd_ms"], "flex_ms": r["flex"]["fwd_bwd_ms"],
-                          "flex_over_triton": r["flex"]["fwd_bwd_ms"] / r["triton"]["fwd_bwd_ms"]})
+            pairs.append(
+                {
+                    "mask": r["mask"],
+                    "L": r["L"],
+                    "D": r["D"],
+                    "triton_ms": r["triton"]["fwd_bwd_ms"],
+                    "flex_ms": r["flex"]["fwd_bwd_ms"],
+                    "flex_over_triton": r["flex"]["fwd_bwd_ms"] / r["triton"]["fwd_bwd_ms"],
+                }
+            )
     t["gem_fwd_bwd_vs_flex"] = {
         "goal": "triton fwd+bwd ms <= FlexAttention fwd+bwd ms on the same GEM mask",
         "status": ("met" if all(p["triton_ms"] <= p["flex_ms"] for p in pairs) else "missed") if pairs else "not measured",
@@ -970,8 +1197,15 @@ def evaluate_targets(result: dict) -> dict:
     pairs = []
     for r in runs:
         if r["mask"] == "causal" and "fwd_ms" in r.get("triton", {}) and "fwd_ms" in r.get("sdpa_flash", {}):
-            pairs.append({"L": r["L"], "D": r["D"], "triton_ms": r["triton"]["fwd_ms"], "sdpa_flash_ms": r["sdpa_flash"]["fwd_ms"],
-                          "speed_vs_flash": r["sdpa_flash"]["fwd_ms"] / r["triton"]["fwd_ms"]})
+            pairs.append(
+                {
+                    "L": r["L"],
+                    "D": r["D"],
+                    "triton_ms": r["triton"]["fwd_ms"],
+                    "sdpa_flash_ms": r["sdpa_flash"]["fwd_ms"],
+                    "speed_vs_flash": r["sdpa_flash"]["fwd_ms"] / r["triton"]["fwd_ms"],
+                }
+            )
     t["causal_fwd_vs_sdpa_flash"] = {
         "goal": "triton dense-causal forward speed >= 0.9 x SDPA flash",
         "status": ("met" if all(p["speed_vs_flash"] >= 0.9 for p in pairs) else "missed") if pairs else "not measured",
@@ -1024,16 +1258,27 @@ def markdown(result: dict) -> str:
         lines.append(f"| {p} | {r.get('status')} | {_f(r.get('seconds'), 1)} | {_f(r.get('budget_s'), 1)} | {(r.get('error') or '')[:200]} |")
     a = result.get("parts", {}).get("a", {})
     if a.get("checks"):
-        lines += ["", "## a. Correctness (error / bound, max abs vs the fp32 reference)", "",
-                  "| case | dtype | backend | out | dq | dk | dv | ok |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## a. Correctness (error / bound, max abs vs the fp32 reference)",
+            "",
+            "| case | dtype | backend | out | dq | dk | dv | ok |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for c in a["checks"]:
             cells = [f"{c[t]['err']:.2e} / {c[t]['bound']:.2e}" if t in c else "-" for t in ("out", "dq", "dk", "dv")]
-            lines.append(f"| {c['case']} | {c['dtype']} | {c['backend']} | " + " | ".join(cells) + f" | {'yes' if c['ok'] else 'NO ' + c.get('error', '')[:80]} |")
+            lines.append(
+                f"| {c['case']} | {c['dtype']} | {c['backend']} | " + " | ".join(cells) + f" | {'yes' if c['ok'] else 'NO ' + c.get('error', '')[:80]} |"
+            )
     b = result.get("parts", {}).get("b", {})
     if b.get("runs"):
-        lines += ["", f"## b. Speed (bf16, B=1, Hq:Hkv {b.get('heads')}; ms medians; TFLOP/s on allowed pairs / on visited tiles)", "",
-                  "| mask | L | D | docs (GEM) | tiles visited / causal | table ms | backend | fwd ms | bwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | tiles fwd+bwd TFLOP/s | mask build ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## b. Speed (bf16, B=1, Hq:Hkv {b.get('heads')}; ms medians; TFLOP/s on allowed pairs / on visited tiles)",
+            "",
+            "| mask | L | D | docs (GEM) | tiles visited / causal | table ms | backend | fwd ms | bwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | tiles fwd+bwd TFLOP/s | mask build ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in b["runs"]:
             head = f"| {r['mask']} | {r['L']} | {r['D']} | {r.get('documents', '-')} ({r.get('gem_documents', '-')}) | "
             head += f"{r.get('tiles_partial', 0) + r.get('tiles_full', 0)} / {r.get('tiles_causal', '-')} | {_f(r.get('block_table_build_ms'), 2)} | "
@@ -1044,8 +1289,10 @@ def markdown(result: dict) -> str:
                 if "error" in x and "fwd_ms" not in x:
                     lines.append(head + f"{key} | error: {x['error'][:120]} | | | | | | | |")
                     continue
-                lines.append(head + f"{key} | {_f(x.get('fwd_ms'))} | {_f(x.get('bwd_ms'))} | {_f(x.get('fwd_bwd_ms'))} | {_f(x.get('fwd_tflops'), 1)} | "
-                             f"{_f(x.get('fwd_bwd_tflops'), 1)} | {_f(x.get('fwd_bwd_tflops_tiles'), 1)} | {_f(x.get('block_mask_build_ms'), 2)} |")
+                lines.append(
+                    head + f"{key} | {_f(x.get('fwd_ms'))} | {_f(x.get('bwd_ms'))} | {_f(x.get('fwd_bwd_ms'))} | {_f(x.get('fwd_tflops'), 1)} | "
+                    f"{_f(x.get('fwd_bwd_tflops'), 1)} | {_f(x.get('fwd_bwd_tflops_tiles'), 1)} | {_f(x.get('block_mask_build_ms'), 2)} |"
+                )
             if "error" in r:
                 lines.append(head + f"error: {r['error'][:160]} | | | | | | | | |")
         if b.get("skipped"):
@@ -1056,42 +1303,65 @@ def markdown(result: dict) -> str:
         lines += ["", f"## c. Tuning (GEM mask, L={c.get('L')}, bf16; kernel ms = fwd + dK/dV + dQ)", ""]
         for D, r in c["per_head_dim"].items():
             if "best" in r:
-                lines.append(f"- D={D}: best {json.dumps(r['best']['config'])}: {r['best']['total_ms']:.3f} ms"
-                             + (f" vs default {r['default_total_ms']:.3f} ms ({r['speedup_vs_default']:.2f}x)" if "default_total_ms" in r else "")
-                             + f"; {len(r['candidates'])} candidates measured, {r.get('skipped', 0)} left for lack of time")
+                lines.append(
+                    f"- D={D}: best {json.dumps(r['best']['config'])}: {r['best']['total_ms']:.3f} ms"
+                    + (f" vs default {r['default_total_ms']:.3f} ms ({r['speedup_vs_default']:.2f}x)" if "default_total_ms" in r else "")
+                    + f"; {len(r['candidates'])} candidates measured, {r.get('skipped', 0)} left for lack of time"
+                )
             if "error" in r:
                 lines.append(f"- D={D}: error {r['error'][:200]}")
         for rec in c.get("recommendation", []):
             lines.append(f"- change: {rec}")
     d = result.get("parts", {}).get("d", {})
     if d.get("variants"):
-        lines += ["", f"## d. Training step ({d.get('model')}, {d.get('rows')} x {d.get('seq_len')} tokens, {d.get('documents')} documents)", "",
-                  "| variant | attention | tokens/s | step ms | MFU | peak GiB | first step s | loss finite |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## d. Training step ({d.get('model')}, {d.get('rows')} x {d.get('seq_len')} tokens, {d.get('documents')} documents)",
+            "",
+            "| variant | attention | tokens/s | step ms | MFU | peak GiB | first step s | loss finite |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, x in d["variants"].items():
             if "error" in x:
                 lines.append(f"| {name} | {x.get('attention_backend')} | error: {x['error'][:150]} | | | | | |")
                 continue
-            lines.append(f"| {name} | {x.get('attention_backend')} {x.get('sdpa_backend', '')} | {_f(x.get('tokens_per_s'), 0)} | {_f(x.get('step_s', 0) * 1e3, 1)} | "
-                         f"{_f(x.get('mfu'))} | {_f(x.get('peak_memory_gib'), 1)} | {_f(x.get('first_step_s'), 1)} | {x.get('loss_finite')} |")
+            lines.append(
+                f"| {name} | {x.get('attention_backend')} {x.get('sdpa_backend', '')} | {_f(x.get('tokens_per_s'), 0)} | {_f(x.get('step_s', 0) * 1e3, 1)} | "
+                f"{_f(x.get('mfu'))} | {_f(x.get('peak_memory_gib'), 1)} | {_f(x.get('first_step_s'), 1)} | {x.get('loss_finite')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def summary(result: dict) -> dict:
     """The figures for the last stdout line (the full record is in the JSON file)."""
-    s = {"json": result["files"]["json"], "markdown": result["files"]["markdown"], "gpu": result.get("env", {}).get("gpu"),
-         "quick": result.get("quick"), "wall_s": result.get("wall_s"),
-         "parts": {p: {"status": r.get("status"), "seconds": r.get("seconds")} for p, r in result.get("parts", {}).items()},
-         "targets": {k: {kk: vv for kk, vv in v.items() if kk != "goal"} for k, v in result.get("targets", {}).items()}}
+    s = {
+        "json": result["files"]["json"],
+        "markdown": result["files"]["markdown"],
+        "gpu": result.get("env", {}).get("gpu"),
+        "quick": result.get("quick"),
+        "wall_s": result.get("wall_s"),
+        "parts": {p: {"status": r.get("status"), "seconds": r.get("seconds")} for p, r in result.get("parts", {}).items()},
+        "targets": {k: {kk: vv for kk, vv in v.items() if kk != "goal"} for k, v in result.get("targets", {}).items()},
+    }
     a = result.get("parts", {}).get("a", {}).get("summary")
     if a:
         s["correctness"] = a
     b = result.get("parts", {}).get("b", {}).get("runs", [])
-    s["speed_ms"] = {f"{r['mask']} L{r['L']} D{r['D']}": {k: round(r[k]["fwd_bwd_ms"], 4) for k in ("triton", "flex", "sdpa_flash", "sdpa_cudnn", "sdpa_math") if "fwd_bwd_ms" in r.get(k, {})} for r in b}
+    s["speed_ms"] = {
+        f"{r['mask']} L{r['L']} D{r['D']}": {
+            k: round(r[k]["fwd_bwd_ms"], 4) for k in ("triton", "flex", "sdpa_flash", "sdpa_cudnn", "sdpa_math") if "fwd_bwd_ms" in r.get(k, {})
+        }
+        for r in b
+    }
     c = result.get("parts", {}).get("c", {})
     if c.get("recommendation"):
         s["tuning"] = c["recommendation"]
     d = result.get("parts", {}).get("d", {}).get("variants", {})
-    s["train"] = {k: {kk: (round(v[kk], 4) if isinstance(v.get(kk), float) else v.get(kk)) for kk in ("tokens_per_s", "mfu", "peak_memory_gib")} for k, v in d.items() if "tokens_per_s" in v}
+    s["train"] = {
+        k: {kk: (round(v[kk], 4) if isinstance(v.get(kk), float) else v.get(kk)) for kk in ("tokens_per_s", "mfu", "peak_memory_gib")}
+        for k, v in d.items()
+        if "tokens_per_s" in v
+    }
     return s
 
 
@@ -1132,7 +1402,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     ap.add_argument("--output", default=os.environ.get("OUT") or os.path.join(os.getcwd(), "gpu_check_out"))
-    ap.add_argument("--time-budget-s", type=float, default=None, help=f"wall-clock budget of all parts (default {DEFAULT_BUDGET_S:.0f}, quick {QUICK_BUDGET_S:.0f})")
+    ap.add_argument(
+        "--time-budget-s", type=float, default=None, help=f"wall-clock budget of all parts (default {DEFAULT_BUDGET_S:.0f}, quick {QUICK_BUDGET_S:.0f})"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU testing)")
     ap.add_argument("--cpu", action="store_true", help="ignore CUDA even if present (the interpreter path)")
     ap.add_argument("--no-isolate", action="store_true", help="run the parts in this process instead of one subprocess each")
@@ -1159,8 +1431,13 @@ def main(argv=None) -> int:
         os.remove(_LOG_FILE)
     t_start = time.monotonic()
     result = {
-        "tool": "tools/gpu_check.py", "command": " ".join([os.path.basename(sys.executable), "tools/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
-        "quick": args.quick, "time_budget_s": budget, "parts_asked": parts, "env": environment(cuda), "parts": {},
+        "tool": "tools/gpu_check.py",
+        "command": " ".join([os.path.basename(sys.executable), "tools/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick,
+        "time_budget_s": budget,
+        "parts_asked": parts,
+        "env": environment(cuda),
+        "parts": {},
         "files": {"json": os.path.join(args.output, "gpu_check.json"), "markdown": os.path.join(args.output, "gpu_check.md")},
         "peak_bf16_tflops_for_mfu": PEAK_BF16_TFLOPS,
     }
@@ -1191,8 +1468,22 @@ def main(argv=None) -> int:
             if args.no_isolate:
                 res = run_part_inprocess(p, args, part_budget)
             else:
-                cmd = [sys.executable, os.path.abspath(__file__), "--_part", p, "--_budget", str(part_budget), "--output", args.output,
-                       "--train-rows", str(args.train_rows)] + (["--quick"] if args.quick else []) + (["--cpu"] if args.cpu else [])
+                cmd = (
+                    [
+                        sys.executable,
+                        os.path.abspath(__file__),
+                        "--_part",
+                        p,
+                        "--_budget",
+                        str(part_budget),
+                        "--output",
+                        args.output,
+                        "--train-rows",
+                        str(args.train_rows),
+                    ]
+                    + (["--quick"] if args.quick else [])
+                    + (["--cpu"] if args.cpu else [])
+                )
                 # Hard stop well past the part's own budget (a measurement can overrun it).
                 hard = part_budget * 1.5 + 90
                 try:

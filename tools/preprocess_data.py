@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from megatron_gem.data.preprocess import preprocess_to_indexed
-    from megatron_gem.data.sources import DataError
+    from megatron_gem.data.readers import DataError
 
     tok = load_tokenizer(args.tokenizer, args.gguf_file)
     try:
@@ -74,8 +74,11 @@ def main(argv=None) -> int:
         return 2
     print(stats.summary("preprocess"))
     print(f"[preprocess] wrote {prefix}.bin and {prefix}.idx")
-    print(json.dumps({"output_prefix": prefix, **{k: v for k, v in stats.to_dict().items() if k in (
-        "documents_read", "documents_skipped", "skipped", "tokens_in")}}))
+    print(
+        json.dumps(
+            {"output_prefix": prefix, **{k: v for k, v in stats.to_dict().items() if k in ("documents_read", "documents_skipped", "skipped", "tokens_in")}}
+        )
+    )
     return 0
 
 

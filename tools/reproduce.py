@@ -28,9 +28,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# The paper's recipe (GEM_SPEC 4) scaled to minutes on a CPU: phase 1 mixed NTP (p_raw 0.8,
+# The paper's recipe (docs/method.md) scaled to minutes on a CPU: phase 1 mixed NTP (p_raw 0.8,
 # split layout) at lr 1e-4, then phase 2 contrastive; lr 5e-5 in phase 2 because the paper's
-# 1e-5 barely moves in a dozen steps (GEM_SPEC 7). Training text: WordNet definitions minus the
+# 1e-5 barely moves in a dozen steps (seen in exploratory runs). Training text: WordNet definitions minus the
 # held-out synsets the evaluation uses.
 COMMON = [
     "--seq-length", "256", "--micro-batch-size", "4", "--train-iters", "22",
@@ -74,18 +74,14 @@ RECIPES = {
     # Keeps half of the NTP loss in phase 2 (our generation-preserving option).
     "gem-keep-ntp": COMMON + ["--gem-alpha", "0.5"],
     # Longer phase 2 (40 contrastive steps instead of 12) with more in-batch negatives (64 texts)
-    # and harder positives (20% token deletion): GEM_SPEC 7 saw the contrastive loss saturate
+    # and harder positives (20% token deletion): exploratory runs saw the contrastive loss saturate
     # within ~8 steps at 10% deletion.
-    "gem-long-hard": _override(
-        COMMON, train_iters=50, contrastive_batch_size=64, gem_prefix_dropout=0.2, gem_alpha=1.0
-    ),
+    "gem-long-hard": _override(COMMON, train_iters=50, contrastive_batch_size=64, gem_prefix_dropout=0.2, gem_alpha=1.0),
     # Longer phase 1 (30 mixed-NTP steps instead of 10, 40% split samples instead of 20%), the
-    # paper's phase 2: the paper credits most of its gain to the mixed NTP phase (GEM_SPEC 5).
+    # paper's phase 2: the paper credits most of its gain to the mixed NTP phase.
     "gem-more-ntp": _override(COMMON, train_iters=42, gem_contrastive_from_step=30, gem_p_raw=0.6, gem_alpha=1.0),
     # gem-more-ntp with K=4 summary tokens (the paper's ablation: more tokens helped a little).
-    "gem-more-ntp-k4": _override(
-        COMMON, train_iters=42, gem_contrastive_from_step=30, gem_p_raw=0.6, gem_num_special_tokens=4, gem_alpha=1.0
-    ),
+    "gem-more-ntp-k4": _override(COMMON, train_iters=42, gem_contrastive_from_step=30, gem_p_raw=0.6, gem_num_special_tokens=4, gem_alpha=1.0),
     # The gem-more-ntp direction further: 80 mixed-NTP steps, then 20 contrastive steps.
     "gem-ntp-80": _override(COMMON, train_iters=100, gem_contrastive_from_step=80, gem_p_raw=0.6, gem_alpha=1.0),
     # Phase 2 on supervised pairs (PAIRS) instead of dropout views: gem-more-ntp's phase 1, then
@@ -302,7 +298,9 @@ def main(argv=None) -> int:
             f"goal (>= +30%, >= -1 point) {'MET' if ok else 'NOT met'}"
         )
         if mean_base is not None and mean_base is not best_base:
-            verdict[-1] += f" (vs base mean pooling, the paper's 'vanilla', {100 * mean_base['emb_avg']:.1f}: {100 * (r['emb_avg'] / mean_base['emb_avg'] - 1):+.1f}%)"
+            verdict[-1] += (
+                f" (vs base mean pooling, the paper's 'vanilla', {100 * mean_base['emb_avg']:.1f}: {100 * (r['emb_avg'] / mean_base['emb_avg'] - 1):+.1f}%)"
+            )
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"rows": rows, "verdict": verdict, "seconds": time.perf_counter() - t_start}, f, indent=2)
     with open(os.path.join(args.out, "table.md"), "w") as f:

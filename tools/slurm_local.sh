@@ -13,8 +13,8 @@
 # daemons run as root, munged as the munge user).
 #
 # Layout: munged, slurmctld, and one slurmd per emulated node (`slurmd -N nodeK`), all on
-# 127.0.0.1 with their own ports. Settings follow PLATFORM_NOTES ("A real SLURM on one
-# machine"): linuxproc process tracking, no task plugin, no accounting, cons_tres/CR_Core.
+# 127.0.0.1 with their own ports. Settings that work on one machine without cgroups:
+# linuxproc process tracking, no task plugin, no accounting, cons_tres/CR_Core.
 #
 # Environment: GEM_SLURM_NODES (2); GEM_SLURM_CPUS (CPUs per node, default nproc);
 # GEM_SLURM_PORT (slurmctld's port, 16817; node K's slurmd listens on GEM_SLURM_PORT+K);

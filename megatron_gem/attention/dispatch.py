@@ -84,7 +84,8 @@ _block_tables = _PerBatchCache()
 
 def triton_gem_attention(q, k, v, doc_ids, roles, *, scale=None, suffix_sees_bos=False):
     # imported lazily: triton is optional on CPU
-    from ..kernels import build_block_table, default_launch_config, triton_gem_attention as _triton
+    from ..kernels import build_block_table, default_launch_config
+    from ..kernels import triton_gem_attention as _triton
 
     cfg = default_launch_config(q.shape[-1], q.device)
     bm, bn = cfg["block_m"], cfg["block_n"]

@@ -32,10 +32,7 @@ def gem_mask_info(doc_ids: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
 def split_mask_info(info: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if info is None or info.dim() != 3 or info.shape[0] != 2 or info.is_floating_point() or info.dtype == torch.bool:
         got = None if info is None else f"{info.dtype} {tuple(info.shape)}"
-        raise ValueError(
-            f"GEM core attention expects attention_mask = gem_mask_info(doc_ids, roles), an integer [2, B, L] "
-            f"tensor; got {got}"
-        )
+        raise ValueError(f"GEM core attention expects attention_mask = gem_mask_info(doc_ids, roles), an integer [2, B, L] tensor; got {got}")
     return info[0], info[1]
 
 
@@ -80,8 +77,6 @@ class GEMCoreAttention(MegatronModule):
             raise ValueError("GEM core attention does not support attention_bias")
         doc_ids, roles = split_mask_info(attention_mask)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, H, L, D]
-        out = gem_attention(
-            q, k, v, doc_ids, roles, scale=self.softmax_scale, backend=self.backend, suffix_sees_bos=self.suffix_sees_bos
-        )
+        out = gem_attention(q, k, v, doc_ids, roles, scale=self.softmax_scale, backend=self.backend, suffix_sees_bos=self.suffix_sees_bos)
         L, B = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(L, B, -1)

@@ -8,33 +8,32 @@ Contrastive micro-batches add ``num_texts`` (N): doc ids 0..N-1 anchors, N+j pos
 See docs/data.md.
 """
 
-from .loader import (
-    ContrastiveDataset,
-    EpochPlan,
-    GEMDataLoader,
-    MegatronBatchSampler,
-    PackedDataset,
-    StreamingPackedDataset,
-    make_ntp_loader,
-)
-from .packing import BestFitPacker, assemble_row, collate_rows, pack_lengths, pack_texts
-from .samples import PiecePlan, SampleBuilder, epoch_order
-from .sources import (
-    DataError,
-    Document,
+from .corpus import (
     IndexedCorpus,
-    IndexedWriter,
     InMemoryCorpus,
     PairCorpus,
-    iter_documents,
-    iter_hf_documents,
     open_corpus,
     open_pair_corpus,
-    resolve_paths,
-    tokenize_stream,
-    tokenize_texts,
 )
+from .datasets import (
+    ContrastiveDataset,
+    EpochPlan,
+    PackedDataset,
+    StreamingPackedDataset,
+)
+from .loader import GEMDataLoader, MegatronBatchSampler, make_ntp_loader
+from .packing import BestFitPacker, assemble_row, collate_rows, pack_lengths, pack_texts
+from .readers import (
+    DataError,
+    Document,
+    iter_documents,
+    iter_hf_documents,
+    resolve_paths,
+)
+from .samples import PiecePlan, SampleBuilder, epoch_order
 from .stats import DataStats
+from .tokenization import tokenize_stream, tokenize_texts
+from .writer import IndexedWriter
 
 __all__ = [
     "BestFitPacker",

@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import sys
 
-from .sources import DataError, IndexedWriter, iter_documents, tokenize_stream
+from .readers import DataError, iter_documents
 from .stats import DataStats
+from .tokenization import tokenize_stream
+from .writer import IndexedWriter
 
 
 def indexed_prefix(output_prefix: str, text_field: str = "text") -> str:
@@ -44,9 +46,7 @@ def preprocess_to_indexed(
     prefix = indexed_prefix(output_prefix, text_field)
     docs = iter_documents(inputs, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats)
     texts = (d.text for d in docs)
-    tokens = tokenize_stream(
-        texts, tokenizer, batch_size=batch_size, num_proc=workers, add_special_tokens=add_special_tokens, append_eod=append_eod
-    )
+    tokens = tokenize_stream(texts, tokenizer, batch_size=batch_size, num_proc=workers, add_special_tokens=add_special_tokens, append_eod=append_eod)
     writer = IndexedWriter(prefix, len(tokenizer))
     try:
         if progress:

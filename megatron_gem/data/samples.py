@@ -105,8 +105,7 @@ class SampleBuilder:
         k = config.num_special_tokens
         if len(config.special_token_ids) != k:
             raise ValueError(
-                f"GEMConfig.special_token_ids={config.special_token_ids} must hold num_special_tokens={k} ids "
-                "(add the special tokens to the tokenizer first)"
+                f"GEMConfig.special_token_ids={config.special_token_ids} must hold num_special_tokens={k} ids (add the special tokens to the tokenizer first)"
             )
         need = 2 * (k + 1) if config.layout == "reconstruct" else k + 2
         if seq_length < need:

@@ -1,4 +1,4 @@
-"""Evaluation: is GEM's embedding better and its generation intact? (issue 8)
+"""Evaluation: is GEM's embedding better and its generation intact?
 
   corpora      readers of installed data (WordNet, fortunes, Python docs, gensim, red-trivia)
   builders     labelled sets built from them at run time (pairs, retrieval, labels, MC)

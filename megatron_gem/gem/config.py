@@ -13,19 +13,19 @@ LAYOUTS = ("split", "reconstruct")
 
 @dataclass
 class GEMConfig:
-    # Summary tokens (GEM_SPEC 2): K distinct new vocabulary entries.
+    # Summary tokens (docs/method.md): K distinct new vocabulary entries.
     num_special_tokens: int = 1
     special_token_template: str = "<|gem_{i}|>"
     # Filled in when the tokens are added to a tokenizer; saved so readout needs no guessing.
     special_token_ids: list[int] = field(default_factory=list)
-    # Phase 1, mixed NTP (GEM_SPEC 4): a document is `plain` with probability p_raw, else `layout`.
+    # Phase 1, mixed NTP (docs/method.md): a document is `plain` with probability p_raw, else `layout`.
     p_raw: float = 0.8
     layout: str = "split"
     min_prefix_len: int = 4  # counted in tokens, BOS included
     min_suffix_len: int = 4
-    # Mask option (GEM_SPEC 3, open point): keep the document's first token visible to the suffix.
+    # Mask option (docs/method.md: ours, the paper is silent): keep the document's first token visible to the suffix.
     suffix_sees_bos: bool = False
-    # Phase 2, contrastive (GEM_SPEC 4).
+    # Phase 2, contrastive (docs/method.md).
     prefix_dropout: float = 0.1  # token deletion rate of the positive view
     logit_scale_init: float = 20.0
     logit_scale_max: float = 100.0

@@ -1,4 +1,4 @@
-"""Sample layouts, per-token metadata and next-token labels (GEM_SPEC sections 2 and 4).
+"""Sample layouts, per-token metadata and next-token labels (docs/method.md).
 
 A document's tokens become one of:
   plain        text                          all PREFIX (ordinary causal LM)
@@ -50,16 +50,12 @@ def build_layout(
         if cut is None or not 1 <= cut < n:
             raise ValueError(f"split needs 1 <= cut < len(tokens)={n}, got cut={cut}")
         ids = np.concatenate([tokens[:cut], specials, tokens[cut:]])
-        roles = np.concatenate(
-            [np.full(cut, Role.PREFIX, np.int8), np.full(k, Role.SPECIAL, np.int8), np.full(n - cut, Role.SUFFIX, np.int8)]
-        )
+        roles = np.concatenate([np.full(cut, Role.PREFIX, np.int8), np.full(k, Role.SPECIAL, np.int8), np.full(n - cut, Role.SUFFIX, np.int8)])
         return ids, roles
     if layout == "reconstruct":
         again = tokens[1:] if (bos_id is not None and tokens[0] == bos_id and n > 1) else tokens
         ids = np.concatenate([tokens, specials, again])
-        roles = np.concatenate(
-            [np.full(n, Role.PREFIX, np.int8), np.full(k, Role.SPECIAL, np.int8), np.full(again.shape[0], Role.SUFFIX, np.int8)]
-        )
+        roles = np.concatenate([np.full(n, Role.PREFIX, np.int8), np.full(k, Role.SPECIAL, np.int8), np.full(again.shape[0], Role.SUFFIX, np.int8)])
         return ids, roles
     if layout == "embed":
         ids = np.concatenate([tokens, specials])

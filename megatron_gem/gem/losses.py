@@ -1,4 +1,4 @@
-"""Losses of the two GEM phases and their schedule (GEM_SPEC section 4)."""
+"""Losses of the two GEM phases and their schedule (docs/method.md, "Losses")."""
 
 from __future__ import annotations
 

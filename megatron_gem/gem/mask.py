@@ -4,7 +4,7 @@ Every backend executes this rule: the dense boolean mask below (the reference an
 training path), FlexAttention through :func:`flex_mask_mod`, and the Triton kernel, which
 re-states :func:`allowed` in ``tl`` and is tested against :func:`gem_mask`.
 
-Query q may attend key k (same packed row) iff all hold (GEM_SPEC section 3):
+Query q may attend key k (same packed row) iff all hold (docs/method.md, "The mask"):
   1. same document                     doc_ids[q] == doc_ids[k]
   2. causal                            k <= q
   3. the suffix is cut off from the prefix:

@@ -1,4 +1,4 @@
-"""The role of each token in a GEM document (GEM_SPEC section 2)."""
+"""The role of each token in a GEM document (docs/method.md, "Roles and layouts")."""
 
 from enum import IntEnum
 

@@ -1,4 +1,4 @@
-"""Adding the K GEM special tokens to an HF tokenizer and model (GEM_SPEC section 2).
+"""Adding the K GEM special tokens to an HF tokenizer and model (docs/method.md, "Roles and layouts").
 
 New input-embedding rows (and LM-head rows when the head is untied) start as the mean of the
 model's existing rows: random or reused "reserved" rows (near zero in Llama-3) make the first
@@ -90,8 +90,7 @@ def add_gem_tokens(model, tokenizer, config: GEMConfig, *, gather: GatherFn | No
         init_rows_to_mean(model, ids, num_rows, gather=gather)
     elif max(ids) >= num_rows:
         raise ValueError(
-            f"tokenizer has GEM token id {max(ids)} but the model has only {num_rows} embedding rows: "
-            f"the model and tokenizer come from different checkpoints"
+            f"tokenizer has GEM token id {max(ids)} but the model has only {num_rows} embedding rows: the model and tokenizer come from different checkpoints"
         )
     config.special_token_ids = list(ids)
     return list(ids)

@@ -19,20 +19,11 @@ config. The special tokens stay (they are part of the checkpoint; the embedder n
 
 from __future__ import annotations
 
-from ..attention.hf import ATTN_NAME, use_gem_attention
+from ..attention.hf import ATTN_NAME
 from ..gem.config import GEMConfig
-from ..gem.tokens import add_gem_tokens
+from ..hf.model import prepare_gem_lm
 
 _CONFIG_KEYS = ("gem_attention_backend", "gem_suffix_sees_bos")
-
-
-def _zero3_gather(model):
-    """``gather`` for add_gem_tokens when the model's parameters are ZeRO-3 partitioned."""
-    if not any(hasattr(p, "ds_id") for p in model.parameters()):
-        return None
-    import deepspeed
-
-    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def _suppress(generation_config, token_ids: list[int], add: bool) -> None:
@@ -60,11 +51,7 @@ def enable_gem(
     the model config (packed training needs it off); ``generate()`` still works (causal).
     """
     config = config if config is not None else GEMConfig()
-    if tokenizer.pad_token_id is None:
-        # The collator pads with this id; padding is masked and never trained.
-        tokenizer.pad_token = tokenizer.eos_token
-    ids = add_gem_tokens(model, tokenizer, config, gather=gather if gather is not None else _zero3_gather(model))
-    use_gem_attention(model, backend=backend, suffix_sees_bos=config.suffix_sees_bos)
+    ids = prepare_gem_lm(model, tokenizer, config, backend=backend, gather=gather)  # what train.py does too
     if suppress_in_generate:
         _suppress(getattr(model, "generation_config", None), ids, add=True)
     model.gem_config = config

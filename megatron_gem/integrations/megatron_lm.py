@@ -18,14 +18,14 @@ Batch contract (a dict of tensors on the model's device, what ``data_iterator`` 
   num_texts    int                   N contrastive pairs (anchor doc j, positive doc N + j; 0 = none)
 Every pipeline stage needs the full batch (doc_ids/roles drive the mask in every layer).
 
-The model is megatron_gem.models.llama's GEMGPTModel (Llama / Mistral family, GEM core attention
+The model is megatron_gem.mcore.llama's GEMGPTModel (Llama / Mistral family, GEM core attention
 in the layer spec, RoPE by position_ids, logit scale on the last stage); weights come from an HF
 checkpoint, with the GEM tokens added (mean rows) when it has none. Loss per micro-batch:
 ``w_ntp * (NTP token mean of the micro-batch) + w_cl * InfoNCE`` with ``(w_ntp, w_cl) =
 gem.losses.loss_weights(step, config)``; megatron-core divides it by the number of micro-batches
 and averages gradients over data-parallel ranks. Contrastive negatives are gathered across the
-data-parallel group. (train.py's own megatron engine additionally normalises NTP by the token
-count of the whole global batch; see training/megatron_engine.py.)
+data-parallel group. (train.py's own megatron engine uses the same loss function, mcore/loss.py, normalising NTP by
+the token count of the whole global batch instead.)
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ import torch
 
 from ..attention.megatron import gem_mask_info
 from ..gem.config import GEMConfig
-from ..gem.losses import info_nce, loss_weights
-from ..gem.readout import pool_special_states
+from ..gem.losses import loss_weights
 from ..gem.roles import IGNORE_INDEX
-from ..models.batch import BATCH_KEYS, join_rows, unwrap_model
+from ..mcore.batch import BATCH_KEYS, join_rows, unwrap_model
+from ..mcore.loss import gem_micro_batch_loss
 from .collator import CL_PREFIX
 
 
@@ -58,12 +58,13 @@ def gem_model_provider(
     """A Megatron-LM style ``model_provider(pre_process=True, post_process=True, vp_stage=None)``.
 
     Call the returned function after megatron-core's parallel state is initialised (Megatron-LM's
-    ``initialize_megatron`` or ``megatron_gem.models.runtime.init_model_parallel``); it reads TP/PP
+    ``initialize_megatron`` or ``megatron_gem.mcore.runtime.init_model_parallel``); it reads TP/PP
     from there and returns this stage's GEMGPTModel with the checkpoint's weights (GEM tokens added
-    to ``tokenizer`` / ``config`` if missing). The provider exposes ``provider.arch``,
-    ``provider.vocab_size`` and ``provider.config`` after its first call.
+    to ``tokenizer`` / ``config`` if missing), built by the same ``build_gem_model`` as train.py's
+    megatron engine. The provider exposes ``provider.arch``, ``provider.vocab_size`` and
+    ``provider.config`` after its first call.
     """
-    from ..training.model import load_tokenizer
+    from ..hf.model import load_tokenizer
 
     config = config if config is not None else GEMConfig()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(hf_checkpoint)
@@ -71,40 +72,26 @@ def gem_model_provider(
     def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None):
         from megatron.core import parallel_state
 
-        from ..models.hf_mapping import load_hf_into_model
-        from ..models.llama import build_gem_gpt_model, padded_vocab_size, transformer_config
-        from ..training.megatron_engine import load_hf_source  # HF config + weights with the GEM rows
+        from ..mcore.provider import build_gem_model
 
         if vp_stage is not None:
             raise ValueError("GEM model_provider does not support virtual pipeline stages")
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
-        arch, _, weights, vocab = load_hf_source(hf_checkpoint, tokenizer, config)
-        tconf = transformer_config(
-            arch,
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
+        built = build_gem_model(
+            hf_checkpoint,
+            tokenizer,
+            config,
+            tp=parallel_state.get_tensor_model_parallel_world_size(),
+            pp=parallel_state.get_pipeline_model_parallel_world_size(),
+            dtype=params_dtype,
+            backend=backend,
             sequence_parallel=sequence_parallel,
             recompute_granularity=recompute_granularity,
-            params_dtype=params_dtype,
-        )
-        model = build_gem_gpt_model(
-            arch,
-            tconf,
-            vocab_size=vocab,
-            padded_vocab=padded_vocab_size(vocab, tp, make_vocab_size_divisible_by),
-            backend=backend,
-            suffix_sees_bos=config.suffix_sees_bos,
-            logit_scale_init=config.logit_scale_init,
-            logit_scale_max=config.logit_scale_max,
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
             pre_process=pre_process,
             post_process=post_process,
         )
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
-        load_hf_into_model(model, weights, arch, tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp)
-        model_provider.arch, model_provider.vocab_size, model_provider.config = arch, vocab, tconf
-        return model
+        model_provider.arch, model_provider.vocab_size, model_provider.config = built.arch, built.meta["vocab_size"], built.config
+        return built.model
 
     model_provider.gem_config = config
     model_provider.tokenizer = tokenizer
@@ -126,7 +113,7 @@ def megatron_batch(collated: dict | None = None, *, contrastive: dict | None = N
         ntp = {k: collated[k] for k in BATCH_KEYS}
         ntp["labels"] = aligned
     if contrastive is None and collated is not None and CL_PREFIX + "input_ids" in collated:
-        contrastive = {k[len(CL_PREFIX):]: v for k, v in collated.items() if k.startswith(CL_PREFIX)}
+        contrastive = {k[len(CL_PREFIX) :]: v for k, v in collated.items() if k.startswith(CL_PREFIX)}
     if ntp is None and contrastive is None:
         raise ValueError("megatron_batch: neither next-token rows nor contrastive rows given")
     return join_rows(ntp, contrastive, device)
@@ -148,7 +135,7 @@ class GEMForwardStep:
             return self._gather_keys
         from megatron.core import parallel_state
 
-        from ..training.distributed import make_gather_keys
+        from ..common.distributed import make_gather_keys
 
         return make_gather_keys(parallel_state.get_data_parallel_group())
 
@@ -159,29 +146,13 @@ class GEMForwardStep:
         return output, partial(self.loss_func, batch, unwrap_model(model), loss_weights(int(step), self.config))
 
     def loss_func(self, batch: dict, model, weights: tuple[float, float], output):
-        """Last pipeline stage: (loss, {"lm loss", "gem cl loss"}) in megatron-core's 2-tuple form."""
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-        logits, states = output
+        """Last pipeline stage: (loss, {"lm loss", "gem cl loss"}) in megatron-core's 2-tuple form
+        (the loss is mcore.loss.gem_micro_batch_loss, train.py's own)."""
         w_ntp, w_cl = weights
-        n = batch["ntp_rows"]
-        loss = torch.zeros((), device=batch["input_ids"].device)
+        out = gem_micro_batch_loss(batch, model, output, w_ntp=w_ntp, w_cl=w_cl, gather_keys=self.gather_keys() if batch["num_texts"] and w_cl > 0 else None)
         report = {}
-        if n and w_ntp > 0:
-            labels = batch["labels"]
-            keep = labels != IGNORE_INDEX
-            per_token = vocab_parallel_cross_entropy(logits.float().contiguous(), labels.masked_fill(~keep, 0))
-            ntp = (per_token * keep).sum() / keep.sum().clamp(min=1)
-            loss = loss + w_ntp * ntp
-            report["lm loss"] = ntp.detach()
-        elif n:
-            loss = loss + 0.0 * logits.float().sum()  # keep the LM head in the graph
-        if batch["num_texts"] and w_cl > 0:
-            N = batch["num_texts"]
-            emb = pool_special_states(states.float(), batch["roles"][n:], batch["doc_ids"][n:], 2 * N)
-            cl = info_nce(emb[:N], emb[N:], model.logit_scale(), gather_keys=self.gather_keys())
-            loss = loss + w_cl * cl
-            report["gem cl loss"] = cl.detach()
-        elif states is not None:
-            loss = loss + 0.0 * states.float().sum() + 0.0 * model.logit_scale()
-        return loss, report
+        if out.ntp is not None:
+            report["lm loss"] = out.ntp
+        if out.cl is not None:
+            report["gem cl loss"] = out.cl
+        return out.total, report

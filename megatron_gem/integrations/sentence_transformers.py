@@ -181,7 +181,9 @@ class GEMSentenceEncoder(_input_module_base()):
 
     @classmethod
     def load(cls, model_name_or_path: str, subfolder: str = "", token=None, cache_folder=None, revision=None, local_files_only: bool = False, **kwargs):
-        config = cls.load_config(model_name_or_path, subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision, local_files_only=local_files_only)
+        config = cls.load_config(
+            model_name_or_path, subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision, local_files_only=local_files_only
+        )
         root = os.path.join(model_name_or_path, subfolder) if subfolder else model_name_or_path
         return cls(root, **config)
 
@@ -207,9 +209,8 @@ class GEMSentenceEncoder(_input_module_base()):
         return features
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        from .enable import disable_gem
-
         from ..attention.hf import use_gem_attention
+        from .enable import disable_gem
 
         model = self.auto_model
         disable_gem(model)  # the export loads with sdpa; the GEM attention comes back afterwards

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
+from ..common.distributed import make_gather_keys
 from ..gem.config import GEMConfig
 from ..gem.losses import LogitScale, info_nce, loss_weights
 from ..gem.readout import pool_special_states
-from ..training.distributed import make_gather_keys
 from .collator import CL_KEYS, CL_PREFIX, GEMDataCollator
 from .enable import is_gem_enabled
 
@@ -102,7 +102,7 @@ class GEMTrainerMixin:
 
     # -------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        cl_batch = {k[len(CL_PREFIX):]: inputs.pop(k) for k in CL_KEYS if k in inputs}
+        cl_batch = {k[len(CL_PREFIX) :]: inputs.pop(k) for k in CL_KEYS if k in inputs}
         w_ntp, w_cl = loss_weights(self.state.global_step, self.gem_config)
         if w_cl == 0.0:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

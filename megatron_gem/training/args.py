@@ -1,7 +1,10 @@
-"""Command line of train.py, with Megatron-LM / DeepSpeed flag names.
+"""Command line of train.py, with Megatron-LM / DeepSpeed flag names, for both engines.
 
-Everything a run needs is checked here, before any model is loaded, so wrong or
-conflicting arguments fail at start with one clear message naming the flag.
+Everything a run needs is checked here, before any model is loaded, so wrong or conflicting
+arguments fail at start with one clear message naming the flag; ``job_config`` then turns the
+namespace into the typed JobConfig (config.py) that everything below the entry point reads.
+Megatron's parallelism flags (``--tensor-model-parallel-size`` /
+``--pipeline-model-parallel-size``) select the megatron-core engine and add its flags.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import re
 
 from ..gem.config import LAYOUTS, GEMConfig
-
+from .config import BatchConfig, CheckpointConfig, DataConfig, JobConfig, ModelConfig, OptimizerConfig, ParallelConfig, RunConfig
 
 _DATA_EXTENSIONS = (".json", ".jsonl", ".txt", ".parquet", ".gz", ".bin", ".idx")
 
@@ -48,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--load",
         default=None,
-        help="resume from the checkpoint DIR/latest names, after verifying its manifest; a DIR with no checkpoint "
-        "(or no DIR) starts from step 0, saying so",
+        help="resume from the checkpoint DIR/latest names, after verifying its manifest; a DIR with no checkpoint (or no DIR) starts from step 0, saying so",
     )
     g.add_argument(
         "--load-fallback",
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=1, help="rows per micro-batch per data-parallel rank")
     g.add_argument("--global-batch-size", type=int, default=None, help="rows per optimizer step over all ranks (default: micro x dp)")
     g.add_argument("--contrastive-batch-size", type=int, default=None, help="texts per contrastive micro-batch per rank (default: 8 x micro-batch-size)")
-    g.add_argument("--contrastive-max-length", type=int, default=512, help="tokens per contrastive text before its special tokens are appended (capped by --seq-length)")
+    g.add_argument(
+        "--contrastive-max-length", type=int, default=512, help="tokens per contrastive text before its special tokens are appended (capped by --seq-length)"
+    )
     g.add_argument("--train-iters", type=int, required=True, help="optimizer steps in total (both phases)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of phase 1 (mixed NTP)")
     g.add_argument("--contrastive-lr", type=float, default=1e-5, help="peak learning rate of phase 2 (contrastive)")
@@ -96,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf-export-interval", type=int, default=0, help="also write the HF export every N steps (0: only at the end)")
     g.add_argument("--log-interval", type=int, default=10, help="one metrics.jsonl line every N steps")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--exit-signal-handler", action="store_true", help="on SIGUSR1/SIGTERM (e.g. SLURM's --signal before the time limit): finish the step, save a checkpoint, exit 0")
+    g.add_argument(
+        "--exit-signal-handler",
+        action="store_true",
+        help="on SIGUSR1/SIGTERM (e.g. SLURM's --signal before the time limit): finish the step, save a checkpoint, exit 0",
+    )
     g.add_argument("--distributed-timeout-minutes", type=int, default=10, help="collective timeout: a dead rank fails the job instead of hanging")
     g.add_argument(
         "--check-for-nan-in-loss-and-grad",
@@ -205,7 +213,9 @@ def check_model_path(flag: str, path: str) -> None:
         except Exception:  # an old or missing huggingface_hub: treat as not cached
             cached = False
         if not cached:
-            raise ArgumentError(f"{flag} {path}: no such directory, and as an HF repo id it cannot be fetched: the hub is off (HF_HUB_OFFLINE) and the repo is not in the local HF cache")
+            raise ArgumentError(
+                f"{flag} {path}: no such directory, and as an HF repo id it cannot be fetched: the hub is off (HF_HUB_OFFLINE) and the repo is not in the local HF cache"
+            )
 
 
 def check_data_path(flag: str, path: str) -> None:
@@ -258,5 +268,118 @@ def validate_paths(args) -> None:
             raise ArgumentError(f"--deepspeed {args.deepspeed_config}: unreadable ({e.strerror})") from e
 
 
+# ---------------------------------------------------------------- megatron-core engine flags
+MEGATRON_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size")
+
+
+def wants_megatron(argv) -> bool:
+    """True when the command line selects the megatron-core backend."""
+    return any(a == f or a.startswith(f + "=") for a in argv for f in MEGATRON_FLAGS)
+
+
+def build_megatron_parser() -> argparse.ArgumentParser:
+    p = build_parser()
+    p.prog = "train.py (megatron-core backend)"
+    p.description = (
+        "GEM post-training of a Llama-family model with megatron-core (tensor, pipeline and data "
+        "parallel with the distributed optimizer). Launch with torchrun; selected by "
+        "--tensor-model-parallel-size / --pipeline-model-parallel-size."
+    )
+    g = p.add_argument_group("megatron-core (Megatron-LM flag names)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true", help="shard norms/dropout activations along the sequence (needs TP > 1)")
+    g.add_argument(
+        "--recompute-granularity", choices=("full", "selective"), default=None, help="activation recomputation (full: whole layers; selective: core attention)"
+    )
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument(
+        "--no-distributed-optimizer",
+        dest="use_distributed_optimizer",
+        action="store_false",
+        help="replicate optimizer states instead of sharding them over data-parallel ranks",
+    )
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="pad the vocabulary to a multiple of this x TP")
+    return p
+
+
+def validate_megatron_args(args, world_size: int) -> int:
+    """Validate everything (train.py's checks with the data-parallel size); returns dp size."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ArgumentError(f"--tensor-model-parallel-size {tp} and --pipeline-model-parallel-size {pp} must be >= 1")
+    if world_size % (tp * pp):
+        raise ArgumentError(f"{world_size} processes cannot be split into TP={tp} x PP={pp} (world size must be a multiple of {tp * pp})")
+    if args.deepspeed_config is not None:
+        raise ArgumentError("--deepspeed selects the DeepSpeed backend; it cannot be combined with --tensor/--pipeline-model-parallel-size")
+    if args.sequence_parallel and tp == 1:
+        raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.gradient_checkpointing and args.recompute_granularity is None:
+        args.recompute_granularity = "full"
+    if args.recompute_method is not None and args.recompute_granularity != "full":
+        raise ArgumentError("--recompute-method applies to --recompute-granularity full only")
+    if args.attention_backend == "flex":
+        raise ArgumentError("--attention-backend flex has no backward on CPU and is for inference; use auto, sdpa or triton")
+    dp = world_size // (tp * pp)
+    validate_args(args, dp)
+    return dp
+
+
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    """train.py's arguments; Megatron's parallelism flags select (and add) the megatron ones."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    return (build_megatron_parser() if wants_megatron(argv) else build_parser()).parse_args(argv)
+
+
+def job_config(args, *, world_size: int) -> JobConfig:
+    """Check everything (ArgumentError naming the flag) and turn the namespace into the typed
+    JobConfig the trainer and engines read. The namespace goes no further than this."""
+    engine = "megatron" if hasattr(args, "tensor_model_parallel_size") else "deepspeed"
+    dp = validate_megatron_args(args, world_size) if engine == "megatron" else world_size
+    if engine == "deepspeed":
+        validate_args(args, dp)
+    megatron = {
+        k: getattr(args, k)
+        for k in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "sequence_parallel",
+            "recompute_granularity",
+            "recompute_method",
+            "recompute_num_layers",
+            "use_distributed_optimizer",
+            "make_vocab_size_divisible_by",
+        )
+        if hasattr(args, k)
+    }
+    return JobConfig(
+        model=ModelConfig(args.model, args.tokenizer, args.attention_backend, args.bf16, args.gradient_checkpointing),
+        data=DataConfig(
+            list(args.data),
+            args.text_field,
+            args.skip_bad_records,
+            list(args.contrastive_data) if args.contrastive_data else None,
+            args.contrastive_query_field,
+            args.contrastive_positive_field,
+        ),
+        batch=BatchConfig(args.seq_length, args.micro_batch_size, args.global_batch_size, args.contrastive_batch_size, args.contrastive_max_length, dp),
+        optimizer=OptimizerConfig(
+            args.train_iters,
+            args.lr,
+            args.contrastive_lr,
+            args.min_lr_ratio,
+            args.lr_warmup_fraction,
+            args.weight_decay,
+            args.adam_beta1,
+            args.adam_beta2,
+            args.clip_grad,
+            args.seed,
+        ),
+        checkpoint=CheckpointConfig(args.save, args.load, args.load_fallback, args.save_interval, args.hf_export_interval, args.exit_after_iters),
+        run=RunConfig(args.log_interval, not args.no_progress, args.exit_signal_handler, args.distributed_timeout_minutes, args.check_for_nan_in_loss_and_grad),
+        parallel=ParallelConfig(engine=engine, deepspeed_config=args.deepspeed_config, **megatron),
+        gem=gem_config_from_args(args),
+    )

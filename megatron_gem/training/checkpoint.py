@@ -16,7 +16,6 @@ What every save guarantees, in both engines (docs/checkpoints.md):
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -25,9 +24,9 @@ import shutil
 import numpy as np
 import torch
 
-from ..common.files import replace_dir_atomic, write_text_atomic
+from ..common import distributed as D
+from ..common.files import write_text_atomic
 from ..common.manifest import CheckpointError, verify, write_manifest
-from . import distributed as D
 
 LATEST = "latest"
 _TAG = re.compile(r"^global_step(\d+)$")
@@ -95,7 +94,9 @@ def resolve_checkpoint(load_dir: str, *, fallback: bool = False, log=print) -> s
             verify_checkpoint(os.path.join(load_dir, candidate))
         except CheckpointError as e:
             if not fallback:
-                raise CheckpointError(f"--load {load_dir}: checkpoint {candidate} refused: {e} (--load-fallback resumes from the newest earlier complete checkpoint)") from e
+                raise CheckpointError(
+                    f"--load {load_dir}: checkpoint {candidate} refused: {e} (--load-fallback resumes from the newest earlier complete checkpoint)"
+                ) from e
             first_error = first_error or e
             log(f"[megatron-gem] --load {load_dir}: checkpoint {candidate} refused: {e}")
             continue
@@ -153,77 +154,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_engine_checkpoint(engine, save_dir: str, step: int, client_state: dict) -> str:
-    """DeepSpeed checkpoint of ``step`` (model, optimizer, scheduler, client_state) plus each
-    rank's RNG state; then the manifest and ``latest`` (commit_checkpoint)."""
-    tag = tag_for(step)
-    error = None
-    try:
-        engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
-    except OSError as e:
-        # The other ranks are finishing DeepSpeed's save_checkpoint, whose collectives after
-        # the writes are ZeRO-3's checkpoint_event_epilogue (re-gathering persistent
-        # parameters) and a final barrier. Take part in the same ones, then agree on the error
-        # (below) instead of leaving them hanging until the collective timeout.
-        error = e
-        if getattr(engine, "optimizer", None) is not None and hasattr(engine.optimizer, "checkpoint_event_epilogue"):
-            engine.optimizer.checkpoint_event_epilogue()
-        D.barrier()
-    if error is None:
-        try:
-            torch.save(rng_state(), os.path.join(save_dir, tag, f"rng_state_rank{D.rank()}.pt"))
-        except OSError as e:
-            error = e
-    agree_on_write(os.path.join(save_dir, tag), error, partial=os.path.join(save_dir, tag))
-    commit_checkpoint(save_dir, tag, step=step, engine="deepspeed")
-    return tag
-
-
-def load_engine_checkpoint(engine, load_dir: str, tag: str) -> dict:
-    """Resume from ``load_dir/tag`` (resolve_checkpoint chose and verified it); returns the
-    client state."""
-    path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag} from {load_dir}")
-    rng_path = os.path.join(load_dir, tag, f"rng_state_rank{D.rank()}.pt")
-    if os.path.isfile(rng_path):
-        set_rng_state(torch.load(rng_path, weights_only=False))  # our own file, verified by the manifest
-    return client_state
-
-
-def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU copy of ``module``'s parameters (ZeRO-3: gathered one at a time) on rank 0;
-    other ranks get an empty dict."""
-    out = {}
-    zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
-    if zero3:
-        import deepspeed
-
-        for name, p in module.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                if D.is_main():
-                    out[name] = p.data.detach().cpu().clone()
-    elif D.is_main():
-        out = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return out
-
-
-def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = None) -> str | None:
-    """Write an HF checkpoint (safetensors, config, tokenizer with the GEM tokens,
-    gem_config.json) to ``out_dir`` atomically. Collective under ZeRO-3: call on all ranks."""
-    state = _full_state_dict(lm)
-    path = None
-    if D.is_main():
-        tmp = out_dir.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        gem_config.save(tmp)
-        if extra:
-            write_text_atomic(os.path.join(tmp, "training_info.json"), json.dumps(extra, indent=2) + "\n")
-        write_manifest(tmp)
-        path = replace_dir_atomic(tmp, out_dir)
-    D.barrier()
-    return path

@@ -3,58 +3,58 @@
 from __future__ import annotations
 
 from ..data import ContrastiveDataset, GEMDataLoader, make_ntp_loader, open_corpus, open_pair_corpus
+from .config import DataConfig, JobConfig
 
 
-def open_training_corpus(args, tokenizer):
+def _one_or_many(paths: list[str]):
+    return paths if len(paths) > 1 else paths[0]
+
+
+def open_training_corpus(data: DataConfig, tokenizer):
     """Read --data (files, Megatron prefix, or hf:NAME) into one corpus."""
-    on_bad = "skip" if args.skip_bad_records else "error"
-    sources = args.data if len(args.data) > 1 else args.data[0]
-    return open_corpus(sources, tokenizer, text_field=args.text_field, on_bad=on_bad)
+    return open_corpus(_one_or_many(data.paths), tokenizer, text_field=data.text_field, on_bad=data.on_bad)
 
 
-def open_contrastive_pairs(args, tokenizer):
+def open_contrastive_pairs(data: DataConfig, tokenizer):
     """Read --contrastive-data into a PairCorpus (query field -> anchor, positive field -> positive)."""
-    on_bad = "skip" if args.skip_bad_records else "error"
-    sources = args.contrastive_data if len(args.contrastive_data) > 1 else args.contrastive_data[0]
-    return open_pair_corpus(
-        sources, tokenizer, query_field=args.contrastive_query_field, positive_field=args.contrastive_positive_field, on_bad=on_bad
-    )
+    return open_pair_corpus(_one_or_many(data.pairs), tokenizer, query_field=data.query_field, positive_field=data.positive_field, on_bad=data.on_bad)
 
 
-def build_loaders(args, corpus, tokenizer, gem_config, *, dp_rank: int, dp_size: int):
+def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: int):
     """(NTP loader, contrastive loader or None); both endless (epochs repeat with new seeds)."""
+    b, seed = job.batch, job.optimizer.seed
     ntp = make_ntp_loader(
         corpus,
-        gem_config,
-        args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        global_batch_size=args.global_batch_size,
-        seed=args.seed,
+        job.gem,
+        b.seq_length,
+        micro_batch_size=b.micro_batch_size,
+        global_batch_size=b.global_batch_size,
+        seed=seed,
         tokenizer=tokenizer,
         data_parallel_rank=dp_rank,
         data_parallel_size=dp_size,
     )
     contrastive = None
-    if args.gem_contrastive_from_step < args.train_iters:
+    if job.has_phase_two:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         texts, positives = corpus, None
-        if args.contrastive_data:
-            pairs = open_contrastive_pairs(args, tokenizer)
+        if job.data.pairs:
+            pairs = open_contrastive_pairs(job.data, tokenizer)
             texts, positives = pairs.queries, pairs.positives
         ds = ContrastiveDataset(
             texts,
-            gem_config,
+            job.gem,
             positives=positives,
-            max_text_len=min(args.seq_length, args.contrastive_max_length),
-            seq_length=args.seq_length,
-            seed=args.seed + 1,
+            max_text_len=min(b.seq_length, b.contrastive_max_length),
+            seq_length=b.seq_length,
+            seed=seed + 1,
             pad_id=pad_id,
         )
-        accum = args.global_batch_size // (args.micro_batch_size * dp_size)
+        accum = b.global_batch_size // (b.micro_batch_size * dp_size)
         contrastive = GEMDataLoader(
             ds,
-            micro_batch_size=args.contrastive_batch_size,
-            global_batch_size=args.contrastive_batch_size * dp_size * accum,
+            micro_batch_size=b.contrastive_batch_size,
+            global_batch_size=b.contrastive_batch_size * dp_size * accum,
             data_parallel_rank=dp_rank,
             data_parallel_size=dp_size,
         )

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from . import distributed as D
+from ..common import distributed as D
 from .checkpoint import LATEST
 
 

@@ -18,8 +18,8 @@ class StepBookkeeping:
     current step with a checkpoint.
     """
 
-    def __init__(self, args, log, stop, end_step: int, *, save: Callable[[int], None], export: Callable[[int], None], is_main: bool):
-        self.args, self.log, self.stop = args, log, stop
+    def __init__(self, job, log, stop, end_step: int, *, save: Callable[[int], None], export: Callable[[int], None], is_main: bool):
+        self.job, self.log, self.stop = job, log, stop
         self.end_step = end_step
         self.save, self.export, self.is_main = save, export, is_main
         self.first_loss = self.last_loss = None
@@ -28,10 +28,10 @@ class StepBookkeeping:
     def after_step(self, step: int, record: dict, local_losses=(), device=None) -> bool:
         """``local_losses``: this rank's own loss values of the step (for the non-finite check's
         message). Collective: call on every rank."""
-        a = self.args
-        if a.check_for_nan_in_loss_and_grad:
+        ck, run = self.job.checkpoint, self.job.run
+        if run.check_for_nan_in_loss_and_grad:
             try:
-                check_step(record, local_losses, save_dir=a.save, device=device)
+                check_step(record, local_losses, save_dir=ck.save, device=device)
             except NonFiniteError:
                 self.log.log(record)  # the bad step's figures, for the post-mortem
                 raise
@@ -39,18 +39,25 @@ class StepBookkeeping:
             self.first_loss = record["loss"]
         self.last_loss = record["loss"]
         done = step + 1
-        if a.exit_signal_handler and self.stop.should_exit():
+        if run.exit_signal_handler and self.stop.should_exit():
             self.preempted, self.end_step = True, done
-        if done % a.log_interval == 0 or done == self.end_step:
+        if done % run.log_interval == 0 or done == self.end_step:
             self.log.log(record)
         self.log.tick({"loss": f"{record['loss']:.4f}", "phase": record["phase"]})
-        if done % a.save_interval == 0 or done == self.end_step:
+        if done % ck.save_interval == 0 or done == self.end_step:
             self.save(done)
-        if (a.hf_export_interval and done % a.hf_export_interval == 0) or done == a.train_iters:
+        if (ck.hf_export_interval and done % ck.hf_export_interval == 0) or done == self.job.optimizer.train_iters:
             self.export(done)
         if self.preempted and self.is_main:
-            print(f"[megatron-gem] {self.stop.received or 'signal'}: saved step {done} to {a.save}; exiting for requeue", flush=True)
+            print(f"[megatron-gem] {self.stop.received or 'signal'}: saved step {done} to {ck.save}; exiting for requeue", flush=True)
         return self.preempted
 
     def summary(self, **extra) -> dict:
-        return {"first_loss": self.first_loss, "last_loss": self.last_loss, "preempted": self.preempted, "step": self.end_step, "save": self.args.save, **extra}
+        return {
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "preempted": self.preempted,
+            "step": self.end_step,
+            "save": self.job.checkpoint.save,
+            **extra,
+        }

@@ -18,7 +18,9 @@ def phase_lr(step: int, start: int, end: int, peak: float, warmup_fraction: floa
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def gem_lr(step: int, *, train_iters: int, contrastive_from_step: int, lr: float, contrastive_lr: float, warmup_fraction: float = 0.01, min_ratio: float = 0.0) -> float:
+def gem_lr(
+    step: int, *, train_iters: int, contrastive_from_step: int, lr: float, contrastive_lr: float, warmup_fraction: float = 0.01, min_ratio: float = 0.0
+) -> float:
     """Phase 1 (mixed NTP, peak ``lr``) on [0, contrastive_from_step), phase 2 (contrastive,
     peak ``contrastive_lr``) on [contrastive_from_step, train_iters)."""
     if step < contrastive_from_step:
@@ -26,21 +28,22 @@ def gem_lr(step: int, *, train_iters: int, contrastive_from_step: int, lr: float
     return phase_lr(step, contrastive_from_step, train_iters, contrastive_lr, warmup_fraction, min_ratio)
 
 
-def lr_for_step(step: int, args) -> float:
-    """The LR of ``step`` for train.py's arguments."""
+def lr_for_step(step: int, job) -> float:
+    """The LR of ``step`` for a JobConfig."""
+    o = job.optimizer
     return gem_lr(
         step,
-        train_iters=args.train_iters,
-        contrastive_from_step=args.gem_contrastive_from_step,
-        lr=args.lr,
-        contrastive_lr=args.contrastive_lr,
-        warmup_fraction=args.lr_warmup_fraction,
-        min_ratio=args.min_lr_ratio,
+        train_iters=o.train_iters,
+        contrastive_from_step=job.gem.contrastive_from_step,
+        lr=o.lr,
+        contrastive_lr=o.contrastive_lr,
+        warmup_fraction=o.lr_warmup_fraction,
+        min_ratio=o.min_lr_ratio,
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR over the optimizer's base lr (= args.lr); its state is only the step count, so
-    it resumes exactly from a checkpoint."""
+def build_scheduler(optimizer: torch.optim.Optimizer, job) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over the optimizer's base lr (= job.optimizer.lr); its state is only the step
+    count, so it resumes exactly from a checkpoint."""
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_for_step(step, args) / args.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_for_step(step, job) / job.optimizer.lr)

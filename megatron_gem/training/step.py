@@ -1,20 +1,81 @@
-"""One micro-batch's GEM loss, shared by the training engines.
+"""Pieces of one optimizer step that both engines share: the NTP loss scale, the token count,
+what an engine's step hands back (StepOutput), and the metrics.jsonl record built from it.
 
-NTP is a token mean over the whole global batch (all micro-batches, all data-parallel
-ranks); engines average gradients over ranks and (DeepSpeed) divide by the number of
-accumulation steps, so each micro-batch's sum is scaled by dp * accum / global_tokens.
+NTP is a token mean over the whole global batch (all micro-batches, all data-parallel ranks);
+engines average gradients over ranks and divide by the number of accumulation steps, so each
+micro-batch's sum is scaled by dp * accum / global_tokens (``ntp_loss_scale``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..common import distributed as D
 from ..gem.losses import info_nce, ntp_loss_sum
 from ..gem.roles import IGNORE_INDEX
 
 
+def ntp_loss_scale(w_ntp: float, *, dp_size: int, accum_steps: int, global_tokens: int) -> float:
+    return w_ntp * dp_size * accum_steps / max(global_tokens, 1)
+
+
+def count_trained_tokens(batches: list[dict]) -> torch.Tensor:
+    """Next-token targets (labels != IGNORE_INDEX) in ``batches``."""
+    return sum((b["labels"] != IGNORE_INDEX).sum() for b in batches) if batches else torch.tensor(0)
+
+
+@dataclass
+class StepOutput:
+    """What an engine's train_step returns: this rank's view of one optimizer step."""
+
+    lr: float
+    grad_norm: float | None
+    reporter: bool  # this rank's losses count in the record (one rank per data-parallel replica)
+    ntp_sums: list[float] = field(default_factory=list)  # summed NTP cross-entropy per micro-batch
+    cl_values: list[float] = field(default_factory=list)  # InfoNCE per micro-batch
+    tokens: int = 0  # non-padding tokens processed
+    logit_scale: float | None = None
+    local_losses: list = field(default_factory=list)  # every loss value this rank computed (non-finite check)
+
+
+def step_record(step: int, out: StepOutput, *, w_ntp: float, w_cl: float, global_tokens: int, seconds: float, device=None) -> dict:
+    """metrics.jsonl line of a step (the same fields in both engines), reduced over all ranks:
+    NTP = summed cross-entropy / global tokens, InfoNCE = mean over the reporting ranks."""
+    mine = out.reporter
+    cls = out.cl_values if mine else []
+    has_scale = mine and out.logit_scale is not None
+    v = torch.tensor(
+        [
+            sum(out.ntp_sums) if mine else 0.0,
+            (sum(cls) / len(cls)) if cls else 0.0,
+            1.0 if cls else 0.0,
+            float(out.tokens) if mine else 0.0,
+            out.logit_scale if has_scale else 0.0,
+            1.0 if has_scale else 0.0,
+        ],
+        dtype=torch.float64,
+    )
+    v = D.all_reduce_sum(v.to(device) if device is not None else v).cpu()
+    ntp = float(v[0]) / global_tokens if w_ntp > 0 and global_tokens else None
+    cl = float(v[1]) / float(v[2]) if w_cl > 0 and v[2] > 0 else None
+    loss = (w_ntp * ntp if ntp is not None else 0.0) + (w_cl * cl if cl is not None else 0.0)
+    return {
+        "step": step + 1,
+        "phase": 1 if w_cl == 0 else 2,
+        "loss": loss,
+        "ntp_loss": ntp,
+        "cl_loss": cl,
+        "lr": out.lr,
+        "tokens_per_s": float(v[3]) / seconds,
+        "logit_scale": float(v[4]) / float(v[5]) if v[5] > 0 else None,
+        "grad_norm": float(out.grad_norm) if out.grad_norm is not None else None,
+        "step_time_s": seconds,
+    }
+
+
+# --------------------------------------------------- micro-batch losses of the HF model (GEMModel)
 @dataclass
 class MicroLoss:
     loss: torch.Tensor  # what backward() receives
@@ -24,15 +85,9 @@ class MicroLoss:
     tokens: int = 0  # non-padding tokens processed
 
 
-def ntp_micro_loss(model, batch: dict, *, global_tokens: int, dp_size: int, accum_steps: int, weight: float = 1.0) -> MicroLoss:
+def ntp_micro_loss(model, batch: dict, *, scale: float) -> MicroLoss:
     total, count = ntp_loss_sum(model(batch, "ntp"), batch["labels"])
-    scale = weight * dp_size * accum_steps / max(global_tokens, 1)
-    return MicroLoss(
-        loss=total * scale,
-        ntp_sum=float(total.detach()),
-        ntp_tokens=int(count),
-        tokens=int((batch["doc_ids"] >= 0).sum()),
-    )
+    return MicroLoss(loss=total * scale, ntp_sum=float(total.detach()), ntp_tokens=int(count), tokens=int((batch["doc_ids"] >= 0).sum()))
 
 
 def contrastive_micro_loss(model, batch: dict, *, gather_keys=None, weight: float = 1.0) -> MicroLoss:
@@ -41,7 +96,3 @@ def contrastive_micro_loss(model, batch: dict, *, gather_keys=None, weight: floa
     emb, scale = model(batch, "embed")
     loss = info_nce(emb[:n], emb[n:], scale, gather_keys=gather_keys)
     return MicroLoss(loss=loss * weight, cl_loss=float(loss.detach()), tokens=int((batch["doc_ids"] >= 0).sum()))
-
-
-def count_trained_tokens(batches: list[dict]) -> torch.Tensor:
-    return sum((b["labels"] != IGNORE_INDEX).sum() for b in batches) if batches else torch.tensor(0)

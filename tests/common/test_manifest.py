@@ -31,7 +31,10 @@ def test_manifest_lists_every_file_with_size_and_sha256(ckpt):
     "damage, message",
     [
         (lambda d: (d / "a.bin").write_bytes((d / "a.bin").read_bytes()[:4000]), "a.bin: 4000 bytes, manifest.json says 5000"),
-        (lambda d: (d / "sub" / "b.pt").write_bytes(bytes([(d / "sub" / "b.pt").read_bytes()[0] ^ 1]) + (d / "sub" / "b.pt").read_bytes()[1:]), "b.pt: content does not match its sha256"),
+        (
+            lambda d: (d / "sub" / "b.pt").write_bytes(bytes([(d / "sub" / "b.pt").read_bytes()[0] ^ 1]) + (d / "sub" / "b.pt").read_bytes()[1:]),
+            "b.pt: content does not match its sha256",
+        ),
         (lambda d: (d / "c.json").unlink(), "c.json: missing"),
         (lambda d: (d / MANIFEST).unlink(), "manifest.json: missing: the save did not finish"),
         (lambda d: (d / MANIFEST).write_text("{not json"), "unreadable manifest"),

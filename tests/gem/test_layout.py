@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_gem.gem import IGNORE_INDEX, PAD_DOC_ID, GEMConfig, Role, build_layout, draw_layout
-from megatron_gem.gem import next_token_labels, position_ids_from_doc_ids, prefix_dropout
+from megatron_gem.gem import IGNORE_INDEX, PAD_DOC_ID, GEMConfig, Role, build_layout, draw_layout, next_token_labels, position_ids_from_doc_ids, prefix_dropout
 from megatron_gem.gem.layout import document_rng
 
 P, S, X = int(Role.PREFIX), int(Role.SPECIAL), int(Role.SUFFIX)

@@ -1,4 +1,4 @@
-"""gem_mask against a brute-force, pair-by-pair reading of the rule in GEM_SPEC section 3."""
+"""gem_mask against a brute-force, pair-by-pair reading of the rule in docs/method.md."""
 
 import torch
 from hypothesis import given, settings

@@ -14,11 +14,11 @@ import sys
 import numpy as np
 import pytest
 
+from tests.launch import load_tool
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "gpu_check.py")
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
-import gpu_check  # noqa: E402
+gpu_check = load_tool("gpu_check")
 
 
 def _run(tmp_path, *args, env_extra=None, timeout=300):
@@ -26,8 +26,9 @@ def _run(tmp_path, *args, env_extra=None, timeout=300):
     env.pop("OUT", None)
     env.update(env_extra or {})
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, TOOL, "--cpu", "--quick", "--output", str(out), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, TOOL, "--cpu", "--quick", "--output", str(out), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     with open(out / "gpu_check.json") as f:

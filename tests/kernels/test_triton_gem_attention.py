@@ -25,7 +25,10 @@ def check_against_reference(doc, role, *, Hq, Hkv, D, dtype, block_m, block_n, b
 
     tri = run_with_grads(
         lambda q, k, v: triton_gem_attention(q, k, v, doc, role, scale=scale, suffix_sees_bos=bos, block_m=block_m, block_n=block_n),
-        q, k, v, do,
+        q,
+        k,
+        v,
+        do,
     )
     ref = run_with_grads(lambda q, k, v: reference_attention(q, k, v, mask, scale, hi), q, k, v, do.to(hi))
     low = run_with_grads(lambda q, k, v: reference_attention(q, k, v, mask, scale, dtype), q, k, v, do)

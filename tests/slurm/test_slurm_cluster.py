@@ -128,9 +128,7 @@ def job_env(cluster, workdir, save, **overrides) -> dict:
 
 
 def submit(env, workdir) -> str:
-    out = subprocess.run(
-        ["sbatch", "--parsable", *SBATCH_ARGS, str(SCRIPT)], env=env, cwd=workdir, capture_output=True, text=True, timeout=60
-    )
+    out = subprocess.run(["sbatch", "--parsable", *SBATCH_ARGS, str(SCRIPT)], env=env, cwd=workdir, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"sbatch failed: {out.stderr}"
     return out.stdout.strip().split(";")[0]
 

@@ -27,24 +27,26 @@ ME = int(os.environ.get("RANK", "0"))
 current = {"step": -1}  # 0-based index of the step being computed
 
 
-def _track(engine_module):
-    original = engine_module.loss_weights
+def _track_steps():
+    from megatron_gem.training import trainer
+
+    original = trainer.loss_weights
 
     def loss_weights(step, config):
         current["step"] = step
         return original(step, config)
 
-    engine_module.loss_weights = loss_weights
+    trainer.loss_weights = loss_weights
 
 
 def _poisoned() -> bool:
     return ME == RANK and current["step"] + 1 == STEP
 
 
+_track_steps()
 if kind == "nan":
-    from megatron_gem.training import deepspeed_engine, step
+    from megatron_gem.training import step
 
-    _track(deepspeed_engine)
     ntp_loss_sum = step.ntp_loss_sum
 
     def poisoned_ntp_loss_sum(logits, labels):
@@ -55,9 +57,6 @@ if kind == "nan":
     if "--tensor-model-parallel-size" in sys.argv or "--pipeline-model-parallel-size" in sys.argv:
         import megatron.core.tensor_parallel as tensor_parallel
 
-        from megatron_gem.training import megatron_engine
-
-        _track(megatron_engine)
         cross_entropy = tensor_parallel.vocab_parallel_cross_entropy
 
         def poisoned_cross_entropy(logits, target, *args, **kwargs):

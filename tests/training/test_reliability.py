@@ -1,13 +1,12 @@
 """What clusters do to runs (DeepSpeed engine): a non-finite step, a damaged or incomplete
 checkpoint, a full disk mid-save, a --load path with nothing in it."""
 
-import json
 import os
 import shutil
 
 import pytest
 
-from train_launch import FAULT_TRAIN, REPO, base_args, launch, read_metrics
+from tests.launch import FAULT_TRAIN, REPO, base_args, launch, read_metrics
 
 DS_ZERO3 = os.path.join(REPO, "ds_zero3.json")
 VOLATILE = ("tokens_per_s", "step_time_s")

@@ -1,0 +1,272 @@
+"""A *corpus*: random access to tokenised documents by index.
+
+:class:`InMemoryCorpus` tokenises texts into one flat array; :class:`IndexedCorpus` reads
+Megatron ``.bin/.idx`` files with megatron-core's own ``IndexedDataset``. Both expose
+``lengths`` (int64 [num_docs]) and ``get(i)`` (int64 tokens), so the packing code above them is
+the same for every input kind. ``open_corpus`` / ``open_pair_corpus`` open any input kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .readers import (
+    JSON_SUFFIXES,
+    PARQUET_SUFFIXES,
+    DataError,
+    Document,
+    _suffix,
+    iter_documents,
+    iter_hf_documents,
+    resolve_paths,
+)
+from .stats import DataStats
+from .tokenization import tokenize_stream
+
+
+class _CorpusBase:
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def get_slice(self, i: int, start: int, length: int) -> np.ndarray:
+        """Tokens ``start:start+length`` of document i (any integer dtype)."""
+        return self.get(i)[start : start + length]
+
+    def first_tokens(self) -> np.ndarray:
+        """First token of every document (-1 for an empty one)."""
+        return np.array([self.get(i)[0] if self.lengths[i] else -1 for i in range(len(self))], dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        """Identifies the corpus content shape (document count and lengths) for resume checks."""
+        h = hashlib.sha256(np.ascontiguousarray(self.lengths, dtype=np.int64).tobytes()).hexdigest()[:16]
+        return f"{len(self)}docs-{self.num_tokens}tok-{h}"
+
+
+class InMemoryCorpus(_CorpusBase):
+    """Tokenised documents held in one flat array (int32 when the ids fit) plus offsets."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, stats: DataStats | None = None):
+        self.tokens = tokens
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.lengths = np.diff(self.offsets)
+        self.stats = stats if stats is not None else DataStats(documents_read=len(self.lengths), tokens_in=int(self.lengths.sum()))
+
+    @classmethod
+    def from_token_arrays(cls, docs: Iterable[np.ndarray], stats: DataStats | None = None) -> "InMemoryCorpus":
+        docs = [np.asarray(d) for d in docs]
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        if docs:
+            np.cumsum([d.shape[0] for d in docs], out=offsets[1:])
+        flat = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
+        if flat.size and flat.max() < 2**31:
+            flat = flat.astype(np.int32)
+        return cls(flat, offsets, stats)
+
+    @classmethod
+    def from_texts(
+        cls,
+        texts: Iterable[str | Document],
+        tokenizer,
+        *,
+        stats: DataStats | None = None,
+        batch_size: int = 512,
+        num_proc: int = 1,
+        add_special_tokens: bool = True,
+        append_eod: bool = False,
+    ) -> "InMemoryCorpus":
+        stats = stats if stats is not None else DataStats()
+
+        def plain():
+            for t in texts:
+                if isinstance(t, Document):  # a reader counted it already
+                    yield t.text
+                else:
+                    stats.documents_read += 1
+                    yield t
+
+        docs = list(tokenize_stream(plain(), tokenizer, batch_size=batch_size, num_proc=num_proc, add_special_tokens=add_special_tokens, append_eod=append_eod))
+        stats.tokens_in += int(sum(d.shape[0] for d in docs))
+        return cls.from_token_arrays(docs, stats)
+
+    def get(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]].astype(np.int64)
+
+    def get_slice(self, i: int, start: int, length: int) -> np.ndarray:
+        a = int(self.offsets[i]) + start
+        return self.tokens[a : a + length]  # a view: no copy of a huge document per chunk
+
+    def first_tokens(self) -> np.ndarray:
+        first = np.full(len(self), -1, dtype=np.int64)
+        nz = self.lengths > 0
+        first[nz] = self.tokens[self.offsets[:-1][nz]]
+        return first
+
+
+def _import_indexed_dataset():
+    # megatron.core's package import warns about missing TransformerEngine/apex on CPU; those
+    # warnings concern training kernels, not this file reader.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+class IndexedCorpus(_CorpusBase):
+    """A Megatron ``.bin/.idx`` pair read with megatron-core's ``IndexedDataset`` (mmap).
+
+    A document is the concatenation of its sequences (``document_indices``); files written
+    without sentence splitting hold one sequence per document.
+    """
+
+    def __init__(self, path_prefix: str | os.PathLike):
+        path_prefix = str(path_prefix)
+        for suffix in (".bin", ".idx"):
+            if path_prefix.endswith(suffix):
+                path_prefix = path_prefix[: -len(suffix)]
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(path_prefix + suffix):
+                raise FileNotFoundError(f"{path_prefix}{suffix}: no such file (expected a Megatron .bin/.idx pair)")
+        self.path_prefix = path_prefix
+        self.dataset = _import_indexed_dataset().IndexedDataset(path_prefix)
+        seq_lengths = np.asarray(self.dataset.sequence_lengths, dtype=np.int64)
+        self.doc_index = np.asarray(self.dataset.document_indices, dtype=np.int64)
+        cum = np.concatenate([[0], np.cumsum(seq_lengths)])
+        self.lengths = cum[self.doc_index[1:]] - cum[self.doc_index[:-1]]
+        self._single = bool(np.all(np.diff(self.doc_index) == 1))
+        self.stats = DataStats(documents_read=int((self.lengths > 0).sum()), tokens_in=int(self.lengths.sum()))
+        if (self.lengths == 0).any():  # possible in files from other tools; they yield no piece
+            self.stats.skip("empty", int((self.lengths == 0).sum()))
+
+    def get(self, i: int) -> np.ndarray:
+        if self._single:
+            return np.asarray(self.dataset[int(i)], dtype=np.int64)
+        s, e = int(self.doc_index[i]), int(self.doc_index[i + 1])
+        if e == s:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(self.dataset[s:e]).astype(np.int64)
+
+    def get_slice(self, i: int, start: int, length: int) -> np.ndarray:
+        if self._single:  # read only the chunk from the mmap, not the whole document
+            return self.dataset.get(int(i), offset=int(start), length=int(length))
+        return self.get(i)[start : start + length]
+
+    def first_tokens(self) -> np.ndarray:
+        first = np.full(len(self), -1, dtype=np.int64)
+        for i in np.flatnonzero(self.lengths > 0):
+            s = int(self.doc_index[i])
+            while self.dataset.sequence_lengths[s] == 0:
+                s += 1
+            first[i] = int(self.dataset.get(s, 0, 1)[0])
+        return first
+
+    def __getstate__(self):
+        return self.path_prefix
+
+    def __setstate__(self, path_prefix):
+        self.__init__(path_prefix)
+
+
+def _read_source(source, *, text_field, txt_unit, on_bad, max_chars, stats, hf_split) -> Iterator[Document]:
+    """Validated documents of text input: ``hf:<name>``, local files, or a ``datasets`` object."""
+    if isinstance(source, str) and source.startswith("hf:"):
+        return iter_hf_documents(source[3:], text_field=text_field, split=hf_split, on_bad=on_bad, max_chars=max_chars, stats=stats)
+    if isinstance(source, (str, os.PathLike, list, tuple)):
+        return iter_documents(source, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats)
+    return iter_hf_documents(source, text_field=text_field, on_bad=on_bad, max_chars=max_chars, stats=stats)
+
+
+def open_corpus(
+    source,
+    tokenizer=None,
+    *,
+    text_field: str = "text",
+    txt_unit: str = "document",
+    on_bad: str = "error",
+    max_chars: int | None = None,
+    num_proc: int = 1,
+    add_special_tokens: bool = True,
+    append_eod: bool = False,
+    hf_split: str = "train",
+):
+    """One entry point for every input kind; returns a corpus with ``.stats``.
+
+    ``source``: a Megatron path prefix (``prefix.bin``/``prefix.idx`` exist) -> IndexedCorpus;
+    a local path / directory / glob / list -> files read and tokenised into memory;
+    ``hf:<name>`` -> a hub dataset (internet needed); a ``datasets`` object -> read from it.
+    """
+    if isinstance(source, (str, os.PathLike)) and not str(source).startswith("hf:"):
+        s = str(source)
+        prefix = s[:-4] if s.endswith((".bin", ".idx")) else s
+        if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"):
+            return IndexedCorpus(prefix)
+    if tokenizer is None:
+        raise ValueError(f"{source!r} is text input: a tokenizer is needed")
+    stats = DataStats()
+    docs = _read_source(source, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats, hf_split=hf_split)
+    corpus = InMemoryCorpus.from_texts(docs, tokenizer, stats=stats, num_proc=num_proc, add_special_tokens=add_special_tokens, append_eod=append_eod)
+    if len(corpus) == 0:
+        raise DataError(f"{source}: no usable documents ({stats.summary('read')})")
+    return corpus
+
+
+@dataclass
+class PairCorpus:
+    """Aligned (query, positive) texts for supervised contrastive training: pair i is
+    ``queries.get(i)`` and ``positives.get(i)``; ``stats`` counts pairs read and skipped."""
+
+    queries: InMemoryCorpus
+    positives: InMemoryCorpus
+
+    @property
+    def stats(self) -> DataStats:
+        return self.queries.stats
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+def open_pair_corpus(
+    source,
+    tokenizer,
+    *,
+    query_field: str = "query",
+    positive_field: str = "positive",
+    on_bad: str = "error",
+    max_chars: int | None = None,
+    num_proc: int = 1,
+    hf_split: str = "train",
+) -> PairCorpus:
+    """Read (query, positive) pairs from json/jsonl/parquet files or a HF dataset (``hf:NAME``).
+
+    Every record must hold both fields as non-empty strings; a bad record raises
+    :class:`DataError` naming its file and line, or with ``on_bad="skip"`` is skipped and
+    counted (a pair is never half-kept, so the two sides stay aligned).
+    """
+    if query_field == positive_field:
+        raise ValueError(f"query and positive field are both {query_field!r}")
+    fields = (query_field, positive_field)
+    if isinstance(source, (str, os.PathLike, list, tuple)) and not str(source).startswith("hf:"):
+        for path in resolve_paths(source):
+            if _suffix(path) not in JSON_SUFFIXES + PARQUET_SUFFIXES:
+                raise DataError(f"{path}: pairs need records with fields {fields} (json, jsonl or parquet), not {_suffix(path)!r}")
+    stats = DataStats()
+    pairs = _read_source(source, text_field=fields, txt_unit="document", on_bad=on_bad, max_chars=max_chars, stats=stats, hf_split=hf_split)
+    texts = [d.text for d in pairs]
+    if not texts:
+        raise DataError(f"{source}: no usable pairs ({stats.summary('read')})")
+    queries, positives = (InMemoryCorpus.from_texts(list(side), tokenizer, stats=DataStats(), num_proc=num_proc) for side in zip(*texts))
+    stats.tokens_in = queries.stats.tokens_in + positives.stats.tokens_in
+    queries.stats = stats  # what reading the pairs counted travels with the anchors (ContrastiveDataset.epoch_stats)
+    return PairCorpus(queries, positives)

@@ -1,0 +1,51 @@
+"""The HF export of an HF causal LM trained by the DeepSpeed engine: safetensors, config,
+tokenizer with the GEM tokens, gem_config.json, manifest.json; written to a temporary directory
+and swapped in atomically. Collective under ZeRO-3 (parameters gathered one at a time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from ..common import distributed as D
+from ..common.files import replace_dir_atomic, write_text_atomic
+from ..common.manifest import write_manifest
+
+
+def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU copy of ``module``'s parameters (ZeRO-3: gathered one at a time) on rank 0;
+    other ranks get an empty dict."""
+    out = {}
+    zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
+    if zero3:
+        import deepspeed
+
+        for name, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if D.is_main():
+                    out[name] = p.data.detach().cpu().clone()
+    elif D.is_main():
+        out = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return out
+
+
+def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = None) -> str | None:
+    """Write an HF checkpoint (safetensors, config, tokenizer with the GEM tokens,
+    gem_config.json) to ``out_dir`` atomically. Collective under ZeRO-3: call on all ranks."""
+    state = _full_state_dict(lm)
+    path = None
+    if D.is_main():
+        tmp = out_dir.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        gem_config.save(tmp)
+        if extra:
+            write_text_atomic(os.path.join(tmp, "training_info.json"), json.dumps(extra, indent=2) + "\n")
+        write_manifest(tmp)
+        path = replace_dir_atomic(tmp, out_dir)
+    D.barrier()
+    return path

@@ -1,0 +1,126 @@
+"""The trained module: an HF causal LM plus the learnable InfoNCE logit scale, its loading, and
+making an HF causal LM a GEM model (train.py's DeepSpeed engine and integrations.enable_gem both
+call ``prepare_gem_lm``)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention.hf import use_gem_attention
+from ..common.errors import ModelLoadError
+from ..gem.config import GEMConfig
+from ..gem.losses import LogitScale
+from ..gem.readout import pool_special_states
+from ..gem.tokens import add_gem_tokens
+
+
+class GEMModel(torch.nn.Module):
+    """What the engine optimises: ``lm`` (an HF causal LM) and ``logit_scale``.
+
+    ``forward(batch, "ntp")`` -> logits [B, L, V]; ``forward(batch, "embed")`` -> (summary
+    embeddings [num_docs, H] of the batch's documents, logit scale). Everything runs inside
+    forward so engines that hook the root module (DeepSpeed ZeRO-3) see one forward per call.
+    """
+
+    def __init__(self, lm, config: GEMConfig):
+        super().__init__()
+        self.lm = lm
+        self.logit_scale = LogitScale.from_config(config)
+
+    def hidden_states(self, batch: dict) -> torch.Tensor:
+        """Last-layer states [B, L, H] under the GEM mask of the batch."""
+        return self.lm.base_model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            doc_ids=batch["doc_ids"],
+            roles=batch["roles"],
+            use_cache=False,
+        ).last_hidden_state
+
+    def forward(self, batch: dict, task: str = "ntp"):
+        # Every parameter takes part in every forward (the unused one times zero): ZeRO-3
+        # otherwise keeps a stale gradient for a parameter a step did not use (the LM head in
+        # the contrastive phase), which leaks into the grad norm and the update and breaks
+        # exact resume; DDP-style engines need no unused-parameter search either.
+        hidden = self.hidden_states(batch)
+        head = self.lm.get_output_embeddings()
+        scale = self.logit_scale()
+        if task == "ntp":
+            return head(hidden + 0.0 * scale)  # touched on [B, L, H], not on the larger logits
+        if task == "embed":
+            emb = pool_special_states(hidden, batch["roles"], batch["doc_ids"], 2 * int(batch["num_texts"]))
+            return emb + 0.0 * head(hidden[:1, :1]).sum(), scale
+        raise ValueError(f"unknown task {task!r}; expected 'ntp' or 'embed'")
+
+
+def ensure_pad_token(tokenizer):
+    """Batches are padded with pad_token_id; padding is masked and never trained, so any id
+    will do: the EOS token when the tokenizer has none."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return ensure_pad_token(AutoTokenizer.from_pretrained(path))
+
+
+def load_causal_lm(path: str, *, dtype: torch.dtype, ds_config: dict | None = None):
+    """Load an HF causal LM. With a ZeRO-3 ``ds_config`` the weights are created partitioned
+    (transformers runs from_pretrained under deepspeed.zero.Init while an HfDeepSpeedConfig is
+    alive; the returned handle must be kept alive as long as the model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"--model {path}: cannot read an HF config ({e})") from e
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ModelLoadError(f"--model {path}: architecture {archs} has no causal LM head; GEM needs a decoder-only causal LM")
+    keep_alive = None
+    if ds_config is not None and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except ValueError as e:
+        raise ModelLoadError(f"--model {path}: not loadable as a causal LM ({e})") from e
+    return lm, keep_alive
+
+
+def zero3_gather(model):
+    """The ``gather`` argument of add_gem_tokens: a GatheredParameters factory when ``model``'s
+    parameters are ZeRO-3 partitioned (loaded under deepspeed.zero.Init), else None."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return None
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def prepare_gem_lm(lm, tokenizer, config: GEMConfig, *, backend: str = "auto", gradient_checkpointing: bool = False, gather=None) -> list[int]:
+    """Make ``lm`` a GEM model in place: a pad token for the tokenizer, the K special tokens
+    (mean-row init; a no-op for a GEM checkpoint; ZeRO-3 partitions gathered, see zero3_gather),
+    GEM attention with the KV cache off, optionally activation recomputation. Returns the
+    special-token ids."""
+    ensure_pad_token(tokenizer)
+    ids = add_gem_tokens(lm, tokenizer, config, gather=gather if gather is not None else zero3_gather(lm))
+    use_gem_attention(lm, backend=backend, suffix_sees_bos=config.suffix_sees_bos)
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return ids
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings' scale-like 1-D params and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 params are flat; ds_shape is the real one
+        (no_decay if ndim < 2 or name.startswith("logit_scale") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

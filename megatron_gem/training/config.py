@@ -1,0 +1,131 @@
+"""What a training run is, as typed nested dataclasses (torchtitan's job config is the model).
+
+train.py's command line (args.py) is turned into a ``JobConfig`` once, at the entry point,
+after every check; the trainer, both engines, the data set-up, the schedule and the
+bookkeeping read this, never the argparse namespace. The GEM method's own settings are the
+method's ``GEMConfig`` (gem/config.py), nested as ``job.gem``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..gem.config import GEMConfig
+
+
+@dataclass
+class ModelConfig:
+    path: str  # HF checkpoint directory or repo id; for megatron-core also a converted checkpoint
+    tokenizer: str | None = None  # default: path
+    attention_backend: str = "auto"  # auto | sdpa | flex | triton
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.path
+
+
+@dataclass
+class DataConfig:
+    paths: list[str]  # --data: files, a Megatron .bin/.idx prefix, or hf:NAME
+    text_field: str = "text"
+    skip_bad_records: bool = False
+    pairs: list[str] | None = None  # --contrastive-data (None: self-supervised positives)
+    query_field: str = "query"
+    positive_field: str = "positive"
+
+    @property
+    def on_bad(self) -> str:
+        return "skip" if self.skip_bad_records else "error"
+
+
+@dataclass
+class BatchConfig:
+    seq_length: int = 512
+    micro_batch_size: int = 1
+    global_batch_size: int = 1  # rows per optimizer step over all data-parallel ranks
+    contrastive_batch_size: int = 8  # texts per contrastive micro-batch per rank
+    contrastive_max_length: int = 512
+    data_parallel_size: int = 1
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+
+@dataclass
+class OptimizerConfig:
+    train_iters: int = 1
+    lr: float = 1e-4  # phase 1 peak
+    contrastive_lr: float = 1e-5  # phase 2 peak
+    min_lr_ratio: float = 0.0
+    lr_warmup_fraction: float = 0.01
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+
+
+@dataclass
+class CheckpointConfig:
+    save: str = "runs/gem"
+    load: str | None = None
+    load_fallback: bool = False
+    save_interval: int = 1000
+    hf_export_interval: int = 0
+    exit_after_iters: int | None = None
+
+
+@dataclass
+class RunConfig:
+    log_interval: int = 10
+    progress: bool = True
+    exit_signal_handler: bool = False
+    distributed_timeout_minutes: int = 10
+    check_for_nan_in_loss_and_grad: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """How the work is split. DeepSpeed: data parallel with a ZeRO stage from ``deepspeed_config``;
+    megatron-core: the tensor / pipeline / data-parallel flags (Megatron-LM names)."""
+
+    engine: str = "deepspeed"  # deepspeed | megatron
+    deepspeed_config: str | None = None
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    use_distributed_optimizer: bool = True
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig
+    data: DataConfig
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    gem: GEMConfig = field(default_factory=GEMConfig)
+
+    @property
+    def end_step(self) -> int:
+        """The step this invocation stops after (--exit-after-iters cuts a run short)."""
+        c, t = self.checkpoint.exit_after_iters, self.optimizer.train_iters
+        return t if c is None else min(t, c)
+
+    @property
+    def has_phase_two(self) -> bool:
+        return self.gem.contrastive_from_step < self.optimizer.train_iters
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (training_info.json of the exports)."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,178 @@
+"""The one training run both engines share (torchtitan's trainer is the model): seeding, data,
+resume, the step loop with its two GEM phases, metrics, checkpoint cadence, export,
+pre-emption and the non-finite check live here, once. An engine supplies only what differs
+with the parallelism: building the model and optimizer, one optimizer step, and its own
+checkpoint files (see ``Engine``). A new training feature goes here (or into the shared pieces
+it calls), not into an engine.
+
+One step: the loss weights of the step (gem.losses.loss_weights) pick the phase; the trainer
+draws ``accum`` NTP and/or contrastive micro-batches per rank from the loaders, counts the NTP
+targets of the global batch, and hands them to ``engine.train_step``; the StepOutput becomes the
+metrics.jsonl record (step.step_record), and StepBookkeeping logs, checks, saves and exports.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from ..common import distributed as D
+from ..gem.losses import loss_weights
+from ..hf.model import load_tokenizer
+from .checkpoint import agree_on_write, commit_checkpoint, resolve_checkpoint, rng_state, set_rng_state, tag_for
+from .config import JobConfig
+from .data_setup import build_loaders, data_summary, open_training_corpus
+from .distributed import exit_signal_handler
+from .loop import StepBookkeeping
+from .metrics import MetricsLogger
+from .step import StepOutput, count_trained_tokens, step_record
+
+
+class Engine:
+    """The parallelism-specific hooks of a run. Attributes set by ``init_distributed``:
+    ``dp_rank``, ``dp_size``, ``dp_group`` (None: the whole world) and ``device``."""
+
+    name = "engine"
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group = None
+    device = torch.device("cpu")
+    # Exceptions a failed checkpoint write may raise besides OSError.
+    save_errors: tuple = ()
+
+    def init_distributed(self, job: JobConfig) -> None:
+        raise NotImplementedError
+
+    def build(self, job: JobConfig, tokenizer) -> None:
+        """The model with its weights and GEM tokens, the optimizer and the LR schedule."""
+        raise NotImplementedError
+
+    def adapt_loaders(self, job: JobConfig, ntp_loader, contrastive_loader) -> None:
+        """Engine-specific loader settings (megatron-core's pipeline needs fixed row counts)."""
+
+    def train_step(self, step: int, *, w_ntp: float, w_cl: float, ntp_batches: list, cl_batches: list, global_tokens: int) -> StepOutput:
+        raise NotImplementedError
+
+    def save(self, save_dir: str, tag: str, state: dict) -> None:
+        """Write this rank's files of checkpoint ``save_dir/tag`` (``state``: what the trainer
+        needs back on resume). Collective."""
+        raise NotImplementedError
+
+    def load(self, load_dir: str, tag: str) -> dict:
+        """Load checkpoint ``load_dir/tag`` (already verified); returns the saved ``state``."""
+        raise NotImplementedError
+
+    def export_hf(self, out_dir: str, extra: dict) -> None:
+        """The HF export (with gem_config.json and manifest.json). Collective."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The engine's part of the start-up banner."""
+        return self.name
+
+    def summary(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        """End of the run (before the summary is printed)."""
+
+    def shutdown(self) -> None:
+        """After the summary: tear down process groups the engine owns."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(engine: Engine, save_dir: str, step: int, state: dict) -> str:
+    """Every rank writes (engine files + its RNG state); the ranks agree on write errors;
+    then the manifest and ``latest`` (checkpoint.commit_checkpoint). Collective."""
+    tag = tag_for(step)
+    path = os.path.join(save_dir, tag)
+    error = None
+    try:
+        engine.save(save_dir, tag, state)
+        torch.save(rng_state(), os.path.join(path, f"rng_state_rank{D.rank()}.pt"))
+    except (OSError, *engine.save_errors) as e:
+        error = e
+    agree_on_write(path, error, partial=path)
+    commit_checkpoint(save_dir, tag, step=step, engine=engine.name)
+    return tag
+
+
+def resume(engine: Engine, job: JobConfig, ntp_loader, cl_loader) -> int:
+    """The step to start from: 0, or the step of the verified checkpoint --load names (model,
+    optimizer, RNG and data-loader states restored)."""
+    ck = job.checkpoint
+    if not ck.load:
+        return 0
+    tag = resolve_checkpoint(ck.load, fallback=ck.load_fallback, log=D.print_main)
+    if tag is None:
+        return 0
+    state = engine.load(ck.load, tag)
+    rng_path = os.path.join(ck.load, tag, f"rng_state_rank{D.rank()}.pt")
+    if os.path.isfile(rng_path):
+        set_rng_state(torch.load(rng_path, weights_only=False))  # our own file, verified by the manifest
+    ntp_loader.load_state_dict(state["ntp_data"])
+    if cl_loader is not None and state.get("contrastive_data"):
+        cl_loader.load_state_dict(state["contrastive_data"])
+    return int(state["step"])
+
+
+def train(job: JobConfig, engine: Engine) -> dict:
+    """Run the whole job; returns a summary dict (rank 0's view)."""
+    engine.init_distributed(job)
+    stop = exit_signal_handler(job.run.exit_signal_handler)
+    seed_everything(job.optimizer.seed)
+    tokenizer = load_tokenizer(job.model.tokenizer_path)
+    engine.build(job, tokenizer)
+
+    corpus = open_training_corpus(job.data, tokenizer)
+    ntp_loader, cl_loader = build_loaders(job, corpus, tokenizer, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
+    engine.adapt_loaders(job, ntp_loader, cl_loader)
+    accum = ntp_loader.num_microbatches
+    start_step = resume(engine, job, ntp_loader, cl_loader)
+
+    ck = job.checkpoint
+    os.makedirs(ck.save, exist_ok=True)
+    if D.is_main():
+        job.gem.save(ck.save)
+    end_step = job.end_step
+    log = MetricsLogger(ck.save, enabled=D.is_main(), resume_step=start_step, progress_total=job.optimizer.train_iters, progress=job.run.progress)
+    D.print_main(
+        f"[megatron-gem] {job.model.path}: {engine.describe()}, accum={accum}, steps {start_step}->{end_step} "
+        f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_summary(corpus, cl_loader)}"
+    )
+
+    def state(done: int) -> dict:
+        return {"step": done, "ntp_data": ntp_loader.state_dict(), "contrastive_data": cl_loader.state_dict() if cl_loader is not None else None}
+
+    book = StepBookkeeping(
+        job,
+        log,
+        stop,
+        end_step,
+        save=lambda done: save_checkpoint(engine, ck.save, done, state(done)),
+        export=lambda done: engine.export_hf(os.path.join(ck.save, "hf"), {"step": done, "config": job.to_dict()}),
+        is_main=D.is_main(),
+    )
+    ntp_iter, cl_iter = iter(ntp_loader), (iter(cl_loader) if cl_loader is not None else None)
+    for step in range(start_step, end_step):
+        t0 = time.perf_counter()
+        w_ntp, w_cl = loss_weights(step, job.gem)
+        ntp_batches = [next(ntp_iter) for _ in range(accum)] if w_ntp > 0 else []
+        cl_batches = [next(cl_iter) for _ in range(accum)] if w_cl > 0 else []
+        global_tokens = int(D.all_reduce_sum(count_trained_tokens(ntp_batches).to(engine.device), group=engine.dp_group)) if ntp_batches else 0
+        out = engine.train_step(step, w_ntp=w_ntp, w_cl=w_cl, ntp_batches=ntp_batches, cl_batches=cl_batches, global_tokens=global_tokens)
+        record = step_record(step, out, w_ntp=w_ntp, w_cl=w_cl, global_tokens=global_tokens, seconds=time.perf_counter() - t0, device=engine.device)
+        if book.after_step(step, record, local_losses=out.local_losses, device=engine.device):
+            break
+    log.close()
+    engine.close()
+    return book.summary(**engine.summary())

@@ -1,0 +1,118 @@
+"""A few HF Trainer / TRL SFTTrainer steps with GEMDataCollator and the GEM trainer class."""
+
+import os
+
+import pytest
+
+from megatron_gem.gem import IGNORE_INDEX, GEMConfig, Role
+from megatron_gem.integrations import GEMDataCollator, GEMTrainer, enable_gem, gem_trainer_class
+from megatron_gem.testing import make_tiny_llama, make_tiny_tokenizer, sample_sentences
+
+
+class RecordingCollator(GEMDataCollator):
+    """Keeps every example it was given and every batch it produced."""
+
+    def __call__(self, features):
+        batch = super().__call__(features)
+        self.seen = getattr(self, "seen", []) + [(features, {k: v.clone() for k, v in batch.items()})]
+        return batch
+
+
+def _assert_prompt_masks_kept(collator):
+    checked = 0
+    for features, batch in collator.seen:
+        for r, f in enumerate(features):
+            masked = sum(1 for x in f["labels"] if x == IGNORE_INDEX)
+            roles, labels = batch["roles"][r], batch["labels"][r]
+            text_labels = labels[(roles != Role.SPECIAL) & (batch["doc_ids"][r] >= 0)]
+            assert (text_labels[:masked] == IGNORE_INDEX).all()  # the prompt stays masked
+            assert (text_labels[masked:] != IGNORE_INDEX).all()  # the answer is trained
+            assert (labels[roles == Role.SPECIAL] == IGNORE_INDEX).all()
+            checked += 1
+    assert checked > 0
+
+
+def _prompt_answer_examples(tok, n=16):
+    s = sample_sentences(2 * n, seed=9, min_words=5, max_words=10)
+    out = []
+    for q, a in zip(s[:n], s[n:]):
+        prompt = tok(f"Question: {q}")["input_ids"]
+        answer = tok(f" Answer: {a}", add_special_tokens=False)["input_ids"]
+        out.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
+    return out
+
+
+def _steps(trainer):
+    return [r for r in trainer.state.log_history if "loss" in r]
+
+
+def test_hf_trainer_loss_falls_masks_kept_phase_switches(tmp_path):
+    from transformers import TrainingArguments
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(len(tok))
+    config = GEMConfig(p_raw=0.5, contrastive_from_step=6, alpha=0.5)
+    enable_gem(model, tok, config, backend="sdpa")
+    collator = RecordingCollator.from_tokenizer(tok, config, packing=False)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=9,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_steps=9,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = GEMTrainer(model=model, args=args, train_dataset=_prompt_answer_examples(tok), data_collator=collator)
+    scale0 = float(trainer.gem_logit_scale().detach())
+    trainer.train()
+    steps = _steps(trainer)
+    assert [r["gem_phase"] for r in steps] == [1] * 6 + [2] * 3
+    assert all("gem_cl_loss" not in r for r in steps[:6]) and all("gem_cl_loss" in r for r in steps[6:])
+    assert steps[5]["loss"] < steps[0]["loss"] - 0.3  # phase 1: the (prompt-masked) NTP loss falls
+    for r in steps[6:]:  # phase 2: (1 - alpha) * ntp + alpha * cl
+        assert r["loss"] == pytest.approx(0.5 * r["gem_ntp_loss"] + 0.5 * r["gem_cl_loss"], rel=1e-3)
+    assert steps[-1]["gem_cl_loss"] < steps[6]["gem_cl_loss"]
+    assert float(trainer.gem_logit_scale().detach()) != scale0  # the logit scale is trained in phase 2
+    assert os.path.isfile(tmp_path / "checkpoint-9" / "gem_logit_scale.pt")
+    _assert_prompt_masks_kept(collator)
+
+
+def test_trl_sft_trainer_with_gem(tmp_path):
+    trl = pytest.importorskip("trl")  # pinned in requirements.txt; resolves against transformers 5.24
+    from datasets import Dataset
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(len(tok))
+    config = GEMConfig(p_raw=0.5, contrastive_from_step=4, alpha=0.5)
+    enable_gem(model, tok, config, backend="sdpa")
+    s = sample_sentences(32, seed=9, min_words=6, max_words=12)
+    ds = Dataset.from_dict({"prompt": [f"Question: {a}" for a in s[:16]], "completion": [f" Answer: {b}" for b in s[16:]]})
+    collator = RecordingCollator.from_tokenizer(tok, config)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        max_length=64,
+        seed=0,
+    )
+    trainer = gem_trainer_class(trl.SFTTrainer)(model=model, args=args, train_dataset=ds, processing_class=tok, data_collator=collator)
+    trainer.train()
+    steps = _steps(trainer)
+    assert [r["gem_phase"] for r in steps] == [1] * 4 + [2] * 2
+    assert steps[3]["loss"] < steps[0]["loss"]
+    assert all("gem_cl_loss" in r for r in steps[4:])
+    # TRL built completion-only labels; the collator kept the prompt masked.
+    _assert_prompt_masks_kept(collator)
+    assert any(b["roles"].eq(Role.SPECIAL).any() for _, b in collator.seen)

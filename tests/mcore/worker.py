@@ -1,0 +1,215 @@
+"""Subprocess side of tests/mcore (launched with torchrun; never imported by pytest).
+
+torchrun ... worker.py equivalence OUT.json
+    One process: HF Llama/Mistral logits under GEM attention vs the megatron-core GEM model
+    after state-dict conversion, for several configurations; writes max |difference|.
+torchrun --nproc-per-node T*P ... worker.py load_logits MEGATRON_DIR BATCH.pt OUT.pt T P
+    Loads a converted dist checkpoint at TP=T x PP=P and runs one packed batch through
+    megatron-core's pipeline schedule (forward only); the last stage saves its logits.
+torchrun ... worker.py stream_vs_reference HF_DIR WORK_DIR
+    The streaming converter against an in-memory model saved by dist_checkpointing.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+
+def packed_batch(vocab: int, seed: int = 0):
+    """Two rows, each packing a split document (prefix / special / suffix) and a plain one."""
+    g = torch.Generator().manual_seed(seed)
+    B, L = 2, 48
+    ids = torch.randint(4, vocab, (B, L), generator=g)
+    doc = torch.zeros(B, L, dtype=torch.long)
+    doc[:, 28:] = 1
+    doc[1, 44:] = -1  # padding at the end of row 1
+    pos = torch.cat([torch.arange(28), torch.arange(20)]).repeat(B, 1)
+    roles = torch.zeros(B, L, dtype=torch.long)
+    roles[:, 12] = 1
+    roles[:, 13:28] = 2
+    return ids, pos, doc, roles
+
+
+def hf_logits(hf, ids, pos, doc, roles):
+    from megatron_gem.attention.hf import use_gem_attention
+
+    use_gem_attention(hf, backend="sdpa")
+    with torch.no_grad():
+        return hf(input_ids=ids, position_ids=pos, doc_ids=doc, roles=roles, use_cache=False).logits
+
+
+def megatron_logits(hf, arch=None, padded_extra=0):
+    from megatron_gem.attention.megatron import gem_mask_info
+    from megatron_gem.mcore.hf_mapping import dict_getter, load_hf_into_model
+    from megatron_gem.mcore.llama import arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+
+    arch = arch or arch_from_hf_config(hf.config)
+    model = build_gem_gpt_model(
+        arch, transformer_config(arch), vocab_size=arch.vocab_size, padded_vocab=padded_vocab_size(arch.vocab_size, 1) + padded_extra, backend="sdpa"
+    )
+    load_hf_into_model(model, dict_getter(hf.state_dict()), arch, tp_rank=0, tp_size=1)
+    model.eval()
+    ids, pos, doc, roles = packed_batch(arch.vocab_size)
+    with torch.no_grad():
+        logits, _ = model(ids, pos, gem_mask_info(doc, roles))
+    return logits, (ids, pos, doc, roles)
+
+
+def equivalence(out_path):
+    from megatron_gem.mcore.llama import arch_from_hf_config
+    from megatron_gem.mcore.runtime import init_model_parallel
+    from megatron_gem.testing import make_tiny_llama
+
+    init_model_parallel(1, 1)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    configs = {
+        "untied_gqa": dict(),
+        "tied": dict(tie_word_embeddings=True),
+        "llama3_rope_scaling": dict(rope_scaling=llama3, rope_theta=500000.0, max_position_embeddings=256),
+        "mha_3layers": dict(num_key_value_heads=4, num_hidden_layers=3),
+    }
+    result = {}
+    for name, over in configs.items():
+        hf = make_tiny_llama(301, seed=len(name), **over)
+        logits, batch = megatron_logits(hf)
+        ref = hf_logits(hf, *batch)
+        V = ref.shape[-1]
+        result[name] = {
+            "max_abs_diff": float((logits[..., :V] - ref).abs().max()),
+            "ref_scale": float(ref.abs().max()),
+            "padding_is_masked": bool(torch.isinf(logits[..., V:]).all()) and logits.shape[-1] > V,
+        }
+        if name == "llama3_rope_scaling":  # the same model with the scaling dropped must differ
+            arch = arch_from_hf_config(hf.config)
+            arch.rope_scaling = None
+            wrong, _ = megatron_logits(hf, arch)
+            result["llama3_without_scaling_diff"] = float((wrong[..., :V] - ref).abs().max())
+    # Mistral: its own HF class (sliding window far beyond the batch length).
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(3)
+    mistral = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=301,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1e6,
+            use_cache=False,
+            architectures=["MistralForCausalLM"],
+        )
+    )
+    logits, batch = megatron_logits(mistral)
+    ref = hf_logits(mistral, *batch)
+    result["mistral"] = {"max_abs_diff": float((logits[..., :301] - ref).abs().max()), "ref_scale": float(ref.abs().max()), "padding_is_masked": True}
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+def load_logits(megatron_dir, batch_path, out_path, tp="2", pp="2"):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gem.attention.megatron import gem_mask_info
+    from megatron_gem.mcore import checkpoint_io as io
+    from megatron_gem.mcore.convert import build_from_meta
+    from megatron_gem.mcore.runtime import destroy, init_model_parallel
+
+    tp, pp = int(tp), int(pp)
+    init_model_parallel(tp, pp)
+    meta = io.read_meta(megatron_dir)
+    _, model = build_from_meta(meta, tp=tp, pp=pp)
+    io.load_model(model, megatron_dir)
+    model.eval()
+    ids, pos, doc, roles = torch.load(batch_path)
+    out = {}
+
+    def keep(o):
+        out["logits"] = o[0]
+        return torch.zeros(()), {}
+
+    def step2(it, m):
+        b = next(it)
+        return m(b[0], b[1], gem_mask_info(b[2], b[3])), keep
+
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=step2,
+            data_iterator=iter([(ids, pos, doc, roles)]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=ids.shape[1],
+            micro_batch_size=ids.shape[0],
+            forward_only=True,
+        )
+    if parallel_state.is_pipeline_last_stage():
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        full = gather_from_tensor_model_parallel_region(out["logits"].contiguous())
+        if parallel_state.get_tensor_model_parallel_rank() == 0:
+            torch.save(full, out_path)
+    dist.barrier()
+    destroy()
+
+
+def stream_vs_reference(hf_dir, work_dir):
+    """The streaming converter (tensor by tensor, meta-device layout) against the obvious
+    reference: a real model filled with load_hf_into_model and saved by dist_checkpointing.save.
+    Both checkpoints hold the same chunks, and load to bit-equal models."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_gem.mcore import checkpoint_io as io
+    from megatron_gem.mcore import convert
+    from megatron_gem.mcore.hf_mapping import HFWeights, load_hf_into_model
+    from megatron_gem.mcore.runtime import destroy, init_model_parallel
+
+    init_model_parallel(1, 1)
+    streamed, reference = os.path.join(work_dir, "streamed"), os.path.join(work_dir, "reference")
+    meta = convert.hf_to_megatron(hf_dir, streamed, tp=2, pp=1, progress=False)
+    arch, ref_model = convert.build_from_meta(meta)
+    load_hf_into_model(ref_model, HFWeights(hf_dir), arch, tp_rank=0, tp_size=1)
+    io.save_model(ref_model, reference)
+    md_s, md_r = FileSystemReader(streamed).read_metadata(), FileSystemReader(reference).read_metadata()
+    layout = lambda md: {
+        k: (tuple(v.size), sorted((tuple(c.offsets), tuple(c.sizes)) for c in v.chunks)) for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks")
+    }  # noqa: E731
+    assert layout(md_s) == layout(md_r), "streamed checkpoint has a different chunk layout"
+    _, got = convert.build_from_meta(meta)
+    io.load_model(got, streamed)
+    a, b = ref_model.state_dict(), got.state_dict()
+    bad = [k for k, v in a.items() if isinstance(v, torch.Tensor) and not torch.equal(v, b[k])]
+    assert not bad, f"streamed checkpoint differs from the reference in {bad}"
+    # Reading back group by group keeps only the current group alive (no cycles holding the
+    # previous layers: the 8B conversion's peak memory depends on it).
+    import weakref
+
+    from megatron_gem.mcore import lazy_checkpoint_io
+
+    meta_model = convert._meta_gem_model(arch, vocab=meta["vocab_size"], padded=meta["padded_vocab_size"], dtype=torch.float32)
+    previous, groups = [], 0
+    for group in lazy_checkpoint_io.iter_dist_checkpoint_groups(meta_model, streamed, progress=False):
+        assert all(r() is None for r in previous), "a previous group is still alive"
+        for name, t in group.items():
+            assert torch.equal(t, a[name]), name
+        previous = [weakref.ref(t) for t in group.values()]
+        groups += 1
+        del group, t
+    print(json.dumps({"tensors": len(layout(md_s)), "groups": groups, "equal": True}))
+    destroy()
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "equivalence":
+        equivalence(sys.argv[2])
+    elif cmd == "load_logits":
+        load_logits(*sys.argv[2:])
+    elif cmd == "stream_vs_reference":
+        stream_vs_reference(*sys.argv[2:])
+    else:
+        raise SystemExit(f"unknown command {cmd}")

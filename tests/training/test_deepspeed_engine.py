@@ -1,0 +1,120 @@
+"""End-to-end GEM training through train.py: ZeRO-3 on 2 processes vs 1, resume, export."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.launch import REPO, base_args, launch, read_metrics
+
+DS_ZERO3 = os.path.join(REPO, "ds_zero3.json")
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_inputs, tmp_path_factory):
+    save = tmp_path_factory.mktemp("single")
+    ok(launch(base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3})))
+    return save
+
+
+@pytest.mark.multiprocess
+def test_two_process_zero3_equals_single_process(single_run, tiny_inputs, tmp_path):
+    # Same global batches: 1 rank x 4 rows vs 2 ranks x 2 rows; contrastive 8 texts vs 2 x 4
+    # with negatives gathered across ranks. The losses must agree step by step.
+    save = tmp_path / "zero3_dp2"
+    args = base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3, "--micro-batch-size": 2, "--contrastive-batch-size": 4})
+    proc = ok(launch(args, nproc=2, launcher="deepspeed"))
+    assert "ZeRO-3, dp=2" in proc.stdout
+    one, two = read_metrics(single_run), read_metrics(save)
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(one, two):
+        assert a["phase"] == b["phase"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-5), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (a, b)
+    assert [m["phase"] for m in one] == [1, 1, 1, 2, 2, 2]
+    assert one[2]["ntp_loss"] < one[0]["ntp_loss"] and one[5]["cl_loss"] < one[3]["cl_loss"]
+
+
+def test_export_is_a_gem_checkpoint(single_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_gem import GEMConfig, GEMEmbedder
+
+    hf = os.path.join(single_run, "hf")
+    assert sorted(f for f in os.listdir(hf) if f.endswith(".safetensors")) == ["model.safetensors"]
+    cfg = GEMConfig.load(hf)
+    tok = AutoTokenizer.from_pretrained(hf)
+    assert tok.convert_ids_to_tokens(cfg.special_token_ids) == ["<|gem_0|>"]
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    emb = GEMEmbedder.from_pretrained(hf).encode(["The cat runs.", "Rain falls on the old house."])
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+    # the export generates as an ordinary causal LM
+    out = model.generate(torch.tensor([tok("The cat")["input_ids"]]), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == len(tok("The cat")["input_ids"]) + 3
+
+
+def test_resume_equals_uninterrupted(single_run, tiny_inputs, tmp_path):
+    save = tmp_path / "resumed"
+    args = base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3})
+    ok(launch(args + ["--exit-after-iters", "4", "--save-interval", "2"]))
+    assert open(save / "latest").read().strip() == "global_step4"
+    proc = ok(launch(args + ["--load", str(save)]))
+    assert "steps 4->6" in proc.stdout
+    straight, resumed = read_metrics(single_run), read_metrics(save)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), (a, b)
+
+
+def test_plain_python_without_deepspeed_config_equals_zero3(single_run, tiny_inputs, tmp_path):
+    save = tmp_path / "plain"
+    proc = ok(launch(base_args(tiny_inputs, save)))  # no --deepspeed: ZeRO-0, plain fp32
+    assert "ZeRO-0, dp=1" in proc.stdout
+    for a, b in zip(read_metrics(single_run), read_metrics(save)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-5), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
+    assert os.path.isfile(save / "hf" / "gem_config.json")
+
+
+def test_alpha_below_one_keeps_next_token_loss_in_phase_two(tiny_inputs, tmp_path):
+    save = tmp_path / "alpha"
+    ok(launch(base_args(tiny_inputs, save, **{"--train-iters": 2, "--gem-contrastive-from-step": 1, "--gem-alpha": 0.25})))
+    first, second = read_metrics(save)
+    assert first["phase"] == 1 and first["cl_loss"] is None
+    assert second["phase"] == 2 and second["ntp_loss"] is not None and second["cl_loss"] is not None
+    assert second["loss"] == pytest.approx(0.75 * second["ntp_loss"] + 0.25 * second["cl_loss"], rel=1e-9)
+
+
+def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
+    # Phase 2 on --contrastive-data pairs: phase 1 is untouched (same losses as the
+    # self-supervised run), phase 2 trains on the pairs, and a bad record is skipped and counted.
+    from megatron_gem.testing import sample_sentences
+
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for i, s in enumerate(sample_sentences(64, seed=9)):
+            f.write(json.dumps({"question": f"what is said in item {i}?", "answer": s}) + "\n")
+        f.write(json.dumps({"question": "a record without its answer"}) + "\n")
+    save = tmp_path / "pairs_run"
+    extra = {
+        "--deepspeed": DS_ZERO3,
+        "--contrastive-data": str(pairs),
+        "--contrastive-query-field": "question",
+        "--contrastive-positive-field": "answer",
+        "--skip-bad-records": True,
+    }
+    proc = ok(launch(base_args(tiny_inputs, save, **extra)))
+    assert "phase-2 pairs (64)" in proc.stdout and "skipped: 1 (missing_field: 1)" in proc.stdout, proc.stdout[-3000:]
+    straight, paired = read_metrics(single_run), read_metrics(save)
+    assert [m["phase"] for m in paired] == [1, 1, 1, 2, 2, 2]
+    for a, b in zip(straight[:3], paired[:3]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-5), (a, b)
+    assert all(abs(b["cl_loss"] - a["cl_loss"]) > 1e-3 for a, b in zip(straight[3:], paired[3:]))
+    assert paired[5]["cl_loss"] < paired[3]["cl_loss"]
