@@ -10,8 +10,9 @@ from tests.launch import FAULT_TRAIN, REPO, base_args, launch, read_metrics
 
 DS_ZERO3 = os.path.join(REPO, "ds_zero3.json")
 VOLATILE = ("tokens_per_s", "step_time_s")
-# 2 ranks x 2 rows (the 2-process ZeRO-3 set-up of test_deepspeed_train), checkpoints at 2 and 4.
-DP2 = {"--deepspeed": DS_ZERO3, "--micro-batch-size": 2, "--contrastive-batch-size": 4, "--save-interval": 2}
+# 2 ranks x 2 rows (the 2-process ZeRO-3 set-up of test_deepspeed_engine), 4 steps (phase 2 is
+# step 4), checkpoints at steps 2 and 4.
+DP2 = {"--deepspeed": DS_ZERO3, "--micro-batch-size": 2, "--contrastive-batch-size": 4, "--train-iters": 4, "--save-interval": 2}
 
 
 def ok(proc):
@@ -32,14 +33,34 @@ def error_line(out):
 
 
 @pytest.fixture(scope="module")
-def dp2_reference(tiny_inputs, tmp_path_factory):
-    save = tmp_path_factory.mktemp("dp2_reference")
-    ok(launch(base_args(tiny_inputs, save, **DP2), nproc=2, launcher="deepspeed"))
-    return save
+def full_disk_run(tiny_inputs, tmp_path_factory):
+    """A 2-process ZeRO-3 run whose last save (step 4) hits a full disk on rank 1, inside
+    DeepSpeed's save (its ZeRO optimizer-state file). Every step before the save ran normally,
+    so its metrics are the uninterrupted run's: the reference of the resume tests below."""
+    save = tmp_path_factory.mktemp("full_disk") / "run"
+    proc = launch(
+        base_args(tiny_inputs, save, **DP2), nproc=2, launcher="deepspeed", script=FAULT_TRAIN, env={"MG_FAULT": "enospc@4:1:optim_states"}, timeout=180
+    )
+    metrics = read_metrics(save)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4], proc.stdout[-3000:]
+    return save, proc, metrics
 
 
 @pytest.mark.multiprocess
-def test_nan_on_one_rank_stops_every_rank_before_saving_and_resume_is_exact(dp2_reference, tiny_inputs, tmp_path):
+def test_write_error_mid_save_stops_every_rank_and_keeps_the_previous_checkpoint(full_disk_run, tiny_inputs):
+    save, proc, uninterrupted = full_disk_run
+    assert proc.returncode != 0
+    line = error_line(proc.stdout)
+    assert f"saving checkpoint {save / 'global_step4'} failed on rank 1" in line and "No space left on device" in line, line
+    assert (save / "latest").read_text().strip() == "global_step2"
+    assert not (save / "global_step4").exists() and not (save / "hf").exists()  # the half-written save is removed (the disk is full)
+    ok(launch(base_args(tiny_inputs, save, **DP2) + ["--load", str(save)], nproc=2, launcher="deepspeed"))
+    same_run(uninterrupted, read_metrics(save))
+
+
+@pytest.mark.multiprocess
+def test_nan_on_one_rank_stops_every_rank_before_saving_and_resume_is_exact(full_disk_run, tiny_inputs, tmp_path):
+    uninterrupted = full_disk_run[2]
     save = tmp_path / "nan"
     args = base_args(tiny_inputs, save, **DP2)
     proc = launch(args, nproc=2, launcher="deepspeed", script=FAULT_TRAIN, env={"MG_FAULT": "nan@3:1"})
@@ -51,22 +72,7 @@ def test_nan_on_one_rank_stops_every_rank_before_saving_and_resume_is_exact(dp2_
     assert [m["step"] for m in read_metrics(save)] == [1, 2, 3]  # the bad step is logged, then nothing
     # The cause removed, the run resumes from the last good checkpoint and is the uninterrupted run.
     ok(launch(args + ["--load", str(save)], nproc=2, launcher="deepspeed"))
-    same_run(read_metrics(dp2_reference), read_metrics(save))
-
-
-@pytest.mark.multiprocess
-def test_write_error_mid_save_keeps_the_previous_checkpoint(dp2_reference, tiny_inputs, tmp_path):
-    # Rank 1's ZeRO optimizer-state file of step 4 hits a full disk inside DeepSpeed's save.
-    save = tmp_path / "enospc"
-    args = base_args(tiny_inputs, save, **DP2)
-    proc = launch(args, nproc=2, launcher="deepspeed", script=FAULT_TRAIN, env={"MG_FAULT": "enospc@4:1:optim_states"}, timeout=180)
-    assert proc.returncode != 0
-    line = error_line(proc.stdout)
-    assert f"saving checkpoint {save / 'global_step4'} failed on rank 1" in line and "No space left on device" in line, line
-    assert (save / "latest").read_text().strip() == "global_step2"
-    assert not (save / "global_step4").exists()  # the half-written save is removed (the disk is full)
-    ok(launch(args + ["--load", str(save)], nproc=2, launcher="deepspeed"))
-    same_run(read_metrics(dp2_reference), read_metrics(save))
+    same_run(uninterrupted, read_metrics(save))
 
 
 # ---- damaged checkpoints (one process) ---------------------------------------------------------
@@ -74,9 +80,15 @@ def test_write_error_mid_save_keeps_the_previous_checkpoint(dp2_reference, tiny_
 
 @pytest.fixture(scope="module")
 def saved_run(tiny_inputs, tmp_path_factory):
-    """An uninterrupted 4-step run with checkpoints at steps 2 and 4."""
-    save = tmp_path_factory.mktemp("saved_run")
-    ok(launch(base_args(tiny_inputs, save, **{"--train-iters": 4, "--gem-contrastive-from-step": 2, "--save-interval": 2})))
+    """An uninterrupted 4-step run with checkpoints at steps 2 and 4, started with a --load
+    directory that holds no checkpoint (a first SLURM submission): it must say so and start
+    fresh."""
+    save = tmp_path_factory.mktemp("saved_run") / "run"
+    empty = tmp_path_factory.mktemp("nothing_to_load")
+    proc = ok(launch(base_args(tiny_inputs, save, **{"--train-iters": 4, "--gem-contrastive-from-step": 2, "--save-interval": 2, "--load": str(empty)})))
+    said = [line for line in proc.stdout.splitlines() if f"--load {empty}" in line]
+    assert len(said) == 1 and "no checkpoint there" in said[0] and "starting from step 0" in said[0], proc.stdout[-3000:]
+    assert "steps 0->4" in proc.stdout
     return save
 
 
@@ -188,14 +200,3 @@ def test_load_without_a_checkpoint_says_so(tmp_path):
         said = []
         assert resolve_checkpoint(str(load), log=said.append) is None
         assert len(said) == 1 and f"--load {load}:" in said[0] and "starting from step 0" in said[0]
-
-
-def test_train_with_an_empty_load_dir_starts_fresh(saved_run, tiny_inputs, tmp_path):
-    load = tmp_path / "nothing"
-    load.mkdir()
-    save = tmp_path / "fresh"
-    proc = ok(launch(base_args(tiny_inputs, save, **{"--train-iters": 4, "--gem-contrastive-from-step": 2, "--save-interval": 2, "--load": str(load)})))
-    said = [line for line in proc.stdout.splitlines() if f"--load {load}" in line]
-    assert len(said) == 1 and "starting from step 0" in said[0], proc.stdout[-3000:]
-    assert "steps 0->4" in proc.stdout
-    same_run(read_metrics(saved_run), read_metrics(save))
