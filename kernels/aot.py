@@ -23,18 +23,10 @@ import sys
 import tempfile
 
 _POINTER_TYPES = {
-    "LSE": "*fp32",
-    "DELTA": "*fp32",
-    "DOC": "*i32",
-    "ROLE": "*i32",
-    "KV_NUM": "*i32",
-    "KV_IDX": "*i32",
-    "FKV_NUM": "*i32",
-    "FKV_IDX": "*i32",
-    "Q_NUM": "*i32",
-    "Q_IDX": "*i32",
-    "FQ_NUM": "*i32",
-    "FQ_IDX": "*i32",
+    "LSE": "*fp32", "DELTA": "*fp32",
+    "DOC": "*i32", "ROLE": "*i32",
+    "KV_NUM": "*i32", "KV_IDX": "*i32", "FKV_NUM": "*i32", "FKV_IDX": "*i32",
+    "Q_NUM": "*i32", "Q_IDX": "*i32", "FQ_NUM": "*i32", "FQ_IDX": "*i32",
 }
 _TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 # GQA group of the dK/dV kernel (a constexpr there): 4, as Llama-3 (32 query : 8 KV heads).
@@ -55,14 +47,8 @@ def _signature(kernel, dtype: str, head_dim: int, block_m: int, block_n: int, su
     """(signature, constexprs, attrs) for triton.compile, as a launch on contiguous tensors."""
     signature, constexprs, attrs = {}, {}, {}
     values = {
-        "HEAD_DIM": head_dim,
-        "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "SUB_M": sub_m,
-        "SUFFIX_SEES_BOS": suffix_sees_bos,
-        "INTERPRET": False,
-        "PRECISION": "tf32",
+        "HEAD_DIM": head_dim, "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()), "BLOCK_M": block_m,
+        "BLOCK_N": block_n, "SUB_M": sub_m, "SUFFIX_SEES_BOS": suffix_sees_bos, "INTERPRET": False, "PRECISION": "tf32",
         "GROUP": AOT_GROUP,
     }
     for i, name in enumerate(kernel.arg_names):
@@ -127,18 +113,7 @@ def ptxas_spills(ptx: str, arch: int) -> dict:
     return {"stack_frame": int(m.group(1)), "spill_stores": int(m.group(2)), "spill_loads": int(m.group(3))}
 
 
-def compile_one(
-    kernel,
-    arch: int,
-    dtype: str,
-    head_dim: int,
-    block_m: int,
-    block_n: int,
-    num_warps: int,
-    num_stages: int,
-    sub_m: int | None = None,
-    suffix_sees_bos: bool = False,
-):
+def compile_one(kernel, arch: int, dtype: str, head_dim: int, block_m: int, block_n: int, num_warps: int, num_stages: int, sub_m: int | None = None, suffix_sees_bos: bool = False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -175,18 +150,7 @@ def run(archs=(80, 90), configs=CONFIGS, suffix_sees_bos: bool = False, log=sys.
             for name, kernel in _kernels().items():
                 warps, stages = cfg[name]
                 sub_m = cfg["sub_m"] if name == "bwd_dkdv" else None
-                row = {
-                    "arch": f"sm_{arch}",
-                    "kernel": name,
-                    "dtype": dtype,
-                    "head_dim": d,
-                    "suffix_sees_bos": suffix_sees_bos,
-                    "block_m": cfg["block_m"],
-                    "block_n": cfg["block_n"],
-                    "sub_m": sub_m or cfg["block_m"],
-                    "num_warps": warps,
-                    "num_stages": stages,
-                }
+                row = {"arch": f"sm_{arch}", "kernel": name, "dtype": dtype, "head_dim": d, "suffix_sees_bos": suffix_sees_bos, "block_m": cfg["block_m"], "block_n": cfg["block_n"], "sub_m": sub_m or cfg["block_m"], "num_warps": warps, "num_stages": stages}
                 row.update(compile_one(kernel, arch, dtype, d, cfg["block_m"], cfg["block_n"], warps, stages, sub_m=sub_m, suffix_sees_bos=suffix_sees_bos))
                 print(" ".join(f"{k}={v}" for k, v in row.items()), file=log, flush=True)
                 rows.append(row)
@@ -204,23 +168,7 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(rows))
     else:
-        cols = [
-            "arch",
-            "kernel",
-            "dtype",
-            "head_dim",
-            "block_m",
-            "block_n",
-            "sub_m",
-            "num_warps",
-            "num_stages",
-            "shared_bytes",
-            "registers",
-            "stack_bytes",
-            "spill_stores",
-            "spill_loads",
-            "mma",
-        ]
+        cols = ["arch", "kernel", "dtype", "head_dim", "block_m", "block_n", "sub_m", "num_warps", "num_stages", "shared_bytes", "registers", "stack_bytes", "spill_stores", "spill_loads", "mma"]
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
         for r in rows:

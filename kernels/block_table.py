@@ -83,7 +83,9 @@ class GemBlockTable:
     def nbytes(self) -> int:
         """Memory held by the table's tensors."""
         return sum(
-            getattr(self, f.name).numel() * getattr(self, f.name).element_size() for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)
+            getattr(self, f.name).numel() * getattr(self, f.name).element_size()
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
         )
 
     def to_dense(self) -> torch.Tensor:
@@ -244,18 +246,8 @@ def build_block_table(
     q_num, q_idx = _to_lists(partial.transpose(1, 2))
     fq_num, fq_idx = _to_lists(full.transpose(1, 2))
     return GemBlockTable(
-        kv_num,
-        kv_idx,
-        fkv_num,
-        fkv_idx,
-        q_num,
-        q_idx,
-        fq_num,
-        fq_idx,
-        seq_len=doc_ids.shape[1],
-        block_m=block_m,
-        block_n=block_n,
-        suffix_sees_bos=suffix_sees_bos,
+        kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
+        seq_len=doc_ids.shape[1], block_m=block_m, block_n=block_n, suffix_sees_bos=suffix_sees_bos,
     )
 
 

@@ -72,7 +72,7 @@ def write_manifest(
     Call after every file is written (collective when ``gather`` is given)."""
     # One listing (the writer's), shared: on a network file system another rank's directory
     # listing may lag behind, and the shares must be cut from the same list.
-    files = next(f for f in _gathered(list_files(root) if writer else None, gather) if f is not None)
+    files = list_files(root) if gather is None else next(f for f in gather(list_files(root) if writer else None) if f is not None)
     part = {rel: {"size": os.path.getsize(os.path.join(root, rel)), "sha256": sha256_of(os.path.join(root, rel))} for rel in _mine(files, share)}
     entries: dict = {}
     for p in _gathered(part, gather):
