@@ -5,9 +5,9 @@ disk; a directory without it is an incomplete save. ``verify`` refuses a checkpo
 file is missing, truncated (size) or changed (sha256), naming the file.
 
 Why sha256 and not a cheaper digest: the size alone already catches truncation; a digest is
-there for bit flips and partial overwrites, and sha256 (SHA-NI) hashes ~1.1 GB/s per core on
-our CPU machine, about as fast as crc32's 3 GB/s matters once the shared file system's read
-speed is the limit. Engines split the files over ranks (``share``), so each rank hashes
+there for bit flips and partial overwrites, and sha256 (SHA-NI) hashes ~1 GB/s per core on
+our CPU machine (tools/bench_digest.py), close enough to crc32's 2-3 GB/s once the shared file
+system's read speed is the limit. Engines split the files over ranks (``share``), so each rank hashes
 1/world of the checkpoint, mostly still in its page cache right after the save.
 """
 

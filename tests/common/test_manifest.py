@@ -93,3 +93,12 @@ def test_temporary_files_of_atomic_writes_are_not_listed(tmp_path):
     write_text_atomic(str(tmp_path / "latest"), "global_step3")
     (tmp_path / "x.tmp.123").write_text("half")
     assert list_files(str(tmp_path)) == ["latest"]
+
+
+def test_bench_digest_tool_reports_json():
+    from tests.launch import run_python
+
+    proc = run_python(["tools/bench_digest.py", "--mib", "1", "--repeats", "1"])
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(figures) == {f"{d}_gb_per_s" for d in ("sha256", "blake2b", "sha1", "md5", "crc32")}
+    assert all(v > 0 for v in figures.values())
