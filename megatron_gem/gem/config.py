@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 CONFIG_NAME = "gem_config.json"
 LAYOUTS = ("split", "reconstruct")
+# "full": every weight trains (the paper). "summary": the base model is frozen; low-rank deltas act
+# only at summary positions (gem/adapter.py), so plain text runs through the untouched base model.
+TRAIN_MODES = ("full", "summary")
+ADAPTER_POSITIONS = ("special", "special+suffix")
 
 
 @dataclass
@@ -31,9 +35,25 @@ class GEMConfig:
     logit_scale_max: float = 100.0
     contrastive_from_step: int = 100
     alpha: float = 1.0  # phase-2 weight of the contrastive loss; < 1 keeps some NTP
+    # Summary mode (docs/method.md, "Summary mode"): frozen base, deltas at summary positions.
+    train_mode: str = "full"
+    adapter_rank: int = 16
+    adapter_alpha: float = 32.0
+    adapter_targets: list[str] = field(default_factory=list)  # empty: the engine's defaults (every attention and MLP projection)
+    adapter_positions: str = "special"
+    # Summary mode reuses K existing vocabulary tokens (rows frozen) instead of adding new ones;
+    # empty: chosen from the tokenizer's unused special tokens (gem/tokens.py).
+    summary_tokens: list[str] = field(default_factory=list)
+    # The untouched base checkpoint an adapter export needs (name and content digest).
+    base_model: str = ""
+    base_model_digest: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def summary_mode(self) -> bool:
+        return self.train_mode == "summary"
 
     @property
     def special_tokens(self) -> list[str]:
@@ -61,6 +81,16 @@ class GEMConfig:
             raise bad("contrastive_from_step", "must be >= 0")
         if not 0.0 <= self.alpha <= 1.0:
             raise bad("alpha", "must lie in [0, 1]")
+        if self.train_mode not in TRAIN_MODES:
+            raise bad("train_mode", f"must be one of {TRAIN_MODES}")
+        if not isinstance(self.adapter_rank, int) or self.adapter_rank < 1:
+            raise bad("adapter_rank", "must be an integer >= 1")
+        if self.adapter_alpha <= 0:
+            raise bad("adapter_alpha", "must be > 0")
+        if self.adapter_positions not in ADAPTER_POSITIONS:
+            raise bad("adapter_positions", f"must be one of {ADAPTER_POSITIONS}")
+        if self.summary_tokens and len(self.summary_tokens) != self.num_special_tokens:
+            raise bad("summary_tokens", f"needs exactly num_special_tokens={self.num_special_tokens} token names")
         if self.special_token_ids and len(self.special_token_ids) != self.num_special_tokens:
             raise bad("special_token_ids", f"needs exactly num_special_tokens={self.num_special_tokens} ids")
 

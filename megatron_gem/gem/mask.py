@@ -81,6 +81,35 @@ def gem_mask(doc_ids: torch.Tensor, roles: torch.Tensor, *, suffix_sees_bos: boo
     )
 
 
+def gem_mask_for_queries(
+    q_index: torch.Tensor,
+    q_doc: torch.Tensor,
+    q_role: torch.Tensor,
+    k_index: torch.Tensor,
+    k_doc: torch.Tensor,
+    k_role: torch.Tensor,
+    *,
+    k_is_doc_start: torch.Tensor | None = None,
+    suffix_sees_bos: bool = False,
+) -> torch.Tensor:
+    """The rule for a subset of queries against an explicit key list: [B, Q] query metadata
+    and [B, K] key metadata, ``*_index`` being each token's index in its packed row. Returns
+    [B, Q, K]. Used where queries and keys are not one row laid out once: the summary step
+    that reads a KV cache (keys = cached row + the new summary tokens, summary mode and
+    GEMEmbedder's readout from a generation prefill). A cached key that must stay invisible
+    (e.g. a stale copy of a summary token) gets a doc id no query has."""
+    return allowed(
+        q_index[..., :, None],
+        k_index[..., None, :],
+        q_doc[..., :, None],
+        k_doc[..., None, :],
+        q_role[..., :, None],
+        k_role[..., None, :],
+        k_is_doc_start=None if k_is_doc_start is None else k_is_doc_start[..., None, :],
+        suffix_sees_bos=suffix_sees_bos,
+    )
+
+
 def flex_mask_mod(doc_ids: torch.Tensor, roles: torch.Tensor, *, suffix_sees_bos: bool = False):
     """The rule as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` over [B, L] metadata."""
     _check(doc_ids, roles)

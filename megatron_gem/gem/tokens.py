@@ -94,3 +94,37 @@ def add_gem_tokens(model, tokenizer, config: GEMConfig, *, gather: GatherFn | No
         )
     config.special_token_ids = list(ids)
     return list(ids)
+
+
+def _unused_special_tokens(tokenizer) -> list[str]:
+    """Added/special tokens that ordinary text and the chat template never produce: the
+    ``reserved``/``control`` ones first (Llama-3, Mistral), then any other added token that is
+    not BOS/EOS/PAD/UNK and not named in the chat template."""
+    roles = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token}
+    template = getattr(tokenizer, "chat_template", None) or ""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    names = [str(getattr(t, "content", t)) for _, t in sorted(added.items())]
+    free = [n for n in names if n not in roles and n not in template and not n.strip() == ""]
+    preferred = [n for n in free if "reserved" in n.lower() or "control" in n.lower()]
+    return preferred + [n for n in free if n not in preferred]
+
+
+def summary_token_ids(tokenizer, config: GEMConfig) -> list[int]:
+    """Summary mode: the ids of K EXISTING vocabulary tokens that serve as the summary tokens
+    (their embedding rows stay frozen; the tokenizer is not changed). ``config.summary_tokens``
+    names them; empty picks K unused special tokens (see _unused_special_tokens). Records the
+    names and ids in ``config``."""
+    k = config.num_special_tokens
+    names = list(config.summary_tokens) or _unused_special_tokens(tokenizer)[:k]
+    if len(names) < k:
+        raise ValueError(
+            f"summary mode needs {k} existing unused token(s) of the tokenizer to serve as summary tokens and found "
+            f"{len(names)} ({names}); name them with --gem-summary-tokens (GEMConfig.summary_tokens)"
+        )
+    vocab = tokenizer.get_vocab()
+    missing = [n for n in names if n not in vocab]
+    if missing:
+        raise ValueError(f"--gem-summary-tokens {missing}: not in the tokenizer's vocabulary (summary mode adds no tokens)")
+    config.summary_tokens = list(names)
+    config.special_token_ids = [vocab[n] for n in names]
+    return list(config.special_token_ids)

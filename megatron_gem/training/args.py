@@ -14,7 +14,7 @@ import json
 import os
 import re
 
-from ..gem.config import LAYOUTS, GEMConfig
+from ..gem.config import ADAPTER_POSITIONS, LAYOUTS, TRAIN_MODES, GEMConfig
 from .config import BatchConfig, CheckpointConfig, DataConfig, JobConfig, ModelConfig, OptimizerConfig, ParallelConfig, RunConfig
 
 _DATA_EXTENSIONS = (".json", ".jsonl", ".txt", ".parquet", ".gz", ".bin", ".idx")
@@ -91,6 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gem-prefix-dropout", type=float, default=0.1, help="token deletion rate of the positive view")
     g.add_argument("--gem-logit-scale-init", type=float, default=20.0)
     g.add_argument("--gem-logit-scale-max", type=float, default=100.0)
+    g.add_argument(
+        "--gem-train",
+        choices=TRAIN_MODES,
+        default="full",
+        help="full: every weight trains (the paper); summary: the base model stays frozen and exact, low-rank deltas act only at summary positions",
+    )
+    g.add_argument("--gem-adapter-rank", type=int, default=16, help="summary mode: rank of each delta")
+    g.add_argument("--gem-adapter-alpha", type=float, default=32.0, help="summary mode: delta scale alpha (applied as alpha / rank)")
+    g.add_argument(
+        "--gem-adapter-targets",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="summary mode: linear layers to adapt (default: every attention and MLP projection)",
+    )
+    g.add_argument("--gem-adapter-positions", choices=ADAPTER_POSITIONS, default="special", help="summary mode: tokens the deltas act on")
+    g.add_argument(
+        "--gem-summary-tokens",
+        nargs="+",
+        default=[],
+        metavar="TOKEN",
+        help="summary mode: existing tokens used as the K summary tokens (default: unused special tokens)",
+    )
     g.add_argument("--attention-backend", choices=("auto", "sdpa", "flex", "triton"), default="auto")
 
     g = p.add_argument_group("precision, memory, logging, checkpoints")
@@ -133,6 +156,12 @@ def gem_config_from_args(args) -> GEMConfig:
         logit_scale_max=args.gem_logit_scale_max,
         contrastive_from_step=args.gem_contrastive_from_step,
         alpha=args.gem_alpha,
+        train_mode=args.gem_train,
+        adapter_rank=args.gem_adapter_rank,
+        adapter_alpha=args.gem_adapter_alpha,
+        adapter_targets=list(args.gem_adapter_targets),
+        adapter_positions=args.gem_adapter_positions,
+        summary_tokens=list(args.gem_summary_tokens),
     )
 
 
