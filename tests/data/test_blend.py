@@ -146,8 +146,10 @@ def test_resume_mid_epoch_equals_uninterrupted(sources, cfg):
             assert torch.equal(a[k], b[k]), k
 
 
-def test_data_parallel_ranks_see_the_single_rank_sequence(sources, cfg):
+def test_data_parallel_ranks_and_workers_see_the_single_rank_sequence(sources, cfg):
     one = batches(loader(sources, cfg, data_parallel_rank=0, data_parallel_size=1), 40)
+    workers = batches(loader(sources, cfg, data_parallel_rank=0, data_parallel_size=1, num_workers=2), 40)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(one, workers) for k in a)
     r0 = batches(loader(sources, cfg, data_parallel_rank=0, data_parallel_size=2), 20)
     r1 = batches(loader(sources, cfg, data_parallel_rank=1, data_parallel_size=2), 20)
     for m in range(20):  # micro-step m of dp=2 = micro-batches 2m (rank 0) and 2m+1 (rank 1) of dp=1
