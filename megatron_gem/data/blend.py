@@ -149,6 +149,12 @@ class BlendedDataset(_GlobalIndex, torch.utils.data.Dataset):
     def samples_in_epoch(self, epoch: int) -> int:
         return self.epoch_size
 
+    def locate(self, index: int) -> tuple[int, int]:
+        epoch, i = divmod(int(index), self.epoch_size)  # every blend epoch has the same size: O(1)
+        if index < 0 or (self.num_epochs is not None and epoch >= self.num_epochs):
+            raise IndexError(f"sample {index} is outside the blend's {self.num_epochs} epochs of {self.epoch_size}")
+        return epoch, i
+
     def source_sample(self, index: int) -> tuple[int, int]:
         """(source, that source's global sample index) of blend sample ``index``."""
         epoch, j = self.locate(int(index))

@@ -94,6 +94,13 @@ def test_weights_are_honoured_over_an_epoch(sources, cfg):
     assert f"[blend]   b (weight 0.3): {counts[1]} samples per blend epoch" in ds.summary() and f"{n} samples per blend epoch (weighted)" in ds.summary()
 
 
+def test_a_finite_blend_ends(sources, cfg):
+    ds = make_ntp_loader(CorpusBlend(sources, ["a", "b", "c"]), cfg, SEQ, micro_batch_size=2, seed=7, num_epochs=2).dataset
+    assert len(ds) == 2 * ds.epoch_size and ds.locate(2 * ds.epoch_size - 1) == (1, ds.epoch_size - 1)
+    with pytest.raises(IndexError):
+        ds.locate(2 * ds.epoch_size)
+
+
 def test_unweighted_is_in_proportion_to_size_every_row_once(sources, cfg):
     ds = blend(sources, cfg)
     sizes = [d.samples_in_epoch(0) for d in ds.datasets]

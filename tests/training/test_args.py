@@ -191,3 +191,15 @@ def test_data_and_data_path_exclude_each_other(tiny_inputs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(args[:i] + args[i + 2 :])
     assert "one of the arguments --data --data-path is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entries", [["30", "a", "70", "b"], ["a", "b"], ["a"], ["a", "b", "c"], ["0.5", "a"]])
+def test_data_path_reads_as_megatron_core_reads_it(entries):
+    import warnings
+
+    from megatron_gem.training.args import parse_data_path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.utils import get_blend_from_list
+    assert parse_data_path(entries) == get_blend_from_list(entries)
