@@ -8,6 +8,7 @@ Contrastive micro-batches add ``num_texts`` (N): doc ids 0..N-1 anchors, N+j pos
 See docs/data.md.
 """
 
+from .blend import BlendedDataset, CorpusBlend, blending_indices, largest_remainder_counts, reference_blending_indices
 from .corpus import (
     IndexedCorpus,
     InMemoryCorpus,
@@ -37,6 +38,8 @@ from .writer import IndexedWriter
 
 __all__ = [
     "BestFitPacker",
+    "BlendedDataset",
+    "CorpusBlend",
     "ContrastiveDataset",
     "DataError",
     "DataStats",
@@ -53,15 +56,18 @@ __all__ = [
     "SampleBuilder",
     "StreamingPackedDataset",
     "assemble_row",
+    "blending_indices",
     "collate_rows",
     "epoch_order",
     "iter_documents",
     "iter_hf_documents",
+    "largest_remainder_counts",
     "make_ntp_loader",
     "open_corpus",
     "open_pair_corpus",
     "pack_lengths",
     "pack_texts",
+    "reference_blending_indices",
     "resolve_paths",
     "tokenize_stream",
     "tokenize_texts",

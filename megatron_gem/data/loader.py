@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from ..gem.config import GEMConfig
+from .blend import BlendedDataset, CorpusBlend
 from .datasets import PackedDataset, StreamingPackedDataset
 
 
@@ -191,10 +192,17 @@ def make_ntp_loader(
     tokenizer=None,
     **loader_kwargs,
 ) -> GEMDataLoader:
-    """PackedDataset + GEMDataLoader with pad/BOS ids taken from ``tokenizer`` when given."""
+    """PackedDataset + GEMDataLoader with pad/BOS ids taken from ``tokenizer`` when given.
+
+    A :class:`CorpusBlend` gets one endless PackedDataset per source under a BlendedDataset
+    (``num_epochs`` then counts blend epochs)."""
     pad_id = bos_id = None
     if tokenizer is not None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         bos_id = tokenizer.bos_token_id
-    ds = PackedDataset(corpus, config, seq_length, seed=seed, shuffle=shuffle, num_epochs=num_epochs, pad_id=pad_id or 0, bos_id=bos_id)
+    if isinstance(corpus, CorpusBlend):
+        sources = [PackedDataset(c, config, seq_length, seed=seed, shuffle=shuffle, pad_id=pad_id or 0, bos_id=bos_id) for c in corpus.corpora]
+        ds = BlendedDataset(sources, corpus.weights, names=corpus.names, num_epochs=num_epochs)
+    else:
+        ds = PackedDataset(corpus, config, seq_length, seed=seed, shuffle=shuffle, num_epochs=num_epochs, pad_id=pad_id or 0, bos_id=bos_id)
     return GEMDataLoader(ds, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, **loader_kwargs)

@@ -34,7 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, help="HF checkpoint directory (or hub name when online)")
-    g.add_argument("--data", required=True, nargs="+", help="jsonl/json/parquet/txt files, or a Megatron .bin/.idx prefix")
+    inputs = g.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--data", nargs="+", help="jsonl/json/parquet/txt files, or a Megatron .bin/.idx prefix")
+    inputs.add_argument(
+        "--data-path",
+        nargs="+",
+        help="a blend, as Megatron-LM writes it: W1 PATH1 W2 PATH2 ... (weights: shares of the packed rows), or PATH1 PATH2 ... "
+        "(in proportion to size); each PATH a Megatron .bin/.idx prefix or one jsonl/json/parquet/txt file",
+    )
     g.add_argument("--text-field", default="text", help="field holding the text in json/jsonl/parquet records")
     g.add_argument("--skip-bad-records", action="store_true", help="count and skip malformed records instead of failing")
     g.add_argument(
@@ -267,13 +274,43 @@ def check_data_path(flag: str, path: str) -> None:
     raise ArgumentError(f"{flag} {path}: no such file (nor {path}.bin/.idx for a Megatron indexed dataset){hub}")
 
 
+def parse_data_path(values) -> tuple[list[str], list[float] | None]:
+    """--data-path's list as Megatron-LM's get_blend_from_list reads it: (paths, weights or None).
+
+    Pairs ``W PATH`` when the list has even length and every W is a number; paths only when no
+    entry at a weight's place is a number (an odd-length list, or no numbers there)."""
+    values = list(values)
+
+    def number(v):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+
+    firsts = [number(v) for v in values[0::2]] if len(values) % 2 == 0 else []
+    if firsts and all(w is not None for w in firsts):
+        for raw, w, path in zip(values[0::2], firsts, values[1::2]):
+            if not (0 < w < float("inf")):
+                raise ArgumentError(f"--data-path {raw} {path}: the weight must be a positive number")
+        return values[1::2], firsts
+    numbers = [v for v in values if number(v) is not None]
+    if numbers:
+        raise ArgumentError(
+            f"--data-path {' '.join(values)}: {numbers[0]!r} looks like a weight, but weights and paths do not alternate; "
+            "write W1 PATH1 W2 PATH2 ... (every path weighted) or PATH1 PATH2 ... (none)"
+        )
+    return values, None
+
+
 def validate_paths(args) -> None:
     """Every path argument, before anything heavy: one line naming the flag and the path."""
     check_model_path("--model", args.model)
     if args.tokenizer is not None:
         check_model_path("--tokenizer", args.tokenizer)
-    for path in args.data:
+    for path in args.data or ():
         check_data_path("--data", path)
+    for path in parse_data_path(args.data_path)[0] if args.data_path else ():
+        check_data_path("--data-path", path)
     for path in args.contrastive_data or ():
         check_data_path("--contrastive-data", path)
     if args.load is not None and os.path.exists(args.load) and not os.path.isdir(args.load):
@@ -384,15 +421,18 @@ def job_config(args, *, world_size: int) -> JobConfig:
         )
         if hasattr(args, k)
     }
+    blend_paths, blend_weights = parse_data_path(args.data_path) if args.data_path else (None, None)
     return JobConfig(
         model=ModelConfig(args.model, args.tokenizer, args.attention_backend, args.bf16, args.gradient_checkpointing),
         data=DataConfig(
-            list(args.data),
+            list(args.data or ()),
             args.text_field,
             args.skip_bad_records,
             list(args.contrastive_data) if args.contrastive_data else None,
             args.contrastive_query_field,
             args.contrastive_positive_field,
+            blend_paths=blend_paths,
+            blend_weights=blend_weights,
         ),
         batch=BatchConfig(args.seq_length, args.micro_batch_size, args.global_batch_size, args.contrastive_batch_size, args.contrastive_max_length, dp),
         optimizer=OptimizerConfig(

@@ -29,12 +29,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    paths: list[str]  # --data: files, a Megatron .bin/.idx prefix, or hf:NAME
+    paths: list[str]  # --data: files, a Megatron .bin/.idx prefix, or hf:NAME (empty with --data-path)
     text_field: str = "text"
     skip_bad_records: bool = False
     pairs: list[str] | None = None  # --contrastive-data (None: self-supervised positives)
     query_field: str = "query"
     positive_field: str = "positive"
+    blend_paths: list[str] | None = None  # --data-path: the sources of a blend (then paths is empty)
+    blend_weights: list[float] | None = None  # their weights (None: in proportion to size)
 
     @property
     def on_bad(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..data import ContrastiveDataset, GEMDataLoader, make_ntp_loader, open_corpus, open_pair_corpus
+from ..data import BlendedDataset, ContrastiveDataset, CorpusBlend, GEMDataLoader, make_ntp_loader, open_corpus, open_pair_corpus
 from .config import DataConfig, JobConfig
 
 
@@ -11,7 +11,11 @@ def _one_or_many(paths: list[str]):
 
 
 def open_training_corpus(data: DataConfig, tokenizer):
-    """Read --data (files, Megatron prefix, or hf:NAME) into one corpus."""
+    """Read --data (files, Megatron prefix, or hf:NAME) into one corpus, or --data-path's
+    sources into a CorpusBlend (one corpus each; make_ntp_loader blends their rows)."""
+    if data.blend_paths:
+        corpora = [open_corpus(path, tokenizer, text_field=data.text_field, on_bad=data.on_bad) for path in data.blend_paths]
+        return CorpusBlend(corpora, data.blend_paths, data.blend_weights)
     return open_corpus(_one_or_many(data.paths), tokenizer, text_field=data.text_field, on_bad=data.on_bad)
 
 
@@ -61,9 +65,15 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
     return ntp, contrastive
 
 
-def data_summary(corpus, contrastive_loader) -> str:
-    """What reading the training data counted (read, skipped and why, tokens), pairs included."""
+def data_summary(corpus, contrastive_loader, ntp_loader=None) -> str:
+    """What reading the training data counted (read, skipped and why, tokens), pairs included;
+    for a blend, each source's documents and its samples per blend epoch."""
     text = corpus.stats.summary("read")
+    if isinstance(corpus, CorpusBlend):
+        for name, c in zip(corpus.names, corpus.corpora):
+            text += f"\n[blend] {name}: {c.stats.documents_read} documents read, {c.stats.documents_skipped} skipped, {c.stats.tokens_in} tokens"
+    if ntp_loader is not None and isinstance(ntp_loader.dataset, BlendedDataset):
+        text += "\n" + ntp_loader.dataset.summary()
     dataset = contrastive_loader.dataset if contrastive_loader is not None else None
     if dataset is not None and dataset.positives is not None:
         text += f"\nphase-2 pairs ({len(dataset.corpus)}):\n" + dataset.corpus.stats.summary("pairs")

@@ -147,3 +147,59 @@ def test_config_conflicts_are_named(tiny_inputs, tmp_path):
     path.write_text('{"bf16": {\n "enabled": true,,}}')
     with pytest.raises(ValueError, match="line 2"):
         load_ds_config(str(path), _job(tiny_inputs, tmp_path), _Cfg())
+
+
+def blend_args(tiny_inputs, tmp_path, *data_path):
+    args = args_for(tiny_inputs, tmp_path)
+    i = args.index("--data")
+    return args[:i] + ["--data-path", *data_path] + args[i + 2 :]
+
+
+def test_data_path_reads_megatron_blends(tiny_inputs, tmp_path):
+    data = tiny_inputs["data"]
+    job = job_config(parse_args(blend_args(tiny_inputs, tmp_path, "0.7", data, "3e-1", data)), world_size=1)
+    assert job.data.blend_paths == [data, data] and job.data.blend_weights == [0.7, 0.3] and job.data.paths == []
+    job = job_config(parse_args(blend_args(tiny_inputs, tmp_path, data, data)), world_size=1)  # unweighted: in proportion to size
+    assert job.data.blend_paths == [data, data] and job.data.blend_weights is None
+    json.dumps(job.to_dict())
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        (["0.5", "{data}", "-1", "{data}"], "--data-path -1 {data}: the weight must be a positive number"),
+        (["0.5", "{data}", "nan", "{data}"], "--data-path nan {data}: the weight must be a positive number"),
+        (["0.5", "{data}", "0.5", "/nonexistent/part"], "--data-path /nonexistent/part: no such file (nor /nonexistent/part.bin/.idx"),
+        (["{data}", "/nonexistent/part"], "--data-path /nonexistent/part: no such file"),
+        (["0.5", "{data}", "{data}"], "'0.5' looks like a weight, but weights and paths do not alternate"),
+        (["tests"], "--data-path tests: is a directory"),
+    ],
+)
+def test_bad_blends_are_named(tiny_inputs, tmp_path, capsys, entries, message):
+    data = tiny_inputs["data"]
+    assert main(blend_args(tiny_inputs, tmp_path, *(e.format(data=data) for e in entries))) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("train.py: error:") and message.format(data=data) in out, out
+
+
+def test_data_and_data_path_exclude_each_other(tiny_inputs, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(args_for(tiny_inputs, tmp_path, "--data-path", tiny_inputs["data"]))
+    assert "argument --data-path: not allowed with argument --data" in capsys.readouterr().err
+    args = args_for(tiny_inputs, tmp_path)
+    i = args.index("--data")
+    with pytest.raises(SystemExit):
+        parse_args(args[:i] + args[i + 2 :])
+    assert "one of the arguments --data --data-path is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entries", [["30", "a", "70", "b"], ["a", "b"], ["a"], ["a", "b", "c"], ["0.5", "a"]])
+def test_data_path_reads_as_megatron_core_reads_it(entries):
+    import warnings
+
+    from megatron_gem.training.args import parse_data_path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.utils import get_blend_from_list
+    assert parse_data_path(entries) == get_blend_from_list(entries)

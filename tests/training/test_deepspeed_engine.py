@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -83,9 +84,28 @@ def test_plain_python_without_deepspeed_config_equals_zero3(single_run, tiny_inp
     assert os.path.isfile(save / "hf" / "gem_config.json")
 
 
+def _megatron_prefix(tiny_inputs, tmp_path) -> str:
+    from transformers import AutoTokenizer
+
+    from megatron_gem.data.preprocess import preprocess_to_indexed
+    from megatron_gem.testing import sample_sentences
+
+    text = tmp_path / "other.jsonl"
+    text.write_text("".join(json.dumps({"text": s}) + "\n" for s in sample_sentences(120, seed=21)))
+    return preprocess_to_indexed(str(text), AutoTokenizer.from_pretrained(tiny_inputs["model"]), str(tmp_path / "other"), progress=False)[0]
+
+
 def test_alpha_below_one_keeps_next_token_loss_in_phase_two(tiny_inputs, tmp_path):
-    save = tmp_path / "alpha"
-    ok(launch(base_args(tiny_inputs, save, **{"--train-iters": 2, "--gem-contrastive-from-step": 1, "--gem-alpha": 0.25})))
+    # Trained on a --data-path blend of the jsonl file and a Megatron prefix (the loss split
+    # asserted below does not depend on the data): the banner reports each source's share.
+    save, prefix, data = tmp_path / "alpha", _megatron_prefix(tiny_inputs, tmp_path), tiny_inputs["data"]
+    args = base_args(tiny_inputs, save, **{"--data": None, "--train-iters": 2, "--gem-contrastive-from-step": 1, "--gem-alpha": 0.25})
+    proc = ok(launch(args + ["--data-path", "0.7", data, "0.3", prefix]))
+    (total,) = re.findall(r"\[blend\] 2 sources, (\d+) samples per blend epoch \(weighted\)", proc.stdout)
+    for path, weight in ((data, 0.7), (prefix, 0.3)):
+        (count,) = re.findall(rf"\[blend\]   {re.escape(path)} \(weight {weight}\): (\d+) samples per blend epoch", proc.stdout)
+        assert abs(int(count) - weight * int(total)) < 1, proc.stdout[-3000:]
+    assert "[blend] " + prefix + ": 120 documents read, 0 skipped" in proc.stdout
     first, second = read_metrics(save)
     assert first["phase"] == 1 and first["cl_loss"] is None
     assert second["phase"] == 2 and second["ntp_loss"] is not None and second["cl_loss"] is not None
