@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_gem.eval.lm import results_table, run_lm_eval
 
+    if args.update_model_card and not os.path.isfile(os.path.join(args.model, "gem_config.json")):
+        print(f"eval_lm: --update-model-card: --model {args.model} has no gem_config.json (not a GEM export directory)", file=sys.stderr)
+        return 2
     os.makedirs(args.output, exist_ok=True)
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
     try:

@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_gem.eval.mteb_model import load_mteb_model, run_mteb, save_summary
 
+    if args.update_model_card and not os.path.isfile(os.path.join(args.model, "gem_config.json")):
+        raise SystemExit(f"eval_mteb: --update-model-card: --model {args.model} has no gem_config.json (not a GEM export directory)")
     tasks = resolve_tasks(args.tasks, args.scale)
     if not tasks:
         raise SystemExit("eval_mteb: no tasks")
