@@ -73,21 +73,23 @@ def _training_lines(info: dict | None, source: str | None) -> list[str]:
     return lines
 
 
-def _usage(name: str, custom: bool, has_query_prompt: bool) -> str:
+def _usage(name: str, st_modules: list[dict], has_query_prompt: bool) -> str:
+    custom = any(not m.get("type", "").startswith("sentence_transformers.") for m in st_modules)
     trust = ", trust_remote_code=True" if custom else ""
     query = '\nq = model.encode(["a question"], prompt_name="query")  # the prompt it was trained with' if has_query_prompt else ""
     gem_query = '\nq = emb.encode_queries(["a question"])' if has_query_prompt else ""
-    note = "\nThe sentence-transformers module of this model (megatron_gem's GEMSentenceEncoder, K > 1) needs megatron_gem installed.\n" if custom else ""
-    return f"""```python
+    st = f"""```python
 from sentence_transformers import SentenceTransformer
 
 model = SentenceTransformer("{name}"{trust})
 vectors = model.encode(["first text", "second text"]){query}
 ```
 
-```python
+"""
+    note = "\nThe sentence-transformers module of this model (megatron_gem's GEMSentenceEncoder, K > 1) needs megatron_gem installed.\n" if custom else ""
+    return f"""{st if st_modules else ""}```python
 from megatron_gem import GEMEmbedder
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 emb = GEMEmbedder.from_pretrained("{name}")
 vectors = emb.encode(["first text", "second text"]){gem_query}
@@ -122,8 +124,7 @@ def model_card_text(directory: str, *, source: str | None = None, name: str | No
     gem = GEMConfig.load(directory)
     info = _read_json(os.path.join(directory, TRAINING_INFO))
     hf = _read_json(os.path.join(directory, "config.json")) or {}
-    modules = _read_json(os.path.join(directory, "modules.json")) or []
-    custom = any(not m.get("type", "").startswith("sentence_transformers.") for m in modules)
+    modules = _read_json(os.path.join(directory, "modules.json")) or []  # none: no sentence-transformers files
     base = _base_model(info)
     name = os.path.normpath(name or directory)
     parts = name.split(os.sep)
@@ -158,7 +159,7 @@ def model_card_text(directory: str, *, source: str | None = None, name: str | No
         "",
         "## Usage",
         "",
-        _usage(name, custom, bool(gem.query_prompt)),
+        _usage(name, modules, bool(gem.query_prompt)),
         evaluation_section(_read_json(os.path.join(directory, EVAL_RESULTS))),
     ]
     return "\n".join(lines)

@@ -101,3 +101,20 @@ def test_mteb_wrapper_gives_the_same_vectors_with_the_query_prompt(exports):
         for prompt_type, ref in ((PromptType.query, queries), (PromptType.document, docs), (None, docs)):
             got = torch.as_tensor(model.encode(_create_dataloader_from_texts(TEXTS, batch_size=2), prompt_type=prompt_type, **kw))
             assert torch.allclose(got, ref, atol=1e-5), (method, prompt_type)
+
+
+def test_summary_mode_gets_a_card_but_no_sentence_transformers_files(exports, tmp_path):
+    import shutil
+
+    from megatron_gem.hf.export import add_embedder_files
+    from megatron_gem.hf.sentence_transformers import ST_DIRS, ST_FILES
+
+    path = str(tmp_path / "summary")
+    shutil.copytree(exports[1], path, ignore=shutil.ignore_patterns("manifest.json", "README.md", *ST_FILES, *ST_DIRS))
+    config = GEMConfig.load(path)
+    config.train_mode = "summary"
+    config.save(path)
+    assert add_embedder_files(path) is None
+    assert not os.path.exists(os.path.join(path, "modules.json"))
+    card = open(os.path.join(path, "README.md")).read()
+    assert "SentenceTransformer(" not in card and "GEMEmbedder.from_pretrained" in card and "| train mode | summary |" in card
