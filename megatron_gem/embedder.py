@@ -43,6 +43,8 @@ class GEMEmbedder:
         self.special_ids = list(ids)
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # Named prompts as in sentence-transformers: "query" is what training prepended to anchors.
+        self.prompts = {"query": config.query_prompt} if config.query_prompt else {}
 
     @classmethod
     def from_pretrained(
@@ -109,10 +111,23 @@ class GEMEmbedder:
         convert_to_numpy: bool = False,
         show_progress_bar: bool = False,
         padding_side: str = "right",
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ):
-        """Embed ``texts``: float32 [n, hidden] tensor (numpy array with convert_to_numpy)."""
+        """Embed ``texts``: float32 [n, hidden] tensor (numpy array with convert_to_numpy).
+
+        ``prompt`` (a string) or ``prompt_name`` (a key of ``self.prompts``, e.g. ``"query"``) is
+        prepended to every text before tokenisation, as sentence-transformers does."""
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts, not a single string")
+        if prompt is not None and prompt_name is not None:
+            raise ValueError("give prompt or prompt_name, not both")
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"prompt_name={prompt_name!r}: this model has prompts {sorted(self.prompts)} (gem_config.json query_prompt)")
+            prompt = self.prompts[prompt_name]
+        if prompt:
+            texts = [prompt + t for t in texts]
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         keep = self.max_length - len(self.special_ids)
@@ -138,3 +153,8 @@ class GEMEmbedder:
                 emb = F.normalize(emb, dim=-1)
             out[torch.tensor(idx)] = emb.cpu()
         return out.numpy() if convert_to_numpy else out
+
+    def encode_queries(self, texts: Sequence[str], **kwargs):
+        """Embed queries: with the query prompt the model was trained with (``--contrastive-query-prompt``),
+        if any; documents go through plain ``encode``."""
+        return self.encode(texts, prompt_name="query" if "query" in self.prompts else None, **kwargs)

@@ -8,7 +8,8 @@
 Default tasks: the offline multiple-choice tasks (gem_trivia_mc, gem_wordnet_def_mc; data built
 at run time from installed packages) and held-out perplexity. Any lm-eval task name is
 accepted (mmlu, hellaswag, ...) when its data is reachable. Writes OUTPUT/lm_results.json and
-prints a table. From Python, megatron_gem.eval.lm.run_lm_eval(model, tokenizer, ...) takes a
+prints a table; --update-model-card also records the figures and this command in the GEM
+export's eval_results.json and README.md (manifest verified before, updated after). From Python, megatron_gem.eval.lm.run_lm_eval(model, tokenizer, ...) takes a
 live model.
 """
 
@@ -36,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--update-model-card", action="store_true", help="record the figures in --model's README.md and eval_results.json (a GEM export)")
     return p.parse_args(argv)
 
 
@@ -43,6 +45,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_gem.eval.lm import results_table, run_lm_eval
 
+    if args.update_model_card and not os.path.isfile(os.path.join(args.model, "gem_config.json")):
+        print(f"eval_lm: --update-model-card: --model {args.model} has no gem_config.json (not a GEM export directory)", file=sys.stderr)
+        return 2
     os.makedirs(args.output, exist_ok=True)
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
     try:
@@ -64,6 +69,14 @@ def main(argv=None) -> int:
     with open(os.path.join(args.output, "lm_results.json"), "w") as f:
         json.dump({"model": args.model, "results": res}, f, indent=2)
     print(results_table({args.model: res}))
+    if args.update_model_card:
+        import shlex
+
+        from megatron_gem.hf.model_card import record_evaluation
+
+        command = shlex.join(["tools/eval_lm.py", *(sys.argv[1:] if argv is None else argv)])
+        scores = {t: {m: v for m, v in r.items() if isinstance(v, (int, float))} for t, r in res.items()}
+        print(f"model card: {record_evaluation(args.model, 'lm', scores, command=command)}")
     return 0
 
 

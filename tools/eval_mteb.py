@@ -8,7 +8,10 @@
 --tasks takes offline suite names (see megatron_gem/eval/tasks.py), the word ``offline`` (the
 whole suite), real MTEB task names (STSBenchmark, ...) and MTEB benchmark names; the last two
 download their data, so they need the HF hub. Writes mteb's result files under
-OUTPUT/results/<model>/<revision>/ and OUTPUT/summary.{md,json}.
+OUTPUT/results/<model>/<revision>/ and OUTPUT/summary.{md,json}. With --update-model-card the
+main scores (mteb's 0-1 scale) and this command also go into the GEM export's eval_results.json
+and the Evaluation section of its README.md (manifest verified before, updated after).
+A model trained with --contrastive-query-prompt gets that prompt on mteb's queries.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--instructions", action="store_true", help="prepend mteb's task instruction to queries")
     p.add_argument("--name", default=None, help="model name in the results (org/name)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--update-model-card", action="store_true", help="record the scores in --model's README.md and eval_results.json (a GEM export)")
     return p.parse_args(argv)
 
 
@@ -64,6 +68,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_gem.eval.mteb_model import load_mteb_model, run_mteb, save_summary
 
+    if args.update_model_card and not os.path.isfile(os.path.join(args.model, "gem_config.json")):
+        raise SystemExit(f"eval_mteb: --update-model-card: --model {args.model} has no gem_config.json (not a GEM export directory)")
     tasks = resolve_tasks(args.tasks, args.scale)
     if not tasks:
         raise SystemExit("eval_mteb: no tasks")
@@ -81,6 +87,13 @@ def main(argv=None) -> int:
     scores = run_mteb(model, tasks, args.output, show_progress_bar=not args.no_progress, batch_size=args.batch_size)
     table = save_summary({model.mteb_model_meta.name: scores}, args.output)
     print(table)
+    if args.update_model_card:
+        import shlex
+
+        from megatron_gem.hf.model_card import record_evaluation
+
+        command = shlex.join(["tools/eval_mteb.py", *(sys.argv[1:] if argv is None else argv)])
+        print(f"model card: {record_evaluation(args.model, 'mteb', {t: {'main_score': v} for t, v in scores.items()}, command=command)}")
     return 0
 
 

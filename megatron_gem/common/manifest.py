@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from typing import Callable
 
 from .files import write_json_atomic
@@ -122,3 +123,16 @@ def verify(root: str, *, share: tuple[int, int] = (0, 1), gather: Callable | Non
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise CheckpointError(bad[0] + more)
     return manifest
+
+
+@contextmanager
+def rewriting(root: str):
+    """Edit files of a finished directory in place and keep its manifest true: a manifest.json
+    there is verified first (a damaged checkpoint is refused, not re-blessed) and rewritten
+    after the edit, keeping its extra keys. A directory without one is left without one."""
+    if not os.path.isfile(os.path.join(root, MANIFEST)):
+        yield
+        return
+    before = verify(root)
+    yield
+    write_manifest(root, extra={k: v for k, v in before.items() if k not in ("version", "files")})

@@ -247,8 +247,10 @@ def open_pair_corpus(
     max_chars: int | None = None,
     num_proc: int = 1,
     hf_split: str = "train",
+    query_prompt: str = "",
 ) -> PairCorpus:
     """Read (query, positive) pairs from json/jsonl/parquet files or a HF dataset (``hf:NAME``).
+    ``query_prompt`` is prepended to every query before tokenisation (as inference prepends it).
 
     Every record must hold both fields as non-empty strings; a bad record raises
     :class:`DataError` naming its file and line, or with ``on_bad="skip"`` is skipped and
@@ -266,7 +268,9 @@ def open_pair_corpus(
     texts = [d.text for d in pairs]
     if not texts:
         raise DataError(f"{source}: no usable pairs ({stats.summary('read')})")
-    queries, positives = (InMemoryCorpus.from_texts(list(side), tokenizer, stats=DataStats(), num_proc=num_proc) for side in zip(*texts))
+    query_texts, positive_texts = (list(side) for side in zip(*texts))
+    query_texts = [query_prompt + q for q in query_texts]
+    queries, positives = (InMemoryCorpus.from_texts(side, tokenizer, stats=DataStats(), num_proc=num_proc) for side in (query_texts, positive_texts))
     stats.tokens_in = queries.stats.tokens_in + positives.stats.tokens_in
     queries.stats = stats  # what reading the pairs counted travels with the anchors (ContrastiveDataset.epoch_stats)
     return PairCorpus(queries, positives)

@@ -241,8 +241,12 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
         pad_id: int = 0,
         num_rows: int | None = None,
         positives=None,
+        anchor_prompt=None,
     ):
         self.seq_length = int(seq_length if seq_length is not None else max_text_len)
+        # tokens -> anchor tokens (tokenization.PromptedText: the query prompt of self-supervised
+        # anchors; pairs get theirs as text when read, open_pair_corpus(query_prompt=)).
+        self.anchor_prompt = anchor_prompt
         if max_text_len > self.seq_length:
             raise ValueError(f"max_text_len={max_text_len} exceeds seq_length={self.seq_length}")
         self.corpus, self.config, self.max_text_len = corpus, config, int(max_text_len)
@@ -273,7 +277,9 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
         epoch, i = self.locate(int(index))
         d = int(self._epoch_docs(epoch)[i])
         positive = self.positives.get(d) if self.positives is not None else None
-        return self.builder.embed_pair(self.corpus.get(d), d, epoch, self.max_text_len, positive)
+        text = self.corpus.get(d)
+        anchor = self.anchor_prompt(text) if self.anchor_prompt is not None else None
+        return self.builder.embed_pair(text, d, epoch, self.max_text_len, positive, anchor)
 
     def __len__(self) -> int:
         total = self.total_samples()

@@ -208,14 +208,23 @@ class SampleBuilder:
 
     # ------------------------------------------------------------------ contrastive phase
 
-    def embed_pair(self, doc_tokens: np.ndarray, doc_index: int, epoch: int, max_text_len: int, positive_tokens: np.ndarray | None = None):
+    def embed_pair(
+        self,
+        doc_tokens: np.ndarray,
+        doc_index: int,
+        epoch: int,
+        max_text_len: int,
+        positive_tokens: np.ndarray | None = None,
+        anchor_tokens: np.ndarray | None = None,
+    ):
         """Anchor and positive view of one text in the ``embed`` layout.
 
         The text is truncated to ``max_text_len - K`` tokens so its K special tokens always fit.
         Without ``positive_tokens`` (self-supervised, the paper's phase 2) the positive view is
         ``prefix_dropout`` of the (truncated) text with rate ``config.prefix_dropout`` and the
         document's DROPOUT_STREAM rng; with them (a supervised pair) it is that text, truncated
-        the same way and left intact.
+        the same way and left intact. ``anchor_tokens``: the anchor's own tokens when they differ
+        from the text the positive view is made of (the text with a query prompt), truncated alike.
         Returns ((ids, roles), (ids, roles), tokens_cut).
         """
         budget = max_text_len - self.k
@@ -224,6 +233,9 @@ class SampleBuilder:
         text = doc_tokens[:budget]
         cut = int(doc_tokens.shape[0] - text.shape[0])
         anchor = build_layout(text, "embed", self.special_ids)
+        if anchor_tokens is not None:
+            anchor = build_layout(anchor_tokens[:budget], "embed", self.special_ids)
+            cut = int(max(anchor_tokens.shape[0] - budget, 0))  # the anchor's loss; the view is of the same text
         if positive_tokens is not None:
             other = positive_tokens[:budget]
             cut += int(positive_tokens.shape[0] - other.shape[0])

@@ -78,3 +78,24 @@ def tokenize_stream(
     with ctx.Pool(num_proc, initializer=_worker_init, initargs=(tokenizer, kw)) as pool:
         for out in pool.imap(_worker_tokenize, _batches(texts, batch_size), chunksize=1):
             yield from out
+
+
+class PromptedText:
+    """``tokens -> tokens of prompt + text``: a query prompt for texts that are already tokenised
+    (a corpus may hold no strings: Megatron .bin/.idx). The text is decoded (without the BOS the
+    tokenizer adds) and ``prompt + text`` tokenised again, exactly what inference tokenises
+    (GEMEmbedder.encode_queries, sentence-transformers prompts prepend the string), so the
+    boundary tokens match; prepending the prompt's own tokens would not (``"query: "`` ends in a
+    space that BPE merges into the next word)."""
+
+    def __init__(self, tokenizer, prompt: str):
+        if not prompt:
+            raise ValueError("PromptedText needs a non-empty prompt")
+        self.tokenizer, self.prompt = tokenizer, prompt
+        probe = tokenizer("x", add_special_tokens=True)["input_ids"]
+        self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id else None
+
+    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+        body = tokens[1:] if self.bos is not None and tokens.shape[0] and int(tokens[0]) == self.bos else tokens
+        text = self.tokenizer.decode(body.tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return np.asarray(self.tokenizer(self.prompt + text, add_special_tokens=True)["input_ids"], dtype=np.int64)

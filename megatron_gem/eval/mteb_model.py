@@ -11,6 +11,10 @@ by length, so padding stays small), and returns float32 numpy rows, L2-normalise
 by cosine. Task instructions are off by default (GEM and the baselines were not trained with
 any); ``instructions=True`` prepends ``"Instruct: {task instruction}\\nQuery: "`` to queries
 (and to every text of symmetric tasks), using mteb's per-task (else per-task-type) prompt.
+A model trained with a query prompt (``--contrastive-query-prompt``; gem_config.json's
+``query_prompt``, the sentence-transformers ``"query"`` prompt) gets it on what mteb marks as
+queries (``prompt_type=query``: retrieval queries), never on documents or symmetric-task texts,
+as ``SentenceTransformer.encode_query`` does; with ``instructions`` it comes first.
 """
 
 from __future__ import annotations
@@ -97,8 +101,18 @@ def _wrapper_class():
     class MTEBEncoder(AbsEncoder):
         """An mteb encoder around ``encode_fn(list[str]) -> [n, d]`` (tensor or array)."""
 
-        def __init__(self, encode_fn: Callable[[list[str]], Any], meta, *, instructions: bool = False, show_progress_bar: bool = True, description: str = ""):
+        def __init__(
+            self,
+            encode_fn: Callable[[list[str]], Any],
+            meta,
+            *,
+            instructions: bool = False,
+            show_progress_bar: bool = True,
+            description: str = "",
+            query_prompt: str = "",
+        ):
             self.encode_fn = encode_fn
+            self.query_prompt = query_prompt
             self.mteb_model_meta = meta
             self.instructions = instructions
             self.instruction_template = INSTRUCTION_TEMPLATE if instructions else None
@@ -107,6 +121,12 @@ def _wrapper_class():
             self.model = None
 
         def _prefix(self, task_metadata, prompt_type) -> str:
+            from mteb.types import PromptType
+
+            trained = self.query_prompt if prompt_type == PromptType.query else ""
+            return trained + self._instruction(task_metadata, prompt_type)
+
+        def _instruction(self, task_metadata, prompt_type) -> str:
             if not self.instructions:
                 return ""
             from mteb.types import PromptType
@@ -197,6 +217,7 @@ def load_mteb_model(
         if dtype is not None:
             st = st.to(dtype)
         fn = lambda texts: st.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=show_progress_bar)
+        query_prompt = st.prompts.get("query") or ""
         n_params = sum(p.numel() for p in st.parameters())
         dim, max_tokens, adapted = st.get_sentence_embedding_dimension(), st.max_seq_length, None
     elif method == "gem":
@@ -204,6 +225,7 @@ def load_mteb_model(
 
         emb = GEMEmbedder.from_pretrained(path, dtype=dtype, device=device, max_length=max_length)
         fn = lambda texts: emb.encode(texts, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        query_prompt = emb.prompts.get("query", "")
         n_params = sum(p.numel() for p in emb.model.parameters())
         dim, max_tokens, adapted = emb.model.config.hidden_size, max_length, None
     else:
@@ -213,12 +235,13 @@ def load_mteb_model(
 
         tok = AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        query_prompt = ""
         enc = CausalLMEncoder(lm, tok, method, max_length=max_length, batch_size=batch_size, device=device, show_progress_bar=show_progress_bar)
         fn = enc.encode
         n_params = sum(p.numel() for p in lm.parameters())
         dim, max_tokens, adapted = lm.config.hidden_size, max_length, None
     meta = _make_meta(name, revision, n_parameters=n_params, embed_dim=dim, max_tokens=max_tokens, adapted_from=adapted, use_instructions=instructions)
-    return _wrapper_class()(fn, meta, instructions=instructions, show_progress_bar=show_progress_bar)
+    return _wrapper_class()(fn, meta, instructions=instructions, show_progress_bar=show_progress_bar, query_prompt=query_prompt)
 
 
 def main_scores(model_result) -> dict[str, float]:

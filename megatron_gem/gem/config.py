@@ -35,6 +35,9 @@ class GEMConfig:
     logit_scale_max: float = 100.0
     contrastive_from_step: int = 100
     alpha: float = 1.0  # phase-2 weight of the contrastive loss; < 1 keeps some NTP
+    # Instruction prepended (as text) to the query/anchor side of phase 2 and, at inference, to
+    # queries (GEMEmbedder.encode_queries, the sentence-transformers "query" prompt); "" = none.
+    query_prompt: str = ""
     # Summary mode (docs/method.md, "Summary mode"): frozen base, deltas at summary positions.
     train_mode: str = "full"
     adapter_rank: int = 16
@@ -81,6 +84,8 @@ class GEMConfig:
             raise bad("contrastive_from_step", "must be >= 0")
         if not 0.0 <= self.alpha <= 1.0:
             raise bad("alpha", "must lie in [0, 1]")
+        if not isinstance(self.query_prompt, str):
+            raise bad("query_prompt", "must be a string")
         if self.train_mode not in TRAIN_MODES:
             raise bad("train_mode", f"must be one of {TRAIN_MODES}")
         if not isinstance(self.adapter_rank, int) or self.adapter_rank < 1:

@@ -1,6 +1,8 @@
 """The HF export of an HF causal LM trained by the DeepSpeed engine: safetensors, config,
-tokenizer with the GEM tokens, gem_config.json, manifest.json; written to a temporary directory
-and swapped in atomically. Collective under ZeRO-3 (parameters gathered one at a time)."""
+tokenizer with the GEM tokens, gem_config.json, the sentence-transformers files and the model
+card (``add_embedder_files``, which every HF export of the project runs), manifest.json; written
+to a temporary directory and swapped in atomically. Collective under ZeRO-3 (parameters
+gathered one at a time)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ import torch
 from ..common import distributed as D
 from ..common.files import replace_dir_atomic, write_text_atomic
 from ..common.manifest import write_manifest
+from ..gem.config import CONFIG_NAME, GEMConfig
+from .model_card import write_model_card
+from .sentence_transformers import save_sentence_transformer
 
 
 def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -32,6 +37,21 @@ def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def add_embedder_files(directory: str, *, source: str | None = None, name: str | None = None) -> str | None:
+    """Make the HF checkpoint in ``directory`` embedder-ready: the sentence-transformers files
+    (so ``SentenceTransformer(directory)`` gives GEMEmbedder's vectors rather than mean-pooling
+    the plain model) and the model card. Call before its manifest is written. Returns the
+    sentence-transformers mode, or None when nothing was written (no gem_config.json: not a GEM
+    checkpoint; summary-mode checkpoints: their embeddings need the adapter, which the
+    sentence-transformers files do not load, so none are written). ``name``: the directory the
+    export ends up in (the model card's usage lines)."""
+    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        return None
+    mode = None if GEMConfig.load(directory).summary_mode else save_sentence_transformer(directory)
+    write_model_card(directory, source=source, name=name)
+    return mode
+
+
 def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = None) -> str | None:
     """Write an HF checkpoint (safetensors, config, tokenizer with the GEM tokens,
     gem_config.json) to ``out_dir`` atomically. Collective under ZeRO-3: call on all ranks."""
@@ -45,6 +65,7 @@ def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = N
         gem_config.save(tmp)
         if extra:
             write_text_atomic(os.path.join(tmp, "training_info.json"), json.dumps(extra, indent=2) + "\n")
+        add_embedder_files(tmp, name=out_dir)
         write_manifest(tmp)
         path = replace_dir_atomic(tmp, out_dir)
     D.barrier()

@@ -1,154 +1,26 @@
-"""Make a GEM checkpoint directory load as ``SentenceTransformer(path)`` (and hence in mteb).
+"""``SentenceTransformer(path)`` on a GEM checkpoint (and hence mteb): the custom module and the
+writer, for a directory of the user's own.
 
-:func:`save_sentence_transformer` adds the sentence-transformers files to an HF export (the
-directory of ``export_hf`` / ``save_pretrained`` with ``gem_config.json``); the HF files are left
-untouched, so the same directory still loads with ``AutoModelForCausalLM`` and
-``GEMEmbedder.from_pretrained``, and ``generate()`` is unaffected. The vectors equal
-:class:`~megatron_gem.GEMEmbedder`'s (``text SPECIAL*K``, mean of the K special states, L2-norm).
-
-Two layouts of the files, chosen by ``mode``:
-
-``"builtin"`` (K = 1, the paper's default): only sentence-transformers' own modules, so
-  ``SentenceTransformer(path)`` needs neither megatron_gem nor ``trust_remote_code``:
-  ``Transformer`` (the base model, causal attention) -> ``Pooling("lasttoken")`` -> ``Normalize``.
-  The tokenizer is loaded with ``processor_kwargs`` (in ``sentence_bert_config.json``) that append
-  the GEM token as its end-of-sequence token. Exact because for ``text SPECIAL`` with a single
-  special token the GEM mask *is* the causal mask (no suffix, no second special token), right
-  padding is masked, and truncation keeps room for the appended token. Only sentence-transformers'
-  tokenizer sees those kwargs; ``tokenizer_config.json`` is not changed.
-``"custom"`` (any K): one module, :class:`GEMSentenceEncoder`, that runs the GEM layout and mask
-  itself. sentence-transformers >= 6 imports a module class outside its own namespace only with
-  ``SentenceTransformer(path, trust_remote_code=True)``, and megatron_gem must be installed.
-``"auto"``: builtin when K = 1 and the tokenizer check below passes, else custom.
-
-The builtin mode is verified at export: the tokenizer loaded with the saved kwargs must produce
-exactly ``tokenizer(text) + [gem token]`` on probe texts, else ``"auto"`` falls back to custom
-(``"builtin"`` raises).
+Every HF export of megatron_gem already carries the sentence-transformers files (train.py's
+``hf/`` from both engines, tools/convert_checkpoint.py); :func:`save_sentence_transformer`
+(megatron_gem/hf/sentence_transformers.py, which documents the two layouts) writes them into
+any other directory with ``gem_config.json``, e.g. one saved with ``save_pretrained`` after
+``enable_gem``. :class:`GEMSentenceEncoder` is the ``"custom"`` layout's module (any K): the
+GEM layout and mask inside sentence-transformers, GEMEmbedder's vectors.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..gem.config import GEMConfig
 from ..gem.readout import pool_special_states
+from ..hf.sentence_transformers import CUSTOM_CONFIG, MODES, ST_FILES, builtin_processor_kwargs, save_sentence_transformer
 
-MODES = ("auto", "builtin", "custom")
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "gem_sentence_config.json")
-_PROBES = ("A short text.", "Another, somewhat longer text with punctuation: 42!", "x")
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def _adds_bos(tokenizer) -> bool:
-    ids = tokenizer("x")["input_ids"]
-    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
-def builtin_processor_kwargs(tokenizer, config: GEMConfig) -> dict:
-    """The tokenizer kwargs that make ``AutoTokenizer`` append the (single) GEM token."""
-    return {"add_eos_token": True, "eos_token": config.special_tokens[0], "add_bos_token": _adds_bos(tokenizer)}
-
-
-def _builtin_tokenizer_ok(path: str, tokenizer, config: GEMConfig) -> bool:
-    from transformers import AutoTokenizer
-
-    try:
-        st_tok = AutoTokenizer.from_pretrained(path, **builtin_processor_kwargs(tokenizer, config))
-    except Exception:  # any tokenizer class that refuses the kwargs: use the custom module
-        return False
-    ids = config.special_token_ids
-    return all(st_tok(t)["input_ids"] == tokenizer(t)["input_ids"] + list(ids) for t in _PROBES)
-
-
-def save_sentence_transformer(
-    path: str | os.PathLike,
-    *,
-    mode: str = "auto",
-    max_seq_length: int = 512,
-    backend: str = "sdpa",
-) -> str:
-    """Add sentence-transformers files to the GEM checkpoint at ``path``; returns the mode used.
-
-    ``max_seq_length``: token budget of a text *including* the K special tokens (as
-    ``GEMEmbedder(max_length=...)``). ``backend``: attention backend of the custom module.
-    """
-    from transformers import AutoTokenizer
-
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    path = str(path)
-    config = GEMConfig.load(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if not config.special_token_ids:
-        from ..gem.tokens import find_gem_tokens
-
-        config.special_token_ids = find_gem_tokens(tokenizer, config) or []
-    if not config.special_token_ids:
-        raise ValueError(f"{path}: the tokenizer has no GEM tokens {config.special_tokens}")
-    k = config.num_special_tokens
-    if max_seq_length <= k:
-        raise ValueError(f"max_seq_length={max_seq_length} leaves no room for text before {k} special tokens")
-    if mode in ("auto", "builtin"):
-        ok = k == 1 and _builtin_tokenizer_ok(path, tokenizer, config)
-        if not ok and mode == "builtin":
-            raise ValueError(
-                f"{path}: builtin sentence-transformers modules need K=1 (got {k}) and a tokenizer that can append "
-                f"the GEM token as end-of-sequence; use mode='custom'"
-            )
-        mode = "builtin" if ok else "custom"
-    for name in ST_FILES:
-        if os.path.exists(os.path.join(path, name)):
-            os.remove(os.path.join(path, name))
-    _write_json(
-        os.path.join(path, "config_sentence_transformers.json"),
-        {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"},
-    )
-    if mode == "builtin":
-        os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
-        os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
-        _write_json(
-            os.path.join(path, "modules.json"),
-            [
-                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.Transformer"},
-                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.sentence_transformer.modules.Pooling"},
-                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.base.modules.Normalize"},
-            ],
-        )
-        processor_kwargs = builtin_processor_kwargs(tokenizer, config)
-        processor_kwargs["model_max_length"] = max_seq_length
-        _write_json(
-            os.path.join(path, "sentence_bert_config.json"),
-            {"transformer_task": "feature-extraction", "processor_kwargs": processor_kwargs, "config_kwargs": {"use_cache": False}},
-        )
-        hidden = _hidden_size(path)
-        _write_json(
-            os.path.join(path, "1_Pooling", "config.json"),
-            {"embedding_dimension": hidden, "pooling_mode": "lasttoken", "include_prompt": True},
-        )
-    else:
-        _write_json(
-            os.path.join(path, "modules.json"),
-            [{"idx": 0, "name": "0", "path": "", "type": f"{__name__}.GEMSentenceEncoder"}],
-        )
-        _write_json(os.path.join(path, GEMSentenceEncoder.config_file_name), {"max_seq_length": max_seq_length, "backend": backend})
-    return mode
-
-
-def _hidden_size(path: str) -> int:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(path)
-    return int(getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size)
+__all__ = ["GEMSentenceEncoder", "MODES", "ST_FILES", "builtin_processor_kwargs", "save_sentence_transformer"]
 
 
 def _input_module_base():
@@ -165,7 +37,7 @@ class GEMSentenceEncoder(_input_module_base()):
     ``sentence_embedding`` (mean of the K special states, L2-normalised) and ``token_embeddings``.
     """
 
-    config_file_name = "gem_sentence_config.json"
+    config_file_name = CUSTOM_CONFIG
     config_keys = ["max_seq_length", "backend"]
     save_in_root = True
 

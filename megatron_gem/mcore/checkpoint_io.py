@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ..common.files import replace_dir_atomic, write_json_atomic
 from ..common.manifest import write_manifest
+from ..hf.export import add_embedder_files
 from .llama import LlamaArch
 
 META_NAME = "megatron_gem.json"
@@ -110,9 +111,11 @@ def finish_hf_dir(
     gem_config=None,
     extra: dict | None = None,
     manifest: bool = False,
+    source: str | None = None,
 ) -> str:
-    """Write config/index/tokenizer/gem_config (and, with ``manifest``, manifest.json last)
-    into ``tmp_dir`` and swap it in as ``out_dir``."""
+    """Write config/index/tokenizer/gem_config, with a GEM config the sentence-transformers files
+    and the model card (``add_embedder_files``; ``source`` says in the card what wrote it), and,
+    with ``manifest``, manifest.json last into ``tmp_dir``; swap it in as ``out_dir``."""
     from transformers import AutoConfig
 
     files = sorted(set(weight_map.values()))
@@ -129,6 +132,8 @@ def finish_hf_dir(
         gem_config.save(tmp_dir)
     if extra:
         write_json_atomic(os.path.join(tmp_dir, "training_info.json"), extra)
+    if gem_config is not None and tokenizer is not None:
+        add_embedder_files(tmp_dir, source=source, name=out_dir)
     if manifest:
         write_manifest(tmp_dir)
     return replace_dir_atomic(tmp_dir, out_dir)

@@ -24,6 +24,7 @@ import torch
 
 from ..common.files import replace_dir_atomic, write_json_atomic
 from ..gem.config import CONFIG_NAME, GEMConfig
+from ..hf.export import add_embedder_files
 from . import checkpoint_io as io
 from .hf_mapping import HFWeights, hf_from_megatron, megatron_from_hf
 from .llama import LlamaArch, arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
@@ -145,6 +146,7 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5G
         total_size=total,
         tokenizer=tok,
         gem_config=gem,
+        source=f"tools/convert_checkpoint.py megatron-to-hf from `{megatron_dir}`",
     )
     log(f"[convert] wrote HF checkpoint {out_dir} ({len(set(weight_map.values()))} safetensors file(s))")
     return out_dir
@@ -189,6 +191,7 @@ def deepspeed_to_hf(ds_dir: str, out_dir: str, *, model_dir: str, tag: str | Non
     tokenizer.save_pretrained(tmp)
     if gem is not None:
         gem.save(tmp)
+        add_embedder_files(tmp, source=f"tools/convert_checkpoint.py deepspeed-to-hf from `{ds_dir}` (base `{model_dir}`)", name=out_dir)
     replace_dir_atomic(tmp, out_dir)
     log(f"[convert] consolidated {ds_dir} ({len(lm_state)} tensors, fp32) into {out_dir}")
     return out_dir
@@ -249,7 +252,16 @@ def add_gem_tokens_to_hf_dir(in_dir: str, out_dir: str, gem_config: GEMConfig, *
     config["vocab_size"] = rows
     if os.path.isfile(os.path.join(in_dir, "generation_config.json")):
         shutil.copy(os.path.join(in_dir, "generation_config.json"), tmp)
-    io.finish_hf_dir(tmp, out_dir, config=config, weight_map=weight_map, total_size=total, tokenizer=tokenizer, gem_config=gem_config)
+    io.finish_hf_dir(
+        tmp,
+        out_dir,
+        config=config,
+        weight_map=weight_map,
+        total_size=total,
+        tokenizer=tokenizer,
+        gem_config=gem_config,
+        source=f"tools/add_gem_tokens.py from `{in_dir}` (GEM tokens added with mean rows, not trained)",
+    )
     log(f"[add_gem_tokens] {in_dir}: tokens {gem_config.special_tokens} -> ids {ids}; embedding rows {before} -> {rows}; wrote {out_dir}")
     return list(ids)
 

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--contrastive-query-field", default="query", help="anchor field of --contrastive-data records")
     g.add_argument("--contrastive-positive-field", default="positive", help="positive field of --contrastive-data records")
+    g.add_argument(
+        "--contrastive-query-prompt",
+        default="",
+        metavar="TEXT",
+        help="instruction prepended to the query/anchor text of phase 2 (not to positives), e.g. 'query: '; saved in the "
+        "export as the sentence-transformers 'query' prompt and used by GEMEmbedder.encode_queries",
+    )
     g.add_argument("--save", required=True, help="output directory: checkpoints, metrics.jsonl, hf/ export")
     g.add_argument(
         "--load",
@@ -163,6 +170,7 @@ def gem_config_from_args(args) -> GEMConfig:
         logit_scale_max=args.gem_logit_scale_max,
         contrastive_from_step=args.gem_contrastive_from_step,
         alpha=args.gem_alpha,
+        query_prompt=args.contrastive_query_prompt,
         train_mode=args.gem_train,
         adapter_rank=args.gem_adapter_rank,
         adapter_alpha=args.gem_adapter_alpha,

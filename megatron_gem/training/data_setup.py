@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..data import BlendedDataset, ContrastiveDataset, CorpusBlend, GEMDataLoader, make_ntp_loader, open_corpus, open_pair_corpus
+from ..data.tokenization import PromptedText
 from .config import DataConfig, JobConfig
 
 
@@ -19,9 +20,12 @@ def open_training_corpus(data: DataConfig, tokenizer):
     return open_corpus(_one_or_many(data.paths), tokenizer, text_field=data.text_field, on_bad=data.on_bad)
 
 
-def open_contrastive_pairs(data: DataConfig, tokenizer):
-    """Read --contrastive-data into a PairCorpus (query field -> anchor, positive field -> positive)."""
-    return open_pair_corpus(_one_or_many(data.pairs), tokenizer, query_field=data.query_field, positive_field=data.positive_field, on_bad=data.on_bad)
+def open_contrastive_pairs(data: DataConfig, tokenizer, query_prompt: str = ""):
+    """Read --contrastive-data into a PairCorpus (query field -> anchor, positive field -> positive;
+    --contrastive-query-prompt prepended to the query text)."""
+    return open_pair_corpus(
+        _one_or_many(data.pairs), tokenizer, query_field=data.query_field, positive_field=data.positive_field, on_bad=data.on_bad, query_prompt=query_prompt
+    )
 
 
 def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: int):
@@ -41,14 +45,17 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
     contrastive = None
     if job.has_phase_two:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        texts, positives = corpus, None
+        texts, positives, anchor_prompt = corpus, None, None
         if job.data.pairs:
-            pairs = open_contrastive_pairs(job.data, tokenizer)
+            pairs = open_contrastive_pairs(job.data, tokenizer, job.gem.query_prompt)
             texts, positives = pairs.queries, pairs.positives
+        elif job.gem.query_prompt:
+            anchor_prompt = PromptedText(tokenizer, job.gem.query_prompt)
         ds = ContrastiveDataset(
             texts,
             job.gem,
             positives=positives,
+            anchor_prompt=anchor_prompt,
             max_text_len=min(b.seq_length, b.contrastive_max_length),
             seq_length=b.seq_length,
             seed=seed + 1,

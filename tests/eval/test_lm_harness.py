@@ -56,14 +56,22 @@ def test_live_model_and_path_agree(tmp_path, tiny_tokenizer):
 
 def test_eval_lm_tool(tmp_path):
     from megatron_gem.testing import save_tiny_checkpoint
+    from tests.launch import load_tool
 
-    path = save_tiny_checkpoint(tmp_path / "ckpt")
+    plain = save_tiny_checkpoint(tmp_path / "ckpt")
+    path = str(tmp_path / "gem")  # a GEM export (tokens added): its model card takes the figures
+    assert load_tool("add_gem_tokens").main(["--input", plain, "--output", path]) == 0
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    cmd = [sys.executable, os.path.join(REPO, "tools", "eval_lm.py"), "--model", path, "--output", str(tmp_path / "out")]
+    tool = [sys.executable, os.path.join(REPO, "tools", "eval_lm.py")]
+    cmd = tool + ["--model", path, "--output", str(tmp_path / "out"), "--update-model-card"]
     r = subprocess.run(cmd + ["--tasks", "gem_trivia_mc", "--max-items", "8"], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "out" / "lm_results.json").read_text())["results"]
     assert 0 <= res["gem_trivia_mc"]["acc"] <= 1 and "gem_trivia_mc acc" in r.stdout
+    assert f"| gem_trivia_mc | acc | {res['gem_trivia_mc']['acc']:.4f} |" in open(os.path.join(path, "README.md")).read()
+    # A plain HF checkpoint has no card to update: refused before any evaluation.
+    r = subprocess.run(tool + ["--model", plain, "--output", str(tmp_path / "o2"), "--update-model-card"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "no gem_config.json" in r.stderr and not os.path.exists(tmp_path / "o2")
 
 
 def test_unknown_task_is_refused(tmp_path, tiny_tokenizer, tiny_llama):

@@ -111,7 +111,8 @@ def test_eval_mteb_tool_end_to_end(gem_checkpoint, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "eval_mteb.py"), "--model", gem_checkpoint, "--method", "gem",
-         "--tasks", "SimLex999", "WordNetDefToExample", "--scale", str(SCALE), "--output", str(out), "--no-progress", "--max-length", "64"],
+         "--tasks", "SimLex999", "WordNetDefToExample", "--scale", str(SCALE), "--output", str(out), "--no-progress", "--max-length", "64",
+         "--update-model-card"],
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
@@ -119,6 +120,11 @@ def test_eval_mteb_tool_end_to_end(gem_checkpoint, tmp_path):
     ((name, scores),) = summary.items()
     assert name.endswith("-gem") and set(scores) == {"SimLex999", "WordNetDefToExample"}
     assert "| avg |" in (out / "summary.md").read_text() and name in r.stdout
+    # --update-model-card: the same figures, with the command, in the checkpoint's card
+    card = open(os.path.join(gem_checkpoint, "README.md")).read()
+    assert all(f"| {task} | main_score | {v:.4f} |" in card for task, v in scores.items()), card
+    recorded = json.loads(open(os.path.join(gem_checkpoint, "eval_results.json")).read())["mteb"]
+    assert recorded["scores"] == {t: {"main_score": v} for t, v in scores.items()} and "--update-model-card" in recorded["command"]
 
 
 def test_eval_mteb_task_names():

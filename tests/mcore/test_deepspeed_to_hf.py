@@ -5,6 +5,7 @@ import json
 
 import torch
 
+from tests.embedder_checks import assert_embedder_ready
 from tests.launch import launch, run_python
 
 
@@ -19,7 +20,8 @@ def test_zero3_checkpoint_to_hf_equals_the_runs_export(tmp_path):
     data.write_text("".join(json.dumps({"text": s}) + "\n" for s in sample_sentences(100, seed=3)))
     save = tmp_path / "run"
     args = ["--model", base, "--data", str(data), "--save", str(save), "--deepspeed", "ds_zero3.json", "--seq-length", "64",
-            "--micro-batch-size", "2", "--train-iters", "2", "--gem-contrastive-from-step", "2", "--lr", "1e-3", "--save-interval", "2", "--no-progress"]  # fmt: skip
+            "--micro-batch-size", "2", "--train-iters", "2", "--gem-contrastive-from-step", "2", "--lr", "1e-3", "--save-interval", "2", "--no-progress",
+            "--gem-num-special-tokens", "2", "--contrastive-query-prompt", "query: "]  # fmt: skip
     proc = launch(args, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
 
@@ -33,3 +35,7 @@ def test_zero3_checkpoint_to_hf_equals_the_runs_export(tmp_path):
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(save / "hf"))
+    # Both are embedder-ready (K=2: the custom sentence-transformers module), the prompt included.
+    assert_embedder_ready(save / "hf", query_prompt="query: ")
+    assert_embedder_ready(out, query_prompt="query: ", manifest=False)
+    assert "deepspeed-to-hf" in (out / "README.md").read_text()

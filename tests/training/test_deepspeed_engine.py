@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from tests.embedder_checks import assert_embedder_ready
 from tests.launch import REPO, base_args, launch, read_metrics
 
 DS_ZERO3 = os.path.join(REPO, "ds_zero3.json")
@@ -42,7 +43,7 @@ def test_two_process_zero3_equals_single_process(single_run, tiny_inputs, tmp_pa
     assert one[2]["ntp_loss"] < one[0]["ntp_loss"] and one[5]["cl_loss"] < one[3]["cl_loss"]
 
 
-def test_export_is_a_gem_checkpoint(single_run):
+def test_export_is_a_gem_checkpoint(single_run, tiny_inputs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_gem import GEMConfig, GEMEmbedder
@@ -59,6 +60,10 @@ def test_export_is_a_gem_checkpoint(single_run):
     # the export generates as an ordinary causal LM
     out = model.generate(torch.tensor([tok("The cat")["input_ids"]]), max_new_tokens=3, do_sample=False)
     assert out.shape[1] == len(tok("The cat")["input_ids"]) + 3
+    # embedder-ready: SentenceTransformer(hf) (builtin modules, K=1) gives GEMEmbedder's vectors
+    assert_embedder_ready(hf)
+    card = open(os.path.join(hf, "README.md")).read()
+    assert "steps: 6 of 6 (train.py, deepspeed engine)" in card and f"`{tiny_inputs['model']}`" in card and f"`{tiny_inputs['data']}`" in card
 
 
 def test_resume_equals_uninterrupted(single_run, tiny_inputs, tmp_path):
@@ -129,6 +134,7 @@ def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
         "--contrastive-query-field": "question",
         "--contrastive-positive-field": "answer",
         "--skip-bad-records": True,
+        "--contrastive-query-prompt": "question: ",
     }
     proc = ok(launch(base_args(tiny_inputs, save, **extra)))
     assert "phase-2 pairs (64)" in proc.stdout and "skipped: 1 (missing_field: 1)" in proc.stdout, proc.stdout[-3000:]
@@ -138,3 +144,4 @@ def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-5), (a, b)
     assert all(abs(b["cl_loss"] - a["cl_loss"]) > 1e-3 for a, b in zip(straight[3:], paired[3:]))
     assert paired[5]["cl_loss"] < paired[3]["cl_loss"]
+    assert_embedder_ready(save / "hf", query_prompt="question: ")  # the prompt travels into the export

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from tests.embedder_checks import assert_embedder_ready
 from tests.launch import run_torchrun
 
 VOLATILE = ("tokens_per_s", "step_time_s")
@@ -78,6 +79,8 @@ def test_single_process_run_trains_and_exports(reference, gem_hf_checkpoint):
     AutoModelForCausalLM.from_pretrained(hf)
     w, w0 = _weights(reference), _weights(gem_hf_checkpoint, sub=".")
     assert sorted(w) == sorted(w0) and not torch.equal(w["model.norm.weight"], w0["model.norm.weight"])
+    assert_embedder_ready(hf)  # SentenceTransformer(hf) gives GEMEmbedder's vectors (K=1, builtin modules)
+    assert "steps: 4 of 4 (train.py, megatron engine)" in (hf / "README.md").read_text()
 
 
 def test_tp2_pp2_equals_single_process(reference, converted_checkpoint, corpus, tmp_path):
@@ -96,6 +99,7 @@ def test_tp2_pp2_equals_single_process(reference, converted_checkpoint, corpus, 
     run_python(["tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(save / "global_step4"), "--output", str(tmp_path / "offline")])
     c = _weights(tmp_path, sub="offline")
     assert sorted(c) == sorted(b) and all(torch.equal(c[k], b[k]) for k in b)
+    assert_embedder_ready(tmp_path / "offline", manifest=False)
 
 
 def test_tp2_dp2_sequence_parallel_recompute_equals_single_process(reference, gem_hf_checkpoint, corpus, tmp_path):
@@ -127,12 +131,23 @@ def test_supervised_pairs_in_phase_two(reference, gem_hf_checkpoint, tmp_path, c
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": f"item {i}", "positive": s}) + "\n" for i, s in enumerate(sample_sentences(40, seed=8))))
     save = tmp_path / "pairs_run"
-    proc = run_torchrun(_args(gem_hf_checkpoint, corpus, save, "--contrastive-data", str(pairs)))
+    proc = run_torchrun(_args(gem_hf_checkpoint, corpus, save, "--contrastive-data", str(pairs), "--contrastive-query-prompt", "query: "))
     assert "phase-2 pairs (40)" in proc.stdout and "[pairs] documents skipped: 0" in proc.stdout, proc.stdout[-3000:]
     ref, m = _metrics(reference), _metrics(save)
     _close(ref[:2], m[:2])
     assert [r["phase"] for r in m] == [1, 1, 2, 2]
     assert all(abs(a["cl_loss"] - b["cl_loss"]) > 1e-3 for a, b in zip(ref[2:], m[2:]))
+    assert_embedder_ready(save / "hf", query_prompt="query: ")
+
+
+def test_k2_export_with_a_query_prompt_is_embedder_ready(tiny_inputs, corpus, tmp_path):
+    """K=2 (tokens added with mean rows by the engine) and a query prompt on the self-supervised
+    anchors: the export loads as SentenceTransformer with the custom GEM module and the prompt."""
+    save = tmp_path / "k2"
+    extra = ["--gem-num-special-tokens", "2", "--contrastive-query-prompt", "query: ", "--train-iters", "2", "--gem-contrastive-from-step", "1"]
+    run_torchrun(_args(tiny_inputs["model"], corpus, save, *extra))
+    assert [r["phase"] for r in _metrics(save)] == [1, 2]
+    assert_embedder_ready(save / "hf", query_prompt="query: ")
 
 
 def test_tp2_nan_on_one_rank_stops_all_and_damaged_checkpoints_are_refused(reference, gem_hf_checkpoint, corpus, tmp_path):
