@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..data import ContrastiveDataset, GEMDataLoader, make_ntp_loader, open_corpus, open_pair_corpus
+from ..data.datasets import SHORT_FOR_SUMMARY
 from .config import DataConfig, JobConfig
 
 
@@ -61,9 +62,17 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
     return ntp, contrastive
 
 
-def data_summary(corpus, contrastive_loader) -> str:
-    """What reading the training data counted (read, skipped and why, tokens), pairs included."""
+def data_summary(corpus, contrastive_loader, ntp_loader=None) -> str:
+    """What reading the training data counted (read, skipped and why, tokens), pairs included;
+    in summary mode also the phase-1 pieces left out for being too short for a GEM layout."""
     text = corpus.stats.summary("read")
+    dataset = ntp_loader.dataset if ntp_loader is not None else None
+    if dataset is not None and dataset.config.summary_mode and hasattr(dataset, "plan"):
+        plan = dataset.plan(0)
+        text += (
+            f"\n[phase 1] summary mode: every piece gets the {dataset.config.layout!r} layout (no plain text: it would train nothing); "
+            f"epoch 0: {len(plan.pieces)} pieces, {plan.pieces.skipped_short} skipped as too short for the layout ({SHORT_FOR_SUMMARY})"
+        )
     dataset = contrastive_loader.dataset if contrastive_loader is not None else None
     if dataset is not None and dataset.positives is not None:
         text += f"\nphase-2 pairs ({len(dataset.corpus)}):\n" + dataset.corpus.stats.summary("pairs")

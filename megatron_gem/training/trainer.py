@@ -147,7 +147,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
     log = MetricsLogger(ck.save, enabled=D.is_main(), resume_step=start_step, progress_total=job.optimizer.train_iters, progress=job.run.progress)
     D.print_main(
         f"[megatron-gem] {job.model.path}: {engine.describe()}, accum={accum}, steps {start_step}->{end_step} "
-        f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_summary(corpus, cl_loader)}"
+        f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_summary(corpus, cl_loader, ntp_loader)}"
     )
 
     def state(done: int) -> dict:
