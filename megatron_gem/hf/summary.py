@@ -3,9 +3,9 @@
 The base model's modules, parameters and state dict are left as they are (no wrapping): each
 adapted ``nn.Linear`` gets a forward hook that adds its delta on the active rows, and each
 decoder layer a forward pre-hook that sets the active rows from the ``roles``/``doc_ids`` the
-layer receives (transformers passes the extra model keywords down to every layer). Setting
-them per layer, from the layer's own arguments, keeps activation recomputation exact: a
-recomputed layer is called with the same arguments and sees the same rows. A forward without
+layer receives (transformers passes the extra model keywords down to every layer). Activation
+recomputation re-runs a layer's forward without its hooks, so the layer's checkpoint function is
+wrapped to re-set the rows of that call (``_pin_rows_for_recompute``). A forward without
 ``roles`` (plain text, ``generate()``) runs the base model exactly.
 """
 
@@ -73,6 +73,7 @@ def attach_summary_adapter(lm, config: GEMConfig, *, adapter: SummaryAdapter | N
             adapter.active.clear()
         else:
             adapter.set_positions(kwargs.get("roles"), kwargs.get("doc_ids"))
+        _pin_rows_for_recompute(mod, adapter)
 
     adapter.suspended = False
 
@@ -80,6 +81,29 @@ def attach_summary_adapter(lm, config: GEMConfig, *, adapter: SummaryAdapter | N
         handles.append(layer.register_forward_pre_hook(set_rows, with_kwargs=True))
     adapter.hook_handles = handles
     return adapter
+
+
+def _pin_rows_for_recompute(layer, adapter: SummaryAdapter) -> None:
+    """transformers checkpoints a decoder layer's ``forward``, not its ``__call__``: the
+    recomputation in backward does not run the pre-hook, and would see whatever rows the LAST
+    forward set (e.g. the contrastive forward of the same step, run before one backward). So the
+    layer's checkpoint function is wrapped (once, lazily: enabling recomputation later replaces
+    it) to re-set the rows this call saw inside the recomputed function."""
+    ckpt = getattr(layer, "_gradient_checkpointing_func", None)
+    if ckpt is None or getattr(ckpt, "gem_pins_rows", False):
+        return
+
+    def checkpoint_with_rows(fn, *args, **kwargs):
+        mask = adapter.active.mask
+
+        def run(*a, **kw):
+            adapter.active.set(mask)
+            return fn(*a, **kw)
+
+        return ckpt(run, *args, **kwargs)
+
+    checkpoint_with_rows.gem_pins_rows = True
+    layer._gradient_checkpointing_func = checkpoint_with_rows
 
 
 def detach_summary_adapter(adapter: SummaryAdapter) -> None:

@@ -135,3 +135,23 @@ def test_forward_without_summary_tokens_still_touches_every_trainable_parameter(
     model(batch, "ntp").sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in grads.values()) and all(float(g.abs().sum()) == 0 for n, g in grads.items() if n.startswith("adapter."))
+
+
+def test_recomputation_sees_each_forwards_own_rows():
+    # One step of phase 2 with alpha < 1: an NTP forward, then a contrastive forward, then one
+    # backward. Recomputing the NTP layers must use the NTP batch's rows, not the last forward's.
+    grads = {}
+    for ckpt in (False, True):
+        tok, cfg, model, _ = summary_model(2, gradient_checkpointing=ckpt)
+        model.to(torch.float64)
+        corpus = InMemoryCorpus.from_texts(sample_sentences(60, seed=9), tok)
+        ntp = next(iter(make_ntp_loader(corpus, cfg, 96, micro_batch_size=2, tokenizer=tok, data_parallel_rank=0, data_parallel_size=1)))
+        cl = contrastive_batch(tok, cfg)
+        n = int(cl["num_texts"])
+        loss = model(ntp, "ntp").logsumexp(-1)[ntp["labels"] != IGNORE_INDEX].mean()
+        emb, scale = model(cl, "embed")
+        (loss + info_nce(emb[:n], emb[n:], scale)).backward()
+        grads[ckpt] = {nm: p.grad.clone() for nm, p in model.named_parameters() if p.grad is not None}
+    assert set(grads[True]) == set(grads[False])
+    for name, g in grads[False].items():
+        assert_close(grads[True][name], g, TOLERANCES[torch.float64], name)
