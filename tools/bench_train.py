@@ -8,8 +8,14 @@ Modes (each measured in its own subprocess, so peak memory is per mode):
   gem_ntp       GEM phase-1 step: the same rows with GEM layouts (p_raw of them plain), GEM
                 attention (auto backend), GEM labels
   gem_contrast  GEM phase-2 step: InfoNCE over --contrastive-batch-size texts + their views
-Each step = forward + backward + AdamW step. Reports median seconds per step, tokens/s, the
-GEM/causal ratio (target <= 1.05) and peak RSS (CPU) or peak CUDA memory. Last line: JSON.
+  summary_contrast           the same phase-2 step in summary mode (--gem-train summary: base
+                frozen, adapter at the summary tokens) with its fast path: the text without
+                autograd (a prefill keeping the KV cache), then only the summary tokens with it
+  summary_contrast_full_row  summary mode without the fast path (the full rows with autograd,
+                the fast path's reference): what the fast path itself saves
+Each step = forward + backward + AdamW step (over the trainable parameters). Reports median
+seconds per step, tokens/s, the GEM/causal ratio (target <= 1.05), the summary/full phase-2
+ratio (target <= 0.5) and peak RSS (CPU) or peak CUDA memory. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -25,12 +31,17 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-MODES = ("causal", "gem_ntp", "gem_contrast")
+MODES = ("causal", "gem_ntp", "gem_contrast", "summary_contrast", "summary_contrast_full_row")
+SUMMARY_MODES = ("summary_contrast", "summary_contrast_full_row")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="HF checkpoint dir, 'smollm2' (packaged SmolLM2-135M) or 'tiny'")
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="HF checkpoint dir, 'smollm2' (packaged SmolLM2-135M), 'tiny' (2 layers, hidden 64) or 'small' (random Llama: 8 layers, hidden 512, GQA 8/4)",
+    )
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--contrastive-batch-size", type=int, default=16)
@@ -38,6 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=6, help="timed steps per mode (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--p-raw", type=float, default=0.8)
+    p.add_argument(
+        "--summary-tokens",
+        nargs="+",
+        default=None,
+        help="summary mode: existing tokens serving as summary tokens (default: unused special tokens; '<unk>' for tiny)",
+    )
+    p.add_argument("--adapter-rank", type=int, default=16, help="summary mode: rank of each delta")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to measure (default: all)")
     p.add_argument("--mode", choices=MODES, default=None, help=argparse.SUPPRESS)  # internal: one mode
     return p.parse_args(argv)
 
@@ -51,6 +70,12 @@ def load(args):
 
         tok = make_tiny_tokenizer()
         return make_tiny_llama(len(tok), max_position_embeddings=4096), tok, "tiny random Llama"
+    if args.model == "small":
+        from megatron_gem.testing import make_tiny_llama, make_tiny_tokenizer
+
+        tok = make_tiny_tokenizer()
+        shape = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
+        return make_tiny_llama(len(tok), max_position_embeddings=4096, **shape), tok, "small random Llama (8 layers, hidden 512, GQA 8/4)"
     path = args.model
     if path == "smollm2":
         from megatron_gem.packaged_models import smollm2_135m_dir
@@ -85,14 +110,19 @@ def run_mode(args) -> dict:
     torch.manual_seed(0)
     lm, tok, model_name = load(args)
     texts, corpus_name = corpus_texts()
-    cfg = GEMConfig(p_raw=args.p_raw)
+    summary = args.mode in SUMMARY_MODES
+    tokens = args.summary_tokens or (["<unk>"] if args.model in ("tiny", "small") else [])
+    cfg = GEMConfig(p_raw=args.p_raw, train_mode="summary", summary_tokens=tokens, adapter_rank=args.adapter_rank) if summary else GEMConfig(p_raw=args.p_raw)
     prepare_gem_lm(lm, tok, cfg, backend="auto", gradient_checkpointing=False)
     corpus = InMemoryCorpus.from_texts(texts, tok)
-    model = GEMModel(lm, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model = GEMModel(lm, cfg, fast_summary=args.mode != "summary_contrast_full_row")
+    if summary:  # the adapter starts as the base model (B = 0); give it a value so the step is a real one
+        torch.nn.init.normal_(next(iter(model.adapter.deltas.values())).lora_B, std=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
-    if args.mode == "gem_contrast":
+    if args.mode in ("gem_contrast", *SUMMARY_MODES):
         ds = ContrastiveDataset(corpus, cfg, max_text_len=args.contrastive_max_length, seq_length=args.seq_length, pad_id=tok.pad_token_id)
         loader = GEMDataLoader(ds, micro_batch_size=args.contrastive_batch_size, data_parallel_rank=0, data_parallel_size=1)
     else:
@@ -135,7 +165,12 @@ def run_mode(args) -> dict:
         "model": model_name,
         "corpus": corpus_name,
         "device": device.type,
+        "trainable_parameters": sum(p.numel() for p in trainable),
     }
+
+
+def _ratio(results, a, b):
+    return results[a]["median_step_s"] / results[b]["median_step_s"] if a in results and b in results else None
 
 
 def main(argv=None) -> int:
@@ -143,32 +178,48 @@ def main(argv=None) -> int:
     if args.mode:
         print(json.dumps(run_mode(args)))
         return 0
+    argv = list(argv if argv is not None else sys.argv[1:])
     results = {}
-    for mode in MODES:
+    for mode in args.modes:
         print(f"bench_train: measuring {mode} ({args.warmup}+{args.steps} steps) ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--mode", mode]
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--mode", mode]
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
         r = results[mode]
-        print(f"  {mode:13s} {r['median_step_s']:.3f} s/step  {r['tokens_per_s']:.0f} tokens/s  peak {r['peak_memory_mb']:.0f} MB", file=sys.stderr, flush=True)
-    ratio = results["gem_ntp"]["median_step_s"] / results["causal"]["median_step_s"]
+        print(f"  {mode:25s} {r['median_step_s']:.3f} s/step  {r['tokens_per_s']:.0f} tokens/s  peak {r['peak_memory_mb']:.0f} MB", file=sys.stderr, flush=True)
+    first = results[args.modes[0]]
+    ratio = _ratio(results, "gem_ntp", "causal")
+    frozen = _ratio(results, "summary_contrast", "gem_contrast")
     summary = {
-        "model": results["causal"]["model"],
-        "corpus": results["causal"]["corpus"],
-        "device": results["causal"]["device"],
+        "model": first["model"],
+        "corpus": first["corpus"],
+        "device": first["device"],
         "seq_length": args.seq_length,
         "micro_batch_size": args.micro_batch_size,
         "contrastive_batch_size": args.contrastive_batch_size,
-        "causal_step_s": results["causal"]["median_step_s"],
-        "gem_ntp_step_s": results["gem_ntp"]["median_step_s"],
-        "gem_contrastive_step_s": results["gem_contrast"]["median_step_s"],
+        "contrastive_max_length": args.contrastive_max_length,
+        "step_s": {m: r["median_step_s"] for m, r in results.items()},
+        **{
+            f"{m}_step_s": results[k]["median_step_s"]
+            for m, k in (("causal", "causal"), ("gem_ntp", "gem_ntp"), ("gem_contrastive", "gem_contrast"))
+            if k in results
+        },
+        "summary_contrastive_step_s": results["summary_contrast"]["median_step_s"] if "summary_contrast" in results else None,
         "gem_ntp_over_causal": ratio,
         "target_ratio": 1.05,
-        "meets_target": ratio <= 1.05,
-        "peak_memory_mb": {m: results[m]["peak_memory_mb"] for m in MODES},
-        "tokens_per_s": {m: results[m]["tokens_per_s"] for m in MODES},
+        "meets_target": ratio <= 1.05 if ratio is not None else None,
+        "summary_over_full_contrastive": frozen,
+        "summary_full_row_over_full_contrastive": _ratio(results, "summary_contrast_full_row", "gem_contrast"),
+        "summary_target_ratio": 0.5,
+        "summary_meets_target": frozen <= 0.5 if frozen is not None else None,
+        "peak_memory_mb": {m: r["peak_memory_mb"] for m, r in results.items()},
+        "tokens_per_s": {m: r["tokens_per_s"] for m, r in results.items()},
+        "trainable_parameters": {m: r["trainable_parameters"] for m, r in results.items()},
     }
-    print(f"GEM mixed-NTP step / causal step = {ratio:.3f} (target <= 1.05)")
+    if ratio is not None:
+        print(f"GEM mixed-NTP step / causal step = {ratio:.3f} (target <= 1.05)")
+    if frozen is not None:
+        print(f"summary-mode phase-2 step / full-mode phase-2 step = {frozen:.3f} (target <= 0.5)")
     print(json.dumps(summary))
     return 0
 

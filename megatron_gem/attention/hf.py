@@ -4,6 +4,10 @@ Usage: ``use_gem_attention(model, backend="auto")`` then call the model with the
 batch's metadata as extra keyword arguments: ``model(input_ids, position_ids=...,
 doc_ids=..., roles=...)``. transformers forwards those keywords to every attention call.
 
+With a KV cache, queries that read it pass the keys' metadata too (``gem_key_doc_ids``,
+``gem_key_roles``, ``gem_key_index``, ``gem_query_index``, optionally ``gem_key_is_doc_start``):
+see ``_cached_gem_attention``; summary mode's phase-2 fast path (hf/summary.py) uses it.
+
 Without doc_ids/roles (e.g. ``generate()``), "gem" falls back to plain causal attention,
 which is what GEM means for text without special tokens. That fallback ignores padding masks:
 for padded batched generation switch the model to "sdpa" (a GEM export loads with sdpa).
@@ -14,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..gem.mask import gem_mask_for_queries
 from .dispatch import gem_attention
 
 ATTN_NAME = "gem"
@@ -36,6 +41,26 @@ def _causal_fallback(query, key, value, scaling):
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
 
 
+def _cached_gem_attention(module, query, key, value, doc_ids, roles, scaling, kwargs):
+    """Queries that read a KV cache (the summary step of summary mode, a readout after a
+    prefill): ``key``/``value`` [B, Hkv, Lk, D] are the cached keys followed by the queries' own,
+    described by ``gem_key_doc_ids`` / ``gem_key_roles`` / ``gem_key_index`` [B, Lk] (index = the
+    key's position in its packed row; a cached key that must stay invisible carries a doc id no
+    query has), the queries by ``doc_ids`` / ``roles`` / ``gem_query_index`` [B, Lq]. The rule is
+    gem_mask_for_queries (mask.py); with Lq tiny a dense [B, 1, Lq, Lk] mask + SDPA is cheap."""
+    k_doc, k_role, k_index, q_index = (kwargs.get(n) for n in ("gem_key_doc_ids", "gem_key_roles", "gem_key_index", "gem_query_index"))
+    if k_role is None or k_index is None or q_index is None:
+        raise ValueError("GEM attention over a KV cache needs gem_key_doc_ids, gem_key_roles, gem_key_index and gem_query_index")
+    if k_doc.shape[-1] != key.shape[2] or q_index.shape[-1] != query.shape[2]:
+        raise ValueError(f"KV-cache metadata describes {k_doc.shape[-1]} keys / {q_index.shape[-1]} queries; attention got {key.shape[2]} / {query.shape[2]}")
+    cfg = module.config
+    bos = getattr(cfg, "gem_suffix_sees_bos", False)
+    mask = gem_mask_for_queries(
+        q_index, doc_ids, roles, k_index, k_doc, k_role, k_is_doc_start=kwargs.get("gem_key_is_doc_start") if bos else None, suffix_sees_bos=bos
+    )
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+
+
 def hf_gem_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers AttentionInterface function: query [B, H, L, D] -> ([B, L, H, D], None)."""
     if dropout:
@@ -45,9 +70,13 @@ def hf_gem_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         out = _causal_fallback(query, key, value, scaling)
     elif doc_ids is None or roles is None:
         raise ValueError("GEM attention needs both doc_ids and roles (got only one of them)")
+    elif kwargs.get("gem_key_doc_ids") is not None:
+        out = _cached_gem_attention(module, query, key, value, doc_ids, roles, scaling, kwargs)
     else:
         if key.shape[2] != query.shape[2]:
-            raise ValueError("GEM attention with doc_ids/roles runs without a KV cache: set use_cache=False")
+            raise ValueError(
+                "GEM attention with doc_ids/roles and a KV cache needs the keys' metadata (gem_key_doc_ids, gem_key_roles, gem_key_index, gem_query_index)"
+            )
         cfg = module.config
         out = gem_attention(
             query,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..gem.config import GEMConfig
+from ..gem.layout import trains_prefix_targets
 from ..gem.roles import PAD_DOC_ID
 from .packing import (
     DEFAULT_MAX_OPEN_ROWS,
@@ -56,7 +57,21 @@ def _plan_stats(plan: PiecePlan, num_rows: int, seq_length: int, k: int) -> Data
     s.special_tokens = int(gem.sum()) * k
     s.copied_tokens = s.tokens_out - int(plan.length.sum()) - s.special_tokens
     s.chunked_documents = int(np.unique(plan.doc[plan.start > 0]).shape[0])
+    if plan.skipped_short:
+        s.skip(SHORT_FOR_SUMMARY, plan.skipped_short)
     return s
+
+
+# DataStats.skipped reason of summary mode's left-out pieces (samples.SampleBuilder.plan).
+SHORT_FOR_SUMMARY = "too_short_for_summary_layout"
+
+
+def _check_not_empty(plan: PiecePlan, config: GEMConfig) -> None:
+    if len(plan) == 0 and plan.skipped_short:
+        raise ValueError(
+            f"summary mode: all {plan.skipped_short} document pieces are too short for the {config.layout!r} layout "
+            f"(--gem-min-prefix-len {config.min_prefix_len}, --gem-min-suffix-len {config.min_suffix_len}); plain text trains nothing in summary mode"
+        )
 
 
 @dataclass
@@ -141,6 +156,7 @@ class PackedDataset(_GlobalIndex, torch.utils.data.Dataset):
         order = epoch_order(len(self.corpus), self.seed, epoch, self.shuffle)
         first = self._first_tokens()
         pieces = self.builder.plan(order, self.corpus.lengths[order], epoch, None if first is None else first[order])
+        _check_not_empty(pieces, self.config)
         offsets, item_order = pack_lengths(pieces.out_len, self.seq_length, self.max_open_rows)
         plan = EpochPlan(pieces.take(item_order), offsets, _plan_stats(pieces, len(offsets) - 1, self.seq_length, self.builder.k))
         known = self._rows_per_epoch.get(epoch)
@@ -194,7 +210,7 @@ class PackedDataset(_GlobalIndex, torch.utils.data.Dataset):
         return total
 
     def collate(self, rows) -> dict[str, torch.Tensor]:
-        return collate_rows(rows)
+        return collate_rows(rows, prefix_targets=trains_prefix_targets(self.config))
 
     # ------------------------------------------------------------------ resume support
     def fingerprint(self) -> str:
@@ -378,6 +394,7 @@ class StreamingPackedDataset:
             pst = _plan_stats(plan, 0, self.seq_length, self.builder.k)
             for f in ("pieces", "tokens_out", "special_tokens", "copied_tokens", "chunked_documents"):
                 setattr(stats, f, getattr(stats, f) + getattr(pst, f))
+            stats.skipped.update(pst.skipped)
             stats.layouts.update(pst.layouts)
             for i in range(len(plan)):
                 toks = buf[int(plan.doc[i]) - base]
@@ -420,7 +437,7 @@ class StreamingPackedDataset:
             epoch += 1
 
     def collate(self, rows) -> dict[str, torch.Tensor]:
-        return collate_rows(rows)
+        return collate_rows(rows, prefix_targets=trains_prefix_targets(self.config))
 
     def epoch_stats(self, epoch: int = 0) -> DataStats:
         return self.stats[epoch]

@@ -133,11 +133,12 @@ def assemble_row(
     return ids, roles, seg
 
 
-def collate_rows(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], *, renumber: bool = True) -> dict[str, torch.Tensor]:
+def collate_rows(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], *, renumber: bool = True, prefix_targets: bool = True) -> dict[str, torch.Tensor]:
     """Stack rows into the micro-batch contract.
 
     With ``renumber`` the row-local piece numbers become unique across the micro-batch (row 1's
     first document follows row 0's last); otherwise ``seg`` is taken as final doc ids.
+    ``prefix_targets``: see ``gem.layout.next_token_labels`` (False in summary mode).
     """
     ids = torch.from_numpy(np.stack([r[0] for r in rows]))
     roles = torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.int64))
@@ -149,7 +150,7 @@ def collate_rows(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], *, r
     doc_ids = torch.from_numpy(np.ascontiguousarray(seg, dtype=np.int64))
     return {
         "input_ids": ids,
-        "labels": next_token_labels(ids, roles, doc_ids),
+        "labels": next_token_labels(ids, roles, doc_ids, prefix_targets=prefix_targets),
         "position_ids": position_ids_from_doc_ids(doc_ids),
         "doc_ids": doc_ids,
         "roles": roles,

@@ -17,10 +17,15 @@ contrastive positive view does use ``document_rng(seed, epoch, d, DROPOUT_STREAM
 The plan (:class:`PiecePlan`) needs only document lengths (and, for reconstruct, each
 document's first token, so a leading BOS is not repeated): it is computed before any token is
 read, which makes packing a cheap numpy/Python pass over integers.
+
+Summary mode (GEMConfig.train_mode == "summary"): every piece gets the GEM layout (p_raw counts
+as 0) and a piece too short for it is left out and counted (``PiecePlan.skipped_short``): with
+the base model frozen, plain text carries no gradient.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,11 +89,15 @@ class PiecePlan:
     cut: np.ndarray  # int64 split cut (tokens before the specials), -1 otherwise
     out_len: np.ndarray  # int64 tokens the piece occupies in a row
 
+    # Summary mode: pieces too short for a GEM layout, left out (plain text trains nothing there).
+    skipped_short: int = 0
+
     def __len__(self) -> int:
         return int(self.doc.shape[0])
 
     def take(self, index: np.ndarray) -> "PiecePlan":
-        return PiecePlan(*(a[index] for a in (self.doc, self.start, self.length, self.layout, self.cut, self.out_len)))
+        arrays = (a[index] for a in (self.doc, self.start, self.length, self.layout, self.cut, self.out_len))
+        return PiecePlan(*arrays, skipped_short=self.skipped_short)
 
 
 def epoch_order(num_docs: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -111,12 +120,17 @@ class SampleBuilder:
         if seq_length < need:
             raise ValueError(f"seq_length={seq_length} is too short for K={k} special tokens ({need} needed)")
         self.config, self.seq_length, self.seed, self.bos_id = config, int(seq_length), int(seed), bos_id
+        # Summary mode trains only GEM layouts: with a frozen base a plain document has no
+        # gradient, so p_raw counts as 0 and a piece too short for the layout is left out
+        # (counted in PiecePlan.skipped_short) instead of staying plain.
+        self.summary_mode = config.summary_mode
+        self.layout_config = dataclasses.replace(config, p_raw=0.0) if self.summary_mode else config
         self.special_ids = np.asarray(config.special_token_ids, dtype=np.int64)
         self.k = k
 
     @property
     def max_chunk_tokens(self) -> int:
-        if self.config.p_raw >= 1.0:
+        if self.layout_config.p_raw >= 1.0:
             return self.seq_length
         if self.config.layout == "reconstruct":
             return (self.seq_length - self.k) // 2
@@ -140,7 +154,7 @@ class SampleBuilder:
         length = np.minimum(c, np.repeat(lens, nchunks) - start)
         layout = np.zeros(total, dtype=np.int8)
         cut = np.full(total, -1, dtype=np.int64)
-        cfg = self.config
+        cfg = self.layout_config
         if cfg.p_raw < 1.0 and total:
             u = layout_uniforms(self.seed, epoch, doc, 2 * j)
             v = layout_uniforms(self.seed, epoch, doc, 2 * j + 1)
@@ -164,7 +178,12 @@ class SampleBuilder:
                 drops = (j[recon] == 0) & (first[recon] == self.bos_id) & (again > 1)
                 again -= drops
             out_len[recon] += again
-        return PiecePlan(doc, start, length, layout, cut, out_len)
+        plan = PiecePlan(doc, start, length, layout, cut, out_len)
+        if self.summary_mode:
+            gem = np.flatnonzero(layout != LAYOUT_CODES["plain"])
+            plan = plan.take(gem)
+            plan.skipped_short = total - int(gem.shape[0])
+        return plan
 
     def build(self, doc_tokens: np.ndarray, start: int, length: int, layout: int, cut: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64, roles int8) of one piece; ``doc_tokens`` are its document's tokens."""

@@ -113,15 +113,32 @@ def position_ids_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - torch.cummax(start_at, dim=-1).values
 
 
-def next_token_labels(input_ids: torch.Tensor, roles: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+def next_token_labels(input_ids: torch.Tensor, roles: torch.Tensor, doc_ids: torch.Tensor, *, prefix_targets: bool = True) -> torch.Tensor:
     """Labels aligned with positions: labels[i] is the target of the prediction made at i.
 
     labels[i] = input_ids[i+1] if position i+1 is in the same (non-padding) document and is
     not a SPECIAL token; else IGNORE_INDEX. So special tokens are never targets, the last
     special token predicts the first suffix token, documents never predict each other, and
     padding (doc_id == PAD_DOC_ID) is never trained.
+
+    ``prefix_targets=False`` (summary mode, see :func:`trains_prefix_targets`) also drops the
+    predictions made at PREFIX positions: under the mask a prefix token sees only prefix tokens,
+    so with a frozen base its prediction depends on no trainable parameter.
     """
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     valid = (doc_ids[..., 1:] == doc_ids[..., :-1]) & (roles[..., 1:] != Role.SPECIAL) & (doc_ids[..., :-1] != PAD_DOC_ID)
+    if not prefix_targets:
+        valid = valid & (roles[..., :-1] != Role.PREFIX)
     labels[..., :-1] = torch.where(valid, input_ids[..., 1:], torch.full_like(input_ids[..., 1:], IGNORE_INDEX))
     return labels
+
+
+def trains_prefix_targets(config: GEMConfig) -> bool:
+    """Whether the next-token loss keeps the predictions made at PREFIX positions. Full mode:
+    yes (the paper trains the prefix too). Summary mode: no. The base model is frozen and the
+    deltas act only at SPECIAL (+ SUFFIX) positions, which a prefix token never attends to, so
+    a prefix prediction is a constant of training: it has no gradient, and counting it in the
+    token mean would only shrink the gradient of the targets that do train by a factor that
+    varies with the cut point. The loss is then the mean over the targets the adapter can move
+    (the last summary token and the suffix)."""
+    return not config.summary_mode

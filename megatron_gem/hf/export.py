@@ -70,3 +70,31 @@ def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = N
         path = replace_dir_atomic(tmp, out_dir)
     D.barrier()
     return path
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def export_summary_adapter(lm, adapter, tokenizer, config, out_dir: str, extra: dict | None = None) -> str | None:
+    """Summary mode's export (interim: the export work replaces it with the PEFT aLoRA folder):
+    the adapter's state dict as ``adapter_model.safetensors`` (ZeRO-3: gathered), the tokenizer
+    (unchanged: summary tokens are existing ones), gem_config.json (base model, summary tokens),
+    training_info.json and manifest.json; no base weights. ``lm`` is the frozen base the adapter
+    belongs to (unused here: the base checkpoint is ``config.base_model``). Collective."""
+    from safetensors.torch import save_file
+
+    state = _full_state_dict(adapter)
+    path = None
+    if D.is_main():
+        tmp = out_dir.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, ADAPTER_WEIGHTS))
+        tokenizer.save_pretrained(tmp)
+        config.save(tmp)
+        if extra:
+            write_text_atomic(os.path.join(tmp, "training_info.json"), json.dumps(extra, indent=2) + "\n")
+        write_manifest(tmp)
+        path = replace_dir_atomic(tmp, out_dir)
+    D.barrier()
+    return path

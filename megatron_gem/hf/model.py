@@ -11,21 +11,37 @@ from ..common.errors import ModelLoadError
 from ..gem.config import GEMConfig
 from ..gem.losses import LogitScale
 from ..gem.readout import pool_special_states
-from ..gem.tokens import add_gem_tokens
+from ..gem.tokens import add_gem_tokens, summary_token_ids
 
 
 class GEMModel(torch.nn.Module):
-    """What the engine optimises: ``lm`` (an HF causal LM) and ``logit_scale``.
+    """What the engine optimises: ``lm`` (an HF causal LM), ``logit_scale`` and, in summary mode
+    (``config.summary_mode``), ``adapter`` (gem/adapter.py's SummaryAdapter, hooked onto ``lm``
+    by hf/summary.py; ``lm`` is then frozen and only the adapter and the logit scale train).
 
     ``forward(batch, "ntp")`` -> logits [B, L, V]; ``forward(batch, "embed")`` -> (summary
     embeddings [num_docs, H] of the batch's documents, logit scale). Everything runs inside
     forward so engines that hook the root module (DeepSpeed ZeRO-3) see one forward per call.
+    In summary mode "embed" takes the fast path (hf/summary.py summary_states: the text without
+    autograd, then only the summary tokens with it); ``fast_summary=False`` (or
+    ``embeddings(batch, fast=False)``) gives the full-row forward, its reference.
+
+    ``adapter``: an existing SummaryAdapter to attach (e.g. loaded from an export); default a new
+    one from ``config`` (rank, alpha, targets, positions; B = 0, so it starts as the base model).
     """
 
-    def __init__(self, lm, config: GEMConfig):
+    def __init__(self, lm, config: GEMConfig, *, adapter=None, fast_summary: bool = True):
         super().__init__()
         self.lm = lm
+        self.summary_mode = config.summary_mode
+        self.fast_summary = fast_summary
         self.logit_scale = LogitScale.from_config(config)
+        if self.summary_mode:
+            from .summary import attach_summary_adapter
+
+            self.adapter = attach_summary_adapter(lm, config, adapter=adapter)
+        elif adapter is not None:
+            raise ValueError("an adapter was given but GEMConfig.train_mode is 'full'; summary mode (--gem-train summary) uses adapters")
 
     def hidden_states(self, batch: dict) -> torch.Tensor:
         """Last-layer states [B, L, H] under the GEM mask of the batch."""
@@ -37,11 +53,26 @@ class GEMModel(torch.nn.Module):
             use_cache=False,
         ).last_hidden_state
 
+    def embeddings(self, batch: dict, *, fast: bool = True) -> torch.Tensor:
+        """Summary embeddings [num_docs, H] (not normalised) of a contrastive batch; summary mode
+        with ``fast``: summary_states (no autograd through the text), else the full-row forward."""
+        num_docs = 2 * int(batch["num_texts"])
+        if self.summary_mode and fast:
+            from .summary import summary_states
+
+            states, q = summary_states(self.lm, self.adapter, batch)
+            return pool_special_states(states, q["roles"], q["doc_ids"], num_docs)
+        return pool_special_states(self.hidden_states(batch), batch["roles"], batch["doc_ids"], num_docs)
+
     def forward(self, batch: dict, task: str = "ntp"):
-        # Every parameter takes part in every forward (the unused one times zero): ZeRO-3
-        # otherwise keeps a stale gradient for a parameter a step did not use (the LM head in
-        # the contrastive phase), which leaks into the grad norm and the update and breaks
-        # exact resume; DDP-style engines need no unused-parameter search either.
+        # Every trainable parameter takes part in every forward (the unused one times zero):
+        # ZeRO-3 otherwise keeps a stale gradient for a parameter a step did not use (the LM
+        # head in the contrastive phase), which leaks into the grad norm and the update and
+        # breaks exact resume; DDP-style engines need no unused-parameter search either. In
+        # summary mode the LM is frozen (nothing to touch there) and the deltas act in every
+        # forward whose batch has a summary token; one that has none touches them explicitly.
+        if self.summary_mode:
+            return self._summary_forward(batch, task)
         hidden = self.hidden_states(batch)
         head = self.lm.get_output_embeddings()
         scale = self.logit_scale()
@@ -50,6 +81,21 @@ class GEMModel(torch.nn.Module):
         if task == "embed":
             emb = pool_special_states(hidden, batch["roles"], batch["doc_ids"], 2 * int(batch["num_texts"]))
             return emb + 0.0 * head(hidden[:1, :1]).sum(), scale
+        raise ValueError(f"unknown task {task!r}; expected 'ntp' or 'embed'")
+
+    def _summary_forward(self, batch: dict, task: str):
+        from .summary import adapter_acts_on, touch_adapter
+
+        scale = self.logit_scale()
+        if task == "ntp":
+            hidden = self.hidden_states(batch)
+            extra = scale * 0.0 if adapter_acts_on(self.adapter, batch) else scale * 0.0 + touch_adapter(self.adapter, hidden)
+            return self.lm.get_output_embeddings()(hidden + extra.to(hidden.dtype))
+        if task == "embed":
+            emb = self.embeddings(batch, fast=self.fast_summary)
+            if not adapter_acts_on(self.adapter, batch):
+                emb = emb + touch_adapter(self.adapter, emb).to(emb.dtype)
+            return emb, scale
         raise ValueError(f"unknown task {task!r}; expected 'ntp' or 'embed'")
 
 
@@ -104,11 +150,17 @@ def zero3_gather(model):
 
 def prepare_gem_lm(lm, tokenizer, config: GEMConfig, *, backend: str = "auto", gradient_checkpointing: bool = False, gather=None) -> list[int]:
     """Make ``lm`` a GEM model in place: a pad token for the tokenizer, the K special tokens
-    (mean-row init; a no-op for a GEM checkpoint; ZeRO-3 partitions gathered, see zero3_gather),
+    (mean-row init; a no-op for a GEM checkpoint; ZeRO-3 partitions gathered, see zero3_gather;
+    summary mode: K existing tokens, see gem.tokens.summary_token_ids, nothing resized),
     GEM attention with the KV cache off, optionally activation recomputation. Returns the
     special-token ids."""
     ensure_pad_token(tokenizer)
-    ids = add_gem_tokens(lm, tokenizer, config, gather=gather if gather is not None else zero3_gather(lm))
+    if config.summary_mode:
+        # Summary mode adds no token and resizes nothing: K existing tokens serve (their rows
+        # stay frozen with the rest of the base model); GEMModel attaches the adapter.
+        ids = summary_token_ids(tokenizer, config)
+    else:
+        ids = add_gem_tokens(lm, tokenizer, config, gather=gather if gather is not None else zero3_gather(lm))
     use_gem_attention(lm, backend=backend, suffix_sees_bos=config.suffix_sees_bos)
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -3,19 +3,24 @@
 The base model's modules, parameters and state dict are left as they are (no wrapping): each
 adapted ``nn.Linear`` gets a forward hook that adds its delta on the active rows, and each
 decoder layer a forward pre-hook that sets the active rows from the ``roles``/``doc_ids`` the
-layer receives (transformers passes the extra model keywords down to every layer). Setting
-them per layer, from the layer's own arguments, keeps activation recomputation exact: a
-recomputed layer is called with the same arguments and sees the same rows. A forward without
+layer receives (transformers passes the extra model keywords down to every layer). Activation
+recomputation re-runs a layer's forward without its hooks, so the layer's checkpoint function is
+wrapped to re-set the rows of that call (``_pin_rows_for_recompute``). A forward without
 ``roles`` (plain text, ``generate()``) runs the base model exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+
 import torch
 from torch import nn
 
-from ..gem.adapter import SummaryAdapter
+from ..gem.adapter import SummaryAdapter, adapter_active
 from ..gem.config import GEMConfig
+from ..gem.mask import doc_starts
+from ..gem.roles import PAD_DOC_ID, Role
 
 # Every attention and MLP projection of the Llama/Mistral family (HF module names).
 DEFAULT_HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -64,12 +69,41 @@ def attach_summary_adapter(lm, config: GEMConfig, *, adapter: SummaryAdapter | N
         handles.append(modules[name].register_forward_hook(lambda mod, args, out, d=delta: d(args[0], out, adapter.active.mask)))
 
     def set_rows(mod, args, kwargs):
-        adapter.set_positions(kwargs.get("roles"), kwargs.get("doc_ids"))
+        if adapter.suspended:
+            adapter.active.clear()
+        else:
+            adapter.set_positions(kwargs.get("roles"), kwargs.get("doc_ids"))
+        _pin_rows_for_recompute(mod, adapter)
+
+    adapter.suspended = False
 
     for layer in decoder_layers(lm):
         handles.append(layer.register_forward_pre_hook(set_rows, with_kwargs=True))
     adapter.hook_handles = handles
     return adapter
+
+
+def _pin_rows_for_recompute(layer, adapter: SummaryAdapter) -> None:
+    """transformers checkpoints a decoder layer's ``forward``, not its ``__call__``: the
+    recomputation in backward does not run the pre-hook, and would see whatever rows the LAST
+    forward set (e.g. the contrastive forward of the same step, run before one backward). So the
+    layer's checkpoint function is wrapped (once, lazily: enabling recomputation later replaces
+    it) to re-set the rows this call saw inside the recomputed function."""
+    ckpt = getattr(layer, "_gradient_checkpointing_func", None)
+    if ckpt is None or getattr(ckpt, "gem_pins_rows", False):
+        return
+
+    def checkpoint_with_rows(fn, *args, **kwargs):
+        mask = adapter.active.mask
+
+        def run(*a, **kw):
+            adapter.active.set(mask)
+            return fn(*a, **kw)
+
+        return ckpt(run, *args, **kwargs)
+
+    checkpoint_with_rows.gem_pins_rows = True
+    layer._gradient_checkpointing_func = checkpoint_with_rows
 
 
 def detach_summary_adapter(adapter: SummaryAdapter) -> None:
@@ -83,3 +117,118 @@ def detach_summary_adapter(adapter: SummaryAdapter) -> None:
 def logits_of(lm, input_ids: torch.Tensor) -> torch.Tensor:
     """Plain-text logits (no GEM metadata): what generation computes."""
     return lm(input_ids=input_ids, use_cache=False).logits
+
+
+@contextlib.contextmanager
+def base_only(adapter: SummaryAdapter):
+    """The deltas act nowhere inside the block (the base model exactly), GEM metadata or not."""
+    before = adapter.suspended
+    adapter.suspended = True
+    try:
+        yield
+    finally:
+        adapter.suspended = before
+        adapter.active.clear()
+
+
+@contextlib.contextmanager
+def no_recompute(lm):
+    """Activation recomputation off inside the block. transformers drops the KV cache of a
+    layer it checkpoints; the summary step that reads the cache is tiny (K tokens per text), so
+    it keeps its activations instead."""
+    layers = [m for m in lm.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in layers:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.gradient_checkpointing = True
+
+
+# doc id of the stale cached copies of the summary tokens in the prefill's cache: no query has it.
+STALE_DOC_ID = -2
+
+
+def _cache_kwargs(lm, cache) -> dict:
+    # transformers 5.2x names the argument ``cache`` (``past_key_values`` is deprecated there);
+    # older 5.x releases only know ``past_key_values``.
+    name = "cache" if "cache" in inspect.signature(lm.base_model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def gather_summary_queries(batch: dict) -> dict:
+    """The summary tokens of each packed row, gathered: [B, S] tensors (S = most summary tokens
+    in a row; shorter rows padded with doc id PAD_DOC_ID) of their ids, position ids, doc ids,
+    roles (SPECIAL) and ``index`` (position in the row; padding entries get indices past the
+    row, L + j, so each sees only itself and no softmax row is empty)."""
+    ids, docs, roles = batch["input_ids"], batch["doc_ids"], batch["roles"]
+    B, L = ids.shape
+    special = (roles == Role.SPECIAL) & (docs != PAD_DOC_ID)
+    counts = special.sum(dim=1)
+    S = max(int(counts.max()), 1) if B else 1
+    # Summary positions first, in row order (stable sort of "not special").
+    order = torch.sort((~special).to(torch.int8), dim=1, stable=True).indices[:, :S]
+    slot = torch.arange(S, device=ids.device).expand(B, S)
+    real = slot < counts[:, None]
+    return {
+        "input_ids": ids.gather(1, order),
+        "position_ids": batch["position_ids"].gather(1, order),
+        "doc_ids": torch.where(real, docs.gather(1, order), torch.full_like(order, PAD_DOC_ID)),
+        "roles": torch.full_like(order, int(Role.SPECIAL)),
+        "index": torch.where(real, order, L + slot),
+    }
+
+
+def summary_states(lm, adapter: SummaryAdapter, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Summary mode's phase-2 fast path: last-layer states [B, S, H] of the summary tokens of a
+    packed batch (their metadata: the returned dict, see gather_summary_queries), equal to the
+    full-row forward's states at those tokens.
+
+    Why it is exact: with the base model frozen and the deltas acting only at summary positions,
+    the text before the summary tokens depends on no trainable parameter (a PREFIX token never
+    attends to a SPECIAL one). So (1) the rows run once without autograd, deltas off, keeping the
+    KV cache; (2) only the summary tokens run with autograd, reading that cache under the GEM
+    rule (gem_mask_for_queries: a summary token sees its document's text up to itself and
+    itself, never another summary token). The cache's own copies of the summary tokens hold base
+    values and are made invisible (doc id STALE_DOC_ID). Step (2) costs K tokens per text."""
+    from transformers import DynamicCache
+
+    ids, pos, docs, roles = batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["roles"]
+    B, L = ids.shape
+    q = gather_summary_queries(batch)
+    cache = DynamicCache(config=lm.config)
+    with torch.no_grad(), base_only(adapter):
+        lm.base_model(input_ids=ids, position_ids=pos, doc_ids=docs, roles=roles, **_cache_kwargs(lm, cache))
+    special = (roles == Role.SPECIAL) & (docs != PAD_DOC_ID)
+    row_index = torch.arange(L, device=ids.device).expand(B, L)
+    keys = {
+        "gem_key_doc_ids": torch.cat([docs.masked_fill(special, STALE_DOC_ID), q["doc_ids"]], dim=1),
+        "gem_key_roles": torch.cat([roles, q["roles"]], dim=1),
+        "gem_key_index": torch.cat([row_index, q["index"]], dim=1),
+        "gem_key_is_doc_start": torch.cat([doc_starts(docs), torch.zeros_like(q["index"], dtype=torch.bool)], dim=1),
+        "gem_query_index": q["index"],
+    }
+    with no_recompute(lm):
+        out = lm.base_model(
+            input_ids=q["input_ids"], position_ids=q["position_ids"], doc_ids=q["doc_ids"], roles=q["roles"], **keys, **_cache_kwargs(lm, cache)
+        )
+    return out.last_hidden_state, q
+
+
+def touch_adapter(adapter: SummaryAdapter, like: torch.Tensor) -> torch.Tensor:
+    """0 (a scalar of ``like``'s dtype) that depends on every delta, through each delta module's
+    own forward (so ZeRO-3 gathers its partitions): added to a forward whose batch activates the
+    deltas nowhere, so every trainable parameter still takes part (see GEMModel.forward)."""
+    total = like.new_zeros(())
+    for d in adapter.deltas.values():
+        in_features = getattr(d.lora_A, "ds_shape", d.lora_A.shape)[1]  # ZeRO-3 partitions are flat; ds_shape is the real shape
+        out_features = getattr(d.lora_B, "ds_shape", d.lora_B.shape)[0]
+        out = d(like.new_zeros(1, in_features), like.new_zeros(1, out_features), torch.ones(1, dtype=torch.bool, device=like.device))
+        total = total + 0.0 * out.sum()
+    return total
+
+
+def adapter_acts_on(adapter: SummaryAdapter, batch: dict) -> bool:
+    """Whether a forward of ``batch`` activates the deltas anywhere."""
+    return bool(adapter_active(batch["roles"], batch["doc_ids"], adapter.positions).any())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..data import BlendedDataset, ContrastiveDataset, CorpusBlend, GEMDataLoader, make_ntp_loader, open_corpus, open_pair_corpus
+from ..data.datasets import SHORT_FOR_SUMMARY
 from ..data.tokenization import PromptedText
 from .config import DataConfig, JobConfig
 
@@ -74,13 +75,22 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
 
 def data_summary(corpus, contrastive_loader, ntp_loader=None) -> str:
     """What reading the training data counted (read, skipped and why, tokens), pairs included;
-    for a blend, each source's documents and its samples per blend epoch."""
+    for a blend, each source's documents and its samples per blend epoch; in summary mode also
+    the phase-1 pieces left out for being too short for a GEM layout."""
     text = corpus.stats.summary("read")
     if isinstance(corpus, CorpusBlend):
         for name, c in zip(corpus.names, corpus.corpora):
             text += f"\n[blend] {name}: {c.stats.documents_read} documents read, {c.stats.documents_skipped} skipped, {c.stats.tokens_in} tokens"
     if ntp_loader is not None and isinstance(ntp_loader.dataset, BlendedDataset):
         text += "\n" + ntp_loader.dataset.summary()
+    dataset = ntp_loader.dataset if ntp_loader is not None else None
+    config = getattr(dataset, "config", None)
+    if config is not None and config.summary_mode and hasattr(dataset, "plan"):
+        plan = dataset.plan(0)
+        text += (
+            f"\n[phase 1] summary mode: every piece gets the {dataset.config.layout!r} layout (no plain text: it would train nothing); "
+            f"epoch 0: {len(plan.pieces)} pieces, {plan.pieces.skipped_short} skipped as too short for the layout ({SHORT_FOR_SUMMARY})"
+        )
     dataset = contrastive_loader.dataset if contrastive_loader is not None else None
     if dataset is not None and dataset.positives is not None:
         text += f"\nphase-2 pairs ({len(dataset.corpus)}):\n" + dataset.corpus.stats.summary("pairs")

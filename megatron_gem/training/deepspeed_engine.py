@@ -11,7 +11,7 @@ import torch
 
 from ..common import distributed as D
 from ..common.errors import ModelLoadError
-from ..hf.export import export_hf
+from ..hf.export import export_hf, export_summary_adapter
 from ..hf.model import GEMModel, load_causal_lm, param_groups, prepare_gem_lm, zero3_gather
 from .distributed import init_deepspeed_distributed
 from .ds_config import load_ds_config, zero_stage
@@ -57,6 +57,19 @@ def read_logit_scale(model) -> float:
     return float(model.logit_scale())
 
 
+def _load_trainable_only(src: dict, dst: torch.nn.Module) -> None:
+    """DeepSpeed's module load for summary-mode checkpoints (saved without the frozen base): the
+    frozen parameters keep the values loaded from --model; anything else missing or unexpected
+    is an error, as a strict load would say."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        from ..common.manifest import CheckpointError
+
+        raise CheckpointError(f"summary-mode checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -80,6 +93,8 @@ class DeepSpeedEngine(Engine):
         prepare_gem_lm(
             lm, tokenizer, job.gem, backend=job.model.attention_backend, gradient_checkpointing=job.model.gradient_checkpointing, gather=zero3_gather(lm)
         )
+        if job.gem.summary_mode and not job.gem.base_model:
+            job.gem.base_model = job.model.path  # what the adapter export is applied to
         model = GEMModel(lm, job.gem)
         optimizer = build_optimizer(model, job, self.ds_config)
         if optimizer is None:
@@ -137,7 +152,9 @@ class DeepSpeedEngine(Engine):
     def save(self, save_dir, tag, state) -> None:
         engine = self.engine
         try:
-            engine.save_checkpoint(save_dir, tag=tag, client_state=state, save_latest=False)
+            # Summary mode: the frozen base is --model itself, unchanged; the checkpoint holds only
+            # what trains (adapter, logit scale, their optimizer states).
+            engine.save_checkpoint(save_dir, tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=self.job.gem.summary_mode)
         except OSError:
             # The other ranks are finishing DeepSpeed's save_checkpoint, whose collectives after
             # the writes are ZeRO-3's checkpoint_event_epilogue (re-gathering persistent
@@ -151,13 +168,18 @@ class DeepSpeedEngine(Engine):
     def load(self, load_dir, tag) -> dict:
         from ..common.manifest import CheckpointError
 
-        path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True)
+        custom = _load_trainable_only if self.job.gem.summary_mode else None
+        path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, custom_load_fn=custom)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {tag} from {load_dir}")
         return client_state
 
     def export_hf(self, out_dir, extra) -> None:
-        export_hf(self.engine.module.lm, self.tokenizer, self.job.gem, out_dir, extra=extra)
+        module = self.engine.module
+        if self.job.gem.summary_mode:
+            export_summary_adapter(module.lm, module.adapter, self.tokenizer, self.job.gem, out_dir, extra)
+        else:
+            export_hf(module.lm, self.tokenizer, self.job.gem, out_dir, extra=extra)
 
     def summary(self) -> dict:
         return {"zero_stage": zero_stage(self.ds_config), "dp_size": self.dp_size}

@@ -125,3 +125,36 @@ def test_fast_row_writer_equals_build_and_assemble():
                 pos = end
             assert np.array_equal(ids, ref[0]) and np.array_equal(roles, ref[1]) and np.array_equal(seg, ref[2])
         assert len(set(plan.layout.tolist())) == 2
+
+
+def test_summary_mode_lays_every_piece_out_and_counts_the_short_ones():
+    # Summary mode: plain text trains nothing (frozen base), so p_raw counts as 0 and a piece too
+    # short for the split is left out and counted; labels keep only adapter-dependent targets.
+    from megatron_gem.data import InMemoryCorpus, PackedDataset
+    from megatron_gem.gem.roles import IGNORE_INDEX
+    from megatron_gem.testing import make_tiny_tokenizer
+
+    lengths = [3, 9, 2, 30, 8, 7, 40, 1]
+    docs = [np.arange(10, 10 + n) for n in lengths]
+    c = cfg(train_mode="summary", p_raw=0.8, min_prefix_len=4, min_suffix_len=4)
+    b = SampleBuilder(c, 64, seed=3)
+    plan, pieces = pieces_of(b, docs)
+    assert (plan.layout == LAYOUT_CODES["split"]).all()
+    short = sum(n < 8 for n in lengths)
+    assert plan.skipped_short == short == 4 and len(plan) == len(lengths) - short
+    assert sorted(plan.doc.tolist()) == [i for i, n in enumerate(lengths) if n >= 8]
+    full = SampleBuilder(cfg(p_raw=0.8, min_prefix_len=4, min_suffix_len=4), 64, seed=3).plan(np.arange(len(docs)), np.array(lengths), 0)
+    assert full.skipped_short == 0 and len(full) == len(lengths)
+
+    tok = make_tiny_tokenizer()
+    texts = ["one two", "The cat runs under the old tree while the dog sleeps near the river."] * 4
+    corpus = InMemoryCorpus.from_texts(texts, tok)
+    ds = PackedDataset(corpus, cfg(train_mode="summary", min_prefix_len=4, min_suffix_len=4), 64, seed=1)
+    stats = ds.epoch_stats(0)
+    assert stats.skipped["too_short_for_summary_layout"] == 4 and stats.layouts == {"split": 4}
+    batch = ds.collate([ds[i] for i in range(ds.samples_in_epoch(0))])
+    trained = batch["labels"] != IGNORE_INDEX
+    assert trained.any() and not (trained & (batch["roles"] == Role.PREFIX)).any()
+    assert trained[batch["roles"] == Role.SUFFIX].any()
+    with pytest.raises(ValueError, match="too short"):
+        PackedDataset(InMemoryCorpus.from_texts(["one two"], tok), cfg(train_mode="summary"), 64).plan(0)
