@@ -200,6 +200,11 @@ def attach_summary_adapter(model, config: GEMConfig, *, seed: int = 0) -> Megatr
 
     for layer in model.decoder.layers:
         handles.append(layer.register_forward_pre_hook(set_rows, with_kwargs=True))
+    if getattr(model, "pre_process", False) and model.config.recompute_granularity is not None:
+        # megatron-core's (reentrant) recomputation back-propagates through a recomputed layer
+        # only when one of its inputs requires grad; the frozen embedding's output does not, so
+        # the first stage's deltas would get no gradient (the enable_input_require_grads of HF).
+        handles.append(model.embedding.register_forward_hook(lambda mod, args, out: out.requires_grad_(True)))
     adapter.hook_handles = handles
     setattr(model, ADAPTER_ATTR, adapter)  # after the freeze: the adapter's parameters train
     return adapter
