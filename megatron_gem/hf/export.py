@@ -52,6 +52,30 @@ def add_embedder_files(directory: str, *, source: str | None = None, name: str |
     return mode
 
 
+SUMMARY_ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def write_hf_adapter_state(state: dict[str, torch.Tensor], gem_config, out_dir: str, *, tokenizer=None, extra: dict | None = None) -> str:
+    """Summary mode: write the adapter alone (the base model is ``gem_config.base_model``,
+    unchanged): ``state`` = HF-named deltas ("model.layers.{i}.self_attn.q_proj.lora_A.weight"
+    [r, in], "...lora_B.weight" [out, r]) as safetensors, gem_config.json, the tokenizer,
+    manifest.json; to a temporary directory swapped in atomically. Not collective: call on the
+    one rank holding ``state``."""
+    from safetensors.torch import save_file
+
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, SUMMARY_ADAPTER_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    gem_config.save(tmp)
+    if extra:
+        write_text_atomic(os.path.join(tmp, "training_info.json"), json.dumps(extra, indent=2) + "\n")
+    write_manifest(tmp)
+    return replace_dir_atomic(tmp, out_dir)
+
+
 def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = None) -> str | None:
     """Write an HF checkpoint (safetensors, config, tokenizer with the GEM tokens,
     gem_config.json) to ``out_dir`` atomically. Collective under ZeRO-3: call on all ranks."""

@@ -172,8 +172,9 @@ def global_name(local: str, offsets: list[int]) -> str:
 
 
 def _is_gem_extra(name: str) -> bool:
-    # GEM's own parameters (the InfoNCE logit scale) and megatron's non-tensor extra state.
-    return name.startswith("logit_scale.") or name.endswith("_extra_state")
+    # GEM's own parameters (the InfoNCE logit scale, the summary-mode adapter) and megatron's
+    # non-tensor extra state.
+    return name.startswith(("logit_scale.", "gem_adapter.")) or name.endswith("_extra_state")
 
 
 def load_hf_into_model(model, get_hf: Callable[[str], torch.Tensor], arch: LlamaArch, *, tp_rank: int, tp_size: int) -> None:

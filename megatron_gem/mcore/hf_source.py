@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..common.errors import ModelLoadError
-from ..gem.tokens import add_gem_tokens
+from ..gem.tokens import add_gem_tokens, summary_token_ids
 from .hf_mapping import HFWeights
 from .llama import arch_from_hf_config
 
@@ -40,8 +40,14 @@ class _EmbeddingTables(torch.nn.Module):
             self.head.weight = grow(self.head.weight)
 
 
+def check_summary_ids_fit(path: str, ids, vocab: int) -> None:
+    if max(ids) >= vocab:
+        raise ModelLoadError(f"--model {path}: summary token id(s) {ids} lie beyond the model's {vocab} embedding rows (summary mode adds no rows)")
+
+
 def load_hf_source(path: str, tokenizer, gem_config):
-    """(arch, HF config dict, weight getter, vocab) of an HF checkpoint, GEM tokens added."""
+    """(arch, HF config dict, weight getter, vocab) of an HF checkpoint, GEM tokens added (summary
+    mode: existing tokens named, no rows added; gem.tokens.summary_token_ids)."""
     from transformers import AutoConfig
 
     try:
@@ -50,6 +56,12 @@ def load_hf_source(path: str, tokenizer, gem_config):
         raise ModelLoadError(f"--model {path}: cannot read an HF config ({e})") from e
     arch = arch_from_hf_config(hf_config)
     weights = HFWeights(path)
+    if gem_config.summary_mode:
+        summary_token_ids(tokenizer, gem_config)
+        vocab = weights.info("model.embed_tokens.weight")[0][0]
+        check_summary_ids_fit(path, gem_config.special_token_ids, vocab)
+        arch.vocab_size = vocab
+        return arch, hf_config.to_dict(), weights, vocab
     head = None if arch.tie_word_embeddings else weights("lm_head.weight")
     tables = _EmbeddingTables(weights("model.embed_tokens.weight"), head)
     add_gem_tokens(tables, tokenizer, gem_config)

@@ -9,10 +9,10 @@ import torch
 
 from ..common.errors import ModelLoadError
 from ..gem.config import GEMConfig
-from ..gem.tokens import find_gem_tokens
+from ..gem.tokens import find_gem_tokens, summary_token_ids
 from . import checkpoint_io as io
 from .hf_mapping import load_hf_into_model
-from .hf_source import load_hf_source
+from .hf_source import check_summary_ids_fit, load_hf_source
 from .llama import LlamaArch, build_gem_gpt_model, padded_vocab_size, transformer_config
 
 
@@ -41,21 +41,29 @@ def build_gem_model(
     seq_length: int | None = None,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    seed: int = 0,
 ) -> BuiltModel:
     """``path``: an HF checkpoint (GEM tokens added with mean rows when missing; each rank reads
     only its stage's tensors) or a megatron checkpoint from tools/convert_checkpoint.py (its GEM
     tokens must be in ``tokenizer``). megatron-core's parallel state must be initialised.
+    Summary mode (``gem_config.train_mode == "summary"``): the summary tokens are existing ones
+    (gem.tokens.summary_token_ids, no rows added), the base is frozen and the adapter attached
+    (mcore.summary.attach_summary_adapter; its initial A from ``seed``).
     Raises ModelLoadError / ValueError naming the problem."""
     from megatron.core import parallel_state
 
+    if gem_config.summary_mode and sequence_parallel:
+        raise ValueError("--gem-train summary does not support --sequence-parallel (the deltas act on whole-sequence layer inputs); drop one of the two flags")
     if io.is_megatron_checkpoint(path):
         meta = io.read_meta(path)
         arch = LlamaArch.from_dict(meta["arch"])
         vocab, padded = meta["vocab_size"], meta["padded_vocab_size"]
         if padded % tp:
             raise ModelLoadError(f"--model {path}: padded vocabulary {padded} is not divisible by TP={tp}; re-convert with --tensor-model-parallel-size {tp}")
-        ids = find_gem_tokens(tokenizer, gem_config)
-        if ids is None:
+        ids = summary_token_ids(tokenizer, gem_config) if gem_config.summary_mode else find_gem_tokens(tokenizer, gem_config)
+        if gem_config.summary_mode:
+            check_summary_ids_fit(path, ids, vocab)
+        elif ids is None:
             raise ModelLoadError(
                 f"--model {path}: the checkpoint has no GEM tokens; add them to the HF checkpoint with tools/add_gem_tokens.py before converting"
             )
@@ -97,6 +105,10 @@ def build_gem_model(
         load_hf_into_model(model, source, arch, tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp)
     else:
         io.load_model(model, path)
+    if gem_config.summary_mode:
+        from .summary import attach_summary_adapter
+
+        attach_summary_adapter(model, gem_config, seed=seed)
     meta = io.make_meta(arch, vocab_size=vocab, padded_vocab=padded, tp=tp, pp=pp, hf_config=hf_config, divisible_by=make_vocab_size_divisible_by)
     meta["dtype"] = str(dtype).replace("torch.", "")
     return BuiltModel(model, arch, config, meta)

@@ -12,7 +12,12 @@ resume, export cadence, pre-emption) is the trainer's, shared with the DeepSpeed
   forward (rows [:n] NTP, rows [n:] the contrastive texts), so every pipeline message has one
   shape per step;
 * checkpoints are megatron-core dist_checkpointing (model + distributed optimizer), which
-  ``tools/convert_checkpoint.py megatron-to-hf`` also reads.
+  ``tools/convert_checkpoint.py megatron-to-hf`` also reads;
+* summary mode (``--gem-train summary``, mcore/summary.py): the base is frozen, only the adapter
+  (and the logit scale) reach DDP's grad buffers and the optimizer; checkpoints still hold the
+  whole model (the frozen base too, so a tag stays a complete megatron checkpoint) and the
+  adapter's optimizer state; the export is the HF-named adapter (hf/export.py
+  write_hf_adapter_state).
 
 Loss scaling matches the DeepSpeed path: a micro-batch's NTP sum is scaled by
 dp * accum / global_tokens; megatron-core divides each micro-batch loss by accum and averages
@@ -137,6 +142,7 @@ class MegatronEngine(Engine):
                 recompute_num_layers=p.recompute_num_layers,
                 make_vocab_size_divisible_by=p.make_vocab_size_divisible_by,
                 seq_length=job.batch.seq_length,
+                seed=o.seed,
             )
         except ValueError as e:  # a layout the model cannot take (heads, window): name the flag
             if type(e) is not ValueError:
@@ -183,7 +189,16 @@ class MegatronEngine(Engine):
         return (
             f"megatron-core TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size} DP={self.dp_size} (distributed optimizer: "
             f"{p.use_distributed_optimizer}, SP: {self.config.sequence_parallel}, recompute: {self.config.recompute_granularity})"
+            + (f", summary mode: base frozen; {self.trained_elements()} on this rank" if self.job.gem.summary_mode else "")
         )
+
+    def trained_elements(self) -> str:
+        """What this rank trains, counted where it is held: requires_grad parameters, DDP's
+        grad buffers, the optimizer's (main) parameters."""
+        grad = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        buffered = sum(p.numel() for buf in self.ddp.buffers for p in buf.params)
+        optimized = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+        return f"trainable {grad}, in grad buffers {buffered}, in the optimizer {optimized} elements"
 
     def train_step(self, step, *, w_ntp, w_cl, ntp_batches, cl_batches, global_tokens) -> StepOutput:
         accum = max(len(ntp_batches), len(cl_batches))
@@ -267,6 +282,16 @@ class MegatronEngine(Engine):
             return json.load(f)
 
     def export_hf(self, out_dir, extra) -> None:
+        if self.job.gem.summary_mode:  # the base is --model, unchanged: only the adapter is written
+            from ..hf.export import write_hf_adapter_state
+            from ..mcore.summary import hf_adapter_state
+
+            state = hf_adapter_state(self.model, self.arch)
+            if dist.get_rank() == 0:
+                self.job.gem.base_model = self.job.gem.base_model or self.job.model.path
+                write_hf_adapter_state(state, self.job.gem, out_dir, tokenizer=self.tokenizer, extra=extra)
+            dist.barrier()
+            return
         io.export_hf_from_model(
             self.model,
             self.arch,

@@ -19,6 +19,13 @@ def test_megatron_logits_equal_hf(tmp_path):
         assert r[name]["max_abs_diff"] <= 1e-5 * max(1.0, r[name]["ref_scale"]), (name, r[name])
         assert r[name]["padding_is_masked"], name
     assert r["llama3_without_scaling_diff"] > 1e-3  # the comparison is sensitive to rope scaling
+    # Summary mode: megatron's fused-layer deltas mapped to HF q/k/v, gate/up (mcore.summary.hf_adapter_state).
+    for positions in ("special", "special+suffix"):
+        s = r[f"summary_{positions}"]
+        assert s["max_abs_diff"] <= 1e-5 * max(1.0, s["ref_scale"]), (positions, s)
+        assert s["changed_by_delta"] > 1e-2 and s["fresh_equals_base"] and s["untouched_equal_base"], (positions, s)
+        assert s["hf_keys"][0] == "model.layers.0.mlp.down_proj.lora_A.weight" and s["hf_keys"][-1] == 2 * 7 * 2, s  # A, B x 7 projections x 2 layers
+        assert s["trainable"] == ["gem_adapter", "logit_scale"], s
 
 
 def test_round_trip_bit_equal_and_tp2_pp2_load(gem_hf_checkpoint, converted_checkpoint, tmp_path):

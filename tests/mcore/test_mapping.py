@@ -98,3 +98,48 @@ def test_parallel_size_checks():
         check_parallel_sizes(arch, 4, 1)
     with pytest.raises(ValueError, match="number of layers"):
         check_parallel_sizes(arch, 1, 4)
+
+
+def test_summary_adapter_targets_and_hf_mapping():
+    """Fused megatron deltas -> HF q/k/v and gate/up deltas (A shared, B rows like the weights);
+    the TP split of A/B follows the adapted layer's weight."""
+    from megatron_gem.mcore.summary import hf_adapter_tensors, megatron_targets
+
+    assert megatron_targets([]) == ["self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"]
+    assert megatron_targets(["q_proj", "k_proj", "v_proj", "down_proj"]) == ["self_attention.linear_qkv", "mlp.linear_fc2"]
+    assert megatron_targets(["linear_fc1"]) == ["mlp.linear_fc1"]
+    with pytest.raises(ValueError, match="fuses q_proj/k_proj/v_proj into linear_qkv"):
+        megatron_targets(["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match="unknown"):
+        megatron_targets(["lm_head"])
+    arch = _arch()  # h 32, 4 query heads / 2 groups, head_dim 8, intermediate 48
+    g = torch.Generator().manual_seed(0)
+    r = 3
+    q, k, v = (torch.randn(n, r, generator=g) for n in (32, 16, 16))
+    a = torch.randn(r, 32, generator=g)
+    out = hf_adapter_tensors("decoder.layers.1.self_attention.linear_qkv", a, interleave_qkv(q, k, v, arch), arch)
+    assert sorted(out) == [f"model.layers.1.self_attn.{p}_proj.lora_{w}.weight" for p in "kqv" for w in "AB"]
+    assert torch.equal(out["model.layers.1.self_attn.q_proj.lora_B.weight"], q) and torch.equal(out["model.layers.1.self_attn.v_proj.lora_B.weight"], v)
+    assert all(torch.equal(out[f"model.layers.1.self_attn.{p}_proj.lora_A.weight"], a) for p in "qkv")
+    x = torch.randn(5, 32, generator=g)  # the fused delta's output blocks are the per-projection deltas
+    fused = x @ a.t() @ interleave_qkv(q, k, v, arch).t()
+    assert torch.allclose(torch.cat([x @ a.t() @ t.t() for t in (q, k, v)], 1), torch.cat(split_qkv(fused.t().contiguous(), arch), 0).t(), atol=1e-6)
+    gate, up = torch.randn(48, r, generator=g), torch.randn(48, r, generator=g)
+    fc1 = hf_adapter_tensors("decoder.layers.0.mlp.linear_fc1", torch.randn(r, 32, generator=g), torch.cat([gate, up]), arch)
+    assert torch.equal(fc1["model.layers.0.mlp.gate_proj.lora_B.weight"], gate) and torch.equal(fc1["model.layers.0.mlp.up_proj.lora_B.weight"], up)
+    proj = hf_adapter_tensors("decoder.layers.0.self_attention.linear_proj", a, torch.randn(32, r, generator=g), arch)
+    assert sorted(proj) == ["model.layers.0.self_attn.o_proj.lora_A.weight", "model.layers.0.self_attn.o_proj.lora_B.weight"]
+    # TP: column-parallel B shards like the weight's rows (fc1: [gate slice; up slice]), row-parallel A like its columns
+    b_fc1 = torch.cat([gate, up])
+    s0, s1 = (shard("decoder.layers.0.mlp.linear_fc1.weight", b_fc1, i, 2) for i in (0, 1))
+    assert torch.equal(s0, torch.cat([gate[:24], up[:24]])) and torch.equal(unshard("decoder.layers.0.mlp.linear_fc1.weight", [s0, s1]), b_fc1)
+    a0 = shard("decoder.layers.0.self_attention.linear_proj.weight", a, 0, 2)
+    assert torch.equal(a0, a[:, :16])
+
+
+def test_summary_mode_refuses_sequence_parallel(tiny_tokenizer):
+    from megatron_gem.gem.config import GEMConfig
+    from megatron_gem.mcore.provider import build_gem_model
+
+    with pytest.raises(ValueError, match="--gem-train summary does not support --sequence-parallel"):
+        build_gem_model("unused", tiny_tokenizer, GEMConfig(train_mode="summary"), tp=2, pp=1, sequence_parallel=True)

@@ -106,8 +106,64 @@ def equivalence(out_path):
     logits, batch = megatron_logits(mistral)
     ref = hf_logits(mistral, *batch)
     result["mistral"] = {"max_abs_diff": float((logits[..., :301] - ref).abs().max()), "ref_scale": float(ref.abs().max()), "padding_is_masked": True}
+    result.update(summary_equivalence())
     with open(out_path, "w") as f:
         json.dump(result, f)
+
+
+def summary_equivalence():
+    """Summary mode: the megatron-core adapter (random non-zero deltas on the fused linear_qkv /
+    linear_fc1 and on linear_proj / linear_fc2), mapped to HF names by hf_adapter_state and
+    loaded into the HF model's adapter, gives the HF logits; positions the deltas never reach
+    keep the base model's logits bit for bit."""
+    from megatron_gem.attention.megatron import gem_mask_info
+    from megatron_gem.gem.config import GEMConfig
+    from megatron_gem.gem.roles import Role
+    from megatron_gem.hf.summary import attach_summary_adapter as attach_hf
+    from megatron_gem.hf.summary import detach_summary_adapter as detach_hf
+    from megatron_gem.mcore.hf_mapping import dict_getter, load_hf_into_model
+    from megatron_gem.mcore.llama import arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+    from megatron_gem.mcore.summary import attach_summary_adapter, detach_summary_adapter, hf_adapter_state, load_hf_adapter_state
+    from megatron_gem.testing import make_tiny_llama
+
+    hf = make_tiny_llama(301, seed=11)
+    arch = arch_from_hf_config(hf.config)
+    model = build_gem_gpt_model(arch, transformer_config(arch), vocab_size=301, padded_vocab=padded_vocab_size(301, 1), backend="sdpa")
+    load_hf_into_model(model, dict_getter(hf.state_dict()), arch, tp_rank=0, tp_size=1)
+    model.eval()
+    ids, pos, doc, roles = packed_batch(301)
+    untouched = ((roles == Role.PREFIX) | (doc != 0)).transpose(0, 1)  # no delta reaches these (causal, per document)
+    with torch.no_grad():
+        base, _ = model(ids, pos, gem_mask_info(doc, roles))
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for positions in ("special", "special+suffix"):
+        cfg = GEMConfig(train_mode="summary", adapter_rank=4, adapter_alpha=8.0, adapter_positions=positions)
+        adapter = attach_summary_adapter(model, cfg, seed=3)
+        with torch.no_grad():
+            fresh, _ = model(ids, pos, gem_mask_info(doc, roles))
+            for d in adapter.deltas.values():
+                d.lora_B.copy_(torch.randn(d.lora_B.shape, generator=g) * 0.05)
+            logits, _ = model(ids, pos, gem_mask_info(doc, roles))
+        state = hf_adapter_state(model, arch)
+        hf_adapter = attach_hf(hf, cfg)
+        load_hf_adapter_state(hf_adapter, state)
+        ref = hf_logits(hf, ids, pos, doc, roles)
+        trainable = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
+        detach_hf(hf_adapter)
+        detach_summary_adapter(model)
+        V = ref.shape[-1]
+        lt, bt = logits.transpose(0, 1), base.transpose(0, 1)  # [L, B, V]: index by the [L, B] mask
+        out[f"summary_{positions}"] = {
+            "max_abs_diff": float((logits[..., :V] - ref).abs().max()),
+            "ref_scale": float(ref.abs().max()),
+            "fresh_equals_base": bool(torch.equal(fresh, base)),
+            "untouched_equal_base": bool(torch.equal(lt[untouched], bt[untouched])),
+            "changed_by_delta": float((logits - base)[..., :V].abs().max()),
+            "hf_keys": sorted(state)[:3] + [len(state)],
+            "trainable": trainable,
+        }
+    return out
 
 
 def load_logits(megatron_dir, batch_path, out_path, tp="2", pp="2"):

@@ -181,3 +181,94 @@ def test_tp2_nan_on_one_rank_stops_all_and_damaged_checkpoints_are_refused(refer
         resolve_checkpoint(str(save), log=lambda *_: None)
     assert str(shard) in str(e.value)
     assert resolve_checkpoint(str(save), fallback=True, log=lambda *_: None) == "global_step2"
+
+
+# ------------------------------------------------------------------------------ summary mode
+SUMMARY = ("--gem-train", "summary", "--gem-adapter-rank", "4")
+
+
+@pytest.fixture(scope="module")
+def summary_reference(gem_hf_checkpoint, corpus, tmp_path_factory):
+    save = tmp_path_factory.mktemp("mg_summary") / "run"
+    proc = run_torchrun(_args(gem_hf_checkpoint, corpus, save, *SUMMARY))
+    return save, proc.stdout
+
+
+def _adapter(directory):
+    from safetensors.torch import load_file
+
+    return load_file(directory / "hf" / "adapter_model.safetensors")
+
+
+def test_summary_mode_trains_only_the_adapter_and_keeps_the_base_exact(summary_reference, gem_hf_checkpoint):
+    """Single process: grad buffers and optimizer hold exactly the adapter (+ logit scale); the
+    export is the HF-named adapter alone; on the HF base model it changes GEM layouts and leaves
+    plain text (what generation computes) bit for bit the base model's."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_gem.gem.config import GEMConfig
+    from megatron_gem.hf.summary import attach_summary_adapter, logits_of
+    from megatron_gem.mcore.summary import load_hf_adapter_state
+
+    save, stdout = summary_reference
+    m = _metrics(save)
+    assert [r["phase"] for r in m] == [1, 1, 2, 2] and all(r["grad_norm"] > 0 for r in m) and m[3]["logit_scale"] != 20.0
+    state = _adapter(save)
+    # megatron holds one A per fused layer (q/k/v and gate/up share theirs in the HF names)
+    shared = ("q_proj", "o_proj", "gate_proj", "down_proj")
+    expected = sum(t.numel() for k, t in state.items() if "lora_B" in k or k.split(".")[-3] in shared) + 1  # + the logit scale
+    assert f"trainable {expected}, in grad buffers {expected}, in the optimizer {expected} elements" in stdout, stdout[-3000:]
+    assert not list((save / "hf").glob("model*.safetensors"))  # the base is --model, not re-exported
+    cfg = GEMConfig.load(save / "hf")
+    base_ids = GEMConfig.load(gem_hf_checkpoint).special_token_ids
+    assert cfg.train_mode == "summary" and cfg.special_token_ids == base_ids and cfg.summary_tokens == ["<|gem_0|>"]
+
+    base = AutoModelForCausalLM.from_pretrained(gem_hf_checkpoint, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(gem_hf_checkpoint, dtype=torch.float32)
+    load_hf_adapter_state(attach_summary_adapter(lm, cfg), state)
+    ids = torch.randint(4, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits_of(lm, ids), logits_of(base, ids))
+    ids[:, 10] = base_ids[0]
+    roles = torch.zeros_like(ids)
+    roles[:, 10], roles[:, 11:] = 1, 2
+    with torch.no_grad():
+        gem = lm(input_ids=ids, doc_ids=torch.zeros_like(ids), roles=roles, use_cache=False).logits
+        plain = base(input_ids=ids, use_cache=False).logits
+    assert torch.equal(gem[:, :10], plain[:, :10]) and (gem[:, 10:] - plain[:, 10:]).abs().max() > 1e-6
+
+
+def test_summary_mode_tp2_pp2_recompute_resume_equals_single_process(summary_reference, converted_checkpoint, gem_hf_checkpoint, corpus, tmp_path):
+    """4 processes, TP=2 x PP=2 with full recomputation, from the converted checkpoint, stopped
+    after step 2 and resumed (adapter + distributed optimizer from dist_checkpointing): the
+    single-process losses and adapter; the frozen base in the step-4 checkpoint converts to
+    exactly the original HF weights."""
+    save = tmp_path / "summary_tp2pp2"
+    args = _args(converted_checkpoint, corpus, save, *SUMMARY, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
+    args += ["--recompute-granularity", "full"]
+    run_torchrun(args + ["--exit-after-iters", "2"], nproc=4)
+    assert (save / "latest").read_text().strip() == "global_step2" and not (save / "hf").exists()
+    run_torchrun(args + ["--load", str(save)], nproc=4)
+    ref, _ = summary_reference
+    _close(_metrics(ref), _metrics(save))
+    a, b = _adapter(ref), _adapter(save)
+    assert sorted(a) == sorted(b) and any(float(t.abs().max()) > 1e-4 for k, t in a.items() if "lora_B" in k)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+    from tests.launch import run_python
+
+    run_python(["tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(save / "global_step4"), "--output", str(tmp_path / "base")])
+    got, orig = _weights(tmp_path, sub="base"), _weights(gem_hf_checkpoint, sub=".")
+    assert sorted(got) == sorted(orig) and all(torch.equal(got[k], orig[k]) for k in orig)
+
+
+def test_summary_mode_exact_resume(summary_reference, gem_hf_checkpoint, corpus, tmp_path):
+    """Single process, killed after step 2 and resumed: the uninterrupted losses and adapter,
+    bit for bit (adapter + Adam state from the checkpoint; the base rebuilt equal)."""
+    save = tmp_path / "summary_resume"
+    run_torchrun(_args(gem_hf_checkpoint, corpus, save, *SUMMARY, "--exit-after-iters", "2"))
+    run_torchrun(_args(gem_hf_checkpoint, corpus, save, *SUMMARY, "--load", str(save)))
+    ref, _ = summary_reference
+    for ra, rb in zip(_metrics(ref), _metrics(save), strict=True):
+        assert {k: v for k, v in ra.items() if k not in VOLATILE} == {k: v for k, v in rb.items() if k not in VOLATILE}
+    a, b = _adapter(ref), _adapter(save)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
