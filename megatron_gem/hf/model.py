@@ -18,7 +18,7 @@ class GEMModel(torch.nn.Module):
     """What the engine optimises: ``lm`` (an HF causal LM) and ``logit_scale``.
 
     ``forward(batch, "ntp")`` -> logits [B, L, V]; ``forward(batch, "embed")`` -> (summary
-    embeddings [num_docs, H] of the batch's documents, logit scale). Everything runs inside
+    embeddings [2N + M, H] of the batch's anchors, positives and M hard negatives, logit scale). Everything runs inside
     forward so engines that hook the root module (DeepSpeed ZeRO-3) see one forward per call.
     """
 
@@ -48,7 +48,8 @@ class GEMModel(torch.nn.Module):
         if task == "ntp":
             return head(hidden + 0.0 * scale)  # touched on [B, L, H], not on the larger logits
         if task == "embed":
-            emb = pool_special_states(hidden, batch["roles"], batch["doc_ids"], 2 * int(batch["num_texts"]))
+            docs = 2 * int(batch["num_texts"]) + int(batch.get("num_negatives", 0))  # anchors, positives, hard negatives
+            emb = pool_special_states(hidden, batch["roles"], batch["doc_ids"], docs)
             return emb + 0.0 * head(hidden[:1, :1]).sum(), scale
         raise ValueError(f"unknown task {task!r}; expected 'ntp' or 'embed'")
 

@@ -35,6 +35,8 @@ class DataConfig:
     pairs: list[str] | None = None  # --contrastive-data (None: self-supervised positives)
     query_field: str = "query"
     positive_field: str = "positive"
+    negative_field: str | None = None  # --contrastive-negative-field: hard negatives of each pair
+    negatives_required: bool = False  # a pair record without hard negatives is a bad record
 
     @property
     def on_bad(self) -> str:
@@ -49,6 +51,7 @@ class BatchConfig:
     contrastive_batch_size: int = 8  # texts per contrastive micro-batch per rank
     contrastive_max_length: int = 512
     data_parallel_size: int = 1
+    contrastive_micro_batch_size: int | None = None  # GradCache chunk (anchors per graph); None: no chunking
 
     @property
     def accumulation_steps(self) -> int:

@@ -17,7 +17,15 @@ def open_training_corpus(data: DataConfig, tokenizer):
 
 def open_contrastive_pairs(data: DataConfig, tokenizer):
     """Read --contrastive-data into a PairCorpus (query field -> anchor, positive field -> positive)."""
-    return open_pair_corpus(_one_or_many(data.pairs), tokenizer, query_field=data.query_field, positive_field=data.positive_field, on_bad=data.on_bad)
+    return open_pair_corpus(
+        _one_or_many(data.pairs),
+        tokenizer,
+        query_field=data.query_field,
+        positive_field=data.positive_field,
+        negative_field=data.negative_field,
+        negatives_required=data.negatives_required,
+        on_bad=data.on_bad,
+    )
 
 
 def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: int):
@@ -37,14 +45,16 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
     contrastive = None
     if job.has_phase_two:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        texts, positives = corpus, None
+        texts, positives, negatives = corpus, None, None
         if job.data.pairs:
             pairs = open_contrastive_pairs(job.data, tokenizer)
-            texts, positives = pairs.queries, pairs.positives
+            texts, positives, negatives = pairs.queries, pairs.positives, pairs.negatives
         ds = ContrastiveDataset(
             texts,
             job.gem,
             positives=positives,
+            negatives=negatives,
+            chunk_size=b.contrastive_micro_batch_size,
             max_text_len=min(b.seq_length, b.contrastive_max_length),
             seq_length=b.seq_length,
             seed=seed + 1,
