@@ -53,7 +53,9 @@ def _batch(tok, cfg, pairs_path, *, chunk, negatives=True):
         shuffle=False,
         chunk_size=chunk,
     )
-    return corpus, next(iter(GEMDataLoader(ds, micro_batch_size=8, data_parallel_rank=0, data_parallel_size=1)))
+    batch = next(iter(GEMDataLoader(ds, micro_batch_size=8, data_parallel_rank=0, data_parallel_size=1)))
+    batch["dataset"] = ds  # for the tests' own checks; the models ignore other keys
+    return corpus, batch
 
 
 def _grads(model):
@@ -152,3 +154,7 @@ def test_negatives_are_read_laid_out_and_counted(pairs):
     n, m = batch["num_texts"], batch["num_negatives"]
     docs = set(batch["doc_ids"][batch["doc_ids"] >= 0].tolist())
     assert docs == set(range(2 * n + m))  # anchors, positives, then the hard negatives
+    # texts over max_text_len - K = 22 tokens are truncated and counted, hard negatives included
+    ds = batch["dataset"]
+    lengths = [*corpus.queries.lengths, *corpus.positives.lengths, *corpus.negatives.corpus.lengths]
+    assert ds.epoch_stats().truncated_texts == sum(int(x) > 22 for x in lengths)
