@@ -16,6 +16,14 @@ Modes (each measured in its own subprocess, so peak memory is per mode):
 Each step = forward + backward + AdamW step (over the trainable parameters). Reports median
 seconds per step, tokens/s, the GEM/causal ratio (target <= 1.05), the summary/full phase-2
 ratio (target <= 0.5) and peak RSS (CPU) or peak CUDA memory. Last line: JSON.
+
+``--memory-sweep N1 N2 ...`` instead measures the memory of one phase-2 forward + backward per
+contrastive batch size N, unchunked and with GradCache chunks of ``--contrastive-micro-batch-size``
+(training/grad_cache.py, what ``train.py --contrastive-micro-batch-size`` runs), each in a fresh
+subprocess: on GPU the peak CUDA memory allocated during the step above what was allocated
+before it; on CPU the rise of the process's peak RSS during the step (ru_maxrss after - RSS
+before; ``saturated`` when the step did not raise the process peak set by loading, so the rise
+is a lower bound).
 """
 
 from __future__ import annotations
@@ -57,7 +65,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--adapter-rank", type=int, default=16, help="summary mode: rank of each delta")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to measure (default: all)")
+    p.add_argument(
+        "--memory-sweep", type=int, nargs="+", default=None, metavar="N", help="measure phase-2 step memory at these contrastive batch sizes (see above)"
+    )
+    p.add_argument("--contrastive-micro-batch-size", type=int, default=8, help="GradCache chunk of --memory-sweep's chunked runs")
     p.add_argument("--mode", choices=MODES, default=None, help=argparse.SUPPRESS)  # internal: one mode
+    p.add_argument("--memory-point", type=int, nargs=2, default=None, help=argparse.SUPPRESS)  # internal: N, chunk (0: none)
     return p.parse_args(argv)
 
 
@@ -173,12 +186,116 @@ def _ratio(results, a, b):
     return results[a]["median_step_s"] / results[b]["median_step_s"] if a in results and b in results else None
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_memory_point(args) -> dict:
+    """One phase-2 forward + backward of a contrastive batch of N texts, chunked or not."""
+    import torch
+
+    from megatron_gem.data import ContrastiveDataset, GEMDataLoader, InMemoryCorpus
+    from megatron_gem.gem import GEMConfig
+    from megatron_gem.hf.model import GEMModel, prepare_gem_lm
+    from megatron_gem.training.grad_cache import cached_backward
+    from megatron_gem.training.step import contrastive_micro_loss
+
+    n, chunk = args.memory_point
+    torch.manual_seed(0)
+    lm, tok, model_name = load(args)
+    texts, corpus_name = corpus_texts()
+    cfg = GEMConfig(p_raw=args.p_raw)
+    prepare_gem_lm(lm, tok, cfg, backend="auto", gradient_checkpointing=False)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = GEMModel(lm, cfg).to(device)
+    ds = ContrastiveDataset(
+        InMemoryCorpus.from_texts(texts[: 4 * n], tok),
+        cfg,
+        max_text_len=args.contrastive_max_length,
+        seq_length=args.seq_length,
+        pad_id=tok.pad_token_id,
+        chunk_size=chunk or None,
+    )
+    batch = next(iter(GEMDataLoader(ds, micro_batch_size=n, data_parallel_rank=0, data_parallel_size=1)))
+
+    def move(b):
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else [move(c) for c in v] if k == "chunks" else v) for k, v in b.items()}
+
+    batch = move(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    before_rss, peak_before = _rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    if chunk:
+        loss = cached_backward(lambda c: model(c, "embed"), lambda l, last: l.backward(), batch, weight=1.0)
+    else:
+        part = contrastive_micro_loss(model, batch)
+        part.loss.backward()
+        loss = part.cl_loss
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {
+        "contrastive_batch_size": n,
+        "chunk": chunk or None,
+        "loss": loss,
+        "step_s": seconds,
+        "device": device.type,
+        "model": model_name,
+        "corpus": corpus_name,
+    }
+    if device.type == "cuda":
+        out["step_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 - before
+    else:
+        out["step_peak_mb"] = peak_after - before_rss
+        out["saturated"] = peak_after <= peak_before
+    return out
+
+
+def memory_sweep(args, argv) -> dict:
+    base = [sys.executable, os.path.abspath(__file__), *argv]
+    points = []
+    for n in args.memory_sweep:
+        for chunk in (0, args.contrastive_micro_batch_size):
+            if chunk >= n:
+                continue  # a chunk as large as the batch is the unchunked run
+            print(f"bench_train: memory of a contrastive step, N={n}, chunk={chunk or 'none'} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(
+                [*base, "--memory-point", str(n), str(chunk)], check=True, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")
+            )
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            points.append(r)
+            flag = " (saturated: lower bound)" if r.get("saturated") else ""
+            print(
+                f"  N={n:4d} chunk={str(r['chunk']):4s} step peak {r['step_peak_mb']:8.1f} MB{flag}  {r['step_s']:.2f} s  loss {r['loss']:.5f}", file=sys.stderr
+            )
+    return {
+        "model": points[0]["model"],
+        "corpus": points[0]["corpus"],
+        "device": points[0]["device"],
+        "seq_length": args.seq_length,
+        "contrastive_max_length": args.contrastive_max_length,
+        "contrastive_micro_batch_size": args.contrastive_micro_batch_size,
+        "memory": points,
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.mode:
         print(json.dumps(run_mode(args)))
         return 0
     argv = list(argv if argv is not None else sys.argv[1:])
+    if args.memory_point:
+        print(json.dumps(run_memory_point(args)))
+        return 0
+    if args.memory_sweep:
+        print(json.dumps(memory_sweep(args, argv)))
+        return 0
     results = {}
     for mode in args.modes:
         print(f"bench_train: measuring {mode} ({args.warmup}+{args.steps} steps) ...", file=sys.stderr, flush=True)

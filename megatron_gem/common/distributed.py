@@ -58,34 +58,50 @@ def all_gather_object(obj, group=None) -> list:
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for our slice (all_reduce): the
-    exact gradient of a loss that uses all ranks' keys. Uses only all_gather and all_reduce,
-    which every backend (gloo included) supports."""
+    exact gradient of a loss that uses all ranks' keys. Ranks may hold different numbers of
+    rows (``sizes``, every rank's count): each part is padded to the largest for the
+    all_gather and trimmed after. Uses only all_gather and all_reduce, which every backend
+    (gloo included) supports."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, group):
+    def forward(ctx, local: torch.Tensor, group, sizes: list[int]):
         ctx.group = group
-        ctx.rank = dist.get_rank(group)
-        ctx.n = local.shape[0]
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local.contiguous(), group=group)
-        return torch.cat(parts)
+        rank = dist.get_rank(group)
+        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        width = max(sizes)
+        padded = local.contiguous()
+        if local.shape[0] < width:
+            padded = torch.cat([padded, padded.new_zeros((width - local.shape[0], *local.shape[1:]))])
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None
+        return grad[ctx.start : ctx.stop], None, None
+
+
+def _row_counts(local: torch.Tensor, group) -> list[int]:
+    """Every rank's number of rows (hard negatives make them differ)."""
+    mine = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return [int(p) for p in parts]
 
 
 def make_gather_keys(group=None):
     """An InfoNCE ``gather_keys`` hook over the data-parallel group (None: single process).
 
-    Every rank must hold the same number of keys (the contrastive batch size is fixed).
+    Ranks may hold different numbers of keys (records carry different numbers of hard
+    negatives); the hook exchanges the counts first. Returns (all keys, offset of ours).
     """
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return None
 
     def gather(keys: torch.Tensor):
-        return _GatherWithGrad.apply(keys, group), dist.get_rank(group) * keys.shape[0]
+        sizes = _row_counts(keys, group)
+        return _GatherWithGrad.apply(keys, group, sizes), sum(sizes[: dist.get_rank(group)])
 
     return gather

@@ -21,6 +21,7 @@ from .readers import (
     PARQUET_SUFFIXES,
     DataError,
     Document,
+    TextList,
     _suffix,
     iter_documents,
     iter_hf_documents,
@@ -221,13 +222,38 @@ def open_corpus(
     return corpus
 
 
+class NegativeTexts:
+    """Hard negatives of the pairs: record i owns texts ``offsets[i]:offsets[i + 1]`` of
+    ``corpus`` (zero or more each)."""
+
+    def __init__(self, corpus: InMemoryCorpus, offsets: np.ndarray):
+        self.corpus, self.offsets = corpus, np.asarray(offsets, dtype=np.int64)
+        self.counts = np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return int(self.counts.shape[0])
+
+    def get(self, i: int) -> list[np.ndarray]:
+        return [self.corpus.get(j) for j in range(int(self.offsets[i]), int(self.offsets[i + 1]))]
+
+    @property
+    def max_per_record(self) -> int:
+        return int(self.counts.max()) if len(self) else 0
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(np.ascontiguousarray(self.counts).tobytes()).hexdigest()[:12]
+        return f"{self.corpus.fingerprint()}-per-record-{h}"
+
+
 @dataclass
 class PairCorpus:
     """Aligned (query, positive) texts for supervised contrastive training: pair i is
-    ``queries.get(i)`` and ``positives.get(i)``; ``stats`` counts pairs read and skipped."""
+    ``queries.get(i)`` and ``positives.get(i)``, its hard negatives ``negatives.get(i)`` (when
+    read); ``stats`` counts pairs read and skipped, and the hard negatives."""
 
     queries: InMemoryCorpus
     positives: InMemoryCorpus
+    negatives: NegativeTexts | None = None
 
     @property
     def stats(self) -> DataStats:
@@ -243,6 +269,8 @@ def open_pair_corpus(
     *,
     query_field: str = "query",
     positive_field: str = "positive",
+    negative_field: str | None = None,
+    negatives_required: bool = False,
     on_bad: str = "error",
     max_chars: int | None = None,
     num_proc: int = 1,
@@ -254,23 +282,37 @@ def open_pair_corpus(
 
     Every record must hold both fields as non-empty strings; a bad record raises
     :class:`DataError` naming its file and line, or with ``on_bad="skip"`` is skipped and
-    counted (a pair is never half-kept, so the two sides stay aligned).
+    counted (a pair is never half-kept, so the two sides stay aligned). ``negative_field``:
+    also read that field's hard negatives (a string or a list of strings, see
+    :class:`~megatron_gem.data.readers.TextList`); records without it are kept and counted
+    unless ``negatives_required``.
     """
-    if query_field == positive_field:
-        raise ValueError(f"query and positive field are both {query_field!r}")
+    names = [query_field, positive_field] + ([negative_field] if negative_field else [])
+    if len(set(names)) != len(names):
+        raise ValueError(f"query, positive and negative fields must differ, got {names}")
     fields = (query_field, positive_field)
     if isinstance(source, (str, os.PathLike, list, tuple)) and not str(source).startswith("hf:"):
         for path in resolve_paths(source):
             if _suffix(path) not in JSON_SUFFIXES + PARQUET_SUFFIXES:
                 raise DataError(f"{path}: pairs need records with fields {fields} (json, jsonl or parquet), not {_suffix(path)!r}")
+    if negative_field:
+        fields = fields + (TextList(negative_field, negatives_required),)
     stats = DataStats()
     pairs = _read_source(source, text_field=fields, txt_unit="document", on_bad=on_bad, max_chars=max_chars, stats=stats, hf_split=hf_split)
     texts = [d.text for d in pairs]
     if not texts:
         raise DataError(f"{source}: no usable pairs ({stats.summary('read')})")
-    query_texts, positive_texts = (list(side) for side in zip(*texts))
-    query_texts = [query_prompt + q for q in query_texts]
+    query_texts = [query_prompt + t[0] for t in texts]
+    positive_texts = [t[1] for t in texts]
     queries, positives = (InMemoryCorpus.from_texts(side, tokenizer, stats=DataStats(), num_proc=num_proc) for side in (query_texts, positive_texts))
     stats.tokens_in = queries.stats.tokens_in + positives.stats.tokens_in
+    negatives = None
+    if negative_field:
+        flat = [n for t in texts for n in t[2]]
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum([len(t[2]) for t in texts], out=offsets[1:])
+        negatives = NegativeTexts(InMemoryCorpus.from_texts(flat, tokenizer, stats=DataStats(), num_proc=num_proc), offsets)
+        stats.hard_negatives = len(flat)
+        stats.tokens_in += negatives.corpus.stats.tokens_in
     queries.stats = stats  # what reading the pairs counted travels with the anchors (ContrastiveDataset.epoch_stats)
-    return PairCorpus(queries, positives)
+    return PairCorpus(queries, positives, negatives)

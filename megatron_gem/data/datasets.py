@@ -240,6 +240,14 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
     truncated (the specials never are). ``collate`` packs a micro-batch of N items into rows of
     ``seq_length``: doc ids 0..N-1 are the anchors, N+j the positive view of anchor j.
     ``num_rows`` fixes the row count of every micro-batch (raises if the texts do not fit).
+
+    ``negatives`` (a :class:`~megatron_gem.data.corpus.NegativeTexts` aligned with the pairs):
+    each item also carries its record's hard negatives, laid out like positives; a micro-batch
+    then holds ``num_negatives`` (M) more documents, 2N..2N+M-1, in item order.
+    ``chunk_size`` C (GradCache, ``--contrastive-micro-batch-size``): a micro-batch of N > C
+    items is collated as ``{"chunks": [...], "num_texts": N, "num_negatives": M, ...}``, each
+    chunk the batch of C consecutive items (the last may be shorter) packed into its own rows,
+    numbered like a micro-batch of its own (``chunk_spans``).
     """
 
     kind = "contrastive"
@@ -258,6 +266,8 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
         num_rows: int | None = None,
         positives=None,
         anchor_prompt=None,
+        negatives=None,
+        chunk_size: int | None = None,
     ):
         self.seq_length = int(seq_length if seq_length is not None else max_text_len)
         # tokens -> anchor tokens (tokenization.PromptedText: the query prompt of self-supervised
@@ -270,7 +280,9 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
         self.builder = SampleBuilder(config, self.seq_length, seed=seed)
         if self.max_text_len <= self.builder.k:
             raise ValueError(f"max_text_len={max_text_len} leaves no room beside K={self.builder.k} special tokens")
-        self.positives = positives
+        self.positives, self.negatives, self.chunk_size = positives, negatives, chunk_size
+        if negatives is not None and (positives is None or len(negatives) != len(corpus)):
+            raise ValueError("hard negatives need pairs: one NegativeTexts entry per pair record")
         nonempty = np.asarray(corpus.lengths) > 0
         if positives is not None:
             if len(positives) != len(corpus):
@@ -294,8 +306,12 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
         d = int(self._epoch_docs(epoch)[i])
         positive = self.positives.get(d) if self.positives is not None else None
         text = self.corpus.get(d)
-        anchor = self.anchor_prompt(text) if self.anchor_prompt is not None else None
-        return self.builder.embed_pair(text, d, epoch, self.max_text_len, positive, anchor)
+        prompted = self.anchor_prompt(text) if self.anchor_prompt is not None else None
+        anchor, pos, cut = self.builder.embed_pair(text, d, epoch, self.max_text_len, positive, prompted)
+        if self.negatives is None:
+            return anchor, pos, cut
+        negs = [self.builder.embed_text(t, self.max_text_len) for t in self.negatives.get(d)]
+        return anchor, pos, cut + sum(c for _, c in negs), [layout for layout, _ in negs]
 
     def __len__(self) -> int:
         total = self.total_samples()
@@ -303,26 +319,44 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
             raise TypeError("an endless ContrastiveDataset (num_epochs=None) has no length")
         return total
 
-    def collate(self, items) -> dict:
+    def _pack(self, items) -> dict:
         n = len(items)
-        texts = [it[0] for it in items] + [it[1] for it in items]
+        negatives = [neg for it in items for neg in (it[3] if len(it) > 3 else ())]
+        texts = [it[0] for it in items] + [it[1] for it in items] + negatives
         batch = collate_rows(pack_texts(texts, self.seq_length, pad_id=self.pad_id, num_rows=self.num_rows), renumber=False)
         batch["num_texts"] = n
+        batch["num_negatives"] = len(negatives)
         batch["truncated_tokens"] = int(sum(it[2] for it in items))
         return batch
+
+    def collate(self, items) -> dict:
+        spans = chunk_spans(len(items), self.chunk_size)
+        if len(spans) == 1:
+            return self._pack(items)
+        chunks = [self._pack(items[a:b]) for a, b in spans]
+        return {
+            "chunks": chunks,
+            "num_texts": len(items),
+            "num_negatives": sum(c["num_negatives"] for c in chunks),
+            "truncated_tokens": sum(c["truncated_tokens"] for c in chunks),
+        }
 
     def epoch_stats(self, epoch: int = 0) -> DataStats:
         s = DataStats().merge(self.corpus.stats)
         budget = self.max_text_len - self.builder.k
-        for side in (self.corpus, self.positives):
-            if side is not None:
-                over = np.asarray(side.lengths)[self.valid] - budget
-                s.truncated_texts += int((over > 0).sum())
-                s.truncated_tokens += int(over[over > 0].sum())
+        lengths = [np.asarray(side.lengths)[self.valid] for side in (self.corpus, self.positives) if side is not None]
+        if self.negatives is not None:  # the negatives of the pairs in use
+            n = self.negatives
+            lengths.append(np.asarray(n.corpus.lengths)[np.concatenate([np.arange(n.offsets[d], n.offsets[d + 1]) for d in self.valid])])
+        for side in lengths:
+            over = side - budget
+            s.truncated_texts += int((over > 0).sum())
+            s.truncated_tokens += int(over[over > 0].sum())
         return s
 
     def fingerprint(self) -> str:
         pairs = f"|positives:{self.positives.fingerprint()}" if self.positives is not None else ""
+        pairs += f"|negatives:{self.negatives.fingerprint()}" if self.negatives is not None else ""
         return (
             f"{self.kind}|{self.corpus.fingerprint()}{pairs}|len{self.max_text_len}|seq{self.seq_length}|seed{self.seed}"
             f"|shuffle{int(self.shuffle)}|gem{_config_hash(self.config)}"
@@ -333,6 +367,18 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
 
     def load_index_state(self, state: dict) -> None:
         pass
+
+
+def chunk_spans(num_items: int, chunk: int | None) -> list[tuple[int, int]]:
+    """The GradCache chunk plan of a contrastive micro-batch: item ranges [start, stop) of C =
+    ``chunk`` items (one range when chunk is None or >= num_items; the last may be shorter)."""
+    if num_items < 1:
+        raise ValueError(f"a contrastive micro-batch needs >= 1 item, got {num_items}")
+    if chunk is None or chunk >= num_items:
+        return [(0, num_items)]
+    if chunk < 1:
+        raise ValueError(f"chunk size must be >= 1, got {chunk}")
+    return [(s, min(s + chunk, num_items)) for s in range(0, num_items, chunk)]
 
 
 class StreamingPackedDataset:

@@ -35,8 +35,19 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Document:
-    text: str | tuple[str, ...]  # a tuple when several fields were read (pairs)
+    text: str | tuple  # a tuple when several fields were read (pairs; a TextList field gives a tuple of texts)
     where: str  # "path:line" (or "path:row N" / "dataset:record N") of the record
+
+
+@dataclass(frozen=True)
+class TextList:
+    """A record field holding zero or more texts: a string or a list of strings (hard
+    negatives). A record without it (missing, null or []) is kept and counted
+    (``DataStats.records_without_negatives``) unless ``required``, when it is a bad record.
+    Empty strings in it are dropped and counted (``DataStats.empty_negatives``)."""
+
+    name: str
+    required: bool = False
 
 
 def _suffix(path: str) -> str:
@@ -108,24 +119,65 @@ class _Validator:
         self.stats.documents_read += 1
         return Document(value, where)
 
-    def field(self, record, text_field: str | tuple[str, ...], where: str) -> Document | None:
+    def text_list(self, record: dict, spec: TextList, where: str):
+        """The texts of a TextList field as a tuple (possibly empty); None: the record is bad."""
+        value = record.get(spec.name)
+        if isinstance(value, str):
+            value = [value]
+        if value is None or (isinstance(value, list) and not value):
+            if spec.required:
+                keys = ", ".join(sorted(map(str, record))[:8]) or "none"
+                self.bad("missing_negatives", where, f"no {spec.name!r} texts (fields: {keys}; the field is required)")
+                return None
+            self.stats.records_without_negatives += 1
+            return ()
+        if not isinstance(value, list):
+            self.bad("not_a_string", where, f"field {spec.name!r} is {type(value).__name__}, not a string or a list of strings")
+            return None
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.bad("not_a_string", where, f"field {spec.name!r} item {i} is {type(item).__name__}, not a string")
+                return None
+            if self.max_chars is not None and len(item) > self.max_chars:
+                self.bad("too_long", where, f"field {spec.name!r} item {i} has {len(item)} characters > max_chars={self.max_chars}")
+                return None
+        texts = tuple(t for t in value if t.strip())
+        self.stats.empty_negatives += len(value) - len(texts)
+        if not texts and spec.required:
+            self.bad("missing_negatives", where, f"field {spec.name!r} holds only empty texts (the field is required)")
+            return None
+        if not texts:
+            self.stats.records_without_negatives += 1
+        return texts
+
+    def field(self, record, text_field: str | tuple, where: str) -> Document | None:
         """The record's text; with a tuple of field names (pairs), a Document whose ``text`` is
-        the tuple of their texts, and the whole record skipped if any field is bad or empty."""
+        the tuple of their texts, and the whole record skipped if any field is bad or empty.
+        A :class:`TextList` entry of the tuple gives a tuple of texts (see there)."""
         if not isinstance(record, dict):
             self.bad("not_an_object", where, f"record is a JSON {type(record).__name__}, expected an object")
             return None
         names = text_field if isinstance(text_field, tuple) else (text_field,)
         for name in names:
-            if name not in record:
+            if not isinstance(name, TextList) and name not in record:
                 keys = ", ".join(sorted(map(str, record))[:8]) or "none"
                 self.bad("missing_field", where, f"no field {name!r} (fields: {keys})")
                 return None
         if not isinstance(text_field, tuple):
             return self.text(record[text_field], where)
-        if not all(self._usable(record[name], where, f"field {name!r}") for name in names):
+        if not all(self._usable(record[name], where, f"field {name!r}") for name in names if not isinstance(name, TextList)):
             return None
+        texts = []
+        for name in names:
+            if isinstance(name, TextList):
+                value = self.text_list(record, name, where)
+                if value is None:
+                    return None
+                texts.append(value)
+            else:
+                texts.append(record[name])
         self.stats.documents_read += 1
-        return Document(tuple(record[name] for name in names), where)
+        return Document(tuple(texts), where)
 
 
 def _decode_lines(path: str, check: _Validator) -> Iterator[tuple[int, str]]:

@@ -227,6 +227,14 @@ class SampleBuilder:
 
     # ------------------------------------------------------------------ contrastive phase
 
+    def embed_text(self, tokens: np.ndarray, max_text_len: int):
+        """One text in the ``embed`` layout, truncated like embed_pair's: ((ids, roles), tokens_cut)."""
+        budget = max_text_len - self.k
+        if budget < 1:
+            raise ValueError(f"max_text_len={max_text_len} leaves no room for text beside K={self.k} special tokens")
+        text = tokens[:budget]
+        return build_layout(text, "embed", self.special_ids), int(tokens.shape[0] - text.shape[0])
+
     def embed_pair(
         self,
         doc_tokens: np.ndarray,

@@ -27,6 +27,9 @@ class DataStats:
     truncated_texts: int = 0  # contrastive texts cut to fit max_text_len (specials kept)
     truncated_tokens: int = 0
     layouts: Counter = field(default_factory=Counter)  # layout name -> pieces
+    hard_negatives: int = 0  # hard-negative texts read (--contrastive-negative-field)
+    records_without_negatives: int = 0  # pair records kept without any hard negative
+    empty_negatives: int = 0  # empty hard-negative strings dropped
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] += n
@@ -76,6 +79,11 @@ class DataStats:
                 f"[{title}] rows: {self.rows}, pieces: {self.pieces} ({layouts}), chunked documents: {self.chunked_documents}",
                 f"[{title}] padding: {self.padding_tokens} tokens = {100 * self.padding_fraction:.3f}%",
             ]
+        if self.hard_negatives or self.records_without_negatives or self.empty_negatives:
+            lines.append(
+                f"[{title}] hard negatives: {self.hard_negatives} (records without any: {self.records_without_negatives}, "
+                f"empty strings dropped: {self.empty_negatives})"
+            )
         if self.truncated_texts:
             lines.append(f"[{title}] truncated texts: {self.truncated_texts} ({self.truncated_tokens} tokens cut)")
         return "\n".join(lines)

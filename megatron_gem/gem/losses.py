@@ -67,18 +67,25 @@ def info_nce(
     *,
     gather_keys: GatherKeys | None = None,
     symmetric: bool = False,
+    negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """InfoNCE over L2-normalised embeddings: mean_i -log softmax_j(s * cos(a_i, p_j))[i].
+    """InfoNCE over L2-normalised embeddings: mean_i -log softmax_j(s * cos(a_i, k_j))[i].
 
-    anchors, positives [n, d] (row i of each is a pair). Negatives: every other positive in
-    the batch, and with ``gather_keys`` every positive of the other data-parallel ranks.
-    ``symmetric`` also adds the positives -> anchors direction (averaged).
+    anchors, positives [n, d] (row i of each is a pair). Keys k: the batch's positives, then
+    its hard ``negatives`` [m, d] if given (m may be 0 or differ between ranks), and with
+    ``gather_keys`` the keys (positives and hard negatives) of every data-parallel rank. So a
+    hard negative counts against every anchor, as in sentence-transformers'
+    MultipleNegativesRankingLoss. ``symmetric`` also adds the positives -> anchors direction
+    (averaged; hard negatives take no part in it).
     """
     if anchors.shape != positives.shape or anchors.dim() != 2:
         raise ValueError(f"anchors {tuple(anchors.shape)} and positives {tuple(positives.shape)} must be equal [n, d]")
+    if negatives is not None and (negatives.dim() != 2 or negatives.shape[1] != anchors.shape[1]):
+        raise ValueError(f"negatives {tuple(negatives.shape)} must be [m, {anchors.shape[1]}]")
     a = F.normalize(anchors.float(), dim=-1)
     p = F.normalize(positives.float(), dim=-1)
-    keys, offset = (p, 0) if gather_keys is None else gather_keys(p)
+    local_keys = p if negatives is None else torch.cat([p, F.normalize(negatives.float(), dim=-1)])
+    keys, offset = (local_keys, 0) if gather_keys is None else gather_keys(local_keys)
     target = torch.arange(a.shape[0], device=a.device) + offset
     loss = F.cross_entropy(logit_scale * a @ keys.T, target)
     if symmetric:

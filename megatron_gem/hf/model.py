@@ -20,7 +20,7 @@ class GEMModel(torch.nn.Module):
     by hf/summary.py; ``lm`` is then frozen and only the adapter and the logit scale train).
 
     ``forward(batch, "ntp")`` -> logits [B, L, V]; ``forward(batch, "embed")`` -> (summary
-    embeddings [num_docs, H] of the batch's documents, logit scale). Everything runs inside
+    embeddings [2N + M, H] of the batch's anchors, positives and M hard negatives, logit scale). Everything runs inside
     forward so engines that hook the root module (DeepSpeed ZeRO-3) see one forward per call.
     In summary mode "embed" takes the fast path (hf/summary.py summary_states: the text without
     autograd, then only the summary tokens with it); ``fast_summary=False`` (or
@@ -56,7 +56,7 @@ class GEMModel(torch.nn.Module):
     def embeddings(self, batch: dict, *, fast: bool = True) -> torch.Tensor:
         """Summary embeddings [num_docs, H] (not normalised) of a contrastive batch; summary mode
         with ``fast``: summary_states (no autograd through the text), else the full-row forward."""
-        num_docs = 2 * int(batch["num_texts"])
+        num_docs = 2 * int(batch["num_texts"]) + int(batch.get("num_negatives", 0))  # anchors, positives, hard negatives
         if self.summary_mode and fast:
             from .summary import summary_states
 
@@ -79,7 +79,8 @@ class GEMModel(torch.nn.Module):
         if task == "ntp":
             return head(hidden + 0.0 * scale)  # touched on [B, L, H], not on the larger logits
         if task == "embed":
-            emb = pool_special_states(hidden, batch["roles"], batch["doc_ids"], 2 * int(batch["num_texts"]))
+            docs = 2 * int(batch["num_texts"]) + int(batch.get("num_negatives", 0))  # anchors, positives, hard negatives
+            emb = pool_special_states(hidden, batch["roles"], batch["doc_ids"], docs)
             return emb + 0.0 * head(hidden[:1, :1]).sum(), scale
         raise ValueError(f"unknown task {task!r}; expected 'ntp' or 'embed'")
 

@@ -2,7 +2,7 @@
 megatron engine (StepLoss) and by the Megatron-LM integration (GEMForwardStep).
 
 Rows [:ntp_rows] carry next-token targets, rows [ntp_rows:] the 2N contrastive texts (anchor j,
-positive N + j). ``ntp_scale``: None gives the micro-batch's NTP token mean (Megatron-LM's
+positive N + j) and M hard negatives (docs 2N.., extra keys of every anchor). ``ntp_scale``: None gives the micro-batch's NTP token mean (Megatron-LM's
 convention); a number multiplies the NTP *sum* instead (train.py: ``dp * accum /
 global_tokens``, the token mean of the whole global batch after megatron-core's 1/accum and
 data-parallel averaging).
@@ -29,6 +29,13 @@ class MicroBatchLoss:
     tokens: int = 0  # non-padding tokens of the micro-batch
 
 
+def contrastive_embeddings(batch: dict, states: torch.Tensor) -> torch.Tensor:
+    """Summary embeddings [2N + M, H] (fp32) of the contrastive rows: anchors, positives, hard negatives."""
+    n = batch["ntp_rows"]
+    docs = 2 * batch["num_texts"] + int(batch.get("num_negatives", 0))
+    return pool_special_states(states.float(), batch["roles"][n:], batch["doc_ids"][n:], docs)
+
+
 def gem_micro_batch_loss(batch: dict, model, output, *, w_ntp: float, w_cl: float, gather_keys=None, ntp_scale: float | None = None) -> MicroBatchLoss:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -48,9 +55,9 @@ def gem_micro_batch_loss(batch: dict, model, output, *, w_ntp: float, w_cl: floa
     elif n:
         total = total + 0.0 * logits.float().sum()  # keep the LM head in the graph
     if batch["num_texts"] and w_cl > 0:
-        N = batch["num_texts"]
-        emb = pool_special_states(states.float(), batch["roles"][n:], batch["doc_ids"][n:], 2 * N)
-        cl = info_nce(emb[:N], emb[N:], model.logit_scale(), gather_keys=gather_keys)
+        N, M = batch["num_texts"], int(batch.get("num_negatives", 0))
+        emb = contrastive_embeddings(batch, states)
+        cl = info_nce(emb[:N], emb[N : 2 * N], model.logit_scale(), gather_keys=gather_keys, negatives=emb[2 * N :] if M else None)
         total = total + w_cl * cl
         out.cl = cl.detach()
     elif states is not None:

@@ -61,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="instruction prepended to the query/anchor text of phase 2 (not to positives), e.g. 'query: '; saved in the "
         "export as the sentence-transformers 'query' prompt and used by GEMEmbedder.encode_queries",
     )
+    g.add_argument(
+        "--contrastive-negative-field",
+        default=None,
+        metavar="NAME",
+        help="hard-negative field of --contrastive-data records (a string or a list of strings): extra keys every anchor is "
+        "scored against, as in sentence-transformers' MultipleNegativesRankingLoss; records without it are kept and counted",
+    )
+    g.add_argument(
+        "--contrastive-negatives-required",
+        action="store_true",
+        help="a --contrastive-data record without hard negatives is a bad record (an error naming file:line, or skipped with --skip-bad-records)",
+    )
     g.add_argument("--save", required=True, help="output directory: checkpoints, metrics.jsonl, hf/ export")
     g.add_argument(
         "--load",
@@ -79,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=1, help="rows per micro-batch per data-parallel rank")
     g.add_argument("--global-batch-size", type=int, default=None, help="rows per optimizer step over all ranks (default: micro x dp)")
     g.add_argument("--contrastive-batch-size", type=int, default=None, help="texts per contrastive micro-batch per rank (default: 8 x micro-batch-size)")
+    g.add_argument(
+        "--contrastive-micro-batch-size",
+        type=int,
+        default=None,
+        help="GradCache: embed the --contrastive-batch-size texts in chunks of this many anchors (a no-grad pass, the loss and "
+        "its embedding gradients over the whole batch, then a pass with graph per chunk): the gradient of the whole batch "
+        "with the activation memory of a chunk (default: no chunking)",
+    )
     g.add_argument(
         "--contrastive-max-length", type=int, default=512, help="tokens per contrastive text before its special tokens are appended (capped by --seq-length)"
     )
@@ -200,6 +220,9 @@ def validate_args(args, dp_size: int) -> None:
     if args.contrastive_batch_size is None:
         args.contrastive_batch_size = 8 * args.micro_batch_size
     positive("--contrastive-batch-size", args.contrastive_batch_size)
+    chunk = getattr(args, "contrastive_micro_batch_size", None)
+    if chunk is not None and not 1 <= chunk <= args.contrastive_batch_size:
+        raise ArgumentError(f"--contrastive-micro-batch-size {chunk} must lie in [1, --contrastive-batch-size {args.contrastive_batch_size}]")
     if args.lr <= 0 or args.contrastive_lr <= 0:
         raise ArgumentError(f"--lr and --contrastive-lr must be > 0, got {args.lr} and {args.contrastive_lr}")
     if not 0 <= args.lr_warmup_fraction < 1:
@@ -219,6 +242,13 @@ def validate_args(args, dp_size: int) -> None:
         )
     if args.contrastive_query_field == args.contrastive_positive_field:
         raise ArgumentError(f"--contrastive-query-field and --contrastive-positive-field are both {args.contrastive_query_field!r}")
+    negative_field = getattr(args, "contrastive_negative_field", None)
+    if (negative_field or getattr(args, "contrastive_negatives_required", False)) and not args.contrastive_data:
+        raise ArgumentError("--contrastive-negative-field / --contrastive-negatives-required need --contrastive-data (hard negatives belong to pairs)")
+    if getattr(args, "contrastive_negatives_required", False) and not negative_field:
+        raise ArgumentError("--contrastive-negatives-required needs --contrastive-negative-field NAME")
+    if negative_field in (args.contrastive_query_field, args.contrastive_positive_field):
+        raise ArgumentError(f"--contrastive-negative-field {negative_field!r} is also the query or positive field")
     try:
         gem_config_from_args(args)
     except ValueError as e:  # GEMConfig names the field; map it back to the flag
@@ -383,6 +413,11 @@ def validate_megatron_args(args, world_size: int) -> int:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
         raise ArgumentError(f"--tensor-model-parallel-size {tp} and --pipeline-model-parallel-size {pp} must be >= 1")
+    if args.contrastive_micro_batch_size is not None and pp > 1:
+        raise ArgumentError(
+            "--contrastive-micro-batch-size (GradCache) is not supported with --pipeline-model-parallel-size > 1: the cached "
+            "embedding gradients would have to travel back through the pipeline stages; use PP=1 (TP/DP work) or drop the flag"
+        )
     if world_size % (tp * pp):
         raise ArgumentError(f"{world_size} processes cannot be split into TP={tp} x PP={pp} (world size must be a multiple of {tp * pp})")
     if args.deepspeed_config is not None:
@@ -441,8 +476,18 @@ def job_config(args, *, world_size: int) -> JobConfig:
             args.contrastive_positive_field,
             blend_paths=blend_paths,
             blend_weights=blend_weights,
+            negative_field=args.contrastive_negative_field,
+            negatives_required=args.contrastive_negatives_required,
         ),
-        batch=BatchConfig(args.seq_length, args.micro_batch_size, args.global_batch_size, args.contrastive_batch_size, args.contrastive_max_length, dp),
+        batch=BatchConfig(
+            args.seq_length,
+            args.micro_batch_size,
+            args.global_batch_size,
+            args.contrastive_batch_size,
+            args.contrastive_max_length,
+            dp,
+            contrastive_micro_batch_size=args.contrastive_micro_batch_size,
+        ),
         optimizer=OptimizerConfig(
             args.train_iters,
             args.lr,

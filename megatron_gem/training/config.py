@@ -37,6 +37,8 @@ class DataConfig:
     positive_field: str = "positive"
     blend_paths: list[str] | None = None  # --data-path: the sources of a blend (then paths is empty)
     blend_weights: list[float] | None = None  # their weights (None: in proportion to size)
+    negative_field: str | None = None  # --contrastive-negative-field: hard negatives of each pair
+    negatives_required: bool = False  # a pair record without hard negatives is a bad record
 
     @property
     def on_bad(self) -> str:
@@ -51,6 +53,7 @@ class BatchConfig:
     contrastive_batch_size: int = 8  # texts per contrastive micro-batch per rank
     contrastive_max_length: int = 512
     data_parallel_size: int = 1
+    contrastive_micro_batch_size: int | None = None  # GradCache chunk (anchors per graph); None: no chunking
 
     @property
     def accumulation_steps(self) -> int:

@@ -22,10 +22,17 @@ def open_training_corpus(data: DataConfig, tokenizer):
 
 
 def open_contrastive_pairs(data: DataConfig, tokenizer, query_prompt: str = ""):
-    """Read --contrastive-data into a PairCorpus (query field -> anchor, positive field -> positive;
-    --contrastive-query-prompt prepended to the query text)."""
+    """Read --contrastive-data into a PairCorpus (query field -> anchor, positive field -> positive,
+    optional hard negatives; --contrastive-query-prompt prepended to the query text)."""
     return open_pair_corpus(
-        _one_or_many(data.pairs), tokenizer, query_field=data.query_field, positive_field=data.positive_field, on_bad=data.on_bad, query_prompt=query_prompt
+        _one_or_many(data.pairs),
+        tokenizer,
+        query_field=data.query_field,
+        positive_field=data.positive_field,
+        negative_field=data.negative_field,
+        negatives_required=data.negatives_required,
+        on_bad=data.on_bad,
+        query_prompt=query_prompt,
     )
 
 
@@ -46,10 +53,10 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
     contrastive = None
     if job.has_phase_two:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        texts, positives, anchor_prompt = corpus, None, None
+        texts, positives, negatives, anchor_prompt = corpus, None, None, None
         if job.data.pairs:
             pairs = open_contrastive_pairs(job.data, tokenizer, job.gem.query_prompt)
-            texts, positives = pairs.queries, pairs.positives
+            texts, positives, negatives = pairs.queries, pairs.positives, pairs.negatives
         elif job.gem.query_prompt:
             anchor_prompt = PromptedText(tokenizer, job.gem.query_prompt)
         ds = ContrastiveDataset(
@@ -57,6 +64,8 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
             job.gem,
             positives=positives,
             anchor_prompt=anchor_prompt,
+            negatives=negatives,
+            chunk_size=b.contrastive_micro_batch_size,
             max_text_len=min(b.seq_length, b.contrastive_max_length),
             seq_length=b.seq_length,
             seed=seed + 1,

@@ -3,6 +3,12 @@ calls. The model is an HF causal LM with the GEM tokens and GEM attention (hf/mo
 the InfoNCE logit scale; one optimizer step is ``accum`` micro-batches, each
 ``engine.backward`` + ``engine.step`` (DeepSpeed steps the optimizer at the accumulation
 boundary); checkpoints are DeepSpeed's own (model, optimizer, scheduler, client state).
+
+A GradCache micro-batch (``--contrastive-micro-batch-size``, training/grad_cache.py) runs one
+``engine.backward`` per chunk before its one ``engine.step``: every backward but the
+micro-batch's last is marked as no accumulation boundary (DeepSpeed's
+set_gradient_accumulation_boundary), so ZeRO accumulates the chunks' gradients and reduces
+and steps exactly where the unchunked run does; each backward is still scaled by 1 / accum.
 """
 
 from __future__ import annotations
@@ -15,13 +21,23 @@ from ..hf.export import export_hf, export_summary_adapter
 from ..hf.model import GEMModel, load_causal_lm, param_groups, prepare_gem_lm, zero3_gather
 from .distributed import init_deepspeed_distributed
 from .ds_config import load_ds_config, zero_stage
+from .grad_cache import cached_backward
 from .schedule import build_scheduler
 from .step import MicroLoss, StepOutput, contrastive_micro_loss, ntp_loss_scale, ntp_micro_loss
 from .trainer import Engine
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Tensors of ``batch`` (and of its GradCache chunks) on ``device``."""
+
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            return [to_device(c, device) for c in v]
+        return v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def build_optimizer(model, job, ds_config):
@@ -122,16 +138,19 @@ class DeepSpeedEngine(Engine):
         parts: list[MicroLoss] = []
         own_norm = None
         for m in range(accum):
-            loss = torch.zeros((), device=self.device)
-            if ntp_batches:
-                part = ntp_micro_loss(engine, ntp_batches[m], scale=scale)
-                parts.append(part)
-                loss = loss + part.loss
-            if cl_batches:
-                part = contrastive_micro_loss(engine, cl_batches[m], gather_keys=self.gather_keys, weight=w_cl)
-                parts.append(part)
-                loss = loss + part.loss
-            engine.backward(loss)
+            if cl_batches and "chunks" in cl_batches[m]:
+                self._cached_micro_batch(cl_batches[m], ntp_batches[m] if ntp_batches else None, scale, w_cl, parts)
+            else:
+                loss = torch.zeros((), device=self.device)
+                if ntp_batches:
+                    part = ntp_micro_loss(engine, ntp_batches[m], scale=scale)
+                    parts.append(part)
+                    loss = loss + part.loss
+                if cl_batches:
+                    part = contrastive_micro_loss(engine, cl_batches[m], gather_keys=self.gather_keys, weight=w_cl)
+                    parts.append(part)
+                    loss = loss + part.loss
+                engine.backward(loss)
             if m == accum - 1 and self._own_grad_norm:
                 own_norm = grad_norm_of(engine.module)
             engine.step()
@@ -148,6 +167,27 @@ class DeepSpeedEngine(Engine):
             logit_scale=read_logit_scale(engine.module),
             local_losses=ntp_sums + cl_values,
         )
+
+    def _cached_micro_batch(self, cl_batch: dict, ntp_batch: dict | None, ntp_scale: float, w_cl: float, parts: list) -> None:
+        """One GradCache micro-batch (its NTP rows, if any, ride with the first chunk)."""
+        engine = self.engine
+
+        def ntp_loss():
+            part = ntp_micro_loss(engine, ntp_batch, scale=ntp_scale)
+            parts.append(part)
+            return part.loss
+
+        def backward(loss, last: bool) -> None:
+            if not last:
+                engine.set_gradient_accumulation_boundary(False)
+            engine.backward(loss)
+            if not last:
+                engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own count
+
+        value = cached_backward(
+            lambda chunk: engine(chunk, "embed"), backward, cl_batch, weight=w_cl, gather_keys=self.gather_keys, extra=ntp_loss if ntp_batch else None
+        )
+        parts.append(MicroLoss(loss=None, cl_loss=value, tokens=sum(int((c["doc_ids"] >= 0).sum()) for c in cl_batch["chunks"])))
 
     def save(self, save_dir, tag, state) -> None:
         engine = self.engine

@@ -11,6 +11,11 @@ resume, export cadence, pre-emption) is the trainer's, shared with the DeepSpeed
 * a phase-2 micro-batch with alpha < 1 carries its NTP rows and its contrastive rows in one
   forward (rows [:n] NTP, rows [n:] the contrastive texts), so every pipeline message has one
   shape per step;
+* a GradCache step (``--contrastive-micro-batch-size``, training/grad_cache.py; PP = 1) is two
+  schedule calls: forward-only (no graph) over every chunk of every micro-batch, which gives
+  the embeddings; the InfoNCE gradients of each micro-batch's embeddings; then forward and
+  backward over the chunks with the surrogate loss (a micro-batch's NTP rows ride with its
+  first chunk), scaled back by the chunk count the schedule divides by;
 * checkpoints are megatron-core dist_checkpointing (model + distributed optimizer), which
   ``tools/convert_checkpoint.py megatron-to-hf`` also reads;
 * summary mode (``--gem-train summary``, mcore/summary.py): the base is frozen, only the adapter
@@ -39,8 +44,9 @@ from ..common import distributed as D
 from ..common.files import write_json_atomic
 from ..mcore import checkpoint_io as io
 from ..mcore.batch import join_rows, unwrap_model
-from ..mcore.loss import gem_micro_batch_loss
+from ..mcore.loss import contrastive_embeddings, gem_micro_batch_loss
 from .args import ArgumentError
+from .grad_cache import RngSnapshot, embedding_grads, surrogate_loss
 from .schedule import lr_for_step
 from .step import StepOutput, ntp_loss_scale
 from .trainer import Engine
@@ -52,11 +58,12 @@ STATE_NAME = "gem_state.json"
 OPTIM_CKPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def contrastive_rows(num_texts: int, seq_length: int, max_text_len: int) -> int:
-    """Rows that always hold 2N texts of <= max_text_len tokens under first-fit decreasing
-    packing: a new row opens only when every open row has >= floor(S/T) texts."""
+def contrastive_rows(num_texts: int, seq_length: int, max_text_len: int, max_negatives: int = 0) -> int:
+    """Rows that always hold the N anchors, N positives and up to N x ``max_negatives`` hard
+    negatives, texts of <= max_text_len tokens, under first-fit decreasing packing: a new row
+    opens only when every open row has >= floor(S/T) texts."""
     per_row = max(1, seq_length // max_text_len)
-    return math.ceil(2 * num_texts / per_row)
+    return math.ceil((2 + max_negatives) * num_texts / per_row)
 
 
 class StepLoss:
@@ -182,7 +189,8 @@ class MegatronEngine(Engine):
     def adapt_loaders(self, job, ntp_loader, contrastive_loader) -> None:
         if contrastive_loader is not None and job.parallel.pipeline_model_parallel_size > 1:  # pipeline messages need one shape: fixed row count
             ds = contrastive_loader.dataset
-            ds.num_rows = contrastive_rows(job.batch.contrastive_batch_size, job.batch.seq_length, ds.max_text_len)
+            most = ds.negatives.max_per_record if ds.negatives is not None else 0
+            ds.num_rows = contrastive_rows(job.batch.contrastive_batch_size, job.batch.seq_length, ds.max_text_len, most)
 
     def describe(self) -> str:
         p = self.job.parallel
@@ -200,27 +208,33 @@ class MegatronEngine(Engine):
         optimized = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
         return f"trainable {grad}, in grad buffers {buffered}, in the optimizer {optimized} elements"
 
+    def _schedule(self, forward_step, micro: list, forward_only: bool = False):
+        return self.forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro),
+            model=[self.ddp],
+            num_microbatches=len(micro),
+            seq_length=self.job.batch.seq_length,
+            micro_batch_size=micro[0]["input_ids"].shape[0],
+            forward_only=forward_only,
+        )
+
     def train_step(self, step, *, w_ntp, w_cl, ntp_batches, cl_batches, global_tokens) -> StepOutput:
         accum = max(len(ntp_batches), len(cl_batches))
         ntp = ntp_batches or [None] * accum
         cl = cl_batches or [None] * accum
-        micro = [join_rows(a, b, self.device) for a, b in zip(ntp, cl)]
         lr = lr_for_step(step, self.job)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         scale = ntp_loss_scale(w_ntp, dp_size=self.dp_size, accum_steps=accum, global_tokens=global_tokens)
-        step_loss = StepLoss(w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale, gather_keys=self.gather_keys)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        stats = self.forward_backward(
-            forward_step_func=step_loss.forward_step,
-            data_iterator=iter(micro),
-            model=[self.ddp],
-            num_microbatches=accum,
-            seq_length=self.job.batch.seq_length,
-            micro_batch_size=micro[0]["input_ids"].shape[0],
-            forward_only=False,
-        )
+        if cl_batches and "chunks" in cl_batches[0]:
+            stats = self._cached_steps(ntp, cl_batches, w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale)
+        else:
+            micro = [join_rows(a, b, self.device) for a, b in zip(ntp, cl)]
+            step_loss = StepLoss(w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale, gather_keys=self.gather_keys)
+            stats = self._schedule(step_loss.forward_step, micro)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:  # megatron-core found inf/nan gradients and skipped the update
             grad_norm = float("nan")
@@ -235,6 +249,58 @@ class MegatronEngine(Engine):
             logit_scale=float(self.model.logit_scale()) if self.model.post_process else None,
             local_losses=[s["ntp_sum"] for s in stats] + [s["cl"] for s in stats],
         )
+
+    def _cached_steps(self, ntp: list, cl_batches: list, *, w_ntp: float, w_cl: float, ntp_scale: float) -> list[dict]:
+        """The GradCache passes of one optimizer step (PP = 1, checked in args); returns the
+        per-micro-batch stats the plain path's schedule returns."""
+        per_micro = len(cl_batches[0]["chunks"])
+        if any(len(b["chunks"]) != per_micro for b in cl_batches):
+            raise RuntimeError("every contrastive micro-batch of a step must have the same number of GradCache chunks")
+        owner = [(m, c) for m in range(len(cl_batches)) for c in range(per_micro)]
+        snapshots: list[RngSnapshot] = []
+
+        def embed_step(data_iterator, model):  # pass 1: embeddings only, no graph
+            batch = next(data_iterator)
+            snapshots.append(RngSnapshot())
+            output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=0)
+            inner = unwrap_model(model)
+            return output, lambda out: (torch.zeros((), device=self.device), {"emb": contrastive_embeddings(batch, out[1]), "scale": inner.logit_scale()})
+
+        chunks = [join_rows(None, cl_batches[m]["chunks"][c], self.device) for m, c in owner]
+        with torch.no_grad():
+            embedded = self._schedule(embed_step, chunks, forward_only=True)
+        cached = []
+        for m, batch in enumerate(cl_batches):
+            parts = [embedded[m * per_micro + c] for c in range(per_micro)]
+            counts = [(int(ch["num_texts"]), int(ch.get("num_negatives", 0))) for ch in batch["chunks"]]
+            cached.append(embedding_grads([p["emb"] for p in parts], counts, parts[0]["scale"], weight=w_cl, gather_keys=self.gather_keys))
+        del embedded
+
+        micro = [join_rows(ntp[m] if c == 0 else None, cl_batches[m]["chunks"][c], self.device) for m, c in owner]
+        queue = iter(range(len(micro)))
+
+        def grad_step(data_iterator, model):  # pass 2: the same forwards with graph, surrogate loss
+            batch, k = next(data_iterator), next(queue)
+            m, c = owner[k]
+            snapshots[k].restore()
+            output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"])
+            return output, lambda out: self._surrogate(batch, unwrap_model(model), out, cached[m], c, w_ntp=w_ntp, ntp_scale=ntp_scale, per_micro=per_micro)
+
+        stats = self._schedule(grad_step, micro)
+        out = []
+        for m in range(len(cl_batches)):  # one record per micro-batch, as the plain path's
+            group = stats[m * per_micro : (m + 1) * per_micro]
+            out.append({**group[0], "tokens": sum(g["tokens"] for g in group)})
+        return out
+
+    def _surrogate(self, batch, model, output, cached, c: int, *, w_ntp: float, ntp_scale: float, per_micro: int):
+        ntp = gem_micro_batch_loss(batch, model, output, w_ntp=w_ntp, w_cl=0.0, ntp_scale=ntp_scale)  # NTP rows (chunk 0) and the zero touches
+        emb = contrastive_embeddings(batch, output[1])
+        loss = ntp.total + surrogate_loss(emb, cached.grads[c], model.logit_scale(), cached.scale_grad if c == 0 else None)
+        # The schedule divides every loss by its number of micro-batches (accum x chunks); the
+        # step's loss is a mean over the accum micro-batches only.
+        stats = {"ntp_sum": ntp.ntp_sum, "ntp_tokens": ntp.ntp_tokens, "cl": cached.loss if c == 0 else None, "tokens": ntp.tokens}
+        return loss * per_micro, stats
 
     def save(self, save_dir, tag, state) -> None:
         """Model + distributed optimizer (dist_checkpointing; torch.distributed.checkpoint raises

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common import distributed as D
-from ..gem.losses import info_nce, ntp_loss_sum
+from ..gem.losses import ntp_loss_sum
 from ..gem.roles import IGNORE_INDEX
+from .grad_cache import batch_info_nce
 
 
 def ntp_loss_scale(w_ntp: float, *, dp_size: int, accum_steps: int, global_tokens: int) -> float:
@@ -91,8 +92,8 @@ def ntp_micro_loss(model, batch: dict, *, scale: float) -> MicroLoss:
 
 
 def contrastive_micro_loss(model, batch: dict, *, gather_keys=None, weight: float = 1.0) -> MicroLoss:
-    """InfoNCE between each anchor text (doc j < N) and its positive view (doc N + j)."""
-    n = int(batch["num_texts"])
+    """InfoNCE between each anchor text (doc j < N) and its positive view (doc N + j), with the
+    batch's hard negatives (docs 2N..) as extra keys."""
     emb, scale = model(batch, "embed")
-    loss = info_nce(emb[:n], emb[n:], scale, gather_keys=gather_keys)
+    loss = batch_info_nce(emb, scale, num_texts=int(batch["num_texts"]), num_negatives=int(batch.get("num_negatives", 0)), gather_keys=gather_keys)
     return MicroLoss(loss=loss * weight, cl_loss=float(loss.detach()), tokens=int((batch["doc_ids"] >= 0).sum()))

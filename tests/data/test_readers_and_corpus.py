@@ -134,3 +134,34 @@ def test_open_corpus_kinds(tmp_path, tiny_tokenizer):
     assert np.array_equal(idx.lengths, mem.lengths) and all(np.array_equal(idx.get(i), mem.get(i)) for i in range(2))
     with pytest.raises(DataError, match="no usable documents"):
         open_corpus(write(tmp_path / "e.jsonl", b'{"text": " "}\n'), tiny_tokenizer)
+
+
+def test_pair_negatives_field_errors_name_file_line_and_missing_ones_are_counted(tmp_path, tiny_tokenizer):
+    from megatron_gem.data import open_pair_corpus
+
+    def write(name, records):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(path)
+
+    ok = write(
+        "ok.jsonl", [{"q": "a b", "p": "c d", "n": ["e f", " ", "g"]}, {"q": "h", "p": "i"}, {"q": "j", "p": "k", "n": "l m"}, {"q": "o", "p": "r", "n": []}]
+    )
+    pairs = open_pair_corpus(ok, tiny_tokenizer, query_field="q", positive_field="p", negative_field="n")
+    assert len(pairs) == 4 and pairs.negatives.counts.tolist() == [2, 0, 1, 0]
+    assert (pairs.stats.hard_negatives, pairs.stats.records_without_negatives, pairs.stats.empty_negatives) == (3, 2, 1)
+    assert pairs.positives.get(0).tolist() == tiny_tokenizer("c d")["input_ids"]
+    assert [t.tolist() for t in pairs.negatives.get(0)] == [tiny_tokenizer("e f")["input_ids"], tiny_tokenizer("g")["input_ids"]]
+
+    bad = write("bad.jsonl", [{"q": "a", "p": "b", "n": "c"}, {"q": "a", "p": "b", "n": ["c", 3]}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'n' item 1 is int, not a string"):
+        open_pair_corpus(bad, tiny_tokenizer, query_field="q", positive_field="p", negative_field="n")
+    skipped = open_pair_corpus(bad, tiny_tokenizer, query_field="q", positive_field="p", negative_field="n", on_bad="skip")
+    assert len(skipped) == 1 and dict(skipped.stats.skipped) == {"not_a_string": 1}
+    wrong_type = write("obj.jsonl", [{"q": "a", "p": "b", "n": {"text": "c"}}])
+    with pytest.raises(DataError, match=r"obj.jsonl:1: field 'n' is dict, not a string or a list of strings"):
+        open_pair_corpus(wrong_type, tiny_tokenizer, query_field="q", positive_field="p", negative_field="n")
+    with pytest.raises(DataError, match=r"ok.jsonl:2: no 'n' texts .*required"):
+        open_pair_corpus(ok, tiny_tokenizer, query_field="q", positive_field="p", negative_field="n", negatives_required=True)
+    required = open_pair_corpus(ok, tiny_tokenizer, query_field="q", positive_field="p", negative_field="n", negatives_required=True, on_bad="skip")
+    assert len(required) == 2 and dict(required.stats.skipped) == {"missing_negatives": 2}

@@ -61,6 +61,34 @@ def test_info_nce_gathered_negatives():
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_info_nce_with_hard_negatives_matches_hand_computation():
+    # Hard negatives are extra keys of every anchor (MultipleNegativesRankingLoss): anchor i is
+    # scored against all positives and all hard negatives, its own positive is the target.
+    torch.manual_seed(4)
+    a, p, neg = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    s = 15.0
+    keys = torch.cat([p, neg])
+    total = 0.0
+    for i in range(3):
+        cos = [float(torch.dot(a[i], keys[j]) / (a[i].norm() * keys[j].norm())) for j in range(7)]
+        total += -(s * cos[i] - math.log(sum(math.exp(s * c) for c in cos)))
+    got = info_nce(a, p, torch.tensor(s), negatives=neg)
+    assert got.item() == pytest.approx(total / 3, rel=1e-5)
+    assert got.item() > info_nce(a, p, torch.tensor(s)).item()  # more keys, harder task
+    # an empty set of negatives is the plain loss; with a gather, the local keys are [p; neg]
+    assert info_nce(a, p, torch.tensor(s), negatives=torch.zeros(0, 8)).item() == pytest.approx(info_nce(a, p, torch.tensor(s)).item())
+    seen = []
+
+    def gather(keys):
+        seen.append(keys.shape[0])
+        return keys, 0
+
+    info_nce(a, p, torch.tensor(s), negatives=neg, gather_keys=gather)
+    assert seen == [7]
+    with pytest.raises(ValueError, match="negatives"):
+        info_nce(a, p, torch.tensor(s), negatives=torch.zeros(2, 5))
+
+
 def test_logit_scale_init_and_clamp():
     ls = LogitScale.from_config(GEMConfig(logit_scale_init=20.0, logit_scale_max=100.0))
     assert ls().item() == pytest.approx(20.0)

@@ -45,6 +45,13 @@ def args_for(tiny_inputs, tmp_path, *extra):
         (["--contrastive-data", "/nonexistent/pairs.jsonl"], "--contrastive-data /nonexistent/pairs.jsonl: no such file"),
         (["--contrastive-data", "hf:x", "--gem-contrastive-from-step", "4"], "--contrastive-data is given but phase 2 never runs"),
         (["--contrastive-query-field", "text", "--contrastive-positive-field", "text"], "are both 'text'"),
+        (["--contrastive-micro-batch-size", "9"], "--contrastive-micro-batch-size 9 must lie in [1, --contrastive-batch-size 8]"),
+        (["--contrastive-negative-field", "neg"], "need --contrastive-data"),
+        (["--contrastive-data", "hf:x", "--contrastive-negatives-required"], "--contrastive-negatives-required needs --contrastive-negative-field"),
+        (
+            ["--contrastive-micro-batch-size", "2", "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"],
+            "--contrastive-micro-batch-size (GradCache) is not supported with --pipeline-model-parallel-size > 1",
+        ),
     ],
 )
 def test_bad_arguments_fail_at_start(tiny_inputs, tmp_path, capsys, extra, message):

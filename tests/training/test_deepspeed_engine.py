@@ -25,12 +25,27 @@ def single_run(tiny_inputs, tmp_path_factory):
     return save
 
 
+def assert_same_weights(run_a, run_b, rel=1e-4):
+    """The HF exports of two runs hold the same parameters (fp32 sums in another order)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(run_a, "hf", "model.safetensors")), load_file(os.path.join(run_b, "hf", "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        scale = float(a[k].abs().max()) or 1.0
+        assert float((a[k] - b[k]).abs().max()) <= rel * scale, (k, float((a[k] - b[k]).abs().max()), scale)
+
+
 @pytest.mark.multiprocess
-def test_two_process_zero3_equals_single_process(single_run, tiny_inputs, tmp_path):
+def test_two_process_zero3_gradcache_equals_single_process(single_run, tiny_inputs, tmp_path):
     # Same global batches: 1 rank x 4 rows vs 2 ranks x 2 rows; contrastive 8 texts vs 2 x 4
-    # with negatives gathered across ranks. The losses must agree step by step.
+    # with negatives gathered across ranks, each rank's 4 embedded in GradCache chunks of 2
+    # (--contrastive-micro-batch-size) against the unchunked single process. The losses must
+    # agree step by step and the trained weights at the end.
     save = tmp_path / "zero3_dp2"
-    args = base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3, "--micro-batch-size": 2, "--contrastive-batch-size": 4})
+    args = base_args(
+        tiny_inputs, save, **{"--deepspeed": DS_ZERO3, "--micro-batch-size": 2, "--contrastive-batch-size": 4, "--contrastive-micro-batch-size": 2}
+    )
     proc = ok(launch(args, nproc=2, launcher="deepspeed"))
     assert "ZeRO-3, dp=2" in proc.stdout
     one, two = read_metrics(single_run), read_metrics(save)
@@ -41,6 +56,7 @@ def test_two_process_zero3_equals_single_process(single_run, tiny_inputs, tmp_pa
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (a, b)
     assert [m["phase"] for m in one] == [1, 1, 1, 2, 2, 2]
     assert one[2]["ntp_loss"] < one[0]["ntp_loss"] and one[5]["cl_loss"] < one[3]["cl_loss"]
+    assert_same_weights(single_run, save)
 
 
 def test_export_is_a_gem_checkpoint(single_run, tiny_inputs):
@@ -79,14 +95,16 @@ def test_resume_equals_uninterrupted(single_run, tiny_inputs, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), (a, b)
 
 
-def test_plain_python_without_deepspeed_config_equals_zero3(single_run, tiny_inputs, tmp_path):
+def test_plain_python_without_deepspeed_config_and_gradcache_equals_zero3(single_run, tiny_inputs, tmp_path):
+    # no --deepspeed: ZeRO-0, plain fp32; phase 2's 8 texts in GradCache chunks of 3, 3 and 2
     save = tmp_path / "plain"
-    proc = ok(launch(base_args(tiny_inputs, save)))  # no --deepspeed: ZeRO-0, plain fp32
+    proc = ok(launch(base_args(tiny_inputs, save, **{"--contrastive-micro-batch-size": 3})))
     assert "ZeRO-0, dp=1" in proc.stdout
     for a, b in zip(read_metrics(single_run), read_metrics(save)):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
     assert os.path.isfile(save / "hf" / "gem_config.json")
+    assert_same_weights(single_run, save)
 
 
 def _megatron_prefix(tiny_inputs, tmp_path) -> str:
@@ -122,10 +140,16 @@ def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
     # self-supervised run), phase 2 trains on the pairs, and a bad record is skipped and counted.
     from megatron_gem.testing import sample_sentences
 
+    # Hard negatives (--contrastive-negative-field): a string, a list, or none (counted), with
+    # GradCache chunks of 3.
     pairs = tmp_path / "pairs.jsonl"
+    texts = sample_sentences(64, seed=9)
     with open(pairs, "w") as f:
-        for i, s in enumerate(sample_sentences(64, seed=9)):
-            f.write(json.dumps({"question": f"what is said in item {i}?", "answer": s}) + "\n")
+        for i, s in enumerate(texts):
+            record = {"question": f"what is said in item {i}?", "answer": s}
+            if i % 2:
+                record["hard"] = [texts[(i + 7) % 64], texts[(i + 9) % 64]] if i % 4 == 1 else texts[(i + 3) % 64]
+            f.write(json.dumps(record) + "\n")
         f.write(json.dumps({"question": "a record without its answer"}) + "\n")
     save = tmp_path / "pairs_run"
     extra = {
@@ -133,11 +157,14 @@ def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
         "--contrastive-data": str(pairs),
         "--contrastive-query-field": "question",
         "--contrastive-positive-field": "answer",
+        "--contrastive-negative-field": "hard",
+        "--contrastive-micro-batch-size": 3,
         "--skip-bad-records": True,
         "--contrastive-query-prompt": "question: ",
     }
     proc = ok(launch(base_args(tiny_inputs, save, **extra)))
     assert "phase-2 pairs (64)" in proc.stdout and "skipped: 1 (missing_field: 1)" in proc.stdout, proc.stdout[-3000:]
+    assert "[pairs] hard negatives: 48 (records without any: 32, empty strings dropped: 0)" in proc.stdout, proc.stdout[-3000:]
     straight, paired = read_metrics(single_run), read_metrics(save)
     assert [m["phase"] for m in paired] == [1, 1, 1, 2, 2, 2]
     for a, b in zip(straight[:3], paired[:3]):

@@ -125,14 +125,28 @@ def test_exact_resume(reference, gem_hf_checkpoint, corpus, tmp_path):
 
 
 def test_supervised_pairs_in_phase_two(reference, gem_hf_checkpoint, tmp_path, corpus):
-    """--contrastive-data through megatron-core: phase 1 unchanged, phase 2 trains on the pairs."""
+    """--contrastive-data through megatron-core: phase 1 unchanged, phase 2 trains on the pairs,
+    with hard negatives (one per odd record, none on even ones: counted) and GradCache chunks."""
     from megatron_gem.testing import sample_sentences
 
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"query": f"item {i}", "positive": s}) + "\n" for i, s in enumerate(sample_sentences(40, seed=8))))
+    texts = sample_sentences(40, seed=8)
+    records = [{"query": f"item {i}", "positive": s, **({"negative": texts[(i + 11) % 40]} if i % 2 else {})} for i, s in enumerate(texts)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
     save = tmp_path / "pairs_run"
-    proc = run_torchrun(_args(gem_hf_checkpoint, corpus, save, "--contrastive-data", str(pairs), "--contrastive-query-prompt", "query: "))
+    extra = (
+        "--contrastive-data",
+        str(pairs),
+        "--contrastive-query-prompt",
+        "query: ",
+        "--contrastive-negative-field",
+        "negative",
+        "--contrastive-micro-batch-size",
+        "3",
+    )
+    proc = run_torchrun(_args(gem_hf_checkpoint, corpus, save, *extra))
     assert "phase-2 pairs (40)" in proc.stdout and "[pairs] documents skipped: 0" in proc.stdout, proc.stdout[-3000:]
+    assert "[pairs] hard negatives: 20 (records without any: 20, empty strings dropped: 0)" in proc.stdout, proc.stdout[-3000:]
     ref, m = _metrics(reference), _metrics(save)
     _close(ref[:2], m[:2])
     assert [r["phase"] for r in m] == [1, 1, 2, 2]
@@ -152,7 +166,7 @@ def test_k2_export_with_a_query_prompt_is_embedder_ready(tiny_inputs, corpus, tm
 
 def test_tp2_nan_on_one_rank_stops_all_and_damaged_checkpoints_are_refused(reference, gem_hf_checkpoint, corpus, tmp_path):
     """TP=2: a NaN loss on rank 1 at step 3 stops both ranks before saving (latest stays at
-    step 2); resuming without the fault gives the uninterrupted numbers; then a flipped byte in
+    step 2); resuming without the fault (and with GradCache chunks) gives the uninterrupted numbers; then a flipped byte in
     the step-4 checkpoint is refused naming the file, and the fallback is step 2."""
     save = tmp_path / "tp2"
     args = _args(gem_hf_checkpoint, corpus, save, "--tensor-model-parallel-size", "2")
@@ -163,9 +177,16 @@ def test_tp2_nan_on_one_rank_stops_all_and_damaged_checkpoints_are_refused(refer
     assert len(errors) == 1 and "step 3 (phase 2): non-finite loss on rank(s) 1," in errors[0], proc.stdout[-3000:]
     assert "still names global_step2" in errors[0]
     assert (save / "latest").read_text().strip() == "global_step2" and not (save / "global_step4").exists()
+    # The resumed run (phase 2, steps 3-4) embeds its 4 texts in GradCache chunks of 2
+    # (--contrastive-micro-batch-size; not part of the checkpointed state): the unchunked
+    # single-process numbers and trained weights still come out.
     args[0] = "train.py"
-    run_torchrun(args + ["--load", str(save)], nproc=2)
+    run_torchrun(args + ["--load", str(save), "--contrastive-micro-batch-size", "2"], nproc=2)
     _close(_metrics(reference), _metrics(save))
+    a, b = _weights(reference), _weights(save)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
 
     # What --load does first (the trainer's resolve_checkpoint, shared by both engines; the
     # DeepSpeed tests run it through train.py): a flipped byte in a shard is refused naming the

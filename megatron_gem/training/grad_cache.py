@@ -1,0 +1,136 @@
+"""Contrastive batches larger than memory: GradCache (Gao et al., 2021), shared by both engines.
+
+``--contrastive-micro-batch-size C`` splits a contrastive micro-batch of N anchors (with their
+positives and hard negatives) into chunks of C anchors (the chunk plan is data.datasets'
+``chunk_spans``: the data set packs each chunk into its own rows, so it lives below here). One micro-batch then costs two passes:
+
+1. every chunk is embedded WITHOUT a graph (the engine's forward under ``torch.no_grad``);
+   ``embedding_grads`` computes InfoNCE over the whole micro-batch from these embeddings (plus
+   the cross-rank keys: the exact-gradient gather of common/distributed.py) and its gradient
+   with respect to every chunk's embeddings and the logit scale;
+2. every chunk is embedded again WITH a graph and ``surrogate_loss`` (emb . cached grad, plus
+   scale . its grad once) is backpropagated: its parameter gradient is exactly the chunk's share
+   of the full loss's, so the summed gradient equals the unchunked one while activation memory
+   is that of C anchors.
+
+Both passes must compute the same forward. The models have no dropout, but a chunk's second
+forward still runs under the RNG state its first one saw (``RngSnapshot``), so anything random
+in a forward (dropout a user turns on) repeats exactly.
+
+Embeddings of a (chunk) batch are rows ``[anchors (n); positives (n); hard negatives (m)]``
+(``split_embeddings``), the document order the contrastive data set lays out.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..gem.losses import GatherKeys, info_nce
+
+
+def split_embeddings(emb: torch.Tensor, num_texts: int, num_negatives: int = 0):
+    """(anchors [n, d], positives [n, d], hard negatives [m, d] or None) of a batch's embeddings."""
+    n, m = int(num_texts), int(num_negatives)
+    if emb.shape[0] != 2 * n + m:
+        raise ValueError(f"{emb.shape[0]} embeddings, expected 2 x {n} texts + {m} hard negatives")
+    return emb[:n], emb[n : 2 * n], (emb[2 * n :] if m else None)
+
+
+def batch_info_nce(emb: torch.Tensor, scale: torch.Tensor, *, num_texts: int, num_negatives: int = 0, gather_keys: GatherKeys | None = None):
+    """InfoNCE of one (unchunked) contrastive batch from its embeddings."""
+    anchors, positives, negatives = split_embeddings(emb, num_texts, num_negatives)
+    return info_nce(anchors, positives, scale, gather_keys=gather_keys, negatives=negatives)
+
+
+@dataclass
+class CachedGradients:
+    """Result of pass 1 for one micro-batch."""
+
+    loss: float  # InfoNCE over the whole micro-batch (unweighted)
+    grads: list[torch.Tensor]  # d(weight x loss) / d(embeddings of chunk c), one per chunk
+    scale_grad: torch.Tensor  # d(weight x loss) / d(logit scale)
+
+
+def embedding_grads(
+    chunk_embs: list[torch.Tensor], counts: list[tuple[int, int]], scale: torch.Tensor, *, weight: float = 1.0, gather_keys: GatherKeys | None = None
+) -> CachedGradients:
+    """Pass 1's loss and gradients: InfoNCE of the micro-batch made of the chunks (``counts``:
+    (anchors, hard negatives) per chunk), differentiated with respect to every chunk's
+    embeddings and the scale. Collective when ``gather_keys`` gathers across ranks."""
+    leaves = [e.detach().float().requires_grad_(True) for e in chunk_embs]
+    s = scale.detach().float().requires_grad_(True)
+    parts = [split_embeddings(e, n, m) for e, (n, m) in zip(leaves, counts)]
+    anchors = torch.cat([p[0] for p in parts])
+    positives = torch.cat([p[1] for p in parts])
+    negs = [p[2] for p in parts if p[2] is not None]
+    with torch.enable_grad():
+        loss = info_nce(anchors, positives, s, gather_keys=gather_keys, negatives=torch.cat(negs) if negs else None)
+        grads = torch.autograd.grad(loss * weight, [*leaves, s])
+    return CachedGradients(float(loss.detach()), list(grads[:-1]), grads[-1])
+
+
+def surrogate_loss(emb: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, scale_grad: torch.Tensor | None = None) -> torch.Tensor:
+    """A scalar whose gradient with respect to the parameters is the cached one: sum(emb * grad)
+    (+ scale * scale_grad for the one chunk that carries the scale's gradient). The scale always
+    takes part (times zero elsewhere): ZeRO-3 wants every parameter in every forward."""
+    out = (emb.float() * grad.to(emb.device)).sum()
+    return out + (scale * scale_grad.to(scale.device) if scale_grad is not None else 0.0 * scale)
+
+
+def cached_backward(forward, backward, batch: dict, *, weight: float, gather_keys: GatherKeys | None = None, extra=None) -> float:
+    """Both GradCache passes over ``batch["chunks"]`` for an engine that runs its own forward
+    and backward calls (DeepSpeed). ``forward(chunk)`` -> (embeddings, logit scale);
+    ``backward(loss, last)`` backpropagates one chunk's surrogate (``last``: the micro-batch's
+    final backward); ``extra()`` (optional) gives a loss that rides with the first chunk's
+    backward (phase 2's NTP part when alpha < 1). Returns the micro-batch's InfoNCE."""
+    chunks = batch["chunks"]
+    snapshots, embs, scale = [], [], None
+    with torch.no_grad():
+        for chunk in chunks:
+            snapshots.append(RngSnapshot())
+            emb, scale = forward(chunk)
+            embs.append(emb)
+    counts = [(int(c["num_texts"]), int(c.get("num_negatives", 0))) for c in chunks]
+    cached = embedding_grads(embs, counts, scale, weight=weight, gather_keys=gather_keys)
+    del embs
+    for c, chunk in enumerate(chunks):
+        snapshots[c].restore()
+        emb, scale = forward(chunk)
+        loss = surrogate_loss(emb, cached.grads[c], scale, cached.scale_grad if c == 0 else None)
+        if c == 0 and extra is not None:
+            loss = loss + extra()
+        backward(loss, c == len(chunks) - 1)
+    return cached.loss
+
+
+class RngSnapshot:
+    """The random state a forward runs under: torch's CPU generator, the current CUDA device's,
+    and megatron-core's tensor-parallel CUDA RNG tracker when megatron is in use. Taken before a
+    chunk's first (no-grad) forward; ``restore`` before its second one."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.tracker = None
+        tracker = _megatron_tracker()
+        if tracker is not None:
+            self.tracker = tracker.get_states()
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+        if self.tracker is not None:
+            _megatron_tracker().set_states(self.tracker)
+
+
+def _megatron_tracker():
+    if "megatron.core.tensor_parallel.random" not in sys.modules:  # the DeepSpeed engine never imports it
+        return None
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    return tracker if getattr(tracker, "states_", None) else None
