@@ -18,6 +18,7 @@ from .ds_config import load_ds_config, zero_stage
 from .schedule import build_scheduler
 from .step import MicroLoss, StepOutput, contrastive_micro_loss, ntp_loss_scale, ntp_micro_loss
 from .trainer import Engine
+from .validation import EvalParts, per_token_cross_entropy
 
 
 def to_device(batch: dict, device) -> dict:
@@ -133,6 +134,21 @@ class DeepSpeedEngine(Engine):
             logit_scale=read_logit_scale(engine.module),
             local_losses=ntp_sums + cl_values,
         )
+
+    @torch.no_grad()
+    def eval_step(self, ntp_batches, cl_batches):
+        engine, parts = self.engine, []
+        engine.eval()
+        try:
+            for ntp, cl in zip(ntp_batches, cl_batches):
+                ntp, cl = to_device(ntp, self.device), to_device(cl, self.device)
+                losses = per_token_cross_entropy(engine(ntp, "ntp"), ntp["labels"])
+                emb, scale = engine(cl, "embed")
+                n = int(cl["num_texts"])
+                parts.append(EvalParts(token_losses=losses, anchors=emb[:n], positives=emb[n:], logit_scale=float(scale)))
+        finally:
+            engine.train()
+        return parts, True
 
     def save(self, save_dir, tag, state) -> None:
         engine = self.engine
