@@ -15,7 +15,7 @@ import os
 import re
 
 from ..gem.config import ADAPTER_POSITIONS, LAYOUTS, TRAIN_MODES, GEMConfig
-from .config import BatchConfig, CheckpointConfig, DataConfig, JobConfig, ModelConfig, OptimizerConfig, ParallelConfig, RunConfig
+from .config import BatchConfig, CheckpointConfig, DataConfig, JobConfig, ModelConfig, OptimizerConfig, ParallelConfig, RunConfig, ValidationConfig, WandbConfig
 
 _DATA_EXTENSIONS = (".json", ".jsonl", ".txt", ".parquet", ".gz", ".bin", ".idx")
 
@@ -171,10 +171,90 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--exit-after-iters", type=int, default=None, help="stop (after saving) at this step; for tests and pre-emption drills")
 
+    add_validation_args(p)
+
     g = p.add_argument_group("launcher")
     g.add_argument("--deepspeed", dest="deepspeed_config", default=None, help="DeepSpeed JSON config (e.g. ds_zero3.json)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     return p
+
+
+def add_validation_args(p: argparse.ArgumentParser) -> None:
+    """Validation data and cadence, Weights & Biases: Megatron-LM's flag names."""
+    g = p.add_argument_group("validation (Megatron names)")
+    g.add_argument(
+        "--split",
+        default=None,
+        help="train,valid,test weights over the documents of --data, in file order (Megatron's, e.g. 949,50,1); "
+        "unlike Megatron there is no default split: without --split (or --valid-data) all of --data trains and nothing validates",
+    )
+    g.add_argument("--valid-data", nargs="+", default=None, help="held-out documents for validation (the formats of --data); instead of --split")
+    g.add_argument(
+        "--valid-contrastive-data",
+        nargs="+",
+        default=None,
+        help="held-out (query, positive) pairs for the validation contrastive metric (the format of --contrastive-data); "
+        "default: the valid part of --contrastive-data under --split, else self-supervised views of the validation documents",
+    )
+    g.add_argument(
+        "--eval-interval", type=int, default=None, help="validate every N steps (and after the last step); default 1000 when validation data is given"
+    )
+    g.add_argument("--eval-iters", type=int, default=100, help="global batches per validation (0: no validation)")
+    g = p.add_argument_group("Weights & Biases (Megatron names; rank 0 logs the metrics.jsonl records)")
+    g.add_argument("--wandb-project", default=None, help="log to this W&B project (needs the wandb package; WANDB_MODE=offline works without network)")
+    g.add_argument("--wandb-exp-name", default=None, help="the W&B run name (required with --wandb-project, as in Megatron-LM)")
+    g.add_argument("--wandb-save-dir", default=None, help="where W&B writes its run files (default: <--save>/wandb)")
+
+
+def validate_validation_args(args) -> None:
+    """The checks of add_validation_args' flags (ArgumentError naming the flag)."""
+    from ..data.split import parse_split
+
+    if args.split is not None:
+        try:
+            weights = parse_split(args.split)
+        except ValueError as e:
+            raise ArgumentError(f"--split {e}") from e
+        if weights[0] == 0:
+            raise ArgumentError(f"--split {args.split}: the train weight is 0; nothing would train")
+        if args.valid_data:
+            raise ArgumentError("--split and --valid-data both name validation documents; give one")
+    if args.eval_interval is not None and args.eval_interval < 1:
+        raise ArgumentError(f"--eval-interval must be >= 1, got {args.eval_interval}")
+    if args.eval_iters < 0:
+        raise ArgumentError(f"--eval-iters must be >= 0, got {args.eval_iters}")
+    has_valid = bool(args.valid_data) or (args.split is not None and parse_split(args.split)[1] > 0)
+    if not has_valid:
+        for flag, value in (("--eval-interval", args.eval_interval), ("--valid-contrastive-data", args.valid_contrastive_data)):
+            if value is not None and args.eval_iters > 0:
+                raise ArgumentError(f"{flag} needs validation documents: --split with a non-zero valid weight (e.g. 949,50,1) or --valid-data")
+    for path in args.valid_data or ():
+        check_data_path("--valid-data", path)
+    for path in args.valid_contrastive_data or ():
+        check_data_path("--valid-contrastive-data", path)
+    if args.wandb_project is None:
+        for flag in ("--wandb-exp-name", "--wandb-save-dir"):
+            if getattr(args, flag[2:].replace("-", "_")) is not None:
+                raise ArgumentError(f"{flag} is given without --wandb-project (W&B logging is off)")
+        return
+    if not args.wandb_exp_name:
+        raise ArgumentError("--wandb-project needs --wandb-exp-name (the W&B run name), as in Megatron-LM")
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ArgumentError("--wandb-project: the wandb package is not installed (pip install wandb)")
+
+
+def validation_config_from_args(args) -> ValidationConfig:
+    from ..data.split import parse_split
+
+    return ValidationConfig(
+        split=parse_split(args.split) if args.split is not None else None,
+        valid_data=list(args.valid_data) if args.valid_data else None,
+        valid_contrastive_data=list(args.valid_contrastive_data) if args.valid_contrastive_data else None,
+        eval_interval=args.eval_interval if args.eval_interval is not None else 1000,
+        eval_iters=args.eval_iters,
+    )
 
 
 def gem_config_from_args(args) -> GEMConfig:
@@ -235,6 +315,7 @@ def validate_args(args, dp_size: int) -> None:
     if args.seq_length <= args.gem_num_special_tokens + args.gem_min_prefix_len:
         raise ArgumentError(f"--seq-length {args.seq_length} leaves no room for text around {args.gem_num_special_tokens} special tokens")
     validate_paths(args)
+    validate_validation_args(args)
     if args.contrastive_data and args.gem_contrastive_from_step >= args.train_iters:
         raise ArgumentError(
             f"--contrastive-data is given but phase 2 never runs (--gem-contrastive-from-step "
@@ -504,4 +585,6 @@ def job_config(args, *, world_size: int) -> JobConfig:
         run=RunConfig(args.log_interval, not args.no_progress, args.exit_signal_handler, args.distributed_timeout_minutes, args.check_for_nan_in_loss_and_grad),
         parallel=ParallelConfig(engine=engine, deepspeed_config=args.deepspeed_config, **megatron),
         gem=gem_config_from_args(args),
+        validation=validation_config_from_args(args),
+        wandb=WandbConfig(args.wandb_project, args.wandb_exp_name, args.wandb_save_dir),
     )

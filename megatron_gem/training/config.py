@@ -111,6 +111,33 @@ class ParallelConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Validation during training (Megatron-LM's flags): every ``eval_interval`` steps and at the
+    end, ``eval_iters`` global batches of held-out data. Held-out documents come from ``split``
+    (train, valid, test weights over --data) or ``valid_data``; held-out pairs from
+    ``valid_contrastive_data`` or, with --contrastive-data and ``split``, the pairs' valid part."""
+
+    split: tuple[float, float, float] | None = None  # normalised weights; None: all of --data trains
+    valid_data: list[str] | None = None
+    valid_contrastive_data: list[str] | None = None
+    eval_interval: int = 1000
+    eval_iters: int = 100
+
+    @property
+    def has_valid_documents(self) -> bool:
+        return bool(self.valid_data) or (self.split is not None and self.split[1] > 0)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (Megatron-LM's flags); off when ``project`` is None. Rank 0 logs."""
+
+    project: str | None = None
+    exp_name: str | None = None
+    save_dir: str | None = None  # default: <--save>/wandb
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig
     data: DataConfig
@@ -120,6 +147,8 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     gem: GEMConfig = field(default_factory=GEMConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     @property
     def end_step(self) -> int:
@@ -130,6 +159,10 @@ class JobConfig:
     @property
     def has_phase_two(self) -> bool:
         return self.gem.contrastive_from_step < self.optimizer.train_iters
+
+    @property
+    def validates(self) -> bool:
+        return self.validation.eval_iters > 0 and self.validation.has_valid_documents
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (training_info.json of the exports)."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..data import BlendedDataset, ContrastiveDataset, CorpusBlend, GEMDataLoader, make_ntp_loader, open_corpus, open_pair_corpus
+from ..data import BlendedDataset, ContrastiveDataset, CorpusBlend, DataError, GEMDataLoader, PairCorpus, make_ntp_loader, open_corpus, open_pair_corpus
 from ..data.datasets import SHORT_FOR_SUMMARY
+from ..data.split import split_corpus
 from ..data.tokenization import PromptedText
 from .config import DataConfig, JobConfig
 
@@ -55,7 +56,7 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         texts, positives, negatives, anchor_prompt = corpus, None, None, None
         if job.data.pairs:
-            pairs = open_contrastive_pairs(job.data, tokenizer, job.gem.query_prompt)
+            pairs = split_pairs(job, open_contrastive_pairs(job.data, tokenizer, job.gem.query_prompt))["train"]
             texts, positives, negatives = pairs.queries, pairs.positives, pairs.negatives
         elif job.gem.query_prompt:
             anchor_prompt = PromptedText(tokenizer, job.gem.query_prompt)
@@ -104,3 +105,80 @@ def data_summary(corpus, contrastive_loader, ntp_loader=None) -> str:
     if dataset is not None and dataset.positives is not None:
         text += f"\nphase-2 pairs ({len(dataset.corpus)}):\n" + dataset.corpus.stats.summary("pairs")
     return text
+
+
+# ------------------------------------------------------------------ validation data
+def split_pairs(job: JobConfig, pairs: PairCorpus) -> dict[str, PairCorpus]:
+    """--split applied to --contrastive-data pairs too (the same rule as documents); without
+    --split, or with --valid-contrastive-data (the held-out pairs), all pairs train."""
+    v = job.validation
+    if v.split is None or v.valid_contrastive_data:
+        return {"train": pairs}
+    q, p = split_corpus(pairs.queries, v.split), split_corpus(pairs.positives, v.split)
+    # Hard negatives stay with the train part, which is the first range of pairs (pair i's
+    # negatives are still negatives.get(i)); validation scores in-batch keys only.
+    assert q["train"].start == 0
+    return {name: PairCorpus(q[name], p[name], pairs.negatives if name == "train" else None) for name in q}
+
+
+def split_training_corpus(job: JobConfig, corpus, tokenizer):
+    """(documents that train, held-out validation documents or None, what was done): --split's
+    train and valid parts of --data (the test part is held out and unused), or all of --data
+    and --valid-data. An empty part is an error naming --split."""
+    v = job.validation
+    if v.split is not None:
+        parts = split_corpus(corpus, v.split)
+        text = ",".join(f"{w:g}" for w in v.split)
+        for name in ("train", "valid") if v.split[1] > 0 else ("train",):
+            if len(parts[name]) == 0:
+                raise DataError(f"--split {text}: the {name} part of {len(corpus)} documents is empty")
+        note = f"--split {text}: {len(parts['train'])} train / {len(parts['valid'])} valid / {len(parts['test'])} test (held out, unused) documents"
+        return parts["train"], (parts["valid"] if v.split[1] > 0 else None), note
+    if v.valid_data and v.eval_iters > 0:
+        valid = open_corpus(_one_or_many(v.valid_data), tokenizer, text_field=job.data.text_field, on_bad=job.data.on_bad)
+        return corpus, valid, f"--valid-data:\n{valid.stats.summary('valid')}"
+    return corpus, None, ""
+
+
+def build_validation_loaders(job: JobConfig, valid_corpus, tokenizer, *, dp_rank: int, dp_size: int):
+    """(NTP loader, contrastive loader, what the contrastive texts are) over held-out data, with
+    the training batch shapes; the validator restarts both at sample 0 for every validation,
+    so every validation sees the same batches. Contrastive: held-out pairs (--valid-contrastive-
+    data, or the valid part of --contrastive-data under --split), else the validation documents
+    with self-supervised positive views (the training phase-2 recipe)."""
+    b, seed, v = job.batch, job.optimizer.seed, job.validation
+    ntp = make_ntp_loader(
+        valid_corpus,
+        job.gem,
+        b.seq_length,
+        micro_batch_size=b.micro_batch_size,
+        global_batch_size=b.global_batch_size,
+        seed=seed,
+        tokenizer=tokenizer,
+        data_parallel_rank=dp_rank,
+        data_parallel_size=dp_size,
+    )
+    texts, positives, source = valid_corpus, None, "self-supervised views of the validation documents"
+    if v.valid_contrastive_data:
+        pairs = open_pair_corpus(
+            _one_or_many(v.valid_contrastive_data), tokenizer, query_field=job.data.query_field, positive_field=job.data.positive_field, on_bad=job.data.on_bad
+        )
+        texts, positives, source = pairs.queries, pairs.positives, f"{len(pairs)} pairs of --valid-contrastive-data"
+    elif job.data.pairs and v.split is not None:
+        pairs = split_pairs(job, open_contrastive_pairs(job.data, tokenizer))["valid"]
+        if len(pairs) == 0:
+            raise DataError("--split leaves no validation pairs of --contrastive-data; give --valid-contrastive-data or a larger valid weight")
+        texts, positives, source = pairs.queries, pairs.positives, f"the valid part of --contrastive-data ({len(pairs)} pairs)"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ds = ContrastiveDataset(
+        texts, job.gem, positives=positives, max_text_len=min(b.seq_length, b.contrastive_max_length), seq_length=b.seq_length, seed=seed + 1, pad_id=pad_id
+    )
+    accum = b.global_batch_size // (b.micro_batch_size * dp_size)
+    contrastive = GEMDataLoader(
+        ds,
+        micro_batch_size=b.contrastive_batch_size,
+        global_batch_size=b.contrastive_batch_size * dp_size * accum,
+        data_parallel_rank=dp_rank,
+        data_parallel_size=dp_size,
+    )
+    return ntp, contrastive, source

@@ -25,6 +25,7 @@ from .grad_cache import cached_backward
 from .schedule import build_scheduler
 from .step import MicroLoss, StepOutput, contrastive_micro_loss, ntp_loss_scale, ntp_micro_loss
 from .trainer import Engine
+from .validation import EvalParts, per_token_cross_entropy
 
 
 def to_device(batch: dict, device) -> dict:
@@ -188,6 +189,21 @@ class DeepSpeedEngine(Engine):
             lambda chunk: engine(chunk, "embed"), backward, cl_batch, weight=w_cl, gather_keys=self.gather_keys, extra=ntp_loss if ntp_batch else None
         )
         parts.append(MicroLoss(loss=None, cl_loss=value, tokens=sum(int((c["doc_ids"] >= 0).sum()) for c in cl_batch["chunks"])))
+
+    @torch.no_grad()
+    def eval_step(self, ntp_batches, cl_batches):
+        engine, parts = self.engine, []
+        engine.eval()
+        try:
+            for ntp, cl in zip(ntp_batches, cl_batches):
+                ntp, cl = to_device(ntp, self.device), to_device(cl, self.device)
+                losses = per_token_cross_entropy(engine(ntp, "ntp"), ntp["labels"])
+                emb, scale = engine(cl, "embed")
+                n = int(cl["num_texts"])
+                parts.append(EvalParts(token_losses=losses, anchors=emb[:n], positives=emb[n : 2 * n], logit_scale=float(scale)))
+        finally:
+            engine.train()
+        return parts, True
 
     def save(self, save_dir, tag, state) -> None:
         engine = self.engine

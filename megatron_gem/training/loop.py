@@ -15,14 +15,28 @@ class StepBookkeeping:
     ``save(done)`` writes an engine checkpoint of ``done`` steps; ``export(done)`` the HF export.
     Checkpoints at every --save-interval and at the last step; export at every
     --hf-export-interval and at --train-iters; a received exit signal ends the run after the
-    current step with a checkpoint.
+    current step with a checkpoint. ``validate(done)`` (None: no validation data) returns the
+    validation record; it runs every --eval-interval steps and after the last step, not on
+    pre-emption (the job must exit quickly).
     """
 
-    def __init__(self, job, log, stop, end_step: int, *, save: Callable[[int], None], export: Callable[[int], None], is_main: bool):
+    def __init__(
+        self,
+        job,
+        log,
+        stop,
+        end_step: int,
+        *,
+        save: Callable[[int], None],
+        export: Callable[[int], None],
+        is_main: bool,
+        validate: Callable[[int], dict] | None = None,
+    ):
         self.job, self.log, self.stop = job, log, stop
         self.end_step = end_step
-        self.save, self.export, self.is_main = save, export, is_main
+        self.save, self.export, self.is_main, self.validate = save, export, is_main, validate
         self.first_loss = self.last_loss = None
+        self.last_valid = None
         self.preempted = False
 
     def after_step(self, step: int, record: dict, local_losses=(), device=None) -> bool:
@@ -43,6 +57,9 @@ class StepBookkeeping:
             self.preempted, self.end_step = True, done
         if done % run.log_interval == 0 or done == self.end_step:
             self.log.log(record)
+        if self.validate is not None and not self.preempted and (done % self.job.validation.eval_interval == 0 or done == self.end_step):
+            self.last_valid = self.validate(done)
+            self.log.log(self.last_valid, section="valid")
         self.log.tick({"loss": f"{record['loss']:.4f}", "phase": record["phase"]})
         if done % ck.save_interval == 0 or done == self.end_step:
             self.save(done)
@@ -59,5 +76,6 @@ class StepBookkeeping:
             "preempted": self.preempted,
             "step": self.end_step,
             "save": self.job.checkpoint.save,
+            **({"valid": {k: v for k, v in self.last_valid.items() if k != "step"}} if self.last_valid else {}),
             **extra,
         }

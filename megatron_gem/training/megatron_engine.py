@@ -50,6 +50,7 @@ from .grad_cache import RngSnapshot, embedding_grads, surrogate_loss
 from .schedule import lr_for_step
 from .step import StepOutput, ntp_loss_scale
 from .trainer import Engine
+from .validation import EvalParts
 
 STATE_NAME = "gem_state.json"
 # megatron-core 0.16's distributed-optimizer formats with torch Adam (no TE/apex): the
@@ -64,6 +65,31 @@ def contrastive_rows(num_texts: int, seq_length: int, max_text_len: int, max_neg
     opens only when every open row has >= floor(S/T) texts."""
     per_row = max(1, seq_length // max_text_len)
     return math.ceil((2 + max_negatives) * num_texts / per_row)
+
+
+class EvalForward:
+    """forward_step_func of a forward-only validation pass: the loss function keeps the
+    per-token NTP cross-entropy and the summary embeddings (validation.EvalParts)."""
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"])
+        return output, lambda out: self.parts(batch, unwrap_model(model), out)
+
+    @staticmethod
+    def parts(batch, model, output):
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        from ..gem.readout import pool_special_states
+        from ..gem.roles import IGNORE_INDEX
+
+        logits, states = output
+        n, N = batch["ntp_rows"], batch["num_texts"]
+        labels = batch["labels"]
+        losses = vocab_parallel_cross_entropy(logits.float().contiguous(), labels.masked_fill(labels == IGNORE_INDEX, 0))
+        emb = pool_special_states(states.float(), batch["roles"][n:], batch["doc_ids"][n:], 2 * N)
+        parts = EvalParts(token_losses=losses, anchors=emb[:N], positives=emb[N:], logit_scale=float(model.logit_scale()))
+        return torch.zeros((), device=logits.device), parts
 
 
 class StepLoss:
@@ -301,6 +327,24 @@ class MegatronEngine(Engine):
         # step's loss is a mean over the accum micro-batches only.
         stats = {"ntp_sum": ntp.ntp_sum, "ntp_tokens": ntp.ntp_tokens, "cl": cached.loss if c == 0 else None, "tokens": ntp.tokens}
         return loss * per_micro, stats
+
+    def eval_step(self, ntp_batches, cl_batches):
+        micro = [join_rows(a, b, self.device) for a, b in zip(ntp_batches, cl_batches)]
+        self.ddp.eval()
+        try:
+            with torch.no_grad():
+                parts = self.forward_backward(
+                    forward_step_func=EvalForward().forward_step,
+                    data_iterator=iter(micro),
+                    model=[self.ddp],
+                    num_microbatches=len(micro),
+                    seq_length=self.job.batch.seq_length,
+                    micro_batch_size=micro[0]["input_ids"].shape[0],
+                    forward_only=True,
+                )
+        finally:
+            self.ddp.train()
+        return list(parts), _reporter()
 
     def save(self, save_dir, tag, state) -> None:
         """Model + distributed optimizer (dist_checkpointing; torch.distributed.checkpoint raises

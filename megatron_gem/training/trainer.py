@@ -25,11 +25,12 @@ from ..gem.losses import loss_weights
 from ..hf.model import load_tokenizer
 from .checkpoint import agree_on_write, commit_checkpoint, resolve_checkpoint, rng_state, set_rng_state, tag_for
 from .config import JobConfig
-from .data_setup import build_loaders, data_summary, open_training_corpus
+from .data_setup import build_loaders, build_validation_loaders, data_summary, open_training_corpus, split_training_corpus
 from .distributed import exit_signal_handler
 from .loop import StepBookkeeping
 from .metrics import MetricsLogger
 from .step import StepOutput, count_trained_tokens, step_record
+from .validation import Validator
 
 
 class Engine:
@@ -55,6 +56,12 @@ class Engine:
         """Engine-specific loader settings (megatron-core's pipeline needs fixed row counts)."""
 
     def train_step(self, step: int, *, w_ntp: float, w_cl: float, ntp_batches: list, cl_batches: list, global_tokens: int) -> StepOutput:
+        raise NotImplementedError
+
+    def eval_step(self, ntp_batches: list, cl_batches: list) -> tuple[list, bool]:
+        """Forward only, no gradient, of equally many NTP and contrastive micro-batches:
+        (one validation.EvalParts per micro-batch on ranks that hold outputs, [] elsewhere;
+        whether this rank's figures count). The model is back in train mode after. Collective."""
         raise NotImplementedError
 
     def save(self, save_dir: str, tag: str, state: dict) -> None:
@@ -134,8 +141,18 @@ def train(job: JobConfig, engine: Engine) -> dict:
     engine.build(job, tokenizer)
 
     corpus = open_training_corpus(job.data, tokenizer)
+    corpus, valid_corpus, split_note = split_training_corpus(job, corpus, tokenizer)
     ntp_loader, cl_loader = build_loaders(job, corpus, tokenizer, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
     engine.adapt_loaders(job, ntp_loader, cl_loader)
+    validator, valid_text = None, "none"
+    if job.validates:
+        v_ntp, v_cl, v_source = build_validation_loaders(job, valid_corpus, tokenizer, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
+        engine.adapt_loaders(job, v_ntp, v_cl)
+        validator = Validator(engine, v_ntp, v_cl, eval_iters=job.validation.eval_iters)
+        v = job.validation
+        valid_text = (
+            f"{split_note}\n{len(valid_corpus)} documents, every {v.eval_interval} steps and at the end, {v.eval_iters} global batches; contrastive: {v_source}"
+        )
     accum = ntp_loader.num_microbatches
     start_step = resume(engine, job, ntp_loader, cl_loader)
 
@@ -144,10 +161,18 @@ def train(job: JobConfig, engine: Engine) -> dict:
     if D.is_main():
         job.gem.save(ck.save)
     end_step = job.end_step
-    log = MetricsLogger(ck.save, enabled=D.is_main(), resume_step=start_step, progress_total=job.optimizer.train_iters, progress=job.run.progress)
+    log = MetricsLogger(
+        ck.save,
+        enabled=D.is_main(),
+        resume_step=start_step,
+        progress_total=job.optimizer.train_iters,
+        progress=job.run.progress,
+        wandb=job.wandb,
+        run_config=job.to_dict(),
+    )
     D.print_main(
         f"[megatron-gem] {job.model.path}: {engine.describe()}, accum={accum}, steps {start_step}->{end_step} "
-        f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_summary(corpus, cl_loader, ntp_loader)}"
+        f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_summary(corpus, cl_loader, ntp_loader)}\nvalidation: {valid_text}"
     )
 
     def state(done: int) -> dict:
@@ -161,6 +186,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
         save=lambda done: save_checkpoint(engine, ck.save, done, state(done)),
         export=lambda done: engine.export_hf(os.path.join(ck.save, "hf"), {"step": done, "config": job.to_dict()}),
         is_main=D.is_main(),
+        validate=validator,
     )
     ntp_iter, cl_iter = iter(ntp_loader), (iter(cl_loader) if cl_loader is not None else None)
     for step in range(start_step, end_step):

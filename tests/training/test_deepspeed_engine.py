@@ -1,16 +1,41 @@
-"""End-to-end GEM training through train.py: ZeRO-3 on 2 processes vs 1, resume, export."""
+"""End-to-end GEM training through train.py: ZeRO-3 on 2 processes vs 1, resume, export,
+validation during training (--split, --eval-interval) and W&B logging (offline)."""
 
+import glob
 import json
 import os
 import re
+import struct
 
 import pytest
 import torch
 
 from tests.embedder_checks import assert_embedder_ready
-from tests.launch import REPO, base_args, launch, read_metrics
+from tests.launch import REPO, base_args, launch
+from tests.launch import read_metrics as read_all_records
 
 DS_ZERO3 = os.path.join(REPO, "ds_zero3.json")
+# Validation in every run of this module (the same training documents in all of them): 30 of
+# the 300 documents held out, validated after steps 3 and 6 on 2 global batches.
+VALIDATION = {"--split": "90,10,0", "--eval-interval": 3, "--eval-iters": 2}
+VOLATILE = ("tokens_per_s", "step_time_s")
+
+
+def read_metrics(save) -> list[dict]:
+    """The training records of metrics.jsonl."""
+    return [m for m in read_all_records(save) if "loss" in m]
+
+
+def read_validation(save) -> list[dict]:
+    return [m for m in read_all_records(save) if "valid_ntp_loss" in m]
+
+
+def assert_validation_close(a: list[dict], b: list[dict], rel: float) -> None:
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k, v in x.items():
+            assert (y[k] is None) if v is None else (y[k] == pytest.approx(v, rel=rel)), (k, x, y)
 
 
 def ok(proc):
@@ -21,7 +46,8 @@ def ok(proc):
 @pytest.fixture(scope="module")
 def single_run(tiny_inputs, tmp_path_factory):
     save = tmp_path_factory.mktemp("single")
-    ok(launch(base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3})))
+    wandb = {"--wandb-project": "gem-tests", "--wandb-exp-name": "single", "--wandb-save-dir": str(save / "wb")}
+    ok(launch(base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3}, **VALIDATION, **wandb), env={"WANDB_MODE": "offline"}))
     return save
 
 
@@ -44,7 +70,10 @@ def test_two_process_zero3_gradcache_equals_single_process(single_run, tiny_inpu
     # agree step by step and the trained weights at the end.
     save = tmp_path / "zero3_dp2"
     args = base_args(
-        tiny_inputs, save, **{"--deepspeed": DS_ZERO3, "--micro-batch-size": 2, "--contrastive-batch-size": 4, "--contrastive-micro-batch-size": 2}
+        tiny_inputs,
+        save,
+        **{"--deepspeed": DS_ZERO3, "--micro-batch-size": 2, "--contrastive-batch-size": 4, "--contrastive-micro-batch-size": 2},
+        **VALIDATION,
     )
     proc = ok(launch(args, nproc=2, launcher="deepspeed"))
     assert "ZeRO-3, dp=2" in proc.stdout
@@ -57,6 +86,84 @@ def test_two_process_zero3_gradcache_equals_single_process(single_run, tiny_inpu
     assert [m["phase"] for m in one] == [1, 1, 1, 2, 2, 2]
     assert one[2]["ntp_loss"] < one[0]["ntp_loss"] and one[5]["cl_loss"] < one[3]["cl_loss"]
     assert_same_weights(single_run, save)
+    # The validation figures: the same held-out batches, reduced over the two ranks (sums and
+    # counts), and in-batch negatives gathered over them, give the one-process figures.
+    assert_validation_close(read_validation(single_run), read_validation(save), rel=2e-5)
+
+
+def test_validation_figures(single_run):
+    """After steps 3 and 6: both layouts' NTP loss and the contrastive metric of held-out texts,
+    from 2 global batches of 4 rows and 2 x 8 self-supervised pairs of the 30 held-out docs."""
+    v3, v6 = read_validation(single_run)
+    assert (v3["step"], v6["step"]) == (3, 6)
+    for v in (v3, v6):
+        assert v["valid_ntp_tokens_plain"] > 0 and v["valid_ntp_tokens_gem"] > 0 and v["valid_cl_texts"] == 16
+        total = v["valid_ntp_tokens_plain"] + v["valid_ntp_tokens_gem"]
+        mixed = (v["valid_ntp_loss_plain"] * v["valid_ntp_tokens_plain"] + v["valid_ntp_loss_gem"] * v["valid_ntp_tokens_gem"]) / total
+        assert v["valid_ntp_loss"] == pytest.approx(mixed, rel=1e-12)
+        assert 0.0 <= v["valid_cl_top1"] <= 1.0 and v["valid_cl_loss"] > 0
+    assert {k: v for k, v in v3.items() if "tokens" in k or "texts" in k} == {k: v for k, v in v6.items() if "tokens" in k or "texts" in k}
+    assert v6["valid_cl_loss"] < v3["valid_cl_loss"]  # phase 2 (steps 4-6) trained the embeddings
+
+
+def test_validation_leaves_training_untouched(single_run, tiny_inputs, tmp_path):
+    # The same run without validation (--eval-iters 0; the split still holds the documents out)
+    # trains exactly the same: validation has its own data, restores the RNG, no gradient.
+    save = tmp_path / "no_validation"
+    proc = ok(launch(base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3, **VALIDATION, "--eval-iters": 0})))
+    assert "validation: none" in proc.stdout and not read_validation(save)
+    with_v, without = read_metrics(single_run), read_metrics(save)
+    assert len(with_v) == len(without) == 6
+    for a, b in zip(with_v, without):
+        assert {k: v for k, v in a.items() if k not in VOLATILE} == {k: v for k, v in b.items() if k not in VOLATILE}
+
+
+def wandb_history(run_file: str) -> dict[int, dict]:
+    """step -> logged values, read from a W&B run file (.wandb): W&B's LevelDB-log framing
+    (7-byte file header ':W&B' + magic + version; 32 KiB blocks of records, each with a 7-byte
+    header: crc32, length, kind FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4) of protobuf Records."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(run_file, "rb").read()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), run_file
+    block, pos, records, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and n == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + n], pos + 7 + n
+        if kind == 1:
+            records.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            records.append(pending + chunk)
+    history = {}
+    for raw in records:
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history[record.history.step.num] = row
+    return history
+
+
+def test_wandb_offline_run_holds_the_metrics_records(single_run):
+    (run_file,) = glob.glob(str(single_run / "wb" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    history = wandb_history(run_file)
+    records = read_all_records(single_run)
+    assert sorted(history) == sorted({m["step"] for m in records}) == [1, 2, 3, 4, 5, 6]
+    for m in records:  # training and validation records of one step share the W&B row
+        logged = {k: v for k, v in m.items() if k != "step" and v is not None}
+        assert {k: history[m["step"]][k] for k in logged} == logged, (m, history[m["step"]])
 
 
 def test_export_is_a_gem_checkpoint(single_run, tiny_inputs):
@@ -84,7 +191,7 @@ def test_export_is_a_gem_checkpoint(single_run, tiny_inputs):
 
 def test_resume_equals_uninterrupted(single_run, tiny_inputs, tmp_path):
     save = tmp_path / "resumed"
-    args = base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3})
+    args = base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3}, **VALIDATION)
     ok(launch(args + ["--exit-after-iters", "4", "--save-interval", "2"]))
     assert open(save / "latest").read().strip() == "global_step4"
     proc = ok(launch(args + ["--load", str(save)]))
@@ -93,16 +200,21 @@ def test_resume_equals_uninterrupted(single_run, tiny_inputs, tmp_path):
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(straight, resumed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), (a, b)
+    # validation after steps 3 and 6 as in the straight run, plus one at the end of the first leg
+    valid = read_validation(save)
+    assert [m["step"] for m in valid] == [3, 4, 6]
+    assert_validation_close(read_validation(single_run), [valid[0], valid[2]], rel=1e-6)
 
 
 def test_plain_python_without_deepspeed_config_and_gradcache_equals_zero3(single_run, tiny_inputs, tmp_path):
     # no --deepspeed: ZeRO-0, plain fp32; phase 2's 8 texts in GradCache chunks of 3, 3 and 2
     save = tmp_path / "plain"
-    proc = ok(launch(base_args(tiny_inputs, save, **{"--contrastive-micro-batch-size": 3})))
+    proc = ok(launch(base_args(tiny_inputs, save, **{"--contrastive-micro-batch-size": 3}, **VALIDATION)))  # no --deepspeed: ZeRO-0, plain fp32
     assert "ZeRO-0, dp=1" in proc.stdout
     for a, b in zip(read_metrics(single_run), read_metrics(save)):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
+    assert_validation_close(read_validation(single_run), read_validation(save), rel=2e-5)
     assert os.path.isfile(save / "hf" / "gem_config.json")
     assert_same_weights(single_run, save)
 
@@ -138,17 +250,19 @@ def test_alpha_below_one_keeps_next_token_loss_in_phase_two(tiny_inputs, tmp_pat
 def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
     # Phase 2 on --contrastive-data pairs: phase 1 is untouched (same losses as the
     # self-supervised run), phase 2 trains on the pairs, and a bad record is skipped and counted.
+    # --split holds out the last 8 of the 80 pairs too: the validation contrastive metric is
+    # measured on them (the NTP validation on the same held-out documents as the other runs).
     from megatron_gem.testing import sample_sentences
 
     # Hard negatives (--contrastive-negative-field): a string, a list, or none (counted), with
     # GradCache chunks of 3.
     pairs = tmp_path / "pairs.jsonl"
-    texts = sample_sentences(64, seed=9)
+    texts = sample_sentences(80, seed=9)
     with open(pairs, "w") as f:
         for i, s in enumerate(texts):
             record = {"question": f"what is said in item {i}?", "answer": s}
             if i % 2:
-                record["hard"] = [texts[(i + 7) % 64], texts[(i + 9) % 64]] if i % 4 == 1 else texts[(i + 3) % 64]
+                record["hard"] = [texts[(i + 7) % 80], texts[(i + 9) % 80]] if i % 4 == 1 else texts[(i + 3) % 80]
             f.write(json.dumps(record) + "\n")
         f.write(json.dumps({"question": "a record without its answer"}) + "\n")
     save = tmp_path / "pairs_run"
@@ -161,10 +275,12 @@ def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
         "--contrastive-micro-batch-size": 3,
         "--skip-bad-records": True,
         "--contrastive-query-prompt": "question: ",
+        **VALIDATION,
     }
     proc = ok(launch(base_args(tiny_inputs, save, **extra)))
-    assert "phase-2 pairs (64)" in proc.stdout and "skipped: 1 (missing_field: 1)" in proc.stdout, proc.stdout[-3000:]
-    assert "[pairs] hard negatives: 48 (records without any: 32, empty strings dropped: 0)" in proc.stdout, proc.stdout[-3000:]
+    assert "phase-2 pairs (72)" in proc.stdout and "skipped: 1 (missing_field: 1)" in proc.stdout, proc.stdout[-3000:]
+    assert "[pairs] hard negatives: 60 (records without any: 40, empty strings dropped: 0)" in proc.stdout, proc.stdout[-3000:]
+    assert "contrastive: the valid part of --contrastive-data (8 pairs)" in proc.stdout, proc.stdout[-3000:]
     straight, paired = read_metrics(single_run), read_metrics(save)
     assert [m["phase"] for m in paired] == [1, 1, 1, 2, 2, 2]
     for a, b in zip(straight[:3], paired[:3]):
@@ -172,3 +288,8 @@ def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
     assert all(abs(b["cl_loss"] - a["cl_loss"]) > 1e-3 for a, b in zip(straight[3:], paired[3:]))
     assert paired[5]["cl_loss"] < paired[3]["cl_loss"]
     assert_embedder_ready(save / "hf", query_prompt="question: ")  # the prompt travels into the export
+    v3, (p3, p6) = read_validation(single_run)[0], read_validation(save)
+    for k in ("valid_ntp_loss_plain", "valid_ntp_loss_gem"):  # phase 1 trained the same weights
+        assert p3[k] == pytest.approx(v3[k], rel=2e-5)
+    assert p3["valid_cl_texts"] == 16 and abs(p3["valid_cl_loss"] - v3["valid_cl_loss"]) > 1e-3  # held-out pairs, not views
+    assert p6["valid_cl_loss"] < p3["valid_cl_loss"]

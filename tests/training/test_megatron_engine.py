@@ -1,5 +1,6 @@
 """megatron-core GEM training on CPU/gloo: TP=2 x PP=2 and TP=2 x DP=2 (sequence parallel,
-recomputation, distributed optimizer) give the single-process numbers; exact resume; export."""
+recomputation, distributed optimizer) give the single-process numbers, validation figures
+included (every run validates on --valid-data after steps 2 and 4); exact resume; export."""
 
 import json
 
@@ -20,12 +21,23 @@ def _args(model, data, save, *extra):
         "--train-iters", "4", "--gem-contrastive-from-step", "2", "--gem-alpha", "0.5",
         "--contrastive-batch-size", "4", "--contrastive-max-length", "24",
         "--lr", "1e-3", "--contrastive-lr", "1e-3", "--log-interval", "1", "--save-interval", "2",
-        "--attention-backend", "sdpa", "--no-progress", "--tensor-model-parallel-size", "1", *extra,
+        "--attention-backend", "sdpa", "--no-progress", "--tensor-model-parallel-size", "1",
+        "--valid-data", str(data.parent / "valid.jsonl"), "--eval-interval", "2", "--eval-iters", "1", *extra,
     ]  # fmt: skip
 
 
-def _metrics(save):
+def _records(save):
     return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def _metrics(save):
+    """The training records."""
+    return [r for r in _records(save) if "loss" in r]
+
+
+def _valid(save):
+    """The validation records."""
+    return [r for r in _records(save) if "valid_ntp_loss" in r]
 
 
 def _close(a, b, rel=2e-5):
@@ -54,6 +66,7 @@ def corpus(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("mg_data") / "corpus.jsonl"
     path.write_text("".join(json.dumps({"text": s}) + "\n" for s in sample_sentences(200, seed=5, min_words=8, max_words=30)))
+    (path.parent / "valid.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in sample_sentences(30, seed=6, min_words=8, max_words=30)))
     return path
 
 
@@ -71,6 +84,12 @@ def test_single_process_run_trains_and_exports(reference, gem_hf_checkpoint):
     assert [r["step"] for r in m] == [1, 2, 3, 4] and [r["phase"] for r in m] == [1, 1, 2, 2]
     assert m[1]["ntp_loss"] < m[0]["ntp_loss"] and m[2]["cl_loss"] is not None and m[2]["ntp_loss"] is not None
     assert m[3]["logit_scale"] != 20.0  # the InfoNCE scale is trained in phase 2
+    v = _valid(reference)
+    assert [r["step"] for r in v] == [2, 4]
+    for r in v:  # 1 global batch: 4 rows of held-out documents, 4 micro-batches of 4 texts
+        assert r["valid_ntp_tokens_plain"] > 0 and r["valid_ntp_tokens_gem"] > 0 and r["valid_cl_texts"] == 16
+        assert r["valid_ntp_loss_plain"] > 0 and r["valid_ntp_loss_gem"] > 0 and 0 <= r["valid_cl_top1"] <= 1
+    assert v[1]["valid_ntp_loss"] < v[0]["valid_ntp_loss"] and v[1]["valid_cl_loss"] < v[0]["valid_cl_loss"]
     assert (reference / "latest").read_text().strip() == "global_step4"
     hf = reference / "hf"
     assert GEMConfig.load(hf).special_token_ids == GEMConfig.load(gem_hf_checkpoint).special_token_ids
@@ -88,6 +107,7 @@ def test_tp2_pp2_equals_single_process(reference, converted_checkpoint, corpus, 
     save = tmp_path / "tp2pp2"
     run_torchrun(_args(converted_checkpoint, corpus, save, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"), nproc=4)
     _close(_metrics(reference), _metrics(save))
+    _close(_valid(reference), _valid(save))  # forward-only 1F1B pipeline, vocab-parallel cross-entropy
     a, b = _weights(reference), _weights(save)
     assert sorted(a) == sorted(b) and len(list((save / "hf").glob("model-0000*-of-00002.safetensors"))) == 2
     for k in a:
@@ -109,17 +129,24 @@ def test_tp2_dp2_sequence_parallel_recompute_equals_single_process(reference, ge
     extra = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--recompute-granularity", "full", "--train-iters", "2"]
     run_torchrun(_args(gem_hf_checkpoint, corpus, save, *extra), nproc=4)
     _close(_metrics(reference)[:2], _metrics(save))
+    # validation's NTP figures over the two replicas (sums and counts); the contrastive ones see
+    # 8 in-batch candidates instead of 4, by design
+    ntp = ("valid_ntp_loss", "valid_ntp_loss_plain", "valid_ntp_loss_gem", "valid_ntp_tokens_plain", "valid_ntp_tokens_gem", "valid_cl_texts")
+    _close([{k: r[k] for k in ntp} for r in _valid(reference)[:1]], _valid(save))
 
 
 def test_exact_resume(reference, gem_hf_checkpoint, corpus, tmp_path):
+    """Also: validation leaves training untouched. The first leg does not validate
+    (--eval-iters 0); the reference validated after step 2, yet steps 3 and 4 are the same."""
     save = tmp_path / "resume"
-    run_torchrun(_args(gem_hf_checkpoint, corpus, save, "--tensor-model-parallel-size", "1", "--exit-after-iters", "2"))
+    run_torchrun(_args(gem_hf_checkpoint, corpus, save, "--tensor-model-parallel-size", "1", "--exit-after-iters", "2", "--eval-iters", "0"))
     assert (save / "latest").read_text().strip() == "global_step2" and not (save / "hf").exists()
     run_torchrun(_args(gem_hf_checkpoint, corpus, save, "--tensor-model-parallel-size", "1", "--load", str(save)))
     ref, got = _metrics(reference), _metrics(save)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for ra, rb in zip(ref, got):
         assert {k: v for k, v in ra.items() if k not in VOLATILE} == {k: v for k, v in rb.items() if k not in VOLATILE}
+    assert _valid(save) == _valid(reference)[1:]  # step 4's, on the resumed weights
     a, b = _weights(reference), _weights(save)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -187,6 +214,7 @@ def test_tp2_nan_on_one_rank_stops_all_and_damaged_checkpoints_are_refused(refer
     assert sorted(a) == sorted(b)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+    _close(_valid(reference), _valid(save))  # TP=2: step 2's from the failed run, step 4's after the resume
 
     # What --load does first (the trainer's resolve_checkpoint, shared by both engines; the
     # DeepSpeed tests run it through train.py): a flipped byte in a shard is refused naming the
