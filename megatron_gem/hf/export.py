@@ -49,3 +49,31 @@ def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = N
         path = replace_dir_atomic(tmp, out_dir)
     D.barrier()
     return path
+
+
+def export_summary_adapter(
+    lm, adapter, tokenizer, config, out_dir: str, extra: dict | None = None, *, base_path: str, self_contained: bool = False
+) -> str | None:
+    """Write a summary-mode adapter folder (hf/summary_files.py: PEFT aLoRA files + gem_config
+    + tokenizer + manifest) to ``out_dir`` atomically. ``base_path``: the base checkpoint
+    directory the run started from (its weight digest goes into gem_config.json; refused when
+    it differs from config.base_model_digest). ``self_contained``: also copy the base's config
+    and weight files to ``out_dir/base``. Collective under ZeRO-3: call on all ranks."""
+    from .summary_files import write_summary_adapter_files
+
+    state = _full_state_dict(adapter)
+    path = None
+    if D.is_main():
+        tmp = out_dir.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_summary_adapter_files(
+                tmp, lm=lm, adapter=adapter, tokenizer=tokenizer, config=config, base_path=base_path, state=state, self_contained=self_contained, extra=extra
+            )
+            write_manifest(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        path = replace_dir_atomic(tmp, out_dir)
+    D.barrier()
+    return path

@@ -21,6 +21,11 @@ Two layouts of the files, chosen by ``mode``:
   ``SentenceTransformer(path, trust_remote_code=True)``, and megatron_gem must be installed.
 ``"auto"``: builtin when K = 1 and the tokenizer check below passes, else custom.
 
+A summary-mode adapter folder (hf/summary_files.py) is always ``"custom"``: the module loads the
+base checkpoint and the folder's deltas through ``GEMEmbedder.from_pretrained`` (digest and aLoRA
+guard checked); the builtin ``Transformer`` module would load the folder through transformers,
+which attaches the adapter as an aLoRA nothing activates (the base model's vectors).
+
 The builtin mode is verified at export: the tokenizer loaded with the saved kwargs must produce
 exactly ``tokenizer(text) + [gem token]`` on probe texts, else ``"auto"`` falls back to custom
 (``"builtin"`` raises).
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 
 from ..gem.config import GEMConfig
 from ..gem.readout import pool_special_states
+from ..hf.summary_files import is_summary_adapter_dir
 
 MODES = ("auto", "builtin", "custom")
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "gem_sentence_config.json")
@@ -96,6 +102,10 @@ def save_sentence_transformer(
     if not config.special_token_ids:
         raise ValueError(f"{path}: the tokenizer has no GEM tokens {config.special_tokens}")
     k = config.num_special_tokens
+    if is_summary_adapter_dir(path):
+        if mode == "builtin":
+            raise ValueError(f"{path}: a summary-mode adapter folder needs mode='custom' (the builtin modules would load the base model without the deltas)")
+        mode = "custom"
     if max_seq_length <= k:
         raise ValueError(f"max_seq_length={max_seq_length} leaves no room for text before {k} special tokens")
     if mode in ("auto", "builtin"):
@@ -175,6 +185,8 @@ class GEMSentenceEncoder(_input_module_base()):
 
         self.embedder = GEMEmbedder.from_pretrained(model_name_or_path, backend=backend, max_length=max_seq_length)
         self.auto_model = self.embedder.model  # a submodule, so .to(device) and .eval() reach it
+        self.gem_adapter = self.embedder.adapter  # summary mode: the deltas (None otherwise), moved with the module too
+        self.source_path = model_name_or_path
         self.tokenizer = self.embedder.tokenizer
         self.max_seq_length = max_seq_length
         self.backend = backend
@@ -211,6 +223,21 @@ class GEMSentenceEncoder(_input_module_base()):
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
         from ..attention.hf import use_gem_attention
         from .enable import disable_gem
+
+        if self.gem_adapter is not None:  # summary mode: the adapter folder again, never the base weights as a full model
+            from ..hf.summary_files import BASE_DIR, write_summary_adapter_files
+
+            write_summary_adapter_files(
+                output_path,
+                lm=self.auto_model,
+                adapter=self.gem_adapter,
+                tokenizer=self.tokenizer,
+                config=self.embedder.config,
+                base_path=self.embedder.base_path,
+                self_contained=os.path.isdir(os.path.join(self.source_path, BASE_DIR)),
+            )
+            self.save_config(output_path)
+            return
 
         model = self.auto_model
         disable_gem(model)  # the export loads with sdpa; the GEM attention comes back afterwards
