@@ -98,9 +98,9 @@ def run_lm_eval(
     tokens, which generation never feeds, so the base model IS the generation model (its
     digest is checked against gem_config.json; ``base`` overrides the base_model it names).
     """
-    from ..hf.summary_files import is_summary_adapter_dir, load_generation_model
+    from ..hf.summary_files import is_gem_adapter_dir, load_generation_model
 
-    if isinstance(model, (str, os.PathLike)) and is_summary_adapter_dir(str(model)):
+    if isinstance(model, (str, os.PathLike)) and is_gem_adapter_dir(str(model)):
         model, tokenizer = load_generation_model(str(model), base=base, dtype=_torch_dtype(dtype))
         if device:
             model.to(device)

@@ -235,6 +235,13 @@ def is_summary_adapter_dir(path: str) -> bool:
     return False
 
 
+def is_gem_adapter_dir(path: str) -> bool:
+    """An adapter folder that a GEM export wrote (or that claims to be one): it also has
+    gem_config.json. Generation-side loaders route only these through the guard; someone's
+    plain PEFT LoRA folder (no gem_config.json) is theirs to load as it is."""
+    return is_summary_adapter_dir(path) and os.path.isfile(os.path.join(str(path), CONFIG_NAME))
+
+
 @dataclass
 class SummaryAdapterFolder:
     """A checked adapter folder: its GEMConfig, PEFT config, PEFT-named weights and the base
@@ -396,10 +403,11 @@ def load_summary_model(path: str, *, base: str | None = None, dtype: torch.dtype
 def load_generation_model(path: str, *, base: str | None = None, dtype: torch.dtype | None = None):
     """(causal LM, tokenizer) for generation from a checkpoint directory. For a summary-mode
     adapter folder that is the base model itself (the deltas act only at summary tokens, which
-    generation never feeds), its digest checked; any other directory loads as it is."""
+    generation never feeds), the folder checked by the guard and the base by its digest; any
+    other directory (a plain PEFT LoRA folder too) loads as transformers loads it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if is_summary_adapter_dir(path):
+    if is_gem_adapter_dir(path):
         folder = read_summary_adapter(path, base=base)
         return AutoModelForCausalLM.from_pretrained(folder.base_path, dtype=dtype or torch.float32), AutoTokenizer.from_pretrained(path)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32), AutoTokenizer.from_pretrained(str(path))

@@ -2,6 +2,10 @@
 adapter (the baselines and lm-eval run on the base model, which IS the generation model), and a
 wrong base is refused with one clear line by the tools."""
 
+import json
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -10,6 +14,7 @@ from megatron_gem.embedder import GEMEmbedder
 from megatron_gem.eval.lm import run_lm_eval
 from megatron_gem.eval.mteb_model import load_mteb_model
 from megatron_gem.hf.export import export_summary_adapter
+from megatron_gem.hf.summary_files import load_generation_model
 from megatron_gem.testing import sample_sentences, save_tiny_reserved_base, tiny_summary_model
 from tests.launch import load_tool
 
@@ -43,6 +48,16 @@ def test_lm_eval_of_an_adapter_folder_is_the_base_model(folders, tmp_path):
     assert a == b
     with pytest.raises(ModelLoadError, match="wrong base checkpoint"):
         run_lm_eval(adapter, work_dir=str(tmp_path / "c"), base=other, **kw)
+    stripped = str(tmp_path / "stripped")  # a GEM folder whose config lost its invocation tokens
+    shutil.copytree(adapter, stripped)
+    peft_config = json.load(open(os.path.join(stripped, "adapter_config.json")))
+    del peft_config["alora_invocation_tokens"]
+    json.dump(peft_config, open(os.path.join(stripped, "adapter_config.json"), "w"))
+    with pytest.raises(ModelLoadError, match="no alora_invocation_tokens"):
+        run_lm_eval(stripped, work_dir=str(tmp_path / "d"), **kw)
+    os.remove(os.path.join(stripped, "gem_config.json"))  # now someone's plain LoRA folder: theirs, loaded as transformers loads it
+    lm, _ = load_generation_model(stripped)
+    assert any(hasattr(m, "lora_A") for m in lm.modules())
 
 
 def test_tools_refuse_a_wrong_base_in_one_line(folders, tmp_path, capsys):
