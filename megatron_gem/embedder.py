@@ -218,8 +218,8 @@ class GEMEmbedder:
         0..m-1 (``generate`` does this for left padding). The cache may hold generated tokens
         too: what is cached is what is embedded (no max_length truncation here).
 
-        The caller's cache is not modified: a DynamicCache is read through a shallow view (the
-        step's new keys go to new tensors); any other cache type is deep-copied first."""
+        The caller's cache is not modified: it is read through a shallow view (the step's new
+        keys go to new tensors). Only DynamicCache (generate's default) is supported."""
         view = _cache_view(cache)
         n = view.get_seq_length()
         if n == 0:
@@ -256,16 +256,17 @@ class GEMEmbedder:
 def _cache_view(cache):
     """A cache the summary step may extend without touching ``cache``: DynamicLayer.update binds
     torch.cat's new tensors to the layer, so shallow copies of the cache and its layers share
-    the cached tensors and leave the original as it was; other layer types write in place and
-    are deep-copied."""
+    the cached tensors and leave the original as it was. Other layer types (static, sliding,
+    quantized) write in place or keep keys the mask does not describe: refused."""
     import copy
 
     from transformers.cache_utils import Cache, DynamicLayer
 
     if not isinstance(cache, Cache):
-        raise TypeError(f"embed_from_cache needs a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}")
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        view = copy.copy(cache)
-        view.layers = [copy.copy(layer) for layer in cache.layers]
-        return view
-    return copy.deepcopy(cache)
+        raise TypeError(f"embed_from_cache needs a transformers DynamicCache, got {type(cache).__name__}")
+    other = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if other or not cache.layers:
+        raise TypeError(f"embed_from_cache reads a DynamicCache (DynamicLayer layers, what generate() uses by default); this cache has {other or 'no layers'}")
+    view = copy.copy(cache)
+    view.layers = [copy.copy(layer) for layer in cache.layers]
+    return view

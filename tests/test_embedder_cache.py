@@ -89,5 +89,9 @@ def test_cache_readout_checks_its_inputs(base_dir):
         cache = emb.model(input_ids=ids, use_cache=True).past_key_values
     with pytest.raises(ValueError, match="attention_mask has shape"):
         emb.embed_from_cache(cache, attention_mask=torch.ones(1, ids.shape[1] + 1))
-    with pytest.raises(TypeError, match="transformers Cache"):
+    with pytest.raises(TypeError, match="DynamicCache"):
         emb.embed_from_cache([(layer.keys, layer.values) for layer in cache.layers])
+    from transformers import StaticCache
+
+    with pytest.raises(TypeError, match="StaticLayer"):
+        emb.embed_from_cache(StaticCache(config=emb.model.config, max_cache_len=32))
