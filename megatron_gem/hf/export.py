@@ -59,8 +59,19 @@ def export_summary_adapter(
     directory the run started from (its weight digest goes into gem_config.json; refused when
     it differs from config.base_model_digest). ``self_contained``: also copy the base's config
     and weight files to ``out_dir/base``. Collective under ZeRO-3: call on all ranks."""
-    from .summary_files import write_summary_adapter_files
+    from .summary_files import summary_export_config, write_summary_adapter_files
 
+    # The checks (and the base digest) on rank 0, their verdict on every rank, before the
+    # collective gather: a refused export raises everywhere instead of leaving ranks waiting.
+    saved, error = None, None
+    if D.is_main():
+        try:
+            saved = summary_export_config(tokenizer, config, base_path)
+        except ValueError as e:  # ModelLoadError (a base that is not a checkpoint) included
+            error = str(e)
+    errors = [e for e in D.all_gather_object(error) if e]
+    if errors:
+        raise ValueError(errors[0])
     state = _full_state_dict(adapter)
     path = None
     if D.is_main():
@@ -68,7 +79,16 @@ def export_summary_adapter(
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             write_summary_adapter_files(
-                tmp, lm=lm, adapter=adapter, tokenizer=tokenizer, config=config, base_path=base_path, state=state, self_contained=self_contained, extra=extra
+                tmp,
+                lm=lm,
+                adapter=adapter,
+                tokenizer=tokenizer,
+                config=config,
+                base_path=base_path,
+                state=state,
+                self_contained=self_contained,
+                extra=extra,
+                saved=saved,
             )
             write_manifest(tmp)
         except BaseException:

@@ -166,22 +166,10 @@ def peft_adapter_config(adapter: SummaryAdapter, config: GEMConfig, target_modul
     }
 
 
-def write_summary_adapter_files(
-    out_dir: str,
-    *,
-    lm,
-    adapter: SummaryAdapter,
-    tokenizer,
-    config: GEMConfig,
-    base_path: str,
-    state: dict[str, torch.Tensor] | None = None,
-    self_contained: bool = False,
-    extra: dict | None = None,
-) -> GEMConfig:
-    """Write every file of the folder except the manifest into ``out_dir``; returns the saved
-    GEMConfig (base_model and base_model_digest filled in). Checks before writing anything big."""
-    from safetensors.torch import save_file
-
+def summary_export_config(tokenizer, config: GEMConfig, base_path: str) -> GEMConfig:
+    """The GEMConfig an export saves (base_model and base_model_digest filled in), after the
+    checks: summary mode, summary tokens that the tokenizer maps to the recorded ids, and a base
+    whose digest is the one the run recorded (if it recorded one). Raises ValueError."""
     if not config.summary_mode:
         raise ValueError(f"export_summary_adapter: GEMConfig.train_mode={config.train_mode!r}; an adapter export is for train_mode='summary'")
     ids = list(config.special_token_ids)
@@ -200,6 +188,28 @@ def write_summary_adapter_files(
     saved = GEMConfig.from_dict(config.to_dict())
     saved.base_model = config.base_model or os.path.abspath(base_path)
     saved.base_model_digest = digest
+    return saved
+
+
+def write_summary_adapter_files(
+    out_dir: str,
+    *,
+    lm,
+    adapter: SummaryAdapter,
+    tokenizer,
+    config: GEMConfig,
+    base_path: str,
+    state: dict[str, torch.Tensor] | None = None,
+    self_contained: bool = False,
+    extra: dict | None = None,
+    saved: GEMConfig | None = None,
+) -> GEMConfig:
+    """Write every file of the folder except the manifest into ``out_dir``; returns the saved
+    GEMConfig. ``saved``: what ``summary_export_config`` returned (computed here when None)."""
+    from safetensors.torch import save_file
+
+    saved = saved or summary_export_config(tokenizer, config, base_path)
+    ids = list(saved.special_token_ids)
     os.makedirs(out_dir, exist_ok=True)
     metadata = {"format": "pt", MARKER: "1", MARKER_TOKENS: json.dumps(ids)}
     save_file(peft_state_dict(adapter, state), os.path.join(out_dir, ADAPTER_WEIGHTS), metadata=metadata)
