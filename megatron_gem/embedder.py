@@ -5,6 +5,14 @@ under the GEM mask, and its embedding is the mean of the K special tokens' last-
 L2-normalised. Padding is its own document with positions restarting at each text, so
 neither the padding side nor the other texts in a batch change a text's embedding.
 
+Summary mode (GEMConfig.train_mode "summary"): the model is the untouched base model with a
+SummaryAdapter's deltas hooked onto its linear layers (hf/summary.py); they act at the summary
+tokens only, so the same readout applies. ``from_pretrained(adapter_folder)`` loads the base
+named in gem_config.json (digest checked) and the folder's deltas.
+
+``embed_from_cache`` reads the embedding of a text whose prefill is already in a KV cache (from
+``generate`` or a ``use_cache=True`` forward): K summary steps that read the cache.
+
 Lives outside gem/ because it drives an HF model through the attention adapter.
 """
 
@@ -17,19 +25,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention.explicit_mask import explicit_mask_attention_on
 from .attention.hf import use_gem_attention
 from .common.manifest import MANIFEST
 from .common.manifest import verify as verify_manifest
 from .gem.config import GEMConfig
 from .gem.layout import build_layout, position_ids_from_doc_ids
+from .gem.mask import gem_mask_for_queries
 from .gem.readout import pool_special_states
 from .gem.roles import PAD_DOC_ID, Role
-from .gem.tokens import find_gem_tokens
+from .gem.tokens import find_gem_tokens, summary_token_ids
+from .hf.summary_files import is_summary_adapter_dir, load_summary_model, refuse_peft_layers
+
+# The doc id that cached keys hidden from the summary queries get (padding): one no query has.
+_HIDDEN_DOC = -2
 
 
 class GEMEmbedder:
-    def __init__(self, model, tokenizer, config: GEMConfig, *, backend: str = "auto", max_length: int = 512):
-        ids = config.special_token_ids or find_gem_tokens(tokenizer, config)
+    def __init__(self, model, tokenizer, config: GEMConfig, *, backend: str = "auto", max_length: int = 512, adapter=None):
+        refuse_peft_layers(model)
+        if config.summary_mode:
+            if adapter is None or not getattr(adapter, "hook_handles", None):
+                raise ValueError(
+                    "GEMConfig.train_mode='summary': pass adapter= (the SummaryAdapter that hf.summary.attach_summary_adapter hooked onto the model), "
+                    "or load an adapter folder with GEMEmbedder.from_pretrained(folder)"
+                )
+            ids = config.special_token_ids or summary_token_ids(tokenizer, config)
+        else:
+            if adapter is not None:
+                raise ValueError("adapter= is for GEMConfig.train_mode='summary'")
+            ids = config.special_token_ids or find_gem_tokens(tokenizer, config)
         if not ids:
             raise ValueError(
                 f"the tokenizer has no GEM tokens {config.special_tokens}: train or extend the model with megatron_gem (tools/add_gem_tokens.py) first"
@@ -40,6 +65,8 @@ class GEMEmbedder:
         self.model.eval()
         self.tokenizer = tokenizer
         self.config = config
+        self.adapter = adapter
+        self.base_path = None  # summary mode, loaded from a folder: the base checkpoint directory
         self.special_ids = list(ids)
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -53,6 +80,8 @@ class GEMEmbedder:
         tokenizer=None,
         *,
         config: GEMConfig | None = None,
+        adapter=None,
+        base: str | os.PathLike | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         backend: str = "auto",
@@ -63,13 +92,29 @@ class GEMEmbedder:
         model and its tokenizer; for a live model ``config`` defaults to GEMConfig() and the
         special-token ids are looked up in the tokenizer by name. A directory with a
         manifest.json (train.py's exports) is verified first (``verify``): a missing, truncated
-        or changed file raises CheckpointError naming it."""
+        or changed file raises CheckpointError naming it.
+
+        A summary-mode adapter folder (hf/summary_files.py) loads its base checkpoint: ``base``
+        (a directory) when given, else the folder's ``base/``, else gem_config.json base_model;
+        a base whose weight digest is not gem_config's base_model_digest is refused (ModelLoadError
+        naming both), as is a folder failing the aLoRA guard (read_summary_adapter). Its own
+        gem_config.json and tokenizer are used. A live summary-mode model needs ``adapter`` (the
+        SummaryAdapter attach_summary_adapter hooked onto it)."""
         if isinstance(path_or_model, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             path = str(path_or_model)
             if verify and os.path.isfile(os.path.join(path, MANIFEST)):
                 verify_manifest(path)
+            if is_summary_adapter_dir(path):
+                if config is not None or tokenizer is not None or adapter is not None:
+                    raise ValueError(f"{path} is a summary-mode adapter folder: its own gem_config.json, tokenizer and adapter are used (pass none of them)")
+                model, tokenizer, config, adapter, base_path = load_summary_model(path, base=base, dtype=dtype, device=device)
+                embedder = cls(model, tokenizer, config, backend=backend, max_length=max_length, adapter=adapter)
+                embedder.base_path = base_path
+                return embedder
+            if base is not None:
+                raise ValueError(f"base={base!r}: {path} is not a summary-mode adapter folder (base= is only for those)")
             config = config or GEMConfig.load(path)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
@@ -80,7 +125,9 @@ class GEMEmbedder:
             config = config or GEMConfig()
         if device is not None:
             model = model.to(device)
-        return cls(model, tokenizer, config, backend=backend, max_length=max_length)
+            if adapter is not None:
+                adapter.to(device)
+        return cls(model, tokenizer, config, backend=backend, max_length=max_length, adapter=adapter)
 
     @property
     def device(self) -> torch.device:
@@ -132,8 +179,25 @@ class GEMEmbedder:
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         keep = self.max_length - len(self.special_ids)
         tokens = [self.tokenizer(t, add_special_tokens=True)["input_ids"][:keep] for t in texts]
+        out = self.encode_token_ids(tokens, batch_size=batch_size, normalize=normalize, show_progress_bar=show_progress_bar, padding_side=padding_side)
+        return out.numpy() if convert_to_numpy else out
+
+    @torch.inference_mode()
+    def encode_token_ids(
+        self,
+        tokens: Sequence[Sequence[int]],
+        *,
+        batch_size: int = 32,
+        normalize: bool = True,
+        show_progress_bar: bool = False,
+        padding_side: str = "right",
+    ) -> torch.Tensor:
+        """Embed already tokenised texts (each as ``tokenizer(text)["input_ids"]``, BOS included;
+        not truncated here): float32 [n, hidden]."""
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         for i, t in enumerate(tokens):
-            if not t:
+            if not len(t):
                 raise ValueError(f"text {i} tokenises to nothing; cannot embed an empty text")
         # Longest first: fewer pad tokens per batch; the order is restored below.
         order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
@@ -152,9 +216,79 @@ class GEMEmbedder:
             if normalize:
                 emb = F.normalize(emb, dim=-1)
             out[torch.tensor(idx)] = emb.cpu()
-        return out.numpy() if convert_to_numpy else out
+        return out
 
     def encode_queries(self, texts: Sequence[str], **kwargs):
         """Embed queries: with the query prompt the model was trained with (``--contrastive-query-prompt``),
         if any; documents go through plain ``encode``."""
         return self.encode(texts, prompt_name="query" if "query" in self.prompts else None, **kwargs)
+
+    @torch.inference_mode()
+    def embed_from_cache(self, cache, attention_mask: torch.Tensor | None = None, *, normalize: bool = True) -> torch.Tensor:
+        """Embeddings [B, hidden] (float32, on the model's device) of the texts whose prefill is
+        in ``cache`` (a transformers Cache: the ``past_key_values`` / ``cache`` that
+        ``generate(..., return_dict_in_generate=True)`` or ``model(input_ids, use_cache=True)``
+        returns), without recomputing the text.
+
+        Runs K summary steps at once: the summary tokens at positions m..m+K-1 (m = the row's
+        number of real cached tokens), each attending the whole cached text and itself, not the
+        other summary tokens (the GEM rule, gem/mask.py ``gem_mask_for_queries``). Equals
+        ``encode_token_ids`` of the cached tokens when the cache is the text part of the embed
+        layout: true for a full-mode GEM model's causal prefill, and in summary mode for the base
+        model's (the deltas act only at summary tokens). ``attention_mask`` [B, n] (1 = real
+        token) marks padding in the cache, left or right, whose real tokens must sit at positions
+        0..m-1 (``generate`` does this for left padding). The cache may hold generated tokens
+        too: what is cached is what is embedded (no max_length truncation here).
+
+        The caller's cache is not modified: it is read through a shallow view (the step's new
+        keys go to new tensors). Only DynamicCache (generate's default) is supported."""
+        view = _cache_view(cache)
+        n = view.get_seq_length()
+        if n == 0:
+            raise ValueError("embed_from_cache: the cache is empty")
+        batch = view.layers[0].keys.shape[0]
+        device = self.device
+        if attention_mask is None:
+            real = torch.ones(batch, n, dtype=torch.bool, device=device)
+        else:
+            real = attention_mask.to(device).bool()
+            if tuple(real.shape) != (batch, n):
+                raise ValueError(f"attention_mask has shape {tuple(real.shape)}, the cache holds {batch} rows of {n} tokens")
+            if not real.any(dim=-1).all():
+                raise ValueError("attention_mask: a row has no real token; cannot embed an empty text")
+        k = len(self.special_ids)
+        arange_k = torch.arange(k, device=device)
+        ids = torch.tensor(self.special_ids, device=device).expand(batch, k)
+        roles = torch.full((batch, k), int(Role.SPECIAL), device=device)
+        docs = torch.zeros(batch, k, dtype=torch.long, device=device)
+        positions = real.sum(-1, keepdim=True) + arange_k
+        # Keys: the n cached tokens (text; padding hidden by a doc id no query has), then the K new ones.
+        k_index = torch.arange(n + k, device=device).expand(batch, n + k)
+        k_doc = torch.cat([torch.where(real, 0, _HIDDEN_DOC), docs], dim=-1)
+        k_role = torch.cat([torch.full((batch, n), int(Role.PREFIX), device=device), roles], dim=-1)
+        allowed = gem_mask_for_queries((n + arange_k).expand(batch, k), docs, roles, k_index, k_doc, k_role)
+        with explicit_mask_attention_on(self.model):
+            hidden = self.model.base_model(
+                input_ids=ids, position_ids=positions, cache=view, use_cache=True, roles=roles, doc_ids=docs, gem_explicit_mask=allowed
+            ).last_hidden_state.float()
+        emb = hidden.mean(dim=1)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+
+def _cache_view(cache):
+    """A cache the summary step may extend without touching ``cache``: DynamicLayer.update binds
+    torch.cat's new tensors to the layer, so shallow copies of the cache and its layers share
+    the cached tensors and leave the original as it was. Other layer types (static, sliding,
+    quantized) write in place or keep keys the mask does not describe: refused."""
+    import copy
+
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    if not isinstance(cache, Cache):
+        raise TypeError(f"embed_from_cache needs a transformers DynamicCache, got {type(cache).__name__}")
+    other = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if other or not cache.layers:
+        raise TypeError(f"embed_from_cache reads a DynamicCache (DynamicLayer layers, what generate() uses by default); this cache has {other or 'no layers'}")
+    view = copy.copy(cache)
+    view.layers = [copy.copy(layer) for layer in cache.layers]
+    return view

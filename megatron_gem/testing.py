@@ -81,3 +81,39 @@ def save_tiny_checkpoint(directory: str | os.PathLike, *, tie_word_embeddings: b
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)
+
+
+RESERVED_TOKENS = ("<|reserved_0|>", "<|reserved_1|>")
+
+
+def save_tiny_reserved_base(directory: str | os.PathLike, *, seed: int = 0) -> str:
+    """A tiny base checkpoint whose tokenizer has unused reserved special tokens (like
+    Llama-3's), which summary mode picks as its summary tokens."""
+    tok = make_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(RESERVED_TOKENS)})
+    model = make_tiny_llama(len(tok), seed=seed)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
+def tiny_summary_model(base_dir: str, k: int, *, seed: int = 0, positions: str = "special"):
+    """(lm, tokenizer, config, adapter): the base at ``base_dir`` with a summary adapter whose
+    lora_B is random (a fresh adapter is exactly the base model; this one looks trained)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .gem.config import GEMConfig
+    from .gem.tokens import summary_token_ids
+    from .hf.summary import attach_summary_adapter
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    lm = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = GEMConfig(train_mode="summary", num_special_tokens=k, adapter_rank=4, adapter_alpha=8.0, adapter_positions=positions)
+    summary_token_ids(tok, config)
+    adapter = attach_summary_adapter(lm, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for delta in adapter.deltas.values():
+            delta.lora_B.copy_(0.5 * torch.randn(delta.lora_B.shape, generator=gen))
+    return lm, tok, config, adapter

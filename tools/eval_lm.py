@@ -5,6 +5,10 @@
     python tools/eval_lm.py --model runs/x/hf --tasks gem_trivia_mc perplexity --max-items 200 --output r/
     python tools/eval_lm.py --model runs/x/hf --tasks mmlu --output r/        # needs the HF hub
 
+A summary-mode adapter folder (--gem-train summary) evaluates its base model: the deltas act
+only at the summary tokens, which generation never feeds, so the base model IS the generation
+model (its weight digest is checked against gem_config.json; --base overrides its base_model).
+
 Default tasks: the offline multiple-choice tasks (gem_trivia_mc, gem_wordnet_def_mc; data built
 at run time from installed packages) and held-out perplexity. Any lm-eval task name is
 accepted (mmlu, hellaswag, ...) when its data is reachable. Writes OUTPUT/lm_results.json and
@@ -38,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--update-model-card", action="store_true", help="record the figures in --model's README.md and eval_results.json (a GEM export)")
+    p.add_argument("--base", default=None, help="summary-mode adapter folder: the base checkpoint directory (default: gem_config.json base_model)")
     return p.parse_args(argv)
 
 
@@ -62,6 +67,7 @@ def main(argv=None) -> int:
             dtype=args.dtype,
             seed=args.seed,
             perplexity_texts=args.ppl_texts,
+            base=args.base,
         )
     except (RuntimeError, ValueError) as e:
         print(f"eval_lm: {e}", file=sys.stderr)

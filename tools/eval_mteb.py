@@ -5,6 +5,10 @@
     python tools/eval_mteb.py --model DIR --method mean --tasks Lee50DocSim SimLex999 --output r/
     python tools/eval_mteb.py --model DIR --method gem --tasks "MTEB(eng, v2)" --output r/   # needs the hub
 
+--model may be a summary-mode adapter folder (--gem-train summary): --method gem loads the base
+checkpoint named in its gem_config.json (or --base DIR; the weight digest must match) plus the
+deltas; the baselines run on the base model.
+
 --tasks takes offline suite names (see megatron_gem/eval/tasks.py), the word ``offline`` (the
 whole suite), real MTEB task names (STSBenchmark, ...) and MTEB benchmark names; the last two
 download their data, so they need the HF hub. Writes mteb's result files under
@@ -38,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="model name in the results (org/name)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--update-model-card", action="store_true", help="record the scores in --model's README.md and eval_results.json (a GEM export)")
+    p.add_argument("--base", default=None, help="summary-mode adapter folder: the base checkpoint directory (default: gem_config.json base_model)")
     return p.parse_args(argv)
 
 
@@ -66,6 +71,7 @@ def resolve_tasks(names: list[str], scale: float) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron_gem.common.errors import ModelLoadError
     from megatron_gem.eval.mteb_model import load_mteb_model, run_mteb, save_summary
 
     if args.update_model_card and not os.path.isfile(os.path.join(args.model, "gem_config.json")):
@@ -73,17 +79,21 @@ def main(argv=None) -> int:
     tasks = resolve_tasks(args.tasks, args.scale)
     if not tasks:
         raise SystemExit("eval_mteb: no tasks")
-    model = load_mteb_model(
-        args.model,
-        args.method,
-        dtype=args.dtype,
-        device=args.device,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        instructions=args.instructions,
-        show_progress_bar=not args.no_progress,
-        name=args.name,
-    )
+    try:
+        model = load_mteb_model(
+            args.model,
+            args.method,
+            dtype=args.dtype,
+            device=args.device,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            instructions=args.instructions,
+            show_progress_bar=not args.no_progress,
+            name=args.name,
+            base=args.base,
+        )
+    except ModelLoadError as e:  # a wrong folder or base: one clear line, not a traceback
+        raise SystemExit(f"eval_mteb: {e}")
     scores = run_mteb(model, tasks, args.output, show_progress_bar=not args.no_progress, batch_size=args.batch_size)
     table = save_summary({model.mteb_model_meta.name: scores}, args.output)
     print(table)

@@ -58,14 +58,18 @@ def _load_hflm(model, tokenizer, *, batch_size: int, device: str | None, dtype: 
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
+def _torch_dtype(dtype: str | None):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "", torch.float32)
+
+
 def _hf_model_and_tokenizer(model, tokenizer, dtype):
     if not isinstance(model, (str, os.PathLike)):
         return model, tokenizer
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "", torch.float32)
-    return AutoModelForCausalLM.from_pretrained(str(model), dtype=dt), AutoTokenizer.from_pretrained(str(model))
+    return AutoModelForCausalLM.from_pretrained(str(model), dtype=_torch_dtype(dtype)), AutoTokenizer.from_pretrained(str(model))
 
 
 def run_lm_eval(
@@ -83,12 +87,25 @@ def run_lm_eval(
     perplexity_texts: int = 200,
     perplexity_max_length: int = 256,
     show_progress_bar: bool = True,
+    base: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run ``tasks`` on ``model`` (checkpoint dir, hub name, or live HF model + tokenizer).
 
     Returns {task: {metric: value}} with accuracies in [0, 1] and ``perplexity`` under the
     ``perplexity`` pseudo-task. MC data and YAML go to ``work_dir/lm_tasks``.
+
+    A summary-mode adapter folder evaluates its base model: the deltas act only at summary
+    tokens, which generation never feeds, so the base model IS the generation model (its
+    digest is checked against gem_config.json; ``base`` overrides the base_model it names).
     """
+    from ..hf.summary_files import is_gem_adapter_dir, load_generation_model
+
+    if isinstance(model, (str, os.PathLike)) and is_gem_adapter_dir(str(model)):
+        model, tokenizer = load_generation_model(str(model), base=base, dtype=_torch_dtype(dtype))
+        if device:
+            model.to(device)
+    elif base is not None:
+        raise ValueError(f"base={base!r} is only for a summary-mode adapter folder, and {model!r} is not one")
     tasks = list(tasks)
     unknown_empty = [t for t in tasks if not t]
     if unknown_empty:

@@ -6,6 +6,11 @@ sentence-transformers models, behind one wrapper.
   mean | last | echo | prompteol   :mod:`baselines` on the plain causal LM
   st         a sentence-transformers model folder (reference embedders, e.g. all-MiniLM-L6-v2)
 
+A summary-mode adapter folder (hf/summary_files.py) works with every method: ``gem`` loads the
+base checkpoint plus the deltas (digest and aLoRA guard checked; ``base`` overrides
+gem_config.json's base_model), the baselines run on the base model itself (what the adapter
+leaves of plain text), ``st`` on the folder's sentence-transformers files.
+
 The wrapper collects the texts of mteb's DataLoader, embeds them in its own batches (sorted
 by length, so padding stays small), and returns float32 numpy rows, L2-normalised, compared
 by cosine. Task instructions are off by default (GEM and the baselines were not trained with
@@ -193,8 +198,10 @@ def load_mteb_model(
     instructions: bool = False,
     show_progress_bar: bool = True,
     name: str | None = None,
+    base: str | None = None,
 ):
-    """An mteb model for a checkpoint directory (or hub name when online) and a method."""
+    """An mteb model for a checkpoint directory (or hub name when online) and a method.
+    ``base``: the base checkpoint of a summary-mode adapter folder (default: its gem_config.json)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if isinstance(dtype, str):
@@ -223,18 +230,16 @@ def load_mteb_model(
     elif method == "gem":
         from ..embedder import GEMEmbedder
 
-        emb = GEMEmbedder.from_pretrained(path, dtype=dtype, device=device, max_length=max_length)
+        emb = GEMEmbedder.from_pretrained(path, dtype=dtype, device=device, max_length=max_length, base=base)
         fn = lambda texts: emb.encode(texts, batch_size=batch_size, show_progress_bar=show_progress_bar)
         query_prompt = emb.prompts.get("query", "")
         n_params = sum(p.numel() for p in emb.model.parameters())
         dim, max_tokens, adapted = emb.model.config.hidden_size, max_length, None
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        from ..hf.summary_files import load_generation_model
         from .baselines import CausalLMEncoder
 
-        tok = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        lm, tok = load_generation_model(path, base=base, dtype=dtype)
         query_prompt = ""
         enc = CausalLMEncoder(lm, tok, method, max_length=max_length, batch_size=batch_size, device=device, show_progress_bar=show_progress_bar)
         fn = enc.encode

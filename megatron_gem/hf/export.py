@@ -42,38 +42,14 @@ def add_embedder_files(directory: str, *, source: str | None = None, name: str |
     (so ``SentenceTransformer(directory)`` gives GEMEmbedder's vectors rather than mean-pooling
     the plain model) and the model card. Call before its manifest is written. Returns the
     sentence-transformers mode, or None when nothing was written (no gem_config.json: not a GEM
-    checkpoint; summary-mode checkpoints: their embeddings need the adapter, which the
-    sentence-transformers files do not load, so none are written). ``name``: the directory the
+    checkpoint). A summary-mode adapter folder gets the custom module, which loads the base and
+    the deltas (the builtin modules would load the base alone). ``name``: the directory the
     export ends up in (the model card's usage lines)."""
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         return None
-    mode = None if GEMConfig.load(directory).summary_mode else save_sentence_transformer(directory)
+    mode = save_sentence_transformer(directory, mode="custom" if GEMConfig.load(directory).summary_mode else "auto")
     write_model_card(directory, source=source, name=name)
     return mode
-
-
-SUMMARY_ADAPTER_FILE = "adapter_model.safetensors"
-
-
-def write_hf_adapter_state(state: dict[str, torch.Tensor], gem_config, out_dir: str, *, tokenizer=None, extra: dict | None = None) -> str:
-    """Summary mode: write the adapter alone (the base model is ``gem_config.base_model``,
-    unchanged): ``state`` = HF-named deltas ("model.layers.{i}.self_attn.q_proj.lora_A.weight"
-    [r, in], "...lora_B.weight" [out, r]) as safetensors, gem_config.json, the tokenizer,
-    manifest.json; to a temporary directory swapped in atomically. Not collective: call on the
-    one rank holding ``state``."""
-    from safetensors.torch import save_file
-
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, SUMMARY_ADAPTER_FILE), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    gem_config.save(tmp)
-    if extra:
-        write_text_atomic(os.path.join(tmp, "training_info.json"), json.dumps(extra, indent=2) + "\n")
-    write_manifest(tmp)
-    return replace_dir_atomic(tmp, out_dir)
 
 
 def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = None) -> str | None:
@@ -96,29 +72,87 @@ def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = N
     return path
 
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+def export_summary_adapter(
+    lm, adapter, tokenizer, config, out_dir: str, extra: dict | None = None, *, base_path: str, self_contained: bool = False
+) -> str | None:
+    """Write a summary-mode adapter folder (hf/summary_files.py: PEFT aLoRA files + gem_config
+    + tokenizer + manifest) to ``out_dir`` atomically. ``base_path``: the base checkpoint
+    directory the run started from (its weight digest goes into gem_config.json; refused when
+    it differs from config.base_model_digest). ``self_contained``: also copy the base's config
+    and weight files to ``out_dir/base``. Collective under ZeRO-3: call on all ranks."""
+    from .summary_files import summary_export_config, write_summary_adapter_files
 
-
-def export_summary_adapter(lm, adapter, tokenizer, config, out_dir: str, extra: dict | None = None) -> str | None:
-    """Summary mode's export (interim: the export work replaces it with the PEFT aLoRA folder):
-    the adapter's state dict as ``adapter_model.safetensors`` (ZeRO-3: gathered), the tokenizer
-    (unchanged: summary tokens are existing ones), gem_config.json (base model, summary tokens),
-    training_info.json and manifest.json; no base weights. ``lm`` is the frozen base the adapter
-    belongs to (unused here: the base checkpoint is ``config.base_model``). Collective."""
-    from safetensors.torch import save_file
-
+    # The checks (and the base digest) on rank 0, their verdict on every rank, before the
+    # collective gather: a refused export raises everywhere instead of leaving ranks waiting.
+    saved, error = None, None
+    if D.is_main():
+        try:
+            saved = summary_export_config(tokenizer, config, base_path)
+        except ValueError as e:  # ModelLoadError (a base that is not a checkpoint) included
+            error = str(e)
+    errors = [e for e in D.all_gather_object(error) if e]
+    if errors:
+        raise ValueError(errors[0])
     state = _full_state_dict(adapter)
     path = None
     if D.is_main():
         tmp = out_dir.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, ADAPTER_WEIGHTS))
-        tokenizer.save_pretrained(tmp)
-        config.save(tmp)
-        if extra:
-            write_text_atomic(os.path.join(tmp, "training_info.json"), json.dumps(extra, indent=2) + "\n")
-        write_manifest(tmp)
+        try:
+            write_summary_adapter_files(
+                tmp,
+                lm=lm,
+                adapter=adapter,
+                tokenizer=tokenizer,
+                config=config,
+                base_path=base_path,
+                state=state,
+                self_contained=self_contained,
+                extra=extra,
+                saved=saved,
+            )
+            add_embedder_files(tmp, name=out_dir)
+            write_manifest(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         path = replace_dir_atomic(tmp, out_dir)
     D.barrier()
     return path
+
+
+def export_summary_adapter_state(
+    state: dict[str, torch.Tensor], hf_config: dict, tokenizer, config, out_dir: str, extra: dict | None = None, *, base_path: str
+) -> str:
+    """The same folder as export_summary_adapter from HF-named tensors ("model.layers.{i}.
+    self_attn.q_proj.lora_A.weight" [r, in], "...lora_B.weight" [out, r]): megatron-core's
+    adapter after mcore.summary.hf_adapter_state gathered and renamed it. ``hf_config``: the
+    base's HF config (a skeleton of the model on the meta device names its linear layers for
+    PEFT's target_modules). Not collective: call on the rank holding ``state``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..gem.adapter import SummaryAdapter
+    from .summary_files import summary_export_config, write_summary_adapter_files
+
+    names = sorted(k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight"))
+    shapes = {n: (state[f"{n}.lora_A.weight"].shape[1], state[f"{n}.lora_B.weight"].shape[0]) for n in names}
+    adapter = SummaryAdapter(shapes, rank=config.adapter_rank, alpha=config.adapter_alpha, positions=config.adapter_positions)
+    with torch.no_grad():
+        for n in names:
+            adapter.delta_for(n).lora_A.copy_(state[f"{n}.lora_A.weight"])
+            adapter.delta_for(n).lora_B.copy_(state[f"{n}.lora_B.weight"])
+    cfg = dict(hf_config)
+    kind = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k not in ("transformers_version",)})
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(kind)
+    saved = summary_export_config(tokenizer, config, base_path)
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_summary_adapter_files(tmp, lm=skeleton, adapter=adapter, tokenizer=tokenizer, config=config, base_path=base_path, extra=extra, saved=saved)
+        add_embedder_files(tmp, name=out_dir)
+        write_manifest(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace_dir_atomic(tmp, out_dir)

@@ -114,6 +114,10 @@ def save_sentence_transformer(path: str | os.PathLike, *, mode: str = "auto", ma
     k = config.num_special_tokens
     if max_seq_length <= k:
         raise ValueError(f"max_seq_length={max_seq_length} leaves no room for text before {k} special tokens")
+    if config.summary_mode:  # an adapter folder: only the custom module loads base + deltas
+        if mode == "builtin":
+            raise ValueError(f"{path}: a summary-mode adapter folder needs mode='custom' (the builtin modules would load the base model without the deltas)")
+        mode = "custom"
     if mode in ("auto", "builtin"):
         ok = k == 1 and _builtin_tokenizer_ok(path, tokenizer, config)
         if not ok and mode == "builtin":

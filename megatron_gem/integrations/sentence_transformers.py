@@ -7,6 +7,11 @@ Every HF export of megatron_gem already carries the sentence-transformers files 
 any other directory with ``gem_config.json``, e.g. one saved with ``save_pretrained`` after
 ``enable_gem``. :class:`GEMSentenceEncoder` is the ``"custom"`` layout's module (any K): the
 GEM layout and mask inside sentence-transformers, GEMEmbedder's vectors.
+
+A summary-mode adapter folder (hf/summary_files.py) is always ``"custom"``: the module loads the
+base checkpoint and the folder's deltas through ``GEMEmbedder.from_pretrained`` (digest and aLoRA
+guard checked); the builtin ``Transformer`` module would load the folder through transformers,
+which attaches the adapter as an aLoRA nothing activates (the base model's vectors).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class GEMSentenceEncoder(_input_module_base()):
 
         self.embedder = GEMEmbedder.from_pretrained(model_name_or_path, backend=backend, max_length=max_seq_length)
         self.auto_model = self.embedder.model  # a submodule, so .to(device) and .eval() reach it
+        self.gem_adapter = self.embedder.adapter  # summary mode: the deltas (None otherwise), moved with the module too
+        self.source_path = model_name_or_path
         self.tokenizer = self.embedder.tokenizer
         self.max_seq_length = max_seq_length
         self.backend = backend
@@ -83,6 +90,21 @@ class GEMSentenceEncoder(_input_module_base()):
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
         from ..attention.hf import use_gem_attention
         from .enable import disable_gem
+
+        if self.gem_adapter is not None:  # summary mode: the adapter folder again, never the base weights as a full model
+            from ..hf.summary_files import BASE_DIR, write_summary_adapter_files
+
+            write_summary_adapter_files(
+                output_path,
+                lm=self.auto_model,
+                adapter=self.gem_adapter,
+                tokenizer=self.tokenizer,
+                config=self.embedder.config,
+                base_path=self.embedder.base_path,
+                self_contained=os.path.isdir(os.path.join(self.source_path, BASE_DIR)),
+            )
+            self.save_config(output_path)
+            return
 
         model = self.auto_model
         disable_gem(model)  # the export loads with sdpa; the GEM attention comes back afterwards

@@ -22,7 +22,7 @@ resume, export cadence, pre-emption) is the trainer's, shared with the DeepSpeed
   (and the logit scale) reach DDP's grad buffers and the optimizer; checkpoints still hold the
   whole model (the frozen base too, so a tag stays a complete megatron checkpoint) and the
   adapter's optimizer state; the export is the HF-named adapter (hf/export.py
-  write_hf_adapter_state).
+  export_summary_adapter_state, the PEFT aLoRA folder).
 
 Loss scaling matches the DeepSpeed path: a micro-batch's NTP sum is scaled by
 dp * accum / global_tokens; megatron-core divides each micro-batch loss by accum and averages
@@ -393,13 +393,13 @@ class MegatronEngine(Engine):
 
     def export_hf(self, out_dir, extra) -> None:
         if self.job.gem.summary_mode:  # the base is --model, unchanged: only the adapter is written
-            from ..hf.export import write_hf_adapter_state
+            from ..hf.export import export_summary_adapter_state
             from ..mcore.summary import hf_adapter_state
 
             state = hf_adapter_state(self.model, self.arch)
             if dist.get_rank() == 0:
                 self.job.gem.base_model = self.job.gem.base_model or self.job.model.path
-                write_hf_adapter_state(state, self.job.gem, out_dir, tokenizer=self.tokenizer, extra=extra)
+                export_summary_adapter_state(state, self.meta["hf_config"], self.tokenizer, self.job.gem, out_dir, extra, base_path=self.job.model.path)
             dist.barrier()
             return
         io.export_hf_from_model(

@@ -22,7 +22,7 @@ def test_documented_examples_run(tmp_path):
     from trl import SFTConfig
 
     examples = _examples()
-    assert set(examples) == {"trainer", "trl", "export"}
+    assert set(examples) == {"trainer", "trl", "export", "summary_adapter"}
     tok = make_tiny_tokenizer()
     common = dict(per_device_train_batch_size=4, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, learning_rate=3e-3)
     s = sample_sentences(16, seed=3, max_words=12)
@@ -46,3 +46,16 @@ def test_documented_examples_run(tmp_path):
     exec(examples["export"], ns)
     ref = GEMEmbedder.from_pretrained(ns["export_dir"], backend="sdpa").encode(["a text", "another"])
     assert torch.allclose(torch.as_tensor(ns["embeddings"]), ref, atol=1e-5)
+
+
+def test_summary_adapter_example_runs(tmp_path):
+    from megatron_gem.testing import save_tiny_reserved_base, tiny_summary_model
+
+    base_dir = save_tiny_reserved_base(tmp_path / "base")
+    lm, tokenizer, config, adapter = tiny_summary_model(base_dir, 2)
+    ns = {"lm": lm, "adapter": adapter, "tokenizer": tokenizer, "config": config, "base_dir": base_dir, "adapter_dir": str(tmp_path / "adapter")}
+    exec(_examples()["summary_adapter"], ns)
+    ref = GEMEmbedder(lm, tokenizer, config, adapter=adapter).encode(["a text", "another"])
+    assert torch.allclose(ns["embeddings"], ref, atol=1e-6)
+    assert torch.allclose(ns["vector"][0], ref[0], atol=1e-5)
+    assert type(ns["peft_model"]).__name__ == "PeftModelForCausalLM"

@@ -104,3 +104,25 @@ def test_custom_module_save_round_trip(exports, tmp_path):
     again = SentenceTransformer(str(tmp_path / "again"), device="cpu", trust_remote_code=True)
     assert torch.allclose(again.encode(TEXTS, convert_to_tensor=True), before, atol=1e-6)
     assert st[0].auto_model.config._attn_implementation == "gem"  # saving left the live module on GEM attention
+
+
+def test_summary_adapter_folder_loads_base_plus_adapter(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from megatron_gem.hf.export import export_summary_adapter
+    from megatron_gem.testing import save_tiny_reserved_base, tiny_summary_model
+
+    base = save_tiny_reserved_base(tmp_path / "base", seed=2)
+    lm, tok, cfg, adapter = tiny_summary_model(base, 1, seed=4)
+    path = export_summary_adapter(lm, adapter, tok, cfg, str(tmp_path / "adapter"), base_path=base)
+    with pytest.raises(ValueError, match="mode='custom'"):
+        save_sentence_transformer(path, mode="builtin")  # K=1, but the builtin Transformer would drop the deltas
+    assert save_sentence_transformer(path, max_seq_length=64) == "custom"
+    st = SentenceTransformer(path, device="cpu", trust_remote_code=True)
+    ref = GEMEmbedder.from_pretrained(path, backend="sdpa", max_length=64).encode(TEXTS)
+    got = st.encode(TEXTS, convert_to_tensor=True, batch_size=4)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    st.save(str(tmp_path / "again"))  # saves the adapter folder again, not the base as a full model
+    assert os.path.isfile(tmp_path / "again" / "adapter_config.json") and not os.path.exists(tmp_path / "again" / "model.safetensors")
+    again = SentenceTransformer(str(tmp_path / "again"), device="cpu", trust_remote_code=True)
+    assert torch.allclose(again.encode(TEXTS, convert_to_tensor=True), got, atol=1e-6)
