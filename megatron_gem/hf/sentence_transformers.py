@@ -108,7 +108,12 @@ def save_sentence_transformer(path: str | os.PathLike, *, mode: str = "auto", ma
         config.special_token_ids = find_gem_tokens(tokenizer, config) or []
     if not config.special_token_ids:
         raise ValueError(f"{path}: the tokenizer has no GEM tokens {config.special_tokens}")
-    model_config = _model_config(path)
+    if config.summary_mode:  # an adapter folder: the model's config is the base checkpoint's
+        from .summary_files import resolve_base
+
+        model_config = _model_config(resolve_base(path, config, None))
+    else:
+        model_config = _model_config(path)
     if max_seq_length is None:
         max_seq_length = min(DEFAULT_MAX_SEQ_LENGTH, getattr(model_config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LENGTH)
     k = config.num_special_tokens
