@@ -127,3 +127,28 @@ def test_plan_seeds_headline_rows_and_their_controls():
     assert rep._flag(seeded["args"], "--seed") == "2" and seeded["recipe"] == "gem-more-ntp"
     assert {e["kind"] for e in plan} == {"base", "control", "gem", "frozen", "ref"}
     assert all(e["data"] == "natural" for e in plan if e.get("recipe", "").endswith("-natural"))
+
+
+def test_frozen_rows_are_skipped_and_counted_when_summary_mode_is_missing(tmp_path, monkeypatch, capsys):
+    """main() with the frozen rows only: one whose training fails, one whose export is not
+    frozen (logits differ); both are skipped with a clear line, counted, and the table is written."""
+    import json
+
+    rep = _reproduce()
+
+    def fake_train(name, recipe_args, base, data, runs):
+        if name == "gem-summary":
+            raise rep.TrainingFailed("train.py exited 2 (log x): error: summary mode is not implemented")
+        return str(tmp_path / "export")
+
+    monkeypatch.setattr(rep, "train", fake_train)
+    monkeypatch.setattr(rep, "frozen_check", lambda base, export, n: (False, "texts 0..7: logits differ (max |diff| 0.5)"))
+    assert rep.main(["--out", str(tmp_path / "out"), "--chart", "", "--only", "gem-summary", "gem-summary-wordnet-pairs"]) == 0
+    out = capsys.readouterr().out
+    assert "gem-summary: SKIPPED: summary mode (--gem-train summary) is not available here: train.py exited 2" in out
+    assert (
+        "gem-summary-wordnet-pairs: SKIPPED: summary mode (--gem-train summary) is not available here: the export's plain-text logits are not the base" in out
+    )
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [s["name"] for s in results["skipped"]] == ["gem-summary", "gem-summary-wordnet-pairs"] and results["rows"] == []
+    assert "skipped 2 row(s)" in (tmp_path / "out" / "table.md").read_text()
