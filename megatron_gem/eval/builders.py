@@ -221,6 +221,20 @@ def python_faq_retrieval(max_items: int | None = None, seed: int = 0) -> Retriev
     )
 
 
+def gnu_info_retrieval(max_items: int | None = 500, seed: int = 0) -> RetrievalSet:
+    """Query: the heading of a GNU info manual section; relevant: that section's prose (all
+    sampled sections form the corpus). The held-out check: no training recipe reads these
+    manuals (tests/eval/test_training_text.py checks the texts against every training corpus)."""
+    sections = _subsample(corpora.gnu_info_sections(), max_items, seed)
+    return RetrievalSet(
+        "GNUInfoSections",
+        [s.heading for s in sections],
+        [s.text for s in sections],
+        [{i} for i in range(len(sections))],
+        "GNU info manuals (coreutils, diffutils, findutils, grep, sed, gettext, ...): section heading -> its text.",
+    )
+
+
 # --------------------------------------------------------------------------- labels
 
 # Topical fortune files (the generic ones, 'fortunes', 'cookie', 'miscellaneous', and tiny

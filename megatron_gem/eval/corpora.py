@@ -12,6 +12,8 @@ Sources (Debian and PyPI packages that ship real text; tools/install_corpora.sh,
   Python docs        Debian ``python3.11-doc`` tutorial paragraphs (held-out text)
   gensim test data   PyPI ``gensim``           Lee-50 document similarities, SimLex-999, WordSim-353
   red-trivia         PyPI ``red-trivia``       ~10k trivia question/answers in 36 categories
+  GNU info manuals   Debian ``coreutils`` etc. section heading -> section text (held-out check;
+                                               no recipe trains on them)
 
 WordNet synsets are split once, by a hash of their offset, into a training part and a
 held-out part (``HELDOUT_PERCENT``): evaluation tasks built from WordNet use held-out synsets
@@ -32,6 +34,7 @@ from functools import lru_cache
 WORDNET_DIR = "/usr/share/wordnet"
 FORTUNES_DIR = "/usr/share/games/fortunes"
 PYTHON_DOC_DIR = "/usr/share/doc/python3.11/html/_sources"
+INFO_DIR = "/usr/share/info"
 
 HELDOUT_PERCENT = 10
 
@@ -298,6 +301,74 @@ def python_doc_paragraphs(root: str | None = None, *, part: str = "tutorial", mi
             if len(text.split()) >= min_words:
                 out.append(text)
     return out
+
+
+# --------------------------------------------------------------------------- GNU info manuals
+
+_INFO_UNDERLINE = re.compile(r"^([=\-*.])\1{2,}\s*$")
+_INFO_NOTE = re.compile(r"\*[Nn]ote\s+([^:]*?)::")
+_INFO_NUMBER = re.compile(r"^(?:Appendix\s+)?[0-9A-Z]+(?:\.[0-9]+)*\s+")
+# The Python manual is the perplexity text's source (python3.11-doc); it is not a held-out check.
+_INFO_EXCLUDED = ("python",)
+
+
+@dataclass(frozen=True)
+class InfoSection:
+    manual: str  # e.g. coreutils
+    heading: str  # section number and quotes removed: "cat: Concatenate and write files"
+    text: str  # the section's prose (examples, option tables and menus dropped)
+
+
+def _info_prose(lines: list[str]) -> str:
+    """Prose of an info node body: paragraph lines (indent <= 3) only; menus, cross-reference
+    lists, examples and option tables (indented 5+) are dropped."""
+    keep = []
+    for line in lines:
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("* ", "\u2018-", "-")) or len(line) - len(line.lstrip()) > 3:
+            continue  # blank, menu entry, option name, example or option description
+        keep.append(stripped)
+    text = " ".join(" ".join(keep).split())
+    text = _INFO_NOTE.sub(r"\1", text)
+    return text.replace("\u2018", "").replace("\u2019", "")
+
+
+def gnu_info_sections(root: str | None = None, *, min_words: int = 20, max_chars: int = 1200) -> list[InfoSection]:
+    """Sections of the installed GNU info manuals (coreutils, diffutils, findutils, grep, sed,
+    gzip, wget, ...; the Python manual excluded), one per info node with an underlined heading.
+
+    Sections whose prose has fewer than ``min_words`` words or whose heading has fewer than three words
+    ("Environment", "Web site": bare terms, which a word list such as WordNet may hold) are dropped, and so are headings
+    that occur more than once across the manuals ("Introduction", licences, indices): a query
+    must name one section. Texts are cut at ``max_chars`` on a word boundary. Fixed order
+    (file name, then node order).
+    """
+    import gzip
+
+    root = root or INFO_DIR
+    files = sorted(p for p in glob.glob(os.path.join(root, "*.info*.gz")) if not os.path.basename(p).startswith(_INFO_EXCLUDED))
+    if not files:
+        raise _missing("GNU info manuals (*.info.gz)", root, "coreutils", "debian")
+    found = []
+    for path in files:
+        manual = os.path.basename(path).split(".info")[0]
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            nodes = f.read().split("\x1f")
+        for node in nodes[1:]:
+            lines = node.strip("\n").split("\n")
+            if len(lines) < 4 or not lines[0].startswith("File:") or not _INFO_UNDERLINE.match(lines[3]):
+                continue
+            heading = _INFO_NUMBER.sub("", lines[2].strip()).replace("\u2018", "").replace("\u2019", "")
+            text = _info_prose(lines[4:])
+            if len(text.split()) < min_words or len(heading.split()) < 3:
+                continue
+            if len(text) > max_chars:
+                text = text[:max_chars].rsplit(" ", 1)[0]
+            found.append(InfoSection(manual, heading, text))
+    counts: dict[str, int] = {}
+    for s in found:
+        counts[s.heading.lower()] = counts.get(s.heading.lower(), 0) + 1
+    return [s for s in found if counts[s.heading.lower()] == 1]
 
 
 # --------------------------------------------------------------------------- gensim test data

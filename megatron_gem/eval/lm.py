@@ -155,11 +155,10 @@ def run_lm_eval(
         model = lm.model if isinstance(model, (str, os.PathLike)) else model
         tokenizer = lm.tokenizer if tokenizer is None else tokenizer
     if PERPLEXITY in tasks:
-        from .corpora import python_doc_paragraphs
-        from .perplexity import heldout_perplexity
+        from .perplexity import heldout_perplexity, heldout_texts
 
         model, tokenizer = _hf_model_and_tokenizer(model, tokenizer, dtype)
-        texts = builders._subsample(python_doc_paragraphs(), perplexity_texts, seed)
+        texts = heldout_texts(perplexity_texts, seed)
         ppl = heldout_perplexity(model, tokenizer, texts, max_length=perplexity_max_length, batch_size=batch_size, show_progress_bar=show_progress_bar)
         results[PERPLEXITY] = {"perplexity": ppl, "texts": float(len(texts))}
     return results

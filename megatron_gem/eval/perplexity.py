@@ -62,3 +62,51 @@ def heldout_perplexity(model, tokenizer, texts: Sequence[str], *, max_length: in
     finally:
         model.train(was_training)
     return math.exp(nll / count)
+
+
+def heldout_texts(n: int | None, seed: int = 0) -> list[str]:
+    """The held-out perplexity paragraphs (Python tutorial) the reproduction and lm.py score:
+    ``n`` of them, a fixed subsample (``seed``)."""
+    from .builders import _subsample
+    from .corpora import python_doc_paragraphs
+
+    return _subsample(python_doc_paragraphs(), n, seed)
+
+
+@torch.inference_mode()
+def plain_logits_identical(model_a, model_b, tokenizer, texts: Sequence[str], *, max_length: int = 256, batch_size: int = 8) -> tuple[bool, str]:
+    """Do two causal LMs give bit-identical logits on plain text (``torch.equal``, no
+    tolerance)? The check behind "generation unchanged" for a frozen-base (summary mode) export:
+    every text is run through both models with the same batches (BOS first, cut at
+    ``max_length``, right padding masked). Returns (identical, what differed first)."""
+    seqs = [tokenize_with_bos(tokenizer, t, max_length) for t in texts]
+    if not seqs:
+        raise ValueError("no texts to compare")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    flags = (model_a.training, model_b.training)
+    model_a.eval()
+    model_b.eval()
+    try:
+        for s in range(0, len(seqs), batch_size):
+            batch = seqs[s : s + batch_size]
+            width = max(len(x) for x in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, x in enumerate(batch):
+                ids[r, : len(x)] = torch.tensor(x)
+                mask[r, : len(x)] = 1
+            outs = []
+            for m in (model_a, model_b):
+                dev = next(m.parameters()).device
+                logits = m(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.cpu()
+                outs.append(logits[mask.bool()])  # real tokens only: padded positions are not text
+            a, b = outs
+            if a.shape != b.shape or a.dtype != b.dtype:
+                return False, f"texts {s}..{s + len(batch) - 1}: logits {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
+            if not torch.equal(a, b):
+                diff = (a.float() - b.float()).abs().max().item()
+                return False, f"texts {s}..{s + len(batch) - 1}: logits differ (max |diff| {diff:.3g})"
+    finally:
+        model_a.train(flags[0])
+        model_b.train(flags[1])
+    return True, f"{len(seqs)} texts, {sum(map(len, seqs))} tokens: logits bit-identical"

@@ -41,3 +41,114 @@ def test_every_recipe_parses_and_validates(tmp_path):
         args = build_parser().parse_args(["--model", str(model), "--data", str(data), "--save", str(tmp_path / name)] + recipe)
         validate_args(args, dp_size=1)
         assert args.gem_contrastive_from_step < args.train_iters, name  # both phases run
+        assert rep.is_frozen(recipe) == (args.gem_train == "summary"), name
+
+
+def test_control_recipes_are_plain_ntp_of_the_same_run(tmp_path):
+    rep = _reproduce()
+    model = tmp_path / "model"
+    model.mkdir()
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n')
+    assert rep.control_name("gem-paper") == "ntp-control-22" and rep.control_name("gem-more-ntp-natural") == "ntp-control-42-natural"
+    for name, recipe in rep.RECIPES.items():
+        ctl = rep.control_recipe(recipe)
+        args = build_parser().parse_args(["--model", str(model), "--data", str(data), "--save", str(tmp_path / "c")] + ctl)
+        validate_args(args, dp_size=1)
+        assert args.gem_p_raw == 1.0 and args.gem_contrastive_from_step == args.train_iters, name  # no layout, no phase 2
+        assert args.gem_train == "full" and not args.contrastive_data, name
+        for flag in ("--train-iters", "--lr", "--seq-length", "--micro-batch-size", "--seed"):  # same steps, lr, batch, seed
+            assert rep._flag(ctl, flag) == rep._flag(recipe, flag), (name, flag)
+    assert set(rep.controls()) == {rep.control_name(n) for n in rep.RECIPES}
+
+
+def test_control_flags_train_plain_ntp_only(tiny_inputs, tmp_path):
+    """A tiny train.py run with a control's flags: every step is phase 1 (no contrastive loss),
+    and the run's own GEM config gives pieces that are all plain (no summary token)."""
+    from megatron_gem.data import make_ntp_loader, open_corpus
+    from megatron_gem.gem.config import GEMConfig
+    from megatron_gem.hf.model import load_tokenizer
+    from tests.launch import launch, read_metrics
+
+    rep = _reproduce()
+    tiny = rep._override(
+        rep.COMMON, seq_length=64, micro_batch_size=2, train_iters=3, gem_contrastive_from_step=1, contrastive_batch_size=4, contrastive_max_length=16
+    )
+    save = tmp_path / "run"
+    proc = launch(["--model", tiny_inputs["model"], "--data", tiny_inputs["data"], "--save", str(save)] + rep.control_recipe(tiny))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "(phase 2 from 3)" in proc.stdout
+    records = read_metrics(save)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["phase"] == 1 and r["cl_loss"] is None and r["ntp_loss"] is not None for r in records)
+    cfg = GEMConfig.load(save / "hf")
+    assert cfg.p_raw == 1.0 and cfg.contrastive_from_step == 3
+    tok = load_tokenizer(str(save / "hf"))
+    loader = make_ntp_loader(open_corpus(tiny_inputs["data"], tok), cfg, 64, micro_batch_size=2, seed=0, tokenizer=tok)
+    stats = loader.dataset.epoch_stats(0)
+    assert set(stats.layouts) == {"plain"} and stats.special_tokens == 0 and stats.pieces > 0
+
+
+def _row(name, recipe, seed, emb, ppl, kind="gem"):
+    tasks = {"A": emb, "B": emb / 2}
+    return {"name": name, "kind": kind, "recipe": recipe, "seed": seed, "mteb": tasks, "lm": {"perplexity": {"perplexity": ppl}}}
+
+
+def test_seed_aggregation_mean_and_spread():
+    rep = _reproduce()
+    rows = [_row("g", "g", 0, 0.30, 40.0), _row("g seed1", "g", 1, 0.40, 44.0), _row("g seed2", "g", 2, 0.50, 42.0), _row("h", "h", 0, 0.2, 50.0)]
+    rows[0]["ppl_vs_control"] = {"control": "c", "ratio": 1.1}
+    groups = rep.aggregate_seeds(rows, ["A", "B"])
+    g = groups["g"]
+    assert g["seeds"] == [0, 1, 2] and g["rows"] == ["g", "g seed1", "g seed2"]
+    assert abs(g["mean"]["A"] - 40.0) < 1e-9 and abs(g["spread"]["A"] - 10.0) < 1e-9  # sample sd of 30, 40, 50
+    assert abs(g["mean"]["emb avg"] - 30.0) < 1e-9 and abs(g["mean"]["ppl"] - 42.0) < 1e-9 and abs(g["spread"]["ppl"] - 2.0) < 1e-9
+    assert g["min"]["ppl"] == 40.0 and g["max"]["ppl"] == 44.0
+    assert "ppl/ctl" not in g["mean"]  # only seed 0 has a control ratio: not aggregated
+    assert groups["h"]["spread"]["A"] == 0.0
+    table = rep.render(rows, ["A", "B"], groups)
+    lines = table.splitlines()
+    assert len(lines) == 4  # header, rule, g (3 seeds) as one line, h
+    assert lines[2].startswith("| g (3 seeds) | 40.0 ± 10.0 | 20.0 ± 5.0 | **30.0 ± 7.5** |")
+    assert "42.0 ± 2.0" in lines[2]
+    assert lines[3].startswith("| h | 20.0 | 10.0 | **15.0** |")
+
+
+def test_plan_seeds_headline_rows_and_their_controls():
+    rep = _reproduce()
+    plan = rep.build_plan([0, 1, 2], "BASE", "MINILM")
+    names = [e["name"] for e in plan]
+    assert len(names) == len(set(names))
+    for h in rep.HEADLINE:
+        assert {rep.seeded(h, s) for s in (0, 1, 2)} <= set(names)
+        assert {rep.seeded(rep.control_name(h), s) for s in (0, 1, 2)} <= set(names)
+    assert "gem-paper seed1" not in names and "gem-paper" in names
+    seeded = next(e for e in plan if e["name"] == "gem-more-ntp seed2")
+    assert rep._flag(seeded["args"], "--seed") == "2" and seeded["recipe"] == "gem-more-ntp"
+    assert {e["kind"] for e in plan} == {"base", "control", "gem", "frozen", "ref"}
+    assert all(e["data"] == "natural" for e in plan if e.get("recipe", "").endswith("-natural"))
+
+
+def test_frozen_rows_are_skipped_and_counted_when_summary_mode_is_missing(tmp_path, monkeypatch, capsys):
+    """main() with the frozen rows only: one whose training fails, one whose export is not
+    frozen (logits differ); both are skipped with a clear line, counted, and the table is written."""
+    import json
+
+    rep = _reproduce()
+
+    def fake_train(name, recipe_args, base, data, runs):
+        if name == "gem-summary":
+            raise rep.TrainingFailed("train.py exited 2 (log x): error: summary mode is not implemented")
+        return str(tmp_path / "export")
+
+    monkeypatch.setattr(rep, "train", fake_train)
+    monkeypatch.setattr(rep, "frozen_check", lambda base, export, n: (False, "texts 0..7: logits differ (max |diff| 0.5)"))
+    assert rep.main(["--out", str(tmp_path / "out"), "--chart", "", "--only", "gem-summary", "gem-summary-wordnet-pairs"]) == 0
+    out = capsys.readouterr().out
+    assert "gem-summary: SKIPPED: summary mode (--gem-train summary) is not available here: train.py exited 2" in out
+    assert (
+        "gem-summary-wordnet-pairs: SKIPPED: summary mode (--gem-train summary) is not available here: the export's plain-text logits are not the base" in out
+    )
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [s["name"] for s in results["skipped"]] == ["gem-summary", "gem-summary-wordnet-pairs"] and results["rows"] == []
+    assert "skipped 2 row(s)" in (tmp_path / "out" / "table.md").read_text()
