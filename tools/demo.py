@@ -203,7 +203,12 @@ def main(argv=None) -> int:
 
     hf = os.path.join(args.out, "hf")
     emb = GEMEmbedder.from_pretrained(hf, max_length=args.eval_max_length)
-    trained = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    if args.gem_train == "summary":  # the base with the trained deltas attached (plain text never activates them)
+        from megatron_gem.hf.summary_files import load_summary_model
+
+        trained, _, _, _adapter, _ = load_summary_model(hf)
+    else:
+        trained = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     rows.append(evaluate(f"GEM SmolLM2 ({args.gem_train}, {hf})", lambda t: emb.encode(t, batch_size=16), trained, emb.tokenizer, tasks, ppl_texts))
     check = None
     if model is not None:

@@ -236,10 +236,14 @@ def frozen_check(base: str, export: str, n_texts: int) -> tuple[bool, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_gem.eval.perplexity import heldout_texts, plain_logits_identical
+    from megatron_gem.hf.summary_files import is_gem_adapter_dir, load_summary_model
 
     tok = AutoTokenizer.from_pretrained(base)
     a = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    b = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    if is_gem_adapter_dir(export):  # the base with the trained deltas attached: what the embedder runs
+        b, _, _, adapter, _ = load_summary_model(export, base=base)
+    else:  # a run that wrote full weights trained the base: the check must fail
+        b = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
     return plain_logits_identical(a, b, tok, heldout_texts(n_texts), max_length=256)
 
 
