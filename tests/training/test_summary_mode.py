@@ -31,9 +31,19 @@ def probe_text(tok):
 
 
 def adapter_weights(save):
+    """The exported adapter (PEFT's key names) under the trained module's own names
+    ("deltas.<key>.lora_A"), as the optimizer and the DeepSpeed checkpoint name them."""
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(save, "hf", "adapter_model.safetensors"))
+    from megatron_gem.gem.adapter import adapter_key
+    from megatron_gem.hf.summary_files import PEFT_PREFIX
+
+    out = {}
+    for k, v in load_file(os.path.join(save, "hf", "adapter_model.safetensors")).items():
+        assert k.startswith(PEFT_PREFIX) and k.endswith(".weight"), k
+        name, part = k[len(PEFT_PREFIX) : -len(".weight")].rsplit(".", 1)
+        out[f"deltas.{adapter_key(name)}.{part}"] = v
+    return out
 
 
 @pytest.fixture(scope="module")
