@@ -236,6 +236,12 @@ class NegativeTexts:
     def get(self, i: int) -> list[np.ndarray]:
         return [self.corpus.get(j) for j in range(int(self.offsets[i]), int(self.offsets[i + 1]))]
 
+    def head(self, n: int) -> "NegativeTexts":
+        """The negatives of records 0..n-1 (a split's train part, which is the first range)."""
+        if not 0 <= n <= len(self):
+            raise ValueError(f"head({n}) of the negatives of {len(self)} records")
+        return NegativeTexts(self.corpus, self.offsets[: n + 1])
+
     @property
     def max_per_record(self) -> int:
         return int(self.counts.max()) if len(self) else 0

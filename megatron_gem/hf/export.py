@@ -42,12 +42,20 @@ def add_embedder_files(directory: str, *, source: str | None = None, name: str |
     (so ``SentenceTransformer(directory)`` gives GEMEmbedder's vectors rather than mean-pooling
     the plain model) and the model card. Call before its manifest is written. Returns the
     sentence-transformers mode, or None when nothing was written (no gem_config.json: not a GEM
-    checkpoint). A summary-mode adapter folder gets the custom module, which loads the base and
-    the deltas (the builtin modules would load the base alone). ``name``: the directory the
+    checkpoint, or the full weights of a summary-mode run, i.e. its unchanged base, whose
+    embeddings need the adapter). A summary-mode adapter folder gets the custom module, which
+    loads the base and the deltas (the builtin modules would load the base alone). ``name``: the directory the
     export ends up in (the model card's usage lines)."""
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         return None
-    mode = save_sentence_transformer(directory, mode="custom" if GEMConfig.load(directory).summary_mode else "auto")
+    from .summary_files import ADAPTER_CONFIG
+
+    if not GEMConfig.load(directory).summary_mode:
+        mode = save_sentence_transformer(directory)
+    elif os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)):  # the adapter folder itself
+        mode = save_sentence_transformer(directory, mode="custom")
+    else:  # the frozen base of a summary-mode run (converted): its embeddings need the adapter
+        mode = None
     write_model_card(directory, source=source, name=name)
     return mode
 
@@ -122,7 +130,7 @@ def export_summary_adapter(
 
 
 def export_summary_adapter_state(
-    state: dict[str, torch.Tensor], hf_config: dict, tokenizer, config, out_dir: str, extra: dict | None = None, *, base_path: str
+    state: dict[str, torch.Tensor], hf_config: dict, tokenizer, config, out_dir: str, extra: dict | None = None, *, base_path: str, self_contained: bool = False
 ) -> str:
     """The same folder as export_summary_adapter from HF-named tensors ("model.layers.{i}.
     self_attn.q_proj.lora_A.weight" [r, in], "...lora_B.weight" [out, r]): megatron-core's
@@ -149,7 +157,9 @@ def export_summary_adapter_state(
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_summary_adapter_files(tmp, lm=skeleton, adapter=adapter, tokenizer=tokenizer, config=config, base_path=base_path, extra=extra, saved=saved)
+        write_summary_adapter_files(
+            tmp, lm=skeleton, adapter=adapter, tokenizer=tokenizer, config=config, base_path=base_path, extra=extra, saved=saved, self_contained=self_contained
+        )
         add_embedder_files(tmp, name=out_dir)
         write_manifest(tmp)
     except BaseException:

@@ -118,7 +118,8 @@ def split_pairs(job: JobConfig, pairs: PairCorpus) -> dict[str, PairCorpus]:
     # Hard negatives stay with the train part, which is the first range of pairs (pair i's
     # negatives are still negatives.get(i)); validation scores in-batch keys only.
     assert q["train"].start == 0
-    return {name: PairCorpus(q[name], p[name], pairs.negatives if name == "train" else None) for name in q}
+    negatives = pairs.negatives.head(len(q["train"])) if pairs.negatives is not None else None
+    return {name: PairCorpus(q[name], p[name], negatives if name == "train" else None) for name in q}
 
 
 def split_training_corpus(job: JobConfig, corpus, tokenizer):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -396,10 +397,31 @@ class MegatronEngine(Engine):
             from ..hf.export import export_summary_adapter_state
             from ..mcore.summary import hf_adapter_state
 
+            base_path, self_contained = self.job.model.path, False
+            if io.is_megatron_checkpoint(base_path):
+                # The adapter needs an HF base and a megatron --model has none: write the frozen
+                # base (unchanged weights) as HF once, into the folder itself (base/).
+                import dataclasses
+
+                base_path, self_contained = out_dir.rstrip("/") + ".base.tmp", True
+                plain = dataclasses.replace(self.job.gem, train_mode="full")
+                io.export_hf_from_model(
+                    self.model,
+                    self.arch,
+                    base_path,
+                    hf_config=self.meta["hf_config"],
+                    vocab_size=self.meta["vocab_size"],
+                    tokenizer=self.tokenizer,
+                    gem_config=plain,
+                )
             state = hf_adapter_state(self.model, self.arch)
             if dist.get_rank() == 0:
                 self.job.gem.base_model = self.job.gem.base_model or self.job.model.path
-                export_summary_adapter_state(state, self.meta["hf_config"], self.tokenizer, self.job.gem, out_dir, extra, base_path=self.job.model.path)
+                export_summary_adapter_state(
+                    state, self.meta["hf_config"], self.tokenizer, self.job.gem, out_dir, extra, base_path=base_path, self_contained=self_contained
+                )
+                if self_contained:
+                    shutil.rmtree(base_path, ignore_errors=True)
             dist.barrier()
             return
         io.export_hf_from_model(

@@ -103,18 +103,18 @@ def test_mteb_wrapper_gives_the_same_vectors_with_the_query_prompt(exports):
             assert torch.allclose(got, ref, atol=1e-5), (method, prompt_type)
 
 
-def test_summary_mode_gets_a_card_but_no_sentence_transformers_files(exports, tmp_path):
-    import shutil
+def test_summary_mode_export_gets_the_custom_module_and_a_summary_card(tmp_path):
+    # An adapter folder (summary mode) is embedder-ready too: sentence-transformers' custom module
+    # loads base + deltas (the builtin modules would load the base alone), and the card says so.
+    import json
 
-    from megatron_gem.hf.export import add_embedder_files
-    from megatron_gem.hf.sentence_transformers import ST_DIRS, ST_FILES
+    from megatron_gem.hf.export import export_summary_adapter
+    from megatron_gem.testing import save_tiny_reserved_base, tiny_summary_model
 
-    path = str(tmp_path / "summary")
-    shutil.copytree(exports[1], path, ignore=shutil.ignore_patterns("manifest.json", "README.md", *ST_FILES, *ST_DIRS))
-    config = GEMConfig.load(path)
-    config.train_mode = "summary"
-    config.save(path)
-    assert add_embedder_files(path) is None
-    assert not os.path.exists(os.path.join(path, "modules.json"))
+    base = save_tiny_reserved_base(tmp_path / "base", seed=1)
+    lm, tok, cfg, adapter = tiny_summary_model(base, 1, seed=1)
+    path = export_summary_adapter(lm, adapter, tok, cfg, str(tmp_path / "summary"), base_path=base)
+    modules = json.load(open(os.path.join(path, "modules.json")))
+    assert [m["type"] for m in modules] == ["megatron_gem.integrations.sentence_transformers.GEMSentenceEncoder"]
     card = open(os.path.join(path, "README.md")).read()
-    assert "SentenceTransformer(" not in card and "GEMEmbedder.from_pretrained" in card and "| train mode | summary |" in card
+    assert "GEMEmbedder.from_pretrained" in card and "| train mode | summary |" in card

@@ -286,7 +286,8 @@ def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
     for a, b in zip(straight[:3], paired[:3]):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-5), (a, b)
     assert all(abs(b["cl_loss"] - a["cl_loss"]) > 1e-3 for a, b in zip(straight[3:], paired[3:]))
-    assert paired[5]["cl_loss"] < paired[3]["cl_loss"]
+    # That phase 2 learns is judged on the fixed held-out pairs below (training batches differ
+    # step to step, and hard negatives make their losses differ more).
     assert_embedder_ready(save / "hf", query_prompt="question: ")  # the prompt travels into the export
     v3, (p3, p6) = read_validation(single_run)[0], read_validation(save)
     for k in ("valid_ntp_loss_plain", "valid_ntp_loss_gem"):  # phase 1 trained the same weights

@@ -244,9 +244,12 @@ def summary_reference(gem_hf_checkpoint, corpus, tmp_path_factory):
 
 
 def _adapter(directory):
+    """The exported adapter under HF module names (PEFT's key prefix dropped)."""
     from safetensors.torch import load_file
 
-    return load_file(directory / "hf" / "adapter_model.safetensors")
+    from megatron_gem.hf.summary_files import PEFT_PREFIX
+
+    return {k[len(PEFT_PREFIX) :]: v for k, v in load_file(directory / "hf" / "adapter_model.safetensors").items()}
 
 
 def test_summary_mode_trains_only_the_adapter_and_keeps_the_base_exact(summary_reference, gem_hf_checkpoint):
