@@ -37,20 +37,26 @@ def open_contrastive_pairs(data: DataConfig, tokenizer, query_prompt: str = ""):
     )
 
 
-def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: int):
-    """(NTP loader, contrastive loader or None); both endless (epochs repeat with new seeds)."""
-    b, seed = job.batch, job.optimizer.seed
-    ntp = make_ntp_loader(
+def _ntp_loader(job: JobConfig, corpus, tokenizer, dp_rank: int, dp_size: int):
+    """The packed next-token loader of ``corpus`` with the job's batch shape (training and validation alike)."""
+    b = job.batch
+    return make_ntp_loader(
         corpus,
         job.gem,
         b.seq_length,
         micro_batch_size=b.micro_batch_size,
         global_batch_size=b.global_batch_size,
-        seed=seed,
+        seed=job.optimizer.seed,
         tokenizer=tokenizer,
         data_parallel_rank=dp_rank,
         data_parallel_size=dp_size,
     )
+
+
+def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: int):
+    """(NTP loader, contrastive loader or None); both endless (epochs repeat with new seeds)."""
+    b, seed = job.batch, job.optimizer.seed
+    ntp = _ntp_loader(job, corpus, tokenizer, dp_rank, dp_size)
     contrastive = None
     if job.has_phase_two:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -148,17 +154,7 @@ def build_validation_loaders(job: JobConfig, valid_corpus, tokenizer, *, dp_rank
     data, or the valid part of --contrastive-data under --split), else the validation documents
     with self-supervised positive views (the training phase-2 recipe)."""
     b, seed, v = job.batch, job.optimizer.seed, job.validation
-    ntp = make_ntp_loader(
-        valid_corpus,
-        job.gem,
-        b.seq_length,
-        micro_batch_size=b.micro_batch_size,
-        global_batch_size=b.global_batch_size,
-        seed=seed,
-        tokenizer=tokenizer,
-        data_parallel_rank=dp_rank,
-        data_parallel_size=dp_size,
-    )
+    ntp = _ntp_loader(job, valid_corpus, tokenizer, dp_rank, dp_size)
     texts, positives, source = valid_corpus, None, "self-supervised views of the validation documents"
     if v.valid_contrastive_data:
         pairs = open_pair_corpus(
