@@ -37,12 +37,21 @@ def main(argv=None) -> int:
         summary = train(job, engine)
     except (ArgumentError, ModelLoadError, DataError) as e:  # the user's input: one clear line
         print(f"train.py: error: {e}", flush=True)
+        shutdown(engine)
         return 2
     except (NonFiniteError, CheckpointError, CheckpointWriteError) as e:
         # The run cannot go on. Every rank raised the same error (they agree collectively), so
         # one of them says it.
         D.print_main(f"train.py: error: {e}")
+        shutdown(engine)
         return 1
     D.print_main(f"[megatron-gem] done: {summary}")
-    engine.shutdown()
+    shutdown(engine)
     return 0
+
+
+def shutdown(engine) -> None:
+    """Process groups go down before the interpreter does (see Engine.shutdown). An unexpected
+    exception skips this on purpose: its traceback matters more than a clean exit."""
+    if engine is not None:
+        engine.shutdown()

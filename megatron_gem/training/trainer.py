@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..common import distributed as D
 from ..gem.losses import loss_weights
@@ -88,7 +89,12 @@ class Engine:
         """End of the run (before the summary is printed)."""
 
     def shutdown(self) -> None:
-        """After the summary: tear down process groups the engine owns."""
+        """After the summary, and on the error paths: tear down the process groups. A process
+        that exits with a live gloo group can abort at interpreter finalisation ("terminate
+        called without an active exception": gloo's worker threads still hold work objects
+        whose tensors need the GIL), which fails a run that had finished."""
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

@@ -210,3 +210,19 @@ def test_data_path_reads_as_megatron_core_reads_it(entries):
         warnings.simplefilter("ignore")
         from megatron.core.datasets.utils import get_blend_from_list
     assert parse_data_path(entries) == get_blend_from_list(entries)
+
+
+def test_an_error_after_start_up_tears_the_process_group_down(tiny_inputs, tmp_path, capsys):
+    # A broken line is found only when the corpus is read, after the process group exists. The
+    # group must go down before the process exits (a live gloo group can abort the interpreter
+    # at finalisation), on this path as on the successful one.
+    import torch.distributed as dist
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    args = args_for(tiny_inputs, tmp_path)
+    args[args.index("--data") + 1] = str(bad)
+    assert main(args) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("train.py: error:") and "bad.jsonl:2" in out
+    assert not dist.is_initialized()
