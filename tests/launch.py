@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 
+from megatron_gem.common.distributed import LAUNCHER_ENV
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
 FAULT_TRAIN = os.path.join(REPO, "tests", "training", "fault_train.py")
@@ -35,7 +37,10 @@ def free_port() -> int:
 
 
 def subprocess_env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false")
+    # Without the launcher variables an in-process test (main() in pytest) may have set: a child
+    # starts like a command in a fresh shell, rendezvous on its own port.
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false")
     env.update(extra)
     return env
 

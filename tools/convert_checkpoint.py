@@ -20,16 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +67,9 @@ def main(argv=None) -> int:
             check_parallel_sizes(
                 arch_from_hf_config(AutoConfig.from_pretrained(args.input)), args.tensor_model_parallel_size, args.pipeline_model_parallel_size
             )
-        if "RANK" not in os.environ:  # a plain one-process run: private rendezvous port
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port())
+        from megatron_gem.common.distributed import ensure_launcher_env
+
+        ensure_launcher_env()  # a plain one-process run: private rendezvous port
         from megatron_gem.mcore import convert, runtime
 
         runtime.init_model_parallel(1, 1)

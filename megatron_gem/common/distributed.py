@@ -8,13 +8,27 @@ import os
 import torch
 import torch.distributed as dist
 
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> str:
+    """A TCP port free on this host now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
 
 def ensure_launcher_env() -> None:
-    """Let a plain `python train.py` run as a one-process job (no mpi4py needed)."""
-    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
+    """Let a plain `python train.py` run as a one-process job (no mpi4py needed). Its rendezvous
+    port is private (no peer has to know it): a fixed one would collide with any other one-process
+    job on the host."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        for key, value in defaults.items():
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(key, value)
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = free_port()
 
 
 def rank() -> int:
