@@ -39,10 +39,11 @@ def _dataset(tok, n=24):
     return [{"input_ids": tok(t)["input_ids"]} for t in texts]
 
 
-def _trainer(model, tok, config, out, *, max_steps, save_steps, seed=0):
+def _trainer(model, tok, config, out, *, max_steps, save_steps, seed=0, **extra):
     from transformers import TrainingArguments
 
     args = TrainingArguments(
+        **extra,
         output_dir=str(out),
         max_steps=max_steps,
         per_device_train_batch_size=8,
@@ -184,3 +185,19 @@ def test_trainer_summary_mode_resume_gives_the_same_adapter(base_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(whole.gem_logit_scale.log_scale.detach(), resumed.gem_logit_scale.log_scale.detach())
     assert np.isfinite([r["loss"] for r in resumed.state.log_history if "loss" in r]).all()
+
+
+def test_trainer_summary_mode_under_gradient_checkpointing_trains_the_same(base_dir, tmp_path):
+    # Phase 2 with alpha < 1: one step runs the NTP and the contrastive forward before one
+    # backward, so each recomputed layer must see its own forward's summary rows.
+    out = {}
+    for ckpt in (False, True):
+        model, tok = _load(base_dir)
+        config = _config(contrastive_from_step=1)
+        torch.manual_seed(0)  # lora_A's initial values come from the global generator
+        enable_gem(model, tok, config, backend="sdpa")
+        _trainer(model, tok, config, tmp_path / str(ckpt), max_steps=3, save_steps=100, gradient_checkpointing=ckpt).train()
+        assert model.model.gradient_checkpointing == ckpt
+        out[ckpt] = _adapter_state(model)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in out[True].items() if "lora_B" in k)
+    assert all(torch.equal(out[True][k], out[False][k]) for k in out[False])
