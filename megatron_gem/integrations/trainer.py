@@ -91,6 +91,8 @@ class GEMTrainerMixin:
         self.gem_config = config
         if config.summary_mode:
             _check_only_adapter_trains(model)
+        elif gem_adapter_of(model) is not None:
+            raise ValueError("GEM trainer: the model carries a summary adapter (enable_gem with train_mode='summary') but gem_config.train_mode is 'full'")
         collator = self.data_collator
         if not isinstance(collator, GEMDataCollator):
             raise TypeError(f"GEM trainer needs a GEMDataCollator as data_collator, got {type(collator).__name__}")

@@ -201,3 +201,20 @@ def test_trainer_summary_mode_under_gradient_checkpointing_trains_the_same(base_
         out[ckpt] = _adapter_state(model)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in out[True].items() if "lora_B" in k)
     assert all(torch.equal(out[True][k], out[False][k]) for k in out[False])
+
+
+def test_trainer_refuses_a_trainable_base_or_a_mismatched_mode(base_dir, tmp_path):
+    model, tok = _load(base_dir)
+    config = _config()
+    enable_gem(model, tok, config, backend="sdpa")
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="base parameters require grad: \\['lm_head.weight'\\]"):
+        _trainer(model, tok, config, tmp_path / "a", max_steps=1, save_steps=100)
+    model.lm_head.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="carries a summary adapter"):
+        GEMTrainer(
+            model=model,
+            args=_trainer(model, tok, config, tmp_path / "b", max_steps=1, save_steps=100).args,
+            data_collator=GEMDataCollator.from_tokenizer(tok, config),
+            gem_config=GEMConfig(special_token_ids=config.special_token_ids[:1]),
+        )
