@@ -25,13 +25,12 @@ the base model frozen, plain text carries no gradient.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..gem.config import GEMConfig
-from ..gem.layout import build_layout, document_rng, draw_layout, prefix_dropout
+from ..gem.layout import build_layout, document_rng, draw_layout, phase1_layout_config, prefix_dropout
 from ..gem.roles import Role
 
 LAYOUT_STREAM = 0  # document_rng stream of the layout draw
@@ -120,11 +119,10 @@ class SampleBuilder:
         if seq_length < need:
             raise ValueError(f"seq_length={seq_length} is too short for K={k} special tokens ({need} needed)")
         self.config, self.seq_length, self.seed, self.bos_id = config, int(seq_length), int(seed), bos_id
-        # Summary mode trains only GEM layouts: with a frozen base a plain document has no
-        # gradient, so p_raw counts as 0 and a piece too short for the layout is left out
-        # (counted in PiecePlan.skipped_short) instead of staying plain.
+        # Summary mode trains only GEM layouts (gem.layout.phase1_layout_config): a piece too
+        # short for the layout is left out (counted in PiecePlan.skipped_short), not kept plain.
         self.summary_mode = config.summary_mode
-        self.layout_config = dataclasses.replace(config, p_raw=0.0) if self.summary_mode else config
+        self.layout_config = phase1_layout_config(config)
         self.special_ids = np.asarray(config.special_token_ids, dtype=np.int64)
         self.k = k
 

@@ -11,6 +11,7 @@ document in data loaders. Batched metadata helpers (positions, labels) work on t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -84,6 +85,14 @@ def draw_layout(num_tokens: int, config: GEMConfig, rng: np.random.Generator) ->
     if num_tokens < config.min_prefix_len:
         return "plain", None
     return "reconstruct", None
+
+
+def phase1_layout_config(config: GEMConfig) -> GEMConfig:
+    """The config whose ``p_raw`` the phase-1 layout draw uses. Summary mode: p_raw counts as 0
+    (every document gets the GEM layout): with the base model frozen, a plain document carries no
+    gradient; a document too short for the layout is then left out (and counted) by the caller
+    instead of staying plain (data/samples.py, integrations/collator.py)."""
+    return dataclasses.replace(config, p_raw=0.0) if config.summary_mode else config
 
 
 def document_rng(seed: int, epoch: int, doc_index: int, stream: int = 0) -> np.random.Generator:

@@ -5,6 +5,7 @@ and their own megatron-core pretrain scripts. Guide: docs/integrations.md.
   GEMDataCollator                   GEM layouts, labels, packing for Trainer / TRL
   GEMTrainer, gem_trainer_class,    the contrastive phase in a Trainer (or SFTTrainer) subclass
   GEMPhaseCallback
+  save_gem_adapter, load_gem_adapter   summary mode: the adapter folder of an enable_gem'd model
   save_sentence_transformer         a GEM checkpoint that loads as SentenceTransformer(path)
   megatron_lm                       model_provider / forward_step for megatron-core scripts
 
@@ -13,6 +14,7 @@ Importing this package imports transformers (not megatron-core, not sentence-tra
 
 from .collator import GEMDataCollator
 from .enable import disable_gem, enable_gem, is_gem_enabled
+from .summary import load_gem_adapter, save_gem_adapter
 
 __all__ = [
     "GEMDataCollator",
@@ -23,6 +25,8 @@ __all__ = [
     "enable_gem",
     "gem_trainer_class",
     "is_gem_enabled",
+    "load_gem_adapter",
+    "save_gem_adapter",
     "save_sentence_transformer",
 ]
 

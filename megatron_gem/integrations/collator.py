@@ -19,6 +19,15 @@ the K special tokens are inserted, and the batch carries everything the "gem" at
   doc_ids       int64 [B, L]   document of each token, PAD_DOC_ID (-1) on padding
   roles         int64 [B, L]   Role.PREFIX / SPECIAL / SUFFIX
 
+Summary mode (``config.train_mode == "summary"``, train.py's ``--gem-train summary``): the base
+model is frozen, so a token whose prediction depends on no trainable parameter trains nothing.
+As train.py's data does (gem.layout.phase1_layout_config, trains_prefix_targets): every example
+gets the GEM layout (``p_raw`` counts as 0); an example too short for it is left out of the
+phase-1 rows and counted (``stats["too_short_for_summary_layout"]``; it still enters the
+contrastive view); the predictions made at PREFIX positions get -100 (a prefix token never sees
+a summary token); and a reconstruct layout is truncated to fit ``max_length`` instead of falling
+back to plain. A batch with no example left is an error.
+
 ``packing=False``: one example per row (doc id 0), padded at the end to the longest row.
 ``packing=True``: examples are packed first-fit decreasing into rows of ``max_length`` (doc ids
 unique in the batch), then trimmed to the longest row. Token ids are never re-tokenised, so
@@ -32,7 +41,8 @@ token deletion (positive, doc N + j), packed into ``gem_cl_input_ids``, ``gem_cl
 
 Randomness: example i of the c-th call in DataLoader worker w uses
 ``numpy.random.default_rng([seed, w, c, i, stream])`` (stream 0 layout, 1 dropout), so a run is
-reproducible for a fixed seed, batch size and worker count.
+reproducible for a fixed seed, batch size and worker count. A resumed GEM trainer continues
+the count (``resume_at``) when DataLoader workers are off.
 """
 
 from __future__ import annotations
@@ -43,9 +53,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..data.datasets import SHORT_FOR_SUMMARY
 from ..data.packing import collate_rows, pack_texts
 from ..gem.config import GEMConfig
-from ..gem.layout import build_layout, draw_layout, position_ids_from_doc_ids, prefix_dropout
+from ..gem.layout import build_layout, draw_layout, phase1_layout_config, position_ids_from_doc_ids, prefix_dropout, trains_prefix_targets
 from ..gem.roles import IGNORE_INDEX, PAD_DOC_ID, Role
 
 CL_PREFIX = "gem_cl_"
@@ -75,7 +86,7 @@ class GEMDataCollator:
     seed: int = 0
     bos_token_id: int | None = None  # reconstruct: a leading BOS is not repeated
     contrastive: bool = False
-    stats: dict = field(default_factory=lambda: {"plain": 0, "split": 0, "reconstruct": 0, "reconstruct_too_long": 0})
+    stats: dict = field(default_factory=lambda: {"plain": 0, "split": 0, "reconstruct": 0, "reconstruct_too_long": 0, SHORT_FOR_SUMMARY: 0})
     _calls: int = field(default=0, repr=False)
 
     @classmethod
@@ -116,11 +127,17 @@ class GEMDataCollator:
         return np.random.default_rng([self.seed, 0 if info is None else info.id, self._calls, i, stream])
 
     def layout_example(self, ids: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
-        """(ids, roles, labels) of one example under a drawn layout; labels as described above."""
-        cfg, specials = self.config, self.config.special_token_ids
+        """(ids, roles, labels) of one example under a drawn layout; labels as described above.
+        None in summary mode for an example too short for the GEM layout (it would train nothing)."""
+        cfg, specials = phase1_layout_config(self.config), self.config.special_token_ids
         k = len(specials)
         n_budget = ids.shape[0] if self.max_length is None else min(ids.shape[0], self.max_length - k)
+        if cfg.summary_mode and cfg.layout == "reconstruct" and self.max_length is not None:
+            n_budget = min(n_budget, (self.max_length - k) // 2)  # text, K specials, text again: always fits
         layout, cut = draw_layout(n_budget, cfg, rng)
+        if layout == "plain" and cfg.summary_mode:
+            self.stats[SHORT_FOR_SUMMARY] += 1
+            return None
         masked_k = np.full(k, IGNORE_INDEX, dtype=np.int64)
         if layout == "reconstruct":
             t, lab = ids[:n_budget], labels[:n_budget]
@@ -142,12 +159,28 @@ class GEMDataCollator:
         self.stats[layout] += 1
         out_lab = np.where(roles == Role.SPECIAL, IGNORE_INDEX, out_lab)
         out_lab[0] = IGNORE_INDEX  # the document's first token has no predictor in the document
+        if not trains_prefix_targets(cfg):  # HF labels are not shifted: label j is predicted at j - 1
+            out_lab[1:][roles[:-1] == Role.PREFIX] = IGNORE_INDEX
         return out_ids, roles, out_lab.astype(np.int64)
+
+    def resume_at(self, batches: int) -> None:
+        """Continue the draws as if ``batches`` batches had been collated in this process (a
+        resumed Trainer: the batches it skips are never collated). Exact with DataLoader
+        workers off; a worker keeps its own count."""
+        self._calls = int(batches)
 
     # ------------------------------------------------------------------ the batch
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pairs = [self._tokens_and_labels(f) for f in features]
         examples = [self.layout_example(ids, lab, self._rng(i, LAYOUT_STREAM)) for i, (ids, lab) in enumerate(pairs)]
+        examples = [e for e in examples if e is not None]  # summary mode: the too-short ones, counted
+        if not examples:
+            cfg = self.config
+            raise ValueError(
+                f"summary mode: all {len(pairs)} examples of a batch are too short for the {cfg.layout!r} layout (GEMConfig min_prefix_len="
+                f"{cfg.min_prefix_len}, min_suffix_len={cfg.min_suffix_len}; --gem-min-prefix-len / --gem-min-suffix-len); plain text trains "
+                f"nothing with a frozen base: filter out examples shorter than that"
+            )
         batch = self._pack(examples) if self.packing else self._pad(examples)
         if self.contrastive:
             batch.update(self._contrastive([ids for ids, _ in pairs]))

@@ -12,9 +12,19 @@
   The model is then ready for batches with ``input_ids, labels, position_ids, doc_ids, roles``
   (what :class:`~megatron_gem.integrations.GEMDataCollator` produces).
 
+Summary mode (``config.train_mode == "summary"``), as train.py's ``--gem-train summary``: no token
+is added and nothing is resized (K existing unused tokens serve, ``gem.tokens.summary_token_ids``;
+their ids go to ``config.special_token_ids``); every base parameter is frozen and the summary
+adapter is attached and registered as ``model.gem_adapter`` (integrations/summary.py); nothing is
+suppressed in ``generate()`` (generation is the base model's, unchanged). ``base_path``: the base
+checkpoint directory the export names and digests (default: where the model was loaded from).
+
 ``disable_gem(model)`` is the inverse for export: back to "sdpa" (the attention an exported
 GEM checkpoint loads with), KV cache on again, the GEM attention settings removed from the HF
-config. The special tokens stay (they are part of the checkpoint; the embedder needs them).
+config. The special tokens stay (they are part of the checkpoint; the embedder needs them). In
+summary mode it also takes the adapter off (hooks removed, ``model.gem_adapter`` gone, each base
+parameter's requires_grad as before): the model is the base model again. Save the adapter
+first (``GEMTrainer.save_model`` or ``integrations.save_gem_adapter``).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 from ..attention.hf import ATTN_NAME
 from ..gem.config import GEMConfig
 from ..hf.model import prepare_gem_lm
+from .summary import attach_gem_adapter, detach_gem_adapter
 
 _CONFIG_KEYS = ("gem_attention_backend", "gem_suffix_sees_bos")
 
@@ -41,6 +52,7 @@ def enable_gem(
     backend: str = "auto",
     gather=None,
     suppress_in_generate: bool = True,
+    base_path: str | None = None,
 ):
     """Make ``model`` (an HF causal LM) a GEM model; returns it (same object).
 
@@ -49,10 +61,13 @@ def enable_gem(
     (see ``megatron_gem.gem_attention``). ``gather``: ZeRO-3 gather factory for the token rows;
     found automatically when the parameters are ZeRO-3 partitioned. Turns the KV cache off in
     the model config (packed training needs it off); ``generate()`` still works (causal).
+    Summary mode: see the module docstring (``base_path``, ``model.gem_adapter``).
     """
     config = config if config is not None else GEMConfig()
     ids = prepare_gem_lm(model, tokenizer, config, backend=backend, gather=gather)  # what train.py does too
-    if suppress_in_generate:
+    if config.summary_mode:
+        attach_gem_adapter(model, tokenizer, config, base_path=base_path)
+    elif suppress_in_generate:
         _suppress(getattr(model, "generation_config", None), ids, add=True)
     model.gem_config = config
     return model
@@ -60,7 +75,9 @@ def enable_gem(
 
 def disable_gem(model, *, attn_implementation: str = "sdpa", use_cache: bool = True):
     """Undo the attention part of :func:`enable_gem` (for export or plain-LM use); returns the
-    model. Keeps the special tokens and their suppression in ``generate()``."""
+    model. Keeps the special tokens and their suppression in ``generate()``. Summary mode: also
+    detaches the adapter (see the module docstring)."""
+    detach_gem_adapter(model)
     if getattr(model.config, "_attn_implementation", None) == ATTN_NAME or attn_implementation != "sdpa":
         model.set_attn_implementation(attn_implementation)
     for key in _CONFIG_KEYS:

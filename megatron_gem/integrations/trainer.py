@@ -17,6 +17,15 @@ The embeddings come from the model's own forward (``output_hidden_states``), so 
 see one ordinary forward per loss term. Logged: ``gem_phase``, ``gem_ntp_loss``,
 ``gem_cl_loss``, ``gem_logit_scale`` (means over the logging window).
 
+Summary mode (``gem_config.train_mode == "summary"``; ``enable_gem`` attached ``model.gem_adapter``):
+the optimizer holds the adapter's parameters and the logit scale, nothing of the base (checked at
+construction); ``save_model()`` and every checkpoint write the adapter folder
+(integrations.save_gem_adapter: PEFT aLoRA files, gem_config, tokenizer, manifest), never a copy
+of the base weights; resuming loads the folder's deltas back into the adapter (aLoRA guard and
+base digest checked). Phase 1 is the collator's (GEM layouts only, no prefix targets); phase 2
+runs the full-row forward through the model (not hf/summary.py's cached fast path, which would
+bypass a DDP wrapper's forward).
+
 :class:`GEMPhaseCallback` reports the phase switch for pipelines that keep their own Trainer.
 """
 
@@ -35,6 +44,7 @@ from ..gem.losses import LogitScale, info_nce, loss_weights
 from ..gem.readout import pool_special_states
 from .collator import CL_KEYS, CL_PREFIX, GEMDataCollator
 from .enable import is_gem_enabled
+from .summary import gem_adapter_of, load_gem_adapter, save_gem_adapter
 
 logger = logging.getLogger(__name__)
 LOGIT_SCALE_FILE = "gem_logit_scale.pt"
@@ -79,6 +89,10 @@ class GEMTrainerMixin:
         if not is_gem_enabled(model):
             raise ValueError("GEM trainer: the model does not run the GEM attention; call enable_gem(model, tokenizer, config)")
         self.gem_config = config
+        if config.summary_mode:
+            _check_only_adapter_trains(model)
+        elif gem_adapter_of(model) is not None:
+            raise ValueError("GEM trainer: the model carries a summary adapter (enable_gem with train_mode='summary') but gem_config.train_mode is 'full'")
         collator = self.data_collator
         if not isinstance(collator, GEMDataCollator):
             raise TypeError(f"GEM trainer needs a GEMDataCollator as data_collator, got {type(collator).__name__}")
@@ -183,11 +197,60 @@ class GEMTrainerMixin:
             if os.path.isdir(folder):
                 torch.save(self.gem_logit_scale.state_dict(), os.path.join(folder, LOGIT_SCALE_FILE))
 
+    def _save(self, output_dir=None, state_dict=None):
+        if not self.gem_config.summary_mode:
+            return super()._save(output_dir, state_dict=state_dict)
+        # The adapter folder (gathered by the export itself under ZeRO-3; the engine's
+        # consolidated ``state_dict`` would hold the frozen base too), then the Trainer's own
+        # training_args.bin as its _save writes it.
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        tokenizer = self.processing_class if hasattr(self.processing_class, "get_vocab") else None
+        save_gem_adapter(self.model, output_dir, tokenizer=tokenizer, extra={"global_step": self.state.global_step})
+        if self.args.should_save:
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_best_model(self, *args, **kwargs):
+        if not self.gem_config.summary_mode:
+            return super()._load_best_model(*args, **kwargs)
+        load_gem_adapter(self.model, self.state.best_model_checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, *args, **kwargs):
-        super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
+        if self.gem_config.summary_mode:
+            load_gem_adapter(args[0] if args and args[0] is not None else self.model, resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
+        self._gem_resume_collator(resume_from_checkpoint)
         path = os.path.join(resume_from_checkpoint, LOGIT_SCALE_FILE)
         if os.path.isfile(path):
             self.gem_logit_scale.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def _gem_resume_collator(self, checkpoint: str) -> None:
+        # The Trainer skips the batches a resumed run already trained on without collating them
+        # (accelerate's SkipBatchSampler); the collator's draw counter must continue from there
+        # too, or the resumed steps get other layouts than the uninterrupted run's. Without
+        # DataLoader workers the main process's collator draws every batch: global_step x accum
+        # training batches came before (evaluation batches drawn by the same collator are not
+        # counted; see docs/integrations.md).
+        from transformers.trainer import TRAINER_STATE_NAME
+        from transformers.trainer_callback import TrainerState
+
+        path = os.path.join(checkpoint, TRAINER_STATE_NAME)
+        if self.args.dataloader_num_workers == 0 and not self.args.ignore_data_skip and os.path.isfile(path):
+            self.data_collator.resume_at(TrainerState.load_from_json(path).global_step * self.args.gradient_accumulation_steps)
+
+
+def _check_only_adapter_trains(model) -> None:
+    """Summary mode: the adapter is attached and no base parameter requires grad (the Trainer's
+    optimizer takes every parameter that does)."""
+    adapter = gem_adapter_of(model)
+    if adapter is None:
+        raise ValueError("GEM trainer: train_mode='summary' but the model has no summary adapter; call enable_gem(model, tokenizer, config) with that config")
+    own = {id(p) for p in adapter.parameters()}
+    loose = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in own]
+    if loose:
+        raise ValueError(f"GEM trainer: summary mode trains only the adapter, but base parameters require grad: {loose[:3]}{' ...' if len(loose) > 3 else ''}")
 
 
 def gem_trainer_class(base: type = Trainer) -> type:

@@ -22,7 +22,7 @@ def test_documented_examples_run(tmp_path):
     from trl import SFTConfig
 
     examples = _examples()
-    assert set(examples) == {"trainer", "trl", "export", "summary_adapter"}
+    assert set(examples) == {"trainer", "trl", "export", "summary_adapter", "summary_trainer"}
     tok = make_tiny_tokenizer()
     common = dict(per_device_train_batch_size=4, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, learning_rate=3e-3)
     s = sample_sentences(16, seed=3, max_words=12)
@@ -59,3 +59,35 @@ def test_summary_adapter_example_runs(tmp_path):
     assert torch.allclose(ns["embeddings"], ref, atol=1e-6)
     assert torch.allclose(ns["vector"][0], ref[0], atol=1e-5)
     assert type(ns["peft_model"]).__name__ == "PeftModelForCausalLM"
+
+
+def test_summary_trainer_example_runs(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from megatron_gem.testing import save_tiny_reserved_base
+
+    base_dir = save_tiny_reserved_base(tmp_path / "base")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    ns = {
+        "AutoModelForCausalLM": AutoModelForCausalLM,
+        "base_dir": base_dir,
+        "tokenizer": AutoTokenizer.from_pretrained(base_dir),
+        "texts": sample_sentences(16, seed=1, min_words=8, max_words=12),
+        "training_args": args,
+        "adapter_dir": str(tmp_path / "adapter"),
+    }
+    exec(_examples()["summary_trainer"], ns)
+    phases = [r["gem_phase"] for r in ns["trainer"].state.log_history if "loss" in r]
+    assert phases == [1, 1, 1, 1, 2, 2]
+    model = ns["model"]
+    live = GEMEmbedder(model, ns["tokenizer"], ns["config"], adapter=model.gem_adapter, backend="sdpa").encode(["a text", "another"])
+    assert torch.allclose(ns["embeddings"], live, atol=1e-5)  # the example's loader uses the default backend
