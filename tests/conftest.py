@@ -8,6 +8,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+# The variables a launcher sets (megatron_gem.common.distributed.LAUNCHER_ENV; not imported here:
+# it would import torch before the interpreter flag above is read by anything).
+_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_launcher_env():
+    """An in-process main() makes the pytest process a one-process job (RANK, MASTER_PORT, ...).
+    Left behind, every later child (a tool, a SLURM job) would inherit that port and collide
+    with another job that drew the same free port: restore them after each test."""
+    before = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():

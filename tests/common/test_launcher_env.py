@@ -35,3 +35,9 @@ def test_children_do_not_inherit_an_in_process_run_s_launcher_variables(monkeypa
     monkeypatch.setenv("MASTER_PORT", "29517")
     env = subprocess_env(EXTRA="1")
     assert not set(LAUNCHER_ENV) & set(env) and env["EXTRA"] == "1"
+
+
+def test_conftest_lists_the_launcher_variables():
+    from tests import conftest
+
+    assert conftest._LAUNCHER_ENV == LAUNCHER_ENV
