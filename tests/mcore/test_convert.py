@@ -84,37 +84,45 @@ def tied_rope_scaled_checkpoint(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("tp,pp,kind", [(1, 1, "untied"), (2, 1, "tied"), (1, 2, "tied"), (2, 2, "tied")])
-def test_converted_logits_equal_hf_at_each_layout(tp, pp, kind, gem_hf_checkpoint, tied_rope_scaled_checkpoint, tmp_path):
-    """hf-to-megatron through the command line, loaded at TP x PP processes: the packed GEM batch
-    gives the HF logits (fp32). Tied embeddings + Llama-3 rope scaling at TP2, PP2 and TP2xPP2
-    (the untied checkpoint at TP2xPP2: test_round_trip_bit_equal_and_tp2_pp2_load)."""
+LAYOUTS = [(1, 1, "untied"), (2, 1, "tied"), (1, 2, "tied"), (2, 2, "tied")]
+
+
+@pytest.fixture(scope="module")
+def layout_logits(gem_hf_checkpoint, tied_rope_scaled_checkpoint, tmp_path_factory):
+    """Each layout's checkpoint converted (one process, convert.hf_to_megatron) and loaded at its
+    TP x PP (one 4-process launch; megatron-core's parallel state rebuilt per layout): the
+    logits of one packed GEM batch per layout. {(tp, pp, kind): (logits, source checkpoint)}."""
+    work = tmp_path_factory.mktemp("mg_layouts")
+    plan = []
+    for tp, pp, kind in LAYOUTS:
+        src = gem_hf_checkpoint if kind == "untied" else tied_rope_scaled_checkpoint
+        plan.append({"src": str(src), "dir": str(work / f"mg_{tp}{pp}{kind}"), "tp": tp, "pp": pp, "out": str(work / f"logits_{tp}{pp}{kind}.pt")})
+    (work / "plan.json").write_text(json.dumps(plan))
+    run_torchrun(["tests/mcore/worker.py", "convert_layouts", str(work / "plan.json")])
+    from transformers import AutoConfig
+
+    from tests.mcore.worker import packed_batch
+
+    for i, item in enumerate(plan):  # a batch in each source's vocabulary
+        item["batch"] = str(work / f"batch_{i}.pt")
+        torch.save(packed_batch(AutoConfig.from_pretrained(item["src"]).vocab_size, seed=2), item["batch"])
+    (work / "plan.json").write_text(json.dumps(plan))
+    run_torchrun(["tests/mcore/worker.py", "load_logits_layouts", str(work / "plan.json")], nproc=4)
+    return {layout: (torch.load(item["out"]), item["src"], torch.load(item["batch"])) for layout, item in zip(LAYOUTS, plan)}
+
+
+@pytest.mark.parametrize("tp,pp,kind", LAYOUTS)
+def test_converted_logits_equal_hf_at_each_layout(tp, pp, kind, layout_logits):
+    """hf-to-megatron, loaded at TP x PP: the packed GEM batch gives the HF logits (fp32). Tied
+    embeddings + Llama-3 rope scaling at TP2, PP2 and TP2xPP2 (the untied checkpoint at TP2xPP2
+    and the command line: test_round_trip_bit_equal_and_tp2_pp2_load)."""
     from transformers import AutoModelForCausalLM
 
-    from tests.mcore.worker import hf_logits, packed_batch
+    from tests.mcore.worker import hf_logits
 
-    src = gem_hf_checkpoint if kind == "untied" else tied_rope_scaled_checkpoint
-    out = tmp_path / "mg"
-    run_python(
-        [
-            "tools/convert_checkpoint.py",
-            "hf-to-megatron",
-            "--input",
-            str(src),
-            "--output",
-            str(out),
-            "--tensor-model-parallel-size",
-            str(tp),
-            "--pipeline-model-parallel-size",
-            str(pp),
-        ]
-    )
+    got, src, batch = layout_logits[(tp, pp, kind)]
     hf = AutoModelForCausalLM.from_pretrained(src)
     vocab = hf.config.vocab_size
-    batch = packed_batch(vocab, seed=2)
-    torch.save(batch, tmp_path / "batch.pt")
-    run_torchrun(["tests/mcore/worker.py", "load_logits", str(out), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt"), str(tp), str(pp)], nproc=tp * pp)
-    got = torch.load(tmp_path / "logits.pt")
     ref = hf_logits(hf, *batch)
     assert torch.allclose(got[..., :vocab], ref, atol=1e-5, rtol=1e-5), float((got[..., :vocab] - ref).abs().max())
 

@@ -6,6 +6,8 @@ torchrun ... worker.py equivalence OUT.json
 torchrun --nproc-per-node T*P ... worker.py load_logits MEGATRON_DIR BATCH.pt OUT.pt T P
     Loads a converted dist checkpoint at TP=T x PP=P and runs one packed batch through
     megatron-core's pipeline schedule (forward only); the last stage saves its logits.
+torchrun ... worker.py convert_layouts PLAN.json / torchrun --nproc-per-node 4 ... worker.py load_logits_layouts PLAN.json
+    The same for several layouts in one process / one 4-process launch (parallel state rebuilt per layout).
 torchrun ... worker.py stream_vs_reference HF_DIR WORK_DIR
     The streaming converter against an in-memory model saved by dist_checkpointing.
 """
@@ -167,6 +169,37 @@ def summary_equivalence():
 
 
 def load_logits(megatron_dir, batch_path, out_path, tp="2", pp="2"):
+    from megatron_gem.mcore.runtime import destroy
+
+    _load_logits_at(megatron_dir, batch_path, out_path, int(tp), int(pp))
+    destroy()
+
+
+def load_logits_layouts(plan_path):
+    """Every (megatron_dir, batch, out, tp, pp) of the JSON plan in one launch: megatron-core's
+    parallel state is rebuilt for each layout (ranks beyond TP x PP are data-parallel replicas)."""
+    from megatron_gem.mcore.runtime import destroy
+
+    with open(plan_path) as f:
+        for item in json.load(f):
+            _load_logits_at(item["dir"], item["batch"], item["out"], int(item["tp"]), int(item["pp"]))
+    destroy()
+
+
+def convert_layouts(plan_path):
+    """hf-to-megatron (convert.hf_to_megatron, what the command line runs) for every
+    (src, dir, tp, pp) of the JSON plan, in one process."""
+    from megatron_gem.mcore import convert
+    from megatron_gem.mcore.runtime import destroy, init_model_parallel
+
+    init_model_parallel(1, 1)
+    with open(plan_path) as f:
+        for item in json.load(f):
+            convert.hf_to_megatron(item["src"], item["dir"], tp=int(item["tp"]), pp=int(item["pp"]), progress=False, log=lambda *a: None)
+    destroy()
+
+
+def _load_logits_at(megatron_dir, batch_path, out_path, tp, pp):
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -174,9 +207,8 @@ def load_logits(megatron_dir, batch_path, out_path, tp="2", pp="2"):
     from megatron_gem.attention.megatron import gem_mask_info
     from megatron_gem.mcore import checkpoint_io as io
     from megatron_gem.mcore.convert import build_from_meta
-    from megatron_gem.mcore.runtime import destroy, init_model_parallel
+    from megatron_gem.mcore.runtime import init_model_parallel
 
-    tp, pp = int(tp), int(pp)
     init_model_parallel(tp, pp)
     meta = io.read_meta(megatron_dir)
     _, model = build_from_meta(meta, tp=tp, pp=pp)
@@ -207,10 +239,9 @@ def load_logits(megatron_dir, batch_path, out_path, tp="2", pp="2"):
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         full = gather_from_tensor_model_parallel_region(out["logits"].contiguous())
-        if parallel_state.get_tensor_model_parallel_rank() == 0:
+        if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
             torch.save(full, out_path)
     dist.barrier()
-    destroy()
 
 
 def stream_vs_reference(hf_dir, work_dir):
@@ -265,6 +296,10 @@ if __name__ == "__main__":
         equivalence(sys.argv[2])
     elif cmd == "load_logits":
         load_logits(*sys.argv[2:])
+    elif cmd == "load_logits_layouts":
+        load_logits_layouts(*sys.argv[2:])
+    elif cmd == "convert_layouts":
+        convert_layouts(*sys.argv[2:])
     elif cmd == "stream_vs_reference":
         stream_vs_reference(*sys.argv[2:])
     else:
