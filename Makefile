@@ -10,6 +10,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; whole files per process, so module fixtures are built once):
+# most multi-process tests leave a core idle while their ranks start or wait on each other.
+# PYTEST_WORKERS=0 runs in this process alone.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install test demo clean-venv
 
@@ -29,7 +33,7 @@ $(STAMP): requirements.txt requirements-data.txt constraints.txt pyproject.toml 
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
