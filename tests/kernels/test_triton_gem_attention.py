@@ -53,8 +53,17 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda c: f"{c[0]}-{c[1]}-L{c[2]}-K{c[3]}-gqa{c[4] // c[5]}-b{c[6]}x{c[7]}")
+def _fp16_too(layout) -> bool:
+    """Every layout in fp32 (the mask cases); fp16 on three of them (grouped heads with 5 summary
+    tokens, K=10, 32-row tiles): the rounding paths, without doubling the interpreter time."""
+    return layout[3] >= 5
+
+
+@pytest.mark.parametrize(
+    "layout, dtype",
+    [(c, torch.float32) for c in LAYOUTS] + [(c, torch.float16) for c in LAYOUTS if _fp16_too(c)],
+    ids=lambda x: f"{x[0]}-{x[1]}-L{x[2]}-K{x[3]}-gqa{x[4] // x[5]}-b{x[6]}x{x[7]}" if isinstance(x, tuple) else str(x).replace("torch.", ""),
+)
 def test_matches_reference(layout, dtype):
     s0, s1, L, K, Hq, Hkv, bm, bn = layout
     doc, role = random_batch(L * 31 + K, 2, L, K, styles=(s0, s1), block=bm)

@@ -59,7 +59,9 @@ def test_write_error_mid_save_stops_every_rank_and_keeps_the_previous_checkpoint
 
 
 @pytest.mark.multiprocess
-def test_nan_on_one_rank_stops_every_rank_before_saving_and_resume_is_exact(full_disk_run, tiny_inputs, tmp_path):
+def test_nan_on_one_rank_stops_every_rank_before_saving(full_disk_run, tiny_inputs, tmp_path):
+    # What is left is the step-2 checkpoint of an ordinary run; resuming from exactly that is
+    # the full-disk test's resume above (2 processes, the same uninterrupted numbers).
     uninterrupted = full_disk_run[2]
     save = tmp_path / "nan"
     args = base_args(tiny_inputs, save, **DP2)
@@ -70,9 +72,7 @@ def test_nan_on_one_rank_stops_every_rank_before_saving_and_resume_is_exact(full
     assert (save / "latest").read_text().strip() == "global_step2"
     assert not (save / "global_step4").exists() and not (save / "hf").exists()
     assert [m["step"] for m in read_metrics(save)] == [1, 2, 3]  # the bad step is logged, then nothing
-    # The cause removed, the run resumes from the last good checkpoint and is the uninterrupted run.
-    ok(launch(args + ["--load", str(save)], nproc=2, launcher="deepspeed"))
-    same_run(uninterrupted, read_metrics(save))
+    same_run(uninterrupted[:2], read_metrics(save)[:2])  # the steps before the fault ran as normal
 
 
 # ---- damaged checkpoints (one process) ---------------------------------------------------------
