@@ -272,6 +272,16 @@ def _read_json(path: str) -> dict:
         raise ModelLoadError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from e
 
 
+def local_checkpoint_dir(name: str) -> str:
+    """``name`` as a directory: itself when it is one, else its snapshot in the local HF cache
+    (never a download). Raises what the cache lookup raised when it is neither."""
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, local_files_only=True)
+
+
 def resolve_base(path: str, config: GEMConfig, base: str | None) -> str:
     """The base checkpoint directory of adapter folder ``path``: ``base`` when given, else the
     folder's own ``base/`` (self-contained), else gem_config.base_model (a directory, or a hub
@@ -280,13 +290,9 @@ def resolve_base(path: str, config: GEMConfig, base: str | None) -> str:
         where = str(base)
     elif os.path.isdir(os.path.join(path, BASE_DIR)):
         where = os.path.join(path, BASE_DIR)
-    elif config.base_model and os.path.isdir(config.base_model):
-        where = config.base_model
     elif config.base_model:
         try:
-            from huggingface_hub import snapshot_download
-
-            where = snapshot_download(config.base_model, local_files_only=True)
+            where = local_checkpoint_dir(config.base_model)
         except Exception as e:  # not a directory and not in the local cache
             raise ModelLoadError(
                 f"{path}: its base model {config.base_model!r} (gem_config.json base_model) is neither a directory nor in the local HF cache ({type(e).__name__}); "

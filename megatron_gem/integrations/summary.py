@@ -45,21 +45,19 @@ def base_checkpoint(model, config: GEMConfig, base_path: str | None) -> tuple[st
             "summary mode: the adapter export names and digests the base checkpoint, and this model was not loaded from one "
             "(model.name_or_path is empty); pass enable_gem(..., base_path=<directory of the base checkpoint>)"
         )
+    from ..hf.summary_files import base_weight_files, local_checkpoint_dir
+
     if os.path.isdir(name):
         where = name
         name = os.path.abspath(name)
     else:
         try:
-            from huggingface_hub import snapshot_download
-
-            where = snapshot_download(name, local_files_only=True)
+            where = local_checkpoint_dir(name)
         except Exception as e:  # not a directory and not in the local cache
             raise ValueError(
                 f"summary mode: base checkpoint {name!r} is neither a directory nor in the local HF cache ({type(e).__name__}); "
                 f"pass enable_gem(..., base_path=<directory of the base checkpoint>)"
             ) from e
-    from ..hf.summary_files import base_weight_files
-
     try:
         base_weight_files(where)  # the export digests these: refuse now, not at the first save
     except ModelLoadError as e:
