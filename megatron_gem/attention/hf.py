@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..gem.mask import gem_mask_for_queries
+from .cached import gem_attention_over_cache
 from .dispatch import gem_attention
 
 ATTN_NAME = "gem"
@@ -46,19 +46,25 @@ def _cached_gem_attention(module, query, key, value, doc_ids, roles, scaling, kw
     prefill): ``key``/``value`` [B, Hkv, Lk, D] are the cached keys followed by the queries' own,
     described by ``gem_key_doc_ids`` / ``gem_key_roles`` / ``gem_key_index`` [B, Lk] (index = the
     key's position in its packed row; a cached key that must stay invisible carries a doc id no
-    query has), the queries by ``doc_ids`` / ``roles`` / ``gem_query_index`` [B, Lq]. The rule is
-    gem_mask_for_queries (mask.py); with Lq tiny a dense [B, 1, Lq, Lk] mask + SDPA is cheap."""
+    query has), the queries by ``doc_ids`` / ``roles`` / ``gem_query_index`` [B, Lq]
+    (cached.gem_attention_over_cache)."""
     k_doc, k_role, k_index, q_index = (kwargs.get(n) for n in ("gem_key_doc_ids", "gem_key_roles", "gem_key_index", "gem_query_index"))
     if k_role is None or k_index is None or q_index is None:
         raise ValueError("GEM attention over a KV cache needs gem_key_doc_ids, gem_key_roles, gem_key_index and gem_query_index")
-    if k_doc.shape[-1] != key.shape[2] or q_index.shape[-1] != query.shape[2]:
-        raise ValueError(f"KV-cache metadata describes {k_doc.shape[-1]} keys / {q_index.shape[-1]} queries; attention got {key.shape[2]} / {query.shape[2]}")
-    cfg = module.config
-    bos = getattr(cfg, "gem_suffix_sees_bos", False)
-    mask = gem_mask_for_queries(
-        q_index, doc_ids, roles, k_index, k_doc, k_role, k_is_doc_start=kwargs.get("gem_key_is_doc_start") if bos else None, suffix_sees_bos=bos
+    return gem_attention_over_cache(
+        query,
+        key,
+        value,
+        q_doc=doc_ids,
+        q_role=roles,
+        q_index=q_index,
+        k_doc=k_doc,
+        k_role=k_role,
+        k_index=k_index,
+        k_is_doc_start=kwargs.get("gem_key_is_doc_start"),
+        scale=scaling,
+        suffix_sees_bos=getattr(module.config, "gem_suffix_sees_bos", False),
     )
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
 
 
 def hf_gem_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

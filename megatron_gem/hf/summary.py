@@ -19,8 +19,7 @@ from torch import nn
 
 from ..gem.adapter import SummaryAdapter, adapter_active
 from ..gem.config import GEMConfig
-from ..gem.mask import doc_starts
-from ..gem.roles import PAD_DOC_ID, Role
+from ..gem.summary_step import gather_summary_queries, prefill_keys
 
 # Every attention and MLP projection of the Llama/Mistral family (HF module names).
 DEFAULT_HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -146,10 +145,6 @@ def no_recompute(lm):
             m.gradient_checkpointing = True
 
 
-# doc id of the stale cached copies of the summary tokens in the prefill's cache: no query has it.
-STALE_DOC_ID = -2
-
-
 def _cache_kwargs(lm, cache) -> dict:
     # transformers 5.2x names the argument ``cache`` (``past_key_values`` is deprecated there);
     # older 5.x releases only know ``past_key_values``.
@@ -157,56 +152,26 @@ def _cache_kwargs(lm, cache) -> dict:
     return {name: cache, "use_cache": True}
 
 
-def gather_summary_queries(batch: dict) -> dict:
-    """The summary tokens of each packed row, gathered: [B, S] tensors (S = most summary tokens
-    in a row; shorter rows padded with doc id PAD_DOC_ID) of their ids, position ids, doc ids,
-    roles (SPECIAL) and ``index`` (position in the row; padding entries get indices past the
-    row, L + j, so each sees only itself and no softmax row is empty)."""
-    ids, docs, roles = batch["input_ids"], batch["doc_ids"], batch["roles"]
-    B, L = ids.shape
-    special = (roles == Role.SPECIAL) & (docs != PAD_DOC_ID)
-    counts = special.sum(dim=1)
-    S = max(int(counts.max()), 1) if B else 1
-    # Summary positions first, in row order (stable sort of "not special").
-    order = torch.sort((~special).to(torch.int8), dim=1, stable=True).indices[:, :S]
-    slot = torch.arange(S, device=ids.device).expand(B, S)
-    real = slot < counts[:, None]
-    return {
-        "input_ids": ids.gather(1, order),
-        "position_ids": batch["position_ids"].gather(1, order),
-        "doc_ids": torch.where(real, docs.gather(1, order), torch.full_like(order, PAD_DOC_ID)),
-        "roles": torch.full_like(order, int(Role.SPECIAL)),
-        "index": torch.where(real, order, L + slot),
-    }
-
-
 def summary_states(lm, adapter: SummaryAdapter, batch: dict) -> tuple[torch.Tensor, dict]:
     """Summary mode's phase-2 fast path: last-layer states [B, S, H] of the summary tokens of a
-    packed batch (their metadata: the returned dict, see gather_summary_queries), equal to the
-    full-row forward's states at those tokens.
-
-    Why it is exact: with the base model frozen and the deltas acting only at summary positions,
-    the text before the summary tokens depends on no trainable parameter (a PREFIX token never
-    attends to a SPECIAL one). So (1) the rows run once without autograd, deltas off, keeping the
-    KV cache; (2) only the summary tokens run with autograd, reading that cache under the GEM
-    rule (gem_mask_for_queries: a summary token sees its document's text up to itself and
-    itself, never another summary token). The cache's own copies of the summary tokens hold base
-    values and are made invisible (doc id STALE_DOC_ID). Step (2) costs K tokens per text."""
+    packed batch (their metadata: the returned dict, see gem/summary_step.py
+    gather_summary_queries), equal to the full-row forward's states at those tokens. (1) the rows
+    run once without autograd, deltas off, keeping the KV cache; (2) only the summary tokens run
+    with autograd, reading that cache (why it is exact: gem/summary_step.py). Step (2) costs K
+    tokens per text."""
     from transformers import DynamicCache
 
     ids, pos, docs, roles = batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["roles"]
-    B, L = ids.shape
     q = gather_summary_queries(batch)
     cache = DynamicCache(config=lm.config)
     with torch.no_grad(), base_only(adapter):
         lm.base_model(input_ids=ids, position_ids=pos, doc_ids=docs, roles=roles, **_cache_kwargs(lm, cache))
-    special = (roles == Role.SPECIAL) & (docs != PAD_DOC_ID)
-    row_index = torch.arange(L, device=ids.device).expand(B, L)
+    k = prefill_keys(docs, roles, q)
     keys = {
-        "gem_key_doc_ids": torch.cat([docs.masked_fill(special, STALE_DOC_ID), q["doc_ids"]], dim=1),
-        "gem_key_roles": torch.cat([roles, q["roles"]], dim=1),
-        "gem_key_index": torch.cat([row_index, q["index"]], dim=1),
-        "gem_key_is_doc_start": torch.cat([doc_starts(docs), torch.zeros_like(q["index"], dtype=torch.bool)], dim=1),
+        "gem_key_doc_ids": k["doc_ids"],
+        "gem_key_roles": k["roles"],
+        "gem_key_index": k["index"],
+        "gem_key_is_doc_start": k["is_doc_start"],
         "gem_query_index": q["index"],
     }
     with no_recompute(lm):

@@ -114,13 +114,18 @@ class MegatronSummaryAdapter(nn.Module):
         self.positions = positions
         self.active = ActiveMask()
         self.deltas = nn.ModuleDict({adapter_key(n): d for n, d in deltas.items()})
+        from ..attention.megatron import PrefillKV  # imports megatron-core: not at module level
+
+        self.suspended = False  # True: the deltas act nowhere (the phase-2 fast path's prefill)
+        self.prefill_kv = PrefillKV()  # that prefill's keys/values, read by its summary step
 
     def delta_for(self, name: str) -> ParallelLowRankDelta:
         return self.deltas[adapter_key(name)]
 
     def set_positions(self, attention_mask: torch.Tensor | None) -> None:
-        """From a layer's gem_mask_info [2, B, L] argument: the active rows as [L, B]."""
-        if attention_mask is None:
+        """From a layer's gem_mask_info [2, B, L] (or summary_query_info) argument: the active rows
+        as [L, B]."""
+        if attention_mask is None or self.suspended:
             self.active.set(None)
             return
         from ..attention.megatron import split_mask_info
@@ -200,6 +205,7 @@ def attach_summary_adapter(model, config: GEMConfig, *, seed: int = 0) -> Megatr
 
     for layer in model.decoder.layers:
         handles.append(layer.register_forward_pre_hook(set_rows, with_kwargs=True))
+        layer.self_attention.core_attention.prefill_kv = adapter.prefill_kv
     if getattr(model, "pre_process", False) and model.config.recompute_granularity is not None:
         # megatron-core's (reentrant) recomputation back-propagates through a recomputed layer
         # only when one of its inputs requires grad; the frozen embedding's output does not, so
@@ -223,6 +229,9 @@ def detach_summary_adapter(model) -> MegatronSummaryAdapter | None:
             h.remove()
         adapter.hook_handles = []
         adapter.active.clear()
+        adapter.prefill_kv.clear()
+        for layer in model.decoder.layers:
+            layer.self_attention.core_attention.prefill_kv = None
         delattr(model, ADAPTER_ATTR)
     return adapter
 

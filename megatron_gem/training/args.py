@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--gem-adapter-positions", choices=ADAPTER_POSITIONS, default="special", help="summary mode: tokens the deltas act on")
     g.add_argument(
+        "--gem-summary-fast-path",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="summary mode, phase 2: run the texts without autograd and backpropagate only through the summary tokens (--no-gem-summary-fast-path: full rows with autograd, the reference)",
+    )
+    g.add_argument(
         "--gem-summary-tokens",
         nargs="+",
         default=[],
@@ -547,7 +553,7 @@ def job_config(args, *, world_size: int) -> JobConfig:
     }
     blend_paths, blend_weights = parse_data_path(args.data_path) if args.data_path else (None, None)
     return JobConfig(
-        model=ModelConfig(args.model, args.tokenizer, args.attention_backend, args.bf16, args.gradient_checkpointing),
+        model=ModelConfig(args.model, args.tokenizer, args.attention_backend, args.bf16, args.gradient_checkpointing, args.gem_summary_fast_path),
         data=DataConfig(
             list(args.data or ()),
             args.text_field,

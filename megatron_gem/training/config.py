@@ -21,6 +21,8 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto | sdpa | flex | triton
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # summary mode, phase 2: no-grad text + summary step (gem/summary_step.py); False: full rows
+    summary_fast_path: bool = True
 
     @property
     def tokenizer_path(self) -> str:

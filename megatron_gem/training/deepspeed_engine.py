@@ -112,7 +112,7 @@ class DeepSpeedEngine(Engine):
         )
         if job.gem.summary_mode and not job.gem.base_model:
             job.gem.base_model = job.model.path  # what the adapter export is applied to
-        model = GEMModel(lm, job.gem)
+        model = GEMModel(lm, job.gem, fast_summary=job.model.summary_fast_path)
         optimizer = build_optimizer(model, job, self.ds_config)
         if optimizer is None:
             engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, job.optimizer.weight_decay), config=self.ds_config)

@@ -40,12 +40,15 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from ..attention.megatron import gem_mask_info
+from ..attention.megatron import gem_mask_info, summary_query_info
 from ..common import distributed as D
 from ..common.files import write_json_atomic
+from ..gem.roles import Role
+from ..gem.summary_step import gather_summary_queries
 from ..mcore import checkpoint_io as io
 from ..mcore.batch import join_rows, unwrap_model
 from ..mcore.loss import contrastive_embeddings, gem_micro_batch_loss
+from ..mcore.summary import summary_adapter_of
 from .args import ArgumentError
 from .grad_cache import RngSnapshot, embedding_grads, surrogate_loss
 from .schedule import lr_for_step
@@ -108,6 +111,24 @@ class StepLoss:
         out = gem_micro_batch_loss(batch, model, output, w_ntp=self.w_ntp, w_cl=self.w_cl, gather_keys=self.gather_keys, ntp_scale=self.ntp_scale)
         stats = {"ntp_sum": out.ntp_sum, "ntp_tokens": out.ntp_tokens, "cl": float(out.cl) if out.cl is not None else None, "tokens": out.tokens}
         return out.total, stats
+
+
+def summary_step_batch(batch: dict, slot: int, width: int) -> dict:
+    """The summary step's micro-batch of a joined contrastive micro-batch: its gathered summary
+    tokens ([B, width], gem/summary_step.py) and their ``attention_mask`` (summary_query_info:
+    read the prefill recorded under ``slot``); the counts the loss reads."""
+    q = gather_summary_queries(batch, width=width)
+    return {
+        "input_ids": q["input_ids"],
+        "position_ids": q["position_ids"],
+        "doc_ids": q["doc_ids"],
+        "roles": q["roles"],
+        "attention_mask": summary_query_info(q, slot),
+        "labels": None,
+        "ntp_rows": 0,
+        "num_texts": batch["num_texts"],
+        "num_negatives": batch["num_negatives"],
+    }
 
 
 def _reporter() -> bool:
@@ -224,8 +245,19 @@ class MegatronEngine(Engine):
         return (
             f"megatron-core TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size} DP={self.dp_size} (distributed optimizer: "
             f"{p.use_distributed_optimizer}, SP: {self.config.sequence_parallel}, recompute: {self.config.recompute_granularity})"
-            + (f", summary mode: base frozen; {self.trained_elements()} on this rank" if self.job.gem.summary_mode else "")
+            + (f", summary mode: base frozen; {self.trained_elements()} on this rank{self.summary_path()}" if self.job.gem.summary_mode else "")
         )
+
+    def summary_path(self) -> str:
+        """How phase 2 runs in summary mode (the fast path needs contrastive-only micro-batches)."""
+        b = self.job.batch
+        if not self.job.model.summary_fast_path:
+            return "; phase 2: full rows with autograd (--no-gem-summary-fast-path)"
+        if b.contrastive_micro_batch_size is not None:
+            return "; phase 2: full rows with autograd (GradCache chunks: the fast path does not combine with --contrastive-micro-batch-size)"
+        if self.job.gem.alpha < 1:
+            return "; phase 2: full rows with autograd (--gem-alpha < 1 joins NTP rows to the contrastive rows)"
+        return "; phase 2: fast path (no-grad prefill, autograd through the summary tokens only)"
 
     def trained_elements(self) -> str:
         """What this rank trains, counted where it is held: requires_grad parameters, DDP's
@@ -235,13 +267,13 @@ class MegatronEngine(Engine):
         optimized = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
         return f"trainable {grad}, in grad buffers {buffered}, in the optimizer {optimized} elements"
 
-    def _schedule(self, forward_step, micro: list, forward_only: bool = False):
+    def _schedule(self, forward_step, micro: list, forward_only: bool = False, seq_length: int | None = None):
         return self.forward_backward(
             forward_step_func=forward_step,
             data_iterator=iter(micro),
             model=[self.ddp],
             num_microbatches=len(micro),
-            seq_length=self.job.batch.seq_length,
+            seq_length=seq_length or self.job.batch.seq_length,
             micro_batch_size=micro[0]["input_ids"].shape[0],
             forward_only=forward_only,
         )
@@ -258,6 +290,8 @@ class MegatronEngine(Engine):
         self.optimizer.zero_grad()
         if cl_batches and "chunks" in cl_batches[0]:
             stats = self._cached_steps(ntp, cl_batches, w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale)
+        elif cl_batches and not ntp_batches and self.job.gem.summary_mode and self.job.model.summary_fast_path:
+            stats = self._summary_steps(cl_batches, w_cl=w_cl)
         else:
             micro = [join_rows(a, b, self.device) for a, b in zip(ntp, cl)]
             step_loss = StepLoss(w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale, gather_keys=self.gather_keys)
@@ -276,6 +310,46 @@ class MegatronEngine(Engine):
             logit_scale=float(self.model.logit_scale()) if self.model.post_process else None,
             local_losses=[s["ntp_sum"] for s in stats] + [s["cl"] for s in stats],
         )
+
+    def _summary_steps(self, cl_batches: list, *, w_cl: float) -> list[dict]:
+        """Summary mode's phase-2 fast path (gem/summary_step.py): pass 1, a forward-only
+        schedule of the packed rows without autograd and with the deltas off, every layer
+        recording its keys and values (attention/megatron.py PrefillKV, one slot per micro-batch);
+        pass 2, forward and backward of only the gathered summary tokens, reading that record.
+        Returns the per-micro-batch stats the plain path's schedule returns."""
+        adapter = summary_adapter_of(self.model)
+        store = adapter.prefill_kv
+        micro = [join_rows(None, b, self.device) for b in cl_batches]
+        slots = iter(range(len(micro)))
+
+        def prefill_step(data_iterator, model):
+            batch = next(data_iterator)
+            store.record_slot = next(slots)
+            output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=0)
+            return output, lambda out: (torch.zeros((), device=self.device), {})
+
+        try:
+            adapter.suspended = True
+            with torch.no_grad():
+                self._schedule(prefill_step, micro, forward_only=True)
+            adapter.suspended, store.record_slot = False, None
+            # One width for every micro-batch of the step: pipeline messages have one shape.
+            width = max(int(((b["roles"] == Role.SPECIAL) & (b["doc_ids"] >= 0)).sum(dim=1).max()) for b in micro)
+            steps = [summary_step_batch(b, slot, width) for slot, b in enumerate(micro)]
+            step_loss = StepLoss(w_ntp=0.0, w_cl=w_cl, ntp_scale=0.0, gather_keys=self.gather_keys)
+
+            def summary_step(data_iterator, model):
+                batch = next(data_iterator)
+                output = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], ntp_rows=0)
+                return output, lambda out: step_loss.loss(batch, unwrap_model(model), out)
+
+            stats = self._schedule(summary_step, steps, seq_length=max(width, 1))
+        finally:
+            adapter.suspended = False
+            store.clear()
+        for record, batch in zip(stats, micro):  # the micro-batch's tokens, not only its summary tokens
+            record["tokens"] = int((batch["doc_ids"] >= 0).sum())
+        return stats
 
     def _cached_steps(self, ntp: list, cl_batches: list, *, w_ntp: float, w_cl: float, ntp_scale: float) -> list[dict]:
         """The GradCache passes of one optimizer step (PP = 1, checked in args); returns the

@@ -9,8 +9,9 @@ from megatron_gem.data import ContrastiveDataset, GEMDataLoader, InMemoryCorpus,
 from megatron_gem.gem import GEMConfig
 from megatron_gem.gem.losses import info_nce
 from megatron_gem.gem.roles import IGNORE_INDEX, Role
+from megatron_gem.gem.summary_step import gather_summary_queries
 from megatron_gem.hf.model import GEMModel, param_groups, prepare_gem_lm
-from megatron_gem.hf.summary import gather_summary_queries, logits_of
+from megatron_gem.hf.summary import logits_of
 from megatron_gem.testing import make_tiny_llama, make_tiny_tokenizer, sample_sentences
 
 SUMMARY_TOKENS = ["<unk>", "Ł"]  # K existing tokens of the tiny tokenizer

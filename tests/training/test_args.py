@@ -110,13 +110,26 @@ def test_global_batch_defaults_to_micro_times_dp(tiny_inputs, tmp_path):
 
 def test_the_namespace_becomes_a_typed_job_config(tiny_inputs, tmp_path):
     job = job_config(
-        parse_args(args_for(tiny_inputs, tmp_path, "--gem-alpha", "0.5", "--tensor-model-parallel-size", "2", "--no-check-for-nan-in-loss-and-grad")),
+        parse_args(
+            args_for(
+                tiny_inputs,
+                tmp_path,
+                "--gem-alpha",
+                "0.5",
+                "--tensor-model-parallel-size",
+                "2",
+                "--no-check-for-nan-in-loss-and-grad",
+                "--no-gem-summary-fast-path",
+            )
+        ),
         world_size=4,
     )
+    assert job.model.summary_fast_path is False
     assert job.parallel.engine == "megatron" and job.parallel.tensor_model_parallel_size == 2 and job.batch.data_parallel_size == 2
     assert job.gem.alpha == 0.5 and job.gem.contrastive_from_step == 2 and job.optimizer.train_iters == 4
     assert job.model.path == tiny_inputs["model"] and job.data.paths == [tiny_inputs["data"]] and job.run.check_for_nan_in_loss_and_grad is False
-    assert job_config(parse_args(args_for(tiny_inputs, tmp_path)), world_size=1).parallel.engine == "deepspeed"
+    default = job_config(parse_args(args_for(tiny_inputs, tmp_path)), world_size=1)
+    assert default.parallel.engine == "deepspeed" and default.model.summary_fast_path is True
     json.dumps(job.to_dict())  # what training_info.json records
 
 

@@ -233,7 +233,8 @@ def test_tp2_nan_on_one_rank_stops_all_and_damaged_checkpoints_are_refused(refer
 
 
 # ------------------------------------------------------------------------------ summary mode
-SUMMARY = ("--gem-train", "summary", "--gem-adapter-rank", "4")
+# alpha 1: phase 2 is contrastive only, so it takes the fast path (no-grad prefill + summary step)
+SUMMARY = ("--gem-train", "summary", "--gem-adapter-rank", "4", "--gem-alpha", "1.0")
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +288,23 @@ def test_summary_mode_trains_only_the_adapter_and_keeps_the_base_exact(summary_r
         gem = lm(input_ids=ids, doc_ids=torch.zeros_like(ids), roles=roles, use_cache=False).logits
         plain = base(input_ids=ids, use_cache=False).logits
     assert torch.equal(gem[:, :10], plain[:, :10]) and (gem[:, 10:] - plain[:, 10:]).abs().max() > 1e-6
+
+
+def test_summary_fast_path_equals_full_rows(summary_reference, gem_hf_checkpoint, corpus, tmp_path):
+    """The phase-2 fast path (a forward-only prefill recording every layer's keys and values,
+    then forward and backward of the summary tokens alone) against its reference, the full rows
+    with autograd (--no-gem-summary-fast-path): the same losses, gradient norms and adapter."""
+    save = tmp_path / "summary_full_rows"
+    proc = run_torchrun(_args(gem_hf_checkpoint, corpus, save, *SUMMARY, "--no-gem-summary-fast-path"))
+    ref, ref_stdout = summary_reference
+    assert "phase 2: fast path" in ref_stdout and "phase 2: full rows with autograd (--no-gem-summary-fast-path)" in proc.stdout
+    m = _metrics(ref)
+    assert [r["phase"] for r in m] == [1, 1, 2, 2] and all(r["cl_loss"] > 0 for r in m[2:])
+    _close(m, _metrics(save))
+    a, b = _adapter(ref), _adapter(save)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
 
 
 def test_summary_mode_tp2_pp2_recompute_resume_equals_single_process(summary_reference, converted_checkpoint, gem_hf_checkpoint, corpus, tmp_path):

@@ -1,0 +1,38 @@
+"""GEM attention for queries that read cached keys (summary mode's summary step, a readout after
+a generation prefill): the queries are a few tokens, the keys a cached row followed by the
+queries' own. The rule is mask.gem_mask_for_queries; with few queries a dense [B, 1, Q, K] mask
+and SDPA cost little. Shared by the transformers adapter (hf.py) and the megatron-core core
+attention (megatron.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..gem.mask import gem_mask_for_queries
+
+
+def gem_attention_over_cache(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    q_doc: torch.Tensor,
+    q_role: torch.Tensor,
+    q_index: torch.Tensor,
+    k_doc: torch.Tensor,
+    k_role: torch.Tensor,
+    k_index: torch.Tensor,
+    k_is_doc_start: torch.Tensor | None = None,
+    scale: float | None = None,
+    suffix_sees_bos: bool = False,
+) -> torch.Tensor:
+    """query [B, Hq, Q, D], key/value [B, Hkv, K, D]; metadata [B, Q] / [B, K] (index = the
+    token's position in its packed row; a key that must stay invisible carries a doc id no query
+    has). Returns [B, Hq, Q, D]."""
+    if k_doc.shape[-1] != key.shape[2] or q_index.shape[-1] != query.shape[2]:
+        raise ValueError(f"the cache metadata describes {k_doc.shape[-1]} keys / {q_index.shape[-1]} queries; attention got {key.shape[2]} / {query.shape[2]}")
+    mask = gem_mask_for_queries(
+        q_index, q_doc, q_role, k_index, k_doc, k_role, k_is_doc_start=k_is_doc_start if suffix_sees_bos else None, suffix_sees_bos=suffix_sees_bos
+    )
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scale, enable_gqa=key.shape[1] != query.shape[1])
