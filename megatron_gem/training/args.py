@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--save-interval", type=int, default=1000, help="DeepSpeed checkpoint every N steps (and at the end)")
     g.add_argument("--hf-export-interval", type=int, default=0, help="also write the HF export every N steps (0: only at the end)")
+    g.add_argument(
+        "--hf-export-self-contained",
+        action="store_true",
+        help="summary mode: the adapter export also carries the base checkpoint (SAVE/hf/base/), so it loads without --model's directory",
+    )
     g.add_argument("--log-interval", type=int, default=10, help="one metrics.jsonl line every N steps")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
@@ -327,6 +332,8 @@ def validate_args(args, dp_size: int) -> None:
             f"--contrastive-data is given but phase 2 never runs (--gem-contrastive-from-step "
             f"{args.gem_contrastive_from_step} >= --train-iters {args.train_iters})"
         )
+    if args.hf_export_self_contained and args.gem_train != "summary":
+        raise ArgumentError("--hf-export-self-contained needs --gem-train summary (a full-mode export already holds every weight)")
     if args.contrastive_query_field == args.contrastive_positive_field:
         raise ArgumentError(f"--contrastive-query-field and --contrastive-positive-field are both {args.contrastive_query_field!r}")
     negative_field = getattr(args, "contrastive_negative_field", None)
@@ -587,7 +594,9 @@ def job_config(args, *, world_size: int) -> JobConfig:
             args.clip_grad,
             args.seed,
         ),
-        checkpoint=CheckpointConfig(args.save, args.load, args.load_fallback, args.save_interval, args.hf_export_interval, args.exit_after_iters),
+        checkpoint=CheckpointConfig(
+            args.save, args.load, args.load_fallback, args.save_interval, args.hf_export_interval, args.exit_after_iters, args.hf_export_self_contained
+        ),
         run=RunConfig(args.log_interval, not args.no_progress, args.exit_signal_handler, args.distributed_timeout_minutes, args.check_for_nan_in_loss_and_grad),
         parallel=ParallelConfig(engine=engine, deepspeed_config=args.deepspeed_config, **megatron),
         gem=gem_config_from_args(args),

@@ -84,6 +84,7 @@ class CheckpointConfig:
     save_interval: int = 1000
     hf_export_interval: int = 0
     exit_after_iters: int | None = None
+    hf_export_self_contained: bool = False  # summary mode: the export carries the base (hf/base/)
 
 
 @dataclass

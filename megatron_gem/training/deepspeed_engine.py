@@ -233,7 +233,16 @@ class DeepSpeedEngine(Engine):
     def export_hf(self, out_dir, extra) -> None:
         module = self.engine.module
         if self.job.gem.summary_mode:
-            export_summary_adapter(module.lm, module.adapter, self.tokenizer, self.job.gem, out_dir, extra, base_path=self.job.model.path)
+            export_summary_adapter(
+                module.lm,
+                module.adapter,
+                self.tokenizer,
+                self.job.gem,
+                out_dir,
+                extra,
+                base_path=self.job.model.path,
+                self_contained=self.job.checkpoint.hf_export_self_contained,
+            )
         else:
             export_hf(module.lm, self.tokenizer, self.job.gem, out_dir, extra=extra)
 

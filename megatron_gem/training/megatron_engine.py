@@ -471,13 +471,15 @@ class MegatronEngine(Engine):
             from ..hf.export import export_summary_adapter_state
             from ..mcore.summary import hf_adapter_state
 
-            base_path, self_contained = self.job.model.path, False
+            base_path, self_contained = self.job.model.path, self.job.checkpoint.hf_export_self_contained
+            converted = None  # the HF conversion of a megatron --model, removed after the export
             if io.is_megatron_checkpoint(base_path):
                 # The adapter needs an HF base and a megatron --model has none: write the frozen
                 # base (unchanged weights) as HF once, into the folder itself (base/).
                 import dataclasses
 
-                base_path, self_contained = out_dir.rstrip("/") + ".base.tmp", True
+                base_path = converted = out_dir.rstrip("/") + ".base.tmp"
+                self_contained = True
                 plain = dataclasses.replace(self.job.gem, train_mode="full")
                 io.export_hf_from_model(
                     self.model,
@@ -494,8 +496,8 @@ class MegatronEngine(Engine):
                 export_summary_adapter_state(
                     state, self.meta["hf_config"], self.tokenizer, self.job.gem, out_dir, extra, base_path=base_path, self_contained=self_contained
                 )
-                if self_contained:
-                    shutil.rmtree(base_path, ignore_errors=True)
+                if converted is not None:  # never --model itself
+                    shutil.rmtree(converted, ignore_errors=True)
             dist.barrier()
             return
         io.export_hf_from_model(

@@ -336,9 +336,20 @@ def test_summary_mode_exact_resume(summary_reference, gem_hf_checkpoint, corpus,
     bit for bit (adapter + Adam state from the checkpoint; the base rebuilt equal)."""
     save = tmp_path / "summary_resume"
     run_torchrun(_args(gem_hf_checkpoint, corpus, save, *SUMMARY, "--exit-after-iters", "2"))
-    run_torchrun(_args(gem_hf_checkpoint, corpus, save, *SUMMARY, "--load", str(save)))
+    run_torchrun(_args(gem_hf_checkpoint, corpus, save, *SUMMARY, "--load", str(save), "--hf-export-self-contained"))
     ref, _ = summary_reference
     for ra, rb in zip(_metrics(ref), _metrics(save), strict=True):
         assert {k: v for k, v in ra.items() if k not in VOLATILE} == {k: v for k, v in rb.items() if k not in VOLATILE}
     a, b = _adapter(ref), _adapter(save)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # --hf-export-self-contained: the base travels in hf/base/ (the original weights) and the
+    # folder embeds alone, as the adapter on the original base does.
+    from megatron_gem.embedder import GEMEmbedder
+
+    got, orig = _weights(save / "hf", sub="base"), _weights(gem_hf_checkpoint, sub=".")
+    assert sorted(got) == sorted(orig) and all(torch.equal(got[k], orig[k]) for k in orig)
+    alone = GEMEmbedder.from_pretrained(str(save / "hf"))
+    on_base = GEMEmbedder.from_pretrained(str(ref / "hf"), base=str(gem_hf_checkpoint))
+    assert str(save / "hf" / "base") in str(alone.base_path)
+    texts = ["a cat sat on the mat", "the dog ran home"]
+    assert torch.equal(alone.encode(texts), on_base.encode(texts))

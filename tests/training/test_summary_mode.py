@@ -8,6 +8,7 @@ checkpoint in a fresh directory, and the 2-process ZeRO-3 run."""
 
 import json
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -68,7 +69,7 @@ def runs(tiny_inputs, tmp_path_factory):
     resumed.mkdir()
     shutil.copytree(one / "global_step3", resumed / "global_step3")
     (resumed / "latest").write_text("global_step3")
-    p3 = ok(launch(base_args(tiny_inputs, resumed, **SUMMARY) + ["--load", str(resumed)]))
+    p3 = ok(launch(base_args(tiny_inputs, resumed, **SUMMARY) + ["--load", str(resumed), "--hf-export-self-contained"]))
     return {"one": one, "two": two, "resumed": resumed, "probe_one": root / "probe_one", "probe_two": root / "probe_two", "logs": (p1, p2, p3)}
 
 
@@ -138,3 +139,23 @@ def test_resume_from_a_checkpoint_without_the_base_is_exact(runs):
     assert [strip(r) for r in read_metrics(runs["resumed"])] == [strip(r) for r in read_metrics(runs["one"])[3:]]
     w1, w3 = adapter_weights(runs["one"]), adapter_weights(runs["resumed"])
     assert set(w1) == set(w3) and all(torch.equal(w1[k], w3[k]) for k in w1)
+
+
+@pytest.mark.multiprocess
+def test_self_contained_export_carries_the_base_and_embeds_alone(runs, tiny_inputs):
+    """--hf-export-self-contained (the resumed run): hf/base/ holds the original weights, and the
+    folder embeds without the base directory exactly as the adapter on the base does."""
+    from safetensors.torch import load_file
+
+    from megatron_gem.embedder import GEMEmbedder
+
+    base = runs["resumed"] / "hf" / "base"
+    orig = {k: v for f in sorted(pathlib.Path(tiny_inputs["model"]).glob("*.safetensors")) for k, v in load_file(f).items()}
+    got = {k: v for f in sorted(base.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert orig and sorted(got) == sorted(orig) and all(torch.equal(got[k], orig[k]) for k in orig)
+    assert not (runs["one"] / "hf" / "base").exists()
+    alone = GEMEmbedder.from_pretrained(str(runs["resumed"] / "hf"))
+    on_base = GEMEmbedder.from_pretrained(str(runs["one"] / "hf"), base=tiny_inputs["model"])
+    assert str(base) in str(alone.base_path)
+    texts = ["a cat sat on the mat", "the dog ran home"]
+    assert torch.equal(alone.encode(texts), on_base.encode(texts))
