@@ -25,16 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention.explicit_mask import explicit_mask_attention_on
 from .attention.hf import use_gem_attention
 from .common.manifest import MANIFEST
 from .common.manifest import verify as verify_manifest
 from .gem.config import GEMConfig
 from .gem.layout import build_layout, position_ids_from_doc_ids
-from .gem.mask import gem_mask_for_queries
 from .gem.readout import pool_special_states
 from .gem.roles import PAD_DOC_ID, Role
 from .gem.tokens import find_gem_tokens, summary_token_ids
+from .hf.summary import cache_kwargs
 from .hf.summary_files import is_summary_adapter_dir, load_summary_model, refuse_peft_layers
 
 # The doc id that cached keys hidden from the summary queries get (padding): one no query has.
@@ -266,11 +265,12 @@ class GEMEmbedder:
         k_index = torch.arange(n + k, device=device).expand(batch, n + k)
         k_doc = torch.cat([torch.where(real, 0, _HIDDEN_DOC), docs], dim=-1)
         k_role = torch.cat([torch.full((batch, n), int(Role.PREFIX), device=device), roles], dim=-1)
-        allowed = gem_mask_for_queries((n + arange_k).expand(batch, k), docs, roles, k_index, k_doc, k_role)
-        with explicit_mask_attention_on(self.model):
-            hidden = self.model.base_model(
-                input_ids=ids, position_ids=positions, cache=view, use_cache=True, roles=roles, doc_ids=docs, gem_explicit_mask=allowed
-            ).last_hidden_state.float()
+        # The model's "gem" attention reads a cache under the rule when given the keys' metadata
+        # (attention/hf.py -> attention/cached.py, the summary step of summary mode's training too).
+        keys = {"gem_key_doc_ids": k_doc, "gem_key_roles": k_role, "gem_key_index": k_index, "gem_query_index": (n + arange_k).expand(batch, k)}
+        hidden = self.model.base_model(
+            input_ids=ids, position_ids=positions, **cache_kwargs(self.model, view), roles=roles, doc_ids=docs, **keys
+        ).last_hidden_state.float()
         emb = hidden.mean(dim=1)
         return F.normalize(emb, dim=-1) if normalize else emb
 

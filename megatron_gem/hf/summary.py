@@ -145,7 +145,8 @@ def no_recompute(lm):
             m.gradient_checkpointing = True
 
 
-def _cache_kwargs(lm, cache) -> dict:
+def cache_kwargs(lm, cache) -> dict:
+    """The keyword arguments that hand ``cache`` to ``lm.base_model``."""
     # transformers 5.2x names the argument ``cache`` (``past_key_values`` is deprecated there);
     # older 5.x releases only know ``past_key_values``.
     name = "cache" if "cache" in inspect.signature(lm.base_model.forward).parameters else "past_key_values"
@@ -165,7 +166,7 @@ def summary_states(lm, adapter: SummaryAdapter, batch: dict) -> tuple[torch.Tens
     q = gather_summary_queries(batch)
     cache = DynamicCache(config=lm.config)
     with torch.no_grad(), base_only(adapter):
-        lm.base_model(input_ids=ids, position_ids=pos, doc_ids=docs, roles=roles, **_cache_kwargs(lm, cache))
+        lm.base_model(input_ids=ids, position_ids=pos, doc_ids=docs, roles=roles, **cache_kwargs(lm, cache))
     k = prefill_keys(docs, roles, q)
     keys = {
         "gem_key_doc_ids": k["doc_ids"],
@@ -175,9 +176,7 @@ def summary_states(lm, adapter: SummaryAdapter, batch: dict) -> tuple[torch.Tens
         "gem_query_index": q["index"],
     }
     with no_recompute(lm):
-        out = lm.base_model(
-            input_ids=q["input_ids"], position_ids=q["position_ids"], doc_ids=q["doc_ids"], roles=q["roles"], **keys, **_cache_kwargs(lm, cache)
-        )
+        out = lm.base_model(input_ids=q["input_ids"], position_ids=q["position_ids"], doc_ids=q["doc_ids"], roles=q["roles"], **keys, **cache_kwargs(lm, cache))
     return out.last_hidden_state, q
 
 
