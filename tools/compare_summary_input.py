@@ -25,7 +25,8 @@ model. Also once: step 0 (B = 0: the base model with the summary tokens, both ar
 
 The last line of stdout is one JSON object: per arm per seed, means, sample spreads, and the
 per-seed differences learned - token. ``--out`` also writes it (after every run, so a run cut
-short keeps what it measured).
+short keeps what it measured). ``--merge A.json B.json ...`` trains nothing and combines the
+--out files of runs split across processes (one per seed or arm; same settings otherwise).
 """
 
 from __future__ import annotations
@@ -89,6 +90,14 @@ def parse_args(argv=None):
     p.add_argument("--no-step0", action="store_true", help="skip the step-0 evaluation (the untrained adapter; the same for both arms)")
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--out", default=None, help="also write the JSON figures here (atomically, after every run)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="train nothing: combine the --out files of earlier runs (e.g. one process per seed or arm) into one table and JSON; "
+        "their settings must agree apart from --seeds/--arms",
+    )
     args = p.parse_args(argv)
     for name, low in (("steps", 1), ("batch_size", 2), ("num_special_tokens", 1), ("pairs", 2), ("eval_items", 2), ("log_interval", 1)):
         if getattr(args, name) < low:
@@ -105,6 +114,9 @@ def parse_args(argv=None):
         p.error(f"--eval-max-length {args.eval_max_length} leaves no room beside K={args.num_special_tokens} summary tokens")
     if args.model is not None and not os.path.isdir(args.model):
         p.error(f"--model {args.model}: not a directory")
+    for path in args.merge or []:
+        if not os.path.isfile(path):
+            p.error(f"--merge {path}: no such file")
     if args.out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         p.error(f"--out {args.out}: its directory does not exist")
     return args
@@ -267,6 +279,39 @@ def summarise(runs: dict[str, dict[int, dict]], step0: dict | None, args) -> dic
     return out
 
 
+# Settings that may differ between runs that are merged (which runs, where, how often to log).
+PER_RUN_ARGS = ("seeds", "arms", "out", "merge", "log_interval", "no_step0")
+
+
+def merge_runs(paths: list[str]) -> tuple[dict[str, dict[int, dict]], dict | None, dict]:
+    """(runs {arm: {seed: run}}, step 0 scores or None, the shared settings) of the --out files
+    ``paths``; a file whose settings differ from the first's (apart from PER_RUN_ARGS), an
+    (arm, seed) measured twice, or two different step-0 rows is an error naming the file."""
+    runs: dict[str, dict[int, dict]] = {}
+    step0, settings = None, None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or "arms" not in data or "args" not in data:
+            raise ValueError(f"--merge {path}: not an output of tools/compare_summary_input.py (no 'arms'/'args')")
+        mine = {k: v for k, v in data["args"].items() if k not in PER_RUN_ARGS}
+        if settings is None:
+            settings = mine
+        elif mine != settings:
+            diff = sorted(k for k in set(mine) | set(settings) if mine.get(k) != settings.get(k))
+            raise ValueError(f"--merge {path}: settings {diff} differ from {paths[0]}'s; only runs of the same recipe can be merged")
+        for arm, a in data["arms"].items():
+            for seed, run in a["seeds"].items():
+                if int(seed) in runs.setdefault(arm, {}):
+                    raise ValueError(f"--merge {path}: arm {arm!r} seed {seed} is also in an earlier file")
+                runs[arm][int(seed)] = run
+        if data.get("step0") is not None:
+            if step0 is not None and step0 != data["step0"]:
+                raise ValueError(f"--merge {path}: its step-0 scores differ from an earlier file's")
+            step0 = data["step0"]
+    return {arm: dict(sorted(r.items())) for arm, r in runs.items()}, step0, settings
+
+
 def print_table(summary: dict) -> None:
     rows = []
     if summary.get("step0"):
@@ -302,6 +347,19 @@ def main(argv=None) -> int:
     from megatron_gem.eval.corpora import wordnet_pairs
     from megatron_gem.eval.quick import demo_tasks
     from megatron_gem.hf.model import load_causal_lm, load_tokenizer
+
+    if args.merge:
+        runs, step0, settings = merge_runs(args.merge)
+        args.seeds = sorted({s for r in runs.values() for s in r})
+        args.arms = [a for a in ARMS if a in runs]
+        args.model = settings.get("model")
+        summary = summarise(runs, step0, args)
+        summary["args"] = {**settings, "seeds": args.seeds, "arms": args.arms, "merged_from": list(args.merge)}
+        print_table(summary)
+        if args.out:
+            write_json_atomic(args.out, summary)
+        print(json.dumps(summary, sort_keys=True))
+        return 0
 
     t_start = time.perf_counter()
     if args.model is None:

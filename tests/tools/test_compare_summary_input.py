@@ -92,9 +92,41 @@ def test_learned_vectors_train_and_the_embedder_reads_them(tool):
         (["--heldout-items", "1"], "--heldout-items"),
         (["--lr", "nan"], "--lr"),
         (["--model", "/nonexistent/model"], "--model"),
+        (["--merge", "/nonexistent.json"], "--merge"),
     ],
 )
 def test_bad_arguments_fail_naming_the_flag(tool, capsys, argv, flag):
     with pytest.raises(SystemExit) as e:
         tool.parse_args(argv)
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_merge_combines_runs_of_one_recipe_and_refuses_others(tool, tmp_path, capsys):
+    import json
+
+    def out_file(name, arm, seed, score, **changed):
+        args = tool.parse_args(["--seeds", str(seed), "--arms", arm])
+        for k, v in changed.items():
+            setattr(args, k, v)
+        runs = {arm: {seed: {"scores": {"quick_avg": score}}}}
+        path = tmp_path / name
+        path.write_text(json.dumps(tool.summarise(runs, None, args)))
+        return str(path)
+
+    files = [
+        out_file("a.json", "token", 0, 0.30),
+        out_file("b.json", "learned", 0, 0.34),
+        out_file("c.json", "token", 1, 0.20),
+        out_file("d.json", "learned", 1, 0.28),
+    ]
+    assert tool.main(["--merge", *files]) == 0
+    merged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert merged["args"]["seeds"] == [0, 1] and merged["args"]["merged_from"] == files
+    assert merged["arms"]["token"]["mean"]["quick_avg"] == pytest.approx(0.25)
+    diff = merged["difference_learned_minus_token"]
+    assert diff["seeds"]["0"]["quick_avg"] == pytest.approx(0.04) and diff["seeds"]["1"]["quick_avg"] == pytest.approx(0.08)
+    assert diff["mean"]["quick_avg"] == pytest.approx(0.06)
+    with pytest.raises(ValueError, match="e.json: settings \\['lr'\\] differ"):
+        tool.main(["--merge", files[0], out_file("e.json", "learned", 0, 0.3, lr=2e-3)])
+    with pytest.raises(ValueError, match="arm 'token' seed 0 is also in an earlier file"):
+        tool.main(["--merge", files[0], files[0]])
