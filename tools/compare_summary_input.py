@@ -255,7 +255,7 @@ def evaluate(model, tokenizer, config, tasks, heldout, max_length: int) -> dict[
 
 # ------------------------------------------------------------------ figures
 def summarise(runs: dict[str, dict[int, dict]], step0: dict | None, args) -> dict:
-    """Per arm: per-seed scores, mean and sample spread (n - 1; 0 for one seed); the per-seed
+    """Per arm: per-seed scores, mean and sample spread (n - 1; None for one seed); the per-seed
     differences learned - token over the seeds both arms have, their mean and spread."""
 
     def stats(per_seed: dict[int, dict[str, float]]) -> dict:
@@ -263,7 +263,9 @@ def summarise(runs: dict[str, dict[int, dict]], step0: dict | None, args) -> dic
             return {}
         cols = [c for c in next(iter(per_seed.values())) if all(c in s for s in per_seed.values())]
         vals = {c: [s[c] for s in per_seed.values()] for c in cols}
-        return {"mean": {c: statistics.fmean(v) for c, v in vals.items()}, "spread": {c: statistics.stdev(v) if len(v) > 1 else 0.0 for c, v in vals.items()}}
+        # One seed has no spread: None, not 0 (a 0 would read as "no seed-to-seed variation").
+        spread = {c: statistics.stdev(v) for c, v in vals.items()} if len(per_seed) > 1 else None
+        return {"mean": {c: statistics.fmean(v) for c, v in vals.items()}, "spread": spread}
 
     out = {"arms": {}, "step0": step0, "args": {k: v for k, v in vars(args).items()}}
     for arm, per_seed in runs.items():
@@ -309,7 +311,7 @@ def merge_runs(paths: list[str]) -> tuple[dict[str, dict[int, dict]], dict | Non
             if step0 is not None and step0 != data["step0"]:
                 raise ValueError(f"--merge {path}: its step-0 scores differ from an earlier file's")
             step0 = data["step0"]
-    return {arm: dict(sorted(r.items())) for arm, r in runs.items()}, step0, settings
+    return {arm: dict(sorted(runs[arm].items())) for arm in ARMS if arm in runs}, step0, settings
 
 
 def print_table(summary: dict) -> None:
@@ -321,11 +323,13 @@ def print_table(summary: dict) -> None:
             rows.append((f"{arm} seed {s}", r["scores"]))
         if "mean" in a:
             rows.append((f"{arm} mean", a["mean"]))
-            rows.append((f"{arm} spread", a["spread"]))
+            if a["spread"] is not None:
+                rows.append((f"{arm} spread", a["spread"]))
     d = summary.get("difference_learned_minus_token")
     if d:
         rows.append(("learned - token mean", d["mean"]))
-        rows.append(("learned - token spread", d["spread"]))
+        if d["spread"] is not None:
+            rows.append(("learned - token spread", d["spread"]))
     if not rows:
         return
     cols = list(rows[-1][1])

@@ -125,7 +125,9 @@ def test_merge_combines_runs_of_one_recipe_and_refuses_others(tool, tmp_path, ca
     assert merged["arms"]["token"]["mean"]["quick_avg"] == pytest.approx(0.25)
     diff = merged["difference_learned_minus_token"]
     assert diff["seeds"]["0"]["quick_avg"] == pytest.approx(0.04) and diff["seeds"]["1"]["quick_avg"] == pytest.approx(0.08)
-    assert diff["mean"]["quick_avg"] == pytest.approx(0.06)
+    assert diff["mean"]["quick_avg"] == pytest.approx(0.06) and diff["spread"]["quick_avg"] == pytest.approx(0.04 / 2**0.5)
+    assert tool.main(["--merge", files[0], files[1]]) == 0  # one seed: no spread (None, not 0)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["difference_learned_minus_token"]["spread"] is None
     with pytest.raises(ValueError, match="e.json: settings \\['lr'\\] differ"):
         tool.main(["--merge", files[0], out_file("e.json", "learned", 0, 0.3, lr=2e-3)])
     with pytest.raises(ValueError, match="arm 'token' seed 0 is also in an earlier file"):
