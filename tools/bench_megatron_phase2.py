@@ -68,30 +68,20 @@ def parse_args(argv=None):
 
 
 def write_inputs(args, work: str) -> tuple[str, str, list[str]]:
-    """(model dir, corpus jsonl, summary-token flags)."""
+    """(model dir, corpus jsonl, summary-token flags); the models and the text are bench_train.py's."""
+    from bench_train import corpus_texts, load  # tools/ is the script's directory
+
     model = args.model
     tokens = args.summary_tokens
     if model in ("small", "tiny"):
-        from megatron_gem.testing import make_tiny_llama, make_tiny_tokenizer
-
-        tok = make_tiny_tokenizer()
-        shape = {} if model == "tiny" else dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
-        lm = make_tiny_llama(len(tok), max_position_embeddings=4096, **shape)
+        lm, tok, _ = load(argparse.Namespace(model=model))
         model = os.path.join(work, "model")
         lm.save_pretrained(model, safe_serialization=True)
         tok.save_pretrained(model)
         tokens = tokens or ["<unk>"]
     elif not os.path.isdir(model):
         raise SystemExit(f"bench_megatron_phase2: --model {model}: not 'small', 'tiny' or a checkpoint directory")
-    try:
-        from megatron_gem.eval.corpora import python_doc_paragraphs
-
-        texts = python_doc_paragraphs(part="library")
-    except Exception as e:  # noqa: BLE001 - any missing corpus: say so, fall back
-        from megatron_gem.testing import sample_sentences
-
-        print(f"bench_megatron_phase2: no Python docs ({e}); using generated sentences", file=sys.stderr)
-        texts = sample_sentences(4000, seed=0, min_words=10, max_words=120)
+    texts, _ = corpus_texts()
     data = os.path.join(work, "corpus.jsonl")
     with open(data, "w") as f:
         for t in texts:

@@ -15,6 +15,7 @@ Pieces (plain torch; the HF and megatron-core adapters attach them to their line
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -104,3 +105,17 @@ class SummaryAdapter(nn.Module):
     def set_positions(self, roles: torch.Tensor | None, doc_ids: torch.Tensor | None) -> None:
         """Activate at this batch's summary positions; None (no GEM metadata): nowhere."""
         self.active.set(None if roles is None else adapter_active(roles, doc_ids, self.positions))
+
+
+@contextlib.contextmanager
+def base_only(adapter):
+    """The deltas act nowhere inside the block (the base model exactly), GEM metadata or not:
+    the no-grad prefill of the phase-2 fast path, in both engines. ``adapter``: a SummaryAdapter
+    or mcore's MegatronSummaryAdapter (both read ``suspended`` when setting their rows)."""
+    before = adapter.suspended
+    adapter.suspended = True
+    try:
+        yield
+    finally:
+        adapter.suspended = before
+        adapter.active.clear()

@@ -22,6 +22,15 @@ from .roles import PAD_DOC_ID, Role
 STALE_DOC_ID = -2
 
 
+def _summary_positions(batch: dict) -> torch.Tensor:
+    return (batch["roles"] == Role.SPECIAL) & (batch["doc_ids"] != PAD_DOC_ID)
+
+
+def summary_width(batch: dict) -> int:
+    """The most summary tokens in a row of ``batch`` (gather_summary_queries' S)."""
+    return int(_summary_positions(batch).sum(dim=1).max()) if batch["input_ids"].shape[0] else 0
+
+
 def gather_summary_queries(batch: dict, width: int | None = None) -> dict:
     """The summary tokens of each packed row, gathered: [B, S] tensors of their ``input_ids``,
     ``position_ids``, ``doc_ids``, ``roles`` (SPECIAL) and ``index`` (position in the row).
@@ -29,9 +38,9 @@ def gather_summary_queries(batch: dict, width: int | None = None) -> dict:
     one shape for every micro-batch of a step). Shorter rows are padded with doc id PAD_DOC_ID and
     indices past the row (L + j), so each padding entry sees only itself and no softmax row is
     empty."""
-    ids, docs, roles = batch["input_ids"], batch["doc_ids"], batch["roles"]
+    ids, docs = batch["input_ids"], batch["doc_ids"]
     B, L = ids.shape
-    special = (roles == Role.SPECIAL) & (docs != PAD_DOC_ID)
+    special = _summary_positions(batch)
     counts = special.sum(dim=1)
     most = int(counts.max()) if B else 0
     if width is not None and width < most:

@@ -17,7 +17,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..gem.adapter import SummaryAdapter, adapter_active
+from ..gem.adapter import SummaryAdapter, adapter_active, base_only
 from ..gem.config import GEMConfig
 from ..gem.summary_step import gather_summary_queries, prefill_keys
 
@@ -116,18 +116,6 @@ def detach_summary_adapter(adapter: SummaryAdapter) -> None:
 def logits_of(lm, input_ids: torch.Tensor) -> torch.Tensor:
     """Plain-text logits (no GEM metadata): what generation computes."""
     return lm(input_ids=input_ids, use_cache=False).logits
-
-
-@contextlib.contextmanager
-def base_only(adapter: SummaryAdapter):
-    """The deltas act nowhere inside the block (the base model exactly), GEM metadata or not."""
-    before = adapter.suspended
-    adapter.suspended = True
-    try:
-        yield
-    finally:
-        adapter.suspended = before
-        adapter.active.clear()
 
 
 @contextlib.contextmanager

@@ -43,8 +43,8 @@ import torch.distributed as dist
 from ..attention.megatron import gem_mask_info, summary_query_info
 from ..common import distributed as D
 from ..common.files import write_json_atomic
-from ..gem.roles import Role
-from ..gem.summary_step import gather_summary_queries
+from ..gem.adapter import base_only
+from ..gem.summary_step import gather_summary_queries, summary_width
 from ..mcore import checkpoint_io as io
 from ..mcore.batch import join_rows, unwrap_model
 from ..mcore.loss import contrastive_embeddings, gem_micro_batch_loss
@@ -329,12 +329,11 @@ class MegatronEngine(Engine):
             return output, lambda out: (torch.zeros((), device=self.device), {})
 
         try:
-            adapter.suspended = True
-            with torch.no_grad():
+            with torch.no_grad(), base_only(adapter):
                 self._schedule(prefill_step, micro, forward_only=True)
-            adapter.suspended, store.record_slot = False, None
+            store.record_slot = None
             # One width for every micro-batch of the step: pipeline messages have one shape.
-            width = max(int(((b["roles"] == Role.SPECIAL) & (b["doc_ids"] >= 0)).sum(dim=1).max()) for b in micro)
+            width = max(summary_width(b) for b in micro)
             steps = [summary_step_batch(b, slot, width) for slot, b in enumerate(micro)]
             step_loss = StepLoss(w_ntp=0.0, w_cl=w_cl, ntp_scale=0.0, gather_keys=self.gather_keys)
 
@@ -345,7 +344,6 @@ class MegatronEngine(Engine):
 
             stats = self._schedule(summary_step, steps, seq_length=max(width, 1))
         finally:
-            adapter.suspended = False
             store.clear()
         for record, batch in zip(stats, micro):  # the micro-batch's tokens, not only its summary tokens
             record["tokens"] = int((batch["doc_ids"] >= 0).sum())
