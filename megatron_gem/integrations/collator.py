@@ -39,14 +39,18 @@ also carries the phase-2 view: each example's text (its tokens as given, truncat
 token deletion (positive, doc N + j), packed into ``gem_cl_input_ids``, ``gem_cl_position_ids``,
 ``gem_cl_doc_ids``, ``gem_cl_roles`` and ``gem_cl_num_texts`` (N).
 
-Randomness: example i of the c-th call in DataLoader worker w uses
-``numpy.random.default_rng([seed, w, c, i, stream])`` (stream 0 layout, 1 dropout), so a run is
-reproducible for a fixed seed, batch size and worker count. A resumed GEM trainer continues
+Randomness: example i of the c-th call in DataLoader worker w on data-parallel rank r, in a
+batch of B examples, uses ``numpy.random.default_rng([seed, w, c, r * B + i, stream])`` (stream
+0 layout, 1 dropout), so a run is reproducible for a fixed seed, batch size and worker count,
+and R ranks with B examples each draw what one process draws for the R * B examples of the
+same global batch (the Trainer's sampler hands rank r the r-th B of them); without the rank
+every rank would repeat rank 0's draws on its own examples. A resumed GEM trainer continues
 the count (``resume_at``) when DataLoader workers are off.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -70,6 +74,14 @@ def _as_array(x) -> np.ndarray:
     return np.asarray(x, dtype=np.int64).reshape(-1)
 
 
+def _data_rank() -> int:
+    """This process's data-parallel rank: the process group's when one is up, else the
+    launcher's RANK (DataLoader worker processes have no process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
 def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
@@ -88,6 +100,7 @@ class GEMDataCollator:
     contrastive: bool = False
     stats: dict = field(default_factory=lambda: {"plain": 0, "split": 0, "reconstruct": 0, "reconstruct_too_long": 0, SHORT_FOR_SUMMARY: 0})
     _calls: int = field(default=0, repr=False)
+    _offset: int = field(default=0, repr=False)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, config: GEMConfig, **kwargs) -> "GEMDataCollator":
@@ -124,7 +137,7 @@ class GEMDataCollator:
 
     def _rng(self, i: int, stream: int) -> np.random.Generator:
         info = torch.utils.data.get_worker_info()
-        return np.random.default_rng([self.seed, 0 if info is None else info.id, self._calls, i, stream])
+        return np.random.default_rng([self.seed, 0 if info is None else info.id, self._calls, self._offset + i, stream])
 
     def layout_example(self, ids: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
         """(ids, roles, labels) of one example under a drawn layout; labels as described above.
@@ -172,6 +185,7 @@ class GEMDataCollator:
     # ------------------------------------------------------------------ the batch
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pairs = [self._tokens_and_labels(f) for f in features]
+        self._offset = _data_rank() * len(pairs)
         examples = [self.layout_example(ids, lab, self._rng(i, LAYOUT_STREAM)) for i, (ids, lab) in enumerate(pairs)]
         examples = [e for e in examples if e is not None]  # summary mode: the too-short ones, counted
         if not examples:

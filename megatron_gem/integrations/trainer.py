@@ -8,14 +8,20 @@ contrastive view: ``loss = (1 - alpha) * ntp + alpha * info_nce`` (``gem.losses.
     trainer = GEMTrainer(model=model, args=args, train_dataset=ds, data_collator=collator, gem_config=cfg)
     GEMSFTTrainer = gem_trainer_class(trl.SFTTrainer)      # the same for any Trainer subclass
 
-The learnable logit scale (``gem.losses.LogitScale``) lives on the trainer, not in the model (so
-the exported checkpoint stays a plain HF model): it joins the optimizer as its own parameter
-group (no weight decay), its gradient is averaged over data-parallel ranks, and it is saved as
-``gem_logit_scale.pt`` in every Trainer checkpoint and restored on resume. The contrastive
+The learnable logit scale (``gem.losses.LogitScale``, ``trainer.gem_logit_scale``) is attached
+to the model as ``model.gem_logit_scale`` and left out of ``save_pretrained`` (the exported
+checkpoint stays a plain HF model): the Trainer zeroes and clips its gradient with the model's,
+it takes no weight decay, DDP leaves it alone and the trainer averages its gradient over the
+data-parallel ranks (DeepSpeed, whose ZeRO optimizers take only the module's parameters, does
+that itself), and it is saved as ``gem_logit_scale.pt`` in every Trainer checkpoint and
+restored on resume. The contrastive
 negatives are gathered from every data-parallel rank (``training.distributed.make_gather_keys``).
 The embeddings come from the model's own forward (``output_hidden_states``), so DDP / DeepSpeed
 see one ordinary forward per loss term. Logged: ``gem_phase``, ``gem_ntp_loss``,
-``gem_cl_loss``, ``gem_logit_scale`` (means over the logging window).
+``gem_cl_loss``, ``gem_logit_scale`` (means over the logging window and the data-parallel
+ranks: the global batch's values, as the Trainer's ``loss``). Under DDP the run equals one
+process with the same global batch (tests/integrations/test_trainer_ddp.py; the collator draws
+by global example index).
 
 Summary mode (``gem_config.train_mode == "summary"``; ``enable_gem`` attached ``model.gem_adapter``):
 the optimizer holds the adapter's parameters and the logit scale, nothing of the base (checked at
@@ -31,6 +37,7 @@ bypass a DDP wrapper's forward).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -48,6 +55,16 @@ from .summary import gem_adapter_of, load_gem_adapter, save_gem_adapter
 
 logger = logging.getLogger(__name__)
 LOGIT_SCALE_FILE = "gem_logit_scale.pt"
+LOGIT_SCALE_ATTR = "gem_logit_scale"  # the scale's name on the model (_attach_logit_scale)
+
+
+def _gathered(param):
+    """The whole of ``param`` inside the block (ZeRO-3 partitions it), read-only."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param])
 
 
 def gem_phase(step: int, config: GEMConfig) -> int:
@@ -100,11 +117,16 @@ class GEMTrainerMixin:
             collator.contrastive = True  # set before any DataLoader (and its workers) exists
         device = next(model.parameters()).device
         self.gem_logit_scale = LogitScale.from_config(config).to(device)
+        _attach_logit_scale(model, self.gem_logit_scale)
         self._gem_gather = make_gather_keys()
         self._gem_logs: dict[str, list[float]] = {}
         self.add_callback(GEMPhaseCallback(config))
 
     # -------------------------------------------------------------------- optimizer
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # The logit scale is a model parameter (_attach_logit_scale); like a bias it takes no decay.
+        return [n for n in super().get_decay_parameter_names(model) if not n.startswith(LOGIT_SCALE_ATTR + ".")]
+
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         param = self.gem_logit_scale.log_scale
@@ -169,7 +191,7 @@ class GEMTrainerMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         grad = self.gem_logit_scale.log_scale.grad
-        if grad is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if grad is not None and not self.is_deepspeed_enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Averaging is linear, so doing it after every accumulation micro-step is exact.
             dist.all_reduce(grad, op=dist.ReduceOp.SUM)
             grad /= dist.get_world_size()
@@ -180,9 +202,15 @@ class GEMTrainerMixin:
         self._gem_logs.setdefault(key, []).append(float(value.detach()))
 
     def log(self, logs: dict, *args, **kwargs):
-        for key, values in self._gem_logs.items():
-            if values:
-                logs[key] = sum(values) / len(values)
+        keys = sorted(k for k, v in self._gem_logs.items() if v)
+        means = torch.tensor([sum(self._gem_logs[k]) / len(self._gem_logs[k]) for k in keys], dtype=torch.float64, device=self.args.device)
+        if keys and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank logs (the Trainer's own loss is gathered here too) with the same keys:
+            # the mean over ranks is the global batch's value, as the Trainer's "loss" is (the
+            # NTP term a rank returns is its share of the global token mean times the ranks).
+            dist.all_reduce(means, op=dist.ReduceOp.SUM)
+            means /= dist.get_world_size()
+        logs.update({k: float(v) for k, v in zip(keys, means)})
         self._gem_logs = {}
         logs.setdefault("gem_phase", gem_phase(max(self.state.global_step - 1, 0), self.gem_config))
         return super().log(logs, *args, **kwargs)
@@ -190,12 +218,13 @@ class GEMTrainerMixin:
     # -------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         super()._save_checkpoint(model, trial, *args, **kwargs)
-        if self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        with _gathered(self.gem_logit_scale.log_scale):  # every rank: the gather is collective
+            if self.args.should_save:
+                from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            if os.path.isdir(folder):
-                torch.save(self.gem_logit_scale.state_dict(), os.path.join(folder, LOGIT_SCALE_FILE))
+                folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+                if os.path.isdir(folder):
+                    torch.save({k: v.detach().clone() for k, v in self.gem_logit_scale.state_dict().items()}, os.path.join(folder, LOGIT_SCALE_FILE))
 
     def _save(self, output_dir=None, state_dict=None):
         if not self.gem_config.summary_mode:
@@ -241,6 +270,18 @@ class GEMTrainerMixin:
             self.data_collator.resume_at(TrainerState.load_from_json(path).global_step * self.args.gradient_accumulation_steps)
 
 
+def _attach_logit_scale(model, scale: LogitScale) -> None:
+    """The logit scale as ``model.gem_logit_scale``: the Trainer zeroes (``model.zero_grad``)
+    and clips the model's gradients, and DeepSpeed's ZeRO optimizers (every stage) take only
+    parameters of the module they wrap. Left out of ``save_pretrained`` (the export stays the
+    HF model; checkpoints carry it as LOGIT_SCALE_FILE). DDP ignores it (no forward of the model
+    uses it; training_step averages its gradient); DeepSpeed reduces (under ZeRO-3 partitions) it."""
+    name = f"{LOGIT_SCALE_ATTR}.log_scale"
+    model.add_module(LOGIT_SCALE_ATTR, scale)
+    model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | {name}
+    model._ddp_params_and_buffers_to_ignore = sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", None) or ()) | {name})
+
+
 def _check_only_adapter_trains(model) -> None:
     """Summary mode: the adapter is attached and no base parameter requires grad (the Trainer's
     optimizer takes every parameter that does)."""
@@ -248,7 +289,7 @@ def _check_only_adapter_trains(model) -> None:
     if adapter is None:
         raise ValueError("GEM trainer: train_mode='summary' but the model has no summary adapter; call enable_gem(model, tokenizer, config) with that config")
     own = {id(p) for p in adapter.parameters()}
-    loose = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in own]
+    loose = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in own and not n.startswith(LOGIT_SCALE_ATTR + ".")]
     if loose:
         raise ValueError(f"GEM trainer: summary mode trains only the adapter, but base parameters require grad: {loose[:3]}{' ...' if len(loose) > 3 else ''}")
 

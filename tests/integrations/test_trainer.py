@@ -1,8 +1,10 @@
 """A few HF Trainer / TRL SFTTrainer steps with GEMDataCollator and the GEM trainer class."""
 
+import math
 import os
 
 import pytest
+import torch
 
 from megatron_gem.gem import IGNORE_INDEX, GEMConfig, Role
 from megatron_gem.integrations import GEMDataCollator, GEMTrainer, enable_gem, gem_trainer_class
@@ -80,6 +82,40 @@ def test_hf_trainer_loss_falls_masks_kept_phase_switches(tmp_path):
     assert float(trainer.gem_logit_scale().detach()) != scale0  # the logit scale is trained in phase 2
     assert os.path.isfile(tmp_path / "checkpoint-9" / "gem_logit_scale.pt")
     _assert_prompt_masks_kept(collator)
+
+
+def test_hf_trainer_full_mode_resume_and_plain_export(tmp_path):
+    # The logit scale is a model parameter (the Trainer zeroes and clips it with the model):
+    # checkpoints and save_model still write the plain HF model, the scale in its own file, and a
+    # resumed run continues to the same weights and scale.
+    from safetensors.torch import load_file
+    from transformers import TrainingArguments
+
+    def run(out, resume=None):
+        tok = make_tiny_tokenizer()
+        model = make_tiny_llama(len(tok), seed=4)
+        config = GEMConfig(p_raw=0.5, contrastive_from_step=2, alpha=0.5, prefix_dropout=0.2)
+        enable_gem(model, tok, config, backend="sdpa")
+        args = TrainingArguments(
+            output_dir=str(out), max_steps=4, per_device_train_batch_size=8, learning_rate=3e-3, lr_scheduler_type="constant",
+            save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        trainer = GEMTrainer(model=model, args=args, train_dataset=_prompt_answer_examples(tok), data_collator=GEMDataCollator.from_tokenizer(tok, config))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, model, tok
+
+    whole, model, tok = run(tmp_path / "a")
+    resumed, model_b, _ = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    a, b = model.state_dict(), model_b.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(whole.gem_logit_scale.log_scale, resumed.gem_logit_scale.log_scale)
+    assert not torch.equal(whole.gem_logit_scale.log_scale.detach(), torch.tensor([math.log(20.0)]))  # it trained
+    for folder in (tmp_path / "a" / "checkpoint-2", tmp_path / "a" / "checkpoint-4"):
+        assert "gem_logit_scale.log_scale" not in load_file(str(folder / "model.safetensors"))
+        assert os.path.isfile(folder / "gem_logit_scale.pt")
+    whole.save_model(str(tmp_path / "export"))
+    plain = make_tiny_llama(len(tok))
+    assert set(load_file(str(tmp_path / "export" / "model.safetensors"))) <= set(plain.state_dict())
 
 
 def test_trl_sft_trainer_with_gem(tmp_path):
