@@ -32,6 +32,7 @@ itself is mcore/loss.py's, the one the Megatron-LM integration uses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -255,9 +256,8 @@ class MegatronEngine(Engine):
             return "; phase 2: full rows with autograd (--no-gem-summary-fast-path)"
         if b.contrastive_micro_batch_size is not None:
             return "; phase 2: full rows with autograd (GradCache chunks: the fast path does not combine with --contrastive-micro-batch-size)"
-        if self.job.gem.alpha < 1:
-            return "; phase 2: full rows with autograd (--gem-alpha < 1 joins NTP rows to the contrastive rows)"
-        return "; phase 2: fast path (no-grad prefill, autograd through the summary tokens only)"
+        ntp = "; the NTP rows (--gem-alpha < 1) in a schedule of their own" if self.job.gem.alpha < 1 else ""
+        return f"; phase 2: fast path (no-grad prefill, autograd through the summary tokens only{ntp})"
 
     def trained_elements(self) -> str:
         """What this rank trains, counted where it is held: requires_grad parameters, DDP's
@@ -290,8 +290,8 @@ class MegatronEngine(Engine):
         self.optimizer.zero_grad()
         if cl_batches and "chunks" in cl_batches[0]:
             stats = self._cached_steps(ntp, cl_batches, w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale)
-        elif cl_batches and not ntp_batches and self.job.gem.summary_mode and self.job.model.summary_fast_path:
-            stats = self._summary_steps(cl_batches, w_cl=w_cl)
+        elif cl_batches and self.job.gem.summary_mode and self.job.model.summary_fast_path:
+            stats = self._summary_steps(cl_batches, w_cl=w_cl, ntp_batches=ntp_batches, w_ntp=w_ntp, ntp_scale=scale)
         else:
             micro = [join_rows(a, b, self.device) for a, b in zip(ntp, cl)]
             step_loss = StepLoss(w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale, gather_keys=self.gather_keys)
@@ -311,12 +311,22 @@ class MegatronEngine(Engine):
             local_losses=[s["ntp_sum"] for s in stats] + [s["cl"] for s in stats],
         )
 
-    def _summary_steps(self, cl_batches: list, *, w_cl: float) -> list[dict]:
+    def _summary_steps(self, cl_batches: list, *, w_cl: float, ntp_batches: list, w_ntp: float, ntp_scale: float) -> list[dict]:
         """Summary mode's phase-2 fast path (gem/summary_step.py): pass 1, a forward-only
         schedule of the packed rows without autograd and with the deltas off, every layer
         recording its keys and values (attention/megatron.py PrefillKV, one slot per micro-batch);
         pass 2, forward and backward of only the gathered summary tokens, reading that record.
-        Returns the per-micro-batch stats the plain path's schedule returns."""
+        NTP rows of the same step (--gem-alpha < 1; GEM layouts, whose suffix depends on the
+        deltas) go first through a forward-backward schedule of their own, whose gradients are
+        finalized (data-parallel reduction) only with pass 2's. Returns the per-micro-batch stats
+        the plain path's schedule returns."""
+        ntp_stats = None
+        if ntp_batches:
+            if len(ntp_batches) != len(cl_batches):
+                raise RuntimeError(f"a phase-2 step has {len(ntp_batches)} NTP and {len(cl_batches)} contrastive micro-batches; the fast path pairs them")
+            ntp_loss = StepLoss(w_ntp=w_ntp, w_cl=0.0, ntp_scale=ntp_scale, gather_keys=self.gather_keys)
+            with self._grads_finalized_later():  # each schedule divides by its own micro-batch count: the same accum
+                ntp_stats = self._schedule(ntp_loss.forward_step, [join_rows(b, None, self.device) for b in ntp_batches])
         adapter = summary_adapter_of(self.model)
         store = adapter.prefill_kv
         micro = [join_rows(None, b, self.device) for b in cl_batches]
@@ -347,7 +357,21 @@ class MegatronEngine(Engine):
             store.clear()
         for record, batch in zip(stats, micro):  # the micro-batch's tokens, not only its summary tokens
             record["tokens"] = int((batch["doc_ids"] >= 0).sum())
+        if ntp_stats is not None:  # one record per micro-batch, as the joined rows give
+            stats = [{**c, "ntp_sum": n["ntp_sum"], "ntp_tokens": n["ntp_tokens"], "tokens": n["tokens"] + c["tokens"]} for n, c in zip(ntp_stats, stats)]
         return stats
+
+    @contextlib.contextmanager
+    def _grads_finalized_later(self):
+        """A forward-backward schedule that leaves its gradients in the buffers unreduced: the
+        step's last schedule finalizes (data-parallel all-reduce / reduce-scatter, sequence-
+        parallel norms) everything once; finalizing twice would reduce the first part again."""
+        finalize = self.config.finalize_model_grads_func
+        self.config.finalize_model_grads_func = None
+        try:
+            yield
+        finally:
+            self.config.finalize_model_grads_func = finalize
 
     def _cached_steps(self, ntp: list, cl_batches: list, *, w_ntp: float, w_cl: float, ntp_scale: float) -> list[dict]:
         """The GradCache passes of one optimizer step (PP = 1, checked in args); returns the

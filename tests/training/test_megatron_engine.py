@@ -233,8 +233,9 @@ def test_tp2_nan_on_one_rank_stops_all_and_damaged_checkpoints_are_refused(refer
 
 
 # ------------------------------------------------------------------------------ summary mode
-# alpha 1: phase 2 is contrastive only, so it takes the fast path (no-grad prefill + summary step)
-SUMMARY = ("--gem-train", "summary", "--gem-adapter-rank", "4", "--gem-alpha", "1.0")
+# alpha 0.5: phase 2 takes the fast path (no-grad prefill + summary step) for its contrastive
+# rows and a schedule of their own for its NTP rows
+SUMMARY = ("--gem-train", "summary", "--gem-adapter-rank", "4", "--gem-alpha", "0.5")
 
 
 @pytest.fixture(scope="module")
@@ -290,18 +291,22 @@ def test_summary_mode_trains_only_the_adapter_and_keeps_the_base_exact(summary_r
     assert torch.equal(gem[:, :10], plain[:, :10]) and (gem[:, 10:] - plain[:, 10:]).abs().max() > 1e-6
 
 
-def test_summary_fast_path_equals_full_rows(summary_reference, gem_hf_checkpoint, corpus, tmp_path):
+def test_summary_fast_path_equals_full_rows(gem_hf_checkpoint, corpus, tmp_path):
     """The phase-2 fast path (a forward-only prefill recording every layer's keys and values,
-    then forward and backward of the summary tokens alone) against its reference, the full rows
-    with autograd (--no-gem-summary-fast-path): the same losses, gradient norms and adapter."""
-    save = tmp_path / "summary_full_rows"
-    proc = run_torchrun(_args(gem_hf_checkpoint, corpus, save, *SUMMARY, "--no-gem-summary-fast-path"))
-    ref, ref_stdout = summary_reference
-    assert "phase 2: fast path" in ref_stdout and "phase 2: full rows with autograd (--no-gem-summary-fast-path)" in proc.stdout
-    m = _metrics(ref)
-    assert [r["phase"] for r in m] == [1, 1, 2, 2] and all(r["cl_loss"] > 0 for r in m[2:])
-    _close(m, _metrics(save))
-    a, b = _adapter(ref), _adapter(save)
+    then forward and backward of the summary tokens alone; the step's NTP rows in a
+    forward-backward schedule of their own) against its reference, the full rows with autograd
+    (--no-gem-summary-fast-path), both on 2 data-parallel ranks with the distributed optimizer
+    (the NTP schedule's gradients must be reduced once, with the summary step's): the same
+    losses, gradient norms and adapter."""
+    fast, full = tmp_path / "summary_fast_dp2", tmp_path / "summary_full_rows_dp2"
+    fast_stdout = run_torchrun(_args(gem_hf_checkpoint, corpus, fast, *SUMMARY), nproc=2).stdout  # the distributed optimizer is the default
+    full_stdout = run_torchrun(_args(gem_hf_checkpoint, corpus, full, *SUMMARY, "--no-gem-summary-fast-path"), nproc=2).stdout
+    assert "DP=2" in fast_stdout and "phase 2: fast path (no-grad prefill, autograd through the summary tokens only; the NTP rows" in fast_stdout
+    assert "phase 2: full rows with autograd (--no-gem-summary-fast-path)" in full_stdout
+    m = _metrics(fast)
+    assert [r["phase"] for r in m] == [1, 1, 2, 2] and all(r["cl_loss"] > 0 and r["ntp_loss"] > 0 for r in m[2:])
+    _close(_metrics(full), m)
+    a, b = _adapter(full), _adapter(fast)
     assert sorted(a) == sorted(b)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
