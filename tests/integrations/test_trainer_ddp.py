@@ -28,48 +28,47 @@ def base_dir(tmp_path_factory):
     return save_tiny_reserved_base(tmp_path_factory.mktemp("trainer_ddp") / "base", seed=3)
 
 
+MODES = ("summary", "full")
+
+
 @pytest.fixture(scope="module")
 def one_process(base_dir, tmp_path_factory):
-    """mode -> the one-process run (8 examples a step), trained once per mode."""
-    runs = {}
-
-    def get(mode):
-        if mode not in runs:
-            out = tmp_path_factory.mktemp(f"one_{mode}")
-            run_python([WORKER, base_dir, str(out), mode, "8"], env=ENV)
-            runs[mode] = out
-        return runs[mode]
-
-    return get
+    """The one-process runs (8 examples a step), both modes in one launch."""
+    out = tmp_path_factory.mktemp("one_process")
+    run_python([WORKER, base_dir, str(out), ",".join(MODES), "8"], env=ENV)
+    return out
 
 
 def _close(x, y, rel):
     return abs(x - y) <= rel * abs(x)
 
 
-@pytest.mark.parametrize("mode", ["summary", "full"])
 @pytest.mark.parametrize("engine", ["ddp", "zero3"])
-def test_gem_trainer_on_two_processes_equals_one(base_dir, one_process, tmp_path, mode, engine):
-    one = one_process(mode)
-    run_torchrun([WORKER, base_dir, str(tmp_path), mode, "4"] + (["3"] if engine == "zero3" else []), nproc=2, env=ENV)
-    a, b = torch.load(one / "result.pt"), torch.load(tmp_path / "result.pt")
+def test_gem_trainer_on_two_processes_equals_one(base_dir, one_process, tmp_path, engine):
+    run_torchrun([WORKER, base_dir, str(tmp_path), ",".join(MODES), "4"] + (["3"] if engine == "zero3" else []), nproc=2, env=ENV)
+    for mode in MODES:
+        _check(one_process / mode, tmp_path / mode, mode)
+
+
+def _check(one, two, mode):
+    a, b = torch.load(one / "result.pt"), torch.load(two / "result.pt")
     assert (a["world"], b["world"]) == (1, 2)
     for key in ("loss", "ntp", "cl"):
         assert len(a[key]) == len(b[key]) == 5
         assert [x is None for x in a[key]] == [x is None for x in b[key]]
-        assert all(x is None or _close(x, y, 1e-5) for x, y in zip(a[key], b[key])), (key, a[key], b[key])
+        assert all(x is None or _close(x, y, 1e-5) for x, y in zip(a[key], b[key])), (mode, key, a[key], b[key])
     assert a["cl"][3] is not None and a["ntp"][3] is not None  # phase 2 trained both terms
-    assert all(_close(x, y, 1e-5) for x, y in zip(a["scales"], b["scales"])), (a["scales"], b["scales"])
+    assert all(_close(x, y, 1e-5) for x, y in zip(a["scales"], b["scales"])), (mode, a["scales"], b["scales"])
     assert a["scales"][4] != a["scales"][3] != a["scales"][2]  # the scale trained in both phase-2 steps
     assert not any(a["stale_scale_grad"]) and not any(b["stale_scale_grad"])
     fresh = torch.load(one / "initial.pt")
     assert a["state"].keys() == b["state"].keys() == fresh.keys()
     moved = 0
     for k, v in a["state"].items():
-        assert torch.allclose(v, b["state"][k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(v, b["state"][k], rtol=1e-4, atol=1e-6), (mode, k)
         moved += int(not torch.equal(v, fresh[k]))
     assert moved > len(fresh) // 2  # most tensors trained (a lora_A whose lora_B stayed 0 may not)
-    rank1 = torch.load(tmp_path / "rank1.pt")
+    rank1 = torch.load(two / "rank1.pt")
     assert all(torch.equal(rank1[k], v) for k, v in b["state"].items())  # the ranks stayed equal
     if mode == "summary":
         assert a["base_unchanged"] and b["base_unchanged"]

@@ -2,9 +2,9 @@
 process) or torchrun (DDP over gloo): both phases (phase 2 with alpha 0.5, so NTP and InfoNCE
 in one step), plain SGD so the updates are the gradients themselves. Rank 0 writes what trained
 (the adapter in summary mode, every weight in full mode), the logit scale after each step and
-the per-step losses to OUT/result.pt; every rank writes its own trained tensors to OUT/rank{r}.pt.
+the per-step losses to OUT/MODE/result.pt; every rank writes its own trained tensors to OUT/MODE/rank{r}.pt.
 
-    python trainer_ddp_worker.py BASE OUT MODE PER_DEVICE_BATCH [ZERO_STAGE]
+    python trainer_ddp_worker.py BASE OUT MODES PER_DEVICE_BATCH [ZERO_STAGE]     (MODES: summary,full)
 
 ZERO_STAGE: train through the Trainer's DeepSpeed integration at that ZeRO stage (CPU, gloo).
 """
@@ -61,7 +61,8 @@ class ScaleTrace(TrainerCallback):
         self.values.append(float(snapshot(self.trainer.gem_logit_scale)["log_scale"]))
 
 
-def main(base: str, out: str, mode: str, per_device: int, zero_stage: int | None = None) -> None:
+def train(base: str, out: str, mode: str, per_device: int, zero_stage: int | None) -> None:
+    os.makedirs(out, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     config = GEMConfig(train_mode=mode, num_special_tokens=2, adapter_rank=4, adapter_alpha=8.0, contrastive_from_step=3, alpha=0.5, prefix_dropout=0.2)
@@ -118,6 +119,14 @@ def main(base: str, out: str, mode: str, per_device: int, zero_stage: int | None
         if mode == "summary":  # the frozen base, bit for bit as loaded
             result["base_unchanged"] = all(torch.equal(now[k], v) for k, v in original.items())
         torch.save(result, os.path.join(out, "result.pt"))
+
+
+def main(base: str, out: str, modes: str, per_device: int, zero_stage: int | None = None) -> None:
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    for mode in modes.split(","):  # one launch for both modes: a process start costs more than a run
+        train(base, os.path.join(out, mode), mode, per_device, zero_stage)
+        unset_hf_deepspeed_config()  # the next mode's model loads as this one did, not under zero.Init
 
 
 if __name__ == "__main__":
