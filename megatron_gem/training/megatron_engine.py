@@ -132,6 +132,14 @@ def summary_step_batch(batch: dict, slot: int, width: int) -> dict:
     }
 
 
+def _with_ntp_stats(stats: list[dict], ntp_stats: list[dict] | None) -> list[dict]:
+    """The fast path's per-micro-batch records with the NTP schedule's figures joined in (one
+    record per micro-batch, as the joined rows of the other paths give)."""
+    if ntp_stats is None:
+        return stats
+    return [{**c, "ntp_sum": n["ntp_sum"], "ntp_tokens": n["ntp_tokens"], "tokens": n["tokens"] + c["tokens"]} for n, c in zip(ntp_stats, stats)]
+
+
 def _reporter() -> bool:
     """The one rank per data-parallel replica that reports losses: last stage, TP rank 0."""
     from megatron.core import parallel_state
@@ -254,10 +262,9 @@ class MegatronEngine(Engine):
         b = self.job.batch
         if not self.job.model.summary_fast_path:
             return "; phase 2: full rows with autograd (--no-gem-summary-fast-path)"
-        if b.contrastive_micro_batch_size is not None:
-            return "; phase 2: full rows with autograd (GradCache chunks: the fast path does not combine with --contrastive-micro-batch-size)"
         ntp = "; the NTP rows (--gem-alpha < 1) in a schedule of their own" if self.job.gem.alpha < 1 else ""
-        return f"; phase 2: fast path (no-grad prefill, autograd through the summary tokens only{ntp})"
+        cache = "; GradCache over the summary tokens (--contrastive-micro-batch-size)" if b.contrastive_micro_batch_size is not None else ""
+        return f"; phase 2: fast path (no-grad prefill, autograd through the summary tokens only{ntp}{cache})"
 
     def trained_elements(self) -> str:
         """What this rank trains, counted where it is held: requires_grad parameters, DDP's
@@ -288,9 +295,12 @@ class MegatronEngine(Engine):
         scale = ntp_loss_scale(w_ntp, dp_size=self.dp_size, accum_steps=accum, global_tokens=global_tokens)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        if cl_batches and "chunks" in cl_batches[0]:
+        fast_summary = self.job.gem.summary_mode and self.job.model.summary_fast_path
+        if cl_batches and "chunks" in cl_batches[0] and fast_summary:
+            stats = self._summary_cached_steps(cl_batches, w_cl=w_cl, ntp_batches=ntp_batches, w_ntp=w_ntp, ntp_scale=scale)
+        elif cl_batches and "chunks" in cl_batches[0]:
             stats = self._cached_steps(ntp, cl_batches, w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale)
-        elif cl_batches and self.job.gem.summary_mode and self.job.model.summary_fast_path:
+        elif cl_batches and fast_summary:
             stats = self._summary_steps(cl_batches, w_cl=w_cl, ntp_batches=ntp_batches, w_ntp=w_ntp, ntp_scale=scale)
         else:
             micro = [join_rows(a, b, self.device) for a, b in zip(ntp, cl)]
@@ -320,31 +330,11 @@ class MegatronEngine(Engine):
         deltas) go first through a forward-backward schedule of their own, whose gradients are
         finalized (data-parallel reduction) only with pass 2's. Returns the per-micro-batch stats
         the plain path's schedule returns."""
-        ntp_stats = None
-        if ntp_batches:
-            if len(ntp_batches) != len(cl_batches):
-                raise RuntimeError(f"a phase-2 step has {len(ntp_batches)} NTP and {len(cl_batches)} contrastive micro-batches; the fast path pairs them")
-            ntp_loss = StepLoss(w_ntp=w_ntp, w_cl=0.0, ntp_scale=ntp_scale, gather_keys=self.gather_keys)
-            with self._grads_finalized_later():  # each schedule divides by its own micro-batch count: the same accum
-                ntp_stats = self._schedule(ntp_loss.forward_step, [join_rows(b, None, self.device) for b in ntp_batches])
-        adapter = summary_adapter_of(self.model)
-        store = adapter.prefill_kv
+        ntp_stats = self._ntp_schedule_unfinalized(ntp_batches, len(cl_batches), w_ntp=w_ntp, ntp_scale=ntp_scale)
+        store = summary_adapter_of(self.model).prefill_kv
         micro = [join_rows(None, b, self.device) for b in cl_batches]
-        slots = iter(range(len(micro)))
-
-        def prefill_step(data_iterator, model):
-            batch = next(data_iterator)
-            store.record_slot = next(slots)
-            output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=0)
-            return output, lambda out: (torch.zeros((), device=self.device), {})
-
         try:
-            with torch.no_grad(), base_only(adapter):
-                self._schedule(prefill_step, micro, forward_only=True)
-            store.record_slot = None
-            # One width for every micro-batch of the step: pipeline messages have one shape.
-            width = max(summary_width(b) for b in micro)
-            steps = [summary_step_batch(b, slot, width) for slot, b in enumerate(micro)]
+            steps, width = self._prefill(micro)
             step_loss = StepLoss(w_ntp=0.0, w_cl=w_cl, ntp_scale=0.0, gather_keys=self.gather_keys)
 
             def summary_step(data_iterator, model):
@@ -357,9 +347,92 @@ class MegatronEngine(Engine):
             store.clear()
         for record, batch in zip(stats, micro):  # the micro-batch's tokens, not only its summary tokens
             record["tokens"] = int((batch["doc_ids"] >= 0).sum())
-        if ntp_stats is not None:  # one record per micro-batch, as the joined rows give
-            stats = [{**c, "ntp_sum": n["ntp_sum"], "ntp_tokens": n["ntp_tokens"], "tokens": n["tokens"] + c["tokens"]} for n, c in zip(ntp_stats, stats)]
-        return stats
+        return _with_ntp_stats(stats, ntp_stats)
+
+    def _summary_cached_steps(self, cl_batches: list, *, w_cl: float, ntp_batches: list, w_ntp: float, ntp_scale: float) -> list[dict]:
+        """GradCache (--contrastive-micro-batch-size) on summary mode's fast path: the step's NTP
+        rows as in _summary_steps; one prefill of every chunk (no autograd, deltas off; the
+        record is small next to the activations GradCache avoids keeping); pass 1, the summary
+        tokens of every chunk without a graph, whose embeddings give the InfoNCE loss and its
+        gradient per embedding (grad_cache.embedding_grads); pass 2, the summary tokens again
+        with a graph and the surrogate loss. Returns one stats record per micro-batch."""
+        per_micro = len(cl_batches[0]["chunks"])
+        if any(len(b["chunks"]) != per_micro for b in cl_batches):
+            raise RuntimeError("every contrastive micro-batch of a step must have the same number of GradCache chunks")
+        ntp_stats = self._ntp_schedule_unfinalized(ntp_batches, len(cl_batches), w_ntp=w_ntp, ntp_scale=ntp_scale)
+        owner = [(m, c) for m in range(len(cl_batches)) for c in range(per_micro)]
+        chunks = [join_rows(None, cl_batches[m]["chunks"][c], self.device) for m, c in owner]
+        store = summary_adapter_of(self.model).prefill_kv
+        snapshots: list[RngSnapshot] = []
+        try:
+            steps, width = self._prefill(chunks)
+
+            def embed_step(data_iterator, model):  # pass 1: embeddings only, no graph
+                batch = next(data_iterator)
+                snapshots.append(RngSnapshot())
+                output = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], ntp_rows=0)
+                inner = unwrap_model(model)
+                return output, lambda out: (torch.zeros((), device=self.device), {"emb": contrastive_embeddings(batch, out[1]), "scale": inner.logit_scale()})
+
+            with torch.no_grad():
+                embedded = self._schedule(embed_step, steps, forward_only=True, seq_length=max(width, 1))
+            cached = []
+            for m, batch in enumerate(cl_batches):
+                parts = [embedded[m * per_micro + c] for c in range(per_micro)]
+                counts = [(int(ch["num_texts"]), int(ch.get("num_negatives", 0))) for ch in batch["chunks"]]
+                cached.append(embedding_grads([p["emb"] for p in parts], counts, parts[0]["scale"], weight=w_cl, gather_keys=self.gather_keys))
+            del embedded
+            queue = iter(range(len(steps)))
+
+            def grad_step(data_iterator, model):  # pass 2: the same summary forwards with a graph, surrogate loss
+                batch, k = next(data_iterator), next(queue)
+                m, c = owner[k]
+                snapshots[k].restore()
+                output = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], ntp_rows=0)
+                return output, lambda out: self._surrogate(batch, unwrap_model(model), out, cached[m], c, w_ntp=0.0, ntp_scale=0.0, per_micro=per_micro)
+
+            stats = self._schedule(grad_step, steps, seq_length=max(width, 1))
+        finally:
+            store.clear()
+        out = []
+        for m in range(len(cl_batches)):  # one record per micro-batch, as the plain path's; every token of its chunks
+            group = stats[m * per_micro : (m + 1) * per_micro]
+            if group:
+                out.append({**group[0], "tokens": sum(int((chunks[k]["doc_ids"] >= 0).sum()) for k in range(m * per_micro, (m + 1) * per_micro))})
+        return _with_ntp_stats(out, ntp_stats)
+
+    def _prefill(self, micro: list) -> tuple[list, int]:
+        """The fast path's pass 1: a forward-only schedule of ``micro`` (joined contrastive rows)
+        under no_grad with the deltas off, every GEM core attention recording its keys and values
+        under the micro-batch's slot. Returns the summary-step micro-batches reading those slots
+        and their width (one for the step: pipeline messages have one shape)."""
+        adapter = summary_adapter_of(self.model)
+        store = adapter.prefill_kv
+        slots = iter(range(len(micro)))
+
+        def prefill_step(data_iterator, model):
+            batch = next(data_iterator)
+            store.record_slot = next(slots)
+            output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=0)
+            return output, lambda out: (torch.zeros((), device=self.device), {})
+
+        with torch.no_grad(), base_only(adapter):
+            self._schedule(prefill_step, micro, forward_only=True)
+        store.record_slot = None
+        width = max(summary_width(b) for b in micro)
+        return [summary_step_batch(b, slot, width) for slot, b in enumerate(micro)], width
+
+    def _ntp_schedule_unfinalized(self, ntp_batches: list, accum: int, *, w_ntp: float, ntp_scale: float) -> list[dict] | None:
+        """The fast path's NTP rows (--gem-alpha < 1; GEM layouts, whose suffix depends on the
+        deltas): a forward-backward schedule of their own, its gradients left for the step's
+        last schedule to finalize. None when the step has none."""
+        if not ntp_batches:
+            return None
+        if len(ntp_batches) != accum:
+            raise RuntimeError(f"a phase-2 step has {len(ntp_batches)} NTP and {accum} contrastive micro-batches; the fast path pairs them")
+        ntp_loss = StepLoss(w_ntp=w_ntp, w_cl=0.0, ntp_scale=ntp_scale, gather_keys=self.gather_keys)
+        with self._grads_finalized_later():  # each schedule divides by its own micro-batch count: the same accum
+            return self._schedule(ntp_loss.forward_step, [join_rows(b, None, self.device) for b in ntp_batches])
 
     @contextlib.contextmanager
     def _grads_finalized_later(self):

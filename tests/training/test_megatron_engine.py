@@ -297,19 +297,22 @@ def test_summary_fast_path_equals_full_rows(gem_hf_checkpoint, corpus, tmp_path)
     forward-backward schedule of their own) against its reference, the full rows with autograd
     (--no-gem-summary-fast-path), both on 2 data-parallel ranks with the distributed optimizer
     (the NTP schedule's gradients must be reduced once, with the summary step's): the same
-    losses, gradient norms and adapter."""
-    fast, full = tmp_path / "summary_fast_dp2", tmp_path / "summary_full_rows_dp2"
+    losses, gradient norms and adapter; also with GradCache chunks on the fast path."""
+    fast, cached, full = tmp_path / "summary_fast_dp2", tmp_path / "summary_fast_gradcache_dp2", tmp_path / "summary_full_rows_dp2"
     fast_stdout = run_torchrun(_args(gem_hf_checkpoint, corpus, fast, *SUMMARY), nproc=2).stdout  # the distributed optimizer is the default
+    cached_stdout = run_torchrun(_args(gem_hf_checkpoint, corpus, cached, *SUMMARY, "--contrastive-micro-batch-size", "2"), nproc=2).stdout
     full_stdout = run_torchrun(_args(gem_hf_checkpoint, corpus, full, *SUMMARY, "--no-gem-summary-fast-path"), nproc=2).stdout
     assert "DP=2" in fast_stdout and "phase 2: fast path (no-grad prefill, autograd through the summary tokens only; the NTP rows" in fast_stdout
+    assert "; GradCache over the summary tokens (--contrastive-micro-batch-size)" in cached_stdout
     assert "phase 2: full rows with autograd (--no-gem-summary-fast-path)" in full_stdout
-    m = _metrics(fast)
-    assert [r["phase"] for r in m] == [1, 1, 2, 2] and all(r["cl_loss"] > 0 and r["ntp_loss"] > 0 for r in m[2:])
-    _close(_metrics(full), m)
-    a, b = _adapter(full), _adapter(fast)
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+    for run in (fast, cached):  # GradCache is exact: chunks of 2 texts give the unchunked step
+        m = _metrics(run)
+        assert [r["phase"] for r in m] == [1, 1, 2, 2] and all(r["cl_loss"] > 0 and r["ntp_loss"] > 0 for r in m[2:])
+        _close(_metrics(full), m)
+        a, b = _adapter(full), _adapter(run)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (run.name, k, float((a[k] - b[k]).abs().max()))
 
 
 def test_summary_mode_tp2_pp2_recompute_resume_equals_single_process(summary_reference, converted_checkpoint, gem_hf_checkpoint, corpus, tmp_path):
