@@ -4,7 +4,8 @@ after a 2-process ZeRO-3 run), only the adapter and the logit scale are optimise
 checkpoints carry no frozen weight and still resume exactly, and 2 processes equal 1.
 
 Three launches: a 1-process ZeRO-3 run (checkpoints at steps 3 and 6), a resume of its step-3
-checkpoint in a fresh directory, and the 2-process ZeRO-3 run."""
+checkpoint in a fresh directory, and the 2-process ZeRO-3 run (with GradCache chunks on the
+phase-2 fast path)."""
 
 import json
 import os
@@ -55,7 +56,8 @@ def runs(tiny_inputs, tmp_path_factory):
     ids = ",".join(map(str, probe_text(AutoTokenizer.from_pretrained(tiny_inputs["model"]))))
     one, two, resumed = root / "one", root / "two", root / "resumed"
     p1 = ok(launch(base_args(tiny_inputs, one, **SUMMARY), script=PROBE, env={"MG_PROBE_OUT": str(root / "probe_one"), "MG_PROBE_TEXT_IDS": ids}))
-    dp2 = {**SUMMARY, "--micro-batch-size": 2, "--contrastive-batch-size": 4}
+    # 2 ranks with GradCache chunks of 2 texts on the fast path: exact, so still the 1-process run
+    dp2 = {**SUMMARY, "--micro-batch-size": 2, "--contrastive-batch-size": 4, "--contrastive-micro-batch-size": 2}
     p2 = ok(
         launch(
             base_args(tiny_inputs, two, **dp2),
