@@ -367,20 +367,10 @@ class MegatronEngine(Engine):
         try:
             steps, width = self._prefill(chunks)
 
-            def embed_step(data_iterator, model):  # pass 1: embeddings only, no graph
-                batch = next(data_iterator)
-                snapshots.append(RngSnapshot())
-                output = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], ntp_rows=0)
-                inner = unwrap_model(model)
-                return output, lambda out: (torch.zeros((), device=self.device), {"emb": contrastive_embeddings(batch, out[1]), "scale": inner.logit_scale()})
-
+            embed_step = self._embed_step(snapshots, lambda batch: batch["attention_mask"])  # pass 1: embeddings only, no graph
             with torch.no_grad():
                 embedded = self._schedule(embed_step, steps, forward_only=True, seq_length=max(width, 1))
-            cached = []
-            for m, batch in enumerate(cl_batches):
-                parts = [embedded[m * per_micro + c] for c in range(per_micro)]
-                counts = [(int(ch["num_texts"]), int(ch.get("num_negatives", 0))) for ch in batch["chunks"]]
-                cached.append(embedding_grads([p["emb"] for p in parts], counts, parts[0]["scale"], weight=w_cl, gather_keys=self.gather_keys))
+            cached = self._chunk_grads(cl_batches, embedded, w_cl=w_cl)
             del embedded
             queue = iter(range(len(steps)))
 
@@ -455,21 +445,11 @@ class MegatronEngine(Engine):
         owner = [(m, c) for m in range(len(cl_batches)) for c in range(per_micro)]
         snapshots: list[RngSnapshot] = []
 
-        def embed_step(data_iterator, model):  # pass 1: embeddings only, no graph
-            batch = next(data_iterator)
-            snapshots.append(RngSnapshot())
-            output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=0)
-            inner = unwrap_model(model)
-            return output, lambda out: (torch.zeros((), device=self.device), {"emb": contrastive_embeddings(batch, out[1]), "scale": inner.logit_scale()})
-
+        embed_step = self._embed_step(snapshots, lambda batch: gem_mask_info(batch["doc_ids"], batch["roles"]))  # pass 1: embeddings only, no graph
         chunks = [join_rows(None, cl_batches[m]["chunks"][c], self.device) for m, c in owner]
         with torch.no_grad():
             embedded = self._schedule(embed_step, chunks, forward_only=True)
-        cached = []
-        for m, batch in enumerate(cl_batches):
-            parts = [embedded[m * per_micro + c] for c in range(per_micro)]
-            counts = [(int(ch["num_texts"]), int(ch.get("num_negatives", 0))) for ch in batch["chunks"]]
-            cached.append(embedding_grads([p["emb"] for p in parts], counts, parts[0]["scale"], weight=w_cl, gather_keys=self.gather_keys))
+        cached = self._chunk_grads(cl_batches, embedded, w_cl=w_cl)
         del embedded
 
         micro = [join_rows(ntp[m] if c == 0 else None, cl_batches[m]["chunks"][c], self.device) for m, c in owner]
@@ -488,6 +468,30 @@ class MegatronEngine(Engine):
             group = stats[m * per_micro : (m + 1) * per_micro]
             out.append({**group[0], "tokens": sum(g["tokens"] for g in group)})
         return out
+
+    def _embed_step(self, snapshots: list, mask_of):
+        """GradCache pass 1's forward_step: embeddings and the logit scale of one chunk, with the
+        random state it ran under recorded for pass 2. ``mask_of(batch)``: its attention_mask."""
+
+        def embed_step(data_iterator, model):
+            batch = next(data_iterator)
+            snapshots.append(RngSnapshot())
+            output = model(batch["input_ids"], batch["position_ids"], mask_of(batch), ntp_rows=0)
+            inner = unwrap_model(model)
+            return output, lambda out: (torch.zeros((), device=self.device), {"emb": contrastive_embeddings(batch, out[1]), "scale": inner.logit_scale()})
+
+        return embed_step
+
+    def _chunk_grads(self, cl_batches: list, embedded: list, *, w_cl: float) -> list:
+        """Per micro-batch: the InfoNCE loss of its chunks' embeddings (pass 1) and its gradient
+        with respect to each chunk's embeddings (grad_cache.embedding_grads)."""
+        per_micro = len(cl_batches[0]["chunks"])
+        cached = []
+        for m, batch in enumerate(cl_batches):
+            parts = [embedded[m * per_micro + c] for c in range(per_micro)]
+            counts = [(int(ch["num_texts"]), int(ch.get("num_negatives", 0))) for ch in batch["chunks"]]
+            cached.append(embedding_grads([p["emb"] for p in parts], counts, parts[0]["scale"], weight=w_cl, gather_keys=self.gather_keys))
+        return cached
 
     def _surrogate(self, batch, model, output, cached, c: int, *, w_ntp: float, ntp_scale: float, per_micro: int):
         ntp = gem_micro_batch_loss(batch, model, output, w_ntp=w_ntp, w_cl=0.0, ntp_scale=ntp_scale)  # NTP rows (chunk 0) and the zero touches
