@@ -141,6 +141,8 @@ def test_export_round_trip_applies_the_template(tmp_path):
     base = save_tiny_reserved_base(tmp_path / "base", seed=3)
     lm, tok, cfg, adapter = tiny_summary_model(base, 2, seed=1)
     texts = sample_sentences(4, seed=2)
+    plain = GEMEmbedder(lm, tok, cfg, adapter=adapter, backend="sdpa", max_length=12)
+    assert plain.text_tokens(texts) == [tok(t)["input_ids"][:10] for t in texts]  # "": today's truncated text
     bare = GEMEmbedder(lm, tok, cfg, adapter=adapter, backend="sdpa").encode(texts)
     cfg.embed_template = TEMPLATE
     live = GEMEmbedder(lm, tok, cfg, adapter=adapter, backend="sdpa")
