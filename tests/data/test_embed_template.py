@@ -166,3 +166,24 @@ def test_bad_templates_are_refused_naming_the_flag(tiny_inputs, tmp_path, gem_to
     job = _job(tiny_inputs, tmp_path, gem_tokenizer, "--gem-embed-template", "word " * 30 + "{text}")
     with pytest.raises(ValueError, match="leaves no room for text"):
         build_loaders(job, open_training_corpus(job.data, gem_tokenizer), gem_tokenizer, dp_rank=0, dp_size=1)
+
+
+def test_sentence_transformers_export_with_a_template_is_custom(gem_hf_checkpoint, tmp_path):
+    """K = 1 full mode would get the builtin modules, whose tokenizer only appends the GEM token:
+    with a template the export takes the custom module (GEMEmbedder's rows), and refuses builtin."""
+    import os
+    import shutil
+
+    from megatron_gem.hf.sentence_transformers import save_sentence_transformer
+
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(gem_hf_checkpoint, path)
+    if os.path.exists(os.path.join(path, "manifest.json")):
+        os.remove(os.path.join(path, "manifest.json"))
+    assert save_sentence_transformer(path) == "builtin"  # without a template
+    cfg = GEMConfig.load(path)
+    cfg.embed_template = TEMPLATE
+    cfg.save(path)
+    with pytest.raises(ValueError, match="embed_template"):
+        save_sentence_transformer(path, mode="builtin")
+    assert save_sentence_transformer(path) == "custom"
