@@ -1,6 +1,7 @@
 """GEMEmbedder: text embeddings from a GEM checkpoint (docs/method.md).
 
-Each text is laid out as ``text SPECIAL*K`` (the `embed` layout), run through the model
+Each text is laid out as ``text SPECIAL*K`` (the `embed` layout; with GEMConfig.embed_template,
+``[BOS] prefix text suffix SPECIAL*K``, the wrapping training used, gem/template.py), run through the model
 under the GEM mask, and its embedding is the mean of the K special tokens' last-layer states,
 L2-normalised. Padding is its own document with positions restarting at each text, so
 neither the padding side nor the other texts in a batch change a text's embedding.
@@ -32,6 +33,7 @@ from .gem.config import GEMConfig
 from .gem.layout import build_layout, position_ids_from_doc_ids
 from .gem.readout import pool_special_states
 from .gem.roles import PAD_DOC_ID, Role
+from .gem.template import EmbedTemplate
 from .gem.tokens import find_gem_tokens, summary_token_ids
 from .hf.summary import cache_kwargs
 from .hf.summary_files import is_summary_adapter_dir, load_summary_model, refuse_peft_layers
@@ -60,6 +62,9 @@ class GEMEmbedder:
             )
         if max_length <= len(ids):
             raise ValueError(f"max_length={max_length} leaves no room for text before {len(ids)} special tokens")
+        # The wrapping phase 2 trained with (gem_config.json embed_template); "" = the bare text.
+        self.template = EmbedTemplate.from_tokenizer(config.embed_template, tokenizer)
+        self.template.text_budget(max_length - len(ids))  # raises when the template leaves no room
         self.model = use_gem_attention(model, backend=backend, suffix_sees_bos=config.suffix_sees_bos)
         self.model.eval()
         self.tokenizer = tokenizer
@@ -176,10 +181,17 @@ class GEMEmbedder:
             texts = [prompt + t for t in texts]
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        keep = self.max_length - len(self.special_ids)
-        tokens = [self.tokenizer(t, add_special_tokens=True)["input_ids"][:keep] for t in texts]
+        tokens = self.text_tokens(texts)
         out = self.encode_token_ids(tokens, batch_size=batch_size, normalize=normalize, show_progress_bar=show_progress_bar, padding_side=padding_side)
         return out.numpy() if convert_to_numpy else out
+
+    def text_tokens(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """The tokens ``encode`` embeds for each text before its K summary tokens: the text
+        tokenised (BOS included), truncated to fit ``max_length`` (default ``self.max_length``)
+        with the summary tokens, wrapped in the embed template (the template is never cut).
+        Training's views are built by the same EmbedTemplate."""
+        keep = (max_length or self.max_length) - len(self.special_ids)
+        return [self.template.fit(self.tokenizer(t, add_special_tokens=True)["input_ids"], keep)[0].tolist() for t in texts]
 
     @torch.inference_mode()
     def encode_token_ids(
@@ -192,7 +204,8 @@ class GEMEmbedder:
         padding_side: str = "right",
     ) -> torch.Tensor:
         """Embed already tokenised texts (each as ``tokenizer(text)["input_ids"]``, BOS included;
-        not truncated here): float32 [n, hidden]."""
+        not truncated and not wrapped in the embed template here: ``text_tokens`` does both):
+        float32 [n, hidden]."""
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         for i, t in enumerate(tokens):
@@ -237,7 +250,8 @@ class GEMEmbedder:
         model's (the deltas act only at summary tokens). ``attention_mask`` [B, n] (1 = real
         token) marks padding in the cache, left or right, whose real tokens must sit at positions
         0..m-1 (``generate`` does this for left padding). The cache may hold generated tokens
-        too: what is cached is what is embedded (no max_length truncation here).
+        too: what is cached is what is embedded (no max_length truncation, and no embed template:
+        a model trained with one needs it in the cached text, ``text_tokens`` gives the tokens).
 
         The caller's cache is not modified: it is read through a shallow view (the step's new
         keys go to new tensors). Only DynamicCache (generate's default) is supported."""

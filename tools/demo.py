@@ -66,6 +66,13 @@ def parse_args(argv=None):
         "train.py --contrastive-data) instead of self-supervised views of the definitions (0)",
     )
     p.add_argument(
+        "--gem-embed-template",
+        default="",
+        metavar="TEMPLATE",
+        help="train.py --gem-embed-template: a template with one {text} wrapped around every embedded text before the summary tokens, "
+        "in training and at embedding time, e.g. 'This sentence : \"{text}\" means in one word:\"' (PromptEOL); default '': the bare text",
+    )
+    p.add_argument(
         "--reuse-base-rows",
         action="store_true",
         help="take the base rows from OUT/base_rows.json when it was measured with the same model, tasks and evaluation settings (they do not depend on training)",
@@ -251,6 +258,8 @@ def main(argv=None) -> int:
     ]
     if args.contrastive_pairs:
         cmd += ["--contrastive-data", pairs]
+    if args.gem_embed_template:
+        cmd += ["--gem-embed-template", args.gem_embed_template]
     log("training: " + " ".join(cmd[1:]))
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()

@@ -236,8 +236,10 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
     An item is an anchor (text + K specials, the ``embed`` layout) and its positive view:
     prefix dropout of the text + K specials (self-supervised, the paper), or, when
     ``positives`` (a corpus aligned with ``corpus``, e.g. :class:`PairCorpus`) is given, the
-    paired text + K specials (supervised pairs). Texts longer than ``max_text_len - K`` are
-    truncated (the specials never are). ``collate`` packs a micro-batch of N items into rows of
+    paired text + K specials (supervised pairs); with ``embed_template`` (the config's
+    embed_template, gem/template.py) every text is wrapped in it first. Texts longer than
+    ``max_text_len - K`` (minus the template's tokens) are truncated (the specials and the
+    template never are). ``collate`` packs a micro-batch of N items into rows of
     ``seq_length``: doc ids 0..N-1 are the anchors, N+j the positive view of anchor j.
     ``num_rows`` fixes the row count of every micro-batch (raises if the texts do not fit).
 
@@ -268,6 +270,7 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
         anchor_prompt=None,
         negatives=None,
         chunk_size: int | None = None,
+        embed_template=None,
     ):
         self.seq_length = int(seq_length if seq_length is not None else max_text_len)
         # tokens -> anchor tokens (tokenization.PromptedText: the query prompt of self-supervised
@@ -277,9 +280,11 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
             raise ValueError(f"max_text_len={max_text_len} exceeds seq_length={self.seq_length}")
         self.corpus, self.config, self.max_text_len = corpus, config, int(max_text_len)
         self.seed, self.shuffle, self.num_epochs, self.pad_id, self.num_rows = int(seed), bool(shuffle), num_epochs, int(pad_id), num_rows
-        self.builder = SampleBuilder(config, self.seq_length, seed=seed)
+        # embed_template: gem.template.EmbedTemplate of config.embed_template (needs the tokenizer).
+        self.builder = SampleBuilder(config, self.seq_length, seed=seed, embed_template=embed_template)
         if self.max_text_len <= self.builder.k:
             raise ValueError(f"max_text_len={max_text_len} leaves no room beside K={self.builder.k} special tokens")
+        self.builder._text_budget(self.max_text_len)  # the template fits and is the config's: fail here, not at the first batch
         self.positives, self.negatives, self.chunk_size = positives, negatives, chunk_size
         if negatives is not None and (positives is None or len(negatives) != len(corpus)):
             raise ValueError("hard negatives need pairs: one NegativeTexts entry per pair record")

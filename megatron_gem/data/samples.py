@@ -32,6 +32,7 @@ import numpy as np
 from ..gem.config import GEMConfig
 from ..gem.layout import build_layout, document_rng, draw_layout, phase1_layout_config, prefix_dropout
 from ..gem.roles import Role
+from ..gem.template import EmbedTemplate
 
 LAYOUT_STREAM = 0  # document_rng stream of the layout draw
 DROPOUT_STREAM = 1  # document_rng stream of the contrastive positive view
@@ -109,7 +110,7 @@ def epoch_order(num_docs: int, seed: int, epoch: int, shuffle: bool) -> np.ndarr
 class SampleBuilder:
     """Turns documents into GEM pieces for rows of ``seq_length`` tokens."""
 
-    def __init__(self, config: GEMConfig, seq_length: int, *, seed: int = 0, bos_id: int | None = None):
+    def __init__(self, config: GEMConfig, seq_length: int, *, seed: int = 0, bos_id: int | None = None, embed_template: EmbedTemplate | None = None):
         k = config.num_special_tokens
         if len(config.special_token_ids) != k:
             raise ValueError(
@@ -125,6 +126,9 @@ class SampleBuilder:
         self.layout_config = phase1_layout_config(config)
         self.special_ids = np.asarray(config.special_token_ids, dtype=np.int64)
         self.k = k
+        # The contrastive views' wrapping (gem/template.py), built from the tokenizer by the caller;
+        # phase-1 builders never use it.
+        self.embed_template = embed_template or EmbedTemplate()
 
     @property
     def max_chunk_tokens(self) -> int:
@@ -225,13 +229,25 @@ class SampleBuilder:
 
     # ------------------------------------------------------------------ contrastive phase
 
+    def _text_budget(self, max_text_len: int) -> int:
+        """Text tokens that fit in ``max_text_len`` beside the K special tokens and the template."""
+        if max_text_len - self.k < 1:
+            raise ValueError(f"max_text_len={max_text_len} leaves no room for text beside K={self.k} special tokens")
+        if self.embed_template.template != self.config.embed_template:  # a path that forgot the template must not train bare texts
+            raise ValueError(
+                f"GEMConfig.embed_template={self.config.embed_template!r} but the sample builder holds {self.embed_template.template!r}: "
+                "pass embed_template=EmbedTemplate.from_tokenizer(config.embed_template, tokenizer)"
+            )
+        return self.embed_template.text_budget(max_text_len - self.k)
+
+    def _embed(self, text: np.ndarray):
+        """The ``embed`` layout of already truncated text tokens: [BOS] prefix text suffix SPECIAL*K."""
+        return build_layout(self.embed_template.wrap(text), "embed", self.special_ids)
+
     def embed_text(self, tokens: np.ndarray, max_text_len: int):
         """One text in the ``embed`` layout, truncated like embed_pair's: ((ids, roles), tokens_cut)."""
-        budget = max_text_len - self.k
-        if budget < 1:
-            raise ValueError(f"max_text_len={max_text_len} leaves no room for text beside K={self.k} special tokens")
-        text = tokens[:budget]
-        return build_layout(text, "embed", self.special_ids), int(tokens.shape[0] - text.shape[0])
+        text = tokens[: self._text_budget(max_text_len)]
+        return self._embed(text), int(tokens.shape[0] - text.shape[0])
 
     def embed_pair(
         self,
@@ -244,27 +260,27 @@ class SampleBuilder:
     ):
         """Anchor and positive view of one text in the ``embed`` layout.
 
-        The text is truncated to ``max_text_len - K`` tokens so its K special tokens always fit.
-        Without ``positive_tokens`` (self-supervised, the paper's phase 2) the positive view is
-        ``prefix_dropout`` of the (truncated) text with rate ``config.prefix_dropout`` and the
-        document's DROPOUT_STREAM rng; with them (a supervised pair) it is that text, truncated
-        the same way and left intact. ``anchor_tokens``: the anchor's own tokens when they differ
-        from the text the positive view is made of (the text with a query prompt), truncated alike.
+        The text is truncated so that it, the embed template (config.embed_template, around the
+        text) and its K special tokens fit in ``max_text_len``: the template and the specials are
+        never cut. Without ``positive_tokens`` (self-supervised, the paper's phase 2) the positive
+        view is ``prefix_dropout`` of the (truncated) text with rate ``config.prefix_dropout`` and
+        the document's DROPOUT_STREAM rng, then wrapped (the template is never dropped); with them
+        (a supervised pair) it is that text, truncated the same way and left intact.
+        ``anchor_tokens``: the anchor's own tokens when they differ from the text the positive
+        view is made of (the text with a query prompt), truncated alike.
         Returns ((ids, roles), (ids, roles), tokens_cut).
         """
-        budget = max_text_len - self.k
-        if budget < 1:
-            raise ValueError(f"max_text_len={max_text_len} leaves no room for text beside K={self.k} special tokens")
+        budget = self._text_budget(max_text_len)
         text = doc_tokens[:budget]
         cut = int(doc_tokens.shape[0] - text.shape[0])
-        anchor = build_layout(text, "embed", self.special_ids)
+        anchor = self._embed(text)
         if anchor_tokens is not None:
-            anchor = build_layout(anchor_tokens[:budget], "embed", self.special_ids)
+            anchor = self._embed(anchor_tokens[:budget])
             cut = int(max(anchor_tokens.shape[0] - budget, 0))  # the anchor's loss; the view is of the same text
         if positive_tokens is not None:
             other = positive_tokens[:budget]
             cut += int(positive_tokens.shape[0] - other.shape[0])
-            return anchor, build_layout(other, "embed", self.special_ids), cut
+            return anchor, self._embed(other), cut
         rng = document_rng(self.seed, epoch, doc_index, DROPOUT_STREAM)
-        positive = build_layout(prefix_dropout(text, self.config.prefix_dropout, rng), "embed", self.special_ids)
+        positive = self._embed(prefix_dropout(text, self.config.prefix_dropout, rng))
         return anchor, positive, cut

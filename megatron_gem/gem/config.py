@@ -38,6 +38,9 @@ class GEMConfig:
     # Instruction prepended (as text) to the query/anchor side of phase 2 and, at inference, to
     # queries (GEMEmbedder.encode_queries, the sentence-transformers "query" prompt); "" = none.
     query_prompt: str = ""
+    # Template with one "{text}" wrapped around every embedded text before its summary tokens, in
+    # phase-2 views and at inference (gem/template.py; e.g. PromptEOL's); "" = the bare text.
+    embed_template: str = ""
     # Summary mode (docs/method.md, "Summary mode"): frozen base, deltas at summary positions.
     train_mode: str = "full"
     adapter_rank: int = 16
@@ -86,6 +89,8 @@ class GEMConfig:
             raise bad("alpha", "must lie in [0, 1]")
         if not isinstance(self.query_prompt, str):
             raise bad("query_prompt", "must be a string")
+        if not isinstance(self.embed_template, str) or (self.embed_template and self.embed_template.count("{text}") != 1):
+            raise bad("embed_template", "must be empty or a string containing {text} exactly once")
         if self.train_mode not in TRAIN_MODES:
             raise bad("train_mode", f"must be one of {TRAIN_MODES}")
         if not isinstance(self.adapter_rank, int) or self.adapter_rank < 1:

@@ -46,6 +46,8 @@ def _gem_rows(gem: GEMConfig, tokens: list[str]) -> list[tuple[str, str]]:
         ("suffix sees BOS", str(gem.suffix_sees_bos)),
         ("query prompt", repr(gem.query_prompt) if gem.query_prompt else "none"),
     ]
+    if gem.embed_template:  # GEMEmbedder and the sentence-transformers module wrap every text in it
+        rows.append(("embed template", repr(gem.embed_template)))
     if gem.train_mode != "full":
         rows.append(("train mode", gem.train_mode))
     return rows

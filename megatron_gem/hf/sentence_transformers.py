@@ -22,7 +22,8 @@ Two layouts of the files, chosen by ``mode``:
   above), that runs the GEM layout and mask itself. sentence-transformers >= 6 imports a module
   class outside its own namespace only with ``SentenceTransformer(path, trust_remote_code=True)``,
   and megatron_gem must be installed.
-``"auto"``: builtin when K = 1 and the tokenizer check below passes, else custom.
+``"auto"``: builtin when K = 1, no embed template (GEMConfig.embed_template) and the tokenizer
+check below passes, else custom.
 
 The builtin mode is verified at export: the tokenizer loaded with the saved kwargs must produce
 exactly ``tokenizer(text) + [gem token]`` on probe texts, else ``"auto"`` falls back to custom
@@ -122,6 +123,10 @@ def save_sentence_transformer(path: str | os.PathLike, *, mode: str = "auto", ma
     if config.summary_mode:  # an adapter folder: only the custom module loads base + deltas
         if mode == "builtin":
             raise ValueError(f"{path}: a summary-mode adapter folder needs mode='custom' (the builtin modules would load the base model without the deltas)")
+        mode = "custom"
+    if config.embed_template:  # the builtin tokenizer only appends the GEM token: it cannot wrap the text in the template
+        if mode == "builtin":
+            raise ValueError(f"{path}: GEMConfig.embed_template={config.embed_template!r} needs mode='custom' (the builtin modules cannot apply it)")
         mode = "custom"
     if mode in ("auto", "builtin"):
         ok = k == 1 and _builtin_tokenizer_ok(path, tokenizer, config)

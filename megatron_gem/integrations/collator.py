@@ -36,7 +36,9 @@ chat templates survive as the pipeline rendered them.
 With ``contrastive=True`` (set by :class:`~megatron_gem.integrations.GEMTrainer`) the batch
 also carries the phase-2 view: each example's text (its tokens as given, truncated to
 ``max_length - K``) as ``text SPECIAL*K`` (anchor, doc j) and a copy with ``prefix_dropout``
-token deletion (positive, doc N + j), packed into ``gem_cl_input_ids``, ``gem_cl_position_ids``,
+token deletion (positive, doc N + j); with ``config.embed_template`` the text is wrapped in it
+first (``embed_template``, built by ``from_tokenizer``; the text is truncated, not the template,
+and dropout never touches the template), as train.py and GEMEmbedder do; packed into ``gem_cl_input_ids``, ``gem_cl_position_ids``,
 ``gem_cl_doc_ids``, ``gem_cl_roles`` and ``gem_cl_num_texts`` (N).
 
 Randomness: example i of the c-th call in DataLoader worker w on data-parallel rank r, in a
@@ -62,6 +64,7 @@ from ..data.packing import collate_rows, pack_texts
 from ..gem.config import GEMConfig
 from ..gem.layout import build_layout, draw_layout, phase1_layout_config, position_ids_from_doc_ids, prefix_dropout, trains_prefix_targets
 from ..gem.roles import IGNORE_INDEX, PAD_DOC_ID, Role
+from ..gem.template import EmbedTemplate
 
 CL_PREFIX = "gem_cl_"
 CL_KEYS = tuple(CL_PREFIX + k for k in ("input_ids", "position_ids", "doc_ids", "roles", "num_texts"))
@@ -98,6 +101,7 @@ class GEMDataCollator:
     seed: int = 0
     bos_token_id: int | None = None  # reconstruct: a leading BOS is not repeated
     contrastive: bool = False
+    embed_template: EmbedTemplate | None = None  # config.embed_template tokenised (from_tokenizer builds it)
     stats: dict = field(default_factory=lambda: {"plain": 0, "split": 0, "reconstruct": 0, "reconstruct_too_long": 0, SHORT_FOR_SUMMARY: 0})
     _calls: int = field(default=0, repr=False)
     _offset: int = field(default=0, repr=False)
@@ -105,12 +109,19 @@ class GEMDataCollator:
     @classmethod
     def from_tokenizer(cls, tokenizer, config: GEMConfig, **kwargs) -> "GEMDataCollator":
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        kwargs.setdefault("embed_template", EmbedTemplate.from_tokenizer(config.embed_template, tokenizer))
         return cls(config=config, pad_token_id=int(pad if pad is not None else 0), bos_token_id=tokenizer.bos_token_id, **kwargs)
 
     def __post_init__(self):
         k = len(self.config.special_token_ids)
         if k != self.config.num_special_tokens:
             raise ValueError("GEMConfig.special_token_ids is not set: call enable_gem(model, tokenizer, config) first")
+        self.embed_template = self.embed_template or EmbedTemplate()
+        if self.embed_template.template != self.config.embed_template:
+            raise ValueError(
+                f"GEMConfig.embed_template={self.config.embed_template!r} but the collator holds {self.embed_template.template!r}: "
+                "build it with GEMDataCollator.from_tokenizer(tokenizer, config)"
+            )
         if self.packing and not self.max_length:
             raise ValueError("packing=True needs max_length (the row length)")
         if self.max_length is not None and self.max_length <= k + 1:
@@ -242,10 +253,11 @@ class GEMDataCollator:
 
     def _contrastive(self, texts: list[np.ndarray]) -> dict[str, torch.Tensor]:
         k = len(self.config.special_token_ids)
+        template = self.embed_template
         if self.max_length is not None:
-            texts = [t[: self.max_length - k] for t in texts]
+            texts = [t[: template.text_budget(self.max_length - k)] for t in texts]
         positives = [prefix_dropout(t, self.config.prefix_dropout, self._rng(i, DROPOUT_STREAM)) for i, t in enumerate(texts)]
-        items = [build_layout(t, "embed", self.config.special_token_ids) for t in texts + positives]
+        items = [build_layout(template.wrap(t), "embed", self.config.special_token_ids) for t in texts + positives]
         seq = self.max_length or max(x[0].shape[0] for x in items)
         rows = pack_texts(items, seq, pad_id=self.pad_token_id)
         used = max(int((seg != PAD_DOC_ID).sum()) for _, _, seg in rows)

@@ -71,8 +71,7 @@ class GEMSentenceEncoder(_input_module_base()):
 
     def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs) -> dict[str, Any]:
         texts = [(prompt or "") + t for t in inputs]
-        keep = self.max_seq_length - len(self.embedder.special_ids)
-        tokens = [self.tokenizer(t, add_special_tokens=True)["input_ids"][:keep] for t in texts]
+        tokens = self.embedder.text_tokens(texts, self.max_seq_length)  # truncated and wrapped in the embed template as GEMEmbedder.encode does
         if any(not t for t in tokens):
             raise ValueError("a text tokenises to nothing; cannot embed an empty text")
         # GEMEmbedder's own batch builder: the identical layout is what makes the vectors equal.

@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         "export as the sentence-transformers 'query' prompt and used by GEMEmbedder.encode_queries",
     )
     g.add_argument(
+        "--gem-embed-template",
+        default="",
+        metavar="TEMPLATE",
+        help="template with one {text} wrapped around every embedded text before its summary tokens, in the phase-2 views and "
+        'at embedding time (saved in gem_config.json; GEMEmbedder applies it), e.g. \'This sentence : "{text}" means in one word:"\' '
+        "(PromptEOL); default '': the bare text",
+    )
+    g.add_argument(
         "--contrastive-negative-field",
         default=None,
         metavar="NAME",
@@ -282,6 +290,7 @@ def gem_config_from_args(args) -> GEMConfig:
         contrastive_from_step=args.gem_contrastive_from_step,
         alpha=args.gem_alpha,
         query_prompt=args.contrastive_query_prompt,
+        embed_template=args.gem_embed_template,
         train_mode=args.gem_train,
         adapter_rank=args.gem_adapter_rank,
         adapter_alpha=args.gem_adapter_alpha,
@@ -314,6 +323,9 @@ def validate_args(args, dp_size: int) -> None:
     chunk = getattr(args, "contrastive_micro_batch_size", None)
     if chunk is not None and not 1 <= chunk <= args.contrastive_batch_size:
         raise ArgumentError(f"--contrastive-micro-batch-size {chunk} must lie in [1, --contrastive-batch-size {args.contrastive_batch_size}]")
+    template = getattr(args, "gem_embed_template", "")
+    if template and template.count("{text}") != 1:
+        raise ArgumentError(f"--gem-embed-template {template!r} must contain {{text}} exactly once (where the text goes), or be '' for none")
     if args.lr <= 0 or args.contrastive_lr <= 0:
         raise ArgumentError(f"--lr and --contrastive-lr must be > 0, got {args.lr} and {args.contrastive_lr}")
     if not 0 <= args.lr_warmup_fraction < 1:

@@ -6,6 +6,7 @@ from ..data import BlendedDataset, ContrastiveDataset, CorpusBlend, DataError, G
 from ..data.datasets import SHORT_FOR_SUMMARY
 from ..data.split import split_corpus
 from ..data.tokenization import PromptedText
+from ..gem.template import EmbedTemplate
 from .config import DataConfig, JobConfig
 
 
@@ -77,6 +78,7 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
             seq_length=b.seq_length,
             seed=seed + 1,
             pad_id=pad_id,
+            embed_template=EmbedTemplate.from_tokenizer(job.gem.embed_template, tokenizer),
         )
         accum = b.global_batch_size // (b.micro_batch_size * dp_size)
         contrastive = GEMDataLoader(
@@ -168,7 +170,14 @@ def build_validation_loaders(job: JobConfig, valid_corpus, tokenizer, *, dp_rank
         texts, positives, source = pairs.queries, pairs.positives, f"the valid part of --contrastive-data ({len(pairs)} pairs)"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ds = ContrastiveDataset(
-        texts, job.gem, positives=positives, max_text_len=min(b.seq_length, b.contrastive_max_length), seq_length=b.seq_length, seed=seed + 1, pad_id=pad_id
+        texts,
+        job.gem,
+        positives=positives,
+        max_text_len=min(b.seq_length, b.contrastive_max_length),
+        seq_length=b.seq_length,
+        seed=seed + 1,
+        pad_id=pad_id,
+        embed_template=EmbedTemplate.from_tokenizer(job.gem.embed_template, tokenizer),
     )
     accum = b.global_batch_size // (b.micro_batch_size * dp_size)
     contrastive = GEMDataLoader(
