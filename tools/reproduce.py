@@ -70,6 +70,7 @@ PAIRS_RECIPE = _override(
 )
 
 SUMMARY_LR = "1e-3"
+EOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'  # the base PromptEOL row's prompt (eval/baselines.py)
 
 RECIPES = {
     "gem-paper": COMMON + ["--gem-alpha", "1.0"],
@@ -97,6 +98,10 @@ RECIPES = {
     # the demo's summary runs used it, not compared against 1e-4 here).
     "gem-summary": _override(COMMON, gem_alpha=1.0, lr=SUMMARY_LR, contrastive_lr=SUMMARY_LR) + ["--gem-train", "summary"],
     "gem-summary-wordnet-pairs": _override(PAIRS_RECIPE, lr=SUMMARY_LR, contrastive_lr=SUMMARY_LR) + ["--gem-train", "summary"],
+    # The same with the PromptEOL template around every embedded text before the summary tokens
+    # (--gem-embed-template; in the phase-2 views and at embedding time, from gem_config.json).
+    "gem-summary-wordnet-pairs-eol": _override(PAIRS_RECIPE, lr=SUMMARY_LR, contrastive_lr=SUMMARY_LR)
+    + ["--gem-train", "summary", "--gem-embed-template", EOL_TEMPLATE],
     # On the natural-sentence text (eval.training_text.natural_sentences) instead of definitions.
     "gem-more-ntp-natural": _override(COMMON, train_iters=42, gem_contrastive_from_step=30, gem_p_raw=0.6, gem_alpha=1.0),
     "gem-summary-natural": _override(
