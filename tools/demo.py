@@ -10,8 +10,9 @@ generation survives.
    baselines, echo and PromptEOL) on a few labelled tasks built from installed data, and its
    held-out perplexity (Python tutorial).
 4. train.py (the same entry users run on clusters): phase 1 mixed NTP, phase 2 contrastive;
-   --gem-train summary (the default: frozen base, deltas at the summary positions only) or
-   full (every weight, the paper).
+   --gem-train summary (the default: frozen base, deltas at the summary positions only, every
+   embedded text wrapped in PromptEOL's prompt before the summary token) or full (every
+   weight, the paper).
 5. After: GEMEmbedder on the trained export (runs/demo/hf), its perplexity and the perplexity
    ratio to the base; in summary mode a check that the export's plain-text logits are
    bit-identical to the base model's (torch.equal on the held-out texts).
@@ -28,6 +29,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The default embedding template: the base PromptEOL row's prompt (eval/baselines.py) around the text.
+EOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
 sys.path.insert(0, REPO)
 
 
@@ -67,10 +70,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--gem-embed-template",
-        default="",
+        default=None,
         metavar="TEMPLATE",
         help="train.py --gem-embed-template: a template with one {text} wrapped around every embedded text before the summary tokens, "
-        "in training and at embedding time, e.g. 'This sentence : \"{text}\" means in one word:\"' (PromptEOL); default '': the bare text",
+        "in training and at embedding time; default in summary mode PromptEOL's (it took the demo's average from 0.328 to 0.577, README), "
+        "in full mode '' (the bare text; full mode with a template is not measured)",
     )
     p.add_argument(
         "--reuse-base-rows",
@@ -78,6 +82,8 @@ def parse_args(argv=None):
         help="take the base rows from OUT/base_rows.json when it was measured with the same model, tasks and evaluation settings (they do not depend on training)",
     )
     args = p.parse_args(argv)
+    if args.gem_embed_template is None:
+        args.gem_embed_template = EOL_TEMPLATE if args.gem_train == "summary" else ""
     # An adapter that starts at zero and is all that trains takes a larger step than a full fine-tune.
     summary = args.gem_train == "summary"
     args.lr = args.lr if args.lr is not None else (1e-3 if summary else 1e-4)
