@@ -7,6 +7,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .template import check_template
+
 CONFIG_NAME = "gem_config.json"
 LAYOUTS = ("split", "reconstruct")
 # "full": every weight trains (the paper). "summary": the base model is frozen; low-rank deltas act
@@ -89,8 +91,10 @@ class GEMConfig:
             raise bad("alpha", "must lie in [0, 1]")
         if not isinstance(self.query_prompt, str):
             raise bad("query_prompt", "must be a string")
-        if not isinstance(self.embed_template, str) or (self.embed_template and self.embed_template.count("{text}") != 1):
-            raise bad("embed_template", "must be empty or a string containing {text} exactly once")
+        try:
+            check_template(self.embed_template)
+        except ValueError as e:
+            raise bad("embed_template", str(e)) from None
         if self.train_mode not in TRAIN_MODES:
             raise bad("train_mode", f"must be one of {TRAIN_MODES}")
         if not isinstance(self.adapter_rank, int) or self.adapter_rank < 1:

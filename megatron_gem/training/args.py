@@ -15,6 +15,7 @@ import os
 import re
 
 from ..gem.config import ADAPTER_POSITIONS, LAYOUTS, TRAIN_MODES, GEMConfig
+from ..gem.template import check_template
 from .config import BatchConfig, CheckpointConfig, DataConfig, JobConfig, ModelConfig, OptimizerConfig, ParallelConfig, RunConfig, ValidationConfig, WandbConfig
 
 _DATA_EXTENSIONS = (".json", ".jsonl", ".txt", ".parquet", ".gz", ".bin", ".idx")
@@ -323,9 +324,10 @@ def validate_args(args, dp_size: int) -> None:
     chunk = getattr(args, "contrastive_micro_batch_size", None)
     if chunk is not None and not 1 <= chunk <= args.contrastive_batch_size:
         raise ArgumentError(f"--contrastive-micro-batch-size {chunk} must lie in [1, --contrastive-batch-size {args.contrastive_batch_size}]")
-    template = getattr(args, "gem_embed_template", "")
-    if template and template.count("{text}") != 1:
-        raise ArgumentError(f"--gem-embed-template {template!r} must contain {{text}} exactly once (where the text goes), or be '' for none")
+    try:
+        check_template(getattr(args, "gem_embed_template", ""))
+    except ValueError as e:
+        raise ArgumentError(f"--gem-embed-template: {e}") from None
     if args.lr <= 0 or args.contrastive_lr <= 0:
         raise ArgumentError(f"--lr and --contrastive-lr must be > 0, got {args.lr} and {args.contrastive_lr}")
     if not 0 <= args.lr_warmup_fraction < 1:
