@@ -28,7 +28,8 @@ the optimizer holds the adapter's parameters and the logit scale, nothing of the
 construction); ``save_model()`` and every checkpoint write the adapter folder
 (integrations.save_gem_adapter: PEFT aLoRA files, gem_config, tokenizer, manifest), never a copy
 of the base weights; resuming loads the folder's deltas back into the adapter (aLoRA guard and
-base digest checked). Phase 1 is the collator's (GEM layouts only, no prefix targets); phase 2
+base digest checked). Under DeepSpeed the engine's resume checkpoint leaves the frozen base out
+too (``exclude_frozen_parameters``) and is loaded back with training.checkpoint.load_trainable_only. Phase 1 is the collator's (GEM layouts only, no prefix targets); phase 2
 runs the full-row forward through the model (not hf/summary.py's cached fast path, which would
 bypass a DDP wrapper's forward).
 
@@ -38,6 +39,8 @@ bypass a DDP wrapper's forward).
 from __future__ import annotations
 
 import contextlib
+import functools
+import glob
 import logging
 import os
 
@@ -216,6 +219,72 @@ class GEMTrainerMixin:
         return super().log(logs, *args, **kwargs)
 
     # -------------------------------------------------------------------- checkpoints
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool):
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None  # None: the Trainer says so
+        if checkpoint is not None:
+            # Here, not in _load_from_checkpoint: the Trainer calls that one only without DeepSpeed
+            # (the engine loads its own checkpoint), and the draws must resume under every engine.
+            self._gem_resume_collator(checkpoint)
+        with self._gem_deepspeed_summary_resume():
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not self.gem_config.summary_mode:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        # Summary mode writes the adapter folder on every engine. The Trainer's DeepSpeed branch
+        # would first consolidate the whole model (under ZeRO-3 a gather of the frozen base onto
+        # rank 0) only for _save to drop it; save_gem_adapter gathers just the adapter, and every
+        # rank calls it (collective under ZeRO-3).
+        self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not (self.is_deepspeed_enabled and self.gem_config.summary_mode):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # The engine's resume checkpoint without the frozen base (it is the untouched base
+        # checkpoint the run loaded): the adapter, the logit scale and their optimizer state, as
+        # train.py's DeepSpeed engine writes it. The Trainer passes exclude_frozen_parameters only
+        # for PEFT models, so hand it a save_checkpoint that does.
+        engine = self.model_wrapped
+        engine.save_checkpoint = functools.partial(type(engine).save_checkpoint, engine, exclude_frozen_parameters=True)
+        try:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            del engine.save_checkpoint  # back to the class's method
+
+    @contextlib.contextmanager
+    def _gem_deepspeed_summary_resume(self):
+        """Under DeepSpeed in summary mode, the Trainer's resume loads the engine checkpoint with
+        training.checkpoint.load_trainable_only (the frozen base is not in it: see
+        _save_optimizer_and_scheduler) instead of a strict load, which would refuse it, or a
+        non-strict one, which would not notice a missing adapter tensor."""
+        import transformers.trainer as hf_trainer
+
+        original = getattr(hf_trainer, "deepspeed_load_checkpoint", None)
+        if not (self.is_deepspeed_enabled and self.gem_config.summary_mode) or original is None:
+            yield
+            return
+
+        def load(engine, checkpoint_path, load_module_strict=True):
+            from ..training.checkpoint import load_trainable_only
+
+            if not glob.glob(os.path.join(checkpoint_path, "global_step*")):
+                return original(engine, checkpoint_path, load_module_strict=load_module_strict)  # its own error
+            path, _ = engine.load_checkpoint(checkpoint_path, load_optimizer_states=True, load_lr_scheduler_states=True, custom_load_fn=load_trainable_only)
+            if path is None:
+                raise ValueError(f"GEM trainer: DeepSpeed could not resume from {checkpoint_path}")
+
+        hf_trainer.deepspeed_load_checkpoint = load
+        try:
+            yield
+        finally:
+            hf_trainer.deepspeed_load_checkpoint = original
+
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         super()._save_checkpoint(model, trial, *args, **kwargs)
         with _gathered(self.gem_logit_scale.log_scale):  # every rank: the gather is collective
@@ -250,7 +319,6 @@ class GEMTrainerMixin:
             load_gem_adapter(args[0] if args and args[0] is not None else self.model, resume_from_checkpoint)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
-        self._gem_resume_collator(resume_from_checkpoint)
         path = os.path.join(resume_from_checkpoint, LOGIT_SCALE_FILE)
         if os.path.isfile(path):
             self.gem_logit_scale.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -154,3 +154,15 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_trainable_only(src: dict, dst: torch.nn.Module) -> None:
+    """DeepSpeed's module load (``custom_load_fn``) for summary-mode checkpoints, saved without the
+    frozen base (``exclude_frozen_parameters``): the frozen parameters keep the values loaded from
+    the base checkpoint; anything else missing, or anything unexpected, is an error, as a strict
+    load would say. Used by train.py's DeepSpeed engine and by GEMTrainer under DeepSpeed."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"summary-mode checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")

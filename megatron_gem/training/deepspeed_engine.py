@@ -19,6 +19,7 @@ from ..common import distributed as D
 from ..common.errors import ModelLoadError
 from ..hf.export import export_hf, export_summary_adapter
 from ..hf.model import GEMModel, load_causal_lm, param_groups, prepare_gem_lm, zero3_gather
+from .checkpoint import load_trainable_only
 from .distributed import init_deepspeed_distributed
 from .ds_config import load_ds_config, zero_stage
 from .grad_cache import cached_backward
@@ -72,19 +73,6 @@ def read_logit_scale(model) -> float:
         with deepspeed.zero.GatheredParameters([param]):
             return float(model.logit_scale())
     return float(model.logit_scale())
-
-
-def _load_trainable_only(src: dict, dst: torch.nn.Module) -> None:
-    """DeepSpeed's module load for summary-mode checkpoints (saved without the frozen base): the
-    frozen parameters keep the values loaded from --model; anything else missing or unexpected
-    is an error, as a strict load would say."""
-    result = dst.load_state_dict(src, strict=False)
-    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
-    missing = [k for k in result.missing_keys if k not in frozen]
-    if missing or result.unexpected_keys:
-        from ..common.manifest import CheckpointError
-
-        raise CheckpointError(f"summary-mode checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 class DeepSpeedEngine(Engine):
@@ -224,7 +212,7 @@ class DeepSpeedEngine(Engine):
     def load(self, load_dir, tag) -> dict:
         from ..common.manifest import CheckpointError
 
-        custom = _load_trainable_only if self.job.gem.summary_mode else None
+        custom = load_trainable_only if self.job.gem.summary_mode else None
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, custom_load_fn=custom)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {tag} from {load_dir}")

@@ -1,7 +1,9 @@
 """GEMTrainer on 2 processes (torchrun, gloo) equals one process with the same global batch, in
 both training modes, under DDP and under the Trainer's DeepSpeed ZeRO-3: the per-step losses
 (their sum, NTP and InfoNCE, as logged), the trained tensors (the adapter in summary mode, every
-weight in full mode) and the logit scale after every step.
+weight in full mode) and the logit scale after every step. Under ZeRO-3 also: a run resumed
+from a mid-run checkpoint ends where the uninterrupted one did, and in summary mode the
+engine checkpoint carries no frozen base weight.
 
 What it takes: the contrastive keys gathered with their gradients; the Trainer's token-count
 scaling left to the NTP term; the collator drawing by global example index (rank r's example i
@@ -45,9 +47,30 @@ def _close(x, y, rel):
 
 @pytest.mark.parametrize("engine", ["ddp", "zero3"])
 def test_gem_trainer_on_two_processes_equals_one(base_dir, one_process, tmp_path, engine):
-    run_torchrun([WORKER, base_dir, str(tmp_path), ",".join(MODES), "4"] + (["3"] if engine == "zero3" else []), nproc=2, env=ENV)
+    # Under ZeRO-3 the same launch also checkpoints at step 3 and resumes a second run from there.
+    run_torchrun([WORKER, base_dir, str(tmp_path), ",".join(MODES), "4"] + (["3", "resume"] if engine == "zero3" else []), nproc=2, env=ENV)
     for mode in MODES:
         _check(one_process / mode, tmp_path / mode, mode)
+        if engine == "zero3":
+            _check_resumed(tmp_path / mode, mode)
+
+
+def _check_resumed(two, mode):
+    # The Trainer loads DeepSpeed's own checkpoint (not _load_from_checkpoint), so the collator's
+    # draws must resume outside it; in summary mode the engine checkpoint holds no frozen base
+    # weight and is loaded back with training.checkpoint.load_trainable_only.
+    whole, resumed = torch.load(two / "result.pt"), torch.load(two / "resumed.pt")
+    assert resumed["loss"] == whole["loss"]  # steps 1-3 from the checkpoint's trainer state, 4-5 its own
+    assert whole["state"].keys() == resumed["state"].keys()
+    assert all(torch.equal(whole["state"][k], resumed["state"][k]) for k in whole["state"]), mode
+    assert torch.equal(whole["logit_scale"], resumed["logit_scale"])
+    files = resumed["module_keys"]
+    assert len(files) == 2  # one module-state file per ZeRO-3 rank
+    for keys in files.values():
+        if mode == "summary":
+            assert keys and all(k.startswith(("gem_adapter.", "gem_logit_scale.")) for k in keys), keys[:5]
+        else:
+            assert "lm_head.weight" in keys
 
 
 def _check(one, two, mode):
