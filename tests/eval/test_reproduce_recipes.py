@@ -122,9 +122,9 @@ def test_plan_seeds_headline_rows_and_their_controls():
     for h in rep.HEADLINE:
         assert {rep.seeded(h, s) for s in (0, 1, 2)} <= set(names)
         assert {rep.seeded(rep.control_name(h), s) for s in (0, 1, 2)} <= set(names)
-    assert "gem-paper seed1" not in names and "gem-paper" in names
-    seeded = next(e for e in plan if e["name"] == "gem-more-ntp seed2")
-    assert rep._flag(seeded["args"], "--seed") == "2" and seeded["recipe"] == "gem-more-ntp"
+    assert "gem-more-ntp seed1" not in names and "gem-more-ntp" in names  # not a headline row: seed 0 only
+    seeded = next(e for e in plan if e["name"] == "gem-paper seed2")
+    assert rep._flag(seeded["args"], "--seed") == "2" and seeded["recipe"] == "gem-paper"
     assert {e["kind"] for e in plan} == {"base", "control", "gem", "frozen", "ref"}
     assert all(e["data"] == "natural" for e in plan if e.get("recipe", "").endswith("-natural"))
 
