@@ -29,8 +29,8 @@ construction); ``save_model()`` and every checkpoint write the adapter folder
 (integrations.save_gem_adapter: PEFT aLoRA files, gem_config, tokenizer, manifest), never a copy
 of the base weights; resuming loads the folder's deltas back into the adapter (aLoRA guard and
 base digest checked). Under DeepSpeed the engine's resume checkpoint leaves the frozen base out
-too (``exclude_frozen_parameters``) and is loaded back with training.checkpoint.load_trainable_only. Phase 1 is the collator's (GEM layouts only, no prefix targets); phase 2
-runs the full-row forward through the model (not hf/summary.py's cached fast path, which would
+too (``exclude_frozen_parameters``) and is loaded back with training.checkpoint.load_trainable_only.
+Phase 1 is the collator's (GEM layouts only, no prefix targets); phase 2 runs the full-row forward through the model (not hf/summary.py's cached fast path, which would
 bypass a DDP wrapper's forward).
 
 :class:`GEMPhaseCallback` reports the phase switch for pipelines that keep their own Trainer.
@@ -262,7 +262,9 @@ class GEMTrainerMixin:
         """Under DeepSpeed in summary mode, the Trainer's resume loads the engine checkpoint with
         training.checkpoint.load_trainable_only (the frozen base is not in it: see
         _save_optimizer_and_scheduler) instead of a strict load, which would refuse it, or a
-        non-strict one, which would not notice a missing adapter tensor."""
+        non-strict one, which would not notice a missing adapter tensor. The Trainer calls the
+        module global transformers.trainer.deepspeed_load_checkpoint; it is swapped for this
+        train() call only."""
         import transformers.trainer as hf_trainer
 
         original = getattr(hf_trainer, "deepspeed_load_checkpoint", None)
