@@ -30,8 +30,9 @@ construction); ``save_model()`` and every checkpoint write the adapter folder
 of the base weights; resuming loads the folder's deltas back into the adapter (aLoRA guard and
 base digest checked). Under DeepSpeed the engine's resume checkpoint leaves the frozen base out
 too (``exclude_frozen_parameters``) and is loaded back with training.checkpoint.load_trainable_only.
-Phase 1 is the collator's (GEM layouts only, no prefix targets); phase 2 runs the full-row forward through the model (not hf/summary.py's cached fast path, which would
-bypass a DDP wrapper's forward).
+Phase 1 is the collator's (GEM layouts only, no prefix targets); phase 2 runs the full-row
+forward through the model (not hf/summary.py's cached fast path, which would bypass a DDP
+wrapper's forward).
 
 :class:`GEMPhaseCallback` reports the phase switch for pipelines that keep their own Trainer.
 """
