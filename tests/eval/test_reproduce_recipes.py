@@ -114,6 +114,26 @@ def test_seed_aggregation_mean_and_spread():
     assert lines[3].startswith("| h | 20.0 | 10.0 | **15.0** |")
 
 
+def test_seed_group_verdict_on_the_mean_and_per_seed():
+    # Base 0.40 -> the bar is 0.52: seeds 0.51, 0.56, 0.515 have mean 0.528 (met on the mean) but
+    # only one seed past the bar alone; every GEM row and its base share MC accuracy.
+    rep = _reproduce()
+    lm = {"gem_trivia_mc": {"acc": 0.5}, "gem_wordnet_def_mc": {"acc": 0.4}}
+    base = {"name": "base echo", "kind": "base", "emb_avg": 0.40, "lm": lm}
+    rows = [dict(_row(f"g seed{s}" if s else "g", "g", s, 0.0, 30.0), emb_avg=e, lm=dict(lm)) for s, e in enumerate((0.51, 0.56, 0.515))]
+    for r, ratio in zip(rows, (1.01, 1.03, 1.02)):
+        r["ppl_vs_control"] = {"control": "c", "ratio": ratio}
+    ctl = [dict(_row(f"c seed{s}" if s else "c", "c", s, 0.0, 30.0, kind="control"), emb_avg=0.6) for s in range(3)]
+    single = dict(_row("h", "h", 0, 0.0, 30.0), emb_avg=0.7, lm=dict(lm))
+    groups = {"g": {"seeds": [0, 1, 2]}, "c": {"seeds": [0, 1, 2]}, "h": {"seeds": [0]}}
+    (line,) = rep.seed_group_verdicts(rows + ctl + [single], groups, base)  # controls and one-seed rows: none
+    assert line.startswith("- g (3 seeds): embedding average 52.8 ± 2.8 vs best base pooling (base echo) 40.0: +32.1% relative on the mean")
+    assert "MET on the mean; 1 of 3 seeds meet it alone" in line
+    assert "perplexity 1.020 ± 0.010x its control (per seed: 1.010, 1.030, 1.020)" in line
+    rows[1]["emb_avg"] = 0.50  # mean 0.508: not met, and no seed alone
+    assert "NOT met on the mean; 0 of 3 seeds" in rep.seed_group_verdicts(rows, groups, base)[0]
+
+
 def test_plan_seeds_headline_rows_and_their_controls():
     rep = _reproduce()
     plan = rep.build_plan([0, 1, 2], "BASE", "MINILM")
