@@ -313,7 +313,7 @@ def seed_group_verdicts(rows: list[dict], groups: dict[str, dict], best_base: di
     import statistics
 
     out = []
-    for recipe, g in groups.items():
+    for recipe in groups:
         members = [r for r in rows if r.get("recipe") == recipe and r["kind"] in ("gem", "frozen")]
         if len(members) < 2:
             continue
