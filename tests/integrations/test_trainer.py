@@ -119,7 +119,7 @@ def test_hf_trainer_full_mode_resume_and_plain_export(tmp_path):
 
 
 def test_trl_sft_trainer_with_gem(tmp_path):
-    trl = pytest.importorskip("trl")  # pinned in requirements.txt; resolves against transformers 5.24
+    trl = pytest.importorskip("trl")  # the dev extra; constraints.txt pins it; resolves against transformers 5.24
     from datasets import Dataset
 
     tok = make_tiny_tokenizer()
