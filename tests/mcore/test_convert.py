@@ -9,12 +9,18 @@ import torch
 from tests.launch import load_tool, run_python, run_torchrun
 
 
-def test_megatron_logits_equal_hf(tmp_path):
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory):
+    """One single-process launch of worker.py equivalence (its results, read by the tests below)."""
+    out = tmp_path_factory.mktemp("mcore_equivalence") / "eq.json"
+    run_torchrun(["tests/mcore/worker.py", "equivalence", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_megatron_logits_equal_hf(equivalence):
     """Single process: tiny Llama configs (GQA untied, tied, Llama-3 rope scaling, MHA) and a
     Mistral, packed GEM batch, logits of the converted megatron-core model vs HF."""
-    out = tmp_path / "eq.json"
-    run_torchrun(["tests/mcore/worker.py", "equivalence", str(out)])
-    r = json.loads(out.read_text())
+    r = equivalence
     for name in ("untied_gqa", "tied", "llama3_rope_scaling", "mha_3layers", "mistral"):
         assert r[name]["max_abs_diff"] <= 1e-5 * max(1.0, r[name]["ref_scale"]), (name, r[name])
         assert r[name]["padding_is_masked"], name
@@ -26,6 +32,19 @@ def test_megatron_logits_equal_hf(tmp_path):
         assert s["changed_by_delta"] > 1e-2 and s["fresh_equals_base"] and s["untouched_equal_base"], (positions, s)
         assert s["hf_keys"][0] == "model.layers.0.mlp.down_proj.lora_A.weight" and s["hf_keys"][-1] == 2 * 7 * 2, s  # A, B x 7 projections x 2 layers
         assert s["trainable"] == ["gem_adapter", "logit_scale"], s
+
+
+def test_summary_mode_syncs_once_per_micro_batch(equivalence):
+    """megatron-core summary mode, forward + backward with every layer recomputed: the rows are
+    found once per micro-batch (recompute reuses them), so the syncs do not grow with the layers;
+    the column-parallel linears (linear_qkv, linear_fc1) take their delta in their own output."""
+    r = {int(k): v for k, v in equivalence["summary_syncs"].items()}
+    assert sorted(r) == [1, 2, 3]
+    for layers, s in r.items():
+        assert s["from_summary"] == 1 and s["ops"].get("aten::nonzero") == 1, (layers, s)
+        assert len(s["column_outputs_kept"]) >= 2 * 2 * layers and all(s["column_outputs_kept"]), (layers, s)  # forward + recompute
+        assert s["lora_grads"], (layers, s)
+    assert len({s["total"] for s in r.values()}) == 1, r
 
 
 def test_round_trip_bit_equal_and_tp2_pp2_load(gem_hf_checkpoint, converted_checkpoint, tmp_path):
