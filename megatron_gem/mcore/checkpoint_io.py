@@ -20,6 +20,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from ..common import distributed as D
 from ..common.files import replace_dir_atomic, write_json_atomic
 from ..common.manifest import write_manifest
 from ..hf.export import add_embedder_files
@@ -143,13 +144,7 @@ def gather_tp(t: torch.Tensor) -> list[torch.Tensor]:
     """All TP ranks' slices of a parameter, in rank order (collective over the TP group)."""
     from megatron.core import parallel_state
 
-    group = parallel_state.get_tensor_model_parallel_group()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return [t]
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return parts
+    return D.all_gather_tensors(t, parallel_state.get_tensor_model_parallel_group())
 
 
 def export_hf_from_model(
@@ -177,7 +172,7 @@ def export_hf_from_model(
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    dist.barrier()
+    D.barrier()
     tensors: dict[str, torch.Tensor] = {}
     if parallel_state.get_data_parallel_rank() == 0:
         for name, local in stage_megatron_tensors(model):
@@ -186,8 +181,7 @@ def export_hf_from_model(
                 for k, v in hf_from_megatron(name, full, arch, vocab_size).items():
                     tensors[k] = v.to(dtype) if dtype is not None else v
     info = write_hf_shard(tmp, tensors, pp_rank, pp_size) if writer else None
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, info)
+    gathered = D.all_gather_object(info)
     result = None
     if dist.get_rank() == 0:
         weight_map, total = {}, 0
@@ -206,5 +200,5 @@ def export_hf_from_model(
             extra=extra,
             manifest=True,
         )
-    dist.barrier()
+    D.barrier()
     return result

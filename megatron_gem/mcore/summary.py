@@ -268,9 +268,9 @@ def hf_adapter_state(model, arch) -> dict[str, torch.Tensor] | None:
     """The whole model's adapter as HF-named tensors (hf_adapter_tensors), CPU, on global rank 0
     (None elsewhere). Collective over all ranks: TP shards are gathered within each stage,
     then the stages' dicts go to rank 0."""
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from ..common import distributed as D
     from .checkpoint_io import gather_tp
 
     adapter = summary_adapter_of(model)
@@ -287,9 +287,8 @@ def hf_adapter_state(model, arch) -> dict[str, torch.Tensor] | None:
             a = unshard(name + ".weight", gather_tp(a))
         if first:
             mine.update({k: v.cpu() for k, v in hf_adapter_tensors(name, a, b, arch).items()})
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine if first else None, gathered, dst=0)
-    if dist.get_rank() != 0:
+    gathered = D.gather_object(mine if first else None, dst=0)
+    if not D.is_main():
         return None
     state = {}
     for part in gathered:

@@ -81,7 +81,7 @@ class DeepSpeedEngine(Engine):
     def init_distributed(self, job) -> None:
         init_deepspeed_distributed(job.run.distributed_timeout_minutes)
         self.dp_rank, self.dp_size, self.dp_group = D.rank(), D.world_size(), None
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = D.bind_local_device()
 
     def build(self, job, tokenizer) -> None:
         import deepspeed

@@ -180,7 +180,7 @@ class MegatronEngine(Engine):
         )
         self.dp_rank, self.dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = D.bind_local_device()
 
     def build(self, job, tokenizer) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -597,7 +597,7 @@ class MegatronEngine(Engine):
                 )
                 if converted is not None:  # never --model itself
                     shutil.rmtree(converted, ignore_errors=True)
-            dist.barrier()
+            D.barrier()
             return
         io.export_hf_from_model(
             self.model,

@@ -200,10 +200,10 @@ def train(job: JobConfig, engine: Engine) -> dict:
         w_ntp, w_cl = loss_weights(step, job.gem)
         ntp_batches = [next(ntp_iter) for _ in range(accum)] if w_ntp > 0 else []
         cl_batches = [next(cl_iter) for _ in range(accum)] if w_cl > 0 else []
-        global_tokens = int(D.all_reduce_sum(count_trained_tokens(ntp_batches).to(engine.device), group=engine.dp_group)) if ntp_batches else 0
+        global_tokens = int(D.all_reduce_sum(count_trained_tokens(ntp_batches), group=engine.dp_group)) if ntp_batches else 0
         out = engine.train_step(step, w_ntp=w_ntp, w_cl=w_cl, ntp_batches=ntp_batches, cl_batches=cl_batches, global_tokens=global_tokens)
-        record = step_record(step, out, w_ntp=w_ntp, w_cl=w_cl, global_tokens=global_tokens, seconds=time.perf_counter() - t0, device=engine.device)
-        if book.after_step(step, record, local_losses=out.local_losses, device=engine.device):
+        record = step_record(step, out, w_ntp=w_ntp, w_cl=w_cl, global_tokens=global_tokens, seconds=time.perf_counter() - t0)
+        if book.after_step(step, record, local_losses=out.local_losses):
             break
     log.close()
     engine.close()
