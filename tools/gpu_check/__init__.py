@@ -1,4 +1,5 @@
-"""GPU check of the GEM attention kernel (issue 16): correctness, speed, tuning, a training step.
+"""GPU check of the GEM attention kernel (issue 16) and of train.py (issue 26): correctness, speed,
+tuning, a training step, train.py end to end.
 
     python tools/gpu_check.py [--parts a,b,c,d] [--output DIR] [--time-budget-s 300] [--quick]
 
@@ -22,6 +23,10 @@ One command for one H200 (about 5 minutes with the default budget). Parts:
      weights, bf16), packed rows of 4096 (megatron_gem.data.packing), attention through the
      project's HF adapter (megatron_gem.attention.hf): triton vs sdpa (dense mask) vs plain
      causal (SDPA flash); tokens/s, MFU, peak memory.
+  e  (opt-in: --parts e) train.py end to end through torchrun with NCCL, DeepSpeed and
+     megatron-core, full and summary mode: a run, the same run stopped (NaN guard / SIGUSR1
+     with --exit-signal-handler) and resumed, compared with the uninterrupted one; the
+     frameworks from a folder of wheels when the machine lacks them (train_e2e.py).
 Targets (reported met / missed): GEM-mask fwd+bwd time <= FlexAttention's on the same mask;
 dense-causal forward >= 0.9x SDPA-flash; GEM triton training step >= 0.95x plain causal tokens/s.
 
@@ -33,5 +38,6 @@ gpu_check.json (everything), gpu_check.md (tables), gpu_check.log (progress), pa
 figures. Without CUDA (--quick on CPU, for tests) the kernel runs in the Triton interpreter,
 timings are interpreter times (no performance meaning) and CUDA-only measurements are skipped
 with their reason. Imports only torch, numpy, triton, transformers (part d) and megatron_gem's
-gem / attention / kernels / data.packing modules: no deepspeed, no megatron-core.
+gem / attention / kernels / data.packing modules: no deepspeed, no megatron-core (part e's
+train.py processes import them).
 """

@@ -20,15 +20,17 @@ from .correctness import part_a
 from .environment import environment, gemm_tflops
 from .report import evaluate_targets, markdown, summary
 from .speed import part_b
+from .train_e2e import COMBOS, WHEELS_ENV, part_e
 from .train_step import part_d
 from .tuning import part_c
 
-USAGE = "GPU check of the GEM attention kernel (issue 16): correctness, speed, tuning, a training step."
+USAGE = "GPU check of the GEM attention kernel and of train.py: correctness, speed, tuning, a training step, train.py end to end."
 ENTRY = os.path.join(REPO, "tools", "gpu_check.py")  # what each part's subprocess runs
-PARTS = ("a", "b", "c", "d")
-PART_FUNCTIONS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
+PARTS = ("a", "b", "c", "d", "e")
+DEFAULT_PARTS = "a,b,c,d"  # e (about 5 minutes on a GPU) runs when asked: --parts e
+PART_FUNCTIONS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
 # Share of the time budget per part; a part's unused time passes to the parts after it.
-SHARES = {"a": 0.15, "b": 0.40, "c": 0.27, "d": 0.18}
+SHARES = {"a": 0.15, "b": 0.40, "c": 0.27, "d": 0.18, "e": 1.0}
 DEFAULT_BUDGET_S = 300.0
 QUICK_BUDGET_S = 240.0
 
@@ -36,7 +38,14 @@ QUICK_BUDGET_S = 240.0
 def run_part_inprocess(part: str, args, budget_s: float) -> dict:
     """Run one part here; its results go to part_X.json as they come."""
     cuda = torch.cuda.is_available() and not args.cpu
-    ctx = {"cuda": cuda, "device": "cuda" if cuda else "cpu", "quick": args.quick, "train_rows": args.train_rows}
+    ctx = {
+        "cuda": cuda,
+        "device": "cuda" if cuda else "cpu",
+        "quick": args.quick,
+        "train_rows": args.train_rows,
+        "wheels": args.wheels,
+        "train_combos": args.train_combos,
+    }
     res = {"part": part, "status": "running", "budget_s": budget_s}
     path = os.path.join(args.output, f"part_{part}.json")
     clock = Clock(budget_s)
@@ -68,7 +77,7 @@ def _prepare_env(args) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=USAGE)
-    ap.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    ap.add_argument("--parts", default=DEFAULT_PARTS, help=f"comma-separated subset of {','.join(PARTS)} (default {DEFAULT_PARTS})")
     ap.add_argument("--output", default=os.environ.get("OUT") or os.path.join(os.getcwd(), "gpu_check_out"))
     ap.add_argument(
         "--time-budget-s", type=float, default=None, help=f"wall-clock budget of all parts (default {DEFAULT_BUDGET_S:.0f}, quick {QUICK_BUDGET_S:.0f})"
@@ -77,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action="store_true", help="ignore CUDA even if present (the interpreter path)")
     ap.add_argument("--no-isolate", action="store_true", help="run the parts in this process instead of one subprocess each")
     ap.add_argument("--train-rows", type=int, default=4, help="rows of 4096 tokens per training step (part d)")
+    ap.add_argument("--wheels", default=None, help=f"folder of deepspeed / megatron-core wheels for part e (default ${WHEELS_ENV}, else gpu_wheels/)")
+    ap.add_argument("--train-combos", default=",".join(COMBOS), help=f"part e's engine:mode runs (default {','.join(COMBOS)})")
     ap.add_argument("--_part", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_budget", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -148,7 +159,10 @@ def main(argv=None) -> int:
                         args.output,
                         "--train-rows",
                         str(args.train_rows),
+                        "--train-combos",
+                        args.train_combos,
                     ]
+                    + (["--wheels", args.wheels] if args.wheels else [])
                     + (["--quick"] if args.quick else [])
                     + (["--cpu"] if args.cpu else [])
                 )

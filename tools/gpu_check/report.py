@@ -168,7 +168,38 @@ def markdown(result: dict) -> str:
                 f"| {name} | {x.get('attention_backend')} {x.get('sdpa_backend', '')} | {_f(x.get('tokens_per_s'), 0)} | {_f(x.get('step_s', 0) * 1e3, 1)} | "
                 f"{_f(x.get('mfu'))} | {_f(x.get('peak_memory_gib'), 1)} | {_f(x.get('first_step_s'), 1)} | {x.get('loss_finite')} |"
             )
+    lines += train_e2e_markdown(result.get("parts", {}).get("e", {}))
     return "\n".join(lines) + "\n"
+
+
+def train_e2e_markdown(e: dict) -> list[str]:
+    """Part e's table: one row per engine:mode, skipped ones with their reason."""
+    if not (e.get("combos") or e.get("skipped")):
+        return []
+    fw = e.get("frameworks", {})
+    lines = [
+        "",
+        f"## e. train.py end to end ({e.get('device')}, {e.get('backend')}; resume tolerance {e.get('tolerance')} relative)",
+        "",
+        f"- frameworks: already installed {fw.get('already_installed')}, installed from {fw.get('wheels_dir')}: {fw.get('installed') or 'nothing'}",
+        "",
+        "| engine:mode | ok | stop | reference s | stopped s | resumed s | metrics max rel diff | export max rel diff | bitwise | failed checks |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in e.get("combos", {}).items():
+        if "error" in r:
+            lines.append(f"| {name} | NO | error: {r['error'][:150]} | | | | | | | |")
+            continue
+        legs = [r["launches"].get(k, {}).get("seconds") for k in ("reference", "stopped", "resumed")]
+        failed = [k for k, v in r.get("checks", {}).items() if not v]
+        bitwise = r.get("metrics", {}).get("bitwise") and r.get("export", {}).get("bitwise")
+        lines.append(
+            f"| {name} | {'yes' if r.get('ok') else 'NO'} | {r.get('stop')} | " + " | ".join(_f(x, 1) for x in legs) + " | "
+            f"{_f(r.get('metrics', {}).get('max_rel_diff'))} | {_f(r.get('export', {}).get('max_rel_diff'))} | {bitwise} | {', '.join(failed)} |"
+        )
+    for skip in e.get("skipped", []):
+        lines.append(f"| {skip['combo']} | skipped: {skip['why'][:200]} | | | | | | | | |")
+    return lines
 
 
 def summary(result: dict) -> dict:
@@ -201,4 +232,7 @@ def summary(result: dict) -> dict:
         for k, v in d.items()
         if "tokens_per_s" in v
     }
+    e = result.get("parts", {}).get("e", {}).get("summary")
+    if e:
+        s["train_e2e"] = e
     return s
