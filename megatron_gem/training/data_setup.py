@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from ..common import distributed as D
 from ..data import BlendedDataset, ContrastiveDataset, CorpusBlend, DataError, GEMDataLoader, PairCorpus, make_ntp_loader, open_corpus, open_pair_corpus
@@ -28,12 +29,14 @@ def open_documents(source, tokenizer, data: DataConfig, cache_dir: str | None):
     """One corpus of documents. Text input with a ``cache_dir`` is tokenised once, by global
     rank 0, into a .bin/.idx cache there (data/cache.py; reused when one with the same key
     exists), while the other ranks wait; every rank then memory-maps it. Its start-up line
-    travels as ``corpus.cache_note``. Other input (a Megatron prefix, hf:NAME) opens as before.
+    travels as ``corpus.cache_note`` (rank 0 says on stderr when it starts tokenising). Other input (a Megatron prefix, hf:NAME) opens as before.
     Collective when cached."""
     if cache_dir is None or not cacheable(source):
         return open_corpus(source, tokenizer, text_field=data.text_field, on_bad=data.on_bad)
     entry = D.run_on_main(
-        lambda: build_or_reuse(source, tokenizer, cache_dir, log=lambda line: print(line, flush=True), text_field=data.text_field, on_bad=data.on_bad)
+        lambda: build_or_reuse(
+            source, tokenizer, cache_dir, log=lambda line: print(line, file=sys.stderr, flush=True), text_field=data.text_field, on_bad=data.on_bad
+        )
     )
     corpus, error = None, None
     try:
@@ -125,13 +128,19 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
     return ntp, contrastive
 
 
+def cache_summary(corpus) -> str:
+    """The start-up lines of open_documents' caches (built or reused) of ``corpus`` (or of
+    each source of a blend), one per line, each starting with a newline; "" without a cache.
+    Take it before --split: the split's views are other objects."""
+    parts = corpus.corpora if isinstance(corpus, CorpusBlend) else [corpus]
+    return "".join(f"\n{c.cache_note}" for c in parts if getattr(c, "cache_note", None))
+
+
 def data_summary(corpus, contrastive_loader, ntp_loader=None) -> str:
     """What reading the training data counted (read, skipped and why, tokens), pairs included;
     for a blend, each source's documents and its samples per blend epoch; in summary mode also
     the phase-1 pieces left out for being too short for a GEM layout."""
     text = corpus.stats.summary("read")
-    parts = corpus.corpora if isinstance(corpus, CorpusBlend) else [corpus]
-    text += "".join(f"\n{c.cache_note}" for c in parts if getattr(c, "cache_note", None))
     if isinstance(corpus, CorpusBlend):
         for name, c in zip(corpus.names, corpus.corpora):
             text += f"\n[blend] {name}: {c.stats.documents_read} documents read, {c.stats.documents_skipped} skipped, {c.stats.tokens_in} tokens"

@@ -214,7 +214,7 @@ class MegatronEngine(Engine):
                 raise
             raise ArgumentError(str(e)) from e
         self.job, self.tokenizer = job, tokenizer
-        self.model, self.arch, self.config, self.meta = built.model, built.arch, built.config, built.meta
+        self.model, self.arch, self.config, self.meta, self.layer_impl = built.model, built.arch, built.config, built.meta, built.layer_impl
         self.ddp = DistributedDataParallel(
             config=self.config,
             ddp_config=DistributedDataParallelConfig(
@@ -254,9 +254,17 @@ class MegatronEngine(Engine):
         p = self.job.parallel
         return (
             f"megatron-core TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size} DP={self.dp_size} (distributed optimizer: "
-            f"{p.use_distributed_optimizer}, SP: {self.config.sequence_parallel}, recompute: {self.config.recompute_granularity})"
+            f"{p.use_distributed_optimizer}, SP: {self.config.sequence_parallel}, recompute: {self.config.recompute_granularity}; "
+            f"{self.layer_impl.describe()}; Adam: {self.adam_class()})"
             + (f", summary mode: base frozen; {self.trained_elements()} on this rank{self.summary_path()}" if self.job.gem.summary_mode else "")
         )
+
+    def adam_class(self) -> str:
+        """The Adam megatron-core's optimizer built: TE's or apex's FusedAdam when they import,
+        else torch's (megatron/core/optimizer/__init__.py picks it)."""
+        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        names = {f"{type(o.optimizer).__module__}.{type(o.optimizer).__name__}" for o in opts if getattr(o, "optimizer", None) is not None}
+        return ", ".join(sorted(names)) or "none"
 
     def summary_path(self) -> str:
         """How phase 2 runs in summary mode (the fast path needs contrastive-only micro-batches)."""

@@ -26,7 +26,7 @@ from ..gem.losses import loss_weights
 from ..hf.model import load_tokenizer
 from .checkpoint import agree_on_write, commit_checkpoint, resolve_checkpoint, rng_state, rotate_checkpoints, set_rng_state, tag_for
 from .config import JobConfig
-from .data_setup import build_loaders, build_validation_loaders, data_cache_dir, data_summary, open_training_corpus, split_training_corpus
+from .data_setup import build_loaders, build_validation_loaders, cache_summary, data_cache_dir, data_summary, open_training_corpus, split_training_corpus
 from .distributed import exit_signal_handler
 from .loop import StepBookkeeping
 from .metrics import MetricsLogger
@@ -153,6 +153,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
     engine.build(job, tokenizer)
 
     corpus = open_training_corpus(job.data, tokenizer, cache_dir=data_cache_dir(job))
+    cache_text = cache_summary(corpus)
     corpus, valid_corpus, split_note = split_training_corpus(job, corpus, tokenizer)
     ntp_loader, cl_loader = build_loaders(job, corpus, tokenizer, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
     engine.adapt_loaders(job, ntp_loader, cl_loader)
@@ -184,7 +185,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
     )
     D.print_main(
         f"[megatron-gem] {job.model.path}: {engine.describe()}, accum={accum}, steps {start_step}->{end_step} "
-        f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_summary(corpus, cl_loader, ntp_loader)}\nvalidation: {valid_text}"
+        f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_summary(corpus, cl_loader, ntp_loader)}{cache_text}\nvalidation: {valid_text}"
     )
 
     def state(done: int) -> dict:

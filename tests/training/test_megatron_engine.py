@@ -272,6 +272,8 @@ def test_summary_mode_trains_only_the_adapter_and_keeps_the_base_exact(summary_r
     shared = ("q_proj", "o_proj", "gate_proj", "down_proj")
     expected = sum(t.numel() for k, t in state.items() if "lora_B" in k or k.split(".")[-3] in shared) + 1  # + the logit scale
     assert f"trainable {expected}, in grad buffers {expected}, in the optimizer {expected} elements" in stdout, stdout[-3000:]
+    # the layer implementation chosen from the fused kernels here (mcore/fused.py), and the Adam
+    assert "layers: local (no GPU: the fused kernels are CUDA kernels); Adam: torch.optim.adamw.AdamW)" in stdout, stdout[-3000:]
     assert not list((save / "hf").glob("model*.safetensors"))  # the base is --model, not re-exported
     cfg = GEMConfig.load(save / "hf")
     base_ids = GEMConfig.load(gem_hf_checkpoint).special_token_ids
