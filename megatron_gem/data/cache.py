@@ -33,12 +33,12 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..common.files import replace_dir_atomic
+from ..common.manifest import sha256_of
 from .readers import _suffix, resolve_paths
 from .stats import DataStats
 
 CACHE_VERSION = 1
 CACHE_INFO = "cache.json"
-_CHUNK = 1 << 24
 # Tokenised with every tokenizer to catch settings that live outside its serialised pipeline
 # (a BOS/EOS flag of the Python wrapper, say).
 _PROBE = "GEM cache probe: Hello, world! 12345\n\tüñí 中文 <|end|>"
@@ -55,14 +55,6 @@ def cacheable(source) -> bool:
         if s.startswith("hf:") or (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
             return False
     return True
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -82,7 +74,7 @@ def tokenizer_identity(tokenizer) -> dict:
 
 def cache_key(source, tokenizer, *, text_field="text", txt_unit="document", on_bad="error", max_chars=None, add_special_tokens=True, append_eod=False):
     """(hex key, the description it hashes). Reads every input file once (sha256)."""
-    files = [{"sha256": _sha256_file(p), "size": os.path.getsize(p), "suffix": _suffix(p), "gz": p.endswith(".gz")} for p in resolve_paths(source)]
+    files = [{"sha256": sha256_of(p), "size": os.path.getsize(p), "suffix": _suffix(p), "gz": p.endswith(".gz")} for p in resolve_paths(source)]
     description = {
         "version": CACHE_VERSION,
         "files": files,
