@@ -11,7 +11,9 @@ package calls torch.distributed's collectives (tests/common/test_collectives.py 
 
 from __future__ import annotations
 
+import datetime
 import os
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -203,3 +205,38 @@ def make_gather_keys(group=None):
         return _GatherWithGrad.apply(keys, group, sizes), sum(sizes[: dist.get_rank(group)])
 
     return gather
+
+
+# How long the other ranks wait for run_on_main's rank 0: tokenising a corpus can take longer
+# than --distributed-timeout-minutes lets a collective wait; the job's time limit bounds it.
+MAIN_WORK_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def run_on_main(fn, *, timeout: datetime.timedelta = MAIN_WORK_TIMEOUT):
+    """Rank 0 runs ``fn()``; every rank returns its result (picklable). The others wait in a
+    broadcast over a gloo group of its own whose timeout is ``timeout``, not the job's
+    collective timeout. An exception of rank 0 is raised on every rank (the same type when it
+    pickles, else RuntimeError with its message). Collective; one process: just ``fn()``."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    error = None
+    try:
+        box = [None]
+        if is_main():
+            try:
+                box[0] = ("ok", fn())
+            except Exception as e:  # every rank must hear of it, or they wait out the timeout
+                error = e
+                try:
+                    pickle.dumps(e)
+                    box[0] = ("error", e)
+                except Exception:
+                    box[0] = ("error", RuntimeError(f"{type(e).__name__}: {e}"))
+        dist.broadcast_object_list(box, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    kind, value = box[0]
+    if kind == "error":
+        raise error if error is not None else value
+    return value

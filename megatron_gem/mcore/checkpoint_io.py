@@ -28,6 +28,9 @@ from .llama import LlamaArch
 
 META_NAME = "megatron_gem.json"
 FORMAT_VERSION = 1
+# Key of megatron_gem.json in a summary-mode training checkpoint: it holds the adapter, the
+# logit scale and their optimizer state only; {"base": the --model its frozen base is}.
+ADAPTER_ONLY = "adapter_only"
 
 
 def read_meta(directory: str) -> dict:
@@ -38,6 +41,12 @@ def read_meta(directory: str) -> dict:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')} (this code reads {FORMAT_VERSION})")
+    if ADAPTER_ONLY in meta:
+        raise ValueError(
+            f"{directory}: a summary-mode training checkpoint: it holds the adapter, the logit scale and their optimizer state, "
+            f"not the frozen base (that is {meta[ADAPTER_ONLY].get('base')}, never rewritten); resume it with train.py --load, "
+            f"or use the run's adapter export (<--save>/hf)"
+        )
     return meta
 
 

@@ -32,6 +32,21 @@ def test_megatron_logits_equal_hf(equivalence):
         assert s["changed_by_delta"] > 1e-2 and s["fresh_equals_base"] and s["untouched_equal_base"], (positions, s)
         assert s["hf_keys"][0] == "model.layers.0.mlp.down_proj.lora_A.weight" and s["hf_keys"][-1] == 2 * 7 * 2, s  # A, B x 7 projections x 2 layers
         assert s["trainable"] == ["gem_adapter", "logit_scale"], s
+    # The apex layer implementation (mcore/fused.py; its kernel is a stand-in on CPU): every norm
+    # goes through the kernel seam with the model's eps, the state-dict names are the local
+    # spec's, and the logits are HF's.
+    a = r["apex"]
+    assert a["norms"] == ["FusedRMSNorm"] and a["same_state_dict_names"], a
+    assert a["kernel_calls"] == 2 * r["num_layers"] + 1 and a["kernel_eps"] == [r["rms_norm_eps"]], a
+    assert a["max_abs_diff"] <= 1e-5 * max(1.0, a["ref_scale"]) and a["local_max_abs_diff"] <= 1e-5 * max(1.0, a["ref_scale"]), a
+    # Dist checkpoints of the local spec already use TransformerEngine's names for the norms that
+    # TE fuses into the next linear (megatron-core's sharded_state_dict_keys_map): both specs
+    # read each other's checkpoints; hf_mapping maps TE's plain names back (test_layer_impl.py).
+    assert r["local_sharded_norm_keys"] == [
+        "decoder.final_layernorm.weight",
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+    ], r["local_sharded_norm_keys"]
 
 
 def test_summary_mode_syncs_once_per_micro_batch(equivalence):
