@@ -305,3 +305,19 @@ def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
         assert p3[k] == pytest.approx(v3[k], rel=2e-5)
     assert p3["valid_cl_texts"] == 16 and abs(p3["valid_cl_loss"] - v3["valid_cl_loss"]) > 1e-3  # held-out pairs, not views
     assert p6["valid_cl_loss"] < p3["valid_cl_loss"]
+
+
+def test_bf16_zero3_trains_both_phases_and_exports(tiny_inputs, tmp_path):
+    """--bf16 under ZeRO-3, the recipe of every GPU cluster run: DeepSpeed's bf16 optimizers
+    flatten all trainable parameters into one bf16 buffer, so a parameter of another dtype (the
+    logit scale was fp32) failed their assertion at start-up."""
+    save = tmp_path / "bf16"
+    ok(launch(base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3, "--bf16": True, "--save-interval": 6})))
+    records = read_metrics(save)
+    assert [m["phase"] for m in records] == [1, 1, 1, 2, 2, 2]
+    assert all(m["loss"] == m["loss"] and abs(m["loss"]) != float("inf") for m in records)
+    assert all(m["logit_scale"] is not None and 1.0 <= m["logit_scale"] <= 100.0 for m in records[3:])
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(save, "hf", "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
