@@ -118,8 +118,11 @@ class GEMTrainerMixin:
             raise TypeError(f"GEM trainer needs a GEMDataCollator as data_collator, got {type(collator).__name__}")
         if config.alpha > 0:
             collator.contrastive = True  # set before any DataLoader (and its workers) exists
-        device = next(model.parameters()).device
-        self.gem_logit_scale = LogitScale.from_config(config).to(device)
+        first = next(model.parameters())
+        # The dtype of the model's own parameters: DeepSpeed's bf16/fp16 optimizers (ZeRO-1..3)
+        # flatten every trainable parameter into one low-precision buffer (keeping the fp32
+        # master themselves) and refuse a parameter of another dtype.
+        self.gem_logit_scale = LogitScale.from_config(config).to(first.device, dtype=first.dtype)
         _attach_logit_scale(model, self.gem_logit_scale)
         self._gem_gather = D.make_gather_keys()
         self._gem_logs: dict[str, list[float]] = {}
