@@ -69,10 +69,14 @@ def reference_blending_indices(sizes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def blending_indices(sizes) -> tuple[np.ndarray, np.ndarray]:
-    """Same result as :func:`reference_blending_indices`, by megatron-core's compiled helper."""
-    with warnings.catch_warnings():  # megatron.core's import warns about TE/apex; irrelevant here
-        warnings.simplefilter("ignore", UserWarning)
-        from megatron.core.datasets import helpers_cpp
+    """Same result as :func:`reference_blending_indices`, by megatron-core's compiled helper
+    (the reference, pure Python, where megatron-core is not installed: a DeepSpeed-only set-up)."""
+    try:
+        with warnings.catch_warnings():  # megatron.core's import warns about TE/apex; irrelevant here
+            warnings.simplefilter("ignore", UserWarning)
+            from megatron.core.datasets import helpers_cpp
+    except ImportError:
+        return reference_blending_indices(sizes)
     sizes = np.asarray(sizes, dtype=np.int64)
     present = np.flatnonzero(sizes > 0)  # helpers.cpp would loop forever on a source of size 0
     total = int(sizes.sum())

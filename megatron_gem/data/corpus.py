@@ -1,7 +1,7 @@
 """A *corpus*: random access to tokenised documents by index.
 
 :class:`InMemoryCorpus` tokenises texts into one flat array; :class:`IndexedCorpus` reads
-Megatron ``.bin/.idx`` files with megatron-core's own ``IndexedDataset``. Both expose
+Megatron ``.bin/.idx`` files (data/indexed.py, the format megatron-core's ``IndexedDataset`` reads). Both expose
 ``lengths`` (int64 [num_docs]) and ``get(i)`` (int64 tokens), so the packing code above them is
 the same for every input kind. ``open_corpus`` / ``open_pair_corpus`` open any input kind.
 """
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from .indexed import IndexedFile
 from .readers import (
     JSON_SUFFIXES,
     PARQUET_SUFFIXES,
@@ -115,34 +115,22 @@ class InMemoryCorpus(_CorpusBase):
         return first
 
 
-def _import_indexed_dataset():
-    # megatron.core's package import warns about missing TransformerEngine/apex on CPU; those
-    # warnings concern training kernels, not this file reader.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        from megatron.core.datasets import indexed_dataset
-    return indexed_dataset
-
-
 class IndexedCorpus(_CorpusBase):
-    """A Megatron ``.bin/.idx`` pair read with megatron-core's ``IndexedDataset`` (mmap).
+    """A Megatron ``.bin/.idx`` pair, memory-mapped (data/indexed.py: the format megatron-core's
+    ``IndexedDataset`` reads, without importing megatron-core).
 
     A document is the concatenation of its sequences (``document_indices``); files written
     without sentence splitting hold one sequence per document.
     """
 
     def __init__(self, path_prefix: str | os.PathLike):
-        path_prefix = str(path_prefix)
-        for suffix in (".bin", ".idx"):
-            if path_prefix.endswith(suffix):
-                path_prefix = path_prefix[: -len(suffix)]
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(path_prefix + suffix):
-                raise FileNotFoundError(f"{path_prefix}{suffix}: no such file (expected a Megatron .bin/.idx pair)")
-        self.path_prefix = path_prefix
-        self.dataset = _import_indexed_dataset().IndexedDataset(path_prefix)
-        seq_lengths = np.asarray(self.dataset.sequence_lengths, dtype=np.int64)
-        self.doc_index = np.asarray(self.dataset.document_indices, dtype=np.int64)
+        try:
+            self.file = IndexedFile(path_prefix)
+        except ValueError as e:
+            raise DataError(str(e)) from e
+        self.path_prefix = self.file.path_prefix
+        seq_lengths = self.file.sequence_lengths.astype(np.int64)
+        self.doc_index = np.asarray(self.file.document_indices, dtype=np.int64)
         cum = np.concatenate([[0], np.cumsum(seq_lengths)])
         self.lengths = cum[self.doc_index[1:]] - cum[self.doc_index[:-1]]
         self._single = bool(np.all(np.diff(self.doc_index) == 1))
@@ -150,26 +138,27 @@ class IndexedCorpus(_CorpusBase):
         if (self.lengths == 0).any():  # possible in files from other tools; they yield no piece
             self.stats.skip("empty", int((self.lengths == 0).sum()))
 
+    def _sequences(self, i: int) -> range:
+        return range(int(self.doc_index[i]), int(self.doc_index[i + 1]))
+
     def get(self, i: int) -> np.ndarray:
-        if self._single:
-            return np.asarray(self.dataset[int(i)], dtype=np.int64)
-        s, e = int(self.doc_index[i]), int(self.doc_index[i + 1])
-        if e == s:
+        parts = [self.file.sequence(s) for s in self._sequences(i)]
+        if not parts:
             return np.zeros(0, dtype=np.int64)
-        return np.concatenate(self.dataset[s:e]).astype(np.int64)
+        return np.concatenate(parts).astype(np.int64)
 
     def get_slice(self, i: int, start: int, length: int) -> np.ndarray:
-        if self._single:  # read only the chunk from the mmap, not the whole document
-            return self.dataset.get(int(i), offset=int(start), length=int(length))
+        if self._single:  # a view of the chunk in the mmap, not the whole document
+            return self.file.sequence(int(self.doc_index[i]))[start : start + length]
         return self.get(i)[start : start + length]
 
     def first_tokens(self) -> np.ndarray:
         first = np.full(len(self), -1, dtype=np.int64)
         for i in np.flatnonzero(self.lengths > 0):
-            s = int(self.doc_index[i])
-            while self.dataset.sequence_lengths[s] == 0:
-                s += 1
-            first[i] = int(self.dataset.get(s, 0, 1)[0])
+            for s in self._sequences(int(i)):
+                if self.file.sequence_lengths[s] > 0:
+                    first[i] = int(self.file.sequence(s)[0])
+                    break
         return first
 
     def __getstate__(self):

@@ -1,4 +1,4 @@
-"""Text files -> Megatron ``.bin/.idx`` (megatron-core's IndexedDatasetBuilder), the library side
+"""Text files -> Megatron ``.bin/.idx`` (data/writer.py), the library side
 of ``tools/preprocess_data.py``.
 
 Documents are read (and validated) in order in this process and tokenised in ``workers``
@@ -60,7 +60,7 @@ def preprocess_to_indexed(
             raise DataError(f"{inputs}: no usable documents ({stats.summary('preprocess')})")
         writer.close()
     except BaseException:
-        writer._builder.data_file.close()
+        writer.abort()
         for suffix in (".bin", ".idx"):
             if os.path.exists(prefix + suffix):
                 os.remove(prefix + suffix)

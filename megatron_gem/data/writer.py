@@ -1,4 +1,5 @@
-"""Writing a corpus as a Megatron ``.bin/.idx`` pair (megatron-core's IndexedDatasetBuilder)."""
+"""Writing a corpus as a Megatron ``.bin/.idx`` pair (data/indexed.py: megatron-core's format,
+without megatron-core)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,18 @@ import os
 
 import numpy as np
 
-from .corpus import _import_indexed_dataset
+from .indexed import IndexedFileWriter, optimal_dtype, split_prefix
 
 
 class IndexedWriter:
-    """Writes documents as a Megatron ``.bin/.idx`` pair via megatron-core's IndexedDatasetBuilder."""
+    """Writes documents as a Megatron ``.bin/.idx`` pair, one sequence per document; the token
+    dtype is Megatron's choice for ``vocab_size`` (uint16 below 65,500 ids, else int32)."""
 
     def __init__(self, path_prefix: str | os.PathLike, vocab_size: int):
-        self.path_prefix = str(path_prefix)
+        self.path_prefix = split_prefix(path_prefix)
         os.makedirs(os.path.dirname(os.path.abspath(self.path_prefix)), exist_ok=True)
-        idx = _import_indexed_dataset()
-        self.dtype = idx.DType.optimal_dtype(vocab_size)
-        self._builder = idx.IndexedDatasetBuilder(idx.get_bin_path(self.path_prefix), dtype=self.dtype)
-        self._idx_path = idx.get_idx_path(self.path_prefix)
+        self.dtype = optimal_dtype(vocab_size)
+        self._file = IndexedFileWriter(self.path_prefix, self.dtype)
         self.documents = 0
         self.tokens = 0
 
@@ -26,15 +26,17 @@ class IndexedWriter:
         tokens = np.asarray(tokens)
         if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"token id out of range for {np.dtype(self.dtype).name}")
-        # add_document only needs an array (it calls numpy.array on it); a numpy array avoids a
-        # torch __array__ deprecation warning.
-        self._builder.add_document(tokens.astype(self.dtype), [int(tokens.shape[0])])
+        self._file.add_document(tokens)
         self.documents += 1
         self.tokens += int(tokens.shape[0])
 
     def close(self) -> str:
-        self._builder.finalize(self._idx_path)
+        self._file.finalize()
         return self.path_prefix
+
+    def abort(self) -> None:
+        """Close the data file without writing the index (the caller removes what was written)."""
+        self._file.abort()
 
     def __enter__(self):
         return self
@@ -43,4 +45,4 @@ class IndexedWriter:
         if exc[0] is None:
             self.close()
         else:
-            self._builder.data_file.close()
+            self.abort()

@@ -62,7 +62,7 @@ def test_preprocess_cli(tmp_path, tiny_tokenizer):
     assert len(c) == 51 and c.num_tokens == summary["tokens_in"]
     expect = tiny_tokenizer("document number 7 about a cat")["input_ids"] + [tiny_tokenizer.eos_token_id]
     assert c.get(7).tolist() == expect
-    assert c.dataset.index.dtype == np.uint16  # megatron-core's choice for a small vocabulary
+    assert c.file.dtype == np.uint16  # megatron-core's choice for a small vocabulary
     r = run("preprocess_data.py", "--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(out), "--tokenizer", "tiny")
     assert r.returncode == 2 and "missing.jsonl: no such file" in r.stderr
 
