@@ -17,6 +17,15 @@ TRAIN_MODES = ("full", "summary")
 ADAPTER_POSITIONS = ("special", "special+suffix")
 
 
+class GEMConfigError(ValueError):
+    """A GEMConfig field with a value the method cannot use. ``field`` and ``value`` let a command
+    line name its own flag instead of the field (train.py: --gem-num-special-tokens 0)."""
+
+    def __init__(self, field: str, value, why: str):
+        super().__init__(f"GEMConfig.{field}={value!r}: {why}")
+        self.field, self.value, self.why = field, value, why
+
+
 @dataclass
 class GEMConfig:
     # Summary tokens (docs/method.md): K distinct new vocabulary entries.
@@ -68,8 +77,8 @@ class GEMConfig:
         return [self.special_token_template.format(i=i) for i in range(self.num_special_tokens)]
 
     def validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"GEMConfig.{name}={getattr(self, name)!r}: {why}")
+        def bad(name: str, why: str) -> GEMConfigError:
+            return GEMConfigError(name, getattr(self, name), why)
 
         if not isinstance(self.num_special_tokens, int) or self.num_special_tokens < 1:
             raise bad("num_special_tokens", "must be an integer >= 1")

@@ -85,6 +85,7 @@ class CheckpointConfig:
     hf_export_interval: int = 0
     exit_after_iters: int | None = None
     hf_export_self_contained: bool = False  # summary mode: the export carries the base (hf/base/)
+    overwrite: bool = False  # --overwrite-output-dir: a new run in a --save holding another run's checkpoints
 
 
 @dataclass
