@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_gem.common.cli import add_debug_flag, run_main  # noqa: E402
 from megatron_gem.common.errors import InputError  # noqa: E402
-from megatron_gem.common.outputs import add_overwrite_flag, check_output_dir  # noqa: E402
+from megatron_gem.common.outputs import add_overwrite_flag, check_apart, check_output_dir  # noqa: E402
 
 PROG = "convert_checkpoint.py"
 
@@ -78,9 +78,7 @@ def check_paths(args) -> None:
         raise InputError(f"--input {src}: no such directory")
     if not os.path.isdir(src):
         raise InputError(f"--input {src}: is a file; expected a checkpoint directory")
-    out, real_in = os.path.realpath(args.output), os.path.realpath(src)
-    if out == real_in or out.startswith(real_in + os.sep) or real_in.startswith(out + os.sep):
-        raise InputError(f"--output {args.output}: is --input {src} or lies inside it (or around it); write the conversion elsewhere")
+    check_apart("--output", args.output, "--input", src)
     if args.command == "hf-to-megatron":
         check_model_source("--input", src, config=True, weights=True)
     elif args.command == "megatron-to-hf":

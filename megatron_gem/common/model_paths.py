@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 
-from .errors import ModelLoadError
+from .errors import GEMError, ModelLoadError, one_line
 
 CONFIG_FILE = "config.json"
 # Any one of these makes a directory a tokenizer directory (fast, sentencepiece, BPE, WordPiece).
@@ -146,3 +147,48 @@ def max_positions(config: dict) -> tuple[int | None, str]:
     else:
         note = "the model has no RoPE scaling in its config, so longer rows are positions it never saw"
     return n, note
+
+
+def _load_error_types() -> tuple:
+    kinds = [OSError, ValueError, KeyError, TypeError, RuntimeError]
+    try:
+        from safetensors import SafetensorError
+
+        kinds.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(kinds)
+
+
+def unreadable_safetensors(directory: str) -> str | None:
+    """The first safetensors file of ``directory`` whose header safetensors refuses (truncated,
+    not safetensors at all), or None."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:  # pragma: no cover
+        return None
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(directory, name)
+            try:
+                with safe_open(path, framework="pt") as f:
+                    f.keys()
+            except (SafetensorError, OSError):
+                return path
+    return None
+
+
+@contextmanager
+def loading(what: str, directory: str | None = None):
+    """Around a from_pretrained of a folder the user named (``what``: "--model DIR" or the
+    path; ``directory``: the folder, to name a bad safetensors file in it): what transformers,
+    safetensors or torch raise for a truncated, foreign or mismatched file becomes one
+    ModelLoadError. Errors of this project pass through unchanged."""
+    try:
+        yield
+    except GEMError:
+        raise
+    except _load_error_types() as e:
+        bad = unreadable_safetensors(directory) if directory and os.path.isdir(directory) else None
+        where = f"{bad}: not a readable safetensors file (truncated or damaged)" if bad else "cannot load it"
+        raise ModelLoadError(f"{what}: {where} ({type(e).__name__}: {one_line(e)})") from e

@@ -71,6 +71,14 @@ def check_output_dir(path: str, flag: str, *, overwrite: bool = False) -> None:
         raise InputError(f"{flag} {path}: cannot create it ({parent} is not writable)")
 
 
+def check_apart(out_flag: str, out: str, in_flag: str, src: str) -> None:
+    """Refuse an output that is the input, lies inside it or holds it: replacing it would
+    replace (or hide) what is being read."""
+    a, b = os.path.realpath(out), os.path.realpath(src)
+    if a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep):
+        raise InputError(f"{out_flag} {out}: is {in_flag} {src}, or inside it, or around it; write the output elsewhere")
+
+
 def fresh_tmp_dir(out_dir: str) -> str:
     """A new, empty directory beside ``out_dir`` (hidden, unique name) to build the output in;
     on the same file system, so the finished one is renamed into place."""

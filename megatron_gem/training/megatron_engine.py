@@ -577,7 +577,11 @@ class MegatronEngine(Engine):
                 # base (unchanged weights) as HF once, into the folder itself (base/).
                 import dataclasses
 
-                base_path = converted = out_dir.rstrip("/") + ".base.tmp"
+                from ..common.outputs import fresh_tmp_dir
+
+                made = [fresh_tmp_dir(out_dir.rstrip("/") + ".base") if dist.get_rank() == 0 else None]
+                dist.broadcast_object_list(made, src=0)  # a fresh name: nothing already there is replaced
+                base_path = converted = made[0]
                 self_contained = True
                 plain = dataclasses.replace(self.job.gem, train_mode="full")
                 io.export_hf_from_model(
