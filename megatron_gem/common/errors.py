@@ -27,7 +27,12 @@ class ModelLoadError(InputError):
 
 
 class OutputExistsError(InputError):
-    """An output target that holds something this tool did not write (see files.replace_dir_atomic)."""
+    """An output target that holds something this tool did not write (see outputs.replace_dir_atomic)."""
+
+
+class OutputWriteError(GEMError):
+    """Writing an output failed part way (a full disk, an I/O error); nothing was left behind
+    (exit 1: the work failed, not the arguments)."""
 
 
 def one_line(message: str) -> str:

@@ -23,7 +23,8 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 
-from .errors import InputError, OutputExistsError
+from .cli import describe_os_error
+from .errors import GEMError, InputError, OutputExistsError, OutputWriteError
 from .manifest import MANIFEST, CheckpointError, read_manifest
 
 OVERWRITE_FLAG = "--overwrite-output-dir"
@@ -89,15 +90,27 @@ def fresh_tmp_dir(out_dir: str) -> str:
 
 
 @contextmanager
-def building_dir(out_dir: str):
-    """``fresh_tmp_dir(out_dir)``, removed again if the block fails (a full disk, a bad tensor):
-    a failed tool leaves nothing behind."""
-    tmp = fresh_tmp_dir(out_dir)
+def removed_on_error(tmp: str, out_dir: str):
+    """Remove the unfinished output ``tmp`` if the block fails: a failed tool leaves nothing
+    behind. An OSError (ENOSPC, EIO) becomes OutputWriteError naming ``out_dir``."""
     try:
         yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, GEMError):
+            raise
+        raise OutputWriteError(f"{out_dir}: writing it failed ({describe_os_error(e)}); nothing was left there") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def building_dir(out_dir: str):
+    """``fresh_tmp_dir(out_dir)`` to build the output in, removed again if the block fails
+    (removed_on_error)."""
+    with removed_on_error(fresh_tmp_dir(out_dir), out_dir) as tmp:
+        yield tmp
 
 
 def listed_files(directory: str) -> set[str]:
@@ -129,15 +142,23 @@ def _keep_foreign_files(old: str, new: str, flag: str) -> None:
     the swap then keeps them, and removing the old directory removes only our own files."""
     ours = listed_files(old)
     files, dirs = walk_entries(old)
+    foreign = [rel for rel in files if rel not in ours]
     new_files, _ = walk_entries(new)
     taken = set(new_files)
-    for rel in dirs:
+    # Directories to keep: the user's empty ones, and every one that holds a foreign file.
+    keep = {rel for rel in dirs if not os.listdir(os.path.join(old, rel))}
+    for rel in foreign:
+        parent = os.path.dirname(rel)
+        while parent:
+            keep.add(parent)
+            parent = os.path.dirname(parent)
+    for rel in sorted(keep):
         if rel in taken:
-            raise OutputExistsError(f"{flag} {old}: {rel}/ was not written by megatron-gem and the new output writes a file of that name; move it away")
+            raise OutputExistsError(
+                f"{flag} {os.path.join(old, rel)}/: holds files megatron-gem did not write and the new output has a file of that name; move it away"
+            )
         os.makedirs(os.path.join(new, rel), exist_ok=True)
-    for rel in files:
-        if rel in ours:
-            continue
+    for rel in foreign:
         if rel in taken:
             raise OutputExistsError(
                 f"{flag} {os.path.join(old, rel)}: not written by megatron-gem ({MANIFEST} does not list it) and the new output has a file of "

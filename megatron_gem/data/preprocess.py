@@ -76,7 +76,12 @@ def preprocess_to_indexed(
     docs = iter_documents(inputs, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats)
     texts = (d.text for d in docs)
     tokens = tokenize_stream(texts, tokenizer, batch_size=batch_size, num_proc=workers, add_special_tokens=add_special_tokens, append_eod=append_eod)
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    parent = os.path.dirname(os.path.abspath(prefix))
+    created = parent  # the topmost directory this call creates (removed again on an error)
+    while not os.path.isdir(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    created = None if os.path.isdir(parent) else created
+    os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(prefix)}.tmp-", dir=os.path.dirname(os.path.abspath(prefix)))
     os.close(fd)  # a unique name; the writer creates tmp.bin / tmp.idx beside it
     writer = IndexedWriter(tmp, len(tokenizer))
@@ -97,11 +102,15 @@ def preprocess_to_indexed(
         os.replace(tmp + ".idx", prefix + ".idx")
     except BaseException:
         writer._builder.data_file.close()
-        for suffix in (".bin", ".idx"):
+        for suffix in ("", ".bin", ".idx"):
             if os.path.exists(tmp + suffix):
                 os.remove(tmp + suffix)
+        if created is not None:
+            for dirpath, _, _ in sorted(os.walk(created), key=lambda d: -len(d[0])):
+                if not os.listdir(dirpath):
+                    os.rmdir(dirpath)
         raise
-    finally:
+    if os.path.exists(tmp):
         os.remove(tmp)
     stats.tokens_out = stats.tokens_in  # written as is; GEM layouts are applied when loading
     return prefix, stats

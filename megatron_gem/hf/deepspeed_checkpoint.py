@@ -22,13 +22,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 
 import torch
 
 from ..common.errors import ModelLoadError
 from ..common.manifest import MANIFEST, CheckpointError, verify, write_manifest
-from ..common.outputs import fresh_tmp_dir, replace_dir_atomic
+from ..common.outputs import building_dir, replace_dir_atomic
 from ..gem.config import CONFIG_NAME, GEMConfig
 
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -174,17 +173,13 @@ def _full_to_hf(state, gem, tag_dir, out_dir, *, model_dir, overwrite, log) -> s
         raise ModelLoadError(f"{tag_dir}: parameters do not match --model {model_dir}'s architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if hf_config.tie_word_embeddings:
         lm.tie_weights()
-    tmp = fresh_tmp_dir(out_dir)
-    try:
+    with building_dir(out_dir) as tmp:
         lm.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if gem is not None:
             gem.save(tmp)
             add_embedder_files(tmp, source=f"tools/convert_checkpoint.py deepspeed-to-hf from `{tag_dir}` (base `{model_dir}`)", name=out_dir)
         write_manifest(tmp, digests=False)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     replace_dir_atomic(tmp, out_dir, overwrite=overwrite, flag="--output")
     log(f"[convert] consolidated {tag_dir} ({len(lm_state)} tensors, fp32) into {out_dir}")
     return out_dir

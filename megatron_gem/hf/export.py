@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 
 from ..common import distributed as D
 from ..common.files import write_text_atomic
 from ..common.manifest import write_manifest
-from ..common.outputs import fresh_tmp_dir, replace_dir_atomic
+from ..common.outputs import building_dir, replace_dir_atomic
 from ..gem.config import CONFIG_NAME, GEMConfig
 from .model_card import write_model_card
 from .sentence_transformers import save_sentence_transformer
@@ -68,8 +67,7 @@ def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = N
     state = _full_state_dict(lm)
     path = None
     if D.is_main():
-        tmp = fresh_tmp_dir(out_dir)
-        try:
+        with building_dir(out_dir) as tmp:
             lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             gem_config.save(tmp)
@@ -77,9 +75,6 @@ def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = N
                 write_text_atomic(os.path.join(tmp, "training_info.json"), json.dumps(extra, indent=2) + "\n")
             add_embedder_files(tmp, name=out_dir)
             write_manifest(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         path = replace_dir_atomic(tmp, out_dir, overwrite=True)
     D.barrier()
     return path
@@ -109,8 +104,7 @@ def export_summary_adapter(
     state = _full_state_dict(adapter)
     path = None
     if D.is_main():
-        tmp = fresh_tmp_dir(out_dir)
-        try:
+        with building_dir(out_dir) as tmp:
             write_summary_adapter_files(
                 tmp,
                 lm=lm,
@@ -125,9 +119,6 @@ def export_summary_adapter(
             )
             add_embedder_files(tmp, name=out_dir)
             write_manifest(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         path = replace_dir_atomic(tmp, out_dir, overwrite=True)
     D.barrier()
     return path
@@ -169,14 +160,10 @@ def export_summary_adapter_state(
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(kind)
     saved = summary_export_config(tokenizer, config, base_path)
-    tmp = fresh_tmp_dir(out_dir)
-    try:
+    with building_dir(out_dir) as tmp:
         write_summary_adapter_files(
             tmp, lm=skeleton, adapter=adapter, tokenizer=tokenizer, config=config, base_path=base_path, extra=extra, saved=saved, self_contained=self_contained
         )
         add_embedder_files(tmp, name=out_dir)
         write_manifest(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return replace_dir_atomic(tmp, out_dir, overwrite=overwrite)

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 import torch.distributed as dist
 
 from ..common.files import write_json_atomic
 from ..common.manifest import write_manifest
-from ..common.outputs import fresh_tmp_dir, replace_dir_atomic
+from ..common.outputs import fresh_tmp_dir, removed_on_error, replace_dir_atomic
 from ..hf.export import add_embedder_files
 from .llama import LlamaArch
 
@@ -120,12 +119,9 @@ def finish_hf_dir(
     manifest.json last (``digests=False``: sizes only) into ``tmp_dir``; swap it in as
     ``out_dir`` (common/outputs.py: a non-empty one only with ``overwrite``, and then it loses
     only what its manifest lists). ``tmp_dir`` is removed on any error."""
-    try:
+    with removed_on_error(tmp_dir, out_dir):
         _write_hf_files(tmp_dir, out_dir, config, weight_map, total_size, tokenizer, gem_config, extra, source)
         write_manifest(tmp_dir, digests=digests)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return replace_dir_atomic(tmp_dir, out_dir, overwrite=overwrite)
 
 

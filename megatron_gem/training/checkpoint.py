@@ -69,7 +69,7 @@ def describe_save_dir(save_dir: str) -> str:
         latest = open(os.path.join(save_dir, LATEST)).read().strip() if os.path.isfile(os.path.join(save_dir, LATEST)) else None
         return f"holds the checkpoints of another run ({', '.join(reversed(tags[:4])) or 'none complete'}{f'; latest: {latest}' if latest else ''})"
     names = sorted(os.listdir(save_dir))
-    return f"is not empty ({len(names)} entries: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    return f"is not empty (it holds {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''})"
 
 
 def overwrite_problem(save_dir: str) -> str | None:

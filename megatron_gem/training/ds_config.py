@@ -102,6 +102,12 @@ def load_ds_config(path: str | None, job, model_config=None) -> dict:
         elif current != value:
             raise ValueError(f'{where}: {key}={current!r} conflicts with {flag} (which gives {value!r}); set it to "auto"')
 
+    given = [cfg.get(k, AUTO) for k in BATCH_KEYS]
+    if AUTO not in given and given[2] != given[0] * given[1] * b.data_parallel_size:
+        raise ValueError(
+            f"{where}: train_batch_size {given[2]} is not train_micro_batch_size_per_gpu {given[0]} x gradient_accumulation_steps {given[1]} "
+            f'x data-parallel size {b.data_parallel_size} = {given[0] * given[1] * b.data_parallel_size} (DeepSpeed\'s rule); set them to "auto"'
+        )
     fill(cfg, "train_micro_batch_size_per_gpu", b.micro_batch_size, "--micro-batch-size")
     fill(cfg, "gradient_accumulation_steps", gas, "--global-batch-size / (--micro-batch-size x dp)")
     fill(cfg, "train_batch_size", b.global_batch_size, "--global-batch-size")
