@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -92,6 +93,8 @@ class GEMConfig:
             raise bad("min_prefix_len" if self.min_prefix_len < 1 else "min_suffix_len", "must be >= 1")
         if not 0.0 <= self.prefix_dropout < 1.0:
             raise bad("prefix_dropout", "must lie in [0, 1)")
+        if not (math.isfinite(self.logit_scale_max) and self.logit_scale_max >= 1.0):
+            raise bad("logit_scale_max", "must be a finite number >= 1")
         if not 1.0 <= self.logit_scale_init <= self.logit_scale_max:
             raise bad("logit_scale_init", f"must lie in [1, logit_scale_max={self.logit_scale_max}]")
         if self.contrastive_from_step < 0:
@@ -108,8 +111,8 @@ class GEMConfig:
             raise bad("train_mode", f"must be one of {TRAIN_MODES}")
         if not isinstance(self.adapter_rank, int) or self.adapter_rank < 1:
             raise bad("adapter_rank", "must be an integer >= 1")
-        if self.adapter_alpha <= 0:
-            raise bad("adapter_alpha", "must be > 0")
+        if not (math.isfinite(self.adapter_alpha) and self.adapter_alpha > 0):
+            raise bad("adapter_alpha", "must be a finite number > 0")
         if self.adapter_positions not in ADAPTER_POSITIONS:
             raise bad("adapter_positions", f"must be one of {ADAPTER_POSITIONS}")
         if self.summary_tokens and len(self.summary_tokens) != self.num_special_tokens:
