@@ -30,7 +30,7 @@ from .attention.hf import use_gem_attention
 from .common.errors import ModelLoadError
 from .common.manifest import MANIFEST
 from .common.manifest import verify as verify_manifest
-from .common.model_paths import ADAPTER_CONFIG, check_model_source, loading
+from .common.model_paths import check_model_source, loading
 from .gem.config import CONFIG_NAME, GEMConfig
 from .gem.layout import build_layout, position_ids_from_doc_ids
 from .gem.readout import pool_special_states
@@ -112,7 +112,9 @@ class GEMEmbedder:
             path = str(path_or_model)
             # A local folder stays local (never a hub download for a mistyped path), and a folder
             # that is not a model says what it lacks, before anything loads.
-            check_model_source("GEMEmbedder.from_pretrained:", path, config=True, tokenizer=tokenizer is None, also=(ADAPTER_CONFIG,))
+            if not is_summary_adapter_dir(path):  # an adapter folder has its own guard (read_summary_adapter)
+                expect = "a GEM checkpoint directory with gem_config.json, config.json, tokenizer and weights"
+                check_model_source("GEMEmbedder.from_pretrained:", path, config=True, tokenizer=tokenizer is None, expect=expect)
             if base is not None:
                 check_model_source("base=", os.fspath(base), config=True, weights=True)
             if verify and os.path.isfile(os.path.join(path, MANIFEST)):

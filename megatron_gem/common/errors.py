@@ -26,6 +26,10 @@ class ModelLoadError(InputError):
     """A model path or checkpoint that cannot be used; the message names the argument."""
 
 
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """A model path that does not exist (a FileNotFoundError too, for callers that catch those)."""
+
+
 class OutputExistsError(InputError):
     """An output target that holds something this tool did not write (see outputs.replace_dir_atomic)."""
 

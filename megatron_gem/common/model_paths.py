@@ -18,7 +18,7 @@ import os
 import re
 from contextlib import contextmanager
 
-from .errors import GEMError, ModelLoadError, one_line
+from .errors import GEMError, ModelLoadError, ModelNotFoundError, one_line
 
 CONFIG_FILE = "config.json"
 # Any one of these makes a directory a tokenizer directory (fast, sentencepiece, BPE, WordPiece).
@@ -69,13 +69,16 @@ def missing_parts(path: str, *, config: bool = True, tokenizer: bool = False, we
     return missing
 
 
-def check_model_source(flag: str, name, *, config: bool = True, tokenizer: bool = False, weights: bool = False, also: tuple[str, ...] = ()) -> str:
+def check_model_source(
+    flag: str, name, *, config: bool = True, tokenizer: bool = False, weights: bool = False, also: tuple[str, ...] = (), expect: str = ""
+) -> str:
     """Return ``name`` when it is usable: a readable directory with what is asked (``config``:
     config.json; ``tokenizer``: tokenizer files; ``weights``: safetensors or .bin), or an HF repo
     id the hub can serve (online) or the local HF cache holds (offline). ``also``: files that
     make a directory acceptable by themselves (an adapter folder's adapter_config.json, a
-    megatron checkpoint's megatron_gem.json). Otherwise ModelLoadError naming ``flag``: one
-    line, before any network attempt or model load."""
+    megatron checkpoint's megatron_gem.json). Otherwise ModelLoadError naming ``flag`` (a
+    ModelNotFoundError, also a FileNotFoundError, for a path that does not exist; ``expect``
+    says what such a directory should hold): one line, before any network attempt or model load."""
     name = os.fspath(name)
     if not name:
         raise ModelLoadError(f"{flag}: empty model name")
@@ -94,11 +97,11 @@ def check_model_source(flag: str, name, *, config: bool = True, tokenizer: bool 
             raise ModelLoadError(f"{flag} {name}: {what}: no {', no '.join(missing)}")
         return name
     if looks_like_path(name):
-        raise ModelLoadError(f"{flag} {name}: no such directory")
+        raise ModelNotFoundError(f"{flag} {name}: no such directory{f' (expected: {expect})' if expect else ''}")
     if hub_offline():
         wanted = (CONFIG_FILE,) if config else ("tokenizer_config.json", "tokenizer.json")
         if not _cached(name, wanted):
-            raise ModelLoadError(
+            raise ModelNotFoundError(
                 f"{flag} {name}: no such directory, and as an HF repo id it cannot be fetched: the hub is off (HF_HUB_OFFLINE) "
                 "and the repo is not in the local HF cache"
             )

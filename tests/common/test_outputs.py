@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megatron_gem.common.errors import InputError, OutputExistsError
+from megatron_gem.common.errors import InputError, OutputExistsError, OutputWriteError
 from megatron_gem.common.manifest import write_manifest
 from megatron_gem.common.outputs import building_dir, check_output_dir, fresh_tmp_dir, replace_dir_atomic
 
@@ -115,7 +115,7 @@ def test_an_unwritable_place_is_refused_before_any_work(tmp_path, monkeypatch):
 
 
 def test_a_failed_build_leaves_nothing(tmp_path):
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputWriteError, match=f"{tmp_path / 'out'}: writing it failed .*No space left"):
         with building_dir(str(tmp_path / "out")) as tmp:
             write(os.path.join(tmp, "part"), "half")
             raise OSError(28, "No space left on device")
