@@ -13,8 +13,8 @@ deepspeed-to-hf``), for every engine configuration train.py writes:
   checkpoint given as ``model_dir``.
 
 Full mode writes fp32 safetensors + config + tokenizer with the GEM tokens + gem_config.json +
-the embedder files. A checkpoint with a manifest.json is verified first (a damaged file is
-named); the output follows common/outputs.py (a manifest of sizes; a non-empty target only
+the embedder files. A checkpoint's manifest.json is checked first (a missing or truncated file
+is named; a file that cannot be read is named when it is read); the output follows common/outputs.py (a manifest of sizes; a non-empty target only
 with ``overwrite``)."""
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ def deepspeed_to_hf(ds_dir: str, out_dir: str, *, model_dir: str, tag: str | Non
     gem_config.json, and they must land on the recorded ids."""
     tag_dir = checkpoint_tag_dir(ds_dir, tag)
     if os.path.isfile(os.path.join(tag_dir, MANIFEST)):
-        verify(tag_dir)  # a truncated or changed file is named before anything reads it
+        # A missing or truncated file is named before anything reads it (sizes: hashing a
+        # checkpoint with its optimizer states would cost more than the conversion).
+        verify(tag_dir, digests=False)
     gem = _run_gem_config(ds_dir, tag_dir)
     state = deepspeed_state(tag_dir)
     if gem is not None and gem.summary_mode:

@@ -300,3 +300,49 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(InputError, match="no such directory"):
         convert("megatron-to-hf", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--debug")
+
+
+# ---- the megatron side (megatron-core runs only in subprocesses) -------------------------------
+
+
+def _megatron_to_hf(src, out, *extra):
+    from tests.launch import run_python
+
+    return run_python(["tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(src), "--output", str(out), *extra], check=False, timeout=300)
+
+
+def _error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(lines) == 1 and lines[0].startswith("convert_checkpoint.py: error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_megatron_checkpoint_damaged_files_are_named(converted_checkpoint, tmp_path):
+    """A garbage data file or .metadata (no manifest to catch it first): exit 1, the file named
+    (before: a 60-line DCP traceback, or "could not find MARK" without a path)."""
+    data = tmp_path / "data"
+    shutil.copytree(converted_checkpoint, data)
+    (data / "manifest.json").unlink(missing_ok=True)
+    victim = sorted(p.name for p in data.iterdir() if p.suffix == ".distcp")[3]
+    (data / victim).write_text("12abc not a tensor\n")
+    proc = _megatron_to_hf(data, tmp_path / "out")
+    assert proc.returncode == 1 and _error_line(proc).startswith(f"convert_checkpoint.py: error: {data / victim}: unreadable")
+    meta = tmp_path / "meta"
+    shutil.copytree(converted_checkpoint, meta)
+    (meta / "manifest.json").unlink(missing_ok=True)
+    (meta / ".metadata").write_text("12abc\n")
+    proc = _megatron_to_hf(meta, tmp_path / "out")
+    assert proc.returncode == 1 and _error_line(proc).startswith(f"convert_checkpoint.py: error: {meta / '.metadata'}: unreadable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "meta"]  # no output, no temporary directory
+
+
+def test_megatron_to_hf_overwrite_keeps_the_users_files(converted_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    proc = _megatron_to_hf(converted_checkpoint, out, "--overwrite-output-dir")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "notes.txt").read_text() == "precious" and (out / "model.safetensors").is_file()
+    from megatron_gem.common.manifest import verify
+
+    assert "notes.txt" not in verify(str(out))["files"]

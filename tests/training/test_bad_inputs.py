@@ -240,7 +240,7 @@ def test_overwrite_output_dir_replaces_only_what_the_manifests_list(tiny_inputs,
     replace the old ones, and the user's files in --save and in hf/ stay."""
     save = tmp_path / "run"
     train = ["--model", tiny_inputs["model"], "--data", tiny_inputs["data"], "--save", str(save), "--seq-length", "64", "--micro-batch-size", "2",
-             "--train-iters", "2", "--gem-contrastive-from-step", "1", "--save-interval", "2", "--no-progress"]  # fmt: skip
+             "--train-iters", "2", "--gem-contrastive-from-step", "1", "--save-interval", "2", "--log-interval", "1", "--no-progress"]  # fmt: skip
     assert launch(train + ["--seed", "1"], timeout=300).returncode == 0
     old = tree(save / "global_step2")
     (save / "notes.txt").write_text("precious")
@@ -256,6 +256,6 @@ def test_overwrite_output_dir_replaces_only_what_the_manifests_list(tiny_inputs,
     assert new["mp_rank_00_model_states.pt"] != old["mp_rank_00_model_states.pt"]  # the new run's weights (another seed)
     assert (save / "notes.txt").read_text() == "precious" and (save / "hf" / "notes.txt").read_text() == "also precious"
     assert "notes.txt" not in verify(str(save / "hf"))["files"]  # kept, not adopted
-    assert [m["step"] for m in read_metrics(save)] == [1, 2]
+    assert [m["step"] for m in read_metrics(save)] == [1, 2]  # the new run's records only
     leftovers = [p.name for p in save.iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
