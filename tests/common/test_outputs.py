@@ -2,7 +2,6 @@
 refuses everything else, and swaps atomically. The old replace_dir_atomic renamed the whole
 target away and deleted it (and removed any OUT.tmp / OUT.old it found): these fail on it."""
 
-import hashlib
 import os
 
 import pytest
@@ -12,22 +11,7 @@ from hypothesis import strategies as st
 from megatron_gem.common.errors import InputError, OutputExistsError, OutputWriteError
 from megatron_gem.common.manifest import write_manifest
 from megatron_gem.common.outputs import building_dir, check_output_dir, fresh_tmp_dir, replace_dir_atomic
-
-
-def snapshot(root) -> dict:
-    """{relative path: sha256 or 'dir' or 'link->target'} of everything under ``root``."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            if os.path.islink(full):
-                out[rel] = "link->" + os.readlink(full)
-            elif os.path.isdir(full):
-                out[rel] = "dir"
-            else:
-                out[rel] = hashlib.sha256(open(full, "rb").read()).hexdigest()
-    return out
+from tests.bad_input import tree
 
 
 def write(path, text):
@@ -47,13 +31,13 @@ def new_output(out_dir, files: dict) -> str:
 def test_a_non_empty_target_is_refused_without_overwrite(tmp_path):
     out = tmp_path / "out"
     write(out / "notes.txt", "precious")
-    before = snapshot(tmp_path)
+    before = tree(tmp_path)
     with pytest.raises(OutputExistsError, match="--output .*out: exists and is not empty.*--overwrite-output-dir"):
         check_output_dir(str(out), "--output")
     tmp = new_output(str(out), {"model.safetensors": "new"})
     with pytest.raises(OutputExistsError):
         replace_dir_atomic(tmp, str(out))
-    assert snapshot(tmp_path) == before  # the target as it was, the temporary directory gone
+    assert tree(tmp_path) == before  # the target as it was, the temporary directory gone
 
 
 def test_overwrite_replaces_only_what_the_manifest_lists(tmp_path):
@@ -73,11 +57,11 @@ def test_overwrite_replaces_only_what_the_manifest_lists(tmp_path):
 def test_a_foreign_file_is_never_overwritten_even_with_overwrite(tmp_path):
     out = tmp_path / "out"
     write(out / "config.json", "the user's own")
-    before = snapshot(tmp_path)
+    before = tree(tmp_path)
     tmp = new_output(str(out), {"config.json": "ours"})
     with pytest.raises(OutputExistsError, match="config.json: not written by megatron-gem"):
         replace_dir_atomic(tmp, str(out), overwrite=True)
-    assert snapshot(tmp_path) == before
+    assert tree(tmp_path) == before
 
 
 def test_neighbours_named_like_old_temporaries_are_left_alone(tmp_path):
@@ -85,10 +69,10 @@ def test_neighbours_named_like_old_temporaries_are_left_alone(tmp_path):
     out = tmp_path / "out"
     write(tmp_path / "out.tmp" / "keep.txt", "a")
     write(tmp_path / "out.old" / "keep.txt", "b")
-    before = snapshot(tmp_path)
+    before = tree(tmp_path)
     replace_dir_atomic(new_output(str(out), {"x": "1"}), str(out))
     replace_dir_atomic(new_output(str(out), {"x": "2"}), str(out), overwrite=True)
-    after = snapshot(tmp_path)
+    after = tree(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith("out/") and k != "out"} == before
 
 
@@ -144,13 +128,13 @@ def test_property_foreign_files_survive_every_replacement(tmp_path_factory, ours
         replace_dir_atomic(new_output(str(out), ours), str(out))
     for rel, text in foreign.items():
         write(str(out / rel), text)
-    before = snapshot(root)
+    before = tree(root)
     clash = any(f == n or f.startswith(n + "/") or n.startswith(f + "/") for f in foreign for n in new)
     try:
         replace_dir_atomic(new_output(str(out), new), str(out), overwrite=True)
     except OutputExistsError:
         assert clash, (ours, foreign, new)  # refused only where a foreign file would be overwritten
-        assert snapshot(root) == before
+        assert tree(root) == before
         return
     assert not clash
     for rel, text in foreign.items():

@@ -2,29 +2,14 @@
 exit 2; the tokenizer is loaded only after the paths are checked; nothing on disk touched; an
 existing output pair replaced only with --overwrite-output-dir."""
 
-import hashlib
 import json
 import os
 
 import pytest
 
+from tests.bad_input import forbid, tree
+from tests.bad_input import one_error_line as error_line
 from tests.launch import load_tool
-
-
-def tree(root) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            out[rel] = (
-                "dir"
-                if os.path.isdir(full) and not os.path.islink(full)
-                else hashlib.sha256(open(full, "rb").read()).hexdigest()
-                if os.path.isfile(full)
-                else "other"
-            )
-    return out
 
 
 def preprocess(*argv) -> int:
@@ -32,9 +17,7 @@ def preprocess(*argv) -> int:
 
 
 def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("preprocess_data.py: error: "), err
-    return lines[0]
+    return error_line(err, "preprocess_data.py")
 
 
 def _cases(root, tiny_inputs):
@@ -113,10 +96,7 @@ def test_bad_input_table(tmp_path, tiny_inputs, capsys, monkeypatch, case):
 def _forbid_tokenizer(monkeypatch):
     import transformers
 
-    def boom(*a, **k):
-        raise AssertionError("the tokenizer was loaded before the paths were checked")
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
+    forbid(monkeypatch, "a tokenizer load", (transformers.AutoTokenizer, "from_pretrained"))
 
 
 def test_unreadable_input_is_named(tmp_path, capsys, monkeypatch):

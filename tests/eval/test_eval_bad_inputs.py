@@ -4,30 +4,14 @@ test), nothing touched; --output replaced only with --overwrite-output-dir, the 
 Before: every model-folder error was a traceback (only ModelLoadError was caught) and a
 mistyped --model went to the hub."""
 
-import hashlib
 import json
 import os
 import shutil
 
 import pytest
 
+from tests.bad_input import forbid, one_error_line, tree
 from tests.launch import load_tool
-
-
-def tree(root) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            out[rel] = (
-                "dir"
-                if os.path.isdir(full) and not os.path.islink(full)
-                else hashlib.sha256(open(full, "rb").read()).hexdigest()
-                if os.path.isfile(full)
-                else "other"
-            )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +36,7 @@ def _forbid_model_load(monkeypatch):
 
     import megatron_gem.eval.mteb_model as mm
 
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the input was refused")
-
-    monkeypatch.setattr(mm, "load_mteb_model", boom)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    forbid(monkeypatch, "a model load", (mm, "load_mteb_model"), (transformers.AutoModelForCausalLM, "from_pretrained"))
 
 
 def _cases(root, gem_dir, tiny_inputs):
@@ -104,8 +84,7 @@ def test_eval_mteb_bad_input_table(gem_dir, tiny_inputs, tmp_path, capsys, monke
     before, model_before = tree(root), tree(gem_dir)
     assert load_tool("eval_mteb").main([*argv, "--no-progress"]) == 2
     out, err = capsys.readouterr()
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("eval_mteb: error: ") and message in lines[0], err
+    assert message in one_error_line(err, "eval_mteb") and "error" not in out
     assert tree(root) == before and tree(gem_dir) == model_before
 
 
@@ -146,3 +125,18 @@ def test_overwrite_output_dir_keeps_the_users_files(gem_dir, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "precious"
     assert json.loads((out / "summary.json").read_text()) == summary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_config_that_is_not_text_and_an_unwritable_output(gem_dir, tmp_path, capsys, monkeypatch):
+    model = tmp_path / "gem"
+    shutil.copytree(gem_dir, model)
+    (model / "config.json").write_bytes(b"\xff\xfe\x00 not json")
+    tool = load_tool("eval_mteb")
+    assert tool.main(["--model", str(model), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err, "eval_mteb")
+    assert str(model) in line and "cannot load it" in line, line
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
+    assert tool.main(["--model", gem_dir, "--output", str(tmp_path / "new" / "out"), "--no-progress"]) == 2
+    assert f"--output {tmp_path / 'new' / 'out'}: cannot create it ({tmp_path} is not writable)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gem"]

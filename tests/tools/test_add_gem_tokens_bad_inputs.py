@@ -3,21 +3,13 @@ nothing left behind; a non-empty --output only with --overwrite-output-dir, the 
 kept (before: the whole target was renamed away and deleted)."""
 
 import errno
-import hashlib
 import os
 
 import pytest
 
+from tests.bad_input import forbid, tree
+from tests.bad_input import one_error_line as error_line
 from tests.launch import load_tool
-
-
-def tree(root) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            out[os.path.relpath(full, root)] = "dir" if os.path.isdir(full) else hashlib.sha256(open(full, "rb").read()).hexdigest()
-    return out
 
 
 def run(*argv) -> int:
@@ -25,9 +17,7 @@ def run(*argv) -> int:
 
 
 def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
-    assert len(lines) == 1 and lines[0].startswith("add_gem_tokens.py: error: "), err
-    return lines[0]
+    return error_line(err, "add_gem_tokens.py")
 
 
 @pytest.mark.parametrize(
@@ -44,10 +34,7 @@ def one_error_line(err: str) -> str:
 def test_bad_input_table(tiny_inputs, tmp_path, capsys, monkeypatch, case, message):
     import transformers
 
-    def boom(*a, **k):
-        raise AssertionError("a tokenizer or model was loaded before the input was refused")
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
+    forbid(monkeypatch, "a tokenizer load", (transformers.AutoTokenizer, "from_pretrained"))
     root = tmp_path
     (root / "file.txt").write_text("x")
     (root / "taken").mkdir()

@@ -5,7 +5,6 @@ before any heavy work. The megatron side (train.py's megatron-core checkpoints, 
 summary mode) is converted in tests/training/test_megatron_engine.py."""
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -13,6 +12,8 @@ import shutil
 import pytest
 import torch
 
+from tests.bad_input import forbid, tree
+from tests.bad_input import one_error_line as error_line
 from tests.launch import launch, load_tool
 
 TRAIN = ["--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "2", "--gem-contrastive-from-step", "1", "--save-interval", "2",
@@ -69,10 +70,7 @@ def convert(*argv) -> int:
 
 
 def one_error_line(err: str) -> str:
-    """The tool's one error line (progress bars may share stderr); no traceback."""
-    lines = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
-    assert len(lines) == 1 and lines[0].startswith("convert_checkpoint.py: error: "), err[-3000:]
-    return lines[0]
+    return error_line(err, "convert_checkpoint.py")
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -107,21 +105,6 @@ def test_every_deepspeed_checkpoint_round_trips(runs, kind, tmp_path):
 
 
 # ---- never removes what it did not write -------------------------------------------------------
-
-
-def tree(root) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            out[os.path.relpath(full, root)] = (
-                "dir"
-                if os.path.isdir(full) and not os.path.islink(full)
-                else hashlib.sha256(open(full, "rb").read()).hexdigest()
-                if os.path.isfile(full)
-                else "other"
-            )
-    return out
 
 
 def test_output_holding_the_users_files(runs, tmp_path, capsys):
@@ -266,23 +249,15 @@ def _forbid_model_load(monkeypatch):
 
     from megatron_gem.mcore import runtime
 
-    def boom(*a, **k):
-        raise AssertionError("a model load or megatron-core started before the input was refused")
-
-    monkeypatch.setattr(runtime, "init_model_parallel", boom)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", boom)
+    targets = [(runtime, "init_model_parallel"), (transformers.AutoModelForCausalLM, "from_pretrained"), (transformers.AutoModelForCausalLM, "from_config")]
+    forbid(monkeypatch, "a model load or megatron-core", *targets)
 
 
 def _forbid_heavy_work(monkeypatch):
     import megatron_gem.hf.deepspeed_checkpoint as ds
 
     _forbid_model_load(monkeypatch)
-
-    def boom(*a, **k):
-        raise AssertionError("the checkpoint was read before the input was refused")
-
-    monkeypatch.setattr(ds, "deepspeed_state", boom)
+    forbid(monkeypatch, "reading the checkpoint", (ds, "deepspeed_state"))
 
 
 def test_permission_denied_on_the_input_is_named(runs, tmp_path, capsys, monkeypatch):
@@ -312,9 +287,7 @@ def _megatron_to_hf(src, out, *extra):
 
 
 def _error_line(proc) -> str:
-    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
-    assert len(lines) == 1 and lines[0].startswith("convert_checkpoint.py: error: "), proc.stderr[-3000:]
-    return lines[0]
+    return one_error_line(proc.stderr)
 
 
 def test_megatron_checkpoint_damaged_files_are_named(converted_checkpoint, tmp_path):

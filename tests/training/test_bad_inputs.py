@@ -3,7 +3,6 @@ model loads (the engine is replaced by one that fails the test if it is ever bui
 touched on disk; a --save holding another run is resumed only with --load, replaced only with
 --overwrite-output-dir (and then only what the manifests list); every flag has help text."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,23 +12,8 @@ import sys
 import pytest
 
 from megatron_gem.training.main import main
+from tests.bad_input import forbid, tree
 from tests.launch import REPO, launch, read_metrics, subprocess_env
-
-
-def tree(root) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            out[rel] = (
-                "dir"
-                if os.path.isdir(full) and not os.path.islink(full)
-                else hashlib.sha256(open(full, "rb").read()).hexdigest()
-                if os.path.isfile(full)
-                else "other"
-            )
-    return out
 
 
 def args_for(tiny_inputs, save, *extra):
@@ -44,11 +28,7 @@ def no_model_load(monkeypatch):
     import megatron_gem.training.main as m
     from megatron_gem.hf import model
 
-    def boom(*a, **k):
-        raise AssertionError("an engine was built (a model load) before the input was refused")
-
-    monkeypatch.setattr(m, "make_engine", boom)
-    monkeypatch.setattr(model, "load_causal_lm", boom)
+    forbid(monkeypatch, "an engine (a model load)", (m, "make_engine"), (model, "load_causal_lm"))
 
 
 def _another_run(save):
@@ -180,10 +160,7 @@ def test_a_resume_or_an_overwrite_passes_the_save_check(tiny_inputs, tmp_path):
 def test_summary_tokens_missing_are_refused_before_the_model_loads(tiny_inputs, tmp_path, capsys, monkeypatch):
     from megatron_gem.training.deepspeed_engine import DeepSpeedEngine
 
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the summary tokens were checked")
-
-    monkeypatch.setattr(DeepSpeedEngine, "build", boom)
+    forbid(monkeypatch, "the model load", (DeepSpeedEngine, "build"))
     # The tiny tokenizer has no unused special token to serve as the summary token.
     assert main(args_for(tiny_inputs, tmp_path / "out", "--gem-train", "summary")) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -259,3 +236,14 @@ def test_overwrite_output_dir_replaces_only_what_the_manifests_list(tiny_inputs,
     assert [m["step"] for m in read_metrics(save)] == [1, 2]  # the new run's records only
     leftovers = [p.name for p in save.iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
+
+
+def test_unreadable_model_and_unwritable_save_are_named(tiny_inputs, tmp_path, capsys, monkeypatch, no_model_load):
+    # As root everything is readable and writable; the checks rely on os.access, so ask it.
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) in (tiny_inputs["model"], str(tmp_path)) else real(p, mode))
+    assert main(args_for(tiny_inputs, tmp_path / "out")) == 2
+    assert f"--model {tiny_inputs['model']}: directory is not readable (permission denied)" in capsys.readouterr().err
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
+    assert main(args_for(tiny_inputs, tmp_path / "out")) == 2
+    assert f"--save {tmp_path / 'out'}: cannot write there ({tmp_path} is not writable)" in capsys.readouterr().err
