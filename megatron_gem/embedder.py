@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from .attention.hf import use_gem_attention
+from .common.errors import ModelLoadError
 from .common.manifest import MANIFEST
 from .common.manifest import verify as verify_manifest
-from .gem.config import GEMConfig
+from .common.model_paths import check_model_source, loading
+from .gem.config import CONFIG_NAME, GEMConfig
 from .gem.layout import build_layout, position_ids_from_doc_ids
 from .gem.readout import pool_special_states
 from .gem.roles import PAD_DOC_ID, Role
@@ -108,6 +110,13 @@ class GEMEmbedder:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             path = str(path_or_model)
+            # A local folder stays local (never a hub download for a mistyped path), and a folder
+            # that is not a model says what it lacks, before anything loads.
+            if not is_summary_adapter_dir(path):  # an adapter folder has its own guard (read_summary_adapter)
+                expect = "a GEM checkpoint directory with gem_config.json, config.json, tokenizer and weights"
+                check_model_source("GEMEmbedder.from_pretrained:", path, config=True, tokenizer=tokenizer is None, expect=expect)
+            if base is not None:
+                check_model_source("base=", os.fspath(base), config=True, weights=True)
             if verify and os.path.isfile(os.path.join(path, MANIFEST)):
                 verify_manifest(path)
             if is_summary_adapter_dir(path):
@@ -119,9 +128,13 @@ class GEMEmbedder:
                 return embedder
             if base is not None:
                 raise ValueError(f"base={base!r}: {path} is not a summary-mode adapter folder (base= is only for those)")
-            config = config or GEMConfig.load(path)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+            if config is None:
+                if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+                    raise ModelLoadError(f"{path}: no {CONFIG_NAME}; not a GEM checkpoint (train.py's SAVE/hf, or tools/add_gem_tokens.py's output)")
+                config = GEMConfig.load(path)
+            with loading(path, path):
+                tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
         else:
             model = path_or_model
             if tokenizer is None:
@@ -171,6 +184,10 @@ class GEMEmbedder:
         prepended to every text before tokenisation, as sentence-transformers does."""
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts, not a single string")
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"encode(): text {i} is {type(t).__name__} ({t!r:.40}), not a str")
         if prompt is not None and prompt_name is not None:
             raise ValueError("give prompt or prompt_name, not both")
         if prompt_name is not None:
@@ -208,9 +225,19 @@ class GEMEmbedder:
         float32 [n, hidden]."""
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        rows = self.model.get_input_embeddings().num_embeddings
         for i, t in enumerate(tokens):
+            if isinstance(t, (str, bytes)) or not hasattr(t, "__len__"):
+                raise TypeError(f"encode_token_ids(): text {i} is {type(t).__name__}, not a sequence of token ids")
             if not len(t):
                 raise ValueError(f"text {i} tokenises to nothing; cannot embed an empty text")
+            ids = np.asarray(t)
+            if ids.dtype.kind not in "iu" or ids.ndim != 1:
+                raise TypeError(f"encode_token_ids(): text {i} holds {ids.dtype} values of shape {ids.shape}, not one list of integer token ids")
+            if ids.min() < 0 or ids.max() >= rows:
+                raise ValueError(
+                    f"encode_token_ids(): text {i} has token id {int(ids.max() if ids.max() >= rows else ids.min())} outside the vocabulary (0..{rows - 1})"
+                )
         # Longest first: fewer pad tokens per batch; the order is restored below.
         order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
         out = torch.empty(len(tokens), self.model.config.hidden_size, dtype=torch.float32)

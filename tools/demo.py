@@ -233,6 +233,7 @@ def main(argv=None) -> int:
         data,
         "--save",
         args.out,
+        "--overwrite-output-dir",  # OUT holds the demo's own data and any earlier demo run
         "--seq-length",
         str(args.seq_length),
         "--micro-batch-size",

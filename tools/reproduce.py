@@ -226,7 +226,8 @@ def train(name: str, recipe_args: list[str], base: str, data: str, runs: str) ->
                 log(f"{name}: reusing the finished run {run}")
                 return os.path.join(run, "hf")
     recipe_args = [pairs_file(os.path.dirname(data)) if a == PAIRS else a for a in recipe_args]
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model", base, "--data", data, "--save", run] + recipe_args
+    # A run directory of another recipe is this tool's own: start over there.
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model", base, "--data", data, "--save", run, "--overwrite-output-dir"] + recipe_args
     log(f"{name}: training: " + " ".join(cmd[1:]))
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + len(name)), PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()

@@ -6,7 +6,8 @@ whole --save directory (then the checkpoint ``latest`` names, or every one with 
     python tools/verify_checkpoint.py runs/gem1b/global_step1000
     python tools/verify_checkpoint.py runs/gem1b --all
 
-Exit 0 when everything verifies; 1 naming the first bad file of each refused checkpoint.
+Exit 0 when everything verifies; 1 naming the first bad file of each refused checkpoint; 2 (one
+line on stderr) for a path that is not a directory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_gem.common.cli import add_debug_flag, run_main  # noqa: E402
+from megatron_gem.common.errors import InputError  # noqa: E402
 from megatron_gem.common.manifest import MANIFEST, CheckpointError, verify  # noqa: E402
 from megatron_gem.training.checkpoint import read_latest, saved_tags  # noqa: E402
 
@@ -33,14 +36,13 @@ def targets(path: str, every: bool) -> list[str]:
     return [os.path.join(path, tag)] if tag else [path]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="a checkpoint directory, or a --save directory")
-    p.add_argument("--all", action="store_true", help="with a --save directory: every global_stepN and hf/, not just latest")
-    args = p.parse_args(argv)
+def check(args) -> int:
+    if os.path.lexists(args.path) and not os.path.exists(args.path):
+        raise InputError(f"{args.path}: a symbolic link to nowhere (or a link loop)")
     if not os.path.exists(args.path):
-        print(f"verify_checkpoint: {args.path}: no such directory", file=sys.stderr)
-        return 2
+        raise InputError(f"{args.path}: no such directory")
+    if not os.path.isdir(args.path):
+        raise InputError(f"{args.path}: is a file; give a checkpoint directory or a --save directory")
     bad = 0
     try:
         dirs = targets(args.path, args.all)
@@ -57,6 +59,15 @@ def main(argv=None) -> int:
         size = sum(f["size"] for f in m["files"].values())
         print(f"ok {d}: {len(m['files'])} files, {size / 1e9:.3f} GB")
     return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="verify_checkpoint", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a checkpoint directory, or a --save directory")
+    p.add_argument("--all", action="store_true", help="with a --save directory: every global_stepN and hf/, not just latest")
+    add_debug_flag(p)
+    args = p.parse_args(argv)
+    return run_main("verify_checkpoint", lambda: check(args), debug=args.debug)
 
 
 if __name__ == "__main__":

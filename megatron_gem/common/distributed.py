@@ -152,6 +152,12 @@ def all_gather_object(obj, group=None) -> list:
     return out
 
 
+def from_main(make, group=None):
+    """``make()`` on global rank 0, its (picklable, small) result on every rank: e.g. a fresh
+    temporary name only one rank may choose."""
+    return all_gather_object(make() if rank() == 0 else None, group)[0]
+
+
 def gather_object(obj, dst: int = 0, group=None) -> list | None:
     """Every rank's ``obj`` in rank order on global rank ``dst``, None on the others."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:

@@ -1,11 +1,11 @@
 """Atomic writes. A reader (a resuming job, a loader, another rank) sees the old file or the new
-one, never a half-written mix: write a temporary file beside the target, fsync it, rename."""
+one, never a half-written mix: write a temporary file beside the target, fsync it, rename.
+Whole directories: outputs.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -25,15 +25,3 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_json_atomic(path: str, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def replace_dir_atomic(tmp: str, out_dir: str) -> str:
-    """Swap the finished directory ``tmp`` in as ``out_dir`` by renames (the old one, if any,
-    is moved aside first and removed last): readers see the old or the new, never a mix."""
-    old = out_dir.rstrip("/") + ".old"
-    if os.path.exists(out_dir):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir

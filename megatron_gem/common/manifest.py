@@ -19,6 +19,7 @@ import os
 from contextlib import contextmanager
 from typing import Callable
 
+from .errors import GEMError
 from .files import write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -26,8 +27,9 @@ VERSION = 1
 _CHUNK = 1 << 24
 
 
-class CheckpointError(RuntimeError):
-    """A damaged or incomplete checkpoint; the message names the directory and the file."""
+class CheckpointError(GEMError, RuntimeError):
+    """A damaged or incomplete checkpoint; the message names the directory and the file (exit 1:
+    the data was there and is broken, not a wrong argument)."""
 
 
 def sha256_of(path: str) -> str:
@@ -67,14 +69,20 @@ def write_manifest(
     gather: Callable | None = None,
     writer: bool = True,
     extra: dict | None = None,
+    digests: bool = True,
 ) -> dict:
     """Hash this rank's share of ``root``'s files; ``gather`` (an all_gather of Python objects,
     None in one process) collects every rank's part; the ``writer`` rank writes manifest.json.
-    Call after every file is written (collective when ``gather`` is given)."""
+    Call after every file is written (collective when ``gather`` is given). ``digests=False``:
+    sizes only (the streaming converters: hashing would add half their run time), so
+    ``verify`` catches missing and truncated files there, not changed bytes."""
     # One listing (the writer's), shared: on a network file system another rank's directory
     # listing may lag behind, and the shares must be cut from the same list.
     files = list_files(root) if gather is None else next(f for f in gather(list_files(root) if writer else None) if f is not None)
-    part = {rel: {"size": os.path.getsize(os.path.join(root, rel)), "sha256": sha256_of(os.path.join(root, rel))} for rel in _mine(files, share)}
+    part = {}
+    for rel in _mine(files, share):
+        path = os.path.join(root, rel)
+        part[rel] = {"size": os.path.getsize(path), "sha256": sha256_of(path)} if digests else {"size": os.path.getsize(path)}
     entries: dict = {}
     for p in _gathered(part, gather):
         entries.update(p)
@@ -92,13 +100,16 @@ def read_manifest(root: str) -> dict:
         with open(path) as f:
             manifest = json.load(f)
         files = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("size"), int) for v in files.values()):
+            raise TypeError("'files' is not a mapping of file names to sizes")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable manifest ({e})") from e
+        raise CheckpointError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from e
     return manifest | {"files": files}
 
 
-def problems(root: str, manifest: dict, names: list[str]) -> list[str]:
-    """What is wrong with ``names`` (manifest entries) of ``root``: one line per bad file."""
+def problems(root: str, manifest: dict, names: list[str], *, digests: bool = True) -> list[str]:
+    """What is wrong with ``names`` (manifest entries) of ``root``: one line per bad file.
+    ``digests=False``: presence and sizes only (no file is read)."""
     bad = []
     for rel in names:
         entry, path = manifest["files"][rel], os.path.join(root, rel)
@@ -108,17 +119,19 @@ def problems(root: str, manifest: dict, names: list[str]) -> list[str]:
         size = os.path.getsize(path)
         if size != entry["size"]:
             bad.append(f"{path}: {size} bytes, {MANIFEST} says {entry['size']} (truncated or overwritten)")
-        elif sha256_of(path) != entry["sha256"]:
+        elif digests and "sha256" in entry and sha256_of(path) != entry["sha256"]:
             bad.append(f"{path}: content does not match its sha256 in {MANIFEST} (damaged)")
     return bad
 
 
-def verify(root: str, *, share: tuple[int, int] = (0, 1), gather: Callable | None = None) -> dict:
+def verify(root: str, *, share: tuple[int, int] = (0, 1), gather: Callable | None = None, digests: bool = True) -> dict:
     """Raise CheckpointError naming the first bad file of ``root`` (every rank raises the same
-    one when ``gather`` is given); return the manifest when all is well."""
+    one when ``gather`` is given); return the manifest when all is well. ``digests=False``:
+    missing and truncated files only (the converters, which read just part of a checkpoint:
+    hashing all of it would cost more than the conversion)."""
     manifest = read_manifest(root)
     names = sorted(manifest["files"])
-    bad = sorted(b for part in _gathered(problems(root, manifest, _mine(names, share)), gather) for b in part)
+    bad = sorted(b for part in _gathered(problems(root, manifest, _mine(names, share), digests=digests), gather) for b in part)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise CheckpointError(bad[0] + more)

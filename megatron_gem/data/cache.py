@@ -32,7 +32,6 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-from ..common.files import replace_dir_atomic
 from ..common.manifest import sha256_of
 from .readers import _suffix, resolve_paths
 from .stats import DataStats
@@ -179,7 +178,12 @@ def build_or_reuse(source, tokenizer, cache_dir: str, *, log=None, **options) ->
             if won is not None:  # another job built the same cache meanwhile: use theirs
                 shutil.rmtree(tmp, ignore_errors=True)
                 return won
-            replace_dir_atomic(tmp, final)  # an incomplete or foreign-key directory of that name
+            # A stale cache of this name (a build cut short, a version of ours that no longer
+            # verifies): the name is this cache's content key, so the directory is one we wrote.
+            stale = f"{final}.stale.{uuid.uuid4().hex[:12]}"
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
         _fsync(cache_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from ..common.errors import InputError
 from .stats import DataStats
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
@@ -29,8 +30,15 @@ TXT_UNITS = ("document", "paragraph", "line")
 ON_BAD = ("error", "skip")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A structural problem in the input: names the file and the line (or record)."""
+
+
+def json_error(e: json.JSONDecodeError) -> str:
+    """'malformed JSON (Expecting value at column 7)': json's own wording ends some messages
+    with "at" ("Unterminated string starting at"), which the column completes once."""
+    msg = e.msg[: -len(" at")] if e.msg.endswith(" at") else e.msg
+    return f"malformed JSON ({msg} at column {e.colno})"
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,8 @@ def resolve_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
             if not found:
                 raise FileNotFoundError(f"{p}: pattern matches no file")
             out += found
+        elif os.path.lexists(p):
+            raise FileNotFoundError(f"{p}: a symbolic link to nowhere (or a link loop)")
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
     return out
@@ -98,7 +108,7 @@ class _Validator:
         if self.on_bad == "skip":
             self.stats.skip(reason)
             return
-        raise DataError(f"{where}: {message} (pass on_bad='skip' / --skip-bad-records to skip and count such records)")
+        raise DataError(f"{where}: {message} (--skip-bad-records skips and counts such records)")
 
     def _usable(self, value, where: str, what: str) -> bool:
         """Whether one text value can be trained on; counts (or raises for) what cannot."""
@@ -197,7 +207,7 @@ def _iter_jsonl(path: str, text_field: str | tuple[str, ...], check: _Validator)
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            check.bad("malformed_json", f"{path}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})")
+            check.bad("malformed_json", f"{path}:{lineno}", json_error(e))
             continue
         doc = check.field(record, text_field, f"{path}:{lineno}")
         if doc is not None:
@@ -216,7 +226,7 @@ def _iter_json_array(path: str, text_field: str | tuple[str, ...], check: _Valid
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
+        raise DataError(f"{path}:{e.lineno}: {json_error(e)}") from e
     if not isinstance(records, list):
         raise DataError(f"{path}:1: expected a JSON array of records or JSON lines")
     for i, record in enumerate(records):

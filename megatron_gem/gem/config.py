@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -15,6 +16,15 @@ LAYOUTS = ("split", "reconstruct")
 # only at summary positions (gem/adapter.py), so plain text runs through the untouched base model.
 TRAIN_MODES = ("full", "summary")
 ADAPTER_POSITIONS = ("special", "special+suffix")
+
+
+class GEMConfigError(ValueError):
+    """A GEMConfig field with a value the method cannot use. ``field`` and ``value`` let a command
+    line name its own flag instead of the field (train.py: --gem-num-special-tokens 0)."""
+
+    def __init__(self, field: str, value, why: str):
+        super().__init__(f"GEMConfig.{field}={value!r}: {why}")
+        self.field, self.value, self.why = field, value, why
 
 
 @dataclass
@@ -68,8 +78,8 @@ class GEMConfig:
         return [self.special_token_template.format(i=i) for i in range(self.num_special_tokens)]
 
     def validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"GEMConfig.{name}={getattr(self, name)!r}: {why}")
+        def bad(name: str, why: str) -> GEMConfigError:
+            return GEMConfigError(name, getattr(self, name), why)
 
         if not isinstance(self.num_special_tokens, int) or self.num_special_tokens < 1:
             raise bad("num_special_tokens", "must be an integer >= 1")
@@ -83,6 +93,8 @@ class GEMConfig:
             raise bad("min_prefix_len" if self.min_prefix_len < 1 else "min_suffix_len", "must be >= 1")
         if not 0.0 <= self.prefix_dropout < 1.0:
             raise bad("prefix_dropout", "must lie in [0, 1)")
+        if not (math.isfinite(self.logit_scale_max) and self.logit_scale_max >= 1.0):
+            raise bad("logit_scale_max", "must be a finite number >= 1")
         if not 1.0 <= self.logit_scale_init <= self.logit_scale_max:
             raise bad("logit_scale_init", f"must lie in [1, logit_scale_max={self.logit_scale_max}]")
         if self.contrastive_from_step < 0:
@@ -99,8 +111,8 @@ class GEMConfig:
             raise bad("train_mode", f"must be one of {TRAIN_MODES}")
         if not isinstance(self.adapter_rank, int) or self.adapter_rank < 1:
             raise bad("adapter_rank", "must be an integer >= 1")
-        if self.adapter_alpha <= 0:
-            raise bad("adapter_alpha", "must be > 0")
+        if not (math.isfinite(self.adapter_alpha) and self.adapter_alpha > 0):
+            raise bad("adapter_alpha", "must be a finite number > 0")
         if self.adapter_positions not in ADAPTER_POSITIONS:
             raise bad("adapter_positions", f"must be one of {ADAPTER_POSITIONS}")
         if self.summary_tokens and len(self.summary_tokens) != self.num_special_tokens:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 
 from ..common import distributed as D
-from ..common.files import replace_dir_atomic, write_text_atomic
+from ..common.files import write_text_atomic
 from ..common.manifest import write_manifest
+from ..common.outputs import building_dir, replace_dir_atomic
 from ..gem.config import CONFIG_NAME, GEMConfig
 from .model_card import write_model_card
 from .sentence_transformers import save_sentence_transformer
@@ -62,20 +62,20 @@ def add_embedder_files(directory: str, *, source: str | None = None, name: str |
 
 def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = None) -> str | None:
     """Write an HF checkpoint (safetensors, config, tokenizer with the GEM tokens,
-    gem_config.json) to ``out_dir`` atomically. Collective under ZeRO-3: call on all ranks."""
+    gem_config.json) to ``out_dir`` atomically. An existing ``out_dir`` loses only what its
+    manifest lists (common/outputs.py). Collective under ZeRO-3: call on all ranks."""
     state = _full_state_dict(lm)
     path = None
     if D.is_main():
-        tmp = out_dir.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        gem_config.save(tmp)
-        if extra:
-            write_text_atomic(os.path.join(tmp, "training_info.json"), json.dumps(extra, indent=2) + "\n")
-        add_embedder_files(tmp, name=out_dir)
-        write_manifest(tmp)
-        path = replace_dir_atomic(tmp, out_dir)
+        with building_dir(out_dir) as tmp:
+            lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            gem_config.save(tmp)
+            if extra:
+                write_text_atomic(os.path.join(tmp, "training_info.json"), json.dumps(extra, indent=2) + "\n")
+            add_embedder_files(tmp, name=out_dir)
+            write_manifest(tmp)
+        path = replace_dir_atomic(tmp, out_dir, overwrite=True)
     D.barrier()
     return path
 
@@ -104,9 +104,7 @@ def export_summary_adapter(
     state = _full_state_dict(adapter)
     path = None
     if D.is_main():
-        tmp = out_dir.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with building_dir(out_dir) as tmp:
             write_summary_adapter_files(
                 tmp,
                 lm=lm,
@@ -121,22 +119,30 @@ def export_summary_adapter(
             )
             add_embedder_files(tmp, name=out_dir)
             write_manifest(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        path = replace_dir_atomic(tmp, out_dir)
+        path = replace_dir_atomic(tmp, out_dir, overwrite=True)
     D.barrier()
     return path
 
 
 def export_summary_adapter_state(
-    state: dict[str, torch.Tensor], hf_config: dict, tokenizer, config, out_dir: str, extra: dict | None = None, *, base_path: str, self_contained: bool = False
+    state: dict[str, torch.Tensor],
+    hf_config: dict,
+    tokenizer,
+    config,
+    out_dir: str,
+    extra: dict | None = None,
+    *,
+    base_path: str,
+    self_contained: bool = False,
+    overwrite: bool = True,
 ) -> str:
     """The same folder as export_summary_adapter from HF-named tensors ("model.layers.{i}.
     self_attn.q_proj.lora_A.weight" [r, in], "...lora_B.weight" [out, r]): megatron-core's
     adapter after mcore.summary.hf_adapter_state gathered and renamed it. ``hf_config``: the
     base's HF config (a skeleton of the model on the meta device names its linear layers for
-    PEFT's target_modules). Not collective: call on the rank holding ``state``."""
+    PEFT's target_modules). ``overwrite``: what to do with a non-empty ``out_dir``
+    (common/outputs.py; train.py's own SAVE/hf: replace). Not collective: call on the rank
+    holding ``state``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..gem.adapter import SummaryAdapter
@@ -154,15 +160,10 @@ def export_summary_adapter_state(
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(kind)
     saved = summary_export_config(tokenizer, config, base_path)
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with building_dir(out_dir) as tmp:
         write_summary_adapter_files(
             tmp, lm=skeleton, adapter=adapter, tokenizer=tokenizer, config=config, base_path=base_path, extra=extra, saved=saved, self_contained=self_contained
         )
         add_embedder_files(tmp, name=out_dir)
         write_manifest(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return replace_dir_atomic(tmp, out_dir)
+    return replace_dir_atomic(tmp, out_dir, overwrite=overwrite)

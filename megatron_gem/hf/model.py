@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 
 from ..attention.hf import use_gem_attention
-from ..common.errors import ModelLoadError
+from ..common.errors import ModelLoadError, one_line
 from ..gem.config import GEMConfig
 from ..gem.losses import LogitScale
 from ..gem.readout import pool_special_states
-from ..gem.tokens import add_gem_tokens, summary_token_ids
+from ..gem.tokens import add_gem_tokens, find_gem_tokens, summary_token_ids
 
 
 class GEMModel(torch.nn.Module):
@@ -108,10 +108,32 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, flag: str = "--tokenizer"):
+    """The tokenizer of ``path`` with a pad token; a folder whose tokenizer files cannot be read
+    raises ModelLoadError naming ``flag`` (check_model_source has checked that they exist)."""
     from transformers import AutoTokenizer
 
-    return ensure_pad_token(AutoTokenizer.from_pretrained(path))
+    try:
+        return ensure_pad_token(AutoTokenizer.from_pretrained(path))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        # transformers reports a truncated tokenizer.json, a missing sentencepiece model or a
+        # wrong tokenizer class through any of these
+        raise ModelLoadError(f"{flag} {path}: cannot load its tokenizer ({type(e).__name__}: {one_line(e)})") from e
+
+
+def check_gem_tokens(tokenizer, config: GEMConfig) -> None:
+    """Raise ModelLoadError, before any model loads, when ``tokenizer`` cannot give the GEM
+    tokens ``config`` asks for: summary mode's K existing unused tokens (or the named ones), or
+    full mode's new names clashing with ordinary tokens. ``config`` is left as it is."""
+    import copy
+
+    try:
+        if config.summary_mode:
+            summary_token_ids(tokenizer, copy.deepcopy(config))
+        else:
+            find_gem_tokens(tokenizer, config)
+    except ValueError as e:
+        raise ModelLoadError(one_line(e)) from e
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype, ds_config: dict | None = None):

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 import torch.distributed as dist
 
 from ..common import distributed as D
-from ..common.files import replace_dir_atomic, write_json_atomic
+from ..common.files import write_json_atomic
 from ..common.manifest import write_manifest
+from ..common.outputs import fresh_tmp_dir, removed_on_error, replace_dir_atomic
 from ..hf.export import add_embedder_files
 from .llama import LlamaArch
 
@@ -120,12 +120,22 @@ def finish_hf_dir(
     tokenizer=None,
     gem_config=None,
     extra: dict | None = None,
-    manifest: bool = False,
+    digests: bool = True,
     source: str | None = None,
+    overwrite: bool = True,
 ) -> str:
     """Write config/index/tokenizer/gem_config, with a GEM config the sentence-transformers files
-    and the model card (``add_embedder_files``; ``source`` says in the card what wrote it), and,
-    with ``manifest``, manifest.json last into ``tmp_dir``; swap it in as ``out_dir``."""
+    and the model card (``add_embedder_files``; ``source`` says in the card what wrote it), and
+    manifest.json last (``digests=False``: sizes only) into ``tmp_dir``; swap it in as
+    ``out_dir`` (common/outputs.py: a non-empty one only with ``overwrite``, and then it loses
+    only what its manifest lists). ``tmp_dir`` is removed on any error."""
+    with removed_on_error(tmp_dir, out_dir):
+        _write_hf_files(tmp_dir, out_dir, config, weight_map, total_size, tokenizer, gem_config, extra, source)
+        write_manifest(tmp_dir, digests=digests)
+    return replace_dir_atomic(tmp_dir, out_dir, overwrite=overwrite)
+
+
+def _write_hf_files(tmp_dir, out_dir, config, weight_map, total_size, tokenizer, gem_config, extra, source) -> None:
     from transformers import AutoConfig
 
     files = sorted(set(weight_map.values()))
@@ -144,9 +154,6 @@ def finish_hf_dir(
         write_json_atomic(os.path.join(tmp_dir, "training_info.json"), extra)
     if gem_config is not None and tokenizer is not None:
         add_embedder_files(tmp_dir, source=source, name=out_dir)
-    if manifest:
-        write_manifest(tmp_dir)
-    return replace_dir_atomic(tmp_dir, out_dir)
 
 
 def gather_tp(t: torch.Tensor) -> list[torch.Tensor]:
@@ -177,11 +184,7 @@ def export_hf_from_model(
 
     pp_rank, pp_size = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_world_size()
     writer = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
-    tmp = out_dir.rstrip("/") + ".tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    D.barrier()
+    tmp = D.from_main(lambda: fresh_tmp_dir(out_dir))  # a fresh name each time: nothing already there is removed
     tensors: dict[str, torch.Tensor] = {}
     if parallel_state.get_data_parallel_rank() == 0:
         for name, local in stage_megatron_tensors(model):
@@ -207,7 +210,6 @@ def export_hf_from_model(
             tokenizer=tokenizer,
             gem_config=gem_config,
             extra=extra,
-            manifest=True,
         )
     D.barrier()
     return result

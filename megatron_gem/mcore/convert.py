@@ -2,7 +2,7 @@
 
   hf_to_megatron     HF safetensors dir -> megatron-core dist_checkpointing dir (reshardable)
   megatron_to_hf     back; bit-equal weights, padding rows dropped
-  deepspeed_to_hf    a ZeRO checkpoint of the DeepSpeed path -> HF (DeepSpeed's zero_to_fp32)
+  deepspeed_to_hf    a checkpoint of the DeepSpeed path -> HF (hf/deepspeed_checkpoint.py; re-exported here)
   add_gem_tokens_to_hf_dir   extend an HF checkpoint with the K GEM tokens (mean-row init)
 
 The megatron conversions run in one process (``runtime.init_model_parallel(1, 1)`` first):
@@ -11,7 +11,9 @@ unsplit (meta-device) model loads at any TP/PP. The requested TP decides the voc
 of make_vocab_size_divisible_by x TP) and TP/PP are recorded in megatron_gem.json.
 hf_to_megatron, megatron_to_hf and add_gem_tokens_to_hf_dir stream tensor by tensor
 (``lazy_checkpoint_io``): peak memory is about one layer, whatever the model size.
-Every output directory is written to ``<out>.tmp`` and renamed when complete.
+Every output directory is built beside ``out_dir`` under a fresh hidden name, gets a manifest
+(sizes) and is renamed into place when complete (common/outputs.py: a non-empty target only
+with ``overwrite``, and then only the files its manifest lists are replaced).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import shutil
 
 import torch
 
-from ..common.files import replace_dir_atomic, write_json_atomic
+from ..common.files import write_json_atomic
+from ..common.manifest import write_manifest
+from ..common.outputs import building_dir, replace_dir_atomic
 from ..gem.config import CONFIG_NAME, GEMConfig
-from ..hf.export import add_embedder_files
+from ..hf.deepspeed_checkpoint import deepspeed_to_hf  # noqa: F401  (the converters' one home for callers)
 from . import checkpoint_io as io
 from .hf_mapping import HFWeights, hf_from_megatron, megatron_from_hf
 from .llama import LlamaArch, arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
@@ -37,13 +41,6 @@ def _load_tokenizer(directory: str):
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError):
         return None  # weights-only checkpoint
-
-
-def _fresh_tmp(out_dir: str) -> str:
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
 
 
 def _meta_gem_model(arch, *, vocab: int, padded: int, dtype: torch.dtype):
@@ -60,9 +57,9 @@ def _meta_gem_model(arch, *, vocab: int, padded: int, dtype: torch.dtype):
     return model
 
 
-def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, divisible_by: int = 128, progress: bool = True, log=print) -> dict:
+def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, divisible_by: int = 128, progress: bool = True, overwrite: bool = False, log=print) -> dict:
     """Convert, tensor by tensor (peak memory about one layer); returns the written
-    megatron_gem.json content."""
+    megatron_gem.json content. ``overwrite``: see the module docstring."""
     from transformers import AutoConfig
 
     from . import lazy_checkpoint_io
@@ -78,20 +75,20 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, divisible_by:
 
     check_parallel_sizes(arch, tp, pp)
     model = _meta_gem_model(arch, vocab=vocab, padded=padded, dtype=dtype)
-    tmp = _fresh_tmp(out_dir)
     log(f"[convert] {hf_dir}: {arch.architecture}, {arch.num_layers} layers, vocab {vocab} -> padded {padded} (TP={tp}), dtype {dtype}")
-
-    # (A tied model has no output_layer parameter at PP=1: the embedding is the head.)
-    lazy_checkpoint_io.save_dist_checkpoint_lazily(model, tmp, lambda name: megatron_from_hf(name, weights, arch, padded), progress=progress)
-    meta = io.make_meta(arch, vocab_size=vocab, padded_vocab=padded, tp=tp, pp=pp, hf_config=hf_config.to_dict(), divisible_by=divisible_by)
-    meta["dtype"] = str(dtype).replace("torch.", "")
-    write_json_atomic(os.path.join(tmp, io.META_NAME), meta)
-    tok = _load_tokenizer(hf_dir)
-    if tok is not None:
-        tok.save_pretrained(tmp)
-    if os.path.isfile(os.path.join(hf_dir, CONFIG_NAME)):
-        GEMConfig.load(hf_dir).save(tmp)
-    replace_dir_atomic(tmp, out_dir)
+    with building_dir(out_dir) as tmp:
+        # (A tied model has no output_layer parameter at PP=1: the embedding is the head.)
+        lazy_checkpoint_io.save_dist_checkpoint_lazily(model, tmp, lambda name: megatron_from_hf(name, weights, arch, padded), progress=progress)
+        meta = io.make_meta(arch, vocab_size=vocab, padded_vocab=padded, tp=tp, pp=pp, hf_config=hf_config.to_dict(), divisible_by=divisible_by)
+        meta["dtype"] = str(dtype).replace("torch.", "")
+        write_json_atomic(os.path.join(tmp, io.META_NAME), meta)
+        tok = _load_tokenizer(hf_dir)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        if os.path.isfile(os.path.join(hf_dir, CONFIG_NAME)):
+            GEMConfig.load(hf_dir).save(tmp)
+        write_manifest(tmp, digests=False)
+    replace_dir_atomic(tmp, out_dir, overwrite=overwrite, flag="--output")
     log(f"[convert] wrote megatron-core dist checkpoint {out_dir} (loads at any TP/PP; made for TP={tp}, PP={pp})")
     return meta
 
@@ -107,7 +104,7 @@ def build_from_meta(meta: dict, *, tp: int = 1, pp: int = 1, **kwargs):
     return arch, model
 
 
-def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5GB", progress: bool = True, log=print) -> str:
+def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5GB", progress: bool = True, overwrite: bool = False, log=print) -> str:
     """Megatron dist checkpoint (converted or trained, any TP/PP) -> HF safetensors, one group of
     parameters at a time (peak memory about one layer, whatever ``max_shard_size``)."""
     from . import lazy_checkpoint_io
@@ -121,7 +118,6 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5G
     model = _meta_gem_model(arch, vocab=meta["vocab_size"], padded=meta["padded_vocab_size"], dtype=getattr(torch, meta.get("dtype", "float32")))
     tok = _load_tokenizer(megatron_dir)
     gem = GEMConfig.load(megatron_dir) if os.path.isfile(os.path.join(megatron_dir, CONFIG_NAME)) else None
-    tmp = _fresh_tmp(out_dir)
 
     def hf_tensors(name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
         if name.startswith("logit_scale."):
@@ -130,14 +126,15 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5G
 
     # The HF tensors' names and shapes come from the same mapping run on the meta model.
     plan = [(k, tuple(t.shape), t.dtype) for group in lazy_checkpoint_io.parameter_groups(model) for name, p in group for k, t in hf_tensors(name, p).items()]
-    shards = lazy_checkpoint_io.SafetensorsShardWriter(tmp, plan, lazy_checkpoint_io.parse_size(max_shard_size))
-    # Reading the next group overlaps writing this one.
-    for group in lazy_checkpoint_io.prefetched(lazy_checkpoint_io.iter_dist_checkpoint_groups(model, megatron_dir, progress=progress)):
-        for name, full in group.items():
-            for hf_name, t in hf_tensors(name, full).items():
-                shards.add(hf_name, t)
-        del group
-    weight_map, total = shards.close()
+    with building_dir(out_dir) as tmp:
+        shards = lazy_checkpoint_io.SafetensorsShardWriter(tmp, plan, lazy_checkpoint_io.parse_size(max_shard_size))
+        # Reading the next group overlaps writing this one.
+        for group in lazy_checkpoint_io.prefetched(lazy_checkpoint_io.iter_dist_checkpoint_groups(model, megatron_dir, progress=progress)):
+            for name, full in group.items():
+                for hf_name, t in hf_tensors(name, full).items():
+                    shards.add(hf_name, t)
+            del group
+        weight_map, total = shards.close()
     io.finish_hf_dir(
         tmp,
         out_dir,
@@ -147,57 +144,16 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, *, max_shard_size: str = "5G
         tokenizer=tok,
         gem_config=gem,
         source=f"tools/convert_checkpoint.py megatron-to-hf from `{megatron_dir}`",
+        digests=False,
+        overwrite=overwrite,
     )
     log(f"[convert] wrote HF checkpoint {out_dir} ({len(set(weight_map.values()))} safetensors file(s))")
     return out_dir
 
 
-def deepspeed_to_hf(ds_dir: str, out_dir: str, *, model_dir: str, tag: str | None = None, log=print) -> str:
-    """A DeepSpeed checkpoint of the GEM DeepSpeed path (``--save`` dir with ``latest``, any ZeRO
-    stage) -> HF safetensors, via DeepSpeed's own zero_to_fp32 consolidation. ``model_dir``: the
-    HF checkpoint the run started from (config and tokenizer); GEM tokens are re-added to that
-    tokenizer from the run's gem_config.json and must land on the recorded ids."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    state = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag)
-    lm_state = {k[len("lm.") :]: v for k, v in state.items() if k.startswith("lm.")}
-    if not lm_state:
-        raise ValueError(f"{ds_dir}: no 'lm.*' parameters; not a checkpoint of the GEM DeepSpeed engine")
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    vocab = lm_state["model.embed_tokens.weight"].shape[0]
-    hf_config.vocab_size = vocab
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    gem = None
-    if os.path.isfile(os.path.join(ds_dir, CONFIG_NAME)):
-        gem = GEMConfig.load(ds_dir)
-        from ..gem.tokens import find_gem_tokens
-
-        if find_gem_tokens(tokenizer, gem) is None:
-            tokenizer.add_special_tokens({"additional_special_tokens": gem.special_tokens}, replace_extra_special_tokens=False)
-        ids = tokenizer.convert_tokens_to_ids(gem.special_tokens)
-        if gem.special_token_ids and list(ids) != list(gem.special_token_ids):
-            raise ValueError(f"GEM tokens get ids {ids} in {model_dir}'s tokenizer but the run used {gem.special_token_ids}: wrong --model")
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    missing, unexpected = lm.load_state_dict(lm_state, strict=False, assign=True)
-    missing = [k for k in missing if not (k == "lm_head.weight" and hf_config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ValueError(f"{ds_dir}: parameters do not match {model_dir}'s architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    if hf_config.tie_word_embeddings:
-        lm.tie_weights()
-    tmp = _fresh_tmp(out_dir)
-    lm.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if gem is not None:
-        gem.save(tmp)
-        add_embedder_files(tmp, source=f"tools/convert_checkpoint.py deepspeed-to-hf from `{ds_dir}` (base `{model_dir}`)", name=out_dir)
-    replace_dir_atomic(tmp, out_dir)
-    log(f"[convert] consolidated {ds_dir} ({len(lm_state)} tensors, fp32) into {out_dir}")
-    return out_dir
-
-
-def add_gem_tokens_to_hf_dir(in_dir: str, out_dir: str, gem_config: GEMConfig, *, max_shard_size: str = "5GB", progress: bool = True, log=print) -> list[int]:
+def add_gem_tokens_to_hf_dir(
+    in_dir: str, out_dir: str, gem_config: GEMConfig, *, max_shard_size: str = "5GB", progress: bool = True, overwrite: bool = False, log=print
+) -> list[int]:
     """Extend an HF checkpoint (safetensors) with the GEM tokens; writes gem_config.json with their
     ids. Idempotent on a checkpoint that already has them. Streams tensor by tensor (an 8B model
     never sits in memory): only the embedding and an untied LM head change, their new rows set
@@ -236,22 +192,22 @@ def add_gem_tokens_to_hf_dir(in_dir: str, out_dir: str, gem_config: GEMConfig, *
             raise ValueError(f"{in_dir}: {n} has {shapes[n][0]} rows, the embedding {before}")
         shapes[n] = (rows, *shapes[n][1:])
     order = sorted(shapes, key=_hf_tensor_order)
-    tmp = _fresh_tmp(out_dir)
-    writer = lazy_checkpoint_io.SafetensorsShardWriter(tmp, [(n, shapes[n], dtypes[n]) for n in order], lazy_checkpoint_io.parse_size(max_shard_size))
-    for name in tqdm(order, desc="add_gem_tokens", unit="tensor", disable=not progress, mininterval=2.0):
-        t = weights(name)
-        if name in resized:
-            # A new tensor either way (the read one may be backed by the file's mapping).
-            t = torch.cat([t, t.new_zeros(rows - before, *t.shape[1:])]) if rows > before else t.clone()
-            if init_ids:
-                t[torch.as_tensor(init_ids)] = mean_row(t, before)
-        writer.add(name, t)
-        del t
-    weight_map, total = writer.close()
+    with building_dir(out_dir) as tmp:
+        writer = lazy_checkpoint_io.SafetensorsShardWriter(tmp, [(n, shapes[n], dtypes[n]) for n in order], lazy_checkpoint_io.parse_size(max_shard_size))
+        for name in tqdm(order, desc="add_gem_tokens", unit="tensor", disable=not progress, mininterval=2.0):
+            t = weights(name)
+            if name in resized:
+                # A new tensor either way (the read one may be backed by the file's mapping).
+                t = torch.cat([t, t.new_zeros(rows - before, *t.shape[1:])]) if rows > before else t.clone()
+                if init_ids:
+                    t[torch.as_tensor(init_ids)] = mean_row(t, before)
+            writer.add(name, t)
+            del t
+        weight_map, total = writer.close()
+        if os.path.isfile(os.path.join(in_dir, "generation_config.json")):
+            shutil.copy(os.path.join(in_dir, "generation_config.json"), tmp)
     config = hf_config.to_dict()
     config["vocab_size"] = rows
-    if os.path.isfile(os.path.join(in_dir, "generation_config.json")):
-        shutil.copy(os.path.join(in_dir, "generation_config.json"), tmp)
     io.finish_hf_dir(
         tmp,
         out_dir,
@@ -261,6 +217,8 @@ def add_gem_tokens_to_hf_dir(in_dir: str, out_dir: str, gem_config: GEMConfig, *
         tokenizer=tokenizer,
         gem_config=gem_config,
         source=f"tools/add_gem_tokens.py from `{in_dir}` (GEM tokens added with mean rows, not trained)",
+        digests=False,
+        overwrite=overwrite,
     )
     log(f"[add_gem_tokens] {in_dir}: tokens {gem_config.special_tokens} -> ids {ids}; embedding rows {before} -> {rows}; wrote {out_dir}")
     return list(ids)

@@ -18,6 +18,7 @@ Layouts (megatron-core, local spec):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..common.errors import ModelLoadError
 from .llama import LlamaArch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -238,12 +240,13 @@ class HFWeights:
         index = os.path.join(directory, "model.safetensors.index.json")
         single = os.path.join(directory, "model.safetensors")
         if os.path.isfile(index):
-            with open(index) as f:
-                self.where = dict(json.load(f)["weight_map"])
+            try:
+                with open(index) as f:
+                    self.where = dict(json.load(f)["weight_map"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ModelLoadError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
         elif os.path.isfile(single):
-            from safetensors import safe_open
-
-            with safe_open(single, framework="pt") as f:
+            with _readable(single) as f:
                 self.where = {k: "model.safetensors" for k in f.keys()}
         else:
             bins = [n for n in os.listdir(directory) if n.endswith(".bin")] if os.path.isdir(directory) else []
@@ -267,20 +270,32 @@ class HFWeights:
     def __call__(self, name: str) -> torch.Tensor:
         if name in self.overrides:
             return self.overrides[name]
-        from safetensors import safe_open
-
         name, path = self._file(name)
-        with safe_open(path, framework="pt") as f:
+        with _readable(path) as f:
             return f.get_tensor(name)
 
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) of a stored tensor, from the file header (no data read)."""
-        from safetensors import safe_open
-
         name, path = self._file(name)
-        with safe_open(path, framework="pt") as f:
+        with _readable(path) as f:
             sl = f.get_slice(name)
             return tuple(sl.get_shape()), SAFETENSORS_DTYPE[sl.get_dtype()]
+
+
+@contextlib.contextmanager
+def _readable(path: str):
+    """safe_open(path), with a damaged or missing file named (safetensors' own error does not)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    with f:
+        try:
+            yield f
+        except SafetensorError as e:
+            raise ModelLoadError(f"{path}: damaged safetensors file ({e})") from e
 
 
 def dict_getter(state_dict: dict[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:

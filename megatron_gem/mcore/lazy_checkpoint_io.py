@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..common.manifest import CheckpointError
 from .hf_mapping import SAFETENSORS_DTYPE_NAME
 
 _LAYER_LOCAL = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -243,7 +244,14 @@ def read_dcp_metadata(directory: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: no .metadata; not a megatron-core torch_dist checkpoint")
     with open(path, "rb") as f:
-        return _SafeUnpickler(f).load()
+        try:
+            return _SafeUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            if str(e).startswith("refusing to load"):  # a class outside checkpoint metadata: not loaded, by design
+                raise pickle.UnpicklingError(f"{path}: {e}") from e
+            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+        except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
+            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
 
 
 def _safe_reader(directory: str, metadata):
@@ -313,12 +321,32 @@ def parameter_groups(meta_model) -> list[list[tuple[str, torch.Tensor]]]:
     return [groups[g] for g in order if g in groups]
 
 
+def _unreadable_data_file(directory: str, metadata, keys: set) -> str | None:
+    """The first data file of ``directory`` holding one of ``keys`` whose stored tensor does not
+    load (torch.load(weights_only=True) of its byte range, as DCP reads it); for the message
+    after a failed read. None when none is found (e.g. a transformed storage)."""
+    import io
+
+    for index, info in sorted((metadata.storage_data or {}).items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
+        if index.fqn not in keys or getattr(info, "transform_descriptors", None):
+            continue
+        path = os.path.join(directory, info.relative_path)
+        try:
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+        except Exception:
+            return info.relative_path
+    return None
+
+
 def iter_dist_checkpoint_groups(meta_model, directory: str, *, progress: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Yield {parameter name: full TP=1 tensor} of a megatron-core dist checkpoint (converted or
     trained, saved at any TP/PP), one group at a time: the embedding, each decoder layer, then
     the final norm / output layer / logit scale. ``meta_model``: the TP=PP=1 GEM GPTModel on the
     meta device (names, shapes, dtypes). Reads only the model's tensors, through a restricted
     unpickler for the .metadata file and torch.load(weights_only=True) for the data."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import load
 
     metadata = read_dcp_metadata(directory)  # once; refuses unsafe pickles up front
@@ -340,7 +368,14 @@ def iter_dist_checkpoint_groups(meta_model, directory: str, *, progress: bool = 
                     wanted[(key, (int(m.group(1)),) + (0,) * param.dim())] = out[name].view(1, *param.shape)
                 else:
                     wanted[(key, (0,) * param.dim())] = out[name]
-            load({}, storage_reader=_safe_reader(directory, metadata), planner=_chunk_load_planner(wanted))
+            try:
+                load({}, storage_reader=_safe_reader(directory, metadata), planner=_chunk_load_planner(wanted))
+            except (Exception, CheckpointException) as e:  # DCP wraps a bad data file in its own (BaseException); name the files read
+                cause = next(iter(getattr(e, "failures", {}).values()), e)
+                cause = cause[0] if isinstance(cause, tuple) else getattr(cause, "exc", cause)  # DCP's per-rank wrapper
+                first = f"{type(cause).__name__}: " + next((line for line in str(cause).splitlines() if line.strip()), "")
+                bad = _unreadable_data_file(directory, metadata, {k for k, _ in wanted}) or "its data files"
+                raise CheckpointError(f"{os.path.join(directory, bad)}: unreadable ({first.strip()[:200]})") from e
             # The planner and reader classes are built per call (reference cycles): drop the
             # views into ``out`` now, or every group would stay alive until a cyclic GC pass.
             wanted.clear()

@@ -10,19 +10,32 @@ Megatron's parallelism flags (``--tensor-model-parallel-size`` /
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 
-from ..gem.config import ADAPTER_POSITIONS, LAYOUTS, TRAIN_MODES, GEMConfig
+from ..common.cli import add_debug_flag
+from ..common.errors import InputError, ModelLoadError
+from ..common.model_paths import MEGATRON_META, check_model_source, max_positions, read_model_config
+from ..common.outputs import OVERWRITE_FLAG, add_overwrite_flag
+from ..gem.config import ADAPTER_POSITIONS, LAYOUTS, TRAIN_MODES, GEMConfig, GEMConfigError
 from ..gem.template import check_template
 from .config import BatchConfig, CheckpointConfig, DataConfig, JobConfig, ModelConfig, OptimizerConfig, ParallelConfig, RunConfig, ValidationConfig, WandbConfig
 
 _DATA_EXTENSIONS = (".json", ".jsonl", ".txt", ".parquet", ".gz", ".bin", ".idx")
 
 
-class ArgumentError(ValueError):
+class ArgumentError(InputError):
     """A bad command-line argument; the message names the flag."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help unless the help already says its default, or the
+    default is None / False / empty (nothing worth printing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], "", argparse.SUPPRESS) or action.option_strings == []:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="GEM post-training of an HF causal LM with DeepSpeed (ZeRO-1/2/3). Run with "
         "`deepspeed train.py --deepspeed ds_zero3.json ...`, `torchrun ... train.py ...` or plain "
         "`python train.py ...` (one process).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, help="HF checkpoint directory (or hub name when online)")
@@ -82,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a --contrastive-data record without hard negatives is a bad record (an error naming file:line, or skipped with --skip-bad-records)",
     )
-    g.add_argument("--save", required=True, help="output directory: checkpoints, metrics.jsonl, hf/ export")
+    g.add_argument(
+        "--save",
+        required=True,
+        help="output directory: checkpoints, metrics.jsonl, hf/ export; a non-empty one is refused unless it is also --load (a resume) "
+        f"or {OVERWRITE_FLAG} is given",
+    )
     g.add_argument(
         "--load",
         default=None,
@@ -94,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="if the checkpoint latest names is damaged or incomplete, resume from the newest earlier one that verifies",
     )
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    add_overwrite_flag(
+        g,
+        help="start a new run in a --save directory that holds another run's checkpoints (HF Trainer's --overwrite_output_dir): its "
+        "'latest' goes at once, each checkpoint and the hf/ export are replaced as the new run writes them, and only files a "
+        "manifest.json lists are ever replaced (other files are kept)",
+    )
 
     g = p.add_argument_group("batch and schedule (Megatron names)")
     g.add_argument("--seq-length", type=int, default=512, help="packed row length in tokens")
@@ -116,24 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--contrastive-lr", type=float, default=1e-5, help="peak learning rate of phase 2 (contrastive)")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of the phase's peak")
     g.add_argument("--lr-warmup-fraction", type=float, default=0.01, help="warmup fraction of each phase")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases, norms and the logit scale)")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
     g.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping (fills DeepSpeed's gradient_clipping)")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=1234, help="seed of the GEM layouts, data order, dropout views and initialisation")
 
     g = p.add_argument_group("GEM")
     g.add_argument("--gem-num-special-tokens", type=int, default=1, help="K summary tokens")
     g.add_argument("--gem-p-raw", type=float, default=0.8, help="probability that a document stays plain in phase 1")
-    g.add_argument("--gem-layout", choices=LAYOUTS, default="split")
-    g.add_argument("--gem-min-prefix-len", type=int, default=4)
-    g.add_argument("--gem-min-suffix-len", type=int, default=4)
+    g.add_argument("--gem-layout", choices=LAYOUTS, default="split", help="phase-1 layout of a GEM document: split (prefix, summary, suffix) or reconstruct")
+    g.add_argument("--gem-min-prefix-len", type=int, default=4, help="fewest tokens before the summary tokens (BOS included)")
+    g.add_argument("--gem-min-suffix-len", type=int, default=4, help="fewest tokens after the summary tokens")
     g.add_argument("--gem-suffix-sees-bos", action="store_true", help="keep the document's first token visible to the suffix")
     g.add_argument("--gem-contrastive-from-step", type=int, default=100, help="first step of phase 2 (contrastive)")
     g.add_argument("--gem-alpha", type=float, default=1.0, help="phase-2 weight of the contrastive loss; < 1 keeps (1-alpha) NTP to preserve generation")
     g.add_argument("--gem-prefix-dropout", type=float, default=0.1, help="token deletion rate of the positive view")
-    g.add_argument("--gem-logit-scale-init", type=float, default=20.0)
-    g.add_argument("--gem-logit-scale-max", type=float, default=100.0)
+    g.add_argument("--gem-logit-scale-init", type=float, default=20.0, help="initial InfoNCE logit scale (1 / temperature), learnt")
+    g.add_argument("--gem-logit-scale-max", type=float, default=100.0, help="upper bound of the learnt logit scale")
     g.add_argument(
         "--gem-train",
         choices=TRAIN_MODES,
@@ -163,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOKEN",
         help="summary mode: existing tokens used as the K summary tokens (default: unused special tokens)",
     )
-    g.add_argument("--attention-backend", choices=("auto", "sdpa", "flex", "triton"), default="auto")
+    g.add_argument(
+        "--attention-backend",
+        choices=("auto", "sdpa", "flex", "triton"),
+        default="auto",
+        help="how the GEM mask runs: auto picks the fastest available, sdpa (dense mask), flex, triton (block-sparse kernel)",
+    )
 
     g = p.add_argument_group("precision, memory, logging, checkpoints")
     g.add_argument("--bf16", action="store_true", help="bf16 training (fills DeepSpeed's bf16.enabled)")
@@ -190,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop every rank, before saving, at a step whose loss or gradient norm is NaN/Inf on any rank",
     )
     g.add_argument("--exit-after-iters", type=int, default=None, help="stop (after saving) at this step; for tests and pre-emption drills")
+    add_debug_flag(g)
 
     add_validation_args(p)
     add_io_args(p)
@@ -307,7 +337,51 @@ def validation_config_from_args(args) -> ValidationConfig:
     )
 
 
+# GEMConfig field -> the train.py flag that sets it (messages name the flag, not the field).
+GEM_FLAGS = {
+    "num_special_tokens": "--gem-num-special-tokens",
+    "p_raw": "--gem-p-raw",
+    "layout": "--gem-layout",
+    "min_prefix_len": "--gem-min-prefix-len",
+    "min_suffix_len": "--gem-min-suffix-len",
+    "suffix_sees_bos": "--gem-suffix-sees-bos",
+    "prefix_dropout": "--gem-prefix-dropout",
+    "logit_scale_init": "--gem-logit-scale-init",
+    "logit_scale_max": "--gem-logit-scale-max",
+    "contrastive_from_step": "--gem-contrastive-from-step",
+    "alpha": "--gem-alpha",
+    "query_prompt": "--contrastive-query-prompt",
+    "embed_template": "--gem-embed-template",
+    "train_mode": "--gem-train",
+    "adapter_rank": "--gem-adapter-rank",
+    "adapter_alpha": "--gem-adapter-alpha",
+    "adapter_targets": "--gem-adapter-targets",
+    "adapter_positions": "--gem-adapter-positions",
+    "summary_tokens": "--gem-summary-tokens",
+}
+
+
+def flag_message(e: GEMConfigError) -> str:
+    """A GEMConfig error in train.py's words: '--gem-p-raw 1.5: must lie in [0, 1]'."""
+    flag = GEM_FLAGS.get(e.field)
+    if flag is None:
+        return str(e)
+    value = " ".join(map(str, e.value)) if isinstance(e.value, list) else e.value
+    why = e.why
+    for field, other in GEM_FLAGS.items():  # "must lie in [1, logit_scale_max=100.0]" -> "--gem-logit-scale-max 100.0"
+        why = why.replace(f"{field}=", f"{other} ")
+    return f"{flag} {value}: {why}"
+
+
 def gem_config_from_args(args) -> GEMConfig:
+    """The GEMConfig the flags give; ArgumentError naming the flag when one is out of range."""
+    try:
+        return _gem_config(args)
+    except GEMConfigError as e:
+        raise ArgumentError(flag_message(e)) from None
+
+
+def _gem_config(args) -> GEMConfig:
     return GEMConfig(
         num_special_tokens=args.gem_num_special_tokens,
         p_raw=args.gem_p_raw,
@@ -388,47 +462,65 @@ def validate_args(args, dp_size: int) -> None:
         raise ArgumentError("--contrastive-negatives-required needs --contrastive-negative-field NAME")
     if negative_field in (args.contrastive_query_field, args.contrastive_positive_field):
         raise ArgumentError(f"--contrastive-negative-field {negative_field!r} is also the query or positive field")
+    gem_config_from_args(args)
+
+
+def check_model_path(flag: str, path: str, *, tokenizer: bool = False) -> None:
+    """--model / --tokenizer: a local checkpoint directory (config.json, or a megatron checkpoint
+    of this project; with ``tokenizer`` also tokenizer files), or an HF repo id the hub can
+    serve or the local HF cache holds (common/model_paths.py)."""
     try:
-        gem_config_from_args(args)
-    except ValueError as e:  # GEMConfig names the field; map it back to the flag
-        raise ArgumentError(f"GEM option: {e}") from e
+        if flag == "--tokenizer":
+            check_model_source(flag, path, config=False, tokenizer=True)
+        else:
+            check_model_source(flag, path, config=True, tokenizer=tokenizer, also=(MEGATRON_META,))
+    except ModelLoadError as e:
+        raise ArgumentError(str(e)) from e
 
 
-# huggingface_hub's rule for a repo id ("name" or "owner/name"); anything else can only be a path.
-_REPO_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]{1,96}$")
+def check_seq_length(args) -> None:
+    """--seq-length (and --contrastive-max-length, capped by it) within the model's positions,
+    read from its config.json without loading it."""
+    try:
+        config = read_model_config(args.model)
+    except ModelLoadError as e:
+        raise ArgumentError(f"--model {e}") from e
+    if config is None:
+        return
+    limit, note = max_positions(config)
+    if limit is not None and args.seq_length > limit:
+        raise ArgumentError(
+            f"--seq-length {args.seq_length} is above --model {args.model}'s max_position_embeddings {limit} ({note}); use --seq-length {limit} or less"
+        )
 
 
-def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def check_save_dir(args) -> None:
+    """--save: a new or empty directory, the directory --load resumes, or (with
+    --overwrite-output-dir) one whose checkpoints and export megatron-gem's manifests list."""
+    from .checkpoint import describe_save_dir, overwrite_problem
+
+    save = args.save
+    if os.path.lexists(save) and not os.path.exists(save):
+        raise ArgumentError(f"--save {save}: a symbolic link to nowhere (or a link loop)")
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise ArgumentError(f"--save {save}: is a file; expected a directory")
+    if not os.path.isdir(save) or not os.listdir(save):
+        return
+    if args.load is not None and os.path.isdir(args.load) and os.path.samefile(args.load, save):
+        return  # a resume: the directory is this run's
+    if getattr(args, "overwrite_output_dir", False):
+        problem = overwrite_problem(save)
+        if problem:
+            raise ArgumentError(f"--save {save} {OVERWRITE_FLAG}: {problem}")
+        return
+    raise ArgumentError(
+        f"--save {save}: {describe_save_dir(save)}; resume it with --load {save}, choose a new --save, or pass {OVERWRITE_FLAG} to start a new run there"
+    )
 
 
 def _readable(flag: str, path: str, what: str) -> None:
     if not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
         raise ArgumentError(f"{flag} {path}: {what} is not readable (permission denied)")
-
-
-def check_model_path(flag: str, path: str) -> None:
-    """A local checkpoint directory, or an HF repo id when the hub can be reached (or the repo
-    is in the local HF cache)."""
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise ArgumentError(f"{flag} {path}: is a file; expected a checkpoint directory")
-        _readable(flag, path, "directory")
-        return
-    looks_local = path.startswith(("/", ".", "~")) or "\\" in path or "--" in path or ".." in path or not _REPO_ID.match(path)
-    if looks_local:
-        raise ArgumentError(f"{flag} {path}: no such directory")
-    if _offline():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = isinstance(try_to_load_from_cache(path, "config.json" if flag == "--model" else "tokenizer_config.json"), str)
-        except Exception:  # an old or missing huggingface_hub: treat as not cached
-            cached = False
-        if not cached:
-            raise ArgumentError(
-                f"{flag} {path}: no such directory, and as an HF repo id it cannot be fetched: the hub is off (HF_HUB_OFFLINE) and the repo is not in the local HF cache"
-            )
 
 
 def check_data_path(flag: str, path: str) -> None:
@@ -481,9 +573,10 @@ def parse_data_path(values) -> tuple[list[str], list[float] | None]:
 
 def validate_paths(args) -> None:
     """Every path argument, before anything heavy: one line naming the flag and the path."""
-    check_model_path("--model", args.model)
+    check_model_path("--model", args.model, tokenizer=args.tokenizer is None)
     if args.tokenizer is not None:
         check_model_path("--tokenizer", args.tokenizer)
+    check_seq_length(args)
     for path in args.data or ():
         check_data_path("--data", path)
     for path in parse_data_path(args.data_path)[0] if args.data_path else ():
@@ -492,23 +585,19 @@ def validate_paths(args) -> None:
         check_data_path("--contrastive-data", path)
     if args.load is not None and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise ArgumentError(f"--load {args.load}: is a file; expected the --save directory of an earlier run")
-    if os.path.exists(args.save) and not os.path.isdir(args.save):
-        raise ArgumentError(f"--save {args.save}: is a file; expected a directory")
+    check_save_dir(args)
     parent = os.path.abspath(args.save)
     while not os.path.isdir(parent):  # the nearest existing directory is where it gets created
         parent = os.path.dirname(parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ArgumentError(f"--save {args.save}: cannot write there ({parent} is not writable)")
     if args.deepspeed_config is not None:
-        if not os.path.isfile(args.deepspeed_config):
-            raise ArgumentError(f"--deepspeed {args.deepspeed_config}: no such file")
+        from .ds_config import read_ds_json
+
         try:
-            with open(args.deepspeed_config) as f:
-                json.load(f)
-        except json.JSONDecodeError as e:
-            raise ArgumentError(f"--deepspeed {args.deepspeed_config}:{e.lineno}: not valid JSON ({e.msg})") from e
-        except OSError as e:
-            raise ArgumentError(f"--deepspeed {args.deepspeed_config}: unreadable ({e.strerror})") from e
+            read_ds_json(args.deepspeed_config)
+        except ValueError as e:
+            raise ArgumentError(f"--deepspeed {e}") from e
 
 
 # ---------------------------------------------------------------- megatron-core engine flags
@@ -529,14 +618,19 @@ def build_megatron_parser() -> argparse.ArgumentParser:
         "--tensor-model-parallel-size / --pipeline-model-parallel-size."
     )
     g = p.add_argument_group("megatron-core (Megatron-LM flag names)")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel ranks per model replica (selects this backend)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="pipeline stages per model replica (selects this backend)")
     g.add_argument("--sequence-parallel", action="store_true", help="shard norms/dropout activations along the sequence (needs TP > 1)")
     g.add_argument(
         "--recompute-granularity", choices=("full", "selective"), default=None, help="activation recomputation (full: whole layers; selective: core attention)"
     )
-    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
-    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument(
+        "--recompute-method",
+        choices=("uniform", "block"),
+        default=None,
+        help="with --recompute-granularity full: uniform (groups of --recompute-num-layers) or block (the first N layers per stage)",
+    )
+    g.add_argument("--recompute-num-layers", type=int, default=None, help="layers per recomputed group (uniform) or recomputed layers per stage (block)")
     g.add_argument(
         "--no-distributed-optimizer",
         dest="use_distributed_optimizer",
@@ -604,7 +698,7 @@ def job_config(args, *, world_size: int) -> JobConfig:
         if hasattr(args, k)
     }
     blend_paths, blend_weights = parse_data_path(args.data_path) if args.data_path else (None, None)
-    return JobConfig(
+    job = JobConfig(
         model=ModelConfig(args.model, args.tokenizer, args.attention_backend, args.bf16, args.gradient_checkpointing, args.gem_summary_fast_path),
         data=DataConfig(
             list(args.data or ()),
@@ -649,6 +743,7 @@ def job_config(args, *, world_size: int) -> JobConfig:
             args.exit_after_iters,
             args.hf_export_self_contained,
             save_total_limit=args.save_total_limit,
+            overwrite=args.overwrite_output_dir,
         ),
         run=RunConfig(args.log_interval, not args.no_progress, args.exit_signal_handler, args.distributed_timeout_minutes, args.check_for_nan_in_loss_and_grad),
         parallel=ParallelConfig(engine=engine, deepspeed_config=args.deepspeed_config, **megatron),
@@ -656,3 +751,11 @@ def job_config(args, *, world_size: int) -> JobConfig:
         validation=validation_config_from_args(args),
         wandb=WandbConfig(args.wandb_project, args.wandb_exp_name, args.wandb_save_dir),
     )
+    if engine == "deepspeed":
+        from .ds_config import load_ds_config
+
+        try:  # types, ZeRO stage and the batch-size arithmetic, before any model is loaded
+            load_ds_config(job.parallel.deepspeed_config, job, None)
+        except ValueError as e:
+            raise ArgumentError(f"--deepspeed {e}" if job.parallel.deepspeed_config else str(e)) from e
+    return job

@@ -11,7 +11,11 @@ What every save guarantees, in both engines (docs/checkpoints.md):
   refuses a damaged or incomplete checkpoint naming the file; with ``--load-fallback`` it
   takes the newest earlier checkpoint that verifies instead;
 * the HF export is written to a temporary directory, gets its own manifest, and is swapped
-  in by rename.
+  in by rename;
+* a --save directory that holds another run's checkpoints is refused at start unless --load
+  resumes it or --overwrite-output-dir starts a new run there; then ``latest`` goes first, and
+  an old checkpoint the new run saves over loses only the files its manifest lists (a checkpoint
+  directory holding anything else is refused at start: ``overwrite_problem``).
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ import numpy as np
 import torch
 
 from ..common import distributed as D
+from ..common.errors import GEMError
 from ..common.files import write_text_atomic
-from ..common.manifest import CheckpointError, read_manifest, verify, write_manifest
+from ..common.manifest import MANIFEST, CheckpointError, read_manifest, verify, write_manifest
+from ..common.outputs import listed_files, walk_entries
 
 LATEST = "latest"
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(GEMError, RuntimeError):
     """Writing a checkpoint failed on some rank; the message names the path and the error."""
 
 
@@ -54,6 +60,49 @@ def saved_tags(load_dir: str) -> list[str]:
     """The ``global_step{N}`` directories of ``load_dir``, newest first."""
     tags = [(int(m.group(1)), name) for name in os.listdir(load_dir) if (m := _TAG.match(name)) and os.path.isdir(os.path.join(load_dir, name))]
     return [name for _, name in sorted(tags, reverse=True)]
+
+
+def describe_save_dir(save_dir: str) -> str:
+    """What a non-empty --save directory holds, in words for a refusal."""
+    tags = saved_tags(save_dir)
+    if tags or os.path.isfile(os.path.join(save_dir, LATEST)):
+        latest = open(os.path.join(save_dir, LATEST)).read().strip() if os.path.isfile(os.path.join(save_dir, LATEST)) else None
+        return f"holds the checkpoints of another run ({', '.join(reversed(tags[:4])) or 'none complete'}{f'; latest: {latest}' if latest else ''})"
+    names = sorted(os.listdir(save_dir))
+    return f"is not empty (it holds {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''})"
+
+
+def overwrite_problem(save_dir: str) -> str | None:
+    """Why --overwrite-output-dir cannot start a new run in ``save_dir`` (None: it can): a
+    checkpoint directory or hf/ export holding files no manifest of ours lists. The new run
+    replaces only what the manifests list, so anything else would end up inside its saves."""
+    for tag in saved_tags(save_dir):
+        path = os.path.join(save_dir, tag)
+        ours = listed_files(path)
+        if not ours:
+            return f"{path}: no {MANIFEST} (an unfinished save, or not ours), so nothing in it is known to be megatron-gem's; remove it yourself"
+
+        foreign = [rel for rel in walk_entries(path)[0] if rel not in ours]
+        if foreign:
+            return f"{os.path.join(path, foreign[0])}: not listed in its checkpoint's {MANIFEST}; move it away"
+    hf = os.path.join(save_dir, "hf")
+    if os.path.lexists(hf) and (not os.path.isdir(hf) or (os.listdir(hf) and not listed_files(hf))):
+        return f"{hf}: not an export of megatron-gem (no {MANIFEST}); move it away"
+    return None
+
+
+def clear_old_checkpoint(path: str) -> None:
+    """Before saving into ``path`` again (a resumed or overwriting run): remove the files the old
+    checkpoint's manifest lists, and the manifest; any other file stays. Rank 0; the caller
+    synchronises before anyone writes there."""
+    ours = listed_files(path)
+    for rel in sorted(ours, key=lambda r: r != MANIFEST):  # the manifest first: the old checkpoint is no longer complete
+        full = os.path.join(path, rel)
+        if os.path.lexists(full):
+            os.remove(full)
+    for dirpath, _, _ in sorted(os.walk(path), key=lambda d: -len(d[0])):
+        if dirpath != path and not os.listdir(dirpath):
+            os.rmdir(dirpath)
 
 
 def _share() -> tuple[int, int]:

@@ -87,6 +87,7 @@ class CheckpointConfig:
     exit_after_iters: int | None = None
     hf_export_self_contained: bool = False  # summary mode: the export carries the base (hf/base/)
     save_total_limit: int | None = None  # keep the newest N checkpoints (None: all)
+    overwrite: bool = False  # --overwrite-output-dir: a new run in a --save holding another run's checkpoints
 
 
 @dataclass

@@ -17,10 +17,11 @@ import os
 import torch
 
 from ..common import distributed as D
+from ..common.errors import GEMError
 from .checkpoint import LATEST
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(GEMError, FloatingPointError):
     """A step's loss or gradient norm was NaN/Inf; the message names step, phase and ranks."""
 
 

@@ -1,15 +1,18 @@
 """train.py's main: the command line becomes a JobConfig here (and nowhere further down), the
-engine the flags select runs it through the shared trainer, and errors become one line."""
+engine the flags select runs it through the shared trainer, and errors become one line on
+stderr (common/cli.py): exit 2 for the input (flags, paths, data, model folders), 1 for a
+failure during the run (a damaged checkpoint, a failed write, a non-finite step); the
+traceback only with --debug."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 from ..common import distributed as D
-from ..common.errors import ModelLoadError
+from ..common.cli import exit_code_of, message_of, report
 from ..common.manifest import CheckpointError
-from ..data import DataError
-from .args import ArgumentError, job_config, parse_args
+from .args import job_config, parse_args
 from .checkpoint import CheckpointWriteError
 from .guard import NonFiniteError
 
@@ -26,25 +29,25 @@ def make_engine(job):
 
 
 def main(argv=None) -> int:
-    from .trainer import train
-
     args = parse_args(argv)
     D.ensure_launcher_env()  # a plain `python train.py` is a one-process job
     engine = None
     try:
         job = job_config(args, world_size=int(os.environ["WORLD_SIZE"]))  # before any process group: bad flags fail fast
+        from .trainer import train
+
         engine = make_engine(job)
         summary = train(job, engine)
-    except (ArgumentError, ModelLoadError, DataError) as e:  # the user's input: one clear line
-        print(f"train.py: error: {e}", flush=True)
+    except Exception as e:
+        code = exit_code_of(e)
+        if code is None or args.debug:
+            raise  # a true bug, or --debug: the traceback
+        # Errors the ranks agree on collectively are said once, by rank 0; any other is said by
+        # the rank that met it (it may be the only one).
+        if D.is_main() or not isinstance(e, (NonFiniteError, CheckpointError, CheckpointWriteError)):
+            report("train.py", message_of(e), stream=sys.stderr)
         shutdown(engine)
-        return 2
-    except (NonFiniteError, CheckpointError, CheckpointWriteError) as e:
-        # The run cannot go on. Every rank raised the same error (they agree collectively), so
-        # one of them says it.
-        D.print_main(f"train.py: error: {e}")
-        shutdown(engine)
-        return 1
+        return code
     D.print_main(f"[megatron-gem] done: {summary}")
     shutdown(engine)
     return 0

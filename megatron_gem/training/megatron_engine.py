@@ -610,7 +610,10 @@ class MegatronEngine(Engine):
                 # base (unchanged weights) as HF once, into the folder itself (base/).
                 import dataclasses
 
-                base_path = converted = out_dir.rstrip("/") + ".base.tmp"
+                from ..common.outputs import fresh_tmp_dir
+
+                # a fresh name: nothing already there is replaced
+                base_path = converted = D.from_main(lambda: fresh_tmp_dir(out_dir.rstrip("/") + ".base"))
                 self_contained = True
                 plain = dataclasses.replace(self.job.gem, train_mode="full")
                 io.export_hf_from_model(

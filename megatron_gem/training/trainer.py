@@ -23,8 +23,18 @@ import torch.distributed as dist
 
 from ..common import distributed as D
 from ..gem.losses import loss_weights
-from ..hf.model import load_tokenizer
-from .checkpoint import agree_on_write, commit_checkpoint, resolve_checkpoint, rng_state, rotate_checkpoints, set_rng_state, tag_for
+from ..hf.model import check_gem_tokens, load_tokenizer
+from .checkpoint import (
+    LATEST,
+    agree_on_write,
+    clear_old_checkpoint,
+    commit_checkpoint,
+    resolve_checkpoint,
+    rng_state,
+    rotate_checkpoints,
+    set_rng_state,
+    tag_for,
+)
 from .config import JobConfig
 from .data_setup import build_loaders, build_validation_loaders, cache_summary, data_cache_dir, data_summary, open_training_corpus, split_training_corpus
 from .distributed import exit_signal_handler
@@ -111,6 +121,15 @@ def save_checkpoint(engine: Engine, save_dir: str, step: int, state: dict, *, ke
     tag = tag_for(step)
     path = os.path.join(save_dir, tag)
     error = None
+    # Saved before (a resumed or overwriting run): only what its manifest lists goes. Rank 0's
+    # view decides for all (node-local disks may differ).
+    if D.all_gather_object(os.path.isdir(path) if D.is_main() else None)[0]:
+        if D.is_main():
+            try:
+                clear_old_checkpoint(path)
+            except OSError as e:
+                error = e
+        agree_on_write(path, error)
     try:
         engine.save(save_dir, tag, state)
         torch.save(rng_state(), os.path.join(path, f"rng_state_rank{D.rank()}.pt"))
@@ -149,7 +168,8 @@ def train(job: JobConfig, engine: Engine) -> dict:
     engine.init_distributed(job)
     stop = exit_signal_handler(job.run.exit_signal_handler)
     seed_everything(job.optimizer.seed)
-    tokenizer = load_tokenizer(job.model.tokenizer_path)
+    tokenizer = load_tokenizer(job.model.tokenizer_path, "--tokenizer" if job.model.tokenizer else "--model")
+    check_gem_tokens(tokenizer, job.gem)  # before the model loads: the tokens the flags ask for exist
     engine.build(job, tokenizer)
 
     corpus = open_training_corpus(job.data, tokenizer, cache_dir=data_cache_dir(job))
@@ -172,6 +192,9 @@ def train(job: JobConfig, engine: Engine) -> dict:
     ck = job.checkpoint
     os.makedirs(ck.save, exist_ok=True)
     if D.is_main():
+        if ck.overwrite and start_step == 0 and os.path.isfile(os.path.join(ck.save, LATEST)):
+            # --overwrite-output-dir: the earlier run no longer resumes from here by default
+            os.remove(os.path.join(ck.save, LATEST))
         job.gem.save(ck.save)
     end_step = job.end_step
     log = MetricsLogger(

@@ -128,6 +128,7 @@ def test_eval_mteb_tool_end_to_end(gem_checkpoint, tmp_path):
 
 
 def test_eval_mteb_task_names():
+    from megatron_gem.common.errors import InputError
     from tests.launch import load_tool
 
     eval_mteb = load_tool("eval_mteb")
@@ -138,5 +139,5 @@ def test_eval_mteb_task_names():
     assert names == list(OFFLINE_TASKS)
     real = eval_mteb.resolve_tasks(["STSBenchmark", "Lee50DocSim"], SCALE)  # a real MTEB task is looked up, not loaded
     assert [t.metadata.name for t in real] == ["Lee50DocSim", "STSBenchmark"]
-    with pytest.raises(SystemExit, match="unknown task or benchmark 'NoSuchTaskAnywhere'"):
+    with pytest.raises(InputError, match="unknown task or benchmark 'NoSuchTaskAnywhere'"):
         eval_mteb.resolve_tasks(["NoSuchTaskAnywhere"], SCALE)

@@ -28,10 +28,18 @@ def test_paper_recipes_unchanged():
     assert rep.RECIPES["gem-keep-ntp"] == rep.COMMON + ["--gem-alpha", "0.5"]
 
 
+def _stand_in_model(path):
+    """A folder the argument checks take for a model (config.json, a tokenizer file); nothing
+    here loads it."""
+    path.mkdir()
+    (path / "config.json").write_text('{"max_position_embeddings": 2048}')
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
 def test_every_recipe_parses_and_validates(tmp_path):
     rep = _reproduce()
-    model = tmp_path / "model"
-    model.mkdir()
+    model = _stand_in_model(tmp_path / "model")
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "a"}\n')
     pairs = tmp_path / "p.jsonl"
@@ -46,8 +54,7 @@ def test_every_recipe_parses_and_validates(tmp_path):
 
 def test_control_recipes_are_plain_ntp_of_the_same_run(tmp_path):
     rep = _reproduce()
-    model = tmp_path / "model"
-    model.mkdir()
+    model = _stand_in_model(tmp_path / "model")
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "a"}\n')
     assert rep.control_name("gem-paper") == "ntp-control-22" and rep.control_name("gem-more-ntp-natural") == "ntp-control-42-natural"

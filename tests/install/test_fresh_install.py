@@ -51,3 +51,20 @@ def test_deepspeed_extra_installs_imports_and_runs_train_help(tmp_path):
     assert "--deepspeed" in helped.stdout and "--gem-num-special-tokens" in helped.stdout
     # The kernels travel inside the wheel (megatron_gem.kernels), not through the source tree.
     _run([py, "-c", "from megatron_gem.kernels import build_block_table"], cwd=work, env=env)
+    # A short run on text input with only the [deepspeed] extra: no megatron-core, no eval tools.
+    _run(
+        [
+            py,
+            "-c",
+            "import json; from megatron_gem.testing import save_tiny_checkpoint, sample_sentences; save_tiny_checkpoint('model'); "
+            "open('data.jsonl', 'w').write(''.join(json.dumps({'text': s}) + '\\n' for s in sample_sentences(120, seed=1)))",
+        ],
+        cwd=work,
+        env=env,
+    )
+    run = [py, "train.py", "--model", "model", "--data", "data.jsonl", "--save", "run", "--seq-length", "64", "--micro-batch-size", "2"]
+    run += ["--global-batch-size", "2", "--contrastive-batch-size", "4", "--train-iters", "2", "--gem-contrastive-from-step", "1", "--no-progress"]
+    _run(run, cwd=work, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert (work / "run" / "hf" / "model.safetensors").exists()
+    missing = subprocess.run([py, "-c", "import megatron.core"], cwd=work, env=env, capture_output=True)
+    assert missing.returncode != 0, "the [deepspeed] extra alone should not bring megatron-core"

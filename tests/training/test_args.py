@@ -32,7 +32,7 @@ def args_for(tiny_inputs, tmp_path, *extra):
     [
         (["--micro-batch-size", "3", "--global-batch-size", "4"], "--global-batch-size 4 is not divisible by --micro-batch-size 3"),
         (["--gem-contrastive-from-step", "9"], "--gem-contrastive-from-step 9 is after --train-iters 4"),
-        (["--gem-p-raw", "1.5"], "p_raw"),
+        (["--gem-p-raw", "1.5"], "--gem-p-raw 1.5: must lie in [0, 1]"),
         (["--seq-length", "3"], "--seq-length 3"),
         (["--load", "README.md"], "--load README.md: is a file"),
         (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
@@ -59,7 +59,7 @@ def args_for(tiny_inputs, tmp_path, *extra):
 )
 def test_bad_arguments_fail_at_start(tiny_inputs, tmp_path, capsys, extra, message):
     assert main(args_for(tiny_inputs, tmp_path, *extra)) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert out.startswith("train.py: error:") and message in out
 
 
@@ -67,10 +67,10 @@ def test_missing_data_and_model(tiny_inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = args_for(tiny_inputs, tmp_path)
     args[args.index("--data") + 1] = str(tmp_path / "missing.jsonl")
-    assert main(args) == 2 and "missing.jsonl: no such file" in capsys.readouterr().out
+    assert main(args) == 2 and "missing.jsonl: no such file" in capsys.readouterr().err
     args = args_for(tiny_inputs, tmp_path)
     args[args.index("--model") + 1] = str(tmp_path / "no_model")
-    assert main(args) == 2 and "no_model: no such directory" in capsys.readouterr().out
+    assert main(args) == 2 and "no_model: no such directory" in capsys.readouterr().err
 
 
 def test_repo_id_offline_and_not_cached_is_refused(tiny_inputs, tmp_path, capsys, monkeypatch):
@@ -79,7 +79,7 @@ def test_repo_id_offline_and_not_cached_is_refused(tiny_inputs, tmp_path, capsys
     args = args_for(tiny_inputs, tmp_path)
     args[args.index("--model") + 1] = "meta-llama/Llama-3.2-1B"
     assert main(args) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert out.startswith("train.py: error: --model meta-llama/Llama-3.2-1B: no such directory") and "HF_HUB_OFFLINE" in out
 
 
@@ -89,7 +89,7 @@ def test_unreadable_data_file_is_named(tiny_inputs, tmp_path, capsys, monkeypatc
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == tiny_inputs["data"] else real(p, mode))
     assert main(args_for(tiny_inputs, tmp_path)) == 2
-    assert f"--data {tiny_inputs['data']}: file is not readable" in capsys.readouterr().out
+    assert f"--data {tiny_inputs['data']}: file is not readable" in capsys.readouterr().err
 
 
 def test_model_without_causal_lm_head_is_refused(tmp_path):
@@ -201,7 +201,7 @@ def test_data_path_reads_megatron_blends(tiny_inputs, tmp_path):
 def test_bad_blends_are_named(tiny_inputs, tmp_path, capsys, entries, message):
     data = tiny_inputs["data"]
     assert main(blend_args(tiny_inputs, tmp_path, *(e.format(data=data) for e in entries))) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert out.startswith("train.py: error:") and message.format(data=data) in out, out
 
 
@@ -239,6 +239,6 @@ def test_an_error_after_start_up_tears_the_process_group_down(tiny_inputs, tmp_p
     args = args_for(tiny_inputs, tmp_path)
     args[args.index("--data") + 1] = str(bad)
     assert main(args) == 2
-    out = capsys.readouterr().out
-    assert out.startswith("train.py: error:") and "bad.jsonl:2" in out
+    out = capsys.readouterr().err
+    assert out.splitlines()[-1].startswith("train.py: error:") and "bad.jsonl:2" in out  # after the progress bars of the model load
     assert not dist.is_initialized()

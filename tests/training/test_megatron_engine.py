@@ -200,8 +200,8 @@ def test_tp2_nan_on_one_rank_stops_all_and_damaged_checkpoints_are_refused(refer
     args[0] = "tests/training/fault_train.py"
     proc = run_torchrun(args, nproc=2, check=False, env={"MG_FAULT": "nan@3:1"})
     assert proc.returncode != 0
-    errors = [line for line in proc.stdout.splitlines() if line.startswith("train.py: error:")]
-    assert len(errors) == 1 and "step 3 (phase 2): non-finite loss on rank(s) 1," in errors[0], proc.stdout[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and "step 3 (phase 2): non-finite loss on rank(s) 1," in errors[0], proc.stderr[-3000:]
     assert "still names global_step2" in errors[0]
     assert (save / "latest").read_text().strip() == "global_step2" and not (save / "global_step4").exists()
     # The resumed run (phase 2, steps 3-4) embeds its 4 texts in GradCache chunks of 2
