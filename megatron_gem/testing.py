@@ -86,12 +86,13 @@ def save_tiny_checkpoint(directory: str | os.PathLike, *, tie_word_embeddings: b
 RESERVED_TOKENS = ("<|reserved_0|>", "<|reserved_1|>")
 
 
-def save_tiny_reserved_base(directory: str | os.PathLike, *, seed: int = 0) -> str:
+def save_tiny_reserved_base(directory: str | os.PathLike, *, seed: int = 0, **overrides) -> str:
     """A tiny base checkpoint whose tokenizer has unused reserved special tokens (like
-    Llama-3's), which summary mode picks as its summary tokens."""
+    Llama-3's), which summary mode picks as its summary tokens. ``overrides``: LlamaConfig
+    fields (make_tiny_llama)."""
     tok = make_tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": list(RESERVED_TOKENS)})
-    model = make_tiny_llama(len(tok), seed=seed)
+    model = make_tiny_llama(len(tok), seed=seed, **overrides)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)
