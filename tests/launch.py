@@ -130,49 +130,19 @@ VLLM_PYTHON = os.path.join(REPO, ".venv-vllm", "bin", "python")
 
 
 def start_vllm(folder, *args, timeout: float = 900):
-    """``vllm serve`` of a GEM folder through the plugin's command line, in .venv-vllm, on
-    127.0.0.1; waited on until /health answers. Returns (process, base url, log file); stop it
-    with ``stop_process``. vLLM's CPU build starts in 1-3 minutes on two cores."""
+    """``vllm serve`` of a GEM folder (the plugin's command line, in .venv-vllm) on 127.0.0.1,
+    waited on until /health answers: (process, base url, log path); stop it with
+    ``stop_vllm_server``. vLLM's CPU build starts in 1-4 minutes on two busy cores."""
     import tempfile
-    import time
-    import urllib.request
 
-    port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    cmd = [VLLM_PYTHON, "-m", "megatron_gem.integrations.vllm_plugin", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), *map(str, args)]
-    # No usage reports (no network here), a small KV cache (the default takes GBs of the machine's memory).
+    from megatron_gem.integrations.vllm_plugin.server import start_vllm_server
+
+    log = tempfile.NamedTemporaryFile(suffix=".vllm.log", delete=False).name
+    # No usage reports (no network here); a 1 GiB KV cache (vLLM's CPU default takes GBs).
     env = subprocess_env(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"vllm serve exited with {proc.returncode}:\n{_tail(log.name)}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return proc, url, log.name
-        except OSError:
-            time.sleep(1)
-    stop_process(proc)
-    raise AssertionError(f"vllm serve did not answer /health within {timeout} s:\n{_tail(log.name)}")
-
-
-def _tail(path: str, chars: int = 6000) -> str:
-    with open(path, errors="replace") as f:
-        return f.read()[-chars:]
-
-
-def stop_process(proc, timeout: float = 60) -> None:
-    """SIGTERM to the process group a server started (vLLM's engine and worker processes with
-    it), SIGKILL if it has not ended in ``timeout``."""
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    try:
+        proc, url = start_vllm_server(VLLM_PYTHON, folder, free_port(), *args, env=env, log_path=log, timeout=timeout)
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
+    return proc, url, log

@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from megatron_gem.embedder import GEMEmbedder
-from megatron_gem.gem import GEMConfig
-from megatron_gem.hf.export import export_hf, export_summary_adapter
-from megatron_gem.integrations import disable_gem, enable_gem
-from megatron_gem.testing import RESERVED_TOKENS, make_tiny_llama, make_tiny_tokenizer, sample_sentences, save_tiny_reserved_base, tiny_summary_model
-from tests.launch import VLLM_PYTHON, start_vllm, stop_process
+from megatron_gem.hf.export import export_summary_adapter
+from megatron_gem.integrations.vllm_plugin.server import stop_vllm_server
+from megatron_gem.testing import RESERVED_TOKENS, sample_sentences, save_tiny_gem_export, save_tiny_reserved_base, tiny_summary_model
+from tests.launch import VLLM_PYTHON, start_vllm
 
 pytestmark = [
     pytest.mark.vllm,
@@ -54,16 +53,7 @@ def _plain_last_states(model, token_lists):
 
 @pytest.fixture(scope="module")
 def full_export(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("vllm_full") / "export")
-    tok = make_tiny_tokenizer()
-    model = make_tiny_llama(len(tok), seed=5, **TINY)
-    config = GEMConfig(num_special_tokens=1, embed_template=TEMPLATE)
-    enable_gem(model, tok, config, backend="sdpa")
-    with torch.no_grad():  # a GEM row of its own, so a readout of another token shows
-        model.get_input_embeddings().weight[config.special_token_ids] += torch.randn(1, model.config.hidden_size)
-    disable_gem(model)
-    export_hf(model, tok, config, path)
-    return path
+    return save_tiny_gem_export(tmp_path_factory.mktemp("vllm_full") / "export", seed=5, row_noise=1.0, embed_template=TEMPLATE, **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +68,16 @@ def summary_folder(tmp_path_factory):
 def full_server(full_export):
     proc, url, log = start_vllm(full_export, "--dtype", "float32", "--max-model-len", MAX_LEN)
     yield url
-    stop_process(proc)
+    stop_vllm_server(proc)
+    os.unlink(log)
 
 
 @pytest.fixture(scope="module")
 def summary_server(summary_folder):
     proc, url, log = start_vllm(summary_folder[0], "--dtype", "float32", "--max-model-len", MAX_LEN)
     yield url, log
-    stop_process(proc)
+    stop_vllm_server(proc)
+    os.unlink(log)
 
 
 def _client(url):
@@ -112,7 +104,7 @@ def test_full_export_gives_gemembedder_vectors(full_export, full_server):
     assert (_cos(plain, ref) < 0.99).all()
 
 
-def test_full_export_token_ids_and_truncation(full_export, full_server):
+def test_full_export_token_ids_truncation_and_raw_vectors(full_export, full_server):
     embedder = GEMEmbedder.from_pretrained(full_export, backend="sdpa", max_length=MAX_LEN)
     # Token ids are the text's tokens: the summary token is appended, no template (encode_token_ids).
     tokens = [embedder.tokenizer(t)["input_ids"] for t in TEXTS[:3]]
@@ -122,6 +114,10 @@ def test_full_export_token_ids_and_truncation(full_export, full_server):
     got = _embed(full_server, [LONG, TEXTS[0]], truncate_prompt_tokens=64)
     ref = GEMEmbedder.from_pretrained(full_export, backend="sdpa", max_length=64).encode([LONG, TEXTS[0]])
     assert (_cos(got, ref) >= COS).all()
+    # use_activation=false (vLLM's field): the state itself, as encode(normalize=False).
+    got = _embed(full_server, TEXTS[:2], use_activation=False)
+    ref = embedder.encode(TEXTS[:2], normalize=False)
+    assert (_cos(got, ref) >= COS).all() and torch.allclose(got.norm(dim=-1), ref.norm(dim=-1), rtol=1e-4)
 
 
 def test_full_export_refusals_keep_serving(full_server):
@@ -154,3 +150,15 @@ def test_summary_adapter_gives_gemembedder_vectors(summary_folder, summary_serve
     with open(log) as f:
         text = f.read()
     assert "enable_prefix_caching=False, enable_chunked_prefill=False" in text and "'mode': <CompilationMode.NONE: 0>" in text
+
+
+def test_a_gem_export_served_as_a_plain_llama_is_refused(full_export):
+    """Without GEMForEmbedding vLLM would pool the bare text: the plugin refuses at startup."""
+    import subprocess
+
+    from tests.launch import REPO, subprocess_env
+
+    code = "from megatron_gem.integrations.vllm_plugin.cli import run_vllm_cli; run_vllm_cli(['serve', %r, '--runner', 'pooling', '--port', '1'])"
+    env = subprocess_env(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    proc = subprocess.run([VLLM_PYTHON, "-c", code % full_export], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "is a GEM export: as a plain LlamaForCausalLM pooling model" in proc.stdout + proc.stderr

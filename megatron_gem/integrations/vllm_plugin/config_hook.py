@@ -13,14 +13,21 @@ prompt is computed in one piece from position 0: no chunked prefill and no prefi
 (a cached block ending with a summary token would also carry the deltas' keys into another
 prompt). The deltas are forward hooks on the linear layers, run eagerly (no torch.compile
 graph), on one tensor- and pipeline-parallel rank.
+
+``PlainLlamaGuard`` (held for LlamaForCausalLM): a GEM export served as a plain Llama under
+``--runner pooling`` would embed the bare text (no template, no summary token) and give other
+vectors without a word: refused, naming the command that serves it.
 """
 
 from __future__ import annotations
 
+import os
+
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from .folder import TOKENIZER_MODE, check_model_type, folder_of
+from ...gem.config import CONFIG_NAME
+from .folder import TOKENIZER_MODE, folder_of
 
 # Under "vllm." so that vLLM's logging configuration prints it with its own lines.
 logger = init_logger("vllm.plugins.megatron_gem")
@@ -30,7 +37,6 @@ class GEMConfigHook(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
         folder = folder_of(model_config)  # raises for what the plugin cannot serve
-        check_model_type(getattr(model_config.hf_config, "model_type", ""), str(model_config.model))
         if model_config.runner_type != "pooling":
             raise ValueError(
                 f"GEMForEmbedding serves embeddings: run it with --runner pooling. A GEM model generates as its HF checkpoint does: serve "
@@ -72,3 +78,14 @@ class GEMConfigHook(VerifyAndUpdateConfig):
         from vllm.config import CompilationMode
 
         vllm_config.compilation_config.mode = CompilationMode.NONE
+
+
+class PlainLlamaGuard(VerifyAndUpdateConfig):
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        path = str(model_config.model)
+        if model_config.runner_type == "pooling" and os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            raise ValueError(
+                f"{path} is a GEM export: as a plain LlamaForCausalLM pooling model it would embed the bare text, not GEM's layout. Serve it with "
+                f"`python -m megatron_gem.integrations.vllm_plugin serve {path}` (the GEMForEmbedding architecture; docs/vllm.md)"
+            )

@@ -27,7 +27,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from ...common.errors import ModelLoadError
 from ...hf.summary_files import PEFT_PREFIX, read_summary_adapter
-from .folder import GEMFolder, folder_of
+from .folder import TOKENIZER_MODE, GEMFolder, folder_of
 
 _EmbeddingLlama = as_embedding_model(LlamaForCausalLM)
 
@@ -90,12 +90,21 @@ class SummaryDeltas(nn.Module):
         return add_deltas
 
 
+def _check_engine(vllm_config: VllmConfig, gem: GEMFolder) -> None:
+    """What config_hook.py set, checked where it matters (a config built without the hook)."""
+    if vllm_config.model_config.tokenizer_mode != TOKENIZER_MODE:
+        raise ValueError(f"GEMForEmbedding needs --tokenizer-mode {TOKENIZER_MODE} (the GEM layout), got {vllm_config.model_config.tokenizer_mode!r}")
+    if gem.adapter_dir is not None and (vllm_config.scheduler_config.enable_chunked_prefill or vllm_config.cache_config.enable_prefix_caching):
+        raise ValueError("a GEM summary-mode adapter needs each prompt computed whole: --no-enable-chunked-prefill --no-enable-prefix-caching")
+
+
 class GEMForEmbedding(_EmbeddingLlama):
     """vLLM's Llama giving GEM embeddings of a full-mode export or, with a summary-mode adapter
     folder (``gem_dir``), of the base model with the folder's deltas at the summary token."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         gem = folder_of(vllm_config.model_config)  # refuses what the plugin cannot serve, before building the model
+        _check_engine(vllm_config, gem)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.gem: GEMFolder = gem
         self.summary_deltas: SummaryDeltas | None = None
