@@ -158,7 +158,7 @@ def test_a_gem_export_served_as_a_plain_llama_is_refused(full_export):
 
     from tests.launch import REPO, subprocess_env
 
-    code = "from megatron_gem.integrations.vllm_plugin.cli import run_vllm_cli; run_vllm_cli(['serve', %r, '--runner', 'pooling', '--port', '1'])"
     env = subprocess_env(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
-    proc = subprocess.run([VLLM_PYTHON, "-c", code % full_export], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [VLLM_PYTHON, "-m", "megatron_gem.integrations.vllm_plugin", "vllm", "serve", full_export, "--runner", "pooling", "--port", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0 and "is a GEM export: as a plain LlamaForCausalLM pooling model" in proc.stdout + proc.stderr

