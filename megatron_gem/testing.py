@@ -83,15 +83,37 @@ def save_tiny_checkpoint(directory: str | os.PathLike, *, tie_word_embeddings: b
     return str(directory)
 
 
+def save_tiny_gem_export(directory: str | os.PathLike, k: int = 1, *, seed: int = 0, row_noise: float = 0.5, embed_template: str = "", **overrides) -> str:
+    """A tiny full-mode GEM export (hf.export.export_hf) with K GEM tokens whose embedding rows
+    are the mean plus ``row_noise`` * N(0, 1) (a readout of another token then shows).
+    ``overrides``: LlamaConfig fields (make_tiny_llama)."""
+    import torch
+
+    from .gem.config import GEMConfig
+    from .hf.export import export_hf
+    from .integrations.enable import disable_gem, enable_gem
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(len(tok), seed=seed, **overrides)
+    config = GEMConfig(num_special_tokens=k, embed_template=embed_template)
+    enable_gem(model, tok, config, backend="sdpa")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[config.special_token_ids] += row_noise * torch.randn(k, model.config.hidden_size)
+    disable_gem(model)
+    export_hf(model, tok, config, str(directory))
+    return str(directory)
+
+
 RESERVED_TOKENS = ("<|reserved_0|>", "<|reserved_1|>")
 
 
-def save_tiny_reserved_base(directory: str | os.PathLike, *, seed: int = 0) -> str:
+def save_tiny_reserved_base(directory: str | os.PathLike, *, seed: int = 0, **overrides) -> str:
     """A tiny base checkpoint whose tokenizer has unused reserved special tokens (like
-    Llama-3's), which summary mode picks as its summary tokens."""
+    Llama-3's), which summary mode picks as its summary tokens. ``overrides``: LlamaConfig
+    fields (make_tiny_llama)."""
     tok = make_tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": list(RESERVED_TOKENS)})
-    model = make_tiny_llama(len(tok), seed=seed)
+    model = make_tiny_llama(len(tok), seed=seed, **overrides)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)

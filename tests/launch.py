@@ -123,3 +123,26 @@ def base_args(inputs, save, **overrides) -> list[str]:
 def read_metrics(save) -> list[dict]:
     with open(os.path.join(save, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+# vLLM in its own environment (make vllm-venv; docs/vllm.md).
+VLLM_PYTHON = os.path.join(REPO, ".venv-vllm", "bin", "python")
+
+
+def start_vllm(folder, *args, timeout: float = 900):
+    """``vllm serve`` of a GEM folder (the plugin's command line, in .venv-vllm) on 127.0.0.1,
+    waited on until /health answers: (process, base url, log path); stop it with
+    ``stop_vllm_server``. vLLM's CPU build starts in 1-4 minutes on two busy cores."""
+    import tempfile
+
+    from megatron_gem.integrations.vllm_plugin.server import start_vllm_server
+
+    log = tempfile.NamedTemporaryFile(suffix=".vllm.log", delete=False).name
+    # No usage reports (no network here); a 1 GiB KV cache (vLLM's CPU default takes GBs).
+    env = subprocess_env(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("TRITON_INTERPRET", None)
+    try:
+        proc, url = start_vllm_server(VLLM_PYTHON, folder, free_port(), *args, env=env, log_path=log, timeout=timeout)
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
+    return proc, url, log
