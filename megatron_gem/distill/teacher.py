@@ -63,7 +63,7 @@ def check_teacher_folder(path: str) -> list[dict]:
         names = os.listdir(folder) if os.path.isdir(folder) else []
         pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
         if pickled and not any(n.endswith(".safetensors") for n in names):
-            raise _error(path, f"{os.path.join(m.get('path', ''), pickled[0]) or pickled[0]}: pickled weights are not loaded (safetensors only)")
+            raise _error(path, f"{os.path.join(m.get('path', ''), pickled[0])}: pickled weights are not loaded (safetensors only)")
     return modules
 
 
