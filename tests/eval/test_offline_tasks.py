@@ -139,5 +139,7 @@ def test_eval_mteb_task_names():
     assert names == list(OFFLINE_TASKS)
     real = eval_mteb.resolve_tasks(["STSBenchmark", "Lee50DocSim"], SCALE)  # a real MTEB task is looked up, not loaded
     assert [t.metadata.name for t in real] == ["Lee50DocSim", "STSBenchmark"]
+    # the held-out check runs by name (outside 'offline', so outside the suite's average)
+    assert [t.metadata.name for t in eval_mteb.resolve_tasks(["offline", "GNUInfoSections"], SCALE)] == [*OFFLINE_TASKS, "GNUInfoSections"]
     with pytest.raises(InputError, match="unknown task or benchmark 'NoSuchTaskAnywhere'"):
         eval_mteb.resolve_tasks(["NoSuchTaskAnywhere"], SCALE)

@@ -19,6 +19,7 @@ LAYERS = {
     "mcore": 4,
     "embedder": 4,
     "packaged_models": 4,
+    "distill": 4,
     "training": 5,
     "eval": 6,
     "integrations": 6,
