@@ -165,8 +165,7 @@ def deepspeed_to_hf(ds_dir: str, out_dir: str, *, model_dir: str, tag: str | Non
     if not lm_state:
         raise ValueError(f"{ds_dir}: no 'lm.*' parameters; not a checkpoint of the GEM DeepSpeed engine")
     hf_config = AutoConfig.from_pretrained(model_dir)
-    vocab = lm_state["model.embed_tokens.weight"].shape[0]
-    hf_config.vocab_size = vocab
+    base_rows = hf_config.vocab_size
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     gem = None
     if os.path.isfile(os.path.join(ds_dir, CONFIG_NAME)):
@@ -178,6 +177,13 @@ def deepspeed_to_hf(ds_dir: str, out_dir: str, *, model_dir: str, tag: str | Non
         ids = tokenizer.convert_tokens_to_ids(gem.special_tokens)
         if gem.special_token_ids and list(ids) != list(gem.special_token_ids):
             raise ValueError(f"GEM tokens get ids {ids} in {model_dir}'s tokenizer but the run used {gem.special_token_ids}: wrong --model")
+    # The run trained on rows padded to a multiple of 64 (gem.tokens.pad_vocab_rows); its own
+    # export drops them, and so does this: the real rows are add_gem_tokens' max(base, tokenizer).
+    vocab = min(lm_state["model.embed_tokens.weight"].shape[0], max(base_rows, len(tokenizer)))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in lm_state:
+            lm_state[name] = lm_state[name][:vocab]
+    hf_config.vocab_size = vocab
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     missing, unexpected = lm.load_state_dict(lm_state, strict=False, assign=True)
