@@ -53,7 +53,14 @@ def _tensor_parallel_all_reduce(group):
 
 
 def vocab_parallel_token_losses(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, true_vocab_size: int, sequence_parallel: bool
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    true_vocab_size: int,
+    sequence_parallel: bool,
+    chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
 ) -> torch.Tensor:
     """Per-token next-token cross-entropy [n, L] (fp32, 0 where ignored) of the output layer's
     vocabulary shard ``weight`` [V_pad / TP, H] on the last-layer states ``hidden`` [L, n, H]
@@ -61,7 +68,7 @@ def vocab_parallel_token_losses(
     parallel region as ColumnParallelLinear's input does (copied, or gathered from the sequence
     shards), so their gradient is all-reduced (reduce-scattered) over TP exactly as the head's
     would be; the softmax statistics are all-reduced over TP inside the loss. Padded vocabulary
-    rows (ids >= ``true_vocab_size``) take no part."""
+    rows (ids >= ``true_vocab_size``) take no part. ``chunk_*``: the block shape (gem.lm_head_loss)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
 
@@ -72,7 +79,9 @@ def vocab_parallel_token_losses(
         hidden = copy_to_tensor_model_parallel_region(hidden)
     all_reduce = _tensor_parallel_all_reduce(parallel_state.get_tensor_model_parallel_group()) if tp > 1 else None
     start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
-    losses = lm_head_token_losses(hidden, weight, labels.t(), vocab_start=start, vocab_limit=true_vocab_size, all_reduce=all_reduce)
+    losses = lm_head_token_losses(
+        hidden, weight, labels.t(), vocab_start=start, vocab_limit=true_vocab_size, all_reduce=all_reduce, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab
+    )
     return losses.t()
 
 

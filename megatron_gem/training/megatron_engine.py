@@ -90,7 +90,7 @@ class EvalForward:
         N = batch["num_texts"]
         emb = contrastive_embeddings(batch, states)
         parts = EvalParts(token_losses=losses, anchors=emb[:N], positives=emb[N : 2 * N], logit_scale=float(model.logit_scale()))
-        return torch.zeros((), device=states.device), parts
+        return torch.zeros((), device=batch["input_ids"].device), parts
 
 
 class StepLoss:
