@@ -113,10 +113,10 @@ class ThreadGroup:
 
 @pytest.mark.parametrize("shards,chunk_vocab", [(2, None), (3, 5)])
 def test_vocabulary_parallel_shards_equal_one_process(shards, chunk_vocab):
-    # 66 rows in `shards` equal shards, ids >= 52 padding (with 3 shards the last one is all
-    # padding). Each shard's grad_hidden is partial: their sum is the gradient (what megatron's
-    # copy-to-tensor-parallel-region backward all-reduces).
-    V, real = 66, 52
+    # 66 rows in `shards` equal shards, ids >= 40 padding (with 3 shards of 22 the last one is
+    # all padding). Each shard's grad_hidden is partial: their sum is the gradient (what
+    # megatron's copy-to-tensor-parallel-region backward all-reduces).
+    V, real = 66, 40
     hidden, weight, labels, up = problem(V=V, real=real, seed=5)
     part = V // shards
     group, results, errors = ThreadGroup(shards), [None] * shards, []
