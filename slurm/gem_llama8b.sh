@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
 # GEM post-training of Llama-3.1-8B: 2 node(s) x 8 GPUs, DeepSpeed ZeRO-3.
 #
-#   DATA=/data/sentences.jsonl sbatch slurm/gem_llama8b.sh
+#   MODEL=/ckpt/Llama-3.1-8B DATA=/data/sentences.jsonl sbatch slurm/gem_llama8b.sh
 #   MODEL=/ckpt/my-llama8b DATA=... SAVE=/runs/x sbatch --nodes=4 --time=48:00:00 slurm/gem_llama8b.sh
 #
-# Defaults below follow the paper's recipe (batch 32, length 512, phase 2 from step 100,
+# MODEL is required (a checkpoint directory on a file system every node sees). Defaults below
+# follow the paper's recipe (batch 32, length 512, phase 2 from step 100,
 # lr 1e-4 then 1e-5); any of them, and everything gem_train.sh reads, can be set in the
 # environment. Allocation changes go on the sbatch command line. See docs/slurm.md.
+#
+# Recipe figures (Llama-3.1-8B with 1 GEM token: 8,030,269,440 parameters, counted as in
+# docs/slurm.md "Recipe figures"):
+#   checkpoint (ZeRO-3, full mode): 12 bytes per parameter (fp32 master weights and Adam's two
+#     moments; ZeRO-3 stores no bf16 copy) = 96.4 GB, 6.0 GB per rank at 16 ranks; summary mode
+#     (--gem-train summary) stores only the adapter and its optimizer state
+#   HF export (hf/, bf16): 2 bytes per parameter = 16.1 GB
+#   on disk: SAVE_TOTAL_LIMIT=2 keeps the newest 2 checkpoints (of the 10 that SAVE_INTERVAL=100
+#     of 1000 steps writes)
+#   collective timeout 25 min: a save written at 200 MB/s (a slow shared file system) takes
+#     8.0 min, and ranks wait in a collective for the slowest writer
+#   tokens: 32 rows x 512 = 16,384 per optimizer step, 1,024 per GPU on 16 GPUs
+#     (2 micro-batches of 1 x 512 each)
+#   per-GPU memory and bytes communicated per step: from the memory estimator of issue #29,
+#     not in the repo yet
 #
 #SBATCH --job-name=gem-llama8b
 #SBATCH --nodes=2
@@ -22,12 +38,12 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@600
 
-: "${MODEL:=meta-llama/Llama-3.1-8B}"
 : "${SEQ_LENGTH:=512}" "${MICRO_BATCH_SIZE:=1}" "${GLOBAL_BATCH_SIZE:=32}"
 : "${TRAIN_ITERS:=1000}" "${CONTRASTIVE_FROM_STEP:=100}" "${LR:=1e-4}" "${CONTRASTIVE_LR:=1e-5}"
-: "${SAVE_INTERVAL:=100}" "${LOG_INTERVAL:=10}" "${GRADIENT_CHECKPOINTING:=1}"
-export MODEL SEQ_LENGTH MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE TRAIN_ITERS CONTRASTIVE_FROM_STEP LR CONTRASTIVE_LR \
-  SAVE_INTERVAL LOG_INTERVAL GRADIENT_CHECKPOINTING
+: "${SAVE_INTERVAL:=100}" "${SAVE_TOTAL_LIMIT:=2}" "${DISTRIBUTED_TIMEOUT_MINUTES:=25}" "${LOG_INTERVAL:=10}" "${GRADIENT_CHECKPOINTING:=1}"
+export SEQ_LENGTH MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE TRAIN_ITERS CONTRASTIVE_FROM_STEP LR CONTRASTIVE_LR \
+  SAVE_INTERVAL SAVE_TOTAL_LIMIT DISTRIBUTED_TIMEOUT_MINUTES LOG_INTERVAL GRADIENT_CHECKPOINTING
+export GEM_RECIPE="Llama-3.1-8B, slurm/gem_llama8b.sh"
 
 # sbatch runs a copy of this file from its spool directory: find the checkout through the
 # path that was submitted (paths with spaces are not supported; set GEM_ROOT then).

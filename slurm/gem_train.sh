@@ -52,7 +52,10 @@ export GEM_ROOT
 [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a SLURM job: submit with sbatch (or run inside salloc)"
 
 # ---- configuration (environment, then SLURM, then defaults) ------------------------------------
-: "${MODEL:?set MODEL to an HF checkpoint directory}"
+# No default model: a hub id would make every rank download (or fail offline, or be refused a
+# gated repo) at start; a cluster job names the checkpoint on its shared file system.
+[ -n "${MODEL:-}" ] ||
+  die "MODEL is not set: give the checkpoint to train${GEM_RECIPE:+ (${GEM_RECIPE})}, e.g. MODEL=/ckpt/Llama-3.1-8B DATA=... sbatch slurm/gem_llama8b.sh (an HF checkpoint directory; BACKEND=megatron also takes a converted megatron checkpoint)"
 : "${DATA:?set DATA to the training data (space-separated files or a Megatron prefix)}"
 : "${SAVE:?set SAVE to the run directory (checkpoints, metrics.jsonl, hf/)}"
 BACKEND=${BACKEND:-deepspeed}
@@ -128,6 +131,8 @@ add_flag --save-interval "${SAVE_INTERVAL:-}"
 add_flag --log-interval "${LOG_INTERVAL:-}"
 add_flag --seed "${SEED:-}"
 add_flag --distributed-timeout-minutes "${DISTRIBUTED_TIMEOUT_MINUTES:-}"
+add_flag --save-total-limit "${SAVE_TOTAL_LIMIT:-}"
+add_flag --data-cache-path "${DATA_CACHE_PATH:-}"
 [ "$BF16" = 1 ] && TRAIN+=(--bf16)
 [ "${GRADIENT_CHECKPOINTING:-0}" = 1 ] && TRAIN+=(--gradient-checkpointing)
 # shellcheck disable=SC2206

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from .roles import IGNORE_INDEX
 
-# In-place all-reduce of a tensor over the vocabulary-parallel group; op is "max" or "sum".
-AllReduce = Callable[[torch.Tensor, str], None]
+# All-reduce over the vocabulary-parallel group: (tensor, "max" | "sum") -> the reduced tensor.
+AllReduce = Callable[[torch.Tensor, str], torch.Tensor]
 
 # Block shape defaults: 4096 vocabulary rows x up to 2^26 / 4096 = 16384 tokens, i.e. at most
 # 256 MiB of fp32 logits at a time (plus their model-dtype GEMM output), whatever the batch.
@@ -100,10 +100,8 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
                 del z
         if all_reduce is not None:
             # A shard of padding only has m = -inf and s = 0: exp(-inf - M) = 0 keeps it out.
-            gm = m.clone()
-            all_reduce(gm, "max")
-            both = torch.stack([s * torch.exp(m - gm), target])
-            all_reduce(both, "sum")
+            gm = all_reduce(m, "max")
+            both = all_reduce(torch.stack([s * torch.exp(m - gm), target]), "sum")
             s, target, m = both[0], both[1], gm
         lse = m + s.log()
         ctx.save_for_backward(hidden, weight, labels, lse)

@@ -3,7 +3,9 @@
 The base model's modules, parameters and state dict are left as they are (no wrapping): each
 adapted ``nn.Linear`` gets a forward hook that adds its delta on the active rows, and each
 decoder layer a forward pre-hook that sets the active rows from the ``roles``/``doc_ids`` the
-layer receives (transformers passes the extra model keywords down to every layer). Activation
+layer receives (transformers passes the extra model keywords down to every layer; the layers of
+one forward share one gem.adapter.ActiveRows, found with one sync). The delta is added into the
+linear's fresh output in place (no copy of it, no boolean mask). Activation
 recomputation re-runs a layer's forward without its hooks, so the layer's checkpoint function is
 wrapped to re-set the rows of that call (``_pin_rows_for_recompute``). A forward without
 ``roles`` (plain text, ``generate()``) runs the base model exactly.
@@ -17,7 +19,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..gem.adapter import SummaryAdapter, adapter_active, base_only
+from ..gem.adapter import ActiveRows, SummaryAdapter, base_only
 from ..gem.config import GEMConfig
 from ..gem.summary_step import gather_summary_queries, prefill_keys
 
@@ -65,7 +67,8 @@ def attach_summary_adapter(lm, config: GEMConfig, *, adapter: SummaryAdapter | N
     handles = []
     for name in shapes:
         delta = adapter.delta_for(name)
-        handles.append(modules[name].register_forward_hook(lambda mod, args, out, d=delta: d(args[0], out, adapter.active.mask)))
+        # in_place: ``out`` is the linear's fresh output, which nothing else has read yet.
+        handles.append(modules[name].register_forward_hook(lambda mod, args, out, d=delta: d(args[0], out, adapter.active.rows, in_place=True)))
 
     def set_rows(mod, args, kwargs):
         if adapter.suspended:
@@ -78,6 +81,7 @@ def attach_summary_adapter(lm, config: GEMConfig, *, adapter: SummaryAdapter | N
 
     for layer in decoder_layers(lm):
         handles.append(layer.register_forward_pre_hook(set_rows, with_kwargs=True))
+    handles.append(getattr(lm, "base_model", lm).register_forward_pre_hook(lambda mod, args: adapter.active.begin_forward()))
     adapter.hook_handles = handles
     return adapter
 
@@ -93,10 +97,10 @@ def _pin_rows_for_recompute(layer, adapter: SummaryAdapter) -> None:
         return
 
     def checkpoint_with_rows(fn, *args, **kwargs):
-        mask = adapter.active.mask
+        rows = adapter.active.rows
 
         def run(*a, **kw):
-            adapter.active.set(mask)
+            adapter.active.set(rows)
             return fn(*a, **kw)
 
         return ckpt(run, *args, **kwargs)
@@ -109,7 +113,7 @@ def detach_summary_adapter(adapter: SummaryAdapter) -> None:
     for h in getattr(adapter, "hook_handles", []):
         h.remove()
     adapter.hook_handles = []
-    adapter.active.clear()
+    adapter.active.forget()
 
 
 @torch.no_grad()
@@ -173,14 +177,16 @@ def touch_adapter(adapter: SummaryAdapter, like: torch.Tensor) -> torch.Tensor:
     own forward (so ZeRO-3 gathers its partitions): added to a forward whose batch activates the
     deltas nowhere, so every trainable parameter still takes part (see GEMModel.forward)."""
     total = like.new_zeros(())
+    row = ActiveRows((1,), torch.zeros(1, dtype=torch.long, device=like.device))  # built here: no sync
     for d in adapter.deltas.values():
         in_features = getattr(d.lora_A, "ds_shape", d.lora_A.shape)[1]  # ZeRO-3 partitions are flat; ds_shape is the real shape
         out_features = getattr(d.lora_B, "ds_shape", d.lora_B.shape)[0]
-        out = d(like.new_zeros(1, in_features), like.new_zeros(1, out_features), torch.ones(1, dtype=torch.bool, device=like.device))
+        out = d(like.new_zeros(1, in_features), like.new_zeros(1, out_features), row)
         total = total + 0.0 * out.sum()
     return total
 
 
 def adapter_acts_on(adapter: SummaryAdapter, batch: dict) -> bool:
-    """Whether a forward of ``batch`` activates the deltas anywhere."""
-    return bool(adapter_active(batch["roles"], batch["doc_ids"], adapter.positions).any())
+    """Whether a forward of ``batch`` activates the deltas anywhere. After a forward of the same
+    ``batch`` tensors this asks the device nothing (the rows its layers found are memoised)."""
+    return adapter.rows_for(batch["roles"], batch["doc_ids"]).count > 0

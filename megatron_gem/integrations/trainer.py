@@ -15,7 +15,7 @@ it takes no weight decay, DDP leaves it alone and the trainer averages its gradi
 data-parallel ranks (DeepSpeed, whose ZeRO optimizers take only the module's parameters, does
 that itself), and it is saved as ``gem_logit_scale.pt`` in every Trainer checkpoint and
 restored on resume. The contrastive
-negatives are gathered from every data-parallel rank (``training.distributed.make_gather_keys``).
+negatives are gathered from every data-parallel rank (``common.distributed.make_gather_keys``).
 The embeddings come from the model's own forward (``output_hidden_states``), so DDP / DeepSpeed
 see one ordinary forward per loss term. Logged: ``gem_phase``, ``gem_ntp_loss``,
 ``gem_cl_loss``, ``gem_logit_scale`` (means over the logging window and the data-parallel
@@ -46,10 +46,9 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
-from ..common.distributed import make_gather_keys
+from ..common import distributed as D
 from ..gem.config import GEMConfig
 from ..gem.losses import LogitScale, loss_weights, micro_batch_loss
 from ..gem.readout import pool_special_states
@@ -119,10 +118,13 @@ class GEMTrainerMixin:
             raise TypeError(f"GEM trainer needs a GEMDataCollator as data_collator, got {type(collator).__name__}")
         if config.alpha > 0:
             collator.contrastive = True  # set before any DataLoader (and its workers) exists
-        device = next(model.parameters()).device
-        self.gem_logit_scale = LogitScale.from_config(config).to(device)
+        first = next(model.parameters())
+        # The dtype of the model's own parameters: DeepSpeed's bf16/fp16 optimizers (ZeRO-1..3)
+        # flatten every trainable parameter into one low-precision buffer (keeping the fp32
+        # master themselves) and refuse a parameter of another dtype.
+        self.gem_logit_scale = LogitScale.from_config(config).to(first.device, dtype=first.dtype)
         _attach_logit_scale(model, self.gem_logit_scale)
-        self._gem_gather = make_gather_keys()
+        self._gem_gather = D.make_gather_keys()
         self._gem_logs: dict[str, list[float]] = {}
         self.add_callback(GEMPhaseCallback(config))
 
@@ -199,10 +201,9 @@ class GEMTrainerMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         grad = self.gem_logit_scale.log_scale.grad
-        if grad is not None and not self.is_deepspeed_enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if grad is not None and not self.is_deepspeed_enabled and D.world_size() > 1:
             # Averaging is linear, so doing it after every accumulation micro-step is exact.
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-            grad /= dist.get_world_size()
+            grad.copy_(D.all_reduce_sum(grad) / D.world_size())
         return loss
 
     # -------------------------------------------------------------------- logging
@@ -212,12 +213,11 @@ class GEMTrainerMixin:
     def log(self, logs: dict, *args, **kwargs):
         keys = sorted(k for k, v in self._gem_logs.items() if v)
         means = torch.tensor([sum(self._gem_logs[k]) / len(self._gem_logs[k]) for k in keys], dtype=torch.float64, device=self.args.device)
-        if keys and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if keys and D.world_size() > 1:
             # Every rank logs (the Trainer's own loss is gathered here too) with the same keys:
             # the mean over ranks is the global batch's value, as the Trainer's "loss" is (the
             # NTP term a rank returns is its share of the global token mean times the ranks).
-            dist.all_reduce(means, op=dist.ReduceOp.SUM)
-            means /= dist.get_world_size()
+            means = D.all_reduce_sum(means) / D.world_size()
         logs.update({k: float(v) for k, v in zip(keys, means)})
         self._gem_logs = {}
         logs.setdefault("gem_phase", gem_phase(max(self.state.global_step - 1, 0), self.gem_config))

@@ -20,6 +20,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from ..common import distributed as D
 from ..common.files import replace_dir_atomic, write_json_atomic
 from ..common.manifest import write_manifest
 from ..hf.export import add_embedder_files
@@ -27,6 +28,9 @@ from .llama import LlamaArch
 
 META_NAME = "megatron_gem.json"
 FORMAT_VERSION = 1
+# Key of megatron_gem.json in a summary-mode training checkpoint: it holds the adapter, the
+# logit scale and their optimizer state only; {"base": the --model its frozen base is}.
+ADAPTER_ONLY = "adapter_only"
 
 
 def read_meta(directory: str) -> dict:
@@ -37,6 +41,12 @@ def read_meta(directory: str) -> dict:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')} (this code reads {FORMAT_VERSION})")
+    if ADAPTER_ONLY in meta:
+        raise ValueError(
+            f"{directory}: a summary-mode training checkpoint: it holds the adapter, the logit scale and their optimizer state, "
+            f"not the frozen base (that is {meta[ADAPTER_ONLY].get('base')}, never rewritten); resume it with train.py --load, "
+            f"or use the run's adapter export (<--save>/hf)"
+        )
     return meta
 
 
@@ -143,13 +153,7 @@ def gather_tp(t: torch.Tensor) -> list[torch.Tensor]:
     """All TP ranks' slices of a parameter, in rank order (collective over the TP group)."""
     from megatron.core import parallel_state
 
-    group = parallel_state.get_tensor_model_parallel_group()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return [t]
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return parts
+    return D.all_gather_tensors(t, parallel_state.get_tensor_model_parallel_group())
 
 
 def export_hf_from_model(
@@ -177,7 +181,7 @@ def export_hf_from_model(
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    dist.barrier()
+    D.barrier()
     tensors: dict[str, torch.Tensor] = {}
     if parallel_state.get_data_parallel_rank() == 0:
         for name, local in stage_megatron_tensors(model):
@@ -186,8 +190,7 @@ def export_hf_from_model(
                 for k, v in hf_from_megatron(name, full, arch, vocab_size).items():
                     tensors[k] = v.to(dtype) if dtype is not None else v
     info = write_hf_shard(tmp, tensors, pp_rank, pp_size) if writer else None
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, info)
+    gathered = D.all_gather_object(info)
     result = None
     if dist.get_rank() == 0:
         weight_map, total = {}, 0
@@ -206,5 +209,5 @@ def export_hf_from_model(
             extra=extra,
             manifest=True,
         )
-    dist.barrier()
+    D.barrier()
     return result

@@ -164,11 +164,24 @@ def layer_offsets(model) -> list[int]:
     return [layer.layer_number - 1 for layer in model.decoder.layers]
 
 
+# TransformerEngine's layer spec fuses each pre-norm into the linear after it
+# (TELayerNormColumnParallelLinear), so its weight is named after that linear. megatron-core's
+# local spec maps its names to these in sharded_state_dict_keys_map: dist checkpoints of both
+# specs have the same keys. The mapping here reads plain state-dict names: TE's go back to the
+# local spec's ones, so both specs load and export HF checkpoints alike.
+_TE_FUSED_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
 def global_name(local: str, offsets: list[int]) -> str:
+    """The global (pipeline-offset) name of a local parameter, in the local spec's names."""
     m = _LAYER.match(local)
     if m is None:
         return local
-    return f"decoder.layers.{offsets[int(m.group(1))]}.{m.group(2)}"
+    rest = _TE_FUSED_NORMS.get(m.group(2), m.group(2))
+    return f"decoder.layers.{offsets[int(m.group(1))]}.{rest}"
 
 
 def _is_gem_extra(name: str) -> bool:

@@ -4,8 +4,10 @@ Pieces
   LlamaArch            the architecture read from an HF config (Llama, Llama-3/3.1/3.2, Mistral);
                        anything else is refused with the reason.
   transformer_config   megatron-core TransformerConfig for it (TP/PP/SP/recompute/dtype).
-  gem_layer_spec       megatron-core's local (non-TransformerEngine) GPT layer spec with
-                       GEMCoreAttention as ``core_attention`` and an HF-exact RMSNorm.
+  gem_layer_spec       megatron-core's GPT layer spec with GEMCoreAttention as ``core_attention``:
+                       the local spec with an HF-exact RMSNorm (or apex's fused one), or the
+                       TransformerEngine spec (mcore/fused.py chooses; the converter and tests
+                       build the local one).
   GEMGPTModel          GPTModel whose RoPE follows the batch's position_ids (packed documents
                        restart at 0, as in the HF model) and whose ``forward(..., task="embed")``
                        returns last-layer states for the summary readout.
@@ -185,6 +187,18 @@ class RMSNorm(torch.nn.Module):
         return self.weight * h.to(dtype)
 
 
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm through apex's fused CUDA kernel (one kernel instead of a chain of elementwise ones):
+    the same parameter, so the same state dict and checkpoints as RMSNorm. Statistics in fp32 as
+    in RMSNorm; the weight is applied before the result is rounded to the input dtype, where HF
+    rounds first, so in bf16 an output may differ from RMSNorm's in its last bit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .fused import apex_rms_norm
+
+        return apex_rms_norm()(x, self.weight, self.weight.shape, self.eps)
+
+
 def transformer_config(
     arch: LlamaArch,
     *,
@@ -196,6 +210,7 @@ def transformer_config(
     recompute_num_layers: int | None = None,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: bool | None = None,
+    layer_impl: str = "local",
 ):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -240,35 +255,47 @@ def transformer_config(
         fp16=fp16,
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=False,  # weights always come from a checkpoint
+        transformer_impl="transformer_engine" if layer_impl == "transformer_engine" else "local",
     )
 
 
-def gem_layer_spec(*, backend: str = "auto", suffix_sees_bos: bool = False):
-    """megatron-core's local GPT layer spec with the GEM core attention and the HF-exact RMSNorm."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def gem_layer_spec(*, backend: str = "auto", suffix_sees_bos: bool = False, layer_impl: str = "local"):
+    """megatron-core's GPT layer spec of ``layer_impl`` (mcore/fused.py) with the GEM core
+    attention: "local" (HF-exact RMSNorm), "apex" (the local spec, apex's fused RMSNorm) or
+    "transformer_engine" (megatron-core's TE spec: the norms fused into linear_qkv / linear_fc1)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from ..attention.megatron import GEMCoreAttention
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    sub = spec.submodules
-    sub.input_layernorm = RMSNorm
-    sub.pre_mlp_layernorm = RMSNorm
-    attn = sub.self_attention
+    if layer_impl == "transformer_engine":
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        norm = FusedRMSNorm if layer_impl == "apex" else RMSNorm
+        spec.submodules.input_layernorm = norm
+        spec.submodules.pre_mlp_layernorm = norm
+    attn = spec.submodules.self_attention
     attn.params = {**attn.params, "attn_mask_type": AttnMaskType.arbitrary}
     attn.submodules.core_attention = ModuleSpec(module=GEMCoreAttention, params={"backend": backend, "suffix_sees_bos": suffix_sees_bos})
     return spec
 
 
-def gem_block_spec(config, *, backend: str = "auto", suffix_sees_bos: bool = False):
-    """This pipeline stage's TransformerBlock spec: GEM layers and the same RMSNorm as the final
-    norm (megatron-core's default final norm is the torch fallback, which refuses sequence
-    parallelism)."""
+def gem_block_spec(config, *, backend: str = "auto", suffix_sees_bos: bool = False, layer_impl: str = "local"):
+    """This pipeline stage's TransformerBlock spec: GEM layers and the matching final norm
+    (megatron-core's default final norm for the local spec is the torch fallback, which refuses
+    sequence parallelism)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    layer = gem_layer_spec(backend=backend, suffix_sees_bos=suffix_sees_bos)
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm)
+    layer = gem_layer_spec(backend=backend, suffix_sees_bos=suffix_sees_bos, layer_impl=layer_impl)
+    if layer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = FusedRMSNorm if layer_impl == "apex" else RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=final_norm)
 
 
 def build_gem_gpt_model(
@@ -283,11 +310,13 @@ def build_gem_gpt_model(
     logit_scale_max: float = 100.0,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    layer_impl: str = "local",
 ):
     """The GEM GPTModel of this pipeline stage (megatron-core parallel state must be initialised).
 
     ``vocab_size`` is the real vocabulary (tokenizer incl. GEM tokens, or the checkpoint's
-    embedding rows), ``padded_vocab`` what megatron allocates (see padded_vocab_size)."""
+    embedding rows), ``padded_vocab`` what megatron allocates (see padded_vocab_size);
+    ``layer_impl`` as mcore.fused chose it (``config`` built with the same)."""
     from megatron.core import parallel_state
 
     if pre_process is None:
@@ -298,7 +327,7 @@ def build_gem_gpt_model(
 
     model = GEMGPTModel(
         config=config,
-        transformer_layer_spec=gem_block_spec(config, backend=backend, suffix_sees_bos=suffix_sees_bos),
+        transformer_layer_spec=gem_block_spec(config, backend=backend, suffix_sees_bos=suffix_sees_bos, layer_impl=layer_impl),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

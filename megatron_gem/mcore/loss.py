@@ -42,14 +42,10 @@ def contrastive_embeddings(batch: dict, states: torch.Tensor) -> torch.Tensor:
 
 
 def _tensor_parallel_all_reduce(group):
-    import torch.distributed as dist
+    from ..common import distributed as D
 
-    ops = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
-
-    def all_reduce(t: torch.Tensor, op: str) -> None:
-        dist.all_reduce(t, op=ops[op], group=group)
-
-    return all_reduce
+    ops = {"max": D.all_reduce_max, "sum": D.all_reduce_sum}
+    return lambda t, op: ops[op](t, group)
 
 
 def vocab_parallel_token_losses(

@@ -11,6 +11,7 @@ from ..common.errors import ModelLoadError
 from ..gem.config import GEMConfig
 from ..gem.tokens import find_gem_tokens, summary_token_ids
 from . import checkpoint_io as io
+from .fused import LayerImpl, choose_layer_impl, fused_kernels_available
 from .hf_mapping import load_hf_into_model
 from .hf_source import check_summary_ids_fit, load_hf_source
 from .llama import LlamaArch, build_gem_gpt_model, padded_vocab_size, transformer_config
@@ -22,6 +23,7 @@ class BuiltModel:
     arch: LlamaArch
     config: object  # megatron-core TransformerConfig
     meta: dict  # megatron_gem.json content of a checkpoint of this model (export needs it)
+    layer_impl: LayerImpl  # the layer implementation chosen from the fused kernels here (mcore/fused.py)
 
 
 def build_gem_model(
@@ -46,6 +48,8 @@ def build_gem_model(
     """``path``: an HF checkpoint (GEM tokens added with mean rows when missing; each rank reads
     only its stage's tensors) or a megatron checkpoint from tools/convert_checkpoint.py (its GEM
     tokens must be in ``tokenizer``). megatron-core's parallel state must be initialised.
+    The layers are the TransformerEngine spec, apex's fused RMSNorm or the local spec, whichever
+    this machine has (mcore.fused.choose_layer_impl; ``BuiltModel.layer_impl`` says which).
     Summary mode (``gem_config.train_mode == "summary"``): the summary tokens are existing ones
     (gem.tokens.summary_token_ids, no rows added), the base is frozen and the adapter attached
     (mcore.summary.attach_summary_adapter; its initial A from ``seed``).
@@ -77,6 +81,7 @@ def build_gem_model(
             f"--seq-length {seq_length} exceeds {arch.architecture}'s sliding window {arch.sliding_window}; GEM attention "
             f"implements full (windowless) attention, exact only up to the window"
         )
+    impl = choose_layer_impl(fused_kernels_available(), summary_mode=gem_config.summary_mode)
     config = transformer_config(
         arch,
         tensor_model_parallel_size=tp,
@@ -86,6 +91,7 @@ def build_gem_model(
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
         params_dtype=dtype,
+        layer_impl=impl.name,
     )
     model = build_gem_gpt_model(
         arch,
@@ -98,6 +104,7 @@ def build_gem_model(
         logit_scale_max=gem_config.logit_scale_max,
         pre_process=pre_process,
         post_process=post_process,
+        layer_impl=impl.name,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
@@ -111,4 +118,4 @@ def build_gem_model(
         attach_summary_adapter(model, gem_config, seed=seed)
     meta = io.make_meta(arch, vocab_size=vocab, padded_vocab=padded, tp=tp, pp=pp, hf_config=hf_config, divisible_by=make_vocab_size_divisible_by)
     meta["dtype"] = str(dtype).replace("torch.", "")
-    return BuiltModel(model, arch, config, meta)
+    return BuiltModel(model, arch, config, meta, impl)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 
 import torch
 import torch.distributed as dist
@@ -14,7 +13,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_m
     megatron-core's TP/PP/DP groups; CPU shims when there is no GPU; model-parallel seeds."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from ..common.distributed import ensure_launcher_env
+    from ..common.distributed import bind_local_device, ensure_launcher_env
     from . import cpu_shims
 
     ensure_launcher_env()
@@ -22,8 +21,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, timeout_m
     if not cuda:
         cpu_shims.apply()
     if not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        bind_local_device()  # before the process group: NCCL's communicator belongs to this rank's GPU
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     if world % (tp * pp):

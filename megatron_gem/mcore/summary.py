@@ -20,6 +20,11 @@ each adapted linear gets a forward hook adding its delta on the active rows; eac
 TransformerLayer a forward pre-hook setting the active rows from the layer's own
 ``attention_mask`` argument (gem_mask_info: doc_ids/roles [B, L], transposed to megatron's
 sequence-first [L, B]), so a recomputed layer (--recompute-granularity full) sees the same rows.
+The rows are found once per micro-batch (gem.adapter.ActiveMask.rows_for: the layers, and their
+recomputation on the detached copy of the same argument, share one ActiveRows) and the deltas
+add by index, with no device-to-host sync per layer. Column-parallel outputs take the delta in
+place; a RowParallelLinear's output comes out of the tensor-parallel all-reduce Function as a
+view autograd forbids writing into, so it takes it out of place (one copy of that output).
 The deltas' initial values depend only on the seed and the global layer (a full A is drawn,
 then sliced), so every TP x PP layout starts from the single-process adapter.
 """
@@ -131,7 +136,7 @@ class MegatronSummaryAdapter(nn.Module):
         from ..attention.megatron import split_mask_info
 
         doc_ids, roles = split_mask_info(attention_mask)
-        self.active.set(adapter_active(roles, doc_ids, self.positions).transpose(0, 1))
+        self.active.set(self.active.rows_for((attention_mask,), lambda: adapter_active(roles, doc_ids, self.positions).transpose(0, 1)))
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
@@ -196,13 +201,14 @@ def attach_summary_adapter(model, config: GEMConfig, *, seed: int = 0) -> Megatr
 
         def add_delta(mod, args, output, d=delta):
             out, bias = output
-            return d(args[0], out, adapter.active.mask), bias
+            return d(args[0], out, adapter.active.rows, in_place=True), bias  # ``out``: the linear's fresh output
 
         handles.append(module.register_forward_hook(add_delta))
 
     def set_rows(mod, args, kwargs):
         adapter.set_positions(kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None))
 
+    handles.append(model.decoder.register_forward_pre_hook(lambda mod, args: adapter.active.begin_forward()))
     for layer in model.decoder.layers:
         handles.append(layer.register_forward_pre_hook(set_rows, with_kwargs=True))
         layer.self_attention.core_attention.prefill_kv = adapter.prefill_kv
@@ -228,7 +234,7 @@ def detach_summary_adapter(model) -> MegatronSummaryAdapter | None:
         for h in adapter.hook_handles:
             h.remove()
         adapter.hook_handles = []
-        adapter.active.clear()
+        adapter.active.forget()
         adapter.prefill_kv.clear()
         for layer in model.decoder.layers:
             layer.self_attention.core_attention.prefill_kv = None
@@ -262,9 +268,9 @@ def hf_adapter_state(model, arch) -> dict[str, torch.Tensor] | None:
     """The whole model's adapter as HF-named tensors (hf_adapter_tensors), CPU, on global rank 0
     (None elsewhere). Collective over all ranks: TP shards are gathered within each stage,
     then the stages' dicts go to rank 0."""
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from ..common import distributed as D
     from .checkpoint_io import gather_tp
 
     adapter = summary_adapter_of(model)
@@ -281,9 +287,8 @@ def hf_adapter_state(model, arch) -> dict[str, torch.Tensor] | None:
             a = unshard(name + ".weight", gather_tp(a))
         if first:
             mine.update({k: v.cpu() for k, v in hf_adapter_tensors(name, a, b, arch).items()})
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine if first else None, gathered, dst=0)
-    if dist.get_rank() != 0:
+    gathered = D.gather_object(mine if first else None, dst=0)
+    if not D.is_main():
         return None
     state = {}
     for part in gathered:

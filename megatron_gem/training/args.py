@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-after-iters", type=int, default=None, help="stop (after saving) at this step; for tests and pre-emption drills")
 
     add_validation_args(p)
+    add_io_args(p)
 
     g = p.add_argument_group("launcher")
     g.add_argument("--deepspeed", dest="deepspeed_config", default=None, help="DeepSpeed JSON config (e.g. ds_zero3.json)")
@@ -224,6 +225,35 @@ def add_validation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb-project", default=None, help="log to this W&B project (needs the wandb package; WANDB_MODE=offline works without network)")
     g.add_argument("--wandb-exp-name", default=None, help="the W&B run name (required with --wandb-project, as in Megatron-LM)")
     g.add_argument("--wandb-save-dir", default=None, help="where W&B writes its run files (default: <--save>/wandb)")
+
+
+def add_io_args(p: argparse.ArgumentParser) -> None:
+    """Checkpoint rotation and the tokenised-data cache (docs/training.md)."""
+    g = p.add_argument_group("checkpoint rotation and data cache")
+    g.add_argument(
+        "--save-total-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the newest N checkpoints in --save, deleting older ones after each verified save (HF Trainer's save_total_limit); "
+        "what latest names, a save not yet complete and anything not written by this run are never deleted (default: keep all)",
+    )
+    g.add_argument(
+        "--data-cache-path",
+        default=None,
+        metavar="DIR",
+        help="text input (jsonl/json/parquet/txt) is tokenised once, by rank 0, into a Megatron .bin/.idx cache here, keyed by the "
+        "input's content and the tokenizer; the other ranks wait and memory-map it, later runs reuse it (Megatron-LM's name; "
+        "default: <--save>/data_cache; on a file system every node sees)",
+    )
+
+
+def validate_io_args(args) -> None:
+    """The checks of add_io_args' flags (ArgumentError naming the flag)."""
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise ArgumentError(f"--save-total-limit must be >= 1 (the checkpoint just saved is always kept), got {args.save_total_limit}")
+    if args.data_cache_path is not None and os.path.exists(args.data_cache_path) and not os.path.isdir(args.data_cache_path):
+        raise ArgumentError(f"--data-cache-path {args.data_cache_path}: is a file; expected a directory")
 
 
 def validate_validation_args(args) -> None:
@@ -341,6 +371,7 @@ def validate_args(args, dp_size: int) -> None:
         raise ArgumentError(f"--seq-length {args.seq_length} leaves no room for text around {args.gem_num_special_tokens} special tokens")
     validate_paths(args)
     validate_validation_args(args)
+    validate_io_args(args)
     if args.contrastive_data and args.gem_contrastive_from_step >= args.train_iters:
         raise ArgumentError(
             f"--contrastive-data is given but phase 2 never runs (--gem-contrastive-from-step "
@@ -586,6 +617,7 @@ def job_config(args, *, world_size: int) -> JobConfig:
             blend_weights=blend_weights,
             negative_field=args.contrastive_negative_field,
             negatives_required=args.contrastive_negatives_required,
+            cache_path=args.data_cache_path,
         ),
         batch=BatchConfig(
             args.seq_length,
@@ -609,7 +641,14 @@ def job_config(args, *, world_size: int) -> JobConfig:
             args.seed,
         ),
         checkpoint=CheckpointConfig(
-            args.save, args.load, args.load_fallback, args.save_interval, args.hf_export_interval, args.exit_after_iters, args.hf_export_self_contained
+            args.save,
+            args.load,
+            args.load_fallback,
+            args.save_interval,
+            args.hf_export_interval,
+            args.exit_after_iters,
+            args.hf_export_self_contained,
+            save_total_limit=args.save_total_limit,
         ),
         run=RunConfig(args.log_interval, not args.no_progress, args.exit_signal_handler, args.distributed_timeout_minutes, args.check_for_nan_in_loss_and_grad),
         parallel=ParallelConfig(engine=engine, deepspeed_config=args.deepspeed_config, **megatron),

@@ -26,7 +26,7 @@ import torch
 
 from ..common import distributed as D
 from ..common.files import write_text_atomic
-from ..common.manifest import CheckpointError, verify, write_manifest
+from ..common.manifest import CheckpointError, read_manifest, verify, write_manifest
 
 LATEST = "latest"
 _TAG = re.compile(r"^global_step(\d+)$")
@@ -137,6 +137,71 @@ def commit_checkpoint(save_dir: str, tag: str, **info) -> None:
         except OSError as e:
             error = e
     agree_on_write(os.path.join(save_dir, LATEST), error)
+
+
+_ROTATING = re.compile(r"^global_step\d+\.rotating$")
+
+
+def _ours(path: str, engine: str) -> bool:
+    """A complete checkpoint a save of ``engine`` wrote (commit_checkpoint's manifest extras)."""
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError:
+        return False
+    return manifest.get("engine") == engine and manifest.get("step") == int(_TAG.match(os.path.basename(path)).group(1))
+
+
+def rotate_checkpoints(save_dir: str, keep: int, *, newest: str, engine: str, log=print) -> list[str]:
+    """--save-total-limit (HF Trainer's ``save_total_limit``): keep the newest ``keep``
+    checkpoints of ``save_dir`` and delete the older ones; returns the tags deleted. Call on
+    one rank, after ``commit_checkpoint`` of ``newest`` returned on every rank (its manifest
+    hashed over every file, ``latest`` moved, both agreed), then barrier.
+
+    Never deleted: what ``latest`` names (read again here), ``newest``, a ``global_step{N}``
+    without a manifest (a save still being written, or killed: not a complete checkpoint, so
+    not one this rule counts), a step newer than ``newest`` (an earlier leg's save that a
+    --load-fallback resume went past: the user decides), and anything not named
+    ``global_step{N}`` or whose manifest was not written by a save of this engine at step N
+    (foreign files and directories). Before anything is deleted, ``newest``
+    must read as complete (its manifest lists files that all exist with their sizes). A
+    deletion renames the directory to ``global_step{N}.rotating`` first (no longer a tag
+    --load or --load-fallback could pick) and removes it then; a leftover of a killed
+    rotation is removed by the next one. A failed deletion is printed, not fatal."""
+    newest_step = int(_TAG.match(newest).group(1))
+    latest = read_latest(save_dir)
+    path = os.path.join(save_dir, newest)
+    try:
+        manifest = read_manifest(path)
+        bad = [
+            rel for rel, e in manifest["files"].items() if not os.path.isfile(os.path.join(path, rel)) or os.path.getsize(os.path.join(path, rel)) != e["size"]
+        ]
+    except CheckpointError as e:
+        bad = [str(e)]
+    if bad or latest != newest:
+        log(f"[megatron-gem] --save-total-limit: nothing deleted ({newest} is not complete: {bad[:1]}; latest names {latest})")
+        return []
+    complete = [t for t in saved_tags(save_dir) if int(_TAG.match(t).group(1)) <= newest_step and _ours(os.path.join(save_dir, t), engine)]
+    doomed = [t for t in complete[keep:] if t not in (latest, newest)]
+    leftovers = [os.path.join(save_dir, n) for n in os.listdir(save_dir) if _ROTATING.match(n) and os.path.isdir(os.path.join(save_dir, n))]
+    deleted = []
+    for tag in doomed:
+        aside = os.path.join(save_dir, tag + ".rotating")
+        try:
+            os.replace(os.path.join(save_dir, tag), aside)
+        except OSError as e:
+            log(f"[megatron-gem] --save-total-limit: could not delete {os.path.join(save_dir, tag)}: {e}")
+            continue
+        deleted.append(tag)
+        leftovers.append(aside)
+    for aside in leftovers:
+        try:
+            shutil.rmtree(aside)
+        except OSError as e:
+            log(f"[megatron-gem] --save-total-limit: could not delete {aside}: {e}")
+    if deleted:
+        kept = [t for t in complete if t not in deleted]
+        log(f"[megatron-gem] --save-total-limit {keep}: deleted {', '.join(deleted)}; kept {', '.join(kept)}")
+    return deleted
 
 
 def rng_state() -> dict:

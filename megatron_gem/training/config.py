@@ -41,6 +41,7 @@ class DataConfig:
     blend_weights: list[float] | None = None  # their weights (None: in proportion to size)
     negative_field: str | None = None  # --contrastive-negative-field: hard negatives of each pair
     negatives_required: bool = False  # a pair record without hard negatives is a bad record
+    cache_path: str | None = None  # --data-cache-path: where text input is tokenised once (None: <--save>/data_cache)
 
     @property
     def on_bad(self) -> str:
@@ -85,6 +86,7 @@ class CheckpointConfig:
     hf_export_interval: int = 0
     exit_after_iters: int | None = None
     hf_export_self_contained: bool = False  # summary mode: the export carries the base (hf/base/)
+    save_total_limit: int | None = None  # keep the newest N checkpoints (None: all)
 
 
 @dataclass

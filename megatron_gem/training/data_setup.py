@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+from ..common import distributed as D
 from ..data import BlendedDataset, ContrastiveDataset, CorpusBlend, DataError, GEMDataLoader, PairCorpus, make_ntp_loader, open_corpus, open_pair_corpus
+from ..data.cache import build_or_reuse, cacheable, open_cached
 from ..data.datasets import SHORT_FOR_SUMMARY
 from ..data.split import split_corpus
 from ..data.tokenization import PromptedText
@@ -14,13 +19,45 @@ def _one_or_many(paths: list[str]):
     return paths if len(paths) > 1 else paths[0]
 
 
-def open_training_corpus(data: DataConfig, tokenizer):
+def data_cache_dir(job: JobConfig) -> str:
+    """--data-cache-path, else <--save>/data_cache: --save is on a file system every rank
+    sees (the checkpoint protocol already needs that: ranks hash each other's files)."""
+    return job.data.cache_path or os.path.join(job.checkpoint.save, "data_cache")
+
+
+def open_documents(source, tokenizer, data: DataConfig, cache_dir: str | None):
+    """One corpus of documents. Text input with a ``cache_dir`` is tokenised once, by global
+    rank 0, into a .bin/.idx cache there (data/cache.py; reused when one with the same key
+    exists), while the other ranks wait; every rank then memory-maps it. Its start-up line
+    travels as ``corpus.cache_note`` (rank 0 says on stderr when it starts tokenising). Other input (a Megatron prefix, hf:NAME) opens as before.
+    Collective when cached."""
+    if cache_dir is None or not cacheable(source):
+        return open_corpus(source, tokenizer, text_field=data.text_field, on_bad=data.on_bad)
+    entry = D.run_on_main(
+        lambda: build_or_reuse(
+            source, tokenizer, cache_dir, log=lambda line: print(line, file=sys.stderr, flush=True), text_field=data.text_field, on_bad=data.on_bad
+        )
+    )
+    corpus, error = None, None
+    try:
+        corpus = open_cached(entry)
+    except (OSError, ValueError) as e:
+        error = f"rank {D.rank()}: {e}"
+    failed = [e for e in D.all_gather_object(error) if e is not None]
+    if failed:
+        raise DataError(f"--data-cache-path {cache_dir}: {failed[0]} (rank 0 wrote the cache there: it must be on a file system every rank sees)")
+    corpus.cache_note = entry.note(source)
+    return corpus
+
+
+def open_training_corpus(data: DataConfig, tokenizer, cache_dir: str | None = None):
     """Read --data (files, Megatron prefix, or hf:NAME) into one corpus, or --data-path's
-    sources into a CorpusBlend (one corpus each; make_ntp_loader blends their rows)."""
+    sources into a CorpusBlend (one corpus each; make_ntp_loader blends their rows); text
+    input through the cache in ``cache_dir`` (open_documents)."""
     if data.blend_paths:
-        corpora = [open_corpus(path, tokenizer, text_field=data.text_field, on_bad=data.on_bad) for path in data.blend_paths]
+        corpora = [open_documents(path, tokenizer, data, cache_dir) for path in data.blend_paths]
         return CorpusBlend(corpora, data.blend_paths, data.blend_weights)
-    return open_corpus(_one_or_many(data.paths), tokenizer, text_field=data.text_field, on_bad=data.on_bad)
+    return open_documents(_one_or_many(data.paths), tokenizer, data, cache_dir)
 
 
 def open_contrastive_pairs(data: DataConfig, tokenizer, query_prompt: str = ""):
@@ -91,6 +128,14 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
     return ntp, contrastive
 
 
+def cache_summary(corpus) -> str:
+    """The start-up lines of open_documents' caches (built or reused) of ``corpus`` (or of
+    each source of a blend), one per line, each starting with a newline; "" without a cache.
+    Take it before --split: the split's views are other objects."""
+    parts = corpus.corpora if isinstance(corpus, CorpusBlend) else [corpus]
+    return "".join(f"\n{c.cache_note}" for c in parts if getattr(c, "cache_note", None))
+
+
 def data_summary(corpus, contrastive_loader, ntp_loader=None) -> str:
     """What reading the training data counted (read, skipped and why, tokens), pairs included;
     for a blend, each source's documents and its samples per blend epoch; in summary mode also
@@ -144,8 +189,9 @@ def split_training_corpus(job: JobConfig, corpus, tokenizer):
         note = f"--split {text}: {len(parts['train'])} train / {len(parts['valid'])} valid / {len(parts['test'])} test (held out, unused) documents"
         return parts["train"], (parts["valid"] if v.split[1] > 0 else None), note
     if v.valid_data and v.eval_iters > 0:
-        valid = open_corpus(_one_or_many(v.valid_data), tokenizer, text_field=job.data.text_field, on_bad=job.data.on_bad)
-        return corpus, valid, f"--valid-data:\n{valid.stats.summary('valid')}"
+        valid = open_documents(_one_or_many(v.valid_data), tokenizer, job.data, data_cache_dir(job))
+        note = f"\n{valid.cache_note}" if getattr(valid, "cache_note", None) else ""
+        return corpus, valid, f"--valid-data:\n{valid.stats.summary('valid')}{note}"
     return corpus, None, ""
 
 

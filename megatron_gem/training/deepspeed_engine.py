@@ -82,7 +82,7 @@ class DeepSpeedEngine(Engine):
     def init_distributed(self, job) -> None:
         init_deepspeed_distributed(job.run.distributed_timeout_minutes)
         self.dp_rank, self.dp_size, self.dp_group = D.rank(), D.world_size(), None
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = D.bind_local_device()
 
     def build(self, job, tokenizer) -> None:
         import deepspeed
@@ -104,6 +104,11 @@ class DeepSpeedEngine(Engine):
         # Full mode trains on rows padded to a multiple of 64 (masked; the export drops them).
         vocab = None if job.gem.summary_mode else pad_vocab_rows(lm, gather=zero3_gather(lm))
         model = GEMModel(lm, job.gem, fast_summary=job.model.summary_fast_path, vocab_size=vocab)
+        if job.model.bf16:
+            # DeepSpeed's bf16 optimizers (ZeRO-1..3) flatten every trainable parameter into one
+            # low-precision buffer and keep the fp32 master copy themselves: a parameter of
+            # another dtype (the logit scale is created in fp32) fails their dtype assertion.
+            model.logit_scale.to(torch.bfloat16)
         optimizer = build_optimizer(model, job, self.ds_config)
         if optimizer is None:
             engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, job.optimizer.weight_decay), config=self.ds_config)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 import torch.distributed as dist
 
-from ..common.distributed import all_reduce_sum, ensure_launcher_env
+from ..common.distributed import all_reduce_sum, bind_local_device, ensure_launcher_env
 
 
 def skip_deepspeed_shm_build() -> None:
@@ -25,13 +24,12 @@ def init_deepspeed_distributed(timeout_minutes: int = 10) -> None:
 
     ensure_launcher_env()
     skip_deepspeed_shm_build()
+    bind_local_device()  # before the process group: NCCL's communicator belongs to this rank's GPU
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend="nccl" if torch.cuda.is_available() else "gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
 class ExitSignalHandler:
@@ -52,6 +50,7 @@ class ExitSignalHandler:
         self.received = signal.Signals(signum).name
 
     def should_exit(self) -> bool:
+        """Collective: True on every rank when any rank got a signal."""
         flag = torch.tensor(1.0 if self.received else 0.0)
         return bool(all_reduce_sum(flag) > 0)
 

@@ -28,13 +28,13 @@ def _finite(value) -> bool:
     return value is None or math.isfinite(value)
 
 
-def check_step(record: dict, local_losses, *, save_dir: str, device=None) -> None:
+def check_step(record: dict, local_losses, *, save_dir: str) -> None:
     """Raise NonFiniteError on every rank when ``record`` (reduced over ranks) holds a
     non-finite loss or grad norm. Call on every rank after every step."""
     if _finite(record["loss"]) and _finite(record.get("grad_norm")):
         return
     mine = any(v is not None and not math.isfinite(v) for v in local_losses)
-    flags = torch.zeros(D.world_size(), dtype=torch.float64, device=device)
+    flags = torch.zeros(D.world_size(), dtype=torch.float64)
     flags[D.rank()] = 1.0 if mine else 0.0
     ranks = [r for r, f in enumerate(D.all_reduce_sum(flags).tolist()) if f > 0]
     what = f"non-finite loss on rank(s) {', '.join(map(str, ranks))}" if ranks else "finite losses on every rank"

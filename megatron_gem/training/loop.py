@@ -39,13 +39,13 @@ class StepBookkeeping:
         self.last_valid = None
         self.preempted = False
 
-    def after_step(self, step: int, record: dict, local_losses=(), device=None) -> bool:
+    def after_step(self, step: int, record: dict, local_losses=()) -> bool:
         """``local_losses``: this rank's own loss values of the step (for the non-finite check's
         message). Collective: call on every rank."""
         ck, run = self.job.checkpoint, self.job.run
         if run.check_for_nan_in_loss_and_grad:
             try:
-                check_step(record, local_losses, save_dir=ck.save, device=device)
+                check_step(record, local_losses, save_dir=ck.save)
             except NonFiniteError:
                 self.log.log(record)  # the bad step's figures, for the post-mortem
                 raise

@@ -19,9 +19,10 @@ resume, export cadence, pre-emption) is the trainer's, shared with the DeepSpeed
 * checkpoints are megatron-core dist_checkpointing (model + distributed optimizer), which
   ``tools/convert_checkpoint.py megatron-to-hf`` also reads;
 * summary mode (``--gem-train summary``, mcore/summary.py): the base is frozen, only the adapter
-  (and the logit scale) reach DDP's grad buffers and the optimizer; checkpoints still hold the
-  whole model (the frozen base too, so a tag stays a complete megatron checkpoint) and the
-  adapter's optimizer state; the export is the HF-named adapter (hf/export.py
+  (and the logit scale) reach DDP's grad buffers and the optimizer; checkpoints hold only what
+  trains (the adapter, the logit scale, their optimizer state), as DeepSpeed's
+  ``exclude_frozen_parameters`` does: the frozen base is ``--model``, never rewritten, and a
+  resume takes it from there; the export is the HF-named adapter (hf/export.py
   export_summary_adapter_state, the PEFT aLoRA folder).
 
 Loss scaling matches the DeepSpeed path: a micro-batch's NTP sum is scaled by
@@ -178,7 +179,7 @@ class MegatronEngine(Engine):
         )
         self.dp_rank, self.dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = D.bind_local_device()
 
     def build(self, job, tokenizer) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -211,7 +212,7 @@ class MegatronEngine(Engine):
                 raise
             raise ArgumentError(str(e)) from e
         self.job, self.tokenizer = job, tokenizer
-        self.model, self.arch, self.config, self.meta = built.model, built.arch, built.config, built.meta
+        self.model, self.arch, self.config, self.meta, self.layer_impl = built.model, built.arch, built.config, built.meta, built.layer_impl
         self.ddp = DistributedDataParallel(
             config=self.config,
             ddp_config=DistributedDataParallelConfig(
@@ -251,9 +252,17 @@ class MegatronEngine(Engine):
         p = self.job.parallel
         return (
             f"megatron-core TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size} DP={self.dp_size} (distributed optimizer: "
-            f"{p.use_distributed_optimizer}, SP: {self.config.sequence_parallel}, recompute: {self.config.recompute_granularity})"
+            f"{p.use_distributed_optimizer}, SP: {self.config.sequence_parallel}, recompute: {self.config.recompute_granularity}; "
+            f"{self.layer_impl.describe()}; Adam: {self.adam_class()})"
             + (f", summary mode: base frozen; {self.trained_elements()} on this rank{self.summary_path()}" if self.job.gem.summary_mode else "")
         )
+
+    def adam_class(self) -> str:
+        """The Adam megatron-core's optimizer built: TE's or apex's FusedAdam when they import,
+        else torch's (megatron/core/optimizer/__init__.py picks it)."""
+        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        names = {f"{type(o.optimizer).__module__}.{type(o.optimizer).__name__}" for o in opts if getattr(o, "optimizer", None) is not None}
+        return ", ".join(sorted(names)) or "none"
 
     def summary_path(self) -> str:
         """How phase 2 runs in summary mode (the fast path needs contrastive-only micro-batches)."""
@@ -529,13 +538,24 @@ class MegatronEngine(Engine):
 
         path = os.path.join(save_dir, tag)
         os.makedirs(path, exist_ok=True)
-        msd = self.model.sharded_state_dict()
+        msd = self._checkpointed_state()
         dist_checkpointing.save({"model": msd, "optimizer": self.optimizer.sharded_state_dict(msd, metadata=OPTIM_CKPT_META)}, path)
         if dist.get_rank() == 0:
             write_json_atomic(os.path.join(path, STATE_NAME), state)
-            write_json_atomic(os.path.join(path, io.META_NAME), self.meta)
+            meta = self.meta if not self.job.gem.summary_mode else {**self.meta, io.ADAPTER_ONLY: {"base": self.job.model.path}}
+            write_json_atomic(os.path.join(path, io.META_NAME), meta)
             self.tokenizer.save_pretrained(path)
             self.job.gem.save(path)
+
+    def _checkpointed_state(self) -> dict:
+        """The model's sharded state dict as checkpoints hold it: all of it, or in summary mode
+        only the parameters that train (the frozen base is --model; writing it again at every
+        save would cost the base's size each time for bytes that never change)."""
+        msd = self.model.sharded_state_dict()
+        if not self.job.gem.summary_mode:
+            return msd
+        trained = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in msd.items() if k in trained}
 
     @property
     def save_errors(self) -> tuple:
@@ -552,18 +572,31 @@ class MegatronEngine(Engine):
             # optimizer that has not stepped yet; give it (dummy) states, which the load replaces.
             if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
                 opt._init_optimizer_states_with_dummy_values()
-        msd = model.sharded_state_dict()
+        msd = self._checkpointed_state()
         sharded = {"model": msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=True, metadata=OPTIM_CKPT_META)}
         loaded = dist_checkpointing.load(sharded, path)
         missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
+        kept = set(model.state_dict()) - set(msd) if self.job.gem.summary_mode else set()  # the frozen base, from --model
+        missing = [k for k in missing if not k.endswith("_extra_state") and k not in kept]
         if missing or unexpected:
             raise RuntimeError(f"{path}: model state does not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
         with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_step(optimizer, loaded["optimizer"])
+        self._note_base(path)
         with open(os.path.join(path, STATE_NAME)) as f:
             return json.load(f)
+
+    def _note_base(self, path: str) -> None:
+        """Summary mode: say so when the adapter trained on one base is resumed on another
+        --model (a moved copy is fine; a different model is the user's call, not ours)."""
+        meta_path = os.path.join(path, io.META_NAME)
+        if not self.job.gem.summary_mode or not os.path.isfile(meta_path):
+            return
+        with open(meta_path) as f:
+            base = (json.load(f).get(io.ADAPTER_ONLY) or {}).get("base")
+        if base is not None and os.path.realpath(base) != os.path.realpath(self.job.model.path):
+            D.print_main(f"[megatron-gem] --load {path}: the adapter was trained on the frozen base {base}; --model is {self.job.model.path}")
 
     def export_hf(self, out_dir, extra) -> None:
         if self.job.gem.summary_mode:  # the base is --model, unchanged: only the adapter is written
@@ -597,7 +630,7 @@ class MegatronEngine(Engine):
                 )
                 if converted is not None:  # never --model itself
                     shutil.rmtree(converted, ignore_errors=True)
-            dist.barrier()
+            D.barrier()
             return
         io.export_hf_from_model(
             self.model,

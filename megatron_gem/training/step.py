@@ -40,7 +40,7 @@ class StepOutput:
     local_losses: list = field(default_factory=list)  # every loss value this rank computed (non-finite check)
 
 
-def step_record(step: int, out: StepOutput, *, w_ntp: float, w_cl: float, global_tokens: int, seconds: float, device=None) -> dict:
+def step_record(step: int, out: StepOutput, *, w_ntp: float, w_cl: float, global_tokens: int, seconds: float) -> dict:
     """metrics.jsonl line of a step (the same fields in both engines), reduced over all ranks:
     NTP = summed cross-entropy / global tokens, InfoNCE = mean over the reporting ranks."""
     mine = out.reporter
@@ -57,7 +57,7 @@ def step_record(step: int, out: StepOutput, *, w_ntp: float, w_cl: float, global
         ],
         dtype=torch.float64,
     )
-    v = D.all_reduce_sum(v.to(device) if device is not None else v).cpu()
+    v = D.all_reduce_sum(v)
     ntp = float(v[0]) / global_tokens if w_ntp > 0 and global_tokens else None
     cl = float(v[1]) / float(v[2]) if w_cl > 0 and v[2] > 0 else None
     loss = (w_ntp * ntp if ntp is not None else 0.0) + (w_cl * cl if cl is not None else 0.0)

@@ -24,9 +24,9 @@ import torch.distributed as dist
 from ..common import distributed as D
 from ..gem.losses import loss_weights
 from ..hf.model import load_tokenizer
-from .checkpoint import agree_on_write, commit_checkpoint, resolve_checkpoint, rng_state, set_rng_state, tag_for
+from .checkpoint import agree_on_write, commit_checkpoint, resolve_checkpoint, rng_state, rotate_checkpoints, set_rng_state, tag_for
 from .config import JobConfig
-from .data_setup import build_loaders, build_validation_loaders, data_summary, open_training_corpus, split_training_corpus
+from .data_setup import build_loaders, build_validation_loaders, cache_summary, data_cache_dir, data_summary, open_training_corpus, split_training_corpus
 from .distributed import exit_signal_handler
 from .loop import StepBookkeeping
 from .metrics import MetricsLogger
@@ -103,9 +103,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(engine: Engine, save_dir: str, step: int, state: dict) -> str:
+def save_checkpoint(engine: Engine, save_dir: str, step: int, state: dict, *, keep: int | None = None) -> str:
     """Every rank writes (engine files + its RNG state); the ranks agree on write errors;
-    then the manifest and ``latest`` (checkpoint.commit_checkpoint). Collective."""
+    then the manifest and ``latest`` (checkpoint.commit_checkpoint); then, with ``keep``
+    (--save-total-limit), rank 0 deletes the checkpoints older than the newest ``keep``
+    (checkpoint.rotate_checkpoints) while the others wait. Collective."""
     tag = tag_for(step)
     path = os.path.join(save_dir, tag)
     error = None
@@ -116,6 +118,10 @@ def save_checkpoint(engine: Engine, save_dir: str, step: int, state: dict) -> st
         error = e
     agree_on_write(path, error, partial=path)
     commit_checkpoint(save_dir, tag, step=step, engine=engine.name)
+    if keep is not None:
+        if D.is_main():
+            rotate_checkpoints(save_dir, keep, newest=tag, engine=engine.name, log=D.print_main)
+        D.barrier()
     return tag
 
 
@@ -146,7 +152,8 @@ def train(job: JobConfig, engine: Engine) -> dict:
     tokenizer = load_tokenizer(job.model.tokenizer_path)
     engine.build(job, tokenizer)
 
-    corpus = open_training_corpus(job.data, tokenizer)
+    corpus = open_training_corpus(job.data, tokenizer, cache_dir=data_cache_dir(job))
+    cache_text = cache_summary(corpus)
     corpus, valid_corpus, split_note = split_training_corpus(job, corpus, tokenizer)
     ntp_loader, cl_loader = build_loaders(job, corpus, tokenizer, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
     engine.adapt_loaders(job, ntp_loader, cl_loader)
@@ -178,7 +185,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
     )
     D.print_main(
         f"[megatron-gem] {job.model.path}: {engine.describe()}, accum={accum}, steps {start_step}->{end_step} "
-        f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_summary(corpus, cl_loader, ntp_loader)}\nvalidation: {valid_text}"
+        f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_summary(corpus, cl_loader, ntp_loader)}{cache_text}\nvalidation: {valid_text}"
     )
 
     def state(done: int) -> dict:
@@ -189,7 +196,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
         log,
         stop,
         end_step,
-        save=lambda done: save_checkpoint(engine, ck.save, done, state(done)),
+        save=lambda done: save_checkpoint(engine, ck.save, done, state(done), keep=ck.save_total_limit),
         export=lambda done: engine.export_hf(os.path.join(ck.save, "hf"), {"step": done, "config": job.to_dict()}),
         is_main=D.is_main(),
         validate=validator,
@@ -200,10 +207,10 @@ def train(job: JobConfig, engine: Engine) -> dict:
         w_ntp, w_cl = loss_weights(step, job.gem)
         ntp_batches = [next(ntp_iter) for _ in range(accum)] if w_ntp > 0 else []
         cl_batches = [next(cl_iter) for _ in range(accum)] if w_cl > 0 else []
-        global_tokens = int(D.all_reduce_sum(count_trained_tokens(ntp_batches).to(engine.device), group=engine.dp_group)) if ntp_batches else 0
+        global_tokens = int(D.all_reduce_sum(count_trained_tokens(ntp_batches), group=engine.dp_group)) if ntp_batches else 0
         out = engine.train_step(step, w_ntp=w_ntp, w_cl=w_cl, ntp_batches=ntp_batches, cl_batches=cl_batches, global_tokens=global_tokens)
-        record = step_record(step, out, w_ntp=w_ntp, w_cl=w_cl, global_tokens=global_tokens, seconds=time.perf_counter() - t0, device=engine.device)
-        if book.after_step(step, record, local_losses=out.local_losses, device=engine.device):
+        record = step_record(step, out, w_ntp=w_ntp, w_cl=w_cl, global_tokens=global_tokens, seconds=time.perf_counter() - t0)
+        if book.after_step(step, record, local_losses=out.local_losses):
             break
     log.close()
     engine.close()

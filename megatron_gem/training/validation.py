@@ -126,6 +126,6 @@ class Validator:
                 mine = micro_batch_sums(part, batch, gather_keys=self.gather_keys)  # every rank holding outputs gathers keys
                 if reporter:
                     sums += mine
-        sums = D.all_reduce_sum(sums.to(self.engine.device)).cpu()
+        sums = D.all_reduce_sum(sums)
         set_rng_state(saved)
         return validation_record(step, sums)

@@ -4,13 +4,14 @@ exactly as the base layer computed it, and the cache-step mask equals the one-ro
 import pytest
 import torch
 
-from megatron_gem.gem.adapter import LowRankDelta, SummaryAdapter, adapter_active
+from megatron_gem.gem.adapter import ActiveRows, LowRankDelta, SummaryAdapter, adapter_active
 from megatron_gem.gem.config import GEMConfig
 from megatron_gem.gem.layout import build_layout
 from megatron_gem.gem.mask import gem_mask, gem_mask_for_queries
 from megatron_gem.gem.roles import PAD_DOC_ID, Role
 from megatron_gem.gem.tokens import summary_token_ids
 from megatron_gem.testing import make_tiny_tokenizer
+from tests.host_syncs import HostSyncCounter
 
 
 def _row():
@@ -50,6 +51,93 @@ def test_delta_touches_only_active_rows_and_trains():
     assert d(x, base, None) is base and d(x, base, torch.zeros_like(mask)) is base
     with pytest.raises(ValueError, match="does not match"):
         d(x, base, mask[:, :2])
+
+
+class _PassThrough(torch.autograd.Function):
+    """Returns its input as is, like megatron-core's tensor-parallel all-reduce after a
+    RowParallelLinear: autograd makes the output a view it forbids writing into."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _masked_reference(d, x, base, mask):
+    """The obviously correct delta: boolean-mask rows on a copy of the base output."""
+    out = base.clone()
+    out[mask] = out[mask] + d.delta(x[mask]).to(out.dtype)
+    return out
+
+
+@pytest.mark.parametrize("base_kind", ["fresh", "custom_function_view"])
+def test_delta_by_index_equals_the_masked_reference_without_a_sync(base_kind):
+    torch.manual_seed(0)
+    d = LowRankDelta(8, 6, rank=2, alpha=4.0)
+    torch.nn.init.normal_(d.lora_B)
+    lin = torch.nn.Linear(8, 6, bias=False)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, 1] = mask[1, 2] = mask[2, 0] = mask[2, 4] = True
+    rows = ActiveRows.of(mask)
+    assert rows.count == 4 and rows.shape == mask.shape
+    x0 = torch.randn(3, 5, 8)
+    weight = torch.randn(3, 5, 6)
+
+    def run(fast):
+        d.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        base = lin(x) if base_kind == "fresh" else _PassThrough.apply(lin(x))
+        kept = base.detach().clone()
+        with HostSyncCounter() as syncs:
+            out = d(x, base, rows, in_place=True) if fast else _masked_reference(d, x, base, mask)
+        (out * weight).sum().backward()
+        return out, base, kept, syncs, (x.grad, d.lora_A.grad, d.lora_B.grad)
+
+    out, base, kept, syncs, grads = run(True)
+    ref, _, _, ref_syncs, ref_grads = run(False)
+    assert syncs.total == 0 and ref_syncs.total == 3  # the masked path: gather, gather, scatter
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[~mask], kept[~mask])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+    if base_kind == "fresh":  # written into the base output: no copy of it
+        assert out is base
+    else:  # autograd forbids writing into this view: a new tensor, the base left as it was
+        assert out is not base and torch.equal(base.detach(), kept)
+
+
+def test_rows_are_found_once_per_batch_and_follow_in_place_writes():
+    a = SummaryAdapter({"model.layers.0.self_attn.q_proj": (8, 8)}, rank=4, alpha=8.0)
+    roles, docs = _row()
+    want = adapter_active(roles, docs).reshape(-1).nonzero().flatten()
+    with HostSyncCounter() as syncs:
+        first = a.rows_for(roles, docs)
+        again = [a.rows_for(roles, docs), a.rows_for(roles.detach(), docs[:])]  # views, recompute's detached copies
+    assert syncs.total == 1 and all(r is first for r in again)
+    assert torch.equal(first.index, want) and first.shape == roles.shape
+    roles[0, 0] = Role.SPECIAL  # an in-place write (a reused batch buffer): found again
+    moved = a.rows_for(roles, docs)
+    assert moved is not first and moved.count == first.count + 1 and int(moved.index[0]) == 0
+    assert a.rows_for(roles.clone(), docs).index.tolist() == moved.index.tolist()  # equal contents, another tensor
+    a.set_positions(None, None)
+    assert a.active.rows is None
+
+
+def test_rows_of_inference_tensors_are_kept_for_one_forward_only():
+    # Inference tensors keep no version counter: an in-place write between two forwards (a
+    # reused buffer) must still be seen, so their rows are forgotten at the next forward.
+    a = SummaryAdapter({"model.layers.0.self_attn.q_proj": (8, 8)}, rank=4, alpha=8.0)
+    with torch.inference_mode():
+        roles, docs = (t.clone() for t in _row())
+        first = a.rows_for(roles, docs)
+        assert a.rows_for(roles, docs) is first  # the other layers of the same forward
+        a.active.begin_forward()
+        roles[0, 0] = Role.SPECIAL
+        moved = a.rows_for(roles, docs)
+    assert moved.count == first.count + 1 and int(moved.index[0]) == 0
 
 
 def test_summary_adapter_names_and_config_checks():

@@ -95,7 +95,7 @@ def test_leading_dims_and_bad_shapes():
 
 
 class ThreadGroup:
-    """An all-reduce among ``size`` threads (one per vocabulary shard), in place."""
+    """An all-reduce among ``size`` threads (one per vocabulary shard)."""
 
     def __init__(self, size):
         self.size, self.slots, self.barrier = size, [None] * size, threading.Barrier(size)
@@ -106,7 +106,7 @@ class ThreadGroup:
             self.barrier.wait()
             stacked = torch.stack(self.slots)
             self.barrier.wait()
-            t.copy_(stacked.amax(0) if op == "max" else stacked.sum(0))
+            return stacked.amax(0) if op == "max" else stacked.sum(0)
 
         return all_reduce
 

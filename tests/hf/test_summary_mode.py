@@ -13,14 +13,15 @@ from megatron_gem.gem.summary_step import gather_summary_queries
 from megatron_gem.hf.model import GEMModel, param_groups, prepare_gem_lm
 from megatron_gem.hf.summary import logits_of
 from megatron_gem.testing import make_tiny_llama, make_tiny_tokenizer, sample_sentences
+from tests.host_syncs import HostSyncCounter
 
 SUMMARY_TOKENS = ["<unk>", "Ł"]  # K existing tokens of the tiny tokenizer
 
 
-def summary_model(k, *, positions="special", gradient_checkpointing=False, seed=3):
+def summary_model(k, *, positions="special", gradient_checkpointing=False, seed=3, layers=None):
     tok = make_tiny_tokenizer()
     cfg = GEMConfig(num_special_tokens=k, train_mode="summary", summary_tokens=SUMMARY_TOKENS[:k], adapter_rank=4, adapter_positions=positions, p_raw=0.5)
-    lm = make_tiny_llama(len(tok), seed=seed)
+    lm = make_tiny_llama(len(tok), seed=seed, **({} if layers is None else {"num_hidden_layers": layers}))
     base = {n: p.detach().clone() for n, p in lm.state_dict().items()}
     ids = prepare_gem_lm(lm, tok, cfg, gradient_checkpointing=gradient_checkpointing)
     assert ids == tok.convert_tokens_to_ids(SUMMARY_TOKENS[:k]) and len(tok) == lm.get_input_embeddings().weight.shape[0]
@@ -196,3 +197,45 @@ def test_recomputation_sees_each_forwards_own_rows():
     assert set(grads[True]) == set(grads[False])
     for name, g in grads[False].items():
         assert_close(grads[True][name], g, TOLERANCES[torch.float64], name)
+
+
+SUMMARY_FILES = ("gem/adapter.py", "hf/summary.py")
+
+
+def _ntp_batch(tok, cfg):
+    corpus = InMemoryCorpus.from_texts(sample_sentences(60, seed=9), tok)
+    return next(iter(make_ntp_loader(corpus, cfg, 96, micro_batch_size=2, tokenizer=tok, data_parallel_rank=0, data_parallel_size=1)))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "recompute"])
+def test_adapter_syncs_once_per_forward_and_writes_into_the_layer_outputs(checkpointing):
+    # The deltas find their rows once per batch (one nonzero) and add by index into each
+    # adapted linear's own output: the syncs of a training step (forward, backward and, with
+    # activation recomputation, the recomputed layers) do not grow with the number of layers.
+    totals, fast_totals = {}, {}
+    for layers in (1, 2, 3):
+        tok, cfg, model, _ = summary_model(2, gradient_checkpointing=checkpointing, layers=layers)
+        ntp, cl = _ntp_batch(tok, cfg), contrastive_batch(tok, cfg)
+        assert ((ntp["roles"] == Role.SPECIAL) & (ntp["doc_ids"] >= 0)).any()
+        seen, written = {}, []
+        modules = dict(model.lm.named_modules())
+        for name in model.adapter.names:  # one hook before the adapter's, one after it
+            modules[name].register_forward_hook(lambda m, a, out, n=name: seen.__setitem__(n, (out, out.detach().clone())), prepend=True)
+            modules[name].register_forward_hook(lambda m, a, out, n=name: written.append((out, *seen[n])))
+        with HostSyncCounter() as syncs:
+            logits = model(ntp, "ntp")
+            logits.float().logsumexp(-1)[ntp["labels"] != IGNORE_INDEX].sum().backward()
+        assert syncs.from_files(*SUMMARY_FILES) == 1 and syncs.ops["aten::nonzero"] == 1, (layers, syncs.ops, syncs.origins)
+        totals[layers] = syncs.total
+        assert len(written) >= 7 * layers
+        for out, base_out, before in written:
+            assert out is base_out  # the delta went into the base layer's output: no copy of it
+            changed = (out.detach() != before).any(-1)
+            assert changed.any() and not (changed & ~((ntp["roles"] == Role.SPECIAL) & (ntp["doc_ids"] >= 0))).any()
+        with HostSyncCounter() as syncs:  # the phase-2 fast path: its per-batch syncs, none per layer
+            emb, scale = model(cl, "embed")
+            n = int(cl["num_texts"])
+            info_nce(emb[:n], emb[n:], scale).backward()
+        fast_totals[layers] = (syncs.total, syncs.ops["aten::nonzero"])
+    assert len(set(totals.values())) == 1, totals
+    assert len(set(fast_totals.values())) == 1 and fast_totals[1][1] <= 2, fast_totals

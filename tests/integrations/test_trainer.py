@@ -119,7 +119,7 @@ def test_hf_trainer_full_mode_resume_and_plain_export(tmp_path):
 
 
 def test_trl_sft_trainer_with_gem(tmp_path):
-    trl = pytest.importorskip("trl")  # pinned in requirements.txt; resolves against transformers 5.24
+    trl = pytest.importorskip("trl")  # the dev extra; constraints.txt pins it; resolves against transformers 5.24
     from datasets import Dataset
 
     tok = make_tiny_tokenizer()
@@ -152,3 +152,20 @@ def test_trl_sft_trainer_with_gem(tmp_path):
     # TRL built completion-only labels; the collator kept the prompt masked.
     _assert_prompt_masks_kept(collator)
     assert any(b["roles"].eq(Role.SPECIAL).any() for _, b in collator.seen)
+
+
+def test_logit_scale_takes_the_dtype_of_a_bf16_model(tmp_path):
+    """DeepSpeed's bf16 optimizers (the Trainer's ZeRO-1..3) refuse trainable parameters of
+    mixed dtypes: the scale GEMTrainer attaches must be bf16 on a bf16 model (fp32 on fp32)."""
+    from transformers import TrainingArguments
+
+    tok = make_tiny_tokenizer()
+    for dtype in (torch.bfloat16, torch.float32):
+        model = make_tiny_llama(len(tok)).to(dtype)
+        config = GEMConfig(num_special_tokens=1)
+        enable_gem(model, tok, config)
+        collator = GEMDataCollator.from_tokenizer(tok, config, max_length=32)
+        args = TrainingArguments(output_dir=str(tmp_path / str(dtype)), report_to=[], use_cpu=True)
+        trainer = GEMTrainer(model=model, args=args, train_dataset=[{"input_ids": [1, 2, 3]}], data_collator=collator)
+        assert trainer.gem_logit_scale.log_scale.dtype == dtype
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {dtype}

@@ -14,11 +14,10 @@ import sys
 import numpy as np
 import pytest
 
-from tests.launch import load_tool
+from tools.gpu_check import speed, workload
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "gpu_check.py")
-gpu_check = load_tool("gpu_check")
 
 
 def _run(tmp_path, *args, env_extra=None, timeout=300):
@@ -54,7 +53,7 @@ def test_quick_all_parts_on_cpu(tmp_path):
 
     # b: every mask measured for the triton kernel; flex forward agrees with it; SDPA flash/cuDNN are CUDA-only
     b = full["parts"]["b"]
-    assert {r["mask"] for r in b["runs"]} == set(gpu_check.MASKS)
+    assert {r["mask"] for r in b["runs"]} == set(speed.MASKS)
     for r in b["runs"]:
         assert "error" not in r, r
         assert r["triton"]["fwd_bwd_ms"] > 0 and r["block_table_build_ms"] >= 0
@@ -99,7 +98,7 @@ def test_a_dead_part_is_recorded(tmp_path):
 def test_imports_no_training_frameworks():
     """The GPU machine has no deepspeed or megatron-core: what the script imports must not pull them."""
     code = (
-        "import sys; sys.path.insert(0, 'tools'); import gpu_check; "
+        "import sys; sys.path.insert(0, 'tools'); import gpu_check.main; "
         "import megatron_gem.gem.layout, megatron_gem.gem.losses, megatron_gem.attention.hf, megatron_gem.data.packing, "
         "megatron_gem.kernels.gem_attention_triton, megatron_gem.kernels.testing; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'megatron', 'mteb', 'lm_eval', 'datasets')))"
@@ -111,19 +110,19 @@ def test_imports_no_training_frameworks():
 
 
 def test_embedded_length_table_is_the_corpus_measurement():
-    got = gpu_check.corpus_length_table()
+    got = workload.corpus_length_table()
     if got is None:
         pytest.skip("python3.11-doc is not installed here")
-    assert got[0].tolist() == list(gpu_check.EMBEDDED_LENGTHS)
+    assert got[0].tolist() == list(workload.EMBEDDED_LENGTHS)
 
 
 def test_packings():
-    table = np.array(gpu_check.EMBEDDED_LENGTHS)
+    table = np.array(workload.EMBEDDED_LENGTHS)
     for L in (8192, 16384, 32768):
-        lo, hi = gpu_check.flashmask_doc_range(L)
-        doc, role, info = gpu_check.make_mask("doc_flashmask", L, table, seed=1)
+        lo, hi = workload.flashmask_doc_range(L)
+        doc, role, info = workload.make_mask("doc_flashmask", L, table, seed=1)
         assert lo <= info["documents"] <= hi and doc.shape == (1, L) and int(role.max()) == 0
-    doc, role, info = gpu_check.make_mask("gem_corpus", 4096, table, seed=1)
+    doc, role, info = workload.make_mask("gem_corpus", 4096, table, seed=1)
     assert info["gem_documents"] > 0 and set(role.unique().tolist()) == {0, 1, 2}
     # documents are contiguous runs with distinct labels
     starts = int((doc[0, 1:] != doc[0, :-1]).sum()) + 1

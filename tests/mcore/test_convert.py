@@ -9,12 +9,18 @@ import torch
 from tests.launch import load_tool, run_python, run_torchrun
 
 
-def test_megatron_logits_equal_hf(tmp_path):
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory):
+    """One single-process launch of worker.py equivalence (its results, read by the tests below)."""
+    out = tmp_path_factory.mktemp("mcore_equivalence") / "eq.json"
+    run_torchrun(["tests/mcore/worker.py", "equivalence", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_megatron_logits_equal_hf(equivalence):
     """Single process: tiny Llama configs (GQA untied, tied, Llama-3 rope scaling, MHA) and a
     Mistral, packed GEM batch, logits of the converted megatron-core model vs HF."""
-    out = tmp_path / "eq.json"
-    run_torchrun(["tests/mcore/worker.py", "equivalence", str(out)])
-    r = json.loads(out.read_text())
+    r = equivalence
     for name in ("untied_gqa", "tied", "llama3_rope_scaling", "mha_3layers", "mistral"):
         assert r[name]["max_abs_diff"] <= 1e-5 * max(1.0, r[name]["ref_scale"]), (name, r[name])
         assert r[name]["padding_is_masked"], name
@@ -26,6 +32,34 @@ def test_megatron_logits_equal_hf(tmp_path):
         assert s["changed_by_delta"] > 1e-2 and s["fresh_equals_base"] and s["untouched_equal_base"], (positions, s)
         assert s["hf_keys"][0] == "model.layers.0.mlp.down_proj.lora_A.weight" and s["hf_keys"][-1] == 2 * 7 * 2, s  # A, B x 7 projections x 2 layers
         assert s["trainable"] == ["gem_adapter", "logit_scale"], s
+    # The apex layer implementation (mcore/fused.py; its kernel is a stand-in on CPU): every norm
+    # goes through the kernel seam with the model's eps, the state-dict names are the local
+    # spec's, and the logits are HF's.
+    a = r["apex"]
+    assert a["norms"] == ["FusedRMSNorm"] and a["same_state_dict_names"], a
+    assert a["kernel_calls"] == 2 * r["num_layers"] + 1 and a["kernel_eps"] == [r["rms_norm_eps"]], a
+    assert a["max_abs_diff"] <= 1e-5 * max(1.0, a["ref_scale"]) and a["local_max_abs_diff"] <= 1e-5 * max(1.0, a["ref_scale"]), a
+    # Dist checkpoints of the local spec already use TransformerEngine's names for the norms that
+    # TE fuses into the next linear (megatron-core's sharded_state_dict_keys_map): both specs
+    # read each other's checkpoints; hf_mapping maps TE's plain names back (test_layer_impl.py).
+    assert r["local_sharded_norm_keys"] == [
+        "decoder.final_layernorm.weight",
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+    ], r["local_sharded_norm_keys"]
+
+
+def test_summary_mode_syncs_once_per_micro_batch(equivalence):
+    """megatron-core summary mode, forward + backward with every layer recomputed: the rows are
+    found once per micro-batch (recompute reuses them), so the syncs do not grow with the layers;
+    the column-parallel linears (linear_qkv, linear_fc1) take their delta in their own output."""
+    r = {int(k): v for k, v in equivalence["summary_syncs"].items()}
+    assert sorted(r) == [1, 2, 3]
+    for layers, s in r.items():
+        assert s["from_summary"] == 1 and s["ops"].get("aten::nonzero") == 1, (layers, s)
+        assert len(s["column_outputs_kept"]) >= 2 * 2 * layers and all(s["column_outputs_kept"]), (layers, s)  # forward + recompute
+        assert s["lora_grads"], (layers, s)
+    assert len({s["total"] for s in r.values()}) == 1, r
 
 
 def test_round_trip_bit_equal_and_tp2_pp2_load(gem_hf_checkpoint, converted_checkpoint, tmp_path):

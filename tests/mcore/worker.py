@@ -109,8 +109,65 @@ def equivalence(out_path):
     ref = hf_logits(mistral, *batch)
     result["mistral"] = {"max_abs_diff": float((logits[..., :301] - ref).abs().max()), "ref_scale": float(ref.abs().max()), "padding_is_masked": True}
     result.update(summary_equivalence())
+    result["summary_syncs"] = summary_host_syncs()
+    result.update(fused_layers_equivalence())
     with open(out_path, "w") as f:
         json.dump(result, f)
+
+
+def fused_layers_equivalence():
+    """The apex layer implementation (mcore/fused.py), which needs a GPU, built on CPU with apex's
+    kernel replaced at its seam (fused.apex_rms_norm) by a stand-in computing that kernel's
+    contract (RMSNorm statistics in fp32, the weight applied before the one rounding): the model
+    has the local spec's state-dict names (checkpoints interchange), loads HF weights by them and
+    gives the HF logits. Also the local spec's dist-checkpoint keys: TransformerEngine's names."""
+    import megatron_gem.mcore.fused as fused
+    from megatron_gem.mcore.llama import FusedRMSNorm, arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+    from megatron_gem.testing import make_tiny_llama
+
+    calls = []
+
+    def kernel(x, weight, shape, eps):
+        calls.append((tuple(shape), eps))
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+    fused.apex_rms_norm = lambda: kernel
+    hf = make_tiny_llama(301, seed=5)
+    arch = arch_from_hf_config(hf.config)
+
+    def build(impl):
+        return build_gem_gpt_model(
+            arch, transformer_config(arch, layer_impl=impl), vocab_size=301, padded_vocab=padded_vocab_size(301, 1), backend="sdpa", layer_impl=impl
+        )
+
+    local, apex = build("local"), build("apex")
+    logits, batch = megatron_logits(hf)  # the local spec, HF weights loaded
+    from megatron_gem.attention.megatron import gem_mask_info
+    from megatron_gem.mcore.hf_mapping import dict_getter, load_hf_into_model
+
+    load_hf_into_model(apex, dict_getter(hf.state_dict()), arch, tp_rank=0, tp_size=1)
+    apex.eval()
+    ids, pos, doc, roles = batch
+    with torch.no_grad():
+        got, _ = apex(ids, pos, gem_mask_info(doc, roles))
+    ref = hf_logits(hf, *batch)
+    V = ref.shape[-1]
+    sharded = {sh.key for sh in local.sharded_state_dict().values() if hasattr(sh, "key")}
+    return {
+        "apex": {
+            "norms": sorted({type(m).__name__ for m in apex.modules() if isinstance(m, FusedRMSNorm)}),
+            "kernel_calls": len(calls),
+            "kernel_eps": sorted({e for _, e in calls}),
+            "same_state_dict_names": list(apex.state_dict()) == list(local.state_dict()),
+            "max_abs_diff": float((got[..., :V] - ref).abs().max()),
+            "local_max_abs_diff": float((logits[..., :V] - ref).abs().max()),
+            "ref_scale": float(ref.abs().max()),
+        },
+        "local_sharded_norm_keys": sorted(k for k in sharded if "norm" in k),
+        "rms_norm_eps": arch.rms_norm_eps,
+        "num_layers": arch.num_layers,
+    }
 
 
 def summary_equivalence():
@@ -165,6 +222,56 @@ def summary_equivalence():
             "hf_keys": sorted(state)[:3] + [len(state)],
             "trainable": trainable,
         }
+    return out
+
+
+def summary_host_syncs():
+    """Summary mode's device-to-host syncs (tests/host_syncs.py) in one training micro-batch of
+    megatron-core GEM models of 1, 2 and 3 layers: forward and backward, every layer recomputed
+    (--recompute-granularity full), so the layers' pre-hooks run again on recompute's detached
+    copy of the mask; and which adapted linears took their delta into their own output."""
+    from megatron_gem.attention.megatron import gem_mask_info
+    from megatron_gem.gem.config import GEMConfig
+    from megatron_gem.mcore.hf_mapping import dict_getter, load_hf_into_model
+    from megatron_gem.mcore.llama import arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+    from megatron_gem.mcore.summary import TARGETS, attach_summary_adapter, detach_summary_adapter
+    from megatron_gem.testing import make_tiny_llama
+    from tests.host_syncs import HostSyncCounter
+
+    out = {}
+    for layers in (1, 2, 3):
+        hf = make_tiny_llama(301, seed=5, num_hidden_layers=layers)
+        arch = arch_from_hf_config(hf.config)
+        model = build_gem_gpt_model(
+            arch, transformer_config(arch, recompute_granularity="full"), vocab_size=301, padded_vocab=padded_vocab_size(301, 1), backend="sdpa"
+        )
+        load_hf_into_model(model, dict_getter(hf.state_dict()), arch, tp_rank=0, tp_size=1)
+        adapter = attach_summary_adapter(model, GEMConfig(train_mode="summary", adapter_rank=4, adapter_alpha=8.0), seed=3)
+        g = torch.Generator().manual_seed(layers)
+        with torch.no_grad():
+            for d in adapter.deltas.values():
+                d.lora_B.copy_(torch.randn(d.lora_B.shape, generator=g) * 0.05)
+        model.train()
+        seen, kept = {}, {kind: [] for kind in ("column", "row")}
+        modules = dict(model.named_modules())  # one stage: global layer names are the local ones
+        for name in adapter.names:  # one hook before the adapter's, one after it
+            module = modules[name]
+            kind = TARGETS[name.split(".", 3)[3]][0]
+            module.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n, o[0]), prepend=True)
+            module.register_forward_hook(lambda m, a, o, n=name, k=kind: kept[k].append(o[0] is seen[n]))
+        ids, pos, doc, roles = packed_batch(301)
+        with HostSyncCounter() as syncs:
+            logits, _ = model(ids, pos, gem_mask_info(doc, roles))
+            logits[..., :301].float().square().mean().backward()
+        out[layers] = {
+            "total": syncs.total,
+            "ops": dict(syncs.ops),
+            "from_summary": syncs.from_files("gem/adapter.py", "mcore/summary.py"),
+            "column_outputs_kept": kept["column"],
+            "row_outputs_kept": kept["row"],
+            "lora_grads": all(float(p.grad.abs().sum()) > 0 for n, p in adapter.named_parameters() if "lora_A" in n),
+        }
+        detach_summary_adapter(model)
     return out
 
 

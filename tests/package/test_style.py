@@ -15,7 +15,7 @@ def ruff():
     exe = os.path.join(os.path.dirname(sys.executable), "ruff")
     exe = exe if os.path.exists(exe) else shutil.which("ruff")
     if exe is None:
-        pytest.fail("ruff is not installed (it is in requirements.txt)")
+        pytest.fail("ruff is not installed (the dev extra: pip install -e .[dev])")
     return exe
 
 

@@ -5,6 +5,9 @@ MG_FAULT selects it:
     nan@K:R            rank R's loss of step K (1-based, as in metrics.jsonl) is NaN
     enospc@K:R:NAME    rank R's write of a file whose name contains NAME, while saving
                        global_stepK, fails with ENOSPC (No space left on device)
+    signal@K:R         rank R sends itself SIGUSR1 as step K starts (a pre-emption notice, as
+                       SLURM's --signal gives; with --exit-signal-handler the run saves step K
+                       and exits 0)
 
 The patches go on the module attributes the engines call at run time; then train.py runs as
 ``__main__`` exactly as a user launches it (deepspeed / torchrun / python).
@@ -73,6 +76,20 @@ elif kind == "enospc":
         return save(obj, f, *args, **kwargs)
 
     torch.save = failing_save
+elif kind == "signal":
+    import signal
+
+    from megatron_gem.training import trainer
+
+    weights = trainer.loss_weights  # _track_steps' wrapper: current["step"] is set inside it
+
+    def signalling_loss_weights(step, config):
+        out = weights(step, config)
+        if _poisoned():
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    trainer.loss_weights = signalling_loss_weights
 else:
     raise SystemExit(f"fault_train.py: unknown MG_FAULT kind {kind!r}")
 

@@ -48,6 +48,8 @@ def args_for(tiny_inputs, tmp_path, *extra):
         (["--contrastive-micro-batch-size", "9"], "--contrastive-micro-batch-size 9 must lie in [1, --contrastive-batch-size 8]"),
         (["--contrastive-negative-field", "neg"], "need --contrastive-data"),
         (["--hf-export-self-contained"], "--hf-export-self-contained needs --gem-train summary"),
+        (["--save-total-limit", "0"], "--save-total-limit must be >= 1"),
+        (["--data-cache-path", "README.md"], "--data-cache-path README.md: is a file"),
         (["--contrastive-data", "hf:x", "--contrastive-negatives-required"], "--contrastive-negatives-required needs --contrastive-negative-field"),
         (
             ["--contrastive-micro-batch-size", "2", "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"],

@@ -63,3 +63,57 @@ def test_a_dangling_latest_is_an_error(tmp_path):
     (tmp_path / LATEST).write_text("global_step7")
     with pytest.raises(CheckpointError, match="global_step7"):
         read_latest(str(tmp_path))
+
+
+def _tags(path):
+    return sorted((p.name for p in path.iterdir() if p.name.startswith("global_step")), key=lambda n: (len(n), n))
+
+
+def test_rotation_keeps_the_newest_and_never_touches_what_it_did_not_write(tmp_path):
+    # What the run did not write, or not completely: a foreign directory and file, a directory
+    # whose name only looks like a tag, a half-written save (no manifest: being written, or
+    # killed), a complete checkpoint of another engine, and a save newer than the resumed one.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    (tmp_path / "global_step1_backup").mkdir()
+    (tmp_path / "global_step3").mkdir()
+    (tmp_path / "global_step3" / "model_states.pt").write_text("half")
+    from megatron_gem.common.manifest import write_manifest
+
+    (tmp_path / "global_step5").mkdir()
+    (tmp_path / "global_step5" / "weights").write_text("another engine's")
+    write_manifest(str(tmp_path / "global_step5"), extra={"step": 5, "engine": "other"})
+    logs = []
+    for step in (2, 4, 6):
+        save_checkpoint(FakeEngine(), str(tmp_path), step, {"step": step}, keep=2)
+    assert _tags(tmp_path) == ["global_step3", "global_step4", "global_step5", "global_step6", "global_step1_backup"]
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and read_latest(str(tmp_path)) == "global_step6"
+    # A resume from step 4 (say --load-fallback past a damaged step 6) saving step 5 again:
+    # the newer step 6 is not older than the save, so it stays; step 4 is the one kept beside it.
+    (tmp_path / LATEST).write_text("global_step4")
+    import shutil
+
+    shutil.rmtree(tmp_path / "global_step5")
+    save_checkpoint(FakeEngine(), str(tmp_path), 5, {"step": 5}, keep=1)
+    assert _tags(tmp_path) == ["global_step3", "global_step5", "global_step6", "global_step1_backup"]
+    # A killed rotation's leftover (renamed aside, half removed) goes with the next rotation.
+    (tmp_path / "global_step4.rotating").mkdir()
+    from megatron_gem.training.checkpoint import rotate_checkpoints
+
+    rotate_checkpoints(str(tmp_path), 1, newest="global_step5", engine="fake", log=logs.append)
+    assert not (tmp_path / "global_step4.rotating").exists() and read_latest(str(tmp_path)) == "global_step5"
+
+
+def test_rotation_deletes_nothing_when_latest_is_not_the_new_save(tmp_path):
+    from megatron_gem.training.checkpoint import rotate_checkpoints
+
+    for step in (1, 2, 3):
+        save_checkpoint(FakeEngine(), str(tmp_path), step, {"step": step})
+    (tmp_path / LATEST).write_text("global_step2")
+    logs = []
+    assert rotate_checkpoints(str(tmp_path), 1, newest="global_step3", engine="fake", log=logs.append) == []
+    assert _tags(tmp_path) == ["global_step1", "global_step2", "global_step3"] and "nothing deleted" in logs[0]
+    (tmp_path / LATEST).write_text("global_step3")
+    (tmp_path / "global_step3" / "optim_states.pt").write_text("cut")  # not the size its manifest says
+    assert rotate_checkpoints(str(tmp_path), 1, newest="global_step3", engine="fake", log=logs.append) == []
+    assert "optim_states.pt" in logs[1]

@@ -68,15 +68,24 @@ def test_two_process_zero3_gradcache_equals_single_process(single_run, tiny_inpu
     # with negatives gathered across ranks, each rank's 4 embedded in GradCache chunks of 2
     # (--contrastive-micro-batch-size) against the unchunked single process. The losses must
     # agree step by step and the trained weights at the end.
+    # Checkpoints after steps 2, 4 and 6, the newest 2 kept (--save-total-limit, after each
+    # save is complete and latest moved); a directory the run did not write stays.
     save = tmp_path / "zero3_dp2"
+    (save / "global_step2_copy").mkdir(parents=True)
     args = base_args(
         tiny_inputs,
         save,
         **{"--deepspeed": DS_ZERO3, "--micro-batch-size": 2, "--contrastive-batch-size": 4, "--contrastive-micro-batch-size": 2},
+        **{"--save-interval": 2, "--save-total-limit": 2},
         **VALIDATION,
     )
     proc = ok(launch(args, nproc=2, launcher="deepspeed"))
     assert "ZeRO-3, dp=2" in proc.stdout
+    assert "--save-total-limit 2: deleted global_step2; kept global_step6, global_step4" in proc.stdout, proc.stdout[-3000:]
+    assert sorted(p.name for p in save.glob("global_step*")) == ["global_step2_copy", "global_step4", "global_step6"]
+    assert open(save / "latest").read().strip() == "global_step6"
+    # The jsonl input was tokenised once, by rank 0, into <--save>/data_cache; both ranks read it.
+    assert f"[data cache] built {save / 'data_cache' / 'data-'}" in proc.stdout, proc.stdout[-3000:]
     one, two = read_metrics(single_run), read_metrics(save)
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(one, two):
@@ -192,10 +201,12 @@ def test_export_is_a_gem_checkpoint(single_run, tiny_inputs):
 def test_resume_equals_uninterrupted(single_run, tiny_inputs, tmp_path):
     save = tmp_path / "resumed"
     args = base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3}, **VALIDATION)
-    ok(launch(args + ["--exit-after-iters", "4", "--save-interval", "2"]))
+    first = ok(launch(args + ["--exit-after-iters", "4", "--save-interval", "2"]))
     assert open(save / "latest").read().strip() == "global_step4"
     proc = ok(launch(args + ["--load", str(save)]))
     assert "steps 4->6" in proc.stdout
+    # The second leg reads the tokens the first one cached (same input, same tokenizer).
+    assert "[data cache] built" in first.stdout and "[data cache] reused" in proc.stdout and "tokenising" not in proc.stdout
     straight, resumed = read_metrics(single_run), read_metrics(save)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(straight, resumed):
@@ -294,3 +305,19 @@ def test_supervised_pairs_drive_phase_two(single_run, tiny_inputs, tmp_path):
         assert p3[k] == pytest.approx(v3[k], rel=2e-5)
     assert p3["valid_cl_texts"] == 16 and abs(p3["valid_cl_loss"] - v3["valid_cl_loss"]) > 1e-3  # held-out pairs, not views
     assert p6["valid_cl_loss"] < p3["valid_cl_loss"]
+
+
+def test_bf16_zero3_trains_both_phases_and_exports(tiny_inputs, tmp_path):
+    """--bf16 under ZeRO-3, the recipe of every GPU cluster run: DeepSpeed's bf16 optimizers
+    flatten all trainable parameters into one bf16 buffer, so a parameter of another dtype (the
+    logit scale was fp32) failed their assertion at start-up."""
+    save = tmp_path / "bf16"
+    ok(launch(base_args(tiny_inputs, save, **{"--deepspeed": DS_ZERO3, "--bf16": True, "--save-interval": 6})))
+    records = read_metrics(save)
+    assert [m["phase"] for m in records] == [1, 1, 1, 2, 2, 2]
+    assert all(m["loss"] == m["loss"] and abs(m["loss"]) != float("inf") for m in records)
+    assert all(m["logit_scale"] is not None and 1.0 <= m["logit_scale"] <= 100.0 for m in records[3:])
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(save, "hf", "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}

@@ -272,6 +272,8 @@ def test_summary_mode_trains_only_the_adapter_and_keeps_the_base_exact(summary_r
     shared = ("q_proj", "o_proj", "gate_proj", "down_proj")
     expected = sum(t.numel() for k, t in state.items() if "lora_B" in k or k.split(".")[-3] in shared) + 1  # + the logit scale
     assert f"trainable {expected}, in grad buffers {expected}, in the optimizer {expected} elements" in stdout, stdout[-3000:]
+    # the layer implementation chosen from the fused kernels here (mcore/fused.py), and the Adam
+    assert "layers: local (no GPU: the fused kernels are CUDA kernels); Adam: torch.optim.adamw.AdamW)" in stdout, stdout[-3000:]
     assert not list((save / "hf").glob("model*.safetensors"))  # the base is --model, not re-exported
     cfg = GEMConfig.load(save / "hf")
     base_ids = GEMConfig.load(gem_hf_checkpoint).special_token_ids
@@ -318,25 +320,36 @@ def test_summary_fast_path_equals_full_rows(gem_hf_checkpoint, corpus, tmp_path)
 def test_summary_mode_tp2_pp2_recompute_resume_equals_single_process(summary_reference, converted_checkpoint, gem_hf_checkpoint, corpus, tmp_path):
     """4 processes, TP=2 x PP=2 with full recomputation, from the converted checkpoint, stopped
     after step 2 and resumed (adapter + distributed optimizer from dist_checkpointing): the
-    single-process losses and adapter; the frozen base in the step-4 checkpoint converts to
-    exactly the original HF weights."""
+    single-process losses and adapter. Checkpoints every step, the newest 2 kept
+    (--save-total-limit): steps 3 and 4 remain, each holding only what trains (the frozen base
+    is --model, never rewritten); a foreign directory in --save stays."""
     save = tmp_path / "summary_tp2pp2"
+    (save / "global_step1_by_hand").mkdir(parents=True)  # not written by the run: never deleted
     args = _args(converted_checkpoint, corpus, save, *SUMMARY, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
-    args += ["--recompute-granularity", "full"]
+    args += ["--recompute-granularity", "full", "--save-interval", "1", "--save-total-limit", "2"]
     run_torchrun(args + ["--exit-after-iters", "2"], nproc=4)
     assert (save / "latest").read_text().strip() == "global_step2" and not (save / "hf").exists()
-    run_torchrun(args + ["--load", str(save)], nproc=4)
+    proc = run_torchrun(args + ["--load", str(save)], nproc=4)
+    assert "--save-total-limit 2: deleted global_step2; kept global_step4, global_step3" in proc.stdout, proc.stdout[-3000:]
+    assert sorted(p.name for p in save.glob("global_step*")) == ["global_step1_by_hand", "global_step3", "global_step4"]
     ref, _ = summary_reference
     _close(_metrics(ref), _metrics(save))
     a, b = _adapter(ref), _adapter(save)
     assert sorted(a) == sorted(b) and any(float(t.abs().max()) > 1e-4 for k, t in a.items() if "lora_B" in k)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+    # The step-4 checkpoint: the adapter's and the logit scale's tensors (and their optimizer
+    # state), no base weight; the converter says what it is instead of exporting half a model.
+    from torch.distributed.checkpoint import FileSystemReader
+
     from tests.launch import run_python
 
-    run_python(["tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(save / "global_step4"), "--output", str(tmp_path / "base")])
-    got, orig = _weights(tmp_path, sub="base"), _weights(gem_hf_checkpoint, sub=".")
-    assert sorted(got) == sorted(orig) and all(torch.equal(got[k], orig[k]) for k in orig)
+    keys = FileSystemReader(str(save / "global_step4")).read_metadata().state_dict_metadata
+    model_keys = {k for k in keys if not k.startswith("optimizer")}
+    assert model_keys and all(k.startswith(("gem_adapter.", "logit_scale.")) for k in model_keys), sorted(model_keys)[:5]
+    assert not any("decoder.layers" in k and "gem_adapter" not in k or "embedding" in k for k in keys), sorted(keys)[:5]
+    proc = run_python(["tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(save / "global_step4"), "--output", str(tmp_path / "x")], check=False)
+    assert proc.returncode != 0 and f"not the frozen base (that is {converted_checkpoint}" in proc.stdout + proc.stderr, proc.stderr[-2000:]
 
 
 def test_summary_mode_exact_resume(summary_reference, gem_hf_checkpoint, corpus, tmp_path):
