@@ -130,6 +130,16 @@ def all_reduce_sum(value: torch.Tensor, group=None) -> torch.Tensor:
     return work.to(value.device)
 
 
+def all_reduce_max(value: torch.Tensor, group=None) -> torch.Tensor:
+    """The elementwise maximum of ``value`` over the ranks of ``group``, on ``value``'s device
+    (``value`` itself without a process group); ``value`` is left unchanged."""
+    if not dist.is_initialized():
+        return value
+    work = _on_comm_device(value, group)
+    dist.all_reduce(work, op=dist.ReduceOp.MAX, group=group)
+    return work.to(value.device)
+
+
 def all_gather_tensors(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
     """Every rank's ``tensor`` (one shape on all ranks), in rank order, on ``tensor``'s device."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:

@@ -1,8 +1,12 @@
-"""Losses of the two GEM phases and their schedule (docs/method.md, "Losses")."""
+"""Losses of the two GEM phases and their schedule (docs/method.md, "Losses"), and
+``micro_batch_loss``: their composition for one micro-batch, the one every engine, integration
+and validation path calls (with ``zero_touch``, the one way a loss keeps an unused trainable
+tensor in the graph)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -102,3 +106,103 @@ def loss_weights(step: int, config: GEMConfig) -> tuple[float, float]:
     if step < config.contrastive_from_step:
         return 1.0, 0.0
     return 1.0 - config.alpha, config.alpha
+
+
+def split_embeddings(emb: torch.Tensor, num_texts: int, num_negatives: int = 0):
+    """(anchors [n, d], positives [n, d], hard negatives [m, d] or None) of a contrastive batch's
+    embeddings: rows ``[anchors (n); positives (n); hard negatives (m)]``, the document order the
+    contrastive data set lays out."""
+    n, m = int(num_texts), int(num_negatives)
+    if emb.shape[0] != 2 * n + m:
+        raise ValueError(f"{emb.shape[0]} embeddings, expected 2 x {n} texts + {m} hard negatives")
+    return emb[:n], emb[n : 2 * n], (emb[2 * n :] if m else None)
+
+
+def zero_touch(*values: torch.Tensor | None) -> torch.Tensor:
+    """A 0-valued fp32 scalar that depends on every given tensor (None skipped): added to a loss,
+    autograd hands each of them, and the trainable parameters behind them, a zero gradient.
+
+    Why: ZeRO-3 keeps a stale gradient for a parameter a step did not use (the LM head in the
+    contrastive phase, the logit scale in phase 1, summary-mode deltas on a batch without summary
+    tokens), which leaks into the grad norm and the update and breaks exact resume; DDP-style
+    engines need every parameter in every step's graph too. Pass values computed through the
+    owning modules' forwards (e.g. ``head(hidden[:1, :1])``), not ZeRO-3 parameters themselves.
+    One element of each value is read (no reduction over logits-sized tensors), and a
+    non-finite element gives 0, not NaN."""
+    total = None
+    for v in values:
+        if v is None:
+            continue
+        first = v
+        for d in range(v.dim()):
+            first = first.narrow(d, 0, min(1, v.shape[d]))  # a view of at most one element
+        term = torch.nan_to_num(first.float(), nan=0.0, posinf=0.0, neginf=0.0).sum() * 0.0
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+@dataclass
+class MicroBatchLoss:
+    """One micro-batch's loss: ``total`` is what backward receives; the rest is detached."""
+
+    total: torch.Tensor
+    ntp_sum: torch.Tensor | None = None  # summed NTP cross-entropy (fp32)
+    ntp_tokens: torch.Tensor | None = None  # its target count
+    ntp: torch.Tensor | None = None  # its token mean (or the NTP value given)
+    cl: torch.Tensor | None = None  # InfoNCE (unweighted)
+
+
+def micro_batch_loss(
+    *,
+    w_ntp: float = 1.0,
+    w_cl: float = 0.0,
+    token_losses: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ntp_scale: float | None = None,
+    ntp: torch.Tensor | None = None,
+    embeddings: torch.Tensor | None = None,
+    logit_scale: torch.Tensor | None = None,
+    num_texts: int = 0,
+    num_negatives: int = 0,
+    gather_keys: GatherKeys | None = None,
+    touch: tuple = (),
+) -> MicroBatchLoss:
+    """GEM's loss of one micro-batch, either phase, for every engine and integration:
+    ``w_ntp x NTP + w_cl x InfoNCE``, plus ``zero_touch`` of ``touch`` and of any term left out.
+
+    NTP, from per-token cross-entropy ``token_losses`` (any value where ``labels`` is
+    IGNORE_INDEX; e.g. gem.lm_head_loss.lm_head_token_losses): its sum times ``ntp_scale``
+    (train.py: ``w_ntp x dp x accum / global tokens``, so the global batch's token mean comes out
+    after the engines' averaging), or with ``ntp_scale`` None the micro-batch's token mean times
+    ``w_ntp``. Or ``ntp``: a token mean computed elsewhere (the HF model's own loss), times ``w_ntp``.
+    InfoNCE over ``embeddings`` [2N + M, d] (anchors, positives, hard negatives; see
+    ``split_embeddings``) with ``logit_scale`` and ``gather_keys``, times ``w_cl``.
+    A term whose weight is 0 is not computed; its inputs are touched instead."""
+    total = zero_touch(*touch) if touch else None
+    out = MicroBatchLoss(total=None)
+
+    def add(term: torch.Tensor) -> None:
+        nonlocal total
+        total = term if total is None else total + term
+
+    if token_losses is not None and (w_ntp > 0 or (ntp_scale or 0.0) != 0.0):
+        keep = labels != IGNORE_INDEX
+        ntp_sum = torch.where(keep, token_losses.float(), 0.0).sum()
+        count = keep.sum()
+        mean = ntp_sum / count.clamp(min=1)
+        add(w_ntp * mean if ntp_scale is None else ntp_sum * ntp_scale)
+        out.ntp_sum, out.ntp_tokens, out.ntp = ntp_sum.detach(), count, mean.detach()
+    elif token_losses is not None:
+        add(zero_touch(token_losses))
+    if ntp is not None:
+        add(w_ntp * ntp)
+        out.ntp = ntp.detach()
+    if embeddings is not None and num_texts and w_cl > 0:
+        anchors, positives, negatives = split_embeddings(embeddings, num_texts, num_negatives)
+        cl = info_nce(anchors, positives, logit_scale, gather_keys=gather_keys, negatives=negatives)
+        add(w_cl * cl)
+        out.cl = cl.detach()
+    elif embeddings is not None or logit_scale is not None:
+        add(zero_touch(embeddings, logit_scale))
+    out.total = total if total is not None else torch.zeros(())
+    return out

@@ -6,6 +6,11 @@ steps unstable. Works on any model with get_input_embeddings / get_output_embedd
 resize_token_embeddings (HF PreTrainedModel). Under ZeRO-3 pass ``gather`` (a context-manager
 factory such as ``lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)``)
 so the partitioned rows are gathered, edited on rank 0 and re-partitioned.
+
+``pad_vocab_rows`` pads the rows to a multiple of 64 for training (full mode adds K rows to a
+vocabulary that usually is such a multiple: Llama-3's 128,256 + 1 = 128,257 rows make slow
+LM-head GEMMs). Padding rows are zero, no tokenizer id reaches them, the losses and the logits
+mask them, and exports drop them again (hf/export.py): no checkpoint on disk holds them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 from .config import GEMConfig
 
 GatherFn = Callable[[list[torch.nn.Parameter]], ContextManager]
+# LM-head / embedding rows are padded to a multiple of this while training (GEMM tile friendly).
+VOCAB_ROW_MULTIPLE = 64
 
 
 def _no_gather(params: Iterable[torch.nn.Parameter]) -> ContextManager:
@@ -94,6 +101,39 @@ def add_gem_tokens(model, tokenizer, config: GEMConfig, *, gather: GatherFn | No
         )
     config.special_token_ids = list(ids)
     return list(ids)
+
+
+def embedding_rows(model) -> int:
+    """Rows of ``model``'s input embedding (ZeRO-3 partitions are empty; ds_shape is real)."""
+    weight = model.get_input_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+@torch.no_grad()
+def pad_vocab_rows(model, multiple: int = VOCAB_ROW_MULTIPLE, *, gather: GatherFn | None = None) -> int:
+    """Pad ``model``'s input embedding and LM head (one matrix when tied) with zero rows to a
+    multiple of ``multiple``; returns the row count before, i.e. the real vocabulary (ids at
+    and beyond it are padding). A no-op when the rows already are such a multiple.
+
+    HF's ``resize_token_embeddings(pad_to_multiple_of=)`` does the resize (ZeRO-3 included) but
+    initialises the padding like new tokens (normal(0, initializer_range) without mean resizing,
+    samples around the mean row with it), which would give the padding real logits; they are
+    set to zero here, and GEMModel(vocab_size=) masks them in every softmax and logits output."""
+    rows = embedding_rows(model)
+    if rows % multiple == 0:
+        return rows
+    model.resize_token_embeddings(rows, pad_to_multiple_of=multiple, mean_resizing=False)
+    gather = gather or _no_gather
+    matrices = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not matrices[0]:  # untied head
+        matrices.append(head.weight)
+    for weight in matrices:
+        with gather([weight]):
+            if weight.numel() == 0:  # a ZeRO-3 rank that does not hold the gathered copy
+                continue
+            weight[rows:] = 0
+    return rows
 
 
 def _unused_special_tokens(tokenizer) -> list[str]:

@@ -157,7 +157,7 @@ def _full_to_hf(state, gem, tag_dir, out_dir, *, model_dir, overwrite, log) -> s
     if not lm_state or "model.embed_tokens.weight" not in lm_state:
         raise ModelLoadError(f"{tag_dir}: no 'lm.*' weights; not a full-mode checkpoint of train.py's DeepSpeed engine")
     hf_config = AutoConfig.from_pretrained(model_dir)
-    hf_config.vocab_size = lm_state["model.embed_tokens.weight"].shape[0]
+    base_rows = hf_config.vocab_size
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if gem is not None:
         from ..gem.tokens import find_gem_tokens
@@ -167,6 +167,13 @@ def _full_to_hf(state, gem, tag_dir, out_dir, *, model_dir, overwrite, log) -> s
         ids = tokenizer.convert_tokens_to_ids(gem.special_tokens)
         if gem.special_token_ids and list(ids) != list(gem.special_token_ids):
             raise ModelLoadError(f"--model {model_dir}: the GEM tokens get ids {ids} in its tokenizer but the run used {gem.special_token_ids}: wrong --model")
+    # Full mode trains on rows padded to a multiple of 64 (gem.tokens.pad_vocab_rows); the run's
+    # own export drops them, and so does this: the real rows are add_gem_tokens' max(base, tokenizer).
+    vocab = min(lm_state["model.embed_tokens.weight"].shape[0], max(base_rows, len(tokenizer)))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in lm_state:
+            lm_state[name] = lm_state[name][:vocab]
+    hf_config.vocab_size = vocab
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     missing, unexpected = lm.load_state_dict(lm_state, strict=False, assign=True)

@@ -60,15 +60,37 @@ def add_embedder_files(directory: str, *, source: str | None = None, name: str |
     return mode
 
 
-def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = None) -> str | None:
+def _vocab_rows_dropped(lm, state: dict, vocab_size: int | None) -> dict:
+    """``state`` with the input embedding and LM head cut to ``vocab_size`` rows (the training-
+    time padding of gem.tokens.pad_vocab_rows); unchanged when None."""
+    if vocab_size is None:
+        return state
+    matrices = {id(lm.get_input_embeddings().weight)}
+    head = lm.get_output_embeddings()
+    if head is not None:
+        matrices.add(id(head.weight))
+    names = {name for name, p in lm.named_parameters(remove_duplicate=False) if id(p) in matrices}
+    return {k: (v[:vocab_size].contiguous() if k in names and v.shape[0] > vocab_size else v) for k, v in state.items()}
+
+
+def export_hf(lm, tokenizer, gem_config, out_dir: str, *, extra: dict | None = None, vocab_size: int | None = None) -> str | None:
     """Write an HF checkpoint (safetensors, config, tokenizer with the GEM tokens,
     gem_config.json) to ``out_dir`` atomically. An existing ``out_dir`` loses only what its
-    manifest lists (common/outputs.py). Collective under ZeRO-3: call on all ranks."""
-    state = _full_state_dict(lm)
+    manifest lists (common/outputs.py). ``vocab_size``: the real vocabulary when the model's rows
+    are padded for training (gem.tokens.pad_vocab_rows): the export has exactly that many rows, as
+    the tokenizer, so no padding row reaches a user's logits. Collective under ZeRO-3: call on all
+    ranks."""
+    state = _vocab_rows_dropped(lm, _full_state_dict(lm), vocab_size)
     path = None
     if D.is_main():
         with building_dir(out_dir) as tmp:
-            lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            padded = lm.config.vocab_size
+            if vocab_size is not None:
+                lm.config.vocab_size = vocab_size  # the config written beside the cut tensors
+            try:
+                lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            finally:
+                lm.config.vocab_size = padded
             tokenizer.save_pretrained(tmp)
             gem_config.save(tmp)
             if extra:

@@ -9,9 +9,10 @@ import torch
 from ..attention.hf import use_gem_attention
 from ..common.errors import ModelLoadError, one_line
 from ..gem.config import GEMConfig
-from ..gem.losses import LogitScale
+from ..gem.losses import LogitScale, zero_touch
 from ..gem.readout import pool_special_states
 from ..gem.tokens import add_gem_tokens, find_gem_tokens, summary_token_ids
+from .head_loss import LMHeadLosses
 
 
 class GEMModel(torch.nn.Module):
@@ -19,7 +20,10 @@ class GEMModel(torch.nn.Module):
     (``config.summary_mode``), ``adapter`` (gem/adapter.py's SummaryAdapter, hooked onto ``lm``
     by hf/summary.py; ``lm`` is then frozen and only the adapter and the logit scale train).
 
-    ``forward(batch, "ntp")`` -> logits [B, L, V]; ``forward(batch, "embed")`` -> (summary
+    ``forward(batch, "ntp_losses")`` -> per-token next-token cross-entropy [B, L] (fp32, 0 where
+    ``batch["labels"]`` is ignored) through the LM head without full logits (hf/head_loss.py);
+    ``forward(batch, "ntp")`` -> the logits [B, L, V] themselves (padding rows -inf; the
+    reference, and what a user inspecting outputs sees); ``forward(batch, "embed")`` -> (summary
     embeddings [2N + M, H] of the batch's anchors, positives and M hard negatives, logit scale). Everything runs inside
     forward so engines that hook the root module (DeepSpeed ZeRO-3) see one forward per call.
     In summary mode "embed" takes the fast path (hf/summary.py summary_states: the text without
@@ -28,14 +32,18 @@ class GEMModel(torch.nn.Module):
 
     ``adapter``: an existing SummaryAdapter to attach (e.g. loaded from an export); default a new
     one from ``config`` (rank, alpha, targets, positions; B = 0, so it starts as the base model).
+    ``vocab_size``: the real vocabulary; LM-head rows at and beyond it are padding
+    (gem.tokens.pad_vocab_rows) and never take part in a softmax. None: no padding.
     """
 
-    def __init__(self, lm, config: GEMConfig, *, adapter=None, fast_summary: bool = True):
+    def __init__(self, lm, config: GEMConfig, *, adapter=None, fast_summary: bool = True, vocab_size: int | None = None):
         super().__init__()
         self.lm = lm
         self.summary_mode = config.summary_mode
         self.fast_summary = fast_summary
+        self.vocab_size = vocab_size
         self.logit_scale = LogitScale.from_config(config)
+        self.head_losses = LMHeadLosses(lm, vocab_limit=vocab_size)
         if self.summary_mode:
             from .summary import attach_summary_adapter
 
@@ -65,39 +73,37 @@ class GEMModel(torch.nn.Module):
         return pool_special_states(self.hidden_states(batch), batch["roles"], batch["doc_ids"], num_docs)
 
     def forward(self, batch: dict, task: str = "ntp"):
-        # Every trainable parameter takes part in every forward (the unused one times zero):
-        # ZeRO-3 otherwise keeps a stale gradient for a parameter a step did not use (the LM
-        # head in the contrastive phase), which leaks into the grad norm and the update and
-        # breaks exact resume; DDP-style engines need no unused-parameter search either. In
-        # summary mode the LM is frozen (nothing to touch there) and the deltas act in every
-        # forward whose batch has a summary token; one that has none touches them explicitly.
-        if self.summary_mode:
-            return self._summary_forward(batch, task)
-        hidden = self.hidden_states(batch)
-        head = self.lm.get_output_embeddings()
+        # Every trainable parameter takes part in every forward (gem.losses.zero_touch says why):
+        # the LM head in the contrastive phase, the logit scale in phase 1. In summary mode the LM
+        # is frozen (nothing to touch there) and the deltas act in every forward whose batch has
+        # a summary token; one that has none touches them explicitly.
+        if task not in ("ntp", "ntp_losses", "embed"):
+            raise ValueError(f"unknown task {task!r}; expected 'ntp_losses', 'ntp' or 'embed'")
         scale = self.logit_scale()
-        if task == "ntp":
-            return head(hidden + 0.0 * scale)  # touched on [B, L, H], not on the larger logits
         if task == "embed":
+            if self.summary_mode:
+                emb = self.embeddings(batch, fast=self.fast_summary)
+                return emb + self._untouched_adapter(batch, emb).to(emb.dtype), scale
+            hidden = self.hidden_states(batch)
             docs = 2 * int(batch["num_texts"]) + int(batch.get("num_negatives", 0))  # anchors, positives, hard negatives
             emb = pool_special_states(hidden, batch["roles"], batch["doc_ids"], docs)
-            return emb + 0.0 * head(hidden[:1, :1]).sum(), scale
-        raise ValueError(f"unknown task {task!r}; expected 'ntp' or 'embed'")
+            head = self.lm.get_output_embeddings()
+            return emb + zero_touch(head(hidden[:1, :1])).to(emb.dtype), scale  # the head through its own forward (ZeRO-3 gathers it)
+        hidden = self.hidden_states(batch)
+        touch = zero_touch(scale, self._untouched_adapter(batch, hidden) if self.summary_mode else None)
+        if task == "ntp_losses":
+            return self.head_losses(hidden, batch["labels"]) + touch
+        logits = self.lm.get_output_embeddings()(hidden + touch.to(hidden.dtype))  # touched on [B, L, H], not on the larger logits
+        if self.vocab_size is not None and self.vocab_size < logits.shape[-1]:
+            logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= self.vocab_size, float("-inf"))
+        return logits
 
-    def _summary_forward(self, batch: dict, task: str):
+    def _untouched_adapter(self, batch: dict, like: torch.Tensor) -> torch.Tensor:
+        """Summary mode: a 0 that runs through every delta when ``batch`` activates them nowhere
+        (else a plain 0)."""
         from .summary import adapter_acts_on, touch_adapter
 
-        scale = self.logit_scale()
-        if task == "ntp":
-            hidden = self.hidden_states(batch)
-            extra = scale * 0.0 if adapter_acts_on(self.adapter, batch) else scale * 0.0 + touch_adapter(self.adapter, hidden)
-            return self.lm.get_output_embeddings()(hidden + extra.to(hidden.dtype))
-        if task == "embed":
-            emb = self.embeddings(batch, fast=self.fast_summary)
-            if not adapter_acts_on(self.adapter, batch):
-                emb = emb + touch_adapter(self.adapter, emb).to(emb.dtype)
-            return emb, scale
-        raise ValueError(f"unknown task {task!r}; expected 'ntp' or 'embed'")
+        return like.new_zeros((), dtype=torch.float32) if adapter_acts_on(self.adapter, batch) else zero_touch(touch_adapter(self.adapter, like))
 
 
 def ensure_pad_token(tokenizer):

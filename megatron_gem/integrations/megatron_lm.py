@@ -141,7 +141,9 @@ class GEMForwardStep:
 
     def __call__(self, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"])
+        output = model(
+            batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"], labels=batch["labels"]
+        )
         step = self.current_step() if self.current_step is not None else self.step
         return output, partial(self.loss_func, batch, unwrap_model(model), loss_weights(int(step), self.config))
 

@@ -50,7 +50,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..common import distributed as D
 from ..gem.config import GEMConfig
-from ..gem.losses import LogitScale, info_nce, loss_weights
+from ..gem.losses import LogitScale, loss_weights, micro_batch_loss
 from ..gem.readout import pool_special_states
 from .collator import CL_KEYS, CL_PREFIX, GEMDataCollator
 from .enable import is_gem_enabled
@@ -150,23 +150,29 @@ class GEMTrainerMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if not cl_batch:
             raise ValueError("contrastive phase without the collator's contrastive view (GEMDataCollator.contrastive is off)")
-        outputs = None
-        loss = torch.zeros((), device=inputs["input_ids"].device)
+        outputs = ntp = None
         if w_ntp > 0:
             ntp = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             if return_outputs:
                 ntp, outputs = ntp
-            loss = loss + w_ntp * ntp
             self._gem_record("gem_ntp_loss", ntp)
-        cl = self.gem_contrastive_loss(model, cl_batch)
-        self._gem_record("gem_cl_loss", cl)
+        # The Trainer leaves accumulation to a token-normalised NTP loss when it skips its own
+        # division by the steps; the InfoNCE mean must then be divided here.
+        steps = self.current_gradient_accumulation_steps if self._gem_trainer_skips_ga_division(num_items_in_batch) else 1
+        emb, head_out = self.gem_contrastive_embeddings(model, cl_batch)
+        part = micro_batch_loss(
+            w_ntp=w_ntp,
+            ntp=ntp,
+            w_cl=w_cl / steps,
+            embeddings=emb,
+            logit_scale=self.gem_logit_scale(),
+            num_texts=int(cl_batch["num_texts"]),
+            gather_keys=self._gem_gather,
+            touch=(head_out,),  # the LM head ran on one position: in the graph, so DDP sees it used
+        )
+        self._gem_record("gem_cl_loss", part.cl)
         self._gem_record("gem_logit_scale", self.gem_logit_scale())
-        if self._gem_trainer_skips_ga_division(num_items_in_batch):
-            # The Trainer leaves accumulation to a token-normalised NTP loss; the InfoNCE mean
-            # must then be divided by the accumulation steps here.
-            cl = cl / self.current_gradient_accumulation_steps
-        loss = loss + w_cl * cl
-        return (loss, outputs) if return_outputs else loss
+        return (part.total, outputs) if return_outputs else part.total
 
     def _gem_trainer_skips_ga_division(self, num_items_in_batch) -> bool:
         # Mirrors Trainer.training_step's rule for when it divides the loss by the steps.
@@ -176,8 +182,10 @@ class GEMTrainerMixin:
         accepts = getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
         return bool(accepts or getattr(self, "compute_loss_func", None) is not None)
 
-    def gem_contrastive_loss(self, model, cl_batch: dict) -> torch.Tensor:
-        """InfoNCE between each text (doc j) and its dropout view (doc N + j)."""
+    def gem_contrastive_embeddings(self, model, cl_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summary embeddings [2N, H] of the texts (doc j) and their dropout views (doc N + j),
+        the LM head's output on the one position the forward keeps). Through the model's own
+        forward, so DDP / DeepSpeed see an ordinary forward."""
         n = int(cl_batch["num_texts"])
         out = model(
             input_ids=cl_batch["input_ids"],
@@ -188,11 +196,7 @@ class GEMTrainerMixin:
             logits_to_keep=1,  # no full-vocabulary logits for the contrastive rows
             use_cache=False,
         )
-        hidden = out.hidden_states[-1]
-        emb = pool_special_states(hidden, cl_batch["roles"], cl_batch["doc_ids"], 2 * n)
-        # The LM head took part with one position; tie it to the loss so DDP sees it used.
-        emb = emb + 0.0 * out.logits.sum()
-        return info_nce(emb[:n], emb[n:], self.gem_logit_scale(), gather_keys=self._gem_gather)
+        return pool_special_states(out.hidden_states[-1], cl_batch["roles"], cl_batch["doc_ids"], 2 * n), out.logits
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -29,32 +29,43 @@ class GEMGPTModel(GPTModel):
         emb = torch.cat([angles, angles], dim=-1)
         return emb.transpose(0, 1)[:, :, None, :].contiguous()
 
-    def forward(self, input_ids, position_ids, attention_mask, *, ntp_rows: int | None = None):
+    def forward(self, input_ids, position_ids, attention_mask, *, ntp_rows: int | None = None, labels: torch.Tensor | None = None):
         """One packed GEM micro-batch. ``attention_mask`` = gem_mask_info(doc_ids, roles).
 
-        Last pipeline stage: ``(logits, states)`` where logits [n, L, V_pad/TP] are the
-        LM-head outputs of rows [:n] (n = ``ntp_rows``, default all rows; padded vocabulary
-        columns -inf; None when n = 0) and states [B - n, L, H] the last-layer (final-norm)
-        hidden states of rows [n:] for the summary readout (None when n = B). Other stages:
-        the hidden states for the next stage, [L (/TP under sequence parallel), B, H]."""
+        Last pipeline stage: ``(ntp, states)``. With ``labels`` [n, L] (aligned next-token
+        targets of rows [:n]; n = ``ntp_rows``, default all rows), ``ntp`` is their per-token
+        cross-entropy [n, L] (fp32, 0 where ignored), computed through the vocabulary-parallel
+        output layer without logits (mcore/loss.py vocab_parallel_token_losses); without
+        ``labels`` it is the LM-head logits [n, L, V_pad/TP] (padded vocabulary columns -inf).
+        None when n = 0. ``states`` [B - n, L, H]: the last-layer (final-norm) hidden states of
+        rows [n:] for the summary readout (None when n = B). Other stages: the hidden states
+        for the next stage, [L (/TP under sequence parallel), B, H]."""
         decoder_input = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=self._rope_from_positions(position_ids))
         if not self.post_process:
             return hidden
         rows = hidden.shape[1]
         n = rows if ntp_rows is None else int(ntp_rows)
-        logits = states = None
+        ntp = states = None
         if n > 0:
-            weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-            logits, _ = self.output_layer(hidden[:, :n] if n < rows else hidden, weight=weight)  # [L, n, V_pad/TP]
-            logits = self.mask_padded_vocab(logits).transpose(0, 1)
+            head_input = hidden[:, :n] if n < rows else hidden
+            weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else self.output_layer.weight
+            if labels is not None:
+                from .loss import vocab_parallel_token_losses
+
+                ntp = vocab_parallel_token_losses(
+                    head_input, weight, labels[:n], true_vocab_size=self.true_vocab_size, sequence_parallel=self.config.sequence_parallel
+                )
+            else:
+                logits, _ = self.output_layer(head_input, weight=weight if self.share_embeddings_and_output_weights else None)  # [L, n, V_pad/TP]
+                ntp = self.mask_padded_vocab(logits).transpose(0, 1)
         if n < rows:
             if self.config.sequence_parallel:
                 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
                 hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
             states = hidden[:, n:].transpose(0, 1)
-        return logits, states
+        return ntp, states
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """-inf on the padding columns (ids >= true vocab) of this rank's vocabulary slice."""

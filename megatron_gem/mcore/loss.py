@@ -1,11 +1,16 @@
 """The loss of one megatron-core GEM micro-batch (last pipeline stage), used by train.py's
-megatron engine (StepLoss) and by the Megatron-LM integration (GEMForwardStep).
+megatron engine (StepLoss, EvalForward) and by the Megatron-LM integration (GEMForwardStep);
+the composition itself is gem.losses.micro_batch_loss, every engine's.
 
 Rows [:ntp_rows] carry next-token targets, rows [ntp_rows:] the 2N contrastive texts (anchor j,
 positive N + j) and M hard negatives (docs 2N.., extra keys of every anchor). ``ntp_scale``: None gives the micro-batch's NTP token mean (Megatron-LM's
 convention); a number multiplies the NTP *sum* instead (train.py: ``dp * accum /
 global_tokens``, the token mean of the whole global batch after megatron-core's 1/accum and
 data-parallel averaging).
+
+The next-token cross-entropy never materialises logits: ``GEMGPTModel.forward(..., labels=)``
+runs ``vocab_parallel_token_losses`` (gem/lm_head_loss.py through the vocabulary-parallel
+output layer) and hands per-token losses [n, L] to the loss function.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gem.losses import info_nce
+from ..gem.lm_head_loss import lm_head_token_losses
+from ..gem.losses import micro_batch_loss
 from ..gem.readout import pool_special_states
-from ..gem.roles import IGNORE_INDEX
 
 
 @dataclass
@@ -36,31 +41,69 @@ def contrastive_embeddings(batch: dict, states: torch.Tensor) -> torch.Tensor:
     return pool_special_states(states.float(), batch["roles"][n:], batch["doc_ids"][n:], docs)
 
 
-def gem_micro_batch_loss(batch: dict, model, output, *, w_ntp: float, w_cl: float, gather_keys=None, ntp_scale: float | None = None) -> MicroBatchLoss:
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+def _tensor_parallel_all_reduce(group):
+    from ..common import distributed as D
 
-    logits, states = output
+    ops = {"max": D.all_reduce_max, "sum": D.all_reduce_sum}
+    return lambda t, op: ops[op](t, group)
+
+
+def vocab_parallel_token_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    true_vocab_size: int,
+    sequence_parallel: bool,
+    chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
+) -> torch.Tensor:
+    """Per-token next-token cross-entropy [n, L] (fp32, 0 where ignored) of the output layer's
+    vocabulary shard ``weight`` [V_pad / TP, H] on the last-layer states ``hidden`` [L, n, H]
+    ([L / TP, n, H] under sequence parallelism), ``labels`` [n, L]. The states enter the tensor-
+    parallel region as ColumnParallelLinear's input does (copied, or gathered from the sequence
+    shards), so their gradient is all-reduced (reduce-scattered) over TP exactly as the head's
+    would be; the softmax statistics are all-reduced over TP inside the loss. Padded vocabulary
+    rows (ids >= ``true_vocab_size``) take no part. ``chunk_*``: the block shape (gem.lm_head_loss)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if sequence_parallel and tp > 1:
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    elif tp > 1:
+        hidden = copy_to_tensor_model_parallel_region(hidden)
+    all_reduce = _tensor_parallel_all_reduce(parallel_state.get_tensor_model_parallel_group()) if tp > 1 else None
+    start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
+    losses = lm_head_token_losses(
+        hidden, weight, labels.t(), vocab_start=start, vocab_limit=true_vocab_size, all_reduce=all_reduce, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab
+    )
+    return losses.t()
+
+
+def gem_micro_batch_loss(batch: dict, model, output, *, w_ntp: float, w_cl: float, gather_keys=None, ntp_scale: float | None = None) -> MicroBatchLoss:
+    """``output``: what ``GEMGPTModel.forward(..., labels=batch["labels"])`` returned, i.e.
+    (per-token NTP losses [n, L] or None, contrastive states [B - n, L, H] or None)."""
+    token_losses, states = output
     n = batch["ntp_rows"]
-    total = torch.zeros((), device=batch["input_ids"].device)
-    out = MicroBatchLoss(total, tokens=int((batch["doc_ids"] >= 0).sum()))
-    if n and w_ntp > 0:
-        labels = batch["labels"]
-        keep = labels != IGNORE_INDEX
-        per_token = vocab_parallel_cross_entropy(logits.float().contiguous(), labels.masked_fill(~keep, 0))
-        ntp_sum = (per_token * keep).sum()
-        count = keep.sum()
-        ntp_mean = ntp_sum / count.clamp(min=1)
-        total = total + (w_ntp * ntp_mean if ntp_scale is None else ntp_sum * ntp_scale)
-        out.ntp, out.ntp_sum, out.ntp_tokens = ntp_mean.detach(), float(ntp_sum.detach()), int(count)
-    elif n:
-        total = total + 0.0 * logits.float().sum()  # keep the LM head in the graph
-    if batch["num_texts"] and w_cl > 0:
-        N, M = batch["num_texts"], int(batch.get("num_negatives", 0))
-        emb = contrastive_embeddings(batch, states)
-        cl = info_nce(emb[:N], emb[N : 2 * N], model.logit_scale(), gather_keys=gather_keys, negatives=emb[2 * N :] if M else None)
-        total = total + w_cl * cl
-        out.cl = cl.detach()
-    elif states is not None:
-        total = total + 0.0 * states.float().sum() + 0.0 * model.logit_scale()
-    out.total = total
+    if token_losses is not None and token_losses.dim() != 2:
+        raise ValueError(f"gem_micro_batch_loss takes per-token losses [n, L], got {tuple(token_losses.shape)}: call the model with labels=batch['labels']")
+    has_cl = bool(batch["num_texts"]) and states is not None
+    part = micro_batch_loss(
+        w_ntp=w_ntp,
+        w_cl=w_cl,
+        token_losses=token_losses if n else None,
+        labels=batch["labels"],
+        ntp_scale=ntp_scale,
+        embeddings=contrastive_embeddings(batch, states) if has_cl and w_cl > 0 else None,
+        logit_scale=model.logit_scale() if states is not None else None,  # touched only where contrastive rows ran
+        num_texts=batch["num_texts"],
+        num_negatives=int(batch.get("num_negatives", 0)),
+        gather_keys=gather_keys,
+        touch=(states,) if states is not None and not (has_cl and w_cl > 0) else (),
+    )
+    out = MicroBatchLoss(part.total.to(batch["input_ids"].device), tokens=int((batch["doc_ids"] >= 0).sum()))
+    if part.ntp_sum is not None:
+        out.ntp, out.ntp_sum, out.ntp_tokens = part.ntp, float(part.ntp_sum), int(part.ntp_tokens)
+    out.cl = part.cl
     return out

@@ -17,6 +17,7 @@ import torch
 
 from ..common import distributed as D
 from ..common.errors import ModelLoadError
+from ..gem.tokens import pad_vocab_rows
 from ..hf.export import export_hf, export_summary_adapter
 from ..hf.model import GEMModel, load_causal_lm, param_groups, prepare_gem_lm, zero3_gather
 from .checkpoint import load_trainable_only
@@ -26,7 +27,7 @@ from .grad_cache import cached_backward
 from .schedule import build_scheduler
 from .step import MicroLoss, StepOutput, contrastive_micro_loss, ntp_loss_scale, ntp_micro_loss
 from .trainer import Engine
-from .validation import EvalParts, per_token_cross_entropy
+from .validation import EvalParts
 
 
 def to_device(batch: dict, device) -> dict:
@@ -100,7 +101,9 @@ class DeepSpeedEngine(Engine):
         )
         if job.gem.summary_mode and not job.gem.base_model:
             job.gem.base_model = job.model.path  # what the adapter export is applied to
-        model = GEMModel(lm, job.gem, fast_summary=job.model.summary_fast_path)
+        # Full mode trains on rows padded to a multiple of 64 (masked; the export drops them).
+        vocab = None if job.gem.summary_mode else pad_vocab_rows(lm, gather=zero3_gather(lm))
+        model = GEMModel(lm, job.gem, fast_summary=job.model.summary_fast_path, vocab_size=vocab)
         if job.model.bf16:
             # DeepSpeed's bf16 optimizers (ZeRO-1..3) flatten every trainable parameter into one
             # low-precision buffer and keep the fp32 master copy themselves: a parameter of
@@ -190,7 +193,7 @@ class DeepSpeedEngine(Engine):
         try:
             for ntp, cl in zip(ntp_batches, cl_batches):
                 ntp, cl = to_device(ntp, self.device), to_device(cl, self.device)
-                losses = per_token_cross_entropy(engine(ntp, "ntp"), ntp["labels"])
+                losses = engine(ntp, "ntp_losses")  # per-token, without full logits
                 emb, scale = engine(cl, "embed")
                 n = int(cl["num_texts"])
                 parts.append(EvalParts(token_losses=losses, anchors=emb[:n], positives=emb[n : 2 * n], logit_scale=float(scale)))
@@ -237,7 +240,7 @@ class DeepSpeedEngine(Engine):
                 self_contained=self.job.checkpoint.hf_export_self_contained,
             )
         else:
-            export_hf(module.lm, self.tokenizer, self.job.gem, out_dir, extra=extra)
+            export_hf(module.lm, self.tokenizer, self.job.gem, out_dir, extra=extra, vocab_size=module.vocab_size)
 
     def summary(self) -> dict:
         return {"zero_stage": zero_stage(self.ds_config), "dp_size": self.dp_size}

@@ -18,7 +18,7 @@ forward still runs under the RNG state its first one saw (``RngSnapshot``), so a
 in a forward (dropout a user turns on) repeats exactly.
 
 Embeddings of a (chunk) batch are rows ``[anchors (n); positives (n); hard negatives (m)]``
-(``split_embeddings``), the document order the contrastive data set lays out.
+(``gem.losses.split_embeddings``), the document order the contrastive data set lays out.
 """
 
 from __future__ import annotations
@@ -28,21 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gem.losses import GatherKeys, info_nce
-
-
-def split_embeddings(emb: torch.Tensor, num_texts: int, num_negatives: int = 0):
-    """(anchors [n, d], positives [n, d], hard negatives [m, d] or None) of a batch's embeddings."""
-    n, m = int(num_texts), int(num_negatives)
-    if emb.shape[0] != 2 * n + m:
-        raise ValueError(f"{emb.shape[0]} embeddings, expected 2 x {n} texts + {m} hard negatives")
-    return emb[:n], emb[n : 2 * n], (emb[2 * n :] if m else None)
-
-
-def batch_info_nce(emb: torch.Tensor, scale: torch.Tensor, *, num_texts: int, num_negatives: int = 0, gather_keys: GatherKeys | None = None):
-    """InfoNCE of one (unchunked) contrastive batch from its embeddings."""
-    anchors, positives, negatives = split_embeddings(emb, num_texts, num_negatives)
-    return info_nce(anchors, positives, scale, gather_keys=gather_keys, negatives=negatives)
+from ..gem.losses import GatherKeys, info_nce, split_embeddings, zero_touch
 
 
 @dataclass
@@ -75,9 +61,9 @@ def embedding_grads(
 def surrogate_loss(emb: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, scale_grad: torch.Tensor | None = None) -> torch.Tensor:
     """A scalar whose gradient with respect to the parameters is the cached one: sum(emb * grad)
     (+ scale * scale_grad for the one chunk that carries the scale's gradient). The scale always
-    takes part (times zero elsewhere): ZeRO-3 wants every parameter in every forward."""
+    takes part (gem.losses.zero_touch elsewhere): ZeRO-3 wants every parameter in every forward."""
     out = (emb.float() * grad.to(emb.device)).sum()
-    return out + (scale * scale_grad.to(scale.device) if scale_grad is not None else 0.0 * scale)
+    return out + (scale * scale_grad.to(scale.device) if scale_grad is not None else zero_touch(scale))
 
 
 def cached_backward(forward, backward, batch: dict, *, weight: float, gather_keys: GatherKeys | None = None, extra=None) -> float:

@@ -75,27 +75,23 @@ def contrastive_rows(num_texts: int, seq_length: int, max_text_len: int, max_neg
 
 class EvalForward:
     """forward_step_func of a forward-only validation pass: the loss function keeps the
-    per-token NTP cross-entropy and the summary embeddings (validation.EvalParts)."""
+    per-token NTP cross-entropy (the model's, mcore/loss.py) and the summary embeddings
+    (validation.EvalParts)."""
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"])
+        output = model(
+            batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"], labels=batch["labels"]
+        )
         return output, lambda out: self.parts(batch, unwrap_model(model), out)
 
     @staticmethod
     def parts(batch, model, output):
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-        from ..gem.readout import pool_special_states
-        from ..gem.roles import IGNORE_INDEX
-
-        logits, states = output
-        n, N = batch["ntp_rows"], batch["num_texts"]
-        labels = batch["labels"]
-        losses = vocab_parallel_cross_entropy(logits.float().contiguous(), labels.masked_fill(labels == IGNORE_INDEX, 0))
-        emb = pool_special_states(states.float(), batch["roles"][n:], batch["doc_ids"][n:], 2 * N)
-        parts = EvalParts(token_losses=losses, anchors=emb[:N], positives=emb[N:], logit_scale=float(model.logit_scale()))
-        return torch.zeros((), device=logits.device), parts
+        losses, states = output
+        N = batch["num_texts"]
+        emb = contrastive_embeddings(batch, states)
+        parts = EvalParts(token_losses=losses, anchors=emb[:N], positives=emb[N : 2 * N], logit_scale=float(model.logit_scale()))
+        return torch.zeros((), device=batch["input_ids"].device), parts
 
 
 class StepLoss:
@@ -106,7 +102,9 @@ class StepLoss:
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"])
+        output = model(
+            batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"], labels=batch["labels"]
+        )
         return output, lambda out: self.loss(batch, unwrap_model(model), out)
 
     def loss(self, batch, model, output):
@@ -468,7 +466,9 @@ class MegatronEngine(Engine):
             batch, k = next(data_iterator), next(queue)
             m, c = owner[k]
             snapshots[k].restore()
-            output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"])
+            output = model(
+                batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"], labels=batch["labels"]
+            )
             return output, lambda out: self._surrogate(batch, unwrap_model(model), out, cached[m], c, w_ntp=w_ntp, ntp_scale=ntp_scale, per_micro=per_micro)
 
         stats = self._schedule(grad_step, micro)

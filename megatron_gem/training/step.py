@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common import distributed as D
-from ..gem.losses import ntp_loss_sum
+from ..gem.losses import micro_batch_loss
 from ..gem.roles import IGNORE_INDEX
-from .grad_cache import batch_info_nce
 
 
 def ntp_loss_scale(w_ntp: float, *, dp_size: int, accum_steps: int, global_tokens: int) -> float:
@@ -87,13 +86,22 @@ class MicroLoss:
 
 
 def ntp_micro_loss(model, batch: dict, *, scale: float) -> MicroLoss:
-    total, count = ntp_loss_sum(model(batch, "ntp"), batch["labels"])
-    return MicroLoss(loss=total * scale, ntp_sum=float(total.detach()), ntp_tokens=int(count), tokens=int((batch["doc_ids"] >= 0).sum()))
+    """The NTP part of a micro-batch (gem.losses.micro_batch_loss of the model's per-token losses)."""
+    part = micro_batch_loss(token_losses=model(batch, "ntp_losses"), labels=batch["labels"], ntp_scale=scale)
+    return MicroLoss(loss=part.total, ntp_sum=float(part.ntp_sum), ntp_tokens=int(part.ntp_tokens), tokens=int((batch["doc_ids"] >= 0).sum()))
 
 
 def contrastive_micro_loss(model, batch: dict, *, gather_keys=None, weight: float = 1.0) -> MicroLoss:
     """InfoNCE between each anchor text (doc j < N) and its positive view (doc N + j), with the
-    batch's hard negatives (docs 2N..) as extra keys."""
+    batch's hard negatives (docs 2N..) as extra keys (gem.losses.micro_batch_loss)."""
     emb, scale = model(batch, "embed")
-    loss = batch_info_nce(emb, scale, num_texts=int(batch["num_texts"]), num_negatives=int(batch.get("num_negatives", 0)), gather_keys=gather_keys)
-    return MicroLoss(loss=loss * weight, cl_loss=float(loss.detach()), tokens=int((batch["doc_ids"] >= 0).sum()))
+    part = micro_batch_loss(
+        w_ntp=0.0,
+        w_cl=weight,
+        embeddings=emb,
+        logit_scale=scale,
+        num_texts=int(batch["num_texts"]),
+        num_negatives=int(batch.get("num_negatives", 0)),
+        gather_keys=gather_keys,
+    )
+    return MicroLoss(loss=part.total, cl_loss=float(part.cl), tokens=int((batch["doc_ids"] >= 0).sum()))

@@ -32,16 +32,12 @@ SUMS = ("ntp_plain_sum", "ntp_plain_tokens", "ntp_gem_sum", "ntp_gem_tokens", "c
 class EvalParts:
     """What an engine's eval_step computes for one micro-batch (on ranks holding outputs)."""
 
-    token_losses: torch.Tensor | None = None  # [B, L] fp32 next-token cross-entropy of the NTP rows (any value where labels are ignored)
+    token_losses: torch.Tensor | None = (
+        None  # [B, L] fp32 next-token cross-entropy of the NTP rows (any value where labels are ignored; the model's, without full logits)
+    )
     anchors: torch.Tensor | None = None  # [N, H] summary embeddings of the anchors (not normalised)
     positives: torch.Tensor | None = None  # [N, H] of their positives
     logit_scale: float | None = None
-
-
-def per_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B, L] fp32 cross-entropy of full-vocabulary logits [B, L, V] (0 where ignored)."""
-    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
-    return flat.view(labels.shape)
 
 
 def gem_layout_tokens(doc_ids: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_gem.gem import IGNORE_INDEX, GEMConfig
-from megatron_gem.gem.losses import LogitScale, info_nce, loss_weights, ntp_loss, ntp_loss_sum
+from megatron_gem.gem.losses import LogitScale, info_nce, loss_weights, micro_batch_loss, ntp_loss, ntp_loss_sum, split_embeddings, zero_touch
 
 
 def hand_info_nce(a, p, s):
@@ -127,3 +127,54 @@ def test_loss_weights_schedule():
     assert loss_weights(0, cfg) == (1.0, 0.0) and loss_weights(99, cfg) == (1.0, 0.0)
     assert loss_weights(100, cfg) == (0.0, 1.0)
     assert loss_weights(150, GEMConfig(contrastive_from_step=100, alpha=0.75)) == pytest.approx((0.25, 0.75))
+
+
+def test_zero_touch_gives_every_input_a_zero_gradient_and_never_nan():
+    w = torch.randn(5, 3, requires_grad=True)
+    logits = torch.full((2, 4), float("-inf"))
+    logits[0, 0] = float("nan")
+    logits.requires_grad_(True)
+    scale = torch.tensor([2.0], requires_grad=True)
+    empty = torch.zeros(0, 3, requires_grad=True)
+    t = zero_touch(w @ torch.ones(3), logits, None, scale, empty)
+    assert t.dtype == torch.float32 and t.shape == () and t.item() == 0.0
+    t.backward()
+    for x in (w, logits, scale, empty):
+        assert x.grad is not None and x.grad.shape == x.shape and not x.grad.any()
+    assert zero_touch().item() == 0.0
+
+
+def test_micro_batch_loss_composes_the_phases():
+    torch.manual_seed(4)
+    logits = torch.randn(2, 5, 9)
+    labels = torch.randint(0, 9, (2, 5))
+    labels[1, 2:] = IGNORE_INDEX
+    token_losses = torch.nn.functional.cross_entropy(logits.view(-1, 9), labels.view(-1), reduction="none", ignore_index=IGNORE_INDEX).view(2, 5)
+    token_losses[labels == IGNORE_INDEX] = 7.0  # whatever a loss puts there, ignored targets do not count
+    total = torch.nn.functional.cross_entropy(logits.view(-1, 9), labels.view(-1), reduction="sum", ignore_index=IGNORE_INDEX)
+    count = int((labels != IGNORE_INDEX).sum())
+    emb = torch.randn(7, 4, requires_grad=True)  # 3 anchors, 3 positives, 1 hard negative
+    scale = torch.tensor(5.0, requires_grad=True)
+    cl = info_nce(emb[:3], emb[3:6], scale, negatives=emb[6:])
+
+    scaled = micro_batch_loss(w_ntp=0.5, token_losses=token_losses, labels=labels, ntp_scale=0.25)  # train.py: the sum times a scale
+    assert torch.allclose(scaled.total, 0.25 * total) and torch.allclose(scaled.ntp_sum, total) and int(scaled.ntp_tokens) == count
+    both = micro_batch_loss(w_ntp=0.5, w_cl=0.5, token_losses=token_losses, labels=labels, embeddings=emb, logit_scale=scale, num_texts=3, num_negatives=1)
+    assert torch.allclose(both.total, 0.5 * total / count + 0.5 * cl) and torch.allclose(both.cl, cl) and torch.allclose(both.ntp, total / count)
+    given = micro_batch_loss(w_ntp=0.25, ntp=torch.tensor(2.0), w_cl=0.75, embeddings=emb, logit_scale=scale, num_texts=3, num_negatives=1)
+    assert torch.allclose(given.total, 0.25 * 2.0 + 0.75 * cl)
+
+    # A term with weight 0 is not computed; its inputs are touched: zero gradients, not None.
+    head = torch.randn(9, 4, requires_grad=True)
+    head_losses = (torch.randn(2, 5, 4) @ head.T)[..., 0]  # [2, 5], computed through the head
+    only_cl = micro_batch_loss(w_ntp=0.0, w_cl=1.0, token_losses=head_losses, labels=labels, embeddings=emb, logit_scale=scale, num_texts=3, num_negatives=1)
+    assert only_cl.ntp_sum is None and torch.allclose(only_cl.total, cl)
+    only_cl.total.backward()
+    assert head.grad is not None and not head.grad.any() and emb.grad.any()
+    emb.grad, scale.grad = None, None
+    only_ntp = micro_batch_loss(token_losses=token_losses, labels=labels, embeddings=emb, logit_scale=scale)  # w_cl = 0
+    assert only_ntp.cl is None and torch.allclose(only_ntp.total, total / count)
+    only_ntp.total.backward()
+    assert not emb.grad.any() and scale.grad.item() == 0.0
+    with pytest.raises(ValueError, match="hard negatives"):
+        split_embeddings(emb, 3, 0)

@@ -142,7 +142,10 @@ def layout_logits(gem_hf_checkpoint, tied_rope_scaled_checkpoint, tmp_path_facto
         torch.save(packed_batch(AutoConfig.from_pretrained(item["src"]).vocab_size, seed=2), item["batch"])
     (work / "plan.json").write_text(json.dumps(plan))
     run_torchrun(["tests/mcore/worker.py", "load_logits_layouts", str(work / "plan.json")], nproc=4)
-    return {layout: (torch.load(item["out"]), item["src"], torch.load(item["batch"])) for layout, item in zip(LAYOUTS, plan)}
+    return {
+        layout: (torch.load(item["out"]), item["src"], torch.load(item["batch"]), json.loads(open(item["out"] + ".loss.json").read()))
+        for layout, item in zip(LAYOUTS, plan)
+    }
 
 
 @pytest.mark.parametrize("tp,pp,kind", LAYOUTS)
@@ -154,11 +157,26 @@ def test_converted_logits_equal_hf_at_each_layout(tp, pp, kind, layout_logits):
 
     from tests.mcore.worker import hf_logits
 
-    got, src, batch = layout_logits[(tp, pp, kind)]
+    got, src, batch, _ = layout_logits[(tp, pp, kind)]
     hf = AutoModelForCausalLM.from_pretrained(src)
     vocab = hf.config.vocab_size
     ref = hf_logits(hf, *batch)
     assert torch.allclose(got[..., :vocab], ref, atol=1e-5, rtol=1e-5), float((got[..., :vocab] - ref).abs().max())
+
+
+@pytest.mark.parametrize("tp,pp,kind", LAYOUTS)
+def test_vocab_parallel_loss_equals_one_process_at_each_layout(tp, pp, kind, layout_logits):
+    """The next-token loss without logits (mcore/loss.py vocab_parallel_token_losses, chunked;
+    the same launch as the logits above): through the converted model at TP x PP it equals the
+    cross-entropy of its gathered logits; the function alone, on this TP group's vocabulary
+    shards with and without sequence parallelism, gives the one-process loss and gradients."""
+    report = layout_logits[(tp, pp, kind)][3]
+    assert report["model_loss_max_abs_diff"] <= 1e-5 * max(1.0, report["model_loss_scale"]), report
+    checks = report["function"]
+    assert sorted(checks) == (["sp", "tp"] if tp > 1 else ["tp"])
+    for name, c in checks.items():
+        for what in ("loss", "grad_hidden", "grad_weight"):
+            assert c[what] <= 1e-5 * max(1.0, c["scale"]), (name, what, c)
 
 
 def test_streaming_conversion_equals_in_memory_reference(gem_hf_checkpoint, tmp_path):

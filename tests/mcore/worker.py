@@ -342,13 +342,86 @@ def _load_logits_at(megatron_dir, batch_path, out_path, tp, pp):
             micro_batch_size=ids.shape[0],
             forward_only=True,
         )
+    # The next-token loss the training path computes (labels: no logits, vocabulary-parallel).
+    labels = torch.randint(0, meta["vocab_size"], ids.shape, generator=torch.Generator().manual_seed(4))
+    labels[:, ::5] = -100
+
+    def keep_losses(o):
+        out["losses"] = o[0]
+        return torch.zeros(()), {}
+
+    def step_losses(it, m):
+        b = next(it)
+        return m(b[0], b[1], gem_mask_info(b[2], b[3]), labels=labels), keep_losses
+
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=step_losses,
+            data_iterator=iter([(ids, pos, doc, roles)]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=ids.shape[1],
+            micro_batch_size=ids.shape[0],
+            forward_only=True,
+        )
+    report = {"function": vocab_parallel_loss_check(meta["vocab_size"])}
     if parallel_state.is_pipeline_last_stage():
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         full = gather_from_tensor_model_parallel_region(out["logits"].contiguous())
+        ref = torch.nn.functional.cross_entropy(full[..., : meta["vocab_size"]].flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)
+        report["model_loss_max_abs_diff"] = float((out["losses"] - ref).abs().max())
+        report["model_loss_scale"] = float(ref.abs().max())
         if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
             torch.save(full, out_path)
+            with open(out_path + ".loss.json", "w") as f:
+                json.dump(report, f)
     dist.barrier()
+
+
+def vocab_parallel_loss_check(vocab: int) -> dict:
+    """mcore.loss.vocab_parallel_token_losses on this tensor-parallel group (the output layer's
+    vocabulary shards, several blocks per shard, with and without sequence parallelism) against
+    the one-process full-logits reference: losses, the states' gradient (after the region
+    function's reduction) and the weight gradient (shards gathered). Max |differences|."""
+    from megatron.core import parallel_state
+
+    from megatron_gem.gem.lm_head_loss import reference_lm_head_token_losses
+    from megatron_gem.mcore.llama import padded_vocab_size
+    from megatron_gem.mcore.loss import vocab_parallel_token_losses
+
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    group = parallel_state.get_tensor_model_parallel_group()
+    padded = padded_vocab_size(vocab, tp)
+    g = torch.Generator().manual_seed(11)
+    L, n, H = 8, 3, 16
+    hidden = torch.randn(L, n, H, generator=g)
+    weight = torch.randn(padded, H, generator=g) * 0.5
+    labels = torch.randint(0, vocab, (n, L), generator=g)
+    labels[0, ::3] = -100
+    upstream = torch.rand(n, L, generator=g)
+    want_h, want_w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    want = reference_lm_head_token_losses(want_h, want_w, labels.t(), vocab_limit=vocab).t()
+    (want * upstream).sum().backward()
+    part = padded // tp
+    out = {}
+    for sp in (False, True):
+        if sp and tp == 1:
+            continue
+        rows = slice(rank * L // tp, (rank + 1) * L // tp) if sp else slice(None)
+        h = hidden[rows].clone().requires_grad_(True)
+        w = weight[rank * part : (rank + 1) * part].clone().requires_grad_(True)
+        got = vocab_parallel_token_losses(h, w, labels, true_vocab_size=vocab, sequence_parallel=sp, chunk_tokens=5, chunk_vocab=37)
+        (got * upstream).sum().backward()
+        shards = [torch.empty_like(w.grad) for _ in range(tp)]
+        torch.distributed.all_gather(shards, w.grad, group=group)
+        out["sp" if sp else "tp"] = {
+            "loss": float((got - want).abs().max()),
+            "grad_hidden": float((h.grad - want_h.grad[rows]).abs().max()),
+            "grad_weight": float((torch.cat(shards) - want_w.grad).abs().max()),
+            "scale": max(float(want.abs().max()), float(want_h.grad.abs().max()), float(want_w.grad.abs().max())),
+        }
+    return out
 
 
 def stream_vs_reference(hf_dir, work_dir):

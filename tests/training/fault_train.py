@@ -48,25 +48,23 @@ def _poisoned() -> bool:
 
 _track_steps()
 if kind == "nan":
+    # Both engines compose a micro-batch's loss with gem.losses.micro_batch_loss (bound by name
+    # in training.step for DeepSpeed, in mcore.loss for megatron-core): poison its NTP part.
+    from megatron_gem.gem import losses
+    from megatron_gem.mcore import loss as mcore_loss
     from megatron_gem.training import step
 
-    ntp_loss_sum = step.ntp_loss_sum
+    micro_batch_loss = losses.micro_batch_loss
 
-    def poisoned_ntp_loss_sum(logits, labels):
-        total, count = ntp_loss_sum(logits, labels)
-        return (total * float("nan") if _poisoned() else total), count
+    def poisoned_micro_batch_loss(**kwargs):
+        out = micro_batch_loss(**kwargs)
+        if _poisoned() and out.ntp_sum is not None:
+            out.total = out.total * float("nan")
+            out.ntp_sum = out.ntp_sum * float("nan")
+        return out
 
-    step.ntp_loss_sum = poisoned_ntp_loss_sum
-    if "--tensor-model-parallel-size" in sys.argv or "--pipeline-model-parallel-size" in sys.argv:
-        import megatron.core.tensor_parallel as tensor_parallel
-
-        cross_entropy = tensor_parallel.vocab_parallel_cross_entropy
-
-        def poisoned_cross_entropy(logits, target, *args, **kwargs):
-            out = cross_entropy(logits, target, *args, **kwargs)
-            return out * float("nan") if _poisoned() else out
-
-        tensor_parallel.vocab_parallel_cross_entropy = poisoned_cross_entropy
+    step.micro_batch_loss = poisoned_micro_batch_loss
+    mcore_loss.micro_batch_loss = poisoned_micro_batch_loss
 elif kind == "enospc":
     NAME = fields[2]
     save = torch.save
