@@ -179,7 +179,9 @@ def describe_teacher(teacher: Teacher, job: JobConfig) -> str:
     g = job.gem
     share = "the teacher alone" if g.teacher_weight >= 1 else f"{g.teacher_weight:g} x teacher + {1 - g.teacher_weight:g} x InfoNCE"
     cache = f"cache {teacher.cache.dir} ({len(teacher.cache)} texts)" if teacher.cache is not None else "no cache"
-    return f"teacher: {teacher.path} ({teacher.digest[:19]}, dim {teacher.dim}); contrastive loss: {share}, teacher temperature {g.teacher_temperature:g}; {cache}"
+    return (
+        f"teacher: {teacher.path} ({teacher.digest[:19]}, dim {teacher.dim}); contrastive loss: {share}, teacher temperature {g.teacher_temperature:g}; {cache}"
+    )
 
 
 def train(job: JobConfig, engine: Engine) -> dict:
