@@ -46,17 +46,27 @@ def _stand_in_teacher(path):
     return path
 
 
+def _recipe_command(rep, tmp_path):
+    """``command(name)``: train.py's arguments of recipe ``name`` on stand-in inputs (a model, a
+    teacher, one document, one pair), its placeholders resolved as reproduce.train does."""
+    model, teacher = _stand_in_model(tmp_path / "model"), _stand_in_teacher(tmp_path / "teacher")
+    data, pairs = tmp_path / "d.jsonl", tmp_path / "p.jsonl"
+    data.write_text('{"text": "a"}\n')
+    pairs.write_text('{"query": "a", "positive": "b"}\n')
+
+    def command(name):
+        recipe = rep.resolve(rep.RECIPES[name], pairs=str(pairs), teacher=str(teacher), teacher_cache=str(tmp_path / "cache"))
+        return ["--model", str(model), "--data", str(data), "--save", str(tmp_path / name)] + recipe
+
+    command.paths = {"teacher": str(teacher), "pairs": str(pairs), "cache": str(tmp_path / "cache")}
+    return command
+
+
 def test_every_recipe_parses_and_validates(tmp_path):
     rep = _reproduce()
-    model = _stand_in_model(tmp_path / "model")
-    teacher = _stand_in_teacher(tmp_path / "teacher")
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "a"}\n')
-    pairs = tmp_path / "p.jsonl"
-    pairs.write_text('{"query": "a", "positive": "b"}\n')
+    command = _recipe_command(rep, tmp_path)
     for name, recipe in rep.RECIPES.items():
-        recipe = rep.resolve(recipe, pairs=str(pairs), teacher=str(teacher), teacher_cache=str(tmp_path / "cache"))
-        args = build_parser().parse_args(["--model", str(model), "--data", str(data), "--save", str(tmp_path / name)] + recipe)
+        args = build_parser().parse_args(command(name))
         validate_args(args, dp_size=1)
         assert args.gem_contrastive_from_step < args.train_iters, name  # both phases run
         assert rep.is_frozen(recipe) == (args.gem_train == "summary"), name
@@ -199,27 +209,22 @@ def test_teacher_recipes(tmp_path):
     from megatron_gem.training.args import job_config
 
     rep = _reproduce()
-    model = _stand_in_model(tmp_path / "model")
-    teacher = _stand_in_teacher(tmp_path / "teacher")
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "a"}\n')
-    pairs = tmp_path / "p.jsonl"
-    pairs.write_text('{"query": "a", "positive": "b"}\n')
+    command = _recipe_command(rep, tmp_path)
+    teacher, pairs = command.paths["teacher"], command.paths["pairs"]
 
     def job(name):
-        args = rep.resolve(rep.RECIPES[name], pairs=str(pairs), teacher=str(teacher), teacher_cache=str(tmp_path / "cache"))
-        return job_config(build_parser().parse_args(["--model", str(model), "--data", str(data), "--save", str(tmp_path / name)] + args), world_size=1)
+        return job_config(build_parser().parse_args(command(name)), world_size=1)
 
     ref = job("gem-summary-wordnet-pairs-eol")
     alone, mixed, full = job("gem-summary-teacher"), job("gem-summary-teacher-pairs"), job("gem-teacher")
     for j in (alone, mixed, full):
-        assert j.data.teacher == str(teacher) and j.data.teacher_cache == str(tmp_path / "cache")
+        assert j.data.teacher == teacher and j.data.teacher_cache == command.paths["cache"]
         assert (j.optimizer.train_iters, j.gem.contrastive_from_step, j.batch.contrastive_batch_size, j.batch.seq_length) == (280, 30, 64, 256)
         assert j.gem.embed_template == ref.gem.embed_template and j.gem.alpha == 1.0 and j.optimizer.seed == 0
     for j in (alone, mixed):
         assert j.gem.train_mode == "summary" and (j.optimizer.lr, j.optimizer.contrastive_lr) == (ref.optimizer.lr, ref.optimizer.contrastive_lr)
     assert alone.gem.teacher_weight == 1.0 and alone.data.pairs is None and rep.RECIPE_DATA["gem-summary-teacher"] == rep.DISTILL
-    assert mixed.gem.teacher_weight == 0.5 and mixed.data.pairs == [str(pairs)] and "gem-summary-teacher-pairs" not in rep.RECIPE_DATA
+    assert mixed.gem.teacher_weight == 0.5 and mixed.data.pairs == [pairs] and "gem-summary-teacher-pairs" not in rep.RECIPE_DATA
     assert full.gem.train_mode == "full" and full.gem.teacher_weight == 1.0 and full.data.pairs is None and rep.RECIPE_DATA["gem-teacher"] == rep.DISTILL
     plan = rep.build_plan([0, 1, 2], "BASE", "MINILM")
     names = {e["name"] for e in plan}
