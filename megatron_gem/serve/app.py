@@ -102,7 +102,12 @@ def create_app(engine, config: ServeConfig | None = None) -> FastAPI:
         metrics=metrics,
     )
     runner = GenerationRunner(
-        engine, max_queued=config.max_queued_generations, max_tokens_cap=config.max_tokens_cap, default_max_tokens=config.default_max_tokens, metrics=metrics
+        engine,
+        max_queued=config.max_queued_generations,
+        max_tokens_cap=config.max_tokens_cap,
+        default_max_tokens=config.default_max_tokens,
+        max_model_len=config.max_model_len,
+        metrics=metrics,
     )
     name = config.served_model_name or engine.name
     engine.name = name

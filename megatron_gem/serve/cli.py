@@ -80,9 +80,7 @@ def main(argv=None, prog: str = "megatron-gem serve") -> int:
     from .engine import GEMEngine
 
     try:
-        engine = GEMEngine.load(
-            args.model_dir, base=args.base, max_input_tokens=config.max_input_tokens, name=config.served_model_name, max_model_len=config.max_model_len
-        )
+        engine = GEMEngine.load(args.model_dir, base=args.base, max_input_tokens=config.max_input_tokens, name=config.served_model_name)
     except (ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"megatron-gem serve: {e}", file=sys.stderr)
         return 2

@@ -71,28 +71,26 @@ class SamplingParams:
 class GEMEngine:
     """The served model: its GEMEmbedder (model, tokenizer, GEMConfig, template) and the worker."""
 
-    def __init__(self, embedder: GEMEmbedder, *, name: str, max_model_len: int | None = None):
+    def __init__(self, embedder: GEMEmbedder, *, name: str):
         self.embedder = embedder
         self.name = name
         self.tokenizer = embedder.tokenizer
         self.config = embedder.config
         cfg_len = getattr(embedder.model.config, "max_position_embeddings", None)
-        self.max_model_len = int(max_model_len or cfg_len or 2048)
+        self.max_model_len = int(cfg_len or 2048)  # ServeConfig.max_model_len may lower it
         self.worker = ModelWorker()
         self.eos_ids = _eos_ids(embedder.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @classmethod
-    def load(
-        cls, model_dir: str, *, base: str | None = None, max_input_tokens: int = 512, name: str | None = None, max_model_len: int | None = None
-    ) -> "GEMEngine":
+    def load(cls, model_dir: str, *, base: str | None = None, max_input_tokens: int = 512, name: str | None = None) -> "GEMEngine":
         model_dir = str(model_dir)
         adapter = is_summary_adapter_dir(model_dir)
         check_safe_folder(model_dir, weights=not adapter)
         if adapter:
             check_safe_folder(resolve_base(model_dir, GEMConfig.load(model_dir), base))
         embedder = GEMEmbedder.from_pretrained(model_dir, base=base, dtype=torch.float32, max_length=max_input_tokens)
-        return cls(embedder, name=name or os.path.basename(os.path.normpath(model_dir)), max_model_len=max_model_len)
+        return cls(embedder, name=name or os.path.basename(os.path.normpath(model_dir)))
 
     @property
     def summary_mode(self) -> bool:

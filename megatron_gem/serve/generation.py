@@ -97,8 +97,9 @@ class GenerationRunner:
     """Admission and execution of completions. At most ``max_queued`` answers wait or run;
     past that a request gets 429 at once."""
 
-    def __init__(self, engine, *, max_queued: int, max_tokens_cap: int, default_max_tokens: int, metrics=None):
+    def __init__(self, engine, *, max_queued: int, max_tokens_cap: int, default_max_tokens: int, max_model_len: int | None = None, metrics=None):
         self.engine = engine
+        self.max_model_len = max_model_len or engine.max_model_len
         self.max_queued = max_queued
         self.max_tokens_cap = max_tokens_cap
         self.default_max_tokens = default_max_tokens
@@ -111,7 +112,7 @@ class GenerationRunner:
         n = self.default_max_tokens if max_tokens is None else max_tokens
         if n > self.max_tokens_cap:
             raise bad_request(f"max_tokens={n} is above this server's cap of {self.max_tokens_cap} (--max-tokens-cap)", param="max_tokens")
-        limit = self.engine.max_model_len
+        limit = self.max_model_len
         if prompt_len + n > limit:
             raise bad_request(
                 f"the prompt has {prompt_len} tokens and max_tokens is {n}: together above the model's {limit} tokens; shorten the prompt or lower max_tokens",
