@@ -152,7 +152,7 @@ class GEMEngine:
             # 50, a repetition penalty, ...), which OpenAI's API does not have.
             temperature=params.temperature if sample else 1.0,
             top_p=params.top_p if sample else 1.0,
-            top_k=0,
+            top_k=0 if sample else None,  # 0: no top-k cut (greedy ignores it)
             min_p=None,
             repetition_penalty=1.0,
             eos_token_id=self.eos_ids,

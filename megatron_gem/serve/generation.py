@@ -164,6 +164,8 @@ class Generation:
                 return engine.generate(prompt_ids, params, streamer, return_embedding=return_embedding)
             except Exception:
                 if streamer.cancelled:  # generate aborted by the cancelled streamer
+                    if runner.metrics is not None:
+                        runner.metrics.cancelled.inc()
                     return None
                 raise
             finally:

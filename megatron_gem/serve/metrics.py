@@ -22,6 +22,7 @@ class ServerMetrics:
         self.queue_depth = Gauge("gem_queue_depth", "work waiting or running: embedding texts, generation requests", ["queue"], registry=r)
         self.prompt_tokens = Counter("gem_prompt_tokens", "tokens read (embedded texts, prompts)", ["endpoint"], registry=r)
         self.generated_tokens = Counter("gem_generated_tokens", "tokens generated", ["endpoint"], registry=r)
+        self.cancelled = Counter("gem_generations_cancelled", "answers stopped early because their client went away", registry=r)
         self.embedded_texts = Counter("gem_embedded_texts", "texts embedded through /v1/embeddings", registry=r)
         self.prefill_embeddings = Counter("gem_prefill_embeddings", "embeddings read from a chat prefill (return_embedding)", registry=r)
         self.embedding_batches = Counter("gem_embedding_batches", "embedding forwards run", registry=r)
