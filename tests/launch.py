@@ -126,50 +126,11 @@ def read_metrics(save) -> list[dict]:
 
 
 def start_server(model_dir, *args, env: dict | None = None, timeout: float = 240):
-    """``python -m megatron_gem.serve MODEL_DIR --port P ARGS`` in the background, waited on
-    until /health answers. Returns (process, base url); stop it with
-    ``stop_server``. The output goes to a temporary file (read by ``server_output``)."""
-    import tempfile
-    import time
-    import urllib.request
+    """``python -m megatron_gem.serve MODEL_DIR --port P ARGS`` in the background (a
+    megatron_gem.serve.process.ServerProcess), waited on until /health answers; stop it with
+    ``.stop()``, read its output with ``.output()``."""
+    from megatron_gem.serve.process import ServerProcess
 
-    port = free_port()
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "megatron_gem.serve", str(model_dir), "--port", str(port), *map(str, args)],
-        cwd=REPO,
-        env=subprocess_env(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", **(env or {})),
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    return ServerProcess(
+        model_dir, *args, port=free_port(), env=subprocess_env(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", **(env or {})), timeout=timeout, cwd=REPO
     )
-    proc.log = log
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited with {proc.returncode}:\n{server_output(proc)[-4000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.3)
-    stop_server(proc)
-    raise AssertionError(f"the server did not answer /health within {timeout} s:\n{server_output(proc)[-4000:]}")
-
-
-def server_output(proc) -> str:
-    proc.log.seek(0)
-    return proc.log.read()
-
-
-def stop_server(proc, timeout: float = 20) -> int:
-    """SIGTERM (uvicorn shuts down gracefully), SIGKILL if it does not end in ``timeout``."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode

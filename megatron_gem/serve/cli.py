@@ -33,7 +33,12 @@ def build_parser(prog: str = "megatron-gem serve") -> argparse.ArgumentParser:
     p.add_argument("--max-batch-requests", type=int, default=d.max_batch_requests, help="texts per embedding forward")
     p.add_argument("--max-queued-texts", type=int, default=d.max_queued_texts, help="texts waiting or running; more gets 429")
     p.add_argument("--max-tokens-cap", type=int, default=d.max_tokens_cap, help="largest max_tokens a completion may ask for (above: 400)")
-    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens, help="max_tokens of a chat completion that gives none")
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help=f"max_tokens of a chat completion that gives none (default {d.default_max_tokens}, or the cap when lower)",
+    )
     p.add_argument("--max-queued-generations", type=int, default=d.max_queued_generations, help="completions waiting or running; more gets 429")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + answer tokens (default: the model's max_position_embeddings)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -53,7 +58,7 @@ def config_from_args(args) -> ServeConfig:
         max_batch_requests=args.max_batch_requests,
         max_queued_texts=args.max_queued_texts,
         max_tokens_cap=args.max_tokens_cap,
-        default_max_tokens=args.default_max_tokens,
+        default_max_tokens=args.default_max_tokens if args.default_max_tokens is not None else min(ServeConfig.default_max_tokens, args.max_tokens_cap),
         max_queued_generations=args.max_queued_generations,
         max_model_len=args.max_model_len,
     )

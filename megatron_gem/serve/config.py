@@ -20,7 +20,7 @@ class ServeConfig:
     max_input_tokens: int = 512
     auto_truncate: bool = False
     max_client_batch_size: int = 32  # inputs per /v1/embeddings request
-    max_batch_tokens: int = 16384  # padded tokens per forward (the batch's longest text x its texts)
+    max_batch_tokens: int = 4096  # padded tokens per forward (the longest text x the texts): the KV cache of the prefill is held for the readout
     max_batch_requests: int = 256  # texts per forward
     max_queued_texts: int = 1024  # texts waiting or running; past it a request gets 429
     # Generation: max_tokens above the cap is refused (400); at most max_queued_generations

@@ -120,10 +120,34 @@ class GEMEngine:
             out.append((ids.tolist(), cut))
         return out
 
+    @torch.inference_mode()
     def embed_batch(self, token_lists: list[list[int]]) -> torch.Tensor:
-        """Unit vectors [n, hidden] (float32) of already wrapped texts, as one forward: what
-        GEMEmbedder.encode computes for them."""
-        return self.embedder.encode_token_ids(token_lists, batch_size=len(token_lists))
+        """Unit vectors [n, hidden] (float32) of already wrapped texts: GEMEmbedder.encode's.
+
+        Computed as a prefill and a readout, the way ``return_embedding`` reads a chat prefill:
+        the texts, right-padded, run through the model with plain causal attention, keeping the
+        KV cache; then K summary steps read it (GEMEmbedder.embed_from_cache, padding hidden by
+        the mask). Exact because no text token attends a summary token under the GEM rule, and
+        in summary mode the deltas act only at the summary tokens: the prefill is the base
+        model's, with no adapter rows to select and no GEM mask to build per layer (what makes
+        it faster than encode's one forward over ``text SPECIAL*K``; docs/serving.md). Right
+        padding comes after every real token, so causal attention never lets a real token see it."""
+        from transformers import DynamicCache
+
+        from ..hf.summary import cache_kwargs
+
+        model, device = self.embedder.model, self.embedder.device
+        width = max(len(t) for t in token_lists)
+        ids = torch.full((len(token_lists), width), self.embedder.pad_id, dtype=torch.long)
+        real = torch.zeros(len(token_lists), width, dtype=torch.bool)
+        for i, t in enumerate(token_lists):
+            if not t:
+                raise ValueError(f"text {i} is empty; cannot embed an empty text")
+            ids[i, : len(t)] = torch.as_tensor(t)
+            real[i, : len(t)] = True
+        cache = DynamicCache(config=model.config)
+        model.base_model(input_ids=ids.to(device), **cache_kwargs(model, cache))
+        return self.embedder.embed_from_cache(cache, attention_mask=real.to(device)).cpu()
 
     # ---- generation ----
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from megatron_gem.testing import sample_sentences
-from tests.launch import server_output, start_server, stop_server
+from tests.launch import start_server
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
@@ -23,7 +23,7 @@ TEXTS = sample_sentences(16, seed=33, min_words=2, max_words=20)
 
 @pytest.fixture(scope="module")
 def server(serve_models):
-    proc, url = start_server(
+    server = start_server(
         serve_models["summary"],
         "--api-key",
         KEY,
@@ -38,9 +38,9 @@ def server(serve_models):
         "--max-tokens-cap",
         "400",
     )
-    yield proc, url
-    code = stop_server(proc)  # uvicorn ends a graceful shutdown by re-raising SIGTERM
-    assert code in (0, -15) and "Application shutdown complete" in server_output(proc), (code, server_output(proc)[-3000:])
+    yield server.proc, server.url
+    code = server.stop()  # uvicorn ends a graceful shutdown by re-raising SIGTERM
+    assert code in (0, -15) and "Application shutdown complete" in server.output(), (code, server.output()[-3000:])
 
 
 def _metric(url, name) -> float:
