@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from tests.launch import load_tool
-from tests.serve.conftest import serve_models  # noqa: F401  (the tiny served models)
 
 rag = load_tool("rag_example")
 
