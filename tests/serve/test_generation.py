@@ -144,3 +144,43 @@ def test_return_embedding_refusals(summary_engine, full_engine):
         r = c.post("/v1/chat/completions", json={"messages": [msg], "max_tokens": 2, "return_embedding": True})
         assert r.status_code == 400 and "--gem-embed-template chat" in r.json()["error"]["message"]
         assert c.post("/v1/chat/completions", json={"messages": [msg], "max_tokens": 2}).status_code == 200  # plain chat still works
+
+
+def test_embeddings_run_between_the_decode_steps_of_a_long_answer(summary_engine):
+    """An embedding request sent while a long answer is generating is answered before the
+    answer ends (its batch runs between two decode steps), and both results are right."""
+    import asyncio
+
+    import httpx
+
+    from megatron_gem.serve import ServeConfig, create_app
+
+    app = create_app(summary_engine, ServeConfig(served_model_name="summary", max_tokens_cap=400))
+    long = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 400, "temperature": 0}
+
+    decode_steps = []
+    hook = summary_engine.embedder.model.model.register_forward_pre_hook(
+        lambda m, a, kw: decode_steps.append(1) if kw["input_ids"].shape[1] == 1 else None, with_kwargs=True
+    )
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=600) as c:
+            chat = asyncio.ensure_future(c.post("/v1/chat/completions", json=long))
+            while len(decode_steps) < 3:  # the answer is being generated
+                await asyncio.sleep(0.005)
+            emb = await c.post("/v1/embeddings", json={"input": MESSAGE})
+            chat_done_when_embedded = chat.done() or len(decode_steps) >= 399  # 399 decode steps after the prefill: the answer's end
+            answer = await chat
+            await app.state.batcher.stop()
+            return emb, chat_done_when_embedded, answer
+
+    loop = asyncio.new_event_loop()
+    try:
+        emb, chat_done_when_embedded, answer = loop.run_until_complete(run())
+    finally:
+        loop.close()
+        hook.remove()
+    assert answer.json()["choices"][0]["finish_reason"] == "length"  # a 400-token answer
+    assert not chat_done_when_embedded
+    ref = summary_engine.embed_batch(summary_engine.wrap_texts([MESSAGE], 512)[0][:1])
+    assert torch.allclose(torch.tensor(emb.json()["data"][0]["embedding"]), ref[0], atol=1e-5, rtol=0)
