@@ -75,6 +75,9 @@ def main(argv=None, prog: str = "megatron-gem serve") -> int:
         parser.error(str(e).replace("_", "-"))
     if not os.path.isdir(args.model_dir):
         parser.error(f"MODEL_DIR {args.model_dir}: not a directory")
+    from .worker import bound_malloc_arenas
+
+    bound_malloc_arenas()  # before torch and uvicorn start their threads
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch anything at load time
 

@@ -12,9 +12,32 @@ delays an embedding by one decode step, not by the whole answer.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import threading
 from concurrent.futures import Future
 from typing import Callable
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc()  # glibc: give freed heap back to the system after each job (None elsewhere)
+_M_ARENA_MAX = -8
+
+
+def bound_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each thread that allocates its own heap arena, which keeps the memory freed
+    in it; the worker and the HTTP threads would each hold the peak of the batches they ran.
+    Call before threads start (the server's command line does)."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_ARENA_MAX, n)
 
 
 class ModelWorker:
@@ -63,6 +86,8 @@ class ModelWorker:
                     return
                 job = self._urgent.popleft() if self._urgent else self._normal.popleft()
             _run(*job)
+            if _LIBC is not None:  # a batch's or an answer's activations go back to the system
+                _LIBC.malloc_trim(0)
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Finish the queued jobs, then end the thread."""
