@@ -371,11 +371,13 @@ def test_summary_mode_tp2_pp2_recompute_resume_equals_single_process(summary_ref
     (--save-total-limit): steps 3 and 4 remain, each holding only what trains (the frozen base
     is --model, never rewritten); a foreign directory in --save stays."""
     save = tmp_path / "summary_tp2pp2"
-    (save / "global_step1_by_hand").mkdir(parents=True)  # not written by the run: never deleted
     args = _args(converted_checkpoint, corpus, save, *SUMMARY, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
     args += ["--recompute-granularity", "full", "--save-interval", "1", "--save-total-limit", "2"]
     run_torchrun(args + ["--exit-after-iters", "2"], nproc=4)
     assert (save / "latest").read_text().strip() == "global_step2" and not (save / "hf").exists()
+    # Not written by the run (a --save must be new or empty to start, so it comes in between):
+    # rotation never deletes it.
+    (save / "global_step1_by_hand").mkdir()
     proc = run_torchrun(args + ["--load", str(save)], nproc=4)
     assert "--save-total-limit 2: deleted global_step2; kept global_step4, global_step3" in proc.stdout, proc.stdout[-3000:]
     assert sorted(p.name for p in save.glob("global_step*")) == ["global_step1_by_hand", "global_step3", "global_step4"]
