@@ -1,4 +1,4 @@
-"""Block-sparse GEM attention in Triton: forward, backward, autograd.Function, launcher.
+"""Block-sparse GEM attention in Triton: forward, backward, launchers, torch.library custom ops.
 
 Design
   FlashAttention-2 (Dao, 2023) tiling with an online softmax in base 2, the log-sum-exp saved
@@ -10,7 +10,11 @@ Design
   computed for GEM by ``kernels/block_table.py`` from per-block summaries of doc_ids and roles.
   EMPTY tiles are never visited. FULL tiles run with no mask at all. In PARTIAL tiles the rule
   is evaluated per element from per-token doc_id / role loads (``_gem_allowed``, a line-by-line
-  mirror of megatron_gem.gem.mask.allowed); no dense mask exists anywhere.
+  mirror of megatron_gem.gem.mask.allowed, the sliding window included: WINDOW is the model's
+  window, or L without one); no dense mask exists anywhere.
+  The launchers are registered as the custom ops ``megatron_gem::gem_attention_fwd`` / ``_bwd``
+  with fake implementations and an autograd formula: torch.compile treats them as opaque
+  operators (no graph break) and FakeTensorMode gets outputs and gradients without a launch.
   Inputs fp16 / bf16 (fp32 accumulation, P and dS rounded to the input type before their
   matmuls, as FlashAttention does) or fp32 (IEEE dots, for tests). Head dims up to 256 are
   accepted (padded to the next power of two with masked loads; 16, 32, 48, 64, 128 tested in
@@ -23,7 +27,9 @@ What is tested (tests/kernels, under TRITON_INTERPRET=1 on CPU)
   style), over random packed layouts: K in {1, 2, 5, 10}, one-token documents, special runs
   straddling block edges, all-plain rows, one long document, padding tails, L not a multiple
   of the block, GQA ratios 1/2/4, rows of different layouts in one batch, suffix_sees_bos on
-  and off, fp32 and fp16; all backends (sdpa, flex forward, triton) agree. The kernels are also
+  and off, sliding windows, fp32 and fp16; all backends (sdpa, flex forward, triton) agree;
+  the ops pass torch.library.opcheck and run under torch.compile and FakeTensorMode
+  (test_custom_op.py). The kernels are also
   compiled ahead of time for sm_80 and sm_90 (test_aot_compile.py; figures in docs/kernel.md).
 
 Known limits
@@ -33,8 +39,9 @@ Known limits
   * bf16 is exercised in the interpreter only through an fp32 upcast before tl.dot (the
     interpreter's bf16 dot is broken), so the tests cannot see bf16-specific GPU behaviour.
   * No dropout, no attention bias / score_mod, no KV cache, query and key length are equal.
-  * The block table is rebuilt per call (cheap, but a host sync); pass ``block_table=`` to
-    reuse one across layers of the same batch.
+  * Called directly, the block table is built per call (cheap, but a host sync); pass
+    ``block_table=`` to reuse one. megatron_gem.gem_attention builds it once per batch
+    (attention/batch_cache.py).
 """
 
 from __future__ import annotations

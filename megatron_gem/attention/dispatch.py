@@ -11,8 +11,8 @@ Backends
           DENSE_SCORE_FRACTION of the device's memory.
   flex    torch FlexAttention, compiled once (module level), with the rule as mask_mod and a
           BlockMask made from kernels.block_table (O(L) summaries, no dense mask; built once
-          per batch). PyTorch has no FlexAttention backward on CPU: there it is forward only
-          (and computed in fp32, one compiled graph per shape rather than per dtype).
+          per batch). PyTorch has no FlexAttention backward on CPU: there it is forward only,
+          and a call with small scores runs uncompiled (FLEX_CPU_EAGER_MAX_BYTES).
   triton  the block-sparse Triton kernel (megatron_gem.kernels; torch.library custom ops, so it
           runs under torch.compile and FakeTensorMode). CUDA tensors, or CPU tensors under
           TRITON_INTERPRET=1 (slow; tests only).
@@ -25,12 +25,17 @@ by activation recompute (attention/batch_cache.py).
 
 Sliding windows (Mistral's ``config.sliding_window``): every backend executes the window as
 rule 5 of gem/mask.py (query q sees key k only if q - k < W, in row positions).
+
+FakeTensorMode (memory estimation; CUDA fake tensors too): triton and sdpa run without data
+(the kernel op's fake implementation with a placeholder table; the dense path with a mask of
+the right shape; the layout counts as not plain causal). flex needs the metadata's values.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +54,12 @@ DENSE_SCORE_FRACTION = 0.25
 
 # FlexAttention's tile (its default); the BlockMask is this tiling of kernels.block_table.
 FLEX_BLOCK = 128
+
+# On CPU, where FlexAttention runs forward only and every inductor compile costs tens of seconds
+# (a check path: tests, tools/gpu_check.py --cpu), a call whose eager fp32 scores
+# [B, Hq, L, L] take at most this many bytes runs flex_attention uncompiled (the same result;
+# the scores are small). Larger CPU calls, and every CUDA call, run compiled.
+FLEX_CPU_EAGER_MAX_BYTES = 64 * 2**20
 
 _compiled_flex = None
 
@@ -168,19 +179,20 @@ def flex_block_mask(doc_ids, roles, *, device, suffix_sees_bos=False, sliding_wi
 
 
 def flex_gem_attention(q, k, v, doc_ids, roles, *, scale=None, suffix_sees_bos=False, sliding_window=None):
-    """FlexAttention backend (compiled): the rule as mask_mod, visited block-sparsely."""
-    if q.device.type == "cpu" and q.dtype != torch.float32:
-        # CPU flex is a forward-only check path: computing it in fp32 keeps one compiled graph
-        # per shape instead of one per dtype (each CPU compile costs tens of seconds); the
-        # fp32 copies of q, k, v are O(L) next to the scores flex never materialises.
-        return flex_gem_attention(
-            q.float(), k.float(), v.float(), doc_ids, roles, scale=scale, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window
-        ).to(q.dtype)
+    """FlexAttention backend: the rule as mask_mod, visited block-sparsely by the compiled
+    flex_attention (small CPU calls: uncompiled, see FLEX_CPU_EAGER_MAX_BYTES)."""
     block_mask = flex_block_masks.get(
         (doc_ids, roles),
         (suffix_sees_bos, sliding_window, q.device),
         lambda: flex_block_mask(doc_ids, roles, device=q.device, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window),
     )
+    B, Hq, L, _ = q.shape
+    if q.device.type == "cpu" and B * Hq * L * L * 4 <= FLEX_CPU_EAGER_MAX_BYTES:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
     # enable_gqa=True also for Hq == Hkv (valid there): one compiled graph for every head layout.
     return compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 

@@ -189,7 +189,43 @@ def test_megatron_views_share_one_build_across_layers_and_recompute(backend, cac
     assert cache.builds == 2  # a new micro-batch (equal values, a new tensor) builds its own
 
 
-def test_flex_block_mask_built_once_per_batch():
+@pytest.fixture
+def compiled_flex(monkeypatch):
+    """Force the compiled flex_attention for these small CPU shapes; count its calls."""
+    calls = []
+    real = dispatch.compiled_flex_attention
+
+    def counting():
+        fn = real()
+        return lambda *a, **kw: calls.append(1) or fn(*a, **kw)
+
+    monkeypatch.setattr(dispatch, "FLEX_CPU_EAGER_MAX_BYTES", 0)
+    monkeypatch.setattr(dispatch, "compiled_flex_attention", counting)
+    return calls
+
+
+def test_compiled_flex_equals_sdpa_reference(compiled_flex):
+    """Compiled FlexAttention with the block-table BlockMask equals the dense reference
+    (forward: no FlexAttention backward on CPU) over layouts, suffix_sees_bos and a window. One
+    shape throughout (that of test_backends_agree's GQA case), so one compiled graph."""
+    for seed, (styles, bos, window) in enumerate([(("mixed", "straddle"), False, None), (("chaos", "long"), True, None), (("tiny", "plain"), False, 11)]):
+        doc, role = random_batch(seed, 2, 83, 1 + seed, styles=styles)
+        q, k, v = _qkv(2, 4, 2, 83, 32, seed=seed)
+        got = gem_attention(q, k, v, doc, role, backend="flex", suffix_sees_bos=bos, sliding_window=window)
+        ref = dispatch.dense_gem_attention(q, k, v, doc, role, scale=32**-0.5, suffix_sees_bos=bos, sliding_window=window)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert len(compiled_flex) == 3
+
+
+def test_small_cpu_flex_runs_uncompiled(monkeypatch):
+    """Below FLEX_CPU_EAGER_MAX_BYTES of scores a CPU call skips the compiler (same result)."""
+    monkeypatch.setattr(dispatch, "compiled_flex_attention", lambda: pytest.fail("compiled for a small CPU call"))
+    doc, role = random_batch(2, 1, 40, 2, styles=("straddle",))
+    q, k, v = _qkv(1, 2, 1, 40, 16)
+    torch.testing.assert_close(gem_attention(q, k, v, doc, role, backend="flex"), dispatch.dense_gem_attention(q, k, v, doc, role), rtol=1e-5, atol=1e-5)
+
+
+def test_flex_block_mask_built_once_per_batch(compiled_flex):
     """Three layers and a second pass over fresh megatron-style views: one BlockMask."""
     _reset()
     L, B = 83, 2

@@ -70,9 +70,12 @@ def test_one_plain_document_with_window_is_not_run_causal():
     torch.testing.assert_close(got.double(), reference_attention(q, k, v, oracle_mask(doc, role, W), 8**-0.5, torch.float64), rtol=1e-5, atol=1e-5)
 
 
-def test_flex_with_window_matches_oracle():
-    """Compiled flex, forward (no FlexAttention backward on CPU); the shape of
-    test_backends_agree's GQA case, so the compiled graph is shared."""
+def test_flex_with_window_matches_oracle(monkeypatch):
+    """Compiled flex (forced for this small CPU shape), forward (no FlexAttention backward on
+    CPU); the shape of test_backends_agree's GQA case, so the compiled graph is shared."""
+    from megatron_gem.attention import dispatch
+
+    monkeypatch.setattr(dispatch, "FLEX_CPU_EAGER_MAX_BYTES", 0)
     for seed, window, bos in ((0, 9, False), (1, 30, True)):
         doc, role = random_batch(seed, 2, 83, 2, styles=("long", "straddle"))
         q, k, v, _ = make_inputs(seed, 2, 4, 2, 83, 32, torch.float32)
