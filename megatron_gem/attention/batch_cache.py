@@ -6,21 +6,23 @@ block table, FlexAttention's BlockMask, whether the layout is plain causal) cost
 O(L^2) work and, for the tables, host syncs: it must be built once per batch, not per call.
 
 The key is not the tensor objects the layer receives: megatron-core hands each layer new views
-(attention/megatron.py ``split_mask_info`` returns ``info[0]``, ``info[1]``), in the forward and
-again in a recompute. A key is, per metadata tensor,
-  * the tensor it views (``t._base``, else ``t`` itself), held by a weak reference: an entry
-    matches only while that very object is alive, so memory freed by one batch and reused by
-    the next can never alias (a dead base drops its entries at once);
-  * the view's geometry: storage offset, shape, strides, dtype;
-  * the base's version counter (shared by all its views), bumped by every in-place write, so
-    an edited batch is rebuilt;
-plus what the derivation depends on (``extra``: window, tiling, device, ...). Reading these
-costs no device work and no host sync.
+(attention/megatron.py ``split_mask_info`` returns ``info[0]``, ``info[1]``), and its activation
+recompute re-runs each layer on ``detach()``-ed copies of its inputs. A key is, per metadata
+tensor, the memory it reads and the version of that memory:
+  * device, address of the first element (``data_ptr``), shape, strides and dtype: views and
+    detached copies of one batch tensor share them;
+  * the version counter (shared by a tensor, its views and its detached copies), bumped by
+    every in-place write, so an edited batch is rebuilt;
+plus what the derivation depends on (``extra``: window, tiling, device, ...). An entry holds a
+reference to the tensors it was built from: their memory cannot be freed and handed to another
+batch while the entry lives, so an equal key means the same memory, unedited. Reading the key
+costs no device work and no host sync. (Writes that bypass the version counter, through
+``.data`` or a numpy alias, are not seen; nothing in this project writes batch metadata so.)
 
 Inference tensors (``torch.inference_mode``) carry no version counter: for them an entry holds
-while the base object lives and is not edited in place. Every caller of this project builds
-new metadata tensors per batch; code that rewrites one inference tensor in place between two
-forwards must clear the cache (``clear_batch_caches``).
+until evicted. Every caller of this project builds new metadata tensors per batch; code that
+rewrites one inference tensor in place between two forwards must clear the cache
+(``clear_batch_caches``).
 
 Several micro-batches can be in flight at once (a pipeline stage runs forwards of later
 micro-batches before the backward, and the recompute, of earlier ones), so a cache holds up to
@@ -31,7 +33,6 @@ derivation itself).
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 
 import torch
@@ -45,14 +46,14 @@ def is_fake(t: torch.Tensor) -> bool:
     return _is_fake(t)
 
 
-def _base(t: torch.Tensor) -> torch.Tensor:
-    return t if t._base is None else t._base
-
-
 def _version(t: torch.Tensor):
     if t.is_inference():
         return None  # no version counter (see the module docstring)
     return t._version
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, _version(t))
 
 
 class PerBatchCache:
@@ -63,7 +64,7 @@ class PerBatchCache:
     def __init__(self, capacity: int = 8):
         self.capacity = capacity
         self.builds = 0
-        self._entries: OrderedDict = OrderedDict()  # key -> (weak refs to the bases, value)
+        self._entries: OrderedDict = OrderedDict()  # key -> (the tensors it was built from, value)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -75,33 +76,17 @@ class PerBatchCache:
         if torch.compiler.is_compiling() or any(is_fake(t) for t in tensors):
             self.builds += 1
             return build()
-        bases = [_base(t) for t in tensors]
-        key = (
-            tuple((id(b), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, _version(b)) for t, b in zip(tensors, bases)),
-            extra,
-        )
+        key = (tuple(_key(t) for t in tensors), extra)
         hit = self._entries.get(key)
-        if hit is not None and all(ref() is b for ref, b in zip(hit[0], bases)):
+        if hit is not None:
             self._entries.move_to_end(key)
             return hit[1]
         value = build()
         self.builds += 1
-        drop = self._drop_callback(key)
-        self._entries[key] = ([weakref.ref(b, drop) for b in bases], value)
-        self._entries.move_to_end(key)
+        self._entries[key] = (tuple(tensors), value)  # the reference keeps the memory from reuse
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
         return value
-
-    def _drop_callback(self, key):
-        entries = weakref.ref(self._entries)
-
-        def drop(_ref):  # a base died: its derived values go with it
-            live = entries()
-            if live is not None:
-                live.pop(key, None)
-
-        return drop
 
 
 # Shared by both engines' adapters through attention/dispatch.py. The dense masks are O(L^2)

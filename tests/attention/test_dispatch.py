@@ -162,8 +162,8 @@ def _core_attention(backend, n_layers=2):
 
 @pytest.mark.parametrize("backend,cache", [("triton", block_tables), ("sdpa", dense_masks)])
 def test_megatron_views_share_one_build_across_layers_and_recompute(backend, cache):
-    """megatron-core's core attention gets new views of attention_mask in every layer call and
-    in the recompute: the table / dense mask is still built once per micro-batch."""
+    """megatron-core's core attention gets new views of attention_mask in every layer call, and
+    detached copies in the recompute: the table / dense mask is still built once per micro-batch."""
     _reset()
     layers = _core_attention(backend)
     L, B = 40, 1  # small: the triton kernel runs in the interpreter
@@ -179,7 +179,9 @@ def test_megatron_views_share_one_build_across_layers_and_recompute(backend, cac
             h = layer(h, k, k, info).view(L, B, 2, 16)
         return h
 
-    out = checkpoint(stack, q, k, info, use_reentrant=False)  # activation recompute in the backward
+    # activation recompute in the backward, re-run on detach()-ed inputs as megatron-core's
+    # tensor_parallel.checkpoint does (the reentrant form): new tensor objects, same memory
+    out = checkpoint(stack, q, k, info, use_reentrant=True)
     out.square().sum().backward()
     assert cache.builds == 1
     assert causal_layouts.builds == (1 if backend == "sdpa" else 0)
