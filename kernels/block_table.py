@@ -32,6 +32,17 @@ block. Documents are contiguous runs of one doc_id (checked, see ``validate``).
     not (SUFFIX queries and PREFIX keys other than a visible document start).
 Blocks cut by the end of the row (L not a multiple of the block size) are never FULL, so the
 kernel's bound checks live only in the PARTIAL path.
+
+With a sliding window W (rule 5 of gem/mask.py: q - k < W) a key block before the query block
+is EMPTY when even its closest pair is out of the window (a - e >= W), and FULL only if also its
+farthest pair is inside (b - c < W). Otherwise the window leaves a tile as classified above;
+that is conservative, not exact: a tile can be visited whose role-allowed pairs all lie out of
+the window (its elements are masked one by one, so results stay exact; only work is extra).
+Every visited tile still holds or borders the window's diagonal band, so the work per query
+block is O(W / block_n) tiles.
+
+``trim=False`` keeps every list nK (or nQ) wide, FlexAttention's layout, with no host sync:
+``BlockMask.from_kv_blocks`` takes such lists, and shapes stay known under FakeTensorMode.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from megatron_gem.gem.mask import doc_starts
+from megatron_gem.gem.mask import check_sliding_window, doc_starts
 from megatron_gem.gem.roles import Role
 
 _PREFIX, _SPECIAL, _SUFFIX = int(Role.PREFIX), int(Role.SPECIAL), int(Role.SUFFIX)
@@ -71,6 +82,7 @@ class GemBlockTable:
     block_m: int
     block_n: int
     suffix_sees_bos: bool
+    sliding_window: int | None = None
 
     @property
     def num_q_blocks(self) -> int:
@@ -107,11 +119,15 @@ def _lists_to_dense(num_partial, idx_partial, num_full, idx_full, n_cols):
     return out[..., :n_cols]
 
 
-def _to_lists(flags: torch.Tensor):
-    """bool [B, R, C] -> (counts int32 [B, R], ascending indices int32 [B, R, W]), W = max count."""
+def _to_lists(flags: torch.Tensor, trim: bool = True):
+    """bool [B, R, C] -> (counts int32 [B, R], ascending indices int32 [B, R, W]), W = max count
+    (a host sync) when ``trim``, else W = C."""
     flags = flags.contiguous()
     counts = flags.sum(-1, dtype=torch.int32)
-    width = max(int(counts.max()), 1) if counts.numel() else 1
+    if trim:
+        width = max(int(counts.max()), 1) if counts.numel() else 1
+    else:
+        width = max(flags.shape[-1], 1)
     # Each set column goes to slot (number of set columns before it): a cumsum and one scatter,
     # no sort. Unset columns are sent to a spare slot W that is cut off afterwards.
     slot = torch.where(flags, torch.cumsum(flags, -1, dtype=torch.int32) - 1, width).long()
@@ -180,10 +196,11 @@ def _role_luts(suffix_sees_bos: bool, device):
     return some_pair.to(device), no_denied.to(device)
 
 
-def classify_blocks(doc_ids, roles, *, block_m: int, block_n: int, suffix_sees_bos: bool = False) -> torch.Tensor:
+def classify_blocks(doc_ids, roles, *, block_m: int, block_n: int, suffix_sees_bos: bool = False, sliding_window: int | None = None) -> torch.Tensor:
     """int8 [B, nQ, nK]: EMPTY / PARTIAL / FULL per tile (see the module docstring for why)."""
     if block_m < 2 or block_n < 2 or block_m % 2 or block_n % 2:
         raise ValueError(f"block sizes must be even and >= 2, got {block_m}, {block_n}")
+    check_sliding_window(sliding_window)
     doc_ids = doc_ids.long()
     roles = roles.long()
     B, L = doc_ids.shape
@@ -199,6 +216,10 @@ def classify_blocks(doc_ids, roles, *, block_m: int, block_n: int, suffix_sees_b
     e = torch.clamp(c + block_n, max=L) - 1
     before = (e[None, :] < a[:, None])[None]  # [1, nQ, nK]: J entirely before I
     overlap = ((c[None, :] <= b[:, None]) & (e[None, :] >= a[:, None]))[None]
+    before_full = before
+    if sliding_window is not None:
+        before = before & (a[:, None] - e[None, :] < sliding_window)[None]  # closest pair in the window
+        before_full = before & (b[:, None] - c[None, :] < sliding_window)[None]  # farthest pair too
 
     # Role presence is packed into small codes (query: 3 bits, key: 5 bits) and the two tile
     # conditions on roles are read from 256-entry lookup tables built from the same rules: a
@@ -211,12 +232,10 @@ def classify_blocks(doc_ids, roles, *, block_m: int, block_n: int, suffix_sees_b
     visit = overlap | (before & link & some_pair_lut[code])
     q_whole = qs["complete"] & (qs["first_doc"] == qs["last_doc"])  # complete and in one document
     k_whole = ks["complete"] & (ks["first_doc"] == ks["last_doc"])
-    full = before & link & q_whole[:, :, None] & k_whole[:, None, :] & no_denied_lut[code]
-
-    out = torch.zeros(B, nq, nk, dtype=torch.int8, device=dev)
-    out[visit.expand(B, nq, nk)] = PARTIAL
-    out[full] = FULL
-    return out
+    full = before_full & link & q_whole[:, :, None] & k_whole[:, None, :] & no_denied_lut[code]
+    # torch.where, not boolean indexing: no data-dependent shapes (FakeTensorMode, torch.compile).
+    kind = torch.where(full, FULL, torch.where(visit, PARTIAL, EMPTY))
+    return kind.to(torch.int8).expand(B, nq, nk).contiguous()
 
 
 def build_block_table(
@@ -226,12 +245,16 @@ def build_block_table(
     block_m: int,
     block_n: int,
     suffix_sees_bos: bool = False,
+    sliding_window: int | None = None,
     validate: bool = True,
+    trim: bool = True,
 ) -> GemBlockTable:
     """Block table of the GEM mask for integer doc_ids/roles [B, L] (any device).
 
     Vectorised torch: O(L) summaries, O(nQ * nK) tile flags, one cumsum + scatter per list. ``validate``
-    checks that each doc_id label forms one contiguous run (a host sync).
+    checks that each doc_id label forms one contiguous run (a host sync); ``trim`` cuts the
+    lists to the longest one (a host sync; untrimmed lists are nK / nQ wide). With neither,
+    the build has no host sync and runs under FakeTensorMode.
     """
     if doc_ids.dim() != 2 or doc_ids.shape != roles.shape:
         raise ValueError(f"doc_ids and roles must both be [B, L]; got {tuple(doc_ids.shape)}, {tuple(roles.shape)}")
@@ -239,30 +262,53 @@ def build_block_table(
         raise TypeError("doc_ids and roles must be integer tensors")
     if validate:
         check_contiguous_documents(doc_ids)
-    kind = classify_blocks(doc_ids, roles, block_m=block_m, block_n=block_n, suffix_sees_bos=suffix_sees_bos)
+    kind = classify_blocks(doc_ids, roles, block_m=block_m, block_n=block_n, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window)
     partial, full = kind == PARTIAL, kind == FULL
-    kv_num, kv_idx = _to_lists(partial)
-    fkv_num, fkv_idx = _to_lists(full)
-    q_num, q_idx = _to_lists(partial.transpose(1, 2))
-    fq_num, fq_idx = _to_lists(full.transpose(1, 2))
+    kv_num, kv_idx = _to_lists(partial, trim)
+    fkv_num, fkv_idx = _to_lists(full, trim)
+    q_num, q_idx = _to_lists(partial.transpose(1, 2), trim)
+    fq_num, fq_idx = _to_lists(full.transpose(1, 2), trim)
     return GemBlockTable(
         kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
-        seq_len=doc_ids.shape[1], block_m=block_m, block_n=block_n, suffix_sees_bos=suffix_sees_bos,
+        seq_len=doc_ids.shape[1], block_m=block_m, block_n=block_n, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window,
     )
 
 
-def allowed_pair_count(doc_ids: torch.Tensor, roles: torch.Tensor, *, suffix_sees_bos: bool = False) -> torch.Tensor:
+def placeholder_block_table(
+    B: int, L: int, *, block_m: int, block_n: int, device, suffix_sees_bos: bool = False, sliding_window: int | None = None
+) -> GemBlockTable:
+    """A table with the shapes of an untrimmed one and no content (zeros), made by factory
+    functions only. For FakeTensorMode, where the kernel op's fake implementation reads no
+    table and there is no data to classify (on a CPU-only torch, indexing a fake CUDA tensor
+    fails, so even build_block_table's shape arithmetic cannot run there)."""
+    nq, nk = -(-L // block_m), -(-L // block_n)
+
+    def zeros(*shape):
+        return torch.zeros(shape, dtype=torch.int32, device=device)
+
+    return GemBlockTable(
+        zeros(B, nq), zeros(B, nq, nk), zeros(B, nq), zeros(B, nq, nk), zeros(B, nk), zeros(B, nk, nq), zeros(B, nk), zeros(B, nk, nq),
+        seq_len=L, block_m=block_m, block_n=block_n, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window,
+    )
+
+
+def allowed_pair_count(doc_ids: torch.Tensor, roles: torch.Tensor, *, suffix_sees_bos: bool = False, sliding_window: int | None = None) -> torch.Tensor:
     """Number of allowed (query, key) pairs per row, int64 [B], in O(L) memory.
 
     For query q with document start s: PREFIX sees [s, q]; SPECIAL sees the non-SPECIAL keys of
     [s, q) plus itself; SUFFIX sees the non-PREFIX keys of [s, q] (plus s when suffix_sees_bos).
-    Counted with prefix sums; equals gem_mask(...).sum((-1, -2)) (tested).
+    With a window W, s is raised to q - W + 1 where that is later (the start itself then stays
+    visible to a suffix only if it is inside the window). Counted with prefix sums; equals
+    gem_mask(...).sum((-1, -2)) (tested).
     """
+    check_sliding_window(sliding_window)
     doc_ids, roles = doc_ids.long(), roles.long()
     B, L = doc_ids.shape
     starts = doc_starts(doc_ids)
     idx = torch.arange(L, device=doc_ids.device).expand(B, L)
     s = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=-1).values
+    if sliding_window is not None:
+        s = torch.maximum(s, idx - sliding_window + 1)
 
     def window_count(flag):  # number of flagged keys in [s(q), q]
         cs = torch.nn.functional.pad(torch.cumsum(flag.long(), -1), (1, 0))

@@ -1,4 +1,4 @@
-"""Block-sparse GEM attention in Triton: forward, backward, autograd.Function, launcher.
+"""Block-sparse GEM attention in Triton: forward, backward, launchers, torch.library custom ops.
 
 Design
   FlashAttention-2 (Dao, 2023) tiling with an online softmax in base 2, the log-sum-exp saved
@@ -10,7 +10,11 @@ Design
   computed for GEM by ``kernels/block_table.py`` from per-block summaries of doc_ids and roles.
   EMPTY tiles are never visited. FULL tiles run with no mask at all. In PARTIAL tiles the rule
   is evaluated per element from per-token doc_id / role loads (``_gem_allowed``, a line-by-line
-  mirror of megatron_gem.gem.mask.allowed); no dense mask exists anywhere.
+  mirror of megatron_gem.gem.mask.allowed, the sliding window included: WINDOW is the model's
+  window, or L without one); no dense mask exists anywhere.
+  The launchers are registered as the custom ops ``megatron_gem::gem_attention_fwd`` / ``_bwd``
+  with fake implementations and an autograd formula: torch.compile treats them as opaque
+  operators (no graph break) and FakeTensorMode gets outputs and gradients without a launch.
   Inputs fp16 / bf16 (fp32 accumulation, P and dS rounded to the input type before their
   matmuls, as FlashAttention does) or fp32 (IEEE dots, for tests). Head dims up to 256 are
   accepted (padded to the next power of two with masked loads; 16, 32, 48, 64, 128 tested in
@@ -23,7 +27,9 @@ What is tested (tests/kernels, under TRITON_INTERPRET=1 on CPU)
   style), over random packed layouts: K in {1, 2, 5, 10}, one-token documents, special runs
   straddling block edges, all-plain rows, one long document, padding tails, L not a multiple
   of the block, GQA ratios 1/2/4, rows of different layouts in one batch, suffix_sees_bos on
-  and off, fp32 and fp16; all backends (sdpa, flex forward, triton) agree. The kernels are also
+  and off, sliding windows, fp32 and fp16; all backends (sdpa, flex forward, triton) agree;
+  the ops pass torch.library.opcheck and run under torch.compile and FakeTensorMode
+  (test_custom_op.py). The kernels are also
   compiled ahead of time for sm_80 and sm_90 (test_aot_compile.py; figures in docs/kernel.md).
 
 Known limits
@@ -33,8 +39,9 @@ Known limits
   * bf16 is exercised in the interpreter only through an fp32 upcast before tl.dot (the
     interpreter's bf16 dot is broken), so the tests cannot see bf16-specific GPU behaviour.
   * No dropout, no attention bias / score_mod, no KV cache, query and key length are equal.
-  * The block table is rebuilt per call (cheap, but a host sync); pass ``block_table=`` to
-    reuse one across layers of the same batch.
+  * Called directly, the block table is built per call (cheap, but a host sync); pass
+    ``block_table=`` to reuse one. megatron_gem.gem_attention builds it once per batch
+    (attention/batch_cache.py).
 """
 
 from __future__ import annotations
@@ -45,8 +52,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
-from .block_table import GemBlockTable, build_block_table
+from .block_table import GemBlockTable, build_block_table, placeholder_block_table
 
 
 def _interpreting() -> bool:
@@ -59,15 +67,16 @@ def _interpreting() -> bool:
 # Out-of-bounds positions (the row tail past L) are never allowed.
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS: tl.constexpr):
+def _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, WINDOW, SUFFIX_SEES_BOS: tl.constexpr):
     same_doc = doc_q[:, None] == doc_k[None, :]
     causal = offs_n[None, :] <= offs_m[:, None]
     suffix_cut = (role_q[:, None] == 2) & (role_k[None, :] == 0)
     if SUFFIX_SEES_BOS:
         suffix_cut = suffix_cut & (start_k[None, :] == 0)
     special_pair = (role_q[:, None] == 1) & (role_k[None, :] == 1) & (offs_m[:, None] != offs_n[None, :])
+    in_window = (offs_m[:, None] - offs_n[None, :]) < WINDOW  # WINDOW = L when the model has none
     in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < L)
-    return same_doc & causal & (suffix_cut == 0) & (special_pair == 0) & in_bounds
+    return same_doc & causal & (suffix_cut == 0) & (special_pair == 0) & in_window & in_bounds
 
 
 @triton.jit
@@ -133,7 +142,7 @@ def _to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _fwd_tile(
     acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, j, L, qk_scale,
+    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, j, L, WINDOW, qk_scale,
     IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -149,7 +158,7 @@ def _fwd_tile(
     s = _mm(q, tl.trans(k), INTERPRET, PRECISION) * qk_scale  # [M, N], log2 units
     if not IS_FULL:
         doc_k, role_k, start_k = _load_meta(DOC_row, ROLE_row, offs_n, L, SUFFIX_SEES_BOS)
-        ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
+        ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, WINDOW, SUFFIX_SEES_BOS)
         s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_new[:, None])
@@ -162,7 +171,7 @@ def _fwd_tile(
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, IDX, num, L, qk_scale,
+    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, IDX, num, L, WINDOW, qk_scale,
     IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -174,7 +183,7 @@ def _fwd_tiles(
         while t < num:
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, qk_scale,
+                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, WINDOW, qk_scale,
                 IS_FULL, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
             )
             t += 1
@@ -183,7 +192,7 @@ def _fwd_tiles(
         for t in range(num):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, qk_scale,
+                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, WINDOW, qk_scale,
                 IS_FULL, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
             )
     return acc, l_i, m_i
@@ -198,7 +207,7 @@ def _gem_attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    L, H_Q, GROUP, NUM_QB, KV_W, FKV_W,
+    L, WINDOW, H_Q, GROUP, NUM_QB, KV_W, FKV_W,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -227,12 +236,12 @@ def _gem_attn_fwd_kernel(
     row = b * NUM_QB + i
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, KV_IDX + row * KV_W, tl.load(KV_NUM + row), L, qk_scale,
+        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, KV_IDX + row * KV_W, tl.load(KV_NUM + row), L, WINDOW, qk_scale,
         False, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, FKV_IDX + row * FKV_W, tl.load(FKV_NUM + row), L, qk_scale,
+        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, FKV_IDX + row * FKV_W, tl.load(FKV_NUM + row), L, WINDOW, qk_scale,
         True, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
     )
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -249,7 +258,7 @@ def _gem_attn_fwd_kernel(
 def _bwd_kv_tile(
     dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head,
     stride_qm, stride_qd, stride_dom, stride_dod,
-    offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, i, sub, L, qk_scale,
+    offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, i, sub, L, WINDOW, qk_scale,
     IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr,
     SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -270,7 +279,7 @@ def _bwd_kv_tile(
     p = tl.math.exp2(s - lse[:, None])
     if not IS_FULL:
         doc_q, role_q, _ = _load_meta(DOC_row, ROLE_row, offs_m, L, False)
-        ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
+        ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, WINDOW, SUFFIX_SEES_BOS)
         p = tl.where(ok, p, 0.0)
     dv += _mm_low(tl.trans(p), do, INTERPRET, PRECISION)
     dp = _mm(do, tl.trans(v), INTERPRET, PRECISION)
@@ -283,7 +292,7 @@ def _bwd_kv_tile(
 def _bwd_kv_tiles(
     dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head,
     stride_qm, stride_qd, stride_dom, stride_dod,
-    offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, IDX, num, L, qk_scale,
+    offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, IDX, num, L, WINDOW, qk_scale,
     IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr,
     SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -295,7 +304,7 @@ def _bwd_kv_tiles(
         while t < num * SLICES:
             dk, dv = _bwd_kv_tile(
                 dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, tl.load(IDX + t // SLICES), t % SLICES, L, qk_scale,
+                offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, tl.load(IDX + t // SLICES), t % SLICES, L, WINDOW, qk_scale,
                 IS_FULL, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
             )
             t += 1
@@ -303,7 +312,7 @@ def _bwd_kv_tiles(
         for t in range(num * SLICES):
             dk, dv = _bwd_kv_tile(
                 dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, tl.load(IDX + t // SLICES), t % SLICES, L, qk_scale,
+                offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, tl.load(IDX + t // SLICES), t % SLICES, L, WINDOW, qk_scale,
                 IS_FULL, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
             )
     return dk, dv
@@ -320,7 +329,7 @@ def _gem_attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    L, H_Q, H_KV, NUM_KB, Q_W, FQ_W,
+    L, WINDOW, H_Q, H_KV, NUM_KB, Q_W, FQ_W,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
     SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -351,12 +360,12 @@ def _gem_attn_bwd_dkdv_kernel(
         DELTA_head = DELTA + (b64 * H_Q + h) * L
         dk, dv = _bwd_kv_tiles(
             dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
-            offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, Q_IDX + row * Q_W, n_partial, L, qk_scale,
+            offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, Q_IDX + row * Q_W, n_partial, L, WINDOW, qk_scale,
             False, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
         )
         dk, dv = _bwd_kv_tiles(
             dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qm, stride_qd, stride_dom, stride_dod,
-            offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, FQ_IDX + row * FQ_W, n_full, L, qk_scale,
+            offs_n, offs_d, doc_k, role_k, start_k, DOC_row, ROLE_row, FQ_IDX + row * FQ_W, n_full, L, WINDOW, qk_scale,
             True, HEAD_DIM, BLOCK_M, SUB_M, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
         )
     dk = dk * sm_scale
@@ -370,7 +379,7 @@ def _gem_attn_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_q_tile(
     dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, j, L, qk_scale,
+    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, j, L, WINDOW, qk_scale,
     IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -387,7 +396,7 @@ def _bwd_q_tile(
     p = tl.math.exp2(s - lse[:, None])
     if not IS_FULL:
         doc_k, role_k, start_k = _load_meta(DOC_row, ROLE_row, offs_n, L, SUFFIX_SEES_BOS)
-        ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, SUFFIX_SEES_BOS)
+        ok = _gem_allowed(offs_m, offs_n, doc_q, doc_k, role_q, role_k, start_k, L, WINDOW, SUFFIX_SEES_BOS)
         p = tl.where(ok, p, 0.0)
     dp = _mm(do, tl.trans(v), INTERPRET, PRECISION)
     ds = p * (dp - delta[:, None])
@@ -398,7 +407,7 @@ def _bwd_q_tile(
 @triton.jit
 def _bwd_q_tiles(
     dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, IDX, num, L, qk_scale,
+    offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, IDX, num, L, WINDOW, qk_scale,
     IS_FULL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -407,7 +416,7 @@ def _bwd_q_tiles(
         while t < num:
             dq = _bwd_q_tile(
                 dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, qk_scale,
+                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, WINDOW, qk_scale,
                 IS_FULL, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
             )
             t += 1
@@ -415,7 +424,7 @@ def _bwd_q_tiles(
         for t in range(num):
             dq = _bwd_q_tile(
                 dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, qk_scale,
+                offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, tl.load(IDX + t), L, WINDOW, qk_scale,
                 IS_FULL, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
             )
     return dq
@@ -431,7 +440,7 @@ def _gem_attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    L, H_Q, GROUP, NUM_QB, KV_W, FKV_W,
+    L, WINDOW, H_Q, GROUP, NUM_QB, KV_W, FKV_W,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUFFIX_SEES_BOS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -458,12 +467,12 @@ def _gem_attn_bwd_dq_kernel(
     row = b * NUM_QB + i
     dq = _bwd_q_tiles(
         dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, KV_IDX + row * KV_W, tl.load(KV_NUM + row), L, qk_scale,
+        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, KV_IDX + row * KV_W, tl.load(KV_NUM + row), L, WINDOW, qk_scale,
         False, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
     )
     dq = _bwd_q_tiles(
         dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, FKV_IDX + row * FKV_W, tl.load(FKV_NUM + row), L, qk_scale,
+        offs_m, offs_d, doc_q, role_q, DOC_row, ROLE_row, FKV_IDX + row * FKV_W, tl.load(FKV_NUM + row), L, WINDOW, qk_scale,
         True, HEAD_DIM, BLOCK_N, SUFFIX_SEES_BOS, INTERPRET, PRECISION,
     )
     dq = dq * sm_scale
@@ -507,7 +516,7 @@ def launch_forward(q, k, v, doc, role, table: GemBlockTable, scale: float, cfg: 
         table.kv_num_blocks, table.kv_indices, table.full_kv_num_blocks, table.full_kv_indices,
         scale,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        L, Hq, Hq // Hkv, table.num_q_blocks, table.kv_indices.shape[-1], table.full_kv_indices.shape[-1],
+        L, _window_arg(table), Hq, Hq // Hkv, table.num_q_blocks, table.kv_indices.shape[-1], table.full_kv_indices.shape[-1],
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
         SUFFIX_SEES_BOS=table.suffix_sees_bos, INTERPRET=_interpreting(), PRECISION=precision,
         num_warps=cfg["fwd"][0], num_stages=cfg["fwd"][1],
@@ -540,7 +549,7 @@ def launch_backward_dkdv(do, q, k, v, lse, delta, doc, role, table: GemBlockTabl
         table.q_num_blocks, table.q_indices, table.full_q_num_blocks, table.full_q_indices,
         scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        L, Hq, Hkv, table.num_kv_blocks, table.q_indices.shape[-1], table.full_q_indices.shape[-1],
+        L, _window_arg(table), Hq, Hkv, table.num_kv_blocks, table.q_indices.shape[-1], table.full_q_indices.shape[-1],
         GROUP=Hq // Hkv, SUB_M=sub_m, num_warps=cfg["bwd_dkdv"][0], num_stages=cfg["bwd_dkdv"][1], **_bwd_common(q, table),
     )
     return dk, dv
@@ -556,7 +565,7 @@ def launch_backward_dq(do, q, k, v, lse, delta, doc, role, table: GemBlockTable,
         table.kv_num_blocks, table.kv_indices, table.full_kv_num_blocks, table.full_kv_indices,
         scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        L, Hq, Hq // Hkv, table.num_q_blocks, table.kv_indices.shape[-1], table.full_kv_indices.shape[-1],
+        L, _window_arg(table), Hq, Hq // Hkv, table.num_q_blocks, table.kv_indices.shape[-1], table.full_kv_indices.shape[-1],
         num_warps=cfg["bwd_dq"][0], num_stages=cfg["bwd_dq"][1], **_bwd_common(q, table),
     )
     return dq
@@ -569,21 +578,96 @@ def _backward(do, q, k, v, o, lse, doc, role, table: GemBlockTable, scale: float
     return dq, dk, dv
 
 
-class GemAttentionFunction(torch.autograd.Function):
-    """o = softmax(scale * q k^T under the GEM mask) v, with the block-sparse Triton kernels."""
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops: the kernels as opaque operators with fake (meta) implementations, so
+# they run under torch.compile (dynamo does not trace into the launchers) and under
+# FakeTensorMode (shapes and dtypes of outputs and gradients, no launch: memory estimation).
+# The block table travels as its tensors plus ints; the launch config as a flat int list.
+# --------------------------------------------------------------------------------------------
+_CFG_KEYS = ("block_m", "block_n", "sub_m")
+_CFG_PAIRS = ("fwd", "bwd_dq", "bwd_dkdv")
 
-    @staticmethod
-    def forward(ctx, q, k, v, doc, role, table, scale, cfg):
-        o, lse = launch_forward(q, k, v, doc, role, table, scale, cfg)
-        ctx.save_for_backward(q, k, v, o, lse, doc, role)
-        ctx.table, ctx.scale, ctx.cfg = table, scale, cfg
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, doc, role = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, doc, role, ctx.table, ctx.scale, ctx.cfg)
-        return dq, dk, dv, None, None, None, None, None
+def _pack_cfg(cfg: dict) -> list[int]:
+    out = [int(cfg[k]) for k in _CFG_KEYS]
+    for k in _CFG_PAIRS:
+        out += [int(cfg[k][0]), int(cfg[k][1])]
+    return out
+
+
+def _unpack_cfg(packed: list[int]) -> dict:
+    cfg = dict(zip(_CFG_KEYS, packed[:3]))
+    for i, k in enumerate(_CFG_PAIRS):
+        cfg[k] = (packed[3 + 2 * i], packed[4 + 2 * i])
+    return cfg
+
+
+def _window_arg(table: GemBlockTable) -> int:
+    """The kernels' WINDOW: the model's window, or L (no pair of the row is L or more apart)."""
+    L = table.seq_len
+    return L if table.sliding_window is None else min(table.sliding_window, L)
+
+
+def _table(lists, seq_len, block_m, block_n, suffix_sees_bos, window) -> GemBlockTable:
+    return GemBlockTable(*lists, seq_len=seq_len, block_m=block_m, block_n=block_n, suffix_sees_bos=suffix_sees_bos, sliding_window=window or None)
+
+
+@torch.library.custom_op("megatron_gem::gem_attention_fwd", mutates_args=())
+def gem_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor, role: torch.Tensor,
+    kv_num: torch.Tensor, kv_idx: torch.Tensor, fkv_num: torch.Tensor, fkv_idx: torch.Tensor,
+    q_num: torch.Tensor, q_idx: torch.Tensor, fq_num: torch.Tensor, fq_idx: torch.Tensor,
+    scale: float, block_m: int, block_n: int, suffix_sees_bos: bool, window: int, cfg: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, Hq, L, D] like q, lse [B, Hq, L] fp32 base 2). ``window`` 0 means none."""
+    lists = (kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx)
+    table = _table(lists, q.shape[2], block_m, block_n, suffix_sees_bos, window)
+    return launch_forward(q, k, v, doc, role, table, scale, _unpack_cfg(cfg))
+
+
+@gem_attention_fwd.register_fake
+def _(q, k, v, doc, role, kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx, scale, block_m, block_n, suffix_sees_bos, window, cfg):
+    B, Hq, L, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("megatron_gem::gem_attention_bwd", mutates_args=())
+def gem_attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    doc: torch.Tensor, role: torch.Tensor,
+    kv_num: torch.Tensor, kv_idx: torch.Tensor, fkv_num: torch.Tensor, fkv_idx: torch.Tensor,
+    q_num: torch.Tensor, q_idx: torch.Tensor, fq_num: torch.Tensor, fq_idx: torch.Tensor,
+    scale: float, block_m: int, block_n: int, suffix_sees_bos: bool, window: int, cfg: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) like (q, k, v)."""
+    lists = (kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx)
+    table = _table(lists, q.shape[2], block_m, block_n, suffix_sees_bos, window)
+    return _backward(do, q, k, v, o, lse, doc, role, table, scale, _unpack_cfg(cfg))
+
+
+@gem_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, doc, role, kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx, scale, block_m, block_n, suffix_sees_bos, window, cfg):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_N_TENSOR_ARGS = 13  # q, k, v, doc, role and the eight table lists
+
+
+def _setup_context(ctx, inputs, output):
+    o, lse = output
+    q, k, v, doc, role = inputs[:5]
+    ctx.save_for_backward(q, k, v, o, lse, doc, role, *inputs[5:_N_TENSOR_ARGS])
+    ctx.consts = inputs[_N_TENSOR_ARGS:]
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_rule(ctx, do, _dlse):
+    q, k, v, o, lse, doc, role, *lists = ctx.saved_tensors
+    dq, dk, dv = gem_attention_bwd(do, q, k, v, o, lse, doc, role, *lists, *ctx.consts)
+    return (dq, dk, dv) + (None,) * (_N_TENSOR_ARGS - 3 + len(ctx.consts))
+
+
+gem_attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def triton_gem_attention(
@@ -595,6 +679,7 @@ def triton_gem_attention(
     *,
     scale: float | None = None,
     suffix_sees_bos: bool = False,
+    sliding_window: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     block_table: GemBlockTable | None = None,
@@ -606,8 +691,12 @@ def triton_gem_attention(
     q [B, Hq, L, D], k and v [B, Hkv, L, D] with Hkv dividing Hq (GQA/MQA, K/V never repeated),
     D <= 256; fp16, bf16 or fp32; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     doc_ids, roles: integer [B, L] (documents are contiguous runs of distinct doc_ids).
-    Returns [B, Hq, L, D] in q's dtype. ``block_table`` (built by build_block_table for the
-    same doc_ids/roles, block sizes and suffix_sees_bos) skips rebuilding it. ``bwd_sub_m``: rows
+    Returns [B, Hq, L, D] in q's dtype. ``sliding_window``: the model's window W (query q sees
+    keys k with q - k < W, gem/mask.py rule 5) or None. ``block_table`` (built by
+    build_block_table for the same doc_ids/roles, block sizes, suffix_sees_bos and window) skips
+    rebuilding it. Runs through the torch.library ops ``megatron_gem::gem_attention_fwd`` /
+    ``_bwd``: under FakeTensorMode (CUDA fake tensors too) nothing launches, outputs and
+    gradients get their shapes and dtypes, and a placeholder table stands in for the real one. ``bwd_sub_m``: rows
     of a query block the dK/dV pass handles per step (a power of two dividing block_m, >= 16).
     ``launch_config``: a full dict in the form of default_launch_config (tiles, per-kernel
     (num_warps, num_stages), sub_m) used instead of the default (tools/gpu_check.py tunes with it).
@@ -631,16 +720,19 @@ def triton_gem_attention(
     if bwd_sub_m is not None:
         cfg["sub_m"] = bwd_sub_m
     if block_table is None:
-        block_table = build_block_table(
-            doc_ids, roles, block_m=block_m or cfg["block_m"], block_n=block_n or cfg["block_n"], suffix_sees_bos=suffix_sees_bos
-        )
+        bm, bn = block_m or cfg["block_m"], block_n or cfg["block_n"]
+        if is_fake(q) or is_fake(doc_ids):  # FakeTensorMode: no data, and the fake op reads no table
+            block_table = placeholder_block_table(B, L, block_m=bm, block_n=bn, device=q.device, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window)
+        else:
+            block_table = build_block_table(doc_ids, roles, block_m=bm, block_n=bn, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window)
     elif (
         block_table.seq_len != L
         or block_table.suffix_sees_bos != suffix_sees_bos
+        or block_table.sliding_window != sliding_window
         or (block_m is not None and block_table.block_m != block_m)
         or (block_n is not None and block_table.block_n != block_n)
     ):
-        raise ValueError("block_table was built for another length, tiling or suffix_sees_bos")
+        raise ValueError("block_table was built for another length, tiling or suffix_sees_bos (or sliding_window)")
     for name, size in (("block_m", block_table.block_m), ("block_n", block_table.block_n)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name}={size} must be a power of two >= 16 (tl.dot / tl.arange)")
@@ -649,4 +741,10 @@ def triton_gem_attention(
         raise ValueError(f"bwd_sub_m={sub_m} must be a power of two >= 16 dividing block_m={block_table.block_m}")
     doc = doc_ids.to(device=q.device, dtype=torch.int32).contiguous()
     role = roles.to(device=q.device, dtype=torch.int32).contiguous()
-    return GemAttentionFunction.apply(q, k, v, doc, role, block_table, float(scale), cfg)
+    t = block_table
+    lists = (t.kv_num_blocks, t.kv_indices, t.full_kv_num_blocks, t.full_kv_indices, t.q_num_blocks, t.q_indices, t.full_q_num_blocks, t.full_q_indices)
+    out, _ = gem_attention_fwd(
+        q, k, v, doc, role, *(x.to(q.device) for x in lists),
+        float(scale), t.block_m, t.block_n, t.suffix_sees_bos, t.sliding_window or 0, _pack_cfg(cfg),
+    )
+    return out

@@ -146,3 +146,14 @@ def start_vllm(folder, *args, timeout: float = 900):
     except RuntimeError as e:
         raise AssertionError(str(e)) from None
     return proc, url, log
+
+
+def start_server(model_dir, *args, env: dict | None = None, timeout: float = 240):
+    """``python -m megatron_gem.serve MODEL_DIR --port P ARGS`` in the background (a
+    megatron_gem.serve.process.ServerProcess), waited on until /health answers; stop it with
+    ``.stop()``, read its output with ``.output()``."""
+    from megatron_gem.serve.process import ServerProcess
+
+    return ServerProcess(
+        model_dir, *args, port=free_port(), env=subprocess_env(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", **(env or {})), timeout=timeout, cwd=REPO
+    )

@@ -15,17 +15,28 @@ tokens estimated as UTF-8 bytes / 4), each laid out with megatron_gem.gem.layout
     FlashAttention-2 causal (if installed) on the same shapes;
   * CPU: time of the sdpa path (dense mask) at lengths up to --cpu-max-len; the others are
     skipped with the reason.
+  * peak memory (--memory-seq, default 8k 16k 32k; --memory-seq with no value skips it) of one
+    forward of compiled FlexAttention and of the dense-mask reference, each in its own
+    subprocess so peaks do not mix: the process's peak RSS (VmHWM, reset through
+    /proc/self/clear_refs after the warm-up call that compiles flex) above its RSS just before
+    the call, and the resident set of each. The call includes what a batch derives once (the
+    BlockMask, the dense mask). On CUDA the same figure is torch.cuda.max_memory_allocated
+    above the allocation before the call. FlexAttention has no backward on CPU in this torch,
+    so its backward's memory is left to a GPU (tools/gpu_check.py).
 Progress goes to stderr; the last line of stdout is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import json
 import math
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -127,8 +138,8 @@ def cuda_figures(doc, role, args, exact_flops, causal_flops):
 
     table = build_block_table(doc, role, block_m=64, block_n=64)
     bench("triton_gem", lambda: triton_gem_attention(q, k, v, doc, role, block_table=table), exact_flops)
-    flex = torch.compile(flex_gem_attention)
-    bench("flex_gem", lambda: flex(q, k, v, doc, role), exact_flops)
+    # flex_gem_attention runs the compiled flex_attention with the batch's BlockMask (built once, cached)
+    bench("flex_gem", lambda: flex_gem_attention(q, k, v, doc, role), exact_flops)
     try:
         from flash_attn import flash_attn_func
 
@@ -140,6 +151,97 @@ def cuda_figures(doc, role, args, exact_flops, causal_flops):
     except ImportError:
         out["fa2_causal"] = {"skipped": "flash_attn is not installed"}
     return out
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
+
+
+def memory_case(backend: str, L: int, args) -> dict:
+    """Run in a fresh process: peak memory of one forward of ``backend`` ('flex': compiled
+    FlexAttention; 'dense': the dense-mask reference) on a corpus packing of length L."""
+    from megatron_gem.attention import batch_cache, dispatch
+
+    config = GEMConfig(num_special_tokens=1, p_raw=0.8, layout="split")
+    lengths, _ = corpus_lengths(args.max_doc_len)
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    doc, role, _, _ = pack_rows(lengths, args.memory_batch, L, config, args.seed + L)
+    doc, role = doc.to(dev), role.to(dev)
+    g = torch.Generator().manual_seed(args.seed)
+    dt = torch.bfloat16 if cuda else torch.float32
+    q = torch.randn(args.memory_batch, args.heads, L, args.head_dim, generator=g).to(dev, dt)
+    k = torch.randn(args.memory_batch, args.kv_heads, L, args.head_dim, generator=g).to(dev, dt)
+    v = torch.randn_like(k)
+    fn = {"flex": dispatch.flex_gem_attention, "dense": dispatch.dense_gem_attention}[backend]
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        if backend == "flex":  # warm-up on another batch object: flex compiles here (the dense path has nothing to warm)
+            fn(q, k, v, doc.clone(), role.clone())
+        warm_s = time.perf_counter() - t0
+        batch_cache.clear_batch_caches()
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+            before = _proc_status_kib("VmRSS") * 1024
+        t0 = time.perf_counter()
+        out = fn(q, k, v, doc, role)  # derives the BlockMask / dense mask of this batch, then attends
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _proc_status_kib("VmHWM") * 1024
+        call_s = time.perf_counter() - t0
+    return {
+        "backend": backend,
+        "seq_len": L,
+        "device": dev,
+        "dtype": str(dt).replace("torch.", ""),
+        "peak_above_before_bytes": peak - before,
+        "before_bytes": before,
+        "peak_bytes": peak,
+        "output_bytes": out.numel() * out.element_size(),
+        "qkv_bytes": sum(x.numel() * x.element_size() for x in (q, k, v)),
+        "warmup_s": warm_s,
+        "call_s": call_s,
+        "measure": "torch.cuda.max_memory_allocated" if cuda else "VmHWM after clear_refs, minus VmRSS before",
+    }
+
+
+def memory_figures(args) -> dict:
+    """One subprocess per (backend, L); a case that fails (e.g. out of memory) is recorded."""
+    runs = []
+    for L in args.memory_seq:
+        for backend in ("flex", "dense"):
+            log(f"memory: {backend} L={L} (own process)")
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-case", backend, str(L), *_shape_flags(args)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+            if proc.returncode != 0:
+                runs.append({"backend": backend, "seq_len": L, "error": (proc.stderr.strip().splitlines() or ["killed"])[-1], "returncode": proc.returncode})
+                log(f"  failed: {runs[-1]['error']}")
+                continue
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            log(f"  peak above before: {runs[-1]['peak_above_before_bytes'] / 2**20:.1f} MiB ({runs[-1]['call_s']:.2f} s)")
+    growth = {}
+    for backend in ("flex", "dense"):
+        ok = {r["seq_len"]: r["peak_above_before_bytes"] for r in runs if r["backend"] == backend and "error" not in r}
+        Ls = sorted(ok)
+        # peak(2L) / peak(L): about 2 for memory linear in L, about 4 for quadratic
+        growth[backend] = {f"{a}->{b}": ok[b] / ok[a] for a, b in zip(Ls, Ls[1:]) if ok[a] > 0}
+    return {"runs": runs, "growth_per_doubling": growth, "batch": args.memory_batch}
+
+
+def _shape_flags(args) -> list[str]:
+    return [
+        "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim),
+        "--max-doc-len", str(args.max_doc_len), "--seed", str(args.seed), "--memory-batch", str(args.memory_batch),
+    ]  # fmt: skip
 
 
 def main(argv=None):
@@ -154,7 +256,13 @@ def main(argv=None):
     ap.add_argument("--cpu-max-len", type=int, default=4096, help="longest L for the CPU sdpa timing")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--memory-seq", type=int, nargs="*", default=[8192, 16384, 32768], help="lengths of the peak-memory cases (none: skip them)")
+    ap.add_argument("--memory-batch", type=int, default=1, help="rows of the peak-memory cases")
+    ap.add_argument("--memory-case", nargs=2, metavar=("BACKEND", "L"), help=argparse.SUPPRESS)  # the per-case subprocess
     args = ap.parse_args(argv)
+    if args.memory_case:
+        print(json.dumps(memory_case(args.memory_case[0], int(args.memory_case[1]), args)))
+        return
     torch.manual_seed(args.seed)
     cuda = torch.cuda.is_available()
     config = GEMConfig(num_special_tokens=1, p_raw=0.8, layout="split")
@@ -238,6 +346,8 @@ def main(argv=None):
                 }
             )
         result["runs"].append(run)
+    if args.memory_seq:
+        result["memory"] = memory_figures(args)
     print(json.dumps(result))
 
 

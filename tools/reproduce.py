@@ -135,6 +135,12 @@ RECIPES = {
     "gem-teacher": _override(_drop(PAIRS_RECIPE, "--contrastive-data"), contrastive_teacher_weight=1.0)
     + ["--gem-embed-template", EOL_TEMPLATE]
     + TEACHER_FLAGS,
+    # The same with the model's own chat template as the embed template (one user turn up to the
+    # assistant's answer: a chat prompt's prefill then holds what the summary tokens read, the
+    # server's return_embedding, docs/serving.md). SmolLM2's template adds 20 tokens more than
+    # PromptEOL's (30 vs 10), so the length grows by 20: the same text budget per view.
+    "gem-summary-wordnet-pairs-chat": _override(PAIRS_RECIPE, lr=SUMMARY_LR, contrastive_lr=SUMMARY_LR, contrastive_max_length=84)
+    + ["--gem-train", "summary", "--gem-embed-template", "chat"],
     # On the natural-sentence text (eval.training_text.natural_sentences) instead of definitions.
     "gem-more-ntp-natural": _override(COMMON, train_iters=42, gem_contrastive_from_step=30, gem_p_raw=0.6, gem_alpha=1.0),
     "gem-summary-natural": _override(

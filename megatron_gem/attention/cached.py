@@ -26,13 +26,23 @@ def gem_attention_over_cache(
     k_is_doc_start: torch.Tensor | None = None,
     scale: float | None = None,
     suffix_sees_bos: bool = False,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, Q, D], key/value [B, Hkv, K, D]; metadata [B, Q] / [B, K] (index = the
     token's position in its packed row; a key that must stay invisible carries a doc id no query
-    has). Returns [B, Hq, Q, D]."""
+    has). ``sliding_window``: the model's window, measured between the row indices (gem/mask.py
+    rule 5). Returns [B, Hq, Q, D]."""
     if k_doc.shape[-1] != key.shape[2] or q_index.shape[-1] != query.shape[2]:
         raise ValueError(f"the cache metadata describes {k_doc.shape[-1]} keys / {q_index.shape[-1]} queries; attention got {key.shape[2]} / {query.shape[2]}")
     mask = gem_mask_for_queries(
-        q_index, q_doc, q_role, k_index, k_doc, k_role, k_is_doc_start=k_is_doc_start if suffix_sees_bos else None, suffix_sees_bos=suffix_sees_bos
+        q_index,
+        q_doc,
+        q_role,
+        k_index,
+        k_doc,
+        k_role,
+        k_is_doc_start=k_is_doc_start if suffix_sees_bos else None,
+        suffix_sees_bos=suffix_sees_bos,
+        sliding_window=sliding_window,
     )
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scale, enable_gqa=key.shape[1] != query.shape[1])

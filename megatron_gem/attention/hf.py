@@ -11,6 +11,11 @@ see ``_cached_gem_attention``; summary mode's phase-2 fast path (hf/summary.py) 
 Without doc_ids/roles (e.g. ``generate()``), "gem" falls back to plain causal attention,
 which is what GEM means for text without special tokens. That fallback ignores padding masks:
 for padded batched generation switch the model to "sdpa" (a GEM export loads with sdpa).
+
+Sliding windows: transformers passes a windowed model's ``config.sliding_window`` (Mistral) to
+every attention call as the ``sliding_window`` keyword; each path here executes it (the GEM
+rule's window, gem/mask.py rule 5, in every backend, the cached path and the causal
+fallback), so training, generation and embedding attend alike.
 """
 
 from __future__ import annotations
@@ -31,13 +36,18 @@ def _no_mask(*args, **kwargs):
     return None
 
 
-def _causal_fallback(query, key, value, scaling):
+def _causal_fallback(query, key, value, scaling, sliding_window=None):
     q_len, k_len = query.shape[2], key.shape[2]
     enable_gqa = key.shape[1] != query.shape[1]
-    if q_len == k_len:
+    if q_len == k_len and (sliding_window is None or sliding_window >= k_len):
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=enable_gqa)
-    # Queries are the last q_len positions of the k_len keys (KV cache): causal with an offset.
-    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(diagonal=k_len - q_len)
+    # Queries are the last q_len positions of the k_len keys (KV cache): causal with an offset,
+    # and, with a window W, only the keys fewer than W positions back (HF's sliding window).
+    q_pos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
+    k_pos = torch.arange(k_len, device=query.device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask = mask & (q_pos - k_pos < sliding_window)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
 
 
@@ -64,6 +74,7 @@ def _cached_gem_attention(module, query, key, value, doc_ids, roles, scaling, kw
         k_is_doc_start=kwargs.get("gem_key_is_doc_start"),
         scale=scaling,
         suffix_sees_bos=getattr(module.config, "gem_suffix_sees_bos", False),
+        sliding_window=kwargs.get("sliding_window"),
     )
 
 
@@ -72,8 +83,9 @@ def hf_gem_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if dropout:
         raise ValueError("GEM attention does not implement attention dropout; set config.attention_dropout=0")
     doc_ids, roles = kwargs.get("doc_ids"), kwargs.get("roles")
+    window = kwargs.get("sliding_window")  # transformers passes the model's window (Mistral); None without one
     if doc_ids is None and roles is None:
-        out = _causal_fallback(query, key, value, scaling)
+        out = _causal_fallback(query, key, value, scaling, window)
     elif doc_ids is None or roles is None:
         raise ValueError("GEM attention needs both doc_ids and roles (got only one of them)")
     elif kwargs.get("gem_key_doc_ids") is not None:
@@ -93,6 +105,7 @@ def hf_gem_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             scale=scaling,
             backend=kwargs.get("gem_backend") or getattr(cfg, "gem_attention_backend", "auto"),
             suffix_sees_bos=getattr(cfg, "gem_suffix_sees_bos", False),
+            sliding_window=window,
         )
     return out.transpose(1, 2).contiguous(), None
 

@@ -79,7 +79,8 @@ class PrefillKV:
 class GEMCoreAttention(MegatronModule):
     """Drop-in ``core_attention`` (same constructor and forward contract as megatron-core's
     DotProductAttention) executing the GEM rule. ``backend`` and ``suffix_sees_bos`` come from
-    the ModuleSpec params."""
+    the ModuleSpec params, and so does ``sliding_window`` (a Mistral model's window, executed as
+    gem/mask.py rule 5 by every backend; None without one)."""
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class GEMCoreAttention(MegatronModule):
         *,
         backend: str = "auto",
         suffix_sees_bos: bool = False,
+        sliding_window: int | None = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -107,6 +109,7 @@ class GEMCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale  # None: 1/sqrt(head dim), decided by gem_attention
         self.backend = backend
         self.suffix_sees_bos = suffix_sees_bos
+        self.sliding_window = sliding_window
         self.prefill_kv: PrefillKV | None = None  # set by summary mode (mcore/summary.py)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
@@ -123,7 +126,17 @@ class GEMCoreAttention(MegatronModule):
         else:
             if self.prefill_kv is not None and self.prefill_kv.record_slot is not None:
                 self.prefill_kv.record(self.layer_number, k, v, attention_mask)
-            out = gem_attention(q, k, v, doc_ids, roles, scale=self.softmax_scale, backend=self.backend, suffix_sees_bos=self.suffix_sees_bos)
+            out = gem_attention(
+                q,
+                k,
+                v,
+                doc_ids,
+                roles,
+                scale=self.softmax_scale,
+                backend=self.backend,
+                suffix_sees_bos=self.suffix_sees_bos,
+                sliding_window=self.sliding_window,
+            )
         L, B = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(L, B, -1)
 
@@ -149,4 +162,5 @@ class GEMCoreAttention(MegatronModule):
             k_is_doc_start=keys["is_doc_start"],
             scale=self.softmax_scale,
             suffix_sees_bos=self.suffix_sees_bos,
+            sliding_window=self.sliding_window,
         )

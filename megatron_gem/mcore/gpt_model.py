@@ -21,7 +21,11 @@ class GEMGPTModel(GPTModel):
         self.true_vocab_size = true_vocab_size
         self.register_buffer("gem_inv_freq", inv_freq(arch), persistent=False)
         if self.post_process:
-            self.logit_scale = LogitScale(logit_scale_init, logit_scale_max)
+            # In the model's parameter dtype, like every megatron-core parameter (Megatron-LM's
+            # Float16Module casts it so too): megatron-core's mixed-precision optimizers keep the
+            # fp32 master copy, and their checkpoint formats assume one dtype per trained
+            # parameter set (an fp32 scale among bf16 parameters breaks both optimizers' save).
+            self.logit_scale = LogitScale(logit_scale_init, logit_scale_max).to(self.config.params_dtype)
 
     def _rope_from_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         # [B, L] -> [L, B, 1, head_dim] angles in fp32, "rotate half" layout (cat of two halves).

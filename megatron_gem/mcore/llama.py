@@ -259,10 +259,11 @@ def transformer_config(
     )
 
 
-def gem_layer_spec(*, backend: str = "auto", suffix_sees_bos: bool = False, layer_impl: str = "local"):
+def gem_layer_spec(*, backend: str = "auto", suffix_sees_bos: bool = False, layer_impl: str = "local", sliding_window: int | None = None):
     """megatron-core's GPT layer spec of ``layer_impl`` (mcore/fused.py) with the GEM core
     attention: "local" (HF-exact RMSNorm), "apex" (the local spec, apex's fused RMSNorm) or
-    "transformer_engine" (megatron-core's TE spec: the norms fused into linear_qkv / linear_fc1)."""
+    "transformer_engine" (megatron-core's TE spec: the norms fused into linear_qkv / linear_fc1).
+    ``sliding_window``: Mistral's window, executed by the GEM attention; None without one."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -278,17 +279,19 @@ def gem_layer_spec(*, backend: str = "auto", suffix_sees_bos: bool = False, laye
         spec.submodules.pre_mlp_layernorm = norm
     attn = spec.submodules.self_attention
     attn.params = {**attn.params, "attn_mask_type": AttnMaskType.arbitrary}
-    attn.submodules.core_attention = ModuleSpec(module=GEMCoreAttention, params={"backend": backend, "suffix_sees_bos": suffix_sees_bos})
+    attn.submodules.core_attention = ModuleSpec(
+        module=GEMCoreAttention, params={"backend": backend, "suffix_sees_bos": suffix_sees_bos, "sliding_window": sliding_window}
+    )
     return spec
 
 
-def gem_block_spec(config, *, backend: str = "auto", suffix_sees_bos: bool = False, layer_impl: str = "local"):
+def gem_block_spec(config, *, backend: str = "auto", suffix_sees_bos: bool = False, layer_impl: str = "local", sliding_window: int | None = None):
     """This pipeline stage's TransformerBlock spec: GEM layers and the matching final norm
     (megatron-core's default final norm for the local spec is the torch fallback, which refuses
     sequence parallelism)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    layer = gem_layer_spec(backend=backend, suffix_sees_bos=suffix_sees_bos, layer_impl=layer_impl)
+    layer = gem_layer_spec(backend=backend, suffix_sees_bos=suffix_sees_bos, layer_impl=layer_impl, sliding_window=sliding_window)
     if layer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -327,7 +330,9 @@ def build_gem_gpt_model(
 
     model = GEMGPTModel(
         config=config,
-        transformer_layer_spec=gem_block_spec(config, backend=backend, suffix_sees_bos=suffix_sees_bos, layer_impl=layer_impl),
+        transformer_layer_spec=gem_block_spec(
+            config, backend=backend, suffix_sees_bos=suffix_sees_bos, layer_impl=layer_impl, sliding_window=arch.sliding_window
+        ),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

@@ -76,11 +76,6 @@ def build_gem_model(
     else:
         arch, hf_config, source, vocab = load_hf_source(path, tokenizer, gem_config)
         padded = padded_vocab_size(vocab, tp, make_vocab_size_divisible_by)
-    if seq_length is not None and arch.sliding_window and seq_length > arch.sliding_window:
-        raise ValueError(
-            f"--seq-length {seq_length} exceeds {arch.architecture}'s sliding window {arch.sliding_window}; GEM attention "
-            f"implements full (windowless) attention, exact only up to the window"
-        )
     impl = choose_layer_impl(fused_kernels_available(), summary_mode=gem_config.summary_mode)
     config = transformer_config(
         arch,

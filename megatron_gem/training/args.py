@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEMPLATE",
         help="template with one {text} wrapped around every embedded text before its summary tokens, in the phase-2 views and "
         'at embedding time (saved in gem_config.json; GEMEmbedder applies it), e.g. \'This sentence : "{text}" means in one word:"\' '
-        "(PromptEOL); default '': the bare text",
+        "(PromptEOL), or 'chat': the tokenizer's own chat template around one user message up to the start of the assistant turn "
+        "(a chat prompt's prefill then holds what the summary tokens read: the server's return_embedding, docs/serving.md); default '': the bare text",
     )
     g.add_argument(
         "--contrastive-negative-field",

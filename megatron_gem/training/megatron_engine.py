@@ -171,6 +171,20 @@ def _restore_adam_step(optimizer, saved: dict) -> None:
                 state["step"] = torch.full_like(state["step"], step)
 
 
+def check_trained_dtype(named_parameters, dtype: torch.dtype) -> None:
+    """Every parameter that trains must be in the model's ``params_dtype``: megatron-core 0.16's
+    mixed-precision optimizers step a mixed set, but their checkpoints cannot describe it (the
+    distributed optimizer's state lookup is off by a parameter group's fp32 parameters, and a
+    small fp32 buffer leaves some data-parallel rank an empty shard it refuses;
+    Float16OptimizerWithFloat16Params maps only its 16-bit parameters), so the run would crash
+    at its first save. Raise when the model is built, naming them, instead."""
+    odd = [f"{name} ({str(p.dtype).replace('torch.', '')})" for name, p in named_parameters if p.requires_grad and p.dtype != dtype]
+    if odd:
+        raise RuntimeError(
+            f"trained parameters not in the model's {str(dtype).replace('torch.', '')} (megatron-core's optimizer checkpoints need one dtype): {', '.join(odd[:5])}"
+        )
+
+
 class MegatronEngine(Engine):
     name = "megatron-core"
 
@@ -219,6 +233,7 @@ class MegatronEngine(Engine):
             raise ArgumentError(str(e)) from e
         self.job, self.tokenizer = job, tokenizer
         self.model, self.arch, self.config, self.meta, self.layer_impl = built.model, built.arch, built.config, built.meta, built.layer_impl
+        check_trained_dtype(self.model.named_parameters(), self.config.params_dtype)
         self.ddp = DistributedDataParallel(
             config=self.config,
             ddp_config=DistributedDataParallelConfig(

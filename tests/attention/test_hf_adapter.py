@@ -112,7 +112,7 @@ def test_triton_backend_in_a_model_builds_one_block_table_per_batch(tiny_tokeniz
     import megatron_gem.kernels as kernels_pkg
 
     monkeypatch.setattr(kernels_pkg, "build_block_table", bt.build_block_table)
-    dispatch._block_tables.__init__()
+    dispatch.block_tables.clear()
     model = make_tiny_llama(len(tiny_tokenizer))
     batch = packed_batch(tiny_tokenizer)
     use_gem_attention(model, backend="sdpa")

@@ -141,3 +141,63 @@ def test_odd_or_tiny_blocks_rejected(bm, bn):
     doc = torch.zeros(1, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="even"):
         classify_blocks(doc, doc, block_m=bm, block_n=bn)
+
+
+def check_window_table(doc, role, bm, bn, bos, window):
+    """With a sliding window the table must stay sound: every tile holding an allowed pair is
+    visited, every FULL tile is full; and the window must skip tiles (no visit is farther back
+    than the window reaches)."""
+    kind = classify_blocks(doc, role, block_m=bm, block_n=bn, suffix_sees_bos=bos, sliding_window=window)
+    any_, all_, complete = dense_tiles(gem_mask(doc, role, suffix_sees_bos=bos, sliding_window=window), bm, bn)
+    assert not (any_ & (kind == EMPTY)).any(), "a tile with an allowed pair is skipped"
+    assert not ((kind == FULL) & ~all_).any(), "a FULL tile holds a masked pair"
+    L = doc.shape[1]
+    nq, nk = kind.shape[1:]
+    first_q = torch.arange(nq)[:, None] * bm
+    last_k = torch.clamp(torch.arange(nk)[None, :] * bn + bn, max=L) - 1
+    assert not ((kind != EMPTY) & (first_q - last_k >= window)[None]).any(), "a tile wholly out of the window is visited"
+    t = build_block_table(doc, role, block_m=bm, block_n=bn, suffix_sees_bos=bos, sliding_window=window)
+    assert torch.equal(t.to_dense(), kind) and torch.equal(t.to_dense_transposed(), kind.transpose(1, 2))
+    assert t.sliding_window == window
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40, 200])
+@pytest.mark.parametrize("bm,bn", TILINGS)
+def test_table_with_window_is_sound(window, bm, bn):
+    for seed, style in enumerate(STYLES):
+        L = (37, 100, 131)[seed % 3]
+        doc, role = random_batch(seed, 2, L, (1, 2, 5)[seed % 3], styles=(style, "long"), block=bm)
+        check_window_table(doc, role, bm, bn, seed % 2 == 1, window)
+
+
+def test_window_makes_a_long_document_banded():
+    """One plain document, W = 32, 16 x 16 tiles: each query block visits its diagonal tile and
+    the two or three tiles behind it that the window reaches, and none further back."""
+    L, B, W = 160, 16, 32
+    doc = torch.zeros(1, L, dtype=torch.long)
+    kind = classify_blocks(doc, torch.zeros_like(doc), block_m=B, block_n=B, sliding_window=W)[0]
+    for i in range(L // B):
+        visited = (kind[i] != EMPTY).nonzero().flatten().tolist()
+        assert visited == list(range(max(0, i - 2), i + 1)), (i, visited)
+        # the tile one block back is entirely within the window: FULL; two back only partly
+        if i >= 1:
+            assert kind[i, i - 1] == FULL
+        if i >= 2:
+            assert kind[i, i - 2] == PARTIAL
+
+
+@pytest.mark.parametrize("window", [1, 3, 17])
+def test_allowed_pair_count_with_window(window):
+    for seed, style in enumerate(STYLES):
+        doc, role = random_batch(seed, 2, 97, 5, styles=(style, "mixed"))
+        for bos in (False, True):
+            got = allowed_pair_count(doc, role, suffix_sees_bos=bos, sliding_window=window)
+            assert torch.equal(got, gem_mask(doc, role, suffix_sees_bos=bos, sliding_window=window).sum((-1, -2)))
+
+
+def test_untrimmed_lists_are_full_width_and_equal():
+    doc, role = random_batch(4, 2, 150, 2, styles=("mixed", "straddle"))
+    a = build_block_table(doc, role, block_m=16, block_n=32)
+    b = build_block_table(doc, role, block_m=16, block_n=32, trim=False, validate=False)
+    assert b.kv_indices.shape[-1] == a.num_kv_blocks and b.q_indices.shape[-1] == a.num_q_blocks
+    assert torch.equal(a.to_dense(), b.to_dense()) and torch.equal(a.to_dense_transposed(), b.to_dense_transposed())

@@ -19,11 +19,13 @@ def equivalence(tmp_path_factory):
 
 def test_megatron_logits_equal_hf(equivalence):
     """Single process: tiny Llama configs (GQA untied, tied, Llama-3 rope scaling, MHA) and a
-    Mistral, packed GEM batch, logits of the converted megatron-core model vs HF."""
+    Mistral (also with a sliding window shorter than its documents), packed GEM batch, logits of
+    the converted megatron-core model vs HF."""
     r = equivalence
-    for name in ("untied_gqa", "tied", "llama3_rope_scaling", "mha_3layers", "mistral"):
+    for name in ("untied_gqa", "tied", "llama3_rope_scaling", "mha_3layers", "mistral", "mistral_window"):
         assert r[name]["max_abs_diff"] <= 1e-5 * max(1.0, r[name]["ref_scale"]), (name, r[name])
         assert r[name]["padding_is_masked"], name
+    assert r["mistral_window"]["windowless_diff"] > 1e-3  # the window (8 < the documents' 28 and 20 tokens) is executed
     assert r["llama3_without_scaling_diff"] > 1e-3  # the comparison is sensitive to rope scaling
     # Summary mode: megatron's fused-layer deltas mapped to HF q/k/v, gate/up (mcore.summary.hf_adapter_state).
     for positions in ("special", "special+suffix"):

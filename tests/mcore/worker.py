@@ -108,6 +108,19 @@ def equivalence(out_path):
     logits, batch = megatron_logits(mistral)
     ref = hf_logits(mistral, *batch)
     result["mistral"] = {"max_abs_diff": float((logits[..., :301] - ref).abs().max()), "ref_scale": float(ref.abs().max()), "padding_is_masked": True}
+    # Mistral with a window shorter than the packed documents: megatron-core gets it through the spec.
+    mistral.config.sliding_window = 8
+    logits, batch = megatron_logits(mistral)
+    ref = hf_logits(mistral, *batch)
+    arch = arch_from_hf_config(mistral.config)
+    arch.sliding_window = None
+    windowless, _ = megatron_logits(mistral, arch)
+    result["mistral_window"] = {
+        "max_abs_diff": float((logits[..., :301] - ref).abs().max()),
+        "ref_scale": float(ref.abs().max()),
+        "padding_is_masked": True,
+        "windowless_diff": float((windowless[..., :301] - ref).abs().max()),
+    }
     result.update(summary_equivalence())
     result["summary_syncs"] = summary_host_syncs()
     result.update(fused_layers_equivalence())

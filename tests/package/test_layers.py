@@ -23,7 +23,9 @@ LAYERS = {
     "training": 5,
     "eval": 6,
     "integrations": 6,
+    "serve": 6,
     "testing": 7,
+    "cli": 7,
     "__init__": 7,
 }
 

@@ -76,7 +76,8 @@ def test_two_process_zero3_gradcache_equals_single_process(single_run, tiny_inpu
         tiny_inputs,
         save,
         **{"--deepspeed": DS_ZERO3, "--micro-batch-size": 2, "--contrastive-batch-size": 4, "--contrastive-micro-batch-size": 2},
-        **{"--save-interval": 2, "--save-total-limit": 2},
+        # --overwrite-output-dir: a --save that is not empty starts only with it (#25)
+        **{"--save-interval": 2, "--save-total-limit": 2, "--overwrite-output-dir": True},
         **VALIDATION,
     )
     proc = ok(launch(args, nproc=2, launcher="deepspeed"))

@@ -1,6 +1,7 @@
 """megatron-core GEM training on CPU/gloo: TP=2 x PP=2 and TP=2 x DP=2 (sequence parallel,
 recomputation, distributed optimizer) give the single-process numbers, validation figures
-included (every run validates on --valid-data after steps 2 and 4); exact resume; export."""
+included (every run validates on --valid-data after steps 2 and 4); exact resume (also in bf16);
+export."""
 
 import json
 import re
@@ -150,6 +151,52 @@ def test_exact_resume(reference, gem_hf_checkpoint, corpus, tmp_path):
     assert _valid(save) == _valid(reference)[1:]  # step 4's, on the resumed weights
     a, b = _weights(reference), _weights(save)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_checkpoints_resume_exactly(gem_hf_checkpoint, corpus, tmp_path):
+    """--bf16 (every GPU recipe's precision) on 2 data-parallel ranks with the distributed
+    optimizer: the step-2 checkpoint holds bf16 weights and fp32 optimizer state (main params,
+    Adam moments), and a run resumed from it gives the uninterrupted run's steps 3-4, validation
+    and export bit for bit (the same bf16 ops on the same inputs: CPU kernels are deterministic).
+    Crashed at the first save before: the fp32 logit scale among bf16 parameters broke
+    megatron-core's optimizer checkpoint (both the distributed and the plain one)."""
+    import shutil
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    straight, resumed = tmp_path / "bf16", tmp_path / "bf16_resumed"
+    run_torchrun(_args(gem_hf_checkpoint, corpus, straight, "--bf16"), nproc=2)
+    m = _metrics(straight)
+    assert [r["phase"] for r in m] == [1, 1, 2, 2] and all(r["cl_loss"] is not None for r in m[2:])
+    saved = FileSystemReader(str(straight / "global_step2")).read_metadata().state_dict_metadata
+    dtypes = {k: v.properties.dtype for k, v in saved.items() if hasattr(v, "properties") and hasattr(v.properties, "dtype")}
+    assert {d for k, d in dtypes.items() if not k.startswith("optimizer")} == {torch.bfloat16} and "logit_scale.log_scale" in dtypes
+    assert {d for k, d in dtypes.items() if k.startswith("optimizer")} == {torch.float32}
+    # the step-2 checkpoint alone, resumed: what a run stopped after step 2 leaves
+    resumed.mkdir()
+    shutil.copytree(straight / "global_step2", resumed / "global_step2")
+    (resumed / "latest").write_text("global_step2")
+    run_torchrun(_args(gem_hf_checkpoint, corpus, resumed, "--bf16", "--load", str(resumed)), nproc=2)
+    got = _metrics(resumed)
+    assert [r["step"] for r in got] == [3, 4]
+    for ra, rb in zip(m[2:], got, strict=True):
+        assert {k: v for k, v in ra.items() if k not in VOLATILE} == {k: v for k, v in rb.items() if k not in VOLATILE}
+    assert _valid(resumed) == _valid(straight)[1:]
+    a, b = _weights(straight), _weights(resumed)
+    assert sorted(a) == sorted(b) and {t.dtype for t in a.values()} == {torch.bfloat16}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trained_parameters_outside_the_model_dtype_are_refused_at_build():
+    """The engine's check before megatron-core's optimizer is built: a trained parameter in
+    another dtype than params_dtype would crash the first checkpoint save; frozen ones may."""
+    from megatron_gem.training.megatron_engine import check_trained_dtype
+
+    bf16 = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    fp32 = torch.nn.Parameter(torch.zeros(1))
+    check_trained_dtype([("w", bf16), ("frozen", fp32.requires_grad_(False))], torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"not in the model's bfloat16 .*: scale \(float32\)"):
+        check_trained_dtype([("w", bf16), ("scale", fp32.requires_grad_(True))], torch.bfloat16)
 
 
 def test_supervised_pairs_in_phase_two(reference, gem_hf_checkpoint, tiny_teacher, tmp_path, corpus):
@@ -347,11 +394,13 @@ def test_summary_mode_tp2_pp2_recompute_resume_equals_single_process(summary_ref
     (--save-total-limit): steps 3 and 4 remain, each holding only what trains (the frozen base
     is --model, never rewritten); a foreign directory in --save stays."""
     save = tmp_path / "summary_tp2pp2"
-    (save / "global_step1_by_hand").mkdir(parents=True)  # not written by the run: never deleted
     args = _args(converted_checkpoint, corpus, save, *SUMMARY, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
     args += ["--recompute-granularity", "full", "--save-interval", "1", "--save-total-limit", "2"]
     run_torchrun(args + ["--exit-after-iters", "2"], nproc=4)
     assert (save / "latest").read_text().strip() == "global_step2" and not (save / "hf").exists()
+    # Not written by the run (a --save must be new or empty to start, so it comes in between):
+    # rotation never deletes it.
+    (save / "global_step1_by_hand").mkdir()
     proc = run_torchrun(args + ["--load", str(save)], nproc=4)
     assert "--save-total-limit 2: deleted global_step2; kept global_step4, global_step3" in proc.stdout, proc.stdout[-3000:]
     assert sorted(p.name for p in save.glob("global_step*")) == ["global_step1_by_hand", "global_step3", "global_step4"]
