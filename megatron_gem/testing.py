@@ -139,3 +139,39 @@ def tiny_summary_model(base_dir: str, k: int, *, seed: int = 0, positions: str =
         for delta in adapter.deltas.values():
             delta.lora_B.copy_(0.5 * torch.randn(delta.lora_B.shape, generator=gen))
     return lm, tok, config, adapter
+
+
+def save_tiny_sentence_transformer(directory: str | os.PathLike, *, seed: int = 0, hidden_size: int = 32) -> str:
+    """A tiny sentence-transformers folder (random 2-layer BERT over a word-level vocabulary of
+    the sample sentences, mean pooling, normalisation; safetensors) that distill.Teacher loads:
+    a distillation teacher for tests, with an embedding size unlike the student's."""
+    import tempfile
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", "!", ":"] + sorted(set(_WORDS))
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.txt"), "w") as f:
+            f.write("\n".join(vocab) + "\n")
+        tok = BertTokenizerFast(vocab_file=os.path.join(tmp, "vocab.txt"), do_lower_case=True)
+        torch.manual_seed(seed)
+        bert = BertModel(
+            BertConfig(
+                vocab_size=len(vocab),
+                hidden_size=hidden_size,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=2 * hidden_size,
+                max_position_embeddings=128,
+            )
+        )
+        bert_dir = os.path.join(tmp, "bert")
+        bert.save_pretrained(bert_dir, safe_serialization=True)
+        tok.save_pretrained(bert_dir)
+        word = Transformer(bert_dir, max_seq_length=64)
+        model = SentenceTransformer(modules=[word, Pooling(hidden_size, "mean"), Normalize()], device="cpu")
+        model.save(str(directory), safe_serialization=True)
+    return str(directory)

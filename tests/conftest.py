@@ -90,3 +90,11 @@ def converted_checkpoint(gem_hf_checkpoint, tmp_path_factory):
         ]
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A tiny sentence-transformers folder (random BERT, 32-dim): a distillation teacher."""
+    from megatron_gem.testing import save_tiny_sentence_transformer
+
+    return save_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_teacher") / "teacher")

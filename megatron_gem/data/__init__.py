@@ -33,6 +33,7 @@ from .readers import (
 )
 from .samples import PiecePlan, SampleBuilder, epoch_order
 from .stats import DataStats
+from .texts import RawTexts, read_texts
 from .tokenization import tokenize_stream, tokenize_texts
 from .writer import IndexedWriter
 
@@ -41,6 +42,8 @@ __all__ = [
     "BlendedDataset",
     "CorpusBlend",
     "ContrastiveDataset",
+    "RawTexts",
+    "read_texts",
     "DataError",
     "DataStats",
     "Document",

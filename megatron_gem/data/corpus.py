@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from .readers import (
 )
 from .stats import DataStats
 from .tokenization import tokenize_stream
+
+if TYPE_CHECKING:
+    from .texts import RawTexts
 
 
 class _CorpusBase:
@@ -249,6 +252,7 @@ class PairCorpus:
     queries: InMemoryCorpus
     positives: InMemoryCorpus
     negatives: NegativeTexts | None = None
+    texts: RawTexts | None = None  # data.texts.RawTexts of the pairs as read (open_pair_corpus(keep_texts=True)), for a teacher
 
     @property
     def stats(self) -> DataStats:
@@ -271,6 +275,7 @@ def open_pair_corpus(
     num_proc: int = 1,
     hf_split: str = "train",
     query_prompt: str = "",
+    keep_texts: bool = False,
 ) -> PairCorpus:
     """Read (query, positive) pairs from json/jsonl/parquet files or a HF dataset (``hf:NAME``).
     ``query_prompt`` is prepended to every query before tokenisation (as inference prepends it).
@@ -280,7 +285,9 @@ def open_pair_corpus(
     counted (a pair is never half-kept, so the two sides stay aligned). ``negative_field``:
     also read that field's hard negatives (a string or a list of strings, see
     :class:`~megatron_gem.data.readers.TextList`); records without it are kept and counted
-    unless ``negatives_required``.
+    unless ``negatives_required``. ``keep_texts``: the pairs' strings as read (queries without
+    the prompt) also travel, as ``texts`` (a :class:`~megatron_gem.data.texts.RawTexts`), for a
+    distillation teacher.
     """
     names = [query_field, positive_field] + ([negative_field] if negative_field else [])
     if len(set(names)) != len(names):
@@ -310,4 +317,9 @@ def open_pair_corpus(
         stats.hard_negatives = len(flat)
         stats.tokens_in += negatives.corpus.stats.tokens_in
     queries.stats = stats  # what reading the pairs counted travels with the anchors (ContrastiveDataset.epoch_stats)
-    return PairCorpus(queries, positives, negatives)
+    raw = None
+    if keep_texts:
+        from .texts import RawTexts
+
+        raw = RawTexts([t[0] for t in texts], positive_texts, [list(t[2]) for t in texts] if negative_field else None)
+    return PairCorpus(queries, positives, negatives, raw)

@@ -250,6 +250,11 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
     items is collated as ``{"chunks": [...], "num_texts": N, "num_negatives": M, ...}``, each
     chunk the batch of C consecutive items (the last may be shorter) packed into its own rows,
     numbered like a micro-batch of its own (``chunk_spans``).
+
+    ``texts`` (a :class:`~megatron_gem.data.texts.RawTexts` aligned with ``corpus``): each
+    micro-batch (each chunk) also carries ``texts``, the raw strings of its documents in their
+    order (anchors, positives, hard negatives), for a distillation teacher (distill/batch.py):
+    the input's strings, never decoded tokens, without the query prompt or the template.
     """
 
     kind = "contrastive"
@@ -271,6 +276,7 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
         negatives=None,
         chunk_size: int | None = None,
         embed_template=None,
+        texts=None,
     ):
         self.seq_length = int(seq_length if seq_length is not None else max_text_len)
         # tokens -> anchor tokens (tokenization.PromptedText: the query prompt of self-supervised
@@ -293,6 +299,9 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
             if len(positives) != len(corpus):
                 raise ValueError(f"positives hold {len(positives)} texts but the corpus {len(corpus)}: pairs must be aligned")
             nonempty &= np.asarray(positives.lengths) > 0
+        if texts is not None and len(texts) != len(corpus):
+            raise ValueError(f"raw texts hold {len(texts)} items but the corpus {len(corpus)}: they must be aligned")
+        self.texts = texts
         self.valid = np.flatnonzero(nonempty)
         if self.valid.shape[0] == 0:
             raise ValueError("the corpus holds no non-empty text")
@@ -313,9 +322,14 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
         text = self.corpus.get(d)
         prompted = self.anchor_prompt(text) if self.anchor_prompt is not None else None
         anchor, pos, cut = self.builder.embed_pair(text, d, epoch, self.max_text_len, positive, prompted)
+        negs = [self.builder.embed_text(t, self.max_text_len) for t in self.negatives.get(d)] if self.negatives is not None else []
+        if self.texts is not None:  # (.., hard negatives' layouts, raw texts): the teacher's input travels along
+            raw = self.texts.get(d)
+            if len(raw[2]) != len(negs):
+                raise ValueError(f"item {d}: {len(negs)} hard negatives but {len(raw[2])} raw negative texts")
+            return anchor, pos, cut + sum(c for _, c in negs), [layout for layout, _ in negs], raw
         if self.negatives is None:
             return anchor, pos, cut
-        negs = [self.builder.embed_text(t, self.max_text_len) for t in self.negatives.get(d)]
         return anchor, pos, cut + sum(c for _, c in negs), [layout for layout, _ in negs]
 
     def __len__(self) -> int:
@@ -332,6 +346,9 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
         batch["num_texts"] = n
         batch["num_negatives"] = len(negatives)
         batch["truncated_tokens"] = int(sum(it[2] for it in items))
+        if self.texts is not None:  # the documents' raw strings, in the document order above
+            raws = [it[4] for it in items]
+            batch["texts"] = [r[0] for r in raws] + [r[1] for r in raws] + [t for r in raws for t in r[2]]
         return batch
 
     def collate(self, items) -> dict:

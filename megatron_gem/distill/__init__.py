@@ -1,7 +1,9 @@
 """Embedding distillation's pieces that know models but no engine: the frozen teacher
-(:class:`Teacher`) and the on-disk cache of its embeddings (:class:`EmbeddingCache`)."""
+(:class:`Teacher`), the on-disk cache of its embeddings (:class:`EmbeddingCache`) and the
+teacher's rows of a contrastive batch (:func:`embed_batch`)."""
 
+from .batch import embed_batch
 from .cache import EmbeddingCache, text_key
 from .teacher import Teacher, check_teacher_folder, teacher_digest
 
-__all__ = ["EmbeddingCache", "Teacher", "check_teacher_folder", "teacher_digest", "text_key"]
+__all__ = ["EmbeddingCache", "embed_batch", "Teacher", "check_teacher_folder", "teacher_digest", "text_key"]

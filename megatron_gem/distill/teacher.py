@@ -16,6 +16,7 @@ same call gives the same bits, and the cache returns the bits it stored.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -67,6 +68,29 @@ def check_teacher_folder(path: str) -> list[dict]:
     return modules
 
 
+@contextlib.contextmanager
+def _outside_zero3():
+    """While a ZeRO-3 ``HfDeepSpeedConfig`` is alive (train.py's DeepSpeed engine under ZeRO-3,
+    an HF Trainer with a ZeRO-3 config), transformers builds every model it loads under
+    DeepSpeed's ``zero.Init``, i.e. partitioned across the ranks. The teacher is no part of the
+    engine: it loads as a plain, whole model on every rank."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    live = ref() if ref is not None else None
+    if live is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(live)
+
+
 def _model_files(path: str) -> list[tuple[str, str]]:
     """(relative path, full path) of the files that define the model, sorted: weights, configs,
     tokenizer; not docs, hidden files or ONNX/OpenVINO exports (the torch backend reads none)."""
@@ -114,13 +138,14 @@ class Teacher:
         from sentence_transformers import SentenceTransformer
 
         try:
-            model = SentenceTransformer(
-                path,
-                device=str(device),
-                local_files_only=True,
-                trust_remote_code=False,
-                model_kwargs={"use_safetensors": True, "dtype": torch.float32},
-            )
+            with _outside_zero3():
+                model = SentenceTransformer(
+                    path,
+                    device=str(device),
+                    local_files_only=True,
+                    trust_remote_code=False,
+                    model_kwargs={"use_safetensors": True, "dtype": torch.float32},
+                )
         except (OSError, ValueError, KeyError, ImportError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise _error(path, f"cannot be loaded as a sentence-transformers model: {first}") from None

@@ -53,6 +53,11 @@ class GEMConfig:
     # Template with one "{text}" wrapped around every embedded text before its summary tokens, in
     # phase-2 views and at inference (gem/template.py; e.g. PromptEOL's); "" = the bare text.
     embed_template: str = ""
+    # Teacher distillation in phase 2 (docs/method.md; used only when a teacher is given, train.py
+    # --contrastive-teacher): the share of the teacher's KL term in the contrastive loss (1: the
+    # teacher alone; the rest is InfoNCE) and the temperature of the teacher's similarity softmax.
+    teacher_weight: float = 1.0
+    teacher_temperature: float = 0.05
     # Summary mode (docs/method.md, "Summary mode"): frozen base, deltas at summary positions.
     train_mode: str = "full"
     adapter_rank: int = 16
@@ -101,6 +106,10 @@ class GEMConfig:
             raise bad("contrastive_from_step", "must be >= 0")
         if not 0.0 <= self.alpha <= 1.0:
             raise bad("alpha", "must lie in [0, 1]")
+        if not (isinstance(self.teacher_weight, (int, float)) and 0.0 < self.teacher_weight <= 1.0):
+            raise bad("teacher_weight", "must lie in (0, 1] (1: the teacher alone; below 1 mixed with InfoNCE)")
+        if not (isinstance(self.teacher_temperature, (int, float)) and math.isfinite(self.teacher_temperature) and self.teacher_temperature > 0):
+            raise bad("teacher_temperature", "must be a finite number > 0")
         if not isinstance(self.query_prompt, str):
             raise bad("query_prompt", "must be a string")
         try:

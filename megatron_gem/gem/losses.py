@@ -98,6 +98,115 @@ def info_nce(
     return loss
 
 
+# Logit of a key left out of a distillation row: exp() of it is exactly 0 in fp32/fp64 next to
+# any real logit (|logit| <= max logit scale or 1 / temperature), and a row with every key left
+# out is uniform in both distributions, i.e. KL 0 with a zero gradient (no -inf, no NaN).
+_LEFT_OUT = -1e9
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """How a teacher's similarity structure enters the contrastive term (docs/method.md,
+    "Teacher distillation"): ``weight`` is the share of :func:`teacher_kl` in the contrastive
+    loss (1: the teacher alone; below 1 the rest is InfoNCE on the batch's pairs),
+    ``temperature`` the teacher's softmax temperature (the student uses its logit scale)."""
+
+    weight: float = 1.0
+    temperature: float = 0.05
+
+    @classmethod
+    def from_config(cls, config: GEMConfig) -> "Distillation":
+        return cls(config.teacher_weight, config.teacher_temperature)
+
+
+def teacher_kl(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    teacher_anchors: torch.Tensor,
+    teacher_positives: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    temperature: float,
+    negatives: torch.Tensor | None = None,
+    teacher_negatives: torch.Tensor | None = None,
+    gather_keys: GatherKeys | None = None,
+) -> torch.Tensor:
+    """Similarity distillation: mean over anchors i of KL(q_i || p_i), where over the keys j
+    (positives, then hard negatives, of every data-parallel rank with ``gather_keys``: the
+    keys InfoNCE scores)
+
+        q_i = softmax_j(cos(teacher_anchor_i, teacher_key_j) / temperature)   (the target, no gradient)
+        p_i = softmax_j(logit_scale * cos(anchor_i, key_j))                   (the student)
+
+    ``teacher_*``: the teacher's embeddings of the same texts, row for row ([n, d_t], [m, d_t];
+    d_t need not be the student's d). An anchor whose teacher rows of anchor and own positive
+    are equal (the same text: self-supervised views) leaves its own positive out of its row,
+    in both distributions: a text's similarity to itself (1) says nothing about the teacher's
+    geometry and would turn the target into InfoNCE's one-hot one. Every other key counts.
+    Collective when ``gather_keys`` gathers across ranks (student keys, then teacher keys)."""
+    if teacher_anchors.shape[0] != anchors.shape[0] or teacher_positives.shape != teacher_anchors.shape:
+        raise ValueError(f"teacher rows {tuple(teacher_anchors.shape)}, {tuple(teacher_positives.shape)} do not match {anchors.shape[0]} anchors")
+    if (negatives is None) != (teacher_negatives is None) or (negatives is not None and teacher_negatives.shape[0] != negatives.shape[0]):
+        raise ValueError("hard negatives need their teacher rows, one per negative")
+    dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
+    a = F.normalize(anchors.to(dtype), dim=-1)
+    local_keys = F.normalize(positives.to(dtype), dim=-1)
+    if negatives is not None:
+        local_keys = torch.cat([local_keys, F.normalize(negatives.to(dtype), dim=-1)])
+    device = a.device
+    ta, tp = teacher_anchors.to(device), teacher_positives.to(device)
+    own = (ta == tp).all(dim=-1)  # [n]: the same text on both sides
+    t_local = F.normalize(tp.to(dtype), dim=-1)
+    if teacher_negatives is not None:
+        t_local = torch.cat([t_local, F.normalize(teacher_negatives.to(device, dtype), dim=-1)])
+    keys, offset = (local_keys, 0) if gather_keys is None else gather_keys(local_keys)
+    t_keys = t_local if gather_keys is None else gather_keys(t_local)[0]
+    n = a.shape[0]
+    left_out = torch.zeros(n, keys.shape[0], dtype=torch.bool, device=device)
+    left_out[torch.arange(n, device=device), torch.arange(n, device=device) + offset] = own
+    student = (logit_scale.to(dtype) * a @ keys.T).masked_fill(left_out, _LEFT_OUT)
+    with torch.no_grad():
+        target = ((F.normalize(ta.to(dtype), dim=-1) @ t_keys.T) / temperature).masked_fill(left_out, _LEFT_OUT)
+        log_q = F.log_softmax(target, dim=-1)
+    log_p = F.log_softmax(student, dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=-1).mean()
+
+
+def contrastive_loss(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    negatives: torch.Tensor | None = None,
+    gather_keys: GatherKeys | None = None,
+    teacher: tuple | None = None,
+    distill: Distillation | None = None,
+) -> torch.Tensor:
+    """The contrastive term of phase 2: InfoNCE (:func:`info_nce`), or with ``teacher`` (the
+    teacher's rows of anchors, positives and hard negatives, as :func:`split_embeddings` gives)
+    ``w x teacher_kl + (1 - w) x InfoNCE`` with ``w = distill.weight`` (InfoNCE not computed
+    when w = 1). The one composition GradCache's first pass and every engine's loss use."""
+    if teacher is None:
+        return info_nce(anchors, positives, logit_scale, gather_keys=gather_keys, negatives=negatives)
+    distill = distill or Distillation()
+    t_anchors, t_positives, t_negatives = teacher
+    kl = teacher_kl(
+        anchors,
+        positives,
+        t_anchors,
+        t_positives,
+        logit_scale,
+        temperature=distill.temperature,
+        negatives=negatives,
+        teacher_negatives=t_negatives,
+        gather_keys=gather_keys,
+    )
+    if distill.weight >= 1.0:
+        return kl
+    nce = info_nce(anchors, positives, logit_scale, gather_keys=gather_keys, negatives=negatives)
+    return distill.weight * kl + (1.0 - distill.weight) * nce
+
+
 def loss_weights(step: int, config: GEMConfig) -> tuple[float, float]:
     """(weight of NTP, weight of contrastive) at ``step`` (0-based).
 
@@ -149,7 +258,7 @@ class MicroBatchLoss:
     ntp_sum: torch.Tensor | None = None  # summed NTP cross-entropy (fp32)
     ntp_tokens: torch.Tensor | None = None  # its target count
     ntp: torch.Tensor | None = None  # its token mean (or the NTP value given)
-    cl: torch.Tensor | None = None  # InfoNCE (unweighted)
+    cl: torch.Tensor | None = None  # the contrastive term (unweighted): InfoNCE, or with a teacher contrastive_loss's mix
 
 
 def micro_batch_loss(
@@ -165,6 +274,8 @@ def micro_batch_loss(
     num_texts: int = 0,
     num_negatives: int = 0,
     gather_keys: GatherKeys | None = None,
+    teacher: torch.Tensor | None = None,
+    distill: Distillation | None = None,
     touch: tuple = (),
 ) -> MicroBatchLoss:
     """GEM's loss of one micro-batch, either phase, for every engine and integration:
@@ -176,7 +287,9 @@ def micro_batch_loss(
     after the engines' averaging), or with ``ntp_scale`` None the micro-batch's token mean times
     ``w_ntp``. Or ``ntp``: a token mean computed elsewhere (the HF model's own loss), times ``w_ntp``.
     InfoNCE over ``embeddings`` [2N + M, d] (anchors, positives, hard negatives; see
-    ``split_embeddings``) with ``logit_scale`` and ``gather_keys``, times ``w_cl``.
+    ``split_embeddings``) with ``logit_scale`` and ``gather_keys``, times ``w_cl``; with
+    ``teacher`` (the teacher's rows of the same 2N + M texts, [2N + M, d_t], no gradient) the
+    contrastive term is :func:`contrastive_loss`'s mix of ``distill`` (weight, temperature).
     A term whose weight is 0 is not computed; its inputs are touched instead."""
     total = zero_touch(*touch) if touch else None
     out = MicroBatchLoss(total=None)
@@ -199,7 +312,8 @@ def micro_batch_loss(
         out.ntp = ntp.detach()
     if embeddings is not None and num_texts and w_cl > 0:
         anchors, positives, negatives = split_embeddings(embeddings, num_texts, num_negatives)
-        cl = info_nce(anchors, positives, logit_scale, gather_keys=gather_keys, negatives=negatives)
+        rows = split_embeddings(teacher, num_texts, num_negatives) if teacher is not None else None
+        cl = contrastive_loss(anchors, positives, logit_scale, negatives=negatives, gather_keys=gather_keys, teacher=rows, distill=distill)
         add(w_cl * cl)
         out.cl = cl.detach()
     elif embeddings is not None or logit_scale is not None:

@@ -39,7 +39,9 @@ also carries the phase-2 view: each example's text (its tokens as given, truncat
 token deletion (positive, doc N + j); with ``config.embed_template`` the text is wrapped in it
 first (``embed_template``, built by ``from_tokenizer``; the text is truncated, not the template,
 and dropout never touches the template), as train.py and GEMEmbedder do; packed into ``gem_cl_input_ids``, ``gem_cl_position_ids``,
-``gem_cl_doc_ids``, ``gem_cl_roles`` and ``gem_cl_num_texts`` (N).
+``gem_cl_doc_ids``, ``gem_cl_roles`` and ``gem_cl_num_texts`` (N). With ``text_field`` (set by
+GEMTrainer when it distils a teacher) also ``gem_cl_texts``: each example's raw string under that
+field, for the anchors and again for their views (2N strings), what the teacher embeds.
 
 Randomness: example i of the c-th call in DataLoader worker w on data-parallel rank r, in a
 batch of B examples, uses ``numpy.random.default_rng([seed, w, c, r * B + i, stream])`` (stream
@@ -67,7 +69,7 @@ from ..gem.roles import IGNORE_INDEX, PAD_DOC_ID, Role
 from ..gem.template import EmbedTemplate
 
 CL_PREFIX = "gem_cl_"
-CL_KEYS = tuple(CL_PREFIX + k for k in ("input_ids", "position_ids", "doc_ids", "roles", "num_texts"))
+CL_KEYS = tuple(CL_PREFIX + k for k in ("input_ids", "position_ids", "doc_ids", "roles", "num_texts", "texts"))
 LAYOUT_STREAM, DROPOUT_STREAM = 0, 1
 
 
@@ -102,6 +104,7 @@ class GEMDataCollator:
     bos_token_id: int | None = None  # reconstruct: a leading BOS is not repeated
     contrastive: bool = False
     embed_template: EmbedTemplate | None = None  # config.embed_template tokenised (from_tokenizer builds it)
+    text_field: str | None = None  # contrastive view: the examples' raw-text field a distillation teacher embeds (GEMTrainer sets it)
     stats: dict = field(default_factory=lambda: {"plain": 0, "split": 0, "reconstruct": 0, "reconstruct_too_long": 0, SHORT_FOR_SUMMARY: 0})
     _calls: int = field(default=0, repr=False)
     _offset: int = field(default=0, repr=False)
@@ -209,8 +212,20 @@ class GEMDataCollator:
         batch = self._pack(examples) if self.packing else self._pad(examples)
         if self.contrastive:
             batch.update(self._contrastive([ids for ids, _ in pairs]))
+            if self.text_field is not None:
+                batch[CL_PREFIX + "texts"] = self._raw_texts(features) * 2  # anchors, then their views: one text each
         self._calls += 1
         return batch
+
+    def _raw_texts(self, features: Sequence[dict[str, Any]]) -> list[str]:
+        texts = [f.get(self.text_field) for f in features]
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ValueError(
+                f"example {bad} has no string field {self.text_field!r}: the teacher embeds the raw text (keep the column: "
+                "TrainingArguments(remove_unused_columns=False) with a datasets.Dataset)"
+            )
+        return texts
 
     def _pad(self, examples) -> dict[str, torch.Tensor]:
         width = _round_up(max(e[0].shape[0] for e in examples), self.pad_to_multiple_of)

@@ -16,6 +16,9 @@ Batch contract (a dict of tensors on the model's device, what ``data_iterator`` 
                                      prediction at i (gem.layout.next_token_labels), -100 = ignored
   ntp_rows     int                   number of next-token rows (0 in a pure contrastive batch)
   num_texts    int                   N contrastive pairs (anchor doc j, positive doc N + j; 0 = none)
+  teacher      float32 [2N + M, d_t] optional: a teacher's rows of the same texts (e.g.
+                                     distill.Teacher.embed of them); the contrastive term then mixes
+                                     the teacher's KL in (config.teacher_weight, teacher_temperature)
 Every pipeline stage needs the full batch (doc_ids/roles drive the mask in every layer).
 
 The model is megatron_gem.mcore.llama's GEMGPTModel (Llama / Mistral family, GEM core attention
@@ -37,7 +40,7 @@ import torch
 
 from ..attention.megatron import gem_mask_info
 from ..gem.config import GEMConfig
-from ..gem.losses import loss_weights
+from ..gem.losses import Distillation, loss_weights
 from ..gem.roles import IGNORE_INDEX
 from ..mcore.batch import BATCH_KEYS, join_rows, unwrap_model
 from ..mcore.loss import gem_micro_batch_loss
@@ -151,7 +154,15 @@ class GEMForwardStep:
         """Last pipeline stage: (loss, {"lm loss", "gem cl loss"}) in megatron-core's 2-tuple form
         (the loss is mcore.loss.gem_micro_batch_loss, train.py's own)."""
         w_ntp, w_cl = weights
-        out = gem_micro_batch_loss(batch, model, output, w_ntp=w_ntp, w_cl=w_cl, gather_keys=self.gather_keys() if batch["num_texts"] and w_cl > 0 else None)
+        out = gem_micro_batch_loss(
+            batch,
+            model,
+            output,
+            w_ntp=w_ntp,
+            w_cl=w_cl,
+            gather_keys=self.gather_keys() if batch["num_texts"] and w_cl > 0 else None,
+            distill=Distillation.from_config(self.config),
+        )
         report = {}
         if out.ntp is not None:
             report["lm loss"] = out.ntp

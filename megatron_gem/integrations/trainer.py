@@ -34,6 +34,14 @@ Phase 1 is the collator's (GEM layouts only, no prefix targets); phase 2 runs th
 forward through the model (not hf/summary.py's cached fast path, which would bypass a DDP
 wrapper's forward).
 
+Teacher distillation (``gem_teacher=``: a :class:`~megatron_gem.distill.Teacher` or a
+sentence-transformers folder): phase 2's contrastive term becomes train.py's
+(``gem.losses.contrastive_loss``: the teacher's KL, mixed with InfoNCE by
+``gem_config.teacher_weight``); the teacher embeds each example's raw text (field
+``gem_teacher_text_field``, default "text", kept by the Trainer's column removal; the collator
+carries it as ``gem_cl_texts``), and stays a plain object of the trainer (never in the model, the
+optimizer or a save).
+
 :class:`GEMPhaseCallback` reports the phase switch for pipelines that keep their own Trainer.
 """
 
@@ -49,8 +57,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..common import distributed as D
+from ..distill.batch import embed_batch
 from ..gem.config import GEMConfig
-from ..gem.losses import LogitScale, loss_weights, micro_batch_loss
+from ..gem.losses import Distillation, LogitScale, loss_weights, micro_batch_loss
 from ..gem.readout import pool_special_states
 from .collator import CL_KEYS, CL_PREFIX, GEMDataCollator
 from .enable import is_gem_enabled
@@ -100,7 +109,7 @@ class GEMTrainerMixin:
     """Put before a Trainer class in the bases; takes ``gem_config=`` (default: the model's
     ``gem_config`` set by enable_gem)."""
 
-    def __init__(self, *args, gem_config: GEMConfig | None = None, **kwargs):
+    def __init__(self, *args, gem_config: GEMConfig | None = None, gem_teacher=None, gem_teacher_text_field: str = "text", **kwargs):
         super().__init__(*args, **kwargs)
         model = self.model
         config = gem_config or getattr(model, "gem_config", None)
@@ -119,6 +128,14 @@ class GEMTrainerMixin:
         if config.alpha > 0:
             collator.contrastive = True  # set before any DataLoader (and its workers) exists
         first = next(model.parameters())
+        # Teacher distillation (#28): a distill.Teacher or a sentence-transformers folder. A plain
+        # object of the trainer, never an attribute of the model (no optimizer, DDP, ZeRO, save).
+        self.gem_teacher = None
+        if gem_teacher is not None:
+            from ..distill import Teacher
+
+            self.gem_teacher = gem_teacher if isinstance(gem_teacher, Teacher) else Teacher.from_pretrained(str(gem_teacher), device=first.device)
+            collator.text_field = gem_teacher_text_field
         # The dtype of the model's own parameters: DeepSpeed's bf16/fp16 optimizers (ZeRO-1..3)
         # flatten every trainable parameter into one low-precision buffer (keeping the fp32
         # master themselves) and refuse a parameter of another dtype.
@@ -127,6 +144,14 @@ class GEMTrainerMixin:
         self._gem_gather = D.make_gather_keys()
         self._gem_logs: dict[str, list[float]] = {}
         self.add_callback(GEMPhaseCallback(config))
+
+    def _set_signature_columns_if_needed(self):
+        # The Trainer keeps only the columns the model's forward takes (remove_unused_columns);
+        # the teacher's raw text must reach the collator too.
+        super()._set_signature_columns_if_needed()
+        field = getattr(self.data_collator, "text_field", None)
+        if getattr(self, "gem_teacher", None) is not None and field and self._signature_columns is not None and field not in self._signature_columns:
+            self._signature_columns.append(field)
 
     # -------------------------------------------------------------------- optimizer
     def get_decay_parameter_names(self, model) -> list[str]:
@@ -160,6 +185,9 @@ class GEMTrainerMixin:
         # division by the steps; the InfoNCE mean must then be divided here.
         steps = self.current_gradient_accumulation_steps if self._gem_trainer_skips_ga_division(num_items_in_batch) else 1
         emb, head_out = self.gem_contrastive_embeddings(model, cl_batch)
+        teacher = None
+        if self.gem_teacher is not None:  # its rows of the same texts, no gradient (distill/batch.py)
+            teacher = embed_batch(self.gem_teacher, {"texts": cl_batch.get("texts"), "num_texts": cl_batch["num_texts"]})["teacher"]
         part = micro_batch_loss(
             w_ntp=w_ntp,
             ntp=ntp,
@@ -168,6 +196,8 @@ class GEMTrainerMixin:
             logit_scale=self.gem_logit_scale(),
             num_texts=int(cl_batch["num_texts"]),
             gather_keys=self._gem_gather,
+            teacher=teacher,
+            distill=Distillation.from_config(self.gem_config),
             touch=(head_out,),  # the LM head ran on one position: in the graph, so DDP sees it used
         )
         self._gem_record("gem_cl_loss", part.cl)

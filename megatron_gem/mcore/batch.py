@@ -14,8 +14,9 @@ _FILLS = {"input_ids": 0, "position_ids": 0, "doc_ids": PAD_DOC_ID, "roles": 0}
 
 def join_rows(ntp: dict | None, contrastive: dict | None, device=None) -> dict:
     """``ntp`` (BATCH_KEYS + aligned ``labels``) and ``contrastive`` (BATCH_KEYS + ``num_texts``,
-    optionally ``num_negatives``) as one batch: rows concatenated (the narrower part padded at
-    the end: PAD_DOC_ID, label ignored), plus ``ntp_rows``, ``num_texts`` and ``num_negatives``. Either part may be None, not both."""
+    optionally ``num_negatives`` and the teacher's rows ``teacher``) as one batch: rows
+    concatenated (the narrower part padded at the end: PAD_DOC_ID, label ignored), plus
+    ``ntp_rows``, ``num_texts``, ``num_negatives`` (and ``teacher``). Either part may be None, not both."""
     parts = [p for p in (ntp, contrastive) if p is not None]
     if not parts:
         raise ValueError("neither next-token rows nor contrastive rows given")
@@ -29,6 +30,8 @@ def join_rows(ntp: dict | None, contrastive: dict | None, device=None) -> dict:
     out["ntp_rows"] = ntp["input_ids"].shape[0] if ntp is not None else 0
     out["num_texts"] = int(contrastive["num_texts"]) if contrastive is not None else 0
     out["num_negatives"] = int(contrastive.get("num_negatives", 0)) if contrastive is not None else 0
+    if contrastive is not None and contrastive.get("teacher") is not None:
+        out["teacher"] = contrastive["teacher"]  # the teacher's rows of the contrastive texts (distill/batch.py)
     if device is not None:
         out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
     return out

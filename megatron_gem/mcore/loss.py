@@ -30,7 +30,7 @@ class MicroBatchLoss:
     ntp: torch.Tensor | None = None  # NTP token mean of this micro-batch (detached)
     ntp_sum: float = 0.0
     ntp_tokens: int = 0
-    cl: torch.Tensor | None = None  # InfoNCE (detached)
+    cl: torch.Tensor | None = None  # the contrastive term (detached): InfoNCE, or its mix with the teacher's KL
     tokens: int = 0  # non-padding tokens of the micro-batch
 
 
@@ -81,9 +81,13 @@ def vocab_parallel_token_losses(
     return losses.t()
 
 
-def gem_micro_batch_loss(batch: dict, model, output, *, w_ntp: float, w_cl: float, gather_keys=None, ntp_scale: float | None = None) -> MicroBatchLoss:
+def gem_micro_batch_loss(
+    batch: dict, model, output, *, w_ntp: float, w_cl: float, gather_keys=None, ntp_scale: float | None = None, distill=None
+) -> MicroBatchLoss:
     """``output``: what ``GEMGPTModel.forward(..., labels=batch["labels"])`` returned, i.e.
-    (per-token NTP losses [n, L] or None, contrastive states [B - n, L, H] or None)."""
+    (per-token NTP losses [n, L] or None, contrastive states [B - n, L, H] or None). A batch
+    with the teacher's rows of its texts (``batch["teacher"]``, distill/batch.py) adds the
+    teacher's term to the contrastive one (``distill``: gem.losses.Distillation)."""
     token_losses, states = output
     n = batch["ntp_rows"]
     if token_losses is not None and token_losses.dim() != 2:
@@ -100,6 +104,8 @@ def gem_micro_batch_loss(batch: dict, model, output, *, w_ntp: float, w_cl: floa
         num_texts=batch["num_texts"],
         num_negatives=int(batch.get("num_negatives", 0)),
         gather_keys=gather_keys,
+        teacher=batch.get("teacher") if has_cl else None,
+        distill=distill,
         touch=(states,) if states is not None and not (has_cl and w_cl > 0) else (),
     )
     out = MicroBatchLoss(part.total.to(batch["input_ids"].device), tokens=int((batch["doc_ids"] >= 0).sum()))

@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-after-iters", type=int, default=None, help="stop (after saving) at this step; for tests and pre-emption drills")
     add_debug_flag(g)
 
+    add_teacher_args(p)
     add_validation_args(p)
     add_io_args(p)
 
@@ -229,6 +230,80 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepspeed", dest="deepspeed_config", default=None, help="DeepSpeed JSON config (e.g. ds_zero3.json)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     return p
+
+
+def add_teacher_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("teacher distillation (phase 2)")
+    g.add_argument(
+        "--contrastive-teacher",
+        default=None,
+        metavar="DIR",
+        help="a sentence-transformers model folder (local, safetensors) whose in-batch similarity structure phase 2 distils: it embeds the "
+        "same texts as the student each step (no gradient; --data documents or --contrastive-data pairs) and the student's similarity rows "
+        "are trained towards its (KL, docs/method.md)",
+    )
+    g.add_argument(
+        "--contrastive-teacher-weight",
+        type=float,
+        default=None,
+        metavar="W",
+        help="share of the teacher's term in the contrastive loss: 1 the teacher alone, 0 < W < 1 mixed with (1 - W) x InfoNCE on the "
+        "batch's pairs (default 1.0; needs --contrastive-teacher)",
+    )
+    g.add_argument(
+        "--contrastive-teacher-temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="temperature of the teacher's similarity softmax (the student's is its learnt logit scale) (default 0.05; needs --contrastive-teacher)",
+    )
+    g.add_argument(
+        "--contrastive-teacher-cache",
+        default=None,
+        metavar="DIR",
+        help="keep the teacher's embeddings on disk here, keyed by text and teacher digest, so repeated epochs and runs do not recompute "
+        "them (default: not kept)",
+    )
+
+
+TEACHER_DEFAULTS = {"contrastive_teacher_weight": 1.0, "contrastive_teacher_temperature": 0.05}
+
+
+def validate_teacher_args(args) -> None:
+    """--contrastive-teacher*: the settings need the teacher; the teacher needs a phase 2 and text
+    it can read (documents as text, or pairs); its folder passes distill's loader checks."""
+    teacher = getattr(args, "contrastive_teacher", None)
+    for dest, default in TEACHER_DEFAULTS.items():
+        if getattr(args, dest, None) is not None and teacher is None:
+            raise ArgumentError(f"--{dest.replace('_', '-')} needs --contrastive-teacher DIR")
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, default)
+    if getattr(args, "contrastive_teacher_cache", None) is not None and teacher is None:
+        raise ArgumentError("--contrastive-teacher-cache needs --contrastive-teacher DIR")
+    if teacher is None:
+        return
+    from ..distill.teacher import check_teacher_folder
+
+    check_teacher_folder(teacher)  # a ModelLoadError naming --contrastive-teacher and the folder
+    if args.gem_contrastive_from_step >= args.train_iters:
+        raise ArgumentError(
+            f"--contrastive-teacher is given but phase 2 never runs (--gem-contrastive-from-step {args.gem_contrastive_from_step} >= --train-iters {args.train_iters})"
+        )
+    if not args.contrastive_data:
+        if args.data_path:
+            raise ArgumentError(
+                "--contrastive-teacher with --data-path: a blend's documents are not read as text; give --data files or --contrastive-data pairs"
+            )
+        for path in args.data or ():
+            prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
+            if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"):
+                raise ArgumentError(
+                    f"--contrastive-teacher with --data {path}: a Megatron .bin/.idx prefix holds token ids, not the text the teacher reads; "
+                    "give the text files or --contrastive-data pairs"
+                )
+    cache = getattr(args, "contrastive_teacher_cache", None)
+    if cache is not None and os.path.exists(cache) and not os.path.isdir(cache):
+        raise ArgumentError(f"--contrastive-teacher-cache {cache}: is a file; expected a directory")
 
 
 def add_validation_args(p: argparse.ArgumentParser) -> None:
@@ -359,6 +434,8 @@ GEM_FLAGS = {
     "adapter_targets": "--gem-adapter-targets",
     "adapter_positions": "--gem-adapter-positions",
     "summary_tokens": "--gem-summary-tokens",
+    "teacher_weight": "--contrastive-teacher-weight",
+    "teacher_temperature": "--contrastive-teacher-temperature",
 }
 
 
@@ -403,7 +480,14 @@ def _gem_config(args) -> GEMConfig:
         adapter_targets=list(args.gem_adapter_targets),
         adapter_positions=args.gem_adapter_positions,
         summary_tokens=list(args.gem_summary_tokens),
+        teacher_weight=_teacher_setting(args, "contrastive_teacher_weight"),
+        teacher_temperature=_teacher_setting(args, "contrastive_teacher_temperature"),
     )
+
+
+def _teacher_setting(args, dest: str) -> float:
+    value = getattr(args, dest, None)
+    return TEACHER_DEFAULTS[dest] if value is None else value
 
 
 def validate_args(args, dp_size: int) -> None:
@@ -463,6 +547,7 @@ def validate_args(args, dp_size: int) -> None:
         raise ArgumentError("--contrastive-negatives-required needs --contrastive-negative-field NAME")
     if negative_field in (args.contrastive_query_field, args.contrastive_positive_field):
         raise ArgumentError(f"--contrastive-negative-field {negative_field!r} is also the query or positive field")
+    validate_teacher_args(args)
     gem_config_from_args(args)
 
 
@@ -713,6 +798,8 @@ def job_config(args, *, world_size: int) -> JobConfig:
             negative_field=args.contrastive_negative_field,
             negatives_required=args.contrastive_negatives_required,
             cache_path=args.data_cache_path,
+            teacher=args.contrastive_teacher,
+            teacher_cache=args.contrastive_teacher_cache,
         ),
         batch=BatchConfig(
             args.seq_length,

@@ -42,6 +42,8 @@ class DataConfig:
     negative_field: str | None = None  # --contrastive-negative-field: hard negatives of each pair
     negatives_required: bool = False  # a pair record without hard negatives is a bad record
     cache_path: str | None = None  # --data-cache-path: where text input is tokenised once (None: <--save>/data_cache)
+    teacher: str | None = None  # --contrastive-teacher: a sentence-transformers folder phase 2 distils (None: no teacher)
+    teacher_cache: str | None = None  # --contrastive-teacher-cache: the teacher's embeddings kept on disk (None: not kept)
 
     @property
     def on_bad(self) -> str:

@@ -6,10 +6,22 @@ import os
 import sys
 
 from ..common import distributed as D
-from ..data import BlendedDataset, ContrastiveDataset, CorpusBlend, DataError, GEMDataLoader, PairCorpus, make_ntp_loader, open_corpus, open_pair_corpus
+from ..data import (
+    BlendedDataset,
+    ContrastiveDataset,
+    CorpusBlend,
+    DataError,
+    GEMDataLoader,
+    PairCorpus,
+    RawTexts,
+    make_ntp_loader,
+    open_corpus,
+    open_pair_corpus,
+    read_texts,
+)
 from ..data.cache import build_or_reuse, cacheable, open_cached
 from ..data.datasets import SHORT_FOR_SUMMARY
-from ..data.split import split_corpus
+from ..data.split import CorpusView, split_corpus
 from ..data.tokenization import PromptedText
 from ..gem.template import EmbedTemplate
 from .config import DataConfig, JobConfig
@@ -62,7 +74,8 @@ def open_training_corpus(data: DataConfig, tokenizer, cache_dir: str | None = No
 
 def open_contrastive_pairs(data: DataConfig, tokenizer, query_prompt: str = ""):
     """Read --contrastive-data into a PairCorpus (query field -> anchor, positive field -> positive,
-    optional hard negatives; --contrastive-query-prompt prepended to the query text)."""
+    optional hard negatives; --contrastive-query-prompt prepended to the query text); with a
+    teacher (--contrastive-teacher) the pairs' strings travel too (``texts``)."""
     return open_pair_corpus(
         _one_or_many(data.pairs),
         tokenizer,
@@ -72,7 +85,20 @@ def open_contrastive_pairs(data: DataConfig, tokenizer, query_prompt: str = ""):
         negatives_required=data.negatives_required,
         on_bad=data.on_bad,
         query_prompt=query_prompt,
+        keep_texts=data.teacher is not None,
     )
+
+
+def document_texts(data: DataConfig, corpus) -> RawTexts:
+    """The raw strings of the --data documents ``corpus`` holds (all of --data, or --split's train
+    part: a CorpusView of it), read again with the reader that tokenised them (data.read_texts):
+    what a teacher embeds for the self-supervised views of phase 2."""
+    texts = read_texts(_one_or_many(data.paths), text_field=data.text_field, on_bad=data.on_bad)
+    whole = corpus.parent if isinstance(corpus, CorpusView) else corpus
+    if len(texts) != len(whole):
+        raise DataError(f"--data: read {len(texts)} documents as text but the tokenised corpus holds {len(whole)} (did the input change?)")
+    raw = RawTexts(texts)
+    return raw.view(corpus.start, corpus.stop) if isinstance(corpus, CorpusView) else raw
 
 
 def _ntp_loader(job: JobConfig, corpus, tokenizer, dp_rank: int, dp_size: int):
@@ -98,12 +124,15 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
     contrastive = None
     if job.has_phase_two:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        texts, positives, negatives, anchor_prompt = corpus, None, None, None
+        texts, positives, negatives, anchor_prompt, raw = corpus, None, None, None, None
         if job.data.pairs:
             pairs = split_pairs(job, open_contrastive_pairs(job.data, tokenizer, job.gem.query_prompt))["train"]
-            texts, positives, negatives = pairs.queries, pairs.positives, pairs.negatives
-        elif job.gem.query_prompt:
-            anchor_prompt = PromptedText(tokenizer, job.gem.query_prompt)
+            texts, positives, negatives, raw = pairs.queries, pairs.positives, pairs.negatives, pairs.texts
+        else:
+            if job.gem.query_prompt:
+                anchor_prompt = PromptedText(tokenizer, job.gem.query_prompt)
+            if job.data.teacher is not None:
+                raw = document_texts(job.data, corpus)
         ds = ContrastiveDataset(
             texts,
             job.gem,
@@ -116,6 +145,7 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
             seed=seed + 1,
             pad_id=pad_id,
             embed_template=EmbedTemplate.from_tokenizer(job.gem.embed_template, tokenizer),
+            texts=raw,
         )
         accum = b.global_batch_size // (b.micro_batch_size * dp_size)
         contrastive = GEMDataLoader(
@@ -172,7 +202,8 @@ def split_pairs(job: JobConfig, pairs: PairCorpus) -> dict[str, PairCorpus]:
     # negatives are still negatives.get(i)); validation scores in-batch keys only.
     assert q["train"].start == 0
     negatives = pairs.negatives.head(len(q["train"])) if pairs.negatives is not None else None
-    return {name: PairCorpus(q[name], p[name], negatives if name == "train" else None) for name in q}
+    texts = {name: pairs.texts.view(q[name].start, q[name].stop) if pairs.texts is not None else None for name in q}
+    return {name: PairCorpus(q[name], p[name], negatives if name == "train" else None, texts[name]) for name in q}
 
 
 def split_training_corpus(job: JobConfig, corpus, tokenizer):

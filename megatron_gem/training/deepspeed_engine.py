@@ -17,6 +17,7 @@ import torch
 
 from ..common import distributed as D
 from ..common.errors import ModelLoadError
+from ..gem.losses import Distillation
 from ..gem.tokens import pad_vocab_rows
 from ..hf.export import export_hf, export_summary_adapter
 from ..hf.model import GEMModel, load_causal_lm, param_groups, prepare_gem_lm, zero3_gather
@@ -119,6 +120,7 @@ class DeepSpeedEngine(Engine):
             )
         self.engine, self.optimizer = engine, optimizer
         self.gather_keys = D.make_gather_keys()
+        self.distill = Distillation.from_config(job.gem)  # used where a batch carries the teacher's rows
         # DeepSpeed's plain fp32 engine clips but does not keep the norm; compute it ourselves there.
         self._own_grad_norm = zero_stage(self.ds_config) == 0 and not job.model.bf16
         engine.train()
@@ -144,7 +146,7 @@ class DeepSpeedEngine(Engine):
                     parts.append(part)
                     loss = loss + part.loss
                 if cl_batches:
-                    part = contrastive_micro_loss(engine, cl_batches[m], gather_keys=self.gather_keys, weight=w_cl)
+                    part = contrastive_micro_loss(engine, cl_batches[m], gather_keys=self.gather_keys, weight=w_cl, distill=self.distill)
                     parts.append(part)
                     loss = loss + part.loss
                 engine.backward(loss)
@@ -182,7 +184,13 @@ class DeepSpeedEngine(Engine):
                 engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own count
 
         value = cached_backward(
-            lambda chunk: engine(chunk, "embed"), backward, cl_batch, weight=w_cl, gather_keys=self.gather_keys, extra=ntp_loss if ntp_batch else None
+            lambda chunk: engine(chunk, "embed"),
+            backward,
+            cl_batch,
+            weight=w_cl,
+            gather_keys=self.gather_keys,
+            extra=ntp_loss if ntp_batch else None,
+            distill=self.distill,
         )
         parts.append(MicroLoss(loss=None, cl_loss=value, tokens=sum(int((c["doc_ids"] >= 0).sum()) for c in cl_batch["chunks"])))
 

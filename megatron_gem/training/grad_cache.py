@@ -5,9 +5,11 @@ positives and hard negatives) into chunks of C anchors (the chunk plan is data.d
 ``chunk_spans``: the data set packs each chunk into its own rows, so it lives below here). One micro-batch then costs two passes:
 
 1. every chunk is embedded WITHOUT a graph (the engine's forward under ``torch.no_grad``);
-   ``embedding_grads`` computes InfoNCE over the whole micro-batch from these embeddings (plus
-   the cross-rank keys: the exact-gradient gather of common/distributed.py) and its gradient
-   with respect to every chunk's embeddings and the logit scale;
+   ``embedding_grads`` computes the contrastive term (InfoNCE, or its mix with a teacher's KL:
+   gem.losses.contrastive_loss; both are functions of the embeddings alone, the teacher's rows
+   being constants) over the whole micro-batch from these embeddings (plus the cross-rank keys:
+   the exact-gradient gather of common/distributed.py) and its gradient with respect to every
+   chunk's embeddings and the logit scale;
 2. every chunk is embedded again WITH a graph and ``surrogate_loss`` (emb . cached grad, plus
    scale . its grad once) is backpropagated: its parameter gradient is exactly the chunk's share
    of the full loss's, so the summed gradient equals the unchunked one while activation memory
@@ -28,34 +30,60 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gem.losses import GatherKeys, info_nce, split_embeddings, zero_touch
+from ..gem.losses import Distillation, GatherKeys, contrastive_loss, split_embeddings, zero_touch
 
 
 @dataclass
 class CachedGradients:
     """Result of pass 1 for one micro-batch."""
 
-    loss: float  # InfoNCE over the whole micro-batch (unweighted)
+    loss: float  # the contrastive term over the whole micro-batch (unweighted)
     grads: list[torch.Tensor]  # d(weight x loss) / d(embeddings of chunk c), one per chunk
     scale_grad: torch.Tensor  # d(weight x loss) / d(logit scale)
 
 
+def join_chunks(chunk_rows: list[torch.Tensor], counts: list[tuple[int, int]]):
+    """(anchors, positives, hard negatives or None) of a micro-batch from its chunks' rows, each
+    ``[anchors; positives; hard negatives]`` (``counts``: (anchors, hard negatives) per chunk):
+    the micro-batch's own order, so the loss is the unchunked one."""
+    parts = [split_embeddings(e, n, m) for e, (n, m) in zip(chunk_rows, counts)]
+    negs = [p[2] for p in parts if p[2] is not None]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), (torch.cat(negs) if negs else None)
+
+
 def embedding_grads(
-    chunk_embs: list[torch.Tensor], counts: list[tuple[int, int]], scale: torch.Tensor, *, weight: float = 1.0, gather_keys: GatherKeys | None = None
+    chunk_embs: list[torch.Tensor],
+    counts: list[tuple[int, int]],
+    scale: torch.Tensor,
+    *,
+    weight: float = 1.0,
+    gather_keys: GatherKeys | None = None,
+    teacher: list[torch.Tensor] | None = None,
+    distill: Distillation | None = None,
 ) -> CachedGradients:
-    """Pass 1's loss and gradients: InfoNCE of the micro-batch made of the chunks (``counts``:
-    (anchors, hard negatives) per chunk), differentiated with respect to every chunk's
-    embeddings and the scale. Collective when ``gather_keys`` gathers across ranks."""
+    """Pass 1's loss and gradients: the contrastive term (gem.losses.contrastive_loss: InfoNCE,
+    or with ``teacher``, the teacher's rows of every chunk, its mix with the teacher's KL) of the
+    micro-batch made of the chunks (``counts``: (anchors, hard negatives) per chunk),
+    differentiated with respect to every chunk's embeddings and the scale. Collective when
+    ``gather_keys`` gathers across ranks."""
     leaves = [e.detach().float().requires_grad_(True) for e in chunk_embs]
     s = scale.detach().float().requires_grad_(True)
-    parts = [split_embeddings(e, n, m) for e, (n, m) in zip(leaves, counts)]
-    anchors = torch.cat([p[0] for p in parts])
-    positives = torch.cat([p[1] for p in parts])
-    negs = [p[2] for p in parts if p[2] is not None]
+    anchors, positives, negatives = join_chunks(leaves, counts)
+    rows = join_chunks(teacher, counts) if teacher is not None else None
     with torch.enable_grad():
-        loss = info_nce(anchors, positives, s, gather_keys=gather_keys, negatives=torch.cat(negs) if negs else None)
+        loss = contrastive_loss(anchors, positives, s, negatives=negatives, gather_keys=gather_keys, teacher=rows, distill=distill)
         grads = torch.autograd.grad(loss * weight, [*leaves, s])
     return CachedGradients(float(loss.detach()), list(grads[:-1]), grads[-1])
+
+
+def chunk_teacher_rows(chunks: list[dict]) -> list[torch.Tensor] | None:
+    """The teacher's rows of every chunk (None when the batch has no teacher)."""
+    rows = [c.get("teacher") for c in chunks]
+    if all(r is None for r in rows):
+        return None
+    if any(r is None for r in rows):
+        raise ValueError("some GradCache chunks carry the teacher's rows and some do not")
+    return rows
 
 
 def surrogate_loss(emb: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, scale_grad: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,12 +94,16 @@ def surrogate_loss(emb: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, s
     return out + (scale * scale_grad.to(scale.device) if scale_grad is not None else zero_touch(scale))
 
 
-def cached_backward(forward, backward, batch: dict, *, weight: float, gather_keys: GatherKeys | None = None, extra=None) -> float:
+def cached_backward(
+    forward, backward, batch: dict, *, weight: float, gather_keys: GatherKeys | None = None, extra=None, distill: Distillation | None = None
+) -> float:
     """Both GradCache passes over ``batch["chunks"]`` for an engine that runs its own forward
     and backward calls (DeepSpeed). ``forward(chunk)`` -> (embeddings, logit scale);
     ``backward(loss, last)`` backpropagates one chunk's surrogate (``last``: the micro-batch's
     final backward); ``extra()`` (optional) gives a loss that rides with the first chunk's
-    backward (phase 2's NTP part when alpha < 1). Returns the micro-batch's InfoNCE."""
+    backward (phase 2's NTP part when alpha < 1). Chunks that carry the teacher's rows
+    (``chunk["teacher"]``, distill/batch.py) add the teacher's term (``distill``). Returns the
+    micro-batch's contrastive term."""
     chunks = batch["chunks"]
     snapshots, embs, scale = [], [], None
     with torch.no_grad():
@@ -80,7 +112,7 @@ def cached_backward(forward, backward, batch: dict, *, weight: float, gather_key
             emb, scale = forward(chunk)
             embs.append(emb)
     counts = [(int(c["num_texts"]), int(c.get("num_negatives", 0))) for c in chunks]
-    cached = embedding_grads(embs, counts, scale, weight=weight, gather_keys=gather_keys)
+    cached = embedding_grads(embs, counts, scale, weight=weight, gather_keys=gather_keys, teacher=chunk_teacher_rows(chunks), distill=distill)
     del embs
     for c, chunk in enumerate(chunks):
         snapshots[c].restore()

@@ -46,13 +46,14 @@ from ..attention.megatron import gem_mask_info, summary_query_info
 from ..common import distributed as D
 from ..common.files import write_json_atomic
 from ..gem.adapter import base_only
+from ..gem.losses import Distillation
 from ..gem.summary_step import gather_summary_queries, summary_width
 from ..mcore import checkpoint_io as io
 from ..mcore.batch import join_rows, unwrap_model
 from ..mcore.loss import contrastive_embeddings, gem_micro_batch_loss
 from ..mcore.summary import summary_adapter_of
 from .args import ArgumentError
-from .grad_cache import RngSnapshot, embedding_grads, surrogate_loss
+from .grad_cache import RngSnapshot, chunk_teacher_rows, embedding_grads, surrogate_loss
 from .schedule import lr_for_step
 from .step import StepOutput, ntp_loss_scale
 from .trainer import Engine
@@ -97,8 +98,8 @@ class EvalForward:
 class StepLoss:
     """forward_step_func / loss_func pair of one optimizer step (megatron-core schedule API)."""
 
-    def __init__(self, *, w_ntp: float, w_cl: float, ntp_scale: float, gather_keys):
-        self.w_ntp, self.w_cl, self.ntp_scale, self.gather_keys = w_ntp, w_cl, ntp_scale, gather_keys
+    def __init__(self, *, w_ntp: float, w_cl: float, ntp_scale: float, gather_keys, distill=None):
+        self.w_ntp, self.w_cl, self.ntp_scale, self.gather_keys, self.distill = w_ntp, w_cl, ntp_scale, gather_keys, distill
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -108,7 +109,9 @@ class StepLoss:
         return output, lambda out: self.loss(batch, unwrap_model(model), out)
 
     def loss(self, batch, model, output):
-        out = gem_micro_batch_loss(batch, model, output, w_ntp=self.w_ntp, w_cl=self.w_cl, gather_keys=self.gather_keys, ntp_scale=self.ntp_scale)
+        out = gem_micro_batch_loss(
+            batch, model, output, w_ntp=self.w_ntp, w_cl=self.w_cl, gather_keys=self.gather_keys, ntp_scale=self.ntp_scale, distill=self.distill
+        )
         stats = {"ntp_sum": out.ntp_sum, "ntp_tokens": out.ntp_tokens, "cl": float(out.cl) if out.cl is not None else None, "tokens": out.tokens}
         return out.total, stats
 
@@ -116,9 +119,9 @@ class StepLoss:
 def summary_step_batch(batch: dict, slot: int, width: int) -> dict:
     """The summary step's micro-batch of a joined contrastive micro-batch: its gathered summary
     tokens ([B, width], gem/summary_step.py) and their ``attention_mask`` (summary_query_info:
-    read the prefill recorded under ``slot``); the counts the loss reads."""
+    read the prefill recorded under ``slot``); the counts (and the teacher's rows) the loss reads."""
     q = gather_summary_queries(batch, width=width)
-    return {
+    out = {
         "input_ids": q["input_ids"],
         "position_ids": q["position_ids"],
         "doc_ids": q["doc_ids"],
@@ -129,6 +132,9 @@ def summary_step_batch(batch: dict, slot: int, width: int) -> dict:
         "num_texts": batch["num_texts"],
         "num_negatives": batch["num_negatives"],
     }
+    if batch.get("teacher") is not None:
+        out["teacher"] = batch["teacher"]
+    return out
 
 
 def _with_ntp_stats(stats: list[dict], ntp_stats: list[dict] | None) -> list[dict]:
@@ -254,6 +260,7 @@ class MegatronEngine(Engine):
         self.config.no_sync_func = self.ddp.no_sync
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.gather_keys = D.make_gather_keys(self.dp_group)
+        self.distill = Distillation.from_config(job.gem)  # used where a batch carries the teacher's rows
         self.forward_backward = get_forward_backward_func()
         self.ddp.train()
 
@@ -326,7 +333,7 @@ class MegatronEngine(Engine):
             stats = self._summary_steps(cl_batches, w_cl=w_cl, ntp_batches=ntp_batches, w_ntp=w_ntp, ntp_scale=scale)
         else:
             micro = [join_rows(a, b, self.device) for a, b in zip(ntp, cl)]
-            step_loss = StepLoss(w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale, gather_keys=self.gather_keys)
+            step_loss = StepLoss(w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale, gather_keys=self.gather_keys, distill=self.distill)
             stats = self._schedule(step_loss.forward_step, micro)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:  # megatron-core found inf/nan gradients and skipped the update
@@ -357,7 +364,7 @@ class MegatronEngine(Engine):
         micro = [join_rows(None, b, self.device) for b in cl_batches]
         try:
             steps, width = self._prefill(micro)
-            step_loss = StepLoss(w_ntp=0.0, w_cl=w_cl, ntp_scale=0.0, gather_keys=self.gather_keys)
+            step_loss = StepLoss(w_ntp=0.0, w_cl=w_cl, ntp_scale=0.0, gather_keys=self.gather_keys, distill=self.distill)
 
             def summary_step(data_iterator, model):
                 batch = next(data_iterator)
@@ -507,14 +514,25 @@ class MegatronEngine(Engine):
         return embed_step
 
     def _chunk_grads(self, cl_batches: list, embedded: list, *, w_cl: float) -> list:
-        """Per micro-batch: the InfoNCE loss of its chunks' embeddings (pass 1) and its gradient
-        with respect to each chunk's embeddings (grad_cache.embedding_grads)."""
+        """Per micro-batch: the contrastive loss of its chunks' embeddings (pass 1; with the
+        teacher's rows the chunks carry, its mix with the teacher's KL) and its gradient with
+        respect to each chunk's embeddings (grad_cache.embedding_grads)."""
         per_micro = len(cl_batches[0]["chunks"])
         cached = []
         for m, batch in enumerate(cl_batches):
             parts = [embedded[m * per_micro + c] for c in range(per_micro)]
             counts = [(int(ch["num_texts"]), int(ch.get("num_negatives", 0))) for ch in batch["chunks"]]
-            cached.append(embedding_grads([p["emb"] for p in parts], counts, parts[0]["scale"], weight=w_cl, gather_keys=self.gather_keys))
+            cached.append(
+                embedding_grads(
+                    [p["emb"] for p in parts],
+                    counts,
+                    parts[0]["scale"],
+                    weight=w_cl,
+                    gather_keys=self.gather_keys,
+                    teacher=chunk_teacher_rows(batch["chunks"]),
+                    distill=self.distill,
+                )
+            )
         return cached
 
     def _surrogate(self, batch, model, output, cached, c: int, *, w_ntp: float, ntp_scale: float, per_micro: int):

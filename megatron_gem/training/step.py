@@ -81,7 +81,7 @@ class MicroLoss:
     loss: torch.Tensor  # what backward() receives
     ntp_sum: float = 0.0  # summed NTP cross-entropy of this micro-batch
     ntp_tokens: int = 0
-    cl_loss: float | None = None  # InfoNCE value (mean over this micro-batch's anchors)
+    cl_loss: float | None = None  # the contrastive term (mean over this micro-batch's anchors)
     tokens: int = 0  # non-padding tokens processed
 
 
@@ -91,9 +91,11 @@ def ntp_micro_loss(model, batch: dict, *, scale: float) -> MicroLoss:
     return MicroLoss(loss=part.total, ntp_sum=float(part.ntp_sum), ntp_tokens=int(part.ntp_tokens), tokens=int((batch["doc_ids"] >= 0).sum()))
 
 
-def contrastive_micro_loss(model, batch: dict, *, gather_keys=None, weight: float = 1.0) -> MicroLoss:
+def contrastive_micro_loss(model, batch: dict, *, gather_keys=None, weight: float = 1.0, distill=None) -> MicroLoss:
     """InfoNCE between each anchor text (doc j < N) and its positive view (doc N + j), with the
-    batch's hard negatives (docs 2N..) as extra keys (gem.losses.micro_batch_loss)."""
+    batch's hard negatives (docs 2N..) as extra keys; with the teacher's rows of the batch
+    (``batch["teacher"]``, distill/batch.py) mixed with the teacher's KL by ``distill``
+    (gem.losses.micro_batch_loss)."""
     emb, scale = model(batch, "embed")
     part = micro_batch_loss(
         w_ntp=0.0,
@@ -103,5 +105,7 @@ def contrastive_micro_loss(model, batch: dict, *, gather_keys=None, weight: floa
         num_texts=int(batch["num_texts"]),
         num_negatives=int(batch.get("num_negatives", 0)),
         gather_keys=gather_keys,
+        teacher=batch.get("teacher"),
+        distill=distill,
     )
     return MicroLoss(loss=part.total, cl_loss=float(part.cl), tokens=int((batch["doc_ids"] >= 0).sum()))

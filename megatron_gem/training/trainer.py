@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..common import distributed as D
+from ..distill import Teacher, embed_batch
 from ..gem.losses import loss_weights
 from ..hf.model import check_gem_tokens, load_tokenizer
 from .checkpoint import (
@@ -163,6 +164,26 @@ def resume(engine: Engine, job: JobConfig, ntp_loader, cl_loader) -> int:
     return int(state["step"])
 
 
+def open_teacher(job: JobConfig, device) -> Teacher | None:
+    """The frozen teacher of phase 2 (--contrastive-teacher) on the engine's device, with its
+    embedding cache (--contrastive-teacher-cache); None without one or without a phase 2. Held
+    here, by the run: never an attribute of the model, so no engine, optimizer, checkpoint or
+    export ever sees it."""
+    if job.data.teacher is None or not job.has_phase_two:
+        return None
+    return Teacher.from_pretrained(job.data.teacher, device=device, cache_dir=job.data.teacher_cache)
+
+
+def describe_teacher(teacher: Teacher, job: JobConfig) -> str:
+    """The start-up line of the teacher."""
+    g = job.gem
+    share = "the teacher alone" if g.teacher_weight >= 1 else f"{g.teacher_weight:g} x teacher + {1 - g.teacher_weight:g} x InfoNCE"
+    cache = f"cache {teacher.cache.dir} ({len(teacher.cache)} texts)" if teacher.cache is not None else "no cache"
+    return (
+        f"teacher: {teacher.path} ({teacher.digest[:19]}, dim {teacher.dim}); contrastive loss: {share}, teacher temperature {g.teacher_temperature:g}; {cache}"
+    )
+
+
 def train(job: JobConfig, engine: Engine) -> dict:
     """Run the whole job; returns a summary dict (rank 0's view)."""
     engine.init_distributed(job)
@@ -187,6 +208,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
             f"{split_note}\n{len(valid_corpus)} documents, every {v.eval_interval} steps and at the end, {v.eval_iters} global batches; contrastive: {v_source}"
         )
     accum = ntp_loader.num_microbatches
+    teacher = open_teacher(job, engine.device)
     start_step = resume(engine, job, ntp_loader, cl_loader)
 
     ck = job.checkpoint
@@ -209,6 +231,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
     D.print_main(
         f"[megatron-gem] {job.model.path}: {engine.describe()}, accum={accum}, steps {start_step}->{end_step} "
         f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_summary(corpus, cl_loader, ntp_loader)}{cache_text}\nvalidation: {valid_text}"
+        + (f"\n{describe_teacher(teacher, job)}" if teacher is not None else "")
     )
 
     def state(done: int) -> dict:
@@ -230,6 +253,9 @@ def train(job: JobConfig, engine: Engine) -> dict:
         w_ntp, w_cl = loss_weights(step, job.gem)
         ntp_batches = [next(ntp_iter) for _ in range(accum)] if w_ntp > 0 else []
         cl_batches = [next(cl_iter) for _ in range(accum)] if w_cl > 0 else []
+        if teacher is not None:
+            for batch in cl_batches:
+                embed_batch(teacher, batch)  # the teacher's rows of the same texts, once per step, no gradient
         global_tokens = int(D.all_reduce_sum(count_trained_tokens(ntp_batches), group=engine.dp_group)) if ntp_batches else 0
         out = engine.train_step(step, w_ntp=w_ntp, w_cl=w_cl, ntp_batches=ntp_batches, cl_batches=cl_batches, global_tokens=global_tokens)
         record = step_record(step, out, w_ntp=w_ntp, w_cl=w_cl, global_tokens=global_tokens, seconds=time.perf_counter() - t0)
@@ -237,4 +263,5 @@ def train(job: JobConfig, engine: Engine) -> dict:
             break
     log.close()
     engine.close()
-    return book.summary(**engine.summary())
+    extra = {"teacher_texts_cached": teacher.hits, "teacher_texts_computed": teacher.misses} if teacher is not None else {}
+    return book.summary(**engine.summary(), **extra)

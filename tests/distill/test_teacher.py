@@ -235,3 +235,18 @@ def test_cache_round_trip_and_its_guards(tmp_path):
     os.rename(tmp_path / ("ab" * 32), tmp_path / ("cd" * 32))
     with pytest.raises(ValueError, match=r"an embedding cache of teacher sha256:(ab)+ \(dim 4\), not of sha256:(cd)+ "):
         EmbeddingCache(str(tmp_path), "sha256:" + "cd" * 32, 4)
+
+
+def test_loads_whole_while_a_zero3_config_is_alive(tiny_teacher):
+    """Under train.py's ZeRO-3 engine (or an HF Trainer with a ZeRO-3 config) transformers builds
+    every model under zero.Init, partitioned; the teacher is none of the engine's and loads
+    whole, and the student's ZeRO-3 setting is left as it was."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    live = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    assert is_deepspeed_zero3_enabled()
+    teacher = Teacher.from_pretrained(tiny_teacher)
+    assert is_deepspeed_zero3_enabled() and live.is_zero3()
+    assert all(not hasattr(p, "ds_id") and p.numel() > 0 for p in teacher.parameters())
+    rows = teacher.embed(["a cat sat on the mat", "the dog ran home"])
+    assert rows.shape == (2, 32) and torch.allclose(rows.norm(dim=-1), torch.ones(2))

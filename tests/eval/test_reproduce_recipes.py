@@ -37,16 +37,36 @@ def _stand_in_model(path):
     return path
 
 
+def _stand_in_teacher(path):
+    """A folder the argument checks take for a sentence-transformers model (modules.json)."""
+    import json
+
+    path.mkdir()
+    (path / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]))
+    return path
+
+
+def _recipe_command(rep, tmp_path):
+    """``command(name)``: train.py's arguments of recipe ``name`` on stand-in inputs (a model, a
+    teacher, one document, one pair), its placeholders resolved as reproduce.train does."""
+    model, teacher = _stand_in_model(tmp_path / "model"), _stand_in_teacher(tmp_path / "teacher")
+    data, pairs = tmp_path / "d.jsonl", tmp_path / "p.jsonl"
+    data.write_text('{"text": "a"}\n')
+    pairs.write_text('{"query": "a", "positive": "b"}\n')
+
+    def command(name):
+        recipe = rep.resolve(rep.RECIPES[name], pairs=str(pairs), teacher=str(teacher), teacher_cache=str(tmp_path / "cache"))
+        return ["--model", str(model), "--data", str(data), "--save", str(tmp_path / name)] + recipe
+
+    command.paths = {"teacher": str(teacher), "pairs": str(pairs), "cache": str(tmp_path / "cache")}
+    return command
+
+
 def test_every_recipe_parses_and_validates(tmp_path):
     rep = _reproduce()
-    model = _stand_in_model(tmp_path / "model")
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "a"}\n')
-    pairs = tmp_path / "p.jsonl"
-    pairs.write_text('{"query": "a", "positive": "b"}\n')
+    command = _recipe_command(rep, tmp_path)
     for name, recipe in rep.RECIPES.items():
-        recipe = [str(pairs) if a == rep.PAIRS else a for a in recipe]
-        args = build_parser().parse_args(["--model", str(model), "--data", str(data), "--save", str(tmp_path / name)] + recipe)
+        args = build_parser().parse_args(command(name))
         validate_args(args, dp_size=1)
         assert args.gem_contrastive_from_step < args.train_iters, name  # both phases run
         assert rep.is_frozen(recipe) == (args.gem_train == "summary"), name
@@ -179,3 +199,37 @@ def test_frozen_rows_are_skipped_and_counted_when_summary_mode_is_missing(tmp_pa
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [s["name"] for s in results["skipped"]] == ["gem-summary", "gem-summary-wordnet-pairs"] and results["rows"] == []
     assert "skipped 2 row(s)" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_teacher_recipes(tmp_path):
+    """#28's rows: summary mode with the teacher alone (the distillation text's views) and mixed
+    half-half with the WordNet pairs, the run of gem-summary-wordnet-pairs-eol otherwise, plus a
+    full-mode control with the teacher; three seeds each in the plan; their NTP controls drop the
+    teacher (train.py refuses a teacher without a phase 2)."""
+    from megatron_gem.training.args import job_config
+
+    rep = _reproduce()
+    command = _recipe_command(rep, tmp_path)
+    teacher, pairs = command.paths["teacher"], command.paths["pairs"]
+
+    def job(name):
+        return job_config(build_parser().parse_args(command(name)), world_size=1)
+
+    ref = job("gem-summary-wordnet-pairs-eol")
+    alone, mixed, full = job("gem-summary-teacher"), job("gem-summary-teacher-pairs"), job("gem-teacher")
+    for j in (alone, mixed, full):
+        assert j.data.teacher == teacher and j.data.teacher_cache == command.paths["cache"]
+        assert (j.optimizer.train_iters, j.gem.contrastive_from_step, j.batch.contrastive_batch_size, j.batch.seq_length) == (280, 30, 64, 256)
+        assert j.gem.embed_template == ref.gem.embed_template and j.gem.alpha == 1.0 and j.optimizer.seed == 0
+    for j in (alone, mixed):
+        assert j.gem.train_mode == "summary" and (j.optimizer.lr, j.optimizer.contrastive_lr) == (ref.optimizer.lr, ref.optimizer.contrastive_lr)
+    assert alone.gem.teacher_weight == 1.0 and alone.data.pairs is None and rep.RECIPE_DATA["gem-summary-teacher"] == rep.DISTILL
+    assert mixed.gem.teacher_weight == 0.5 and mixed.data.pairs == [pairs] and "gem-summary-teacher-pairs" not in rep.RECIPE_DATA
+    assert full.gem.train_mode == "full" and full.gem.teacher_weight == 1.0 and full.data.pairs is None and rep.RECIPE_DATA["gem-teacher"] == rep.DISTILL
+    plan = rep.build_plan([0, 1, 2], "BASE", "MINILM")
+    names = {e["name"] for e in plan}
+    assert {rep.seeded(n, s) for n in ("gem-summary-teacher", "gem-summary-teacher-pairs") for s in (0, 1, 2)} <= names
+    assert "gem-teacher" in names and rep.control_name("gem-summary-teacher") == "ntp-control-280-distill"
+    assert next(e for e in plan if e["name"] == "gem-summary-teacher seed1")["data"] == rep.DISTILL
+    for name in ("gem-summary-teacher", "gem-summary-teacher-pairs", "gem-teacher"):
+        assert not any(a.startswith("--contrastive-teacher") or a in (rep.TEACHER, rep.TEACHER_CACHE) for a in rep.control_recipe(rep.RECIPES[name]))

@@ -169,3 +169,49 @@ def test_logit_scale_takes_the_dtype_of_a_bf16_model(tmp_path):
         trainer = GEMTrainer(model=model, args=args, train_dataset=[{"input_ids": [1, 2, 3]}], data_collator=collator)
         assert trainer.gem_logit_scale.log_scale.dtype == dtype
         assert {p.dtype for p in model.parameters() if p.requires_grad} == {dtype}
+
+
+def test_gem_trainer_distils_a_teacher(tmp_path, tiny_teacher):
+    """GEMTrainer(gem_teacher=...): phase 1 as without a teacher, phase 2's contrastive term is
+    the teacher's (through the one micro_batch_loss) on the examples' raw text; the teacher gets
+    no gradient and the saved model holds none of its tensors."""
+    from safetensors.torch import load_file
+    from transformers import TrainingArguments
+
+    from megatron_gem.distill import Teacher
+
+    texts = sample_sentences(16, seed=9, min_words=6, max_words=12)
+
+    def run(out, teacher):
+        tok = make_tiny_tokenizer()  # enable_gem adds the GEM token to it
+        examples = [{"input_ids": tok(t)["input_ids"], "text": t} for t in texts]
+        model = make_tiny_llama(len(tok))
+        config = GEMConfig(p_raw=0.5, contrastive_from_step=3, alpha=1.0, teacher_weight=1.0)
+        enable_gem(model, tok, config, backend="sdpa")
+        collator = GEMDataCollator.from_tokenizer(tok, config)
+        args = TrainingArguments(
+            output_dir=str(out), max_steps=5, per_device_train_batch_size=8, learning_rate=3e-3, lr_scheduler_type="constant",
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        trainer = GEMTrainer(model=model, args=args, train_dataset=examples, data_collator=collator, gem_teacher=teacher)
+        seen = []
+        if trainer.gem_teacher is not None:
+            embed = trainer.gem_teacher.embed
+            trainer.gem_teacher.embed = lambda t: seen.append(list(t)) or embed(t)
+        trainer.train()
+        trainer.save_model(str(out / "final"))
+        return _steps(trainer), seen, trainer
+
+    plain, _, _ = run(tmp_path / "plain", None)
+    distilled, seen, trainer = run(tmp_path / "teacher", tiny_teacher)
+    assert isinstance(trainer.gem_teacher, Teacher) and trainer.data_collator.text_field == "text"
+    assert [r["gem_phase"] for r in distilled] == [1, 1, 1, 2, 2]
+    for a, b in zip(plain[:3], distilled[:3]):  # phase 1: the teacher plays no part
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert all(abs(a["gem_cl_loss"] - b["gem_cl_loss"]) > 1e-4 for a, b in zip(plain[3:], distilled[3:]))
+    assert len(seen) == 2 and all(
+        len(t) == 16 and t[:8] == t[8:] and set(t[:8]) <= set(texts) for t in seen
+    )  # each phase-2 step: its 8 examples' raw text, twice
+    assert all(not p.requires_grad and p.grad is None for p in trainer.gem_teacher.parameters())
+    saved = load_file(str(tmp_path / "teacher" / "final" / "model.safetensors"))
+    assert sorted(saved) == sorted(load_file(str(tmp_path / "plain" / "final" / "model.safetensors")))

@@ -1,6 +1,7 @@
 """GradCache (training/grad_cache.py) and hard negatives, in one process on the tiny model: the
 chunked loss and parameter gradients equal the unchunked ones (fp32), with and without hard
-negatives; the pieces' contracts."""
+negatives, with and without a distillation teacher (which never receives a gradient); the
+pieces' contracts."""
 
 import json
 
@@ -40,8 +41,8 @@ def _model(seed=3):
     return tok, cfg, GEMModel(lm, cfg)
 
 
-def _batch(tok, cfg, pairs_path, *, chunk, negatives=True):
-    corpus = open_pair_corpus(str(pairs_path), tok, negative_field="negative" if negatives else None)
+def _batch(tok, cfg, pairs_path, *, chunk, negatives=True, texts=False):
+    corpus = open_pair_corpus(str(pairs_path), tok, negative_field="negative" if negatives else None, keep_texts=texts)
     ds = ContrastiveDataset(
         corpus.queries,
         cfg,
@@ -52,6 +53,7 @@ def _batch(tok, cfg, pairs_path, *, chunk, negatives=True):
         pad_id=tok.pad_token_id,
         shuffle=False,
         chunk_size=chunk,
+        texts=corpus.texts,
     )
     batch = next(iter(GEMDataLoader(ds, micro_batch_size=8, data_parallel_rank=0, data_parallel_size=1)))
     batch["dataset"] = ds  # for the tests' own checks; the models ignore other keys
@@ -90,6 +92,60 @@ def test_chunked_loss_and_gradients_equal_unchunked(pairs, negatives):
         scale = float(g.abs().max())
         assert float((got[name] - g).abs().max()) <= 1e-5 * scale, (name, float((got[name] - g).abs().max()), scale)
     assert want["logit_scale.log_scale"].abs().item() > 0  # the scale's gradient is carried too
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher):
+    from megatron_gem.distill import Teacher
+
+    return Teacher.from_pretrained(tiny_teacher)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.4])
+def test_chunked_distillation_equals_unchunked_and_the_teacher_gets_no_gradient(pairs, teacher, weight):
+    """The teacher's term (alone, and mixed with InfoNCE) through GradCache's two passes gives
+    the unchunked loss and parameter gradients; the teacher's rows are the same texts' as the
+    student's, in the same order; the teacher's parameters never see a gradient."""
+    from megatron_gem.distill import embed_batch
+    from megatron_gem.gem.losses import Distillation
+
+    tok, cfg, model = _model()
+    _, whole = _batch(tok, cfg, pairs, chunk=None, texts=True)
+    _, chunked = _batch(tok, cfg, pairs, chunk=3, texts=True)
+    embed_batch(teacher, whole)
+    embed_batch(teacher, chunked)
+    n, m = whole["num_texts"], whole["num_negatives"]
+    assert whole["teacher"].shape == (2 * n + m, 32) and not whole["teacher"].requires_grad
+    assert torch.equal(whole["teacher"], teacher.embed(whole["texts"]))
+    records = [json.loads(line) for line in open(pairs)]
+
+    def raw(a, b):  # the documents of records a..b-1 as the data set lays them out: anchors, positives, hard negatives
+        negs = [t for r in records[a:b] for t in ([r["negative"]] if isinstance(r.get("negative"), str) else r.get("negative", []))]
+        return [r["query"] for r in records[a:b]] + [r["positive"] for r in records[a:b]] + negs
+
+    assert whole["texts"] == raw(0, n)
+    assert [c["texts"] for c in chunked["chunks"]] == [raw(0, 3), raw(3, 6), raw(6, 8)]
+    for c in chunked["chunks"]:  # one teacher call for the micro-batch; a row depends on its call only through padding
+        torch.testing.assert_close(c["teacher"], teacher.embed(c["texts"]), atol=1e-6, rtol=0)
+    distill = Distillation(weight=weight, temperature=0.05)
+
+    ref = contrastive_micro_loss(model, whole, weight=0.7, distill=distill)
+    plain = contrastive_micro_loss(model, {k: v for k, v in whole.items() if k != "teacher"}, weight=0.7)
+    assert abs(ref.cl_loss - plain.cl_loss) > 1e-4  # the teacher's term is in the loss
+    ref.loss.backward()
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    got_loss = cached_backward(lambda ch: model(ch, "embed"), lambda loss, last: loss.backward(), chunked, weight=0.7, distill=distill)
+    got = _grads(model)
+    assert got_loss == pytest.approx(ref.cl_loss, rel=1e-5)
+    assert sorted(got) == sorted(want)
+    for name, g in want.items():
+        scale = float(g.abs().max())
+        assert float((got[name] - g).abs().max()) <= 1e-5 * scale, (name, float((got[name] - g).abs().max()), scale)
+    params = list(teacher.parameters())
+    assert params and all(not p.requires_grad and p.grad is None for p in params)
+    assert not any(p is q for p in params for q in model.parameters())
+    assert not any("teacher" in k for k in model.state_dict())
 
 
 def test_extra_loss_rides_with_the_first_chunk(pairs):

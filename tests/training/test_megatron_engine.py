@@ -4,6 +4,7 @@ included (every run validates on --valid-data after steps 2 and 4); exact resume
 export."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -198,9 +199,11 @@ def test_trained_parameters_outside_the_model_dtype_are_refused_at_build():
         check_trained_dtype([("w", bf16), ("scale", fp32.requires_grad_(True))], torch.bfloat16)
 
 
-def test_supervised_pairs_in_phase_two(reference, gem_hf_checkpoint, tmp_path, corpus):
+def test_supervised_pairs_in_phase_two(reference, gem_hf_checkpoint, tiny_teacher, tmp_path, corpus):
     """--contrastive-data through megatron-core: phase 1 unchanged, phase 2 trains on the pairs,
-    with hard negatives (one per odd record, none on even ones: counted) and GradCache chunks."""
+    with hard negatives (one per odd record, none on even ones: counted) and GradCache chunks,
+    distilling a teacher (#28: its KL mixed with InfoNCE on the pairs) that never reaches the
+    export or the checkpoint."""
     from megatron_gem.testing import sample_sentences
 
     pairs = tmp_path / "pairs.jsonl"
@@ -217,8 +220,16 @@ def test_supervised_pairs_in_phase_two(reference, gem_hf_checkpoint, tmp_path, c
         "negative",
         "--contrastive-micro-batch-size",
         "3",
+        "--contrastive-teacher",
+        tiny_teacher,
+        "--contrastive-teacher-weight",
+        "0.5",
     )
     proc = run_torchrun(_args(gem_hf_checkpoint, corpus, save, *extra))
+    assert "contrastive loss: 0.5 x teacher + 0.5 x InfoNCE, teacher temperature 0.05; no cache" in proc.stdout, proc.stdout[-3000:]
+    # phase 2: 2 steps x 4 micro-batches x (4 queries + 4 positives + their hard negatives), each embedded once
+    computed = int(re.search(r"'teacher_texts_cached': 0, 'teacher_texts_computed': (\d+)", proc.stdout).group(1))
+    assert 64 < computed <= 64 + 2 * 4 * 4, computed
     assert "phase-2 pairs (40)" in proc.stdout and "[pairs] documents skipped: 0" in proc.stdout, proc.stdout[-3000:]
     assert "[pairs] hard negatives: 20 (records without any: 20, empty strings dropped: 0)" in proc.stdout, proc.stdout[-3000:]
     ref, m = _metrics(reference), _metrics(save)
@@ -226,6 +237,13 @@ def test_supervised_pairs_in_phase_two(reference, gem_hf_checkpoint, tmp_path, c
     assert [r["phase"] for r in m] == [1, 1, 2, 2]
     assert all(abs(a["cl_loss"] - b["cl_loss"]) > 1e-3 for a, b in zip(ref[2:], m[2:]))
     assert_embedder_ready(save / "hf", query_prompt="query: ")
+    # Nothing of the teacher (a BERT) in the export or the checkpoint: the student's tensors only.
+    assert sorted(_weights(save)) == sorted(_weights(gem_hf_checkpoint, sub="."))
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(save / "global_step4")).read_metadata().state_dict_metadata
+    model_keys = {k.split("/")[0] for k in keys if not k.startswith("optimizer")}
+    assert model_keys and all(k.startswith(("embedding.", "decoder.", "output_layer.", "logit_scale.")) for k in model_keys), sorted(model_keys)
 
 
 def test_k2_export_with_a_query_prompt_is_embedder_ready(tiny_inputs, corpus, tmp_path):
@@ -340,17 +358,22 @@ def test_summary_mode_trains_only_the_adapter_and_keeps_the_base_exact(summary_r
     assert torch.equal(gem[:, :10], plain[:, :10]) and (gem[:, 10:] - plain[:, 10:]).abs().max() > 1e-6
 
 
-def test_summary_fast_path_equals_full_rows(gem_hf_checkpoint, corpus, tmp_path):
+def test_summary_fast_path_equals_full_rows(gem_hf_checkpoint, corpus, tiny_teacher, tmp_path):
     """The phase-2 fast path (a forward-only prefill recording every layer's keys and values,
     then forward and backward of the summary tokens alone; the step's NTP rows in a
     forward-backward schedule of their own) against its reference, the full rows with autograd
     (--no-gem-summary-fast-path), both on 2 data-parallel ranks with the distributed optimizer
     (the NTP schedule's gradients must be reduced once, with the summary step's): the same
-    losses, gradient norms and adapter; also with GradCache chunks on the fast path."""
+    losses, gradient norms and adapter; also with GradCache chunks on the fast path. Every run
+    distils a teacher (#28; mixed with InfoNCE, keys of both ranks), whose rows travel with the
+    joined rows, the summary step's batch and the GradCache chunks alike."""
     fast, cached, full = tmp_path / "summary_fast_dp2", tmp_path / "summary_fast_gradcache_dp2", tmp_path / "summary_full_rows_dp2"
-    fast_stdout = run_torchrun(_args(gem_hf_checkpoint, corpus, fast, *SUMMARY), nproc=2).stdout  # the distributed optimizer is the default
-    cached_stdout = run_torchrun(_args(gem_hf_checkpoint, corpus, cached, *SUMMARY, "--contrastive-micro-batch-size", "2"), nproc=2).stdout
-    full_stdout = run_torchrun(_args(gem_hf_checkpoint, corpus, full, *SUMMARY, "--no-gem-summary-fast-path"), nproc=2).stdout
+    teacher = ("--contrastive-teacher", tiny_teacher, "--contrastive-teacher-weight", "0.5")
+    fast_stdout = run_torchrun(_args(gem_hf_checkpoint, corpus, fast, *SUMMARY, *teacher), nproc=2).stdout  # the distributed optimizer is the default
+    cached_stdout = run_torchrun(_args(gem_hf_checkpoint, corpus, cached, *SUMMARY, *teacher, "--contrastive-micro-batch-size", "2"), nproc=2).stdout
+    full_stdout = run_torchrun(_args(gem_hf_checkpoint, corpus, full, *SUMMARY, *teacher, "--no-gem-summary-fast-path"), nproc=2).stdout
+    for stdout in (fast_stdout, cached_stdout, full_stdout):
+        assert "contrastive loss: 0.5 x teacher + 0.5 x InfoNCE" in stdout, stdout[-3000:]
     assert "DP=2" in fast_stdout and "phase 2: fast path (no-grad prefill, autograd through the summary tokens only; the NTP rows" in fast_stdout
     assert "; GradCache over the summary tokens (--contrastive-micro-batch-size)" in cached_stdout
     assert "phase 2: full rows with autograd (--no-gem-summary-fast-path)" in full_stdout

@@ -5,7 +5,10 @@ checkpoints carry no frozen weight and still resume exactly, and 2 processes equ
 
 Three launches: a 1-process ZeRO-3 run (checkpoints at steps 3 and 6), a resume of its step-3
 checkpoint in a fresh directory, and the 2-process ZeRO-3 run (with GradCache chunks on the
-phase-2 fast path)."""
+phase-2 fast path). Every run distils a teacher in phase 2 (#28: a tiny sentence-transformers
+model, --contrastive-teacher-weight 0.5, i.e. mixed with InfoNCE): the same proofs hold with it,
+2 processes still equal 1, the resumed run takes the teacher's rows from the cache the first run
+wrote (the same training), and nothing of the teacher is optimised, checkpointed or exported."""
 
 import json
 import os
@@ -49,15 +52,17 @@ def adapter_weights(save):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_inputs, tmp_path_factory):
+def runs(tiny_inputs, tiny_teacher, tmp_path_factory):
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("summary_mode")
     ids = ",".join(map(str, probe_text(AutoTokenizer.from_pretrained(tiny_inputs["model"]))))
     one, two, resumed = root / "one", root / "two", root / "resumed"
-    p1 = ok(launch(base_args(tiny_inputs, one, **SUMMARY), script=PROBE, env={"MG_PROBE_OUT": str(root / "probe_one"), "MG_PROBE_TEXT_IDS": ids}))
+    teacher = {"--contrastive-teacher": tiny_teacher, "--contrastive-teacher-weight": 0.5}
+    cached = {**SUMMARY, **teacher, "--contrastive-teacher-cache": str(root / "teacher_cache")}  # the resumed run reads what this one wrote
+    p1 = ok(launch(base_args(tiny_inputs, one, **cached), script=PROBE, env={"MG_PROBE_OUT": str(root / "probe_one"), "MG_PROBE_TEXT_IDS": ids}))
     # 2 ranks with GradCache chunks of 2 texts on the fast path: exact, so still the 1-process run
-    dp2 = {**SUMMARY, "--micro-batch-size": 2, "--contrastive-batch-size": 4, "--contrastive-micro-batch-size": 2}
+    dp2 = {**SUMMARY, **teacher, "--micro-batch-size": 2, "--contrastive-batch-size": 4, "--contrastive-micro-batch-size": 2}
     p2 = ok(
         launch(
             base_args(tiny_inputs, two, **dp2),
@@ -71,8 +76,27 @@ def runs(tiny_inputs, tmp_path_factory):
     resumed.mkdir()
     shutil.copytree(one / "global_step3", resumed / "global_step3")
     (resumed / "latest").write_text("global_step3")
-    p3 = ok(launch(base_args(tiny_inputs, resumed, **SUMMARY) + ["--load", str(resumed), "--hf-export-self-contained"]))
-    return {"one": one, "two": two, "resumed": resumed, "probe_one": root / "probe_one", "probe_two": root / "probe_two", "logs": (p1, p2, p3)}
+    p3 = ok(launch(base_args(tiny_inputs, resumed, **cached) + ["--load", str(resumed), "--hf-export-self-contained"]))
+    return {
+        "one": one,
+        "two": two,
+        "resumed": resumed,
+        "probe_one": root / "probe_one",
+        "probe_two": root / "probe_two",
+        "logs": (p1, p2, p3),
+        "teacher": tiny_teacher,
+    }
+
+
+def teacher_tensor_names(folder) -> set[str]:
+    from safetensors import safe_open
+
+    names = set()
+    for f in pathlib.Path(folder).rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            names |= set(st.keys())
+    assert names
+    return names
 
 
 @pytest.mark.multiprocess
@@ -117,6 +141,8 @@ def test_only_adapter_and_logit_scale_are_optimised_and_checkpointed(runs):
                 assert set(state["module"]) == adapter | {"logit_scale.log_scale"}, name
                 assert not state.get("frozen_param_fragments") and not state.get("frozen_param_shapes")
         assert not any(f.endswith(".safetensors") and f != "adapter_model.safetensors" for f in os.listdir(save / "hf"))
+        assert not any("teacher" in k or "encoder.layer" in k for k in adapter_weights(save))  # nothing of the teacher (a BERT) in the export
+    assert not any(n in k for n in teacher_tensor_names(runs["teacher"]) for k in weights)
     p1 = runs["logs"][0].stdout
     assert "[phase 1] summary mode: every piece gets the 'split' layout" in p1 and "skipped as too short" in p1
 
@@ -138,6 +164,10 @@ def test_two_process_zero3_equals_one_process(runs):
 def test_resume_from_a_checkpoint_without_the_base_is_exact(runs):
     strip = lambda r: {k: v for k, v in r.items() if k not in VOLATILE}  # noqa: E731
     assert "steps 3->6" in runs["logs"][2].stdout
+    # Steps 4-6 of 8 self-supervised texts (anchors and their views: one text each): every
+    # teacher row of the resumed run came from the cache the first run wrote, none was computed.
+    assert "'teacher_texts_cached': 48, 'teacher_texts_computed': 0" in runs["logs"][2].stdout, runs["logs"][2].stdout[-2000:]
+    assert "'teacher_texts_cached': 0, 'teacher_texts_computed': 48" in runs["logs"][0].stdout
     assert [strip(r) for r in read_metrics(runs["resumed"])] == [strip(r) for r in read_metrics(runs["one"])[3:]]
     w1, w3 = adapter_weights(runs["one"]), adapter_weights(runs["resumed"])
     assert set(w1) == set(w3) and all(torch.equal(w1[k], w3[k]) for k in w1)
