@@ -19,9 +19,9 @@ from ..data import (
     open_pair_corpus,
     read_texts,
 )
-from ..data.cache import build_or_reuse, cacheable, open_cached
 from ..data.datasets import SHORT_FOR_SUMMARY
 from ..data.split import CorpusView, split_corpus
+from ..data.token_cache import build_or_reuse, cacheable, open_cached
 from ..data.tokenization import PromptedText
 from ..gem.template import EmbedTemplate
 from .config import DataConfig, JobConfig
@@ -39,7 +39,7 @@ def data_cache_dir(job: JobConfig) -> str:
 
 def open_documents(source, tokenizer, data: DataConfig, cache_dir: str | None):
     """One corpus of documents. Text input with a ``cache_dir`` is tokenised once, by global
-    rank 0, into a .bin/.idx cache there (data/cache.py; reused when one with the same key
+    rank 0, into a .bin/.idx cache there (data/token_cache.py; reused when one with the same key
     exists), while the other ranks wait; every rank then memory-maps it. Its start-up line
     travels as ``corpus.cache_note`` (rank 0 says on stderr when it starts tokenising). Other input (a Megatron prefix, hf:NAME) opens as before.
     Collective when cached."""

@@ -38,9 +38,9 @@ from .checkpoint import (
 )
 from .config import JobConfig
 from .data_setup import build_loaders, build_validation_loaders, cache_summary, data_cache_dir, data_summary, open_training_corpus, split_training_corpus
-from .distributed import exit_signal_handler
 from .loop import StepBookkeeping
 from .metrics import MetricsLogger
+from .process_setup import exit_signal_handler
 from .step import StepOutput, count_trained_tokens, step_record
 from .validation import Validator
 

@@ -1,4 +1,4 @@
-"""Text input tokenised once (data/cache.py): the cached corpus is the in-memory corpus of the same
+"""Text input tokenised once (data/token_cache.py): the cached corpus is the in-memory corpus of the same
 text (documents, token ids, counts), reused only for the same content and tokenizer, never
 half-written."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from megatron_gem.data import DataError, open_corpus
-from megatron_gem.data.cache import CACHE_INFO, build_or_reuse, cache_key, cacheable, open_cached
+from megatron_gem.data.token_cache import CACHE_INFO, build_or_reuse, cache_key, cacheable, open_cached
 
 
 def _corpus_files(tmp_path):
