@@ -101,7 +101,7 @@ def preprocess(args) -> None:
         progress=not args.no_progress,
         overwrite=args.overwrite_output_dir,
     )
-    print(stats.summary("preprocess"))
+    print(stats.report("preprocess"))
     print(f"[preprocess] wrote {prefix}.bin and {prefix}.idx")
     print(
         json.dumps(

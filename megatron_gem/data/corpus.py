@@ -200,7 +200,7 @@ def open_corpus(
     docs = read_source(source, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats, hf_split=hf_split)
     corpus = InMemoryCorpus.from_texts(docs, tokenizer, stats=stats, num_proc=num_proc, add_special_tokens=add_special_tokens, append_eod=append_eod)
     if len(corpus) == 0:
-        raise DataError(f"{source}: no usable documents ({stats.summary('read')})")
+        raise DataError(f"{source}: no usable documents ({stats.report('read')})")
     return corpus
 
 
@@ -293,7 +293,7 @@ def open_pair_corpus(
     pairs = read_source(source, text_field=fields, txt_unit="document", on_bad=on_bad, max_chars=max_chars, stats=stats, hf_split=hf_split)
     texts = [d.text for d in pairs]
     if not texts:
-        raise DataError(f"{source}: no usable pairs ({stats.summary('read')})")
+        raise DataError(f"{source}: no usable pairs ({stats.report('read')})")
     query_texts = [query_prompt + t[0] for t in texts]
     positive_texts = [t[1] for t in texts]
     queries, positives = (InMemoryCorpus.from_texts(side, tokenizer, stats=DataStats(), num_proc=num_proc) for side in (query_texts, positive_texts))

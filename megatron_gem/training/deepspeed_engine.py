@@ -250,7 +250,7 @@ class DeepSpeedEngine(Engine):
         else:
             export_hf(module.lm, self.tokenizer, self.job.gem, out_dir, extra=extra, vocab_size=module.vocab_size)
 
-    def summary(self) -> dict:
+    def report(self) -> dict:
         return {"zero_stage": zero_stage(self.ds_config), "dp_size": self.dp_size}
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         from .run import train
 
         engine = make_engine(job)
-        summary = train(job, engine)
+        result = train(job, engine)
     except Exception as e:
         code = exit_code_of(e)
         if code is None or args.debug:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
             report("train.py", message_of(e), stream=sys.stderr)
         shutdown(engine)
         return code
-    D.print_main(f"[megatron-gem] done: {summary}")
+    D.print_main(f"[megatron-gem] done: {result}")
     shutdown(engine)
     return 0
 

@@ -679,7 +679,7 @@ class MegatronEngine(Engine):
             extra=extra,
         )
 
-    def summary(self) -> dict:
+    def report(self) -> dict:
         p = self.job.parallel
         return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size, "dp_size": self.dp_size}
 

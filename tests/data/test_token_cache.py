@@ -38,7 +38,7 @@ def test_cached_corpus_is_the_in_memory_corpus_and_is_reused(tmp_path, tiny_toke
     assert entry.status == "built" and entry.documents == len(reference) == 65
     assert _docs(cached) == _docs(reference)
     assert np.array_equal(cached.lengths, reference.lengths) and cached.fingerprint() == reference.fingerprint()
-    assert cached.stats.summary("read") == reference.stats.summary("read")  # skipped records and why, tokens
+    assert cached.stats.report("read") == reference.stats.report("read")  # skipped records and why, tokens
     assert dict(cached.stats.skipped) == {"malformed_json": 1, "missing_field": 1}, cached.stats.skipped
 
     import megatron_gem.data.preprocess as preprocess
