@@ -145,3 +145,14 @@ def commands(text: str) -> list[list[str]]:
         if argv:
             out.append(argv)
     return out
+
+
+def prose_sentences(text: str) -> list[str]:
+    """The sentences of a page's prose (fenced code and table rows left out), whitespace folded."""
+    kept, fenced = [], False
+    for ln in text.splitlines():
+        if ln.startswith("```"):
+            fenced = not fenced
+        elif not fenced and not ln.lstrip().startswith("|"):
+            kept.append(ln)
+    return [" ".join(t.split()) for t in re.split(r"(?<=[.!?])\s+|\n\s*\n", "\n".join(kept)) if t.strip()]

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.docs.readme_docs import NEGATIVE, README, REPO, has_verdict, numbers, read, results_rows, segment, verdict
+from tests.docs.readme_docs import NEGATIVE, README, REPO, has_verdict, numbers, prose_sentences, read, results_rows, segment, verdict
 
 ROWS = results_rows(read(README))
 
@@ -39,3 +39,14 @@ def test_readme_figure_equals_the_labelled_docs_figure(row):
         if said == "met":
             worse = [v for v in NEGATIVE if has_verdict(text, v)]
             assert not worse, f"README.md says 'met' for fig:{label}; {page} says {worse}:\n{text}"
+
+
+def test_readme_says_nothing_twice():
+    seen, twice = set(), []
+    for sentence in prose_sentences(read(README)):
+        if len(sentence.split()) < 5:
+            continue
+        if sentence in seen:
+            twice.append(sentence)
+        seen.add(sentence)
+    assert not twice, f"README.md repeats: {twice}"
