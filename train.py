@@ -16,7 +16,7 @@ import sys
 if __name__ == "__main__":
     if "--exit-signal-handler" in sys.argv:
         # Before the heavy imports: a pre-emption signal during start-up is not lost.
-        from megatron_gem.training.distributed import exit_signal_handler
+        from megatron_gem.training.process_setup import exit_signal_handler
 
         exit_signal_handler(True)
     from megatron_gem.training.main import main

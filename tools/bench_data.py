@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     ds, real, t_pack, t_plan = pack(corpus, "memory")
     s = ds.epoch_stats(0)
     assert real == s.tokens_out, (real, s.tokens_out)  # every planned token was built
-    print(s.summary("bench"))
+    print(s.report("bench"))
 
     result = {
         "corpus": corpus_name,

@@ -33,7 +33,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_gem.common.cli import add_debug_flag, run_main  # noqa: E402
+from megatron_gem.common.entry_point import add_debug_flag, run_main  # noqa: E402
 from megatron_gem.common.errors import InputError  # noqa: E402
 from megatron_gem.common.outputs import add_overwrite_flag, check_apart, check_output_dir  # noqa: E402
 

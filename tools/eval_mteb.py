@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_gem.common.cli import add_debug_flag, run_main  # noqa: E402
+from megatron_gem.common.entry_point import add_debug_flag, run_main  # noqa: E402
 from megatron_gem.common.outputs import add_overwrite_flag, check_apart, check_output_dir  # noqa: E402
 
 PROG = "eval_mteb"
@@ -122,7 +122,7 @@ def evaluate(args, argv) -> None:
     from megatron_gem.common.manifest import write_manifest
     from megatron_gem.common.model_paths import loading
     from megatron_gem.common.outputs import building_dir, replace_dir_atomic
-    from megatron_gem.eval.mteb_model import load_mteb_model, run_mteb, save_summary
+    from megatron_gem.eval.mteb_model import load_mteb_model, run_mteb, save_score_table
 
     with loading(f"--model {args.model}", args.model):
         model = load_mteb_model(
@@ -140,7 +140,7 @@ def evaluate(args, argv) -> None:
     # The results are built beside --output and swapped in when complete (common/outputs.py).
     with building_dir(args.output) as tmp:
         scores = run_mteb(model, tasks, tmp, show_progress_bar=not args.no_progress, batch_size=args.batch_size)
-        table = save_summary({model.mteb_model_meta.name: scores}, tmp)
+        table = save_score_table({model.mteb_model_meta.name: scores}, tmp)
         write_manifest(tmp)
     replace_dir_atomic(tmp, args.output, overwrite=args.overwrite_output_dir, flag="--output")
     print(table)

@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_gem.common.cli import add_debug_flag, run_main  # noqa: E402
+from megatron_gem.common.entry_point import add_debug_flag, run_main  # noqa: E402
 from megatron_gem.common.outputs import add_overwrite_flag  # noqa: E402
 
 PROG = "preprocess_data.py"
@@ -101,7 +101,7 @@ def preprocess(args) -> None:
         progress=not args.no_progress,
         overwrite=args.overwrite_output_dir,
     )
-    print(stats.summary("preprocess"))
+    print(stats.report("preprocess"))
     print(f"[preprocess] wrote {prefix}.bin and {prefix}.idx")
     print(
         json.dumps(

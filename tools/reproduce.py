@@ -521,7 +521,7 @@ def training_data(out: str, key: str) -> str:
         else:
             text = distillation_texts(seed=0)
             text.texts, text.sources = text.texts[:TRAIN_DOCS], text.sources[:TRAIN_DOCS]
-        log(f"{stem} training text:\n" + text.summary())
+        log(f"{stem} training text:\n" + text.report())
         write_json(path[: -len(".jsonl")] + ".counts.json", {k: dict(v) for k, v in text.counts.items()} | {"written": len(text.texts)})
         texts = text.texts
     with open(path + ".tmp", "w") as f:

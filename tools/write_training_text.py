@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     except CorpusMissing as e:
         raise SystemExit(f"write_training_text: {e}")
     write_jsonl(args.out, text)
-    print(text.summary())
+    print(text.report())
     print(f"wrote {len(text.texts)} texts to {args.out}")
     return 0
 

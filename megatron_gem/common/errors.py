@@ -1,7 +1,7 @@
 """The errors an entry point reports in one line instead of a traceback, shared by every layer.
 
 Every expected error derives from :class:`GEMError`, so a command line catches one family
-(common/cli.py ``run_main``). ``exit_code`` says what went wrong: 2 the user's input or usage
+(common/entry_point.py ``run_main``). ``exit_code`` says what went wrong: 2 the user's input or usage
 (a wrong flag, path, file, model folder, record), 1 a failure during the work (a damaged
 checkpoint, a write that failed, a non-finite loss). Subclasses elsewhere: ``CheckpointError``
 (manifest.py), ``DataError`` (data/readers.py), ``ArgumentError`` (training/args.py),

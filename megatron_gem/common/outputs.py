@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 
-from .cli import describe_os_error
+from .entry_point import describe_os_error
 from .errors import GEMError, InputError, OutputExistsError, OutputWriteError
 from .manifest import MANIFEST, CheckpointError, read_manifest
 

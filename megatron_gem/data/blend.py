@@ -185,7 +185,7 @@ class BlendedDataset(_GlobalIndex, torch.utils.data.Dataset):
             s.merge(d.epoch_stats(epoch))
         return s
 
-    def summary(self) -> str:
+    def report(self) -> str:
         """Per source: its share of a blend epoch, in samples, and how many passes over it that is."""
         how = "weighted" if self.weights is not None else "unweighted: in proportion to size"
         lines = [f"[blend] {len(self.datasets)} sources, {self.epoch_size} samples per blend epoch ({how}):"]

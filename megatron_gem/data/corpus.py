@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
@@ -23,8 +23,7 @@ from .readers import (
     Document,
     TextList,
     _suffix,
-    iter_documents,
-    iter_hf_documents,
+    read_source,
     resolve_paths,
 )
 from .stats import DataStats
@@ -171,15 +170,6 @@ class IndexedCorpus(_CorpusBase):
         self.__init__(path_prefix)
 
 
-def _read_source(source, *, text_field, txt_unit, on_bad, max_chars, stats, hf_split) -> Iterator[Document]:
-    """Validated documents of text input: ``hf:<name>``, local files, or a ``datasets`` object."""
-    if isinstance(source, str) and source.startswith("hf:"):
-        return iter_hf_documents(source[3:], text_field=text_field, split=hf_split, on_bad=on_bad, max_chars=max_chars, stats=stats)
-    if isinstance(source, (str, os.PathLike, list, tuple)):
-        return iter_documents(source, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats)
-    return iter_hf_documents(source, text_field=text_field, on_bad=on_bad, max_chars=max_chars, stats=stats)
-
-
 def open_corpus(
     source,
     tokenizer=None,
@@ -207,10 +197,10 @@ def open_corpus(
     if tokenizer is None:
         raise ValueError(f"{source!r} is text input: a tokenizer is needed")
     stats = DataStats()
-    docs = _read_source(source, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats, hf_split=hf_split)
+    docs = read_source(source, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats, hf_split=hf_split)
     corpus = InMemoryCorpus.from_texts(docs, tokenizer, stats=stats, num_proc=num_proc, add_special_tokens=add_special_tokens, append_eod=append_eod)
     if len(corpus) == 0:
-        raise DataError(f"{source}: no usable documents ({stats.summary('read')})")
+        raise DataError(f"{source}: no usable documents ({stats.report('read')})")
     return corpus
 
 
@@ -300,10 +290,10 @@ def open_pair_corpus(
     if negative_field:
         fields = fields + (TextList(negative_field, negatives_required),)
     stats = DataStats()
-    pairs = _read_source(source, text_field=fields, txt_unit="document", on_bad=on_bad, max_chars=max_chars, stats=stats, hf_split=hf_split)
+    pairs = read_source(source, text_field=fields, txt_unit="document", on_bad=on_bad, max_chars=max_chars, stats=stats, hf_split=hf_split)
     texts = [d.text for d in pairs]
     if not texts:
-        raise DataError(f"{source}: no usable pairs ({stats.summary('read')})")
+        raise DataError(f"{source}: no usable pairs ({stats.report('read')})")
     query_texts = [query_prompt + t[0] for t in texts]
     positive_texts = [t[1] for t in texts]
     queries, positives = (InMemoryCorpus.from_texts(side, tokenizer, stats=DataStats(), num_proc=num_proc) for side in (query_texts, positive_texts))

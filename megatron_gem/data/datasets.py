@@ -253,7 +253,7 @@ class ContrastiveDataset(_GlobalIndex, torch.utils.data.Dataset):
 
     ``texts`` (a :class:`~megatron_gem.data.texts.RawTexts` aligned with ``corpus``): each
     micro-batch (each chunk) also carries ``texts``, the raw strings of its documents in their
-    order (anchors, positives, hard negatives), for a distillation teacher (distill/batch.py):
+    order (anchors, positives, hard negatives), for a distillation teacher (distill/teacher_rows.py):
     the input's strings, never decoded tokens, without the query prompt or the template.
     """
 

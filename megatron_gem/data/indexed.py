@@ -88,7 +88,7 @@ class IndexedFile:
 class IndexedFileWriter:
     """Writes a ``.bin/.idx`` pair, one ``add_document(tokens)`` at a time (one sequence per
     document), the index on ``finalize()``. Files go to their final names; callers that need
-    atomicity write under a temporary prefix and rename (data/cache.py)."""
+    atomicity write under a temporary prefix and rename (data/token_cache.py)."""
 
     def __init__(self, path_prefix: str | os.PathLike, dtype=np.int32):
         if dtype not in DTYPE_CODES:

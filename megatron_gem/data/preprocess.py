@@ -94,7 +94,7 @@ def preprocess_to_indexed(
             writer.add(t)
             stats.tokens_in += int(t.shape[0])
         if writer.documents == 0:
-            raise DataError(f"{inputs}: no usable documents ({stats.summary('preprocess')})")
+            raise DataError(f"{inputs}: no usable documents ({stats.report('preprocess')})")
         writer.close()
         # Two renames: a job opening the pair between them would see one old and one new file
         # (only when --overwrite-output-dir replaces a pair something is reading).

@@ -364,4 +364,11 @@ def iter_hf_documents(
             yield doc
 
 
-# ----------------------------------------------------------------------------- tokenising
+def read_source(source, *, text_field, txt_unit, on_bad, max_chars, stats, hf_split) -> Iterator[Document]:
+    """Validated documents of text input (the one dispatch open_corpus, open_pair_corpus and
+    texts.read_texts share, so each reads a source alike): ``hf:<name>``, local files, or a ``datasets`` object."""
+    if isinstance(source, str) and source.startswith("hf:"):
+        return iter_hf_documents(source[3:], text_field=text_field, split=hf_split, on_bad=on_bad, max_chars=max_chars, stats=stats)
+    if isinstance(source, (str, os.PathLike, list, tuple)):
+        return iter_documents(source, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_chars=max_chars, stats=stats)
+    return iter_hf_documents(source, text_field=text_field, on_bad=on_bad, max_chars=max_chars, stats=stats)

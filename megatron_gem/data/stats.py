@@ -1,7 +1,7 @@
 """Counters of what the data pipeline read, skipped, produced and padded.
 
 One :class:`DataStats` travels with each stage (reading, tokenising, packing); stages add to
-it and :meth:`DataStats.summary` prints the end-of-run report users check before training on
+it and :meth:`DataStats.report` prints the end-of-run report users check before training on
 a corpus: documents read, documents skipped and why, tokens in, tokens out, padding fraction.
 """
 
@@ -65,7 +65,7 @@ class DataStats:
         d["padding_fraction"] = self.padding_fraction
         return d
 
-    def summary(self, title: str = "data") -> str:
+    def report(self, title: str = "data") -> str:
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
         lines = [
             f"[{title}] documents read: {self.documents_read}",

@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .corpus import _read_source
-from .readers import DataError
+from .readers import DataError, read_source
 from .stats import DataStats
 
 
@@ -53,5 +52,5 @@ def read_texts(source, *, text_field: str = "text", on_bad: str = "error", hf_sp
         prefix = source[:-4] if source.endswith((".bin", ".idx")) else source
         if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"):
             raise DataError(f"{source}: a Megatron .bin/.idx prefix holds token ids, not the text a teacher reads")
-    docs = _read_source(source, text_field=text_field, txt_unit="document", on_bad=on_bad, max_chars=None, stats=DataStats(), hf_split=hf_split)
+    docs = read_source(source, text_field=text_field, txt_unit="document", on_bad=on_bad, max_chars=None, stats=DataStats(), hf_split=hf_split)
     return [d.text for d in docs]

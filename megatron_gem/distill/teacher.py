@@ -27,7 +27,7 @@ import torch
 
 from ..common.errors import ModelLoadError
 from ..common.manifest import sha256_of
-from .cache import EmbeddingCache, text_key
+from .embedding_cache import EmbeddingCache, text_key
 
 FLAG = "--contrastive-teacher"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

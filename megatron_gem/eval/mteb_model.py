@@ -275,7 +275,7 @@ def run_mteb(model, tasks, output_dir: str, *, overwrite: bool = True, show_prog
     return main_scores(result)
 
 
-def summary_table(scores: dict[str, dict[str, float]], columns: list[str] | None = None) -> str:
+def score_table(scores: dict[str, dict[str, float]], columns: list[str] | None = None) -> str:
     """Markdown table: one row per model, one column per task, plus the average (x100)."""
     columns = columns or sorted({t for s in scores.values() for t in s})
     head = "| model | " + " | ".join(columns) + " | avg |"
@@ -289,11 +289,11 @@ def summary_table(scores: dict[str, dict[str, float]], columns: list[str] | None
     return "\n".join(lines)
 
 
-def save_summary(scores: dict[str, dict[str, float]], output_dir: str) -> str:
+def save_score_table(scores: dict[str, dict[str, float]], output_dir: str) -> str:
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump(scores, f, indent=2, sort_keys=True)
-    table = summary_table(scores)
+    table = score_table(scores)
     with open(os.path.join(output_dir, "summary.md"), "w") as f:
         f.write(table + "\n")
     return table

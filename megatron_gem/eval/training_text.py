@@ -87,9 +87,9 @@ class TrainingText:
     # {source: {"read": n, "kept": n, "dropped: <why>": n, ...}}
     counts: dict[str, Counter] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)  # the source of each text
-    label: str = "natural text"  # the name summary() prints
+    label: str = "natural text"  # the name report() prints
 
-    def summary(self) -> str:
+    def report(self) -> str:
         lines = []
         for source, c in self.counts.items():
             dropped = ", ".join(f"{k[len('dropped: ') :]}: {v}" for k, v in sorted(c.items()) if k.startswith("dropped: ")) or "none"

@@ -17,7 +17,7 @@ from ..common.manifest import write_manifest
 from ..common.outputs import building_dir, replace_dir_atomic
 from ..gem.config import CONFIG_NAME, GEMConfig
 from .model_card import write_model_card
-from .sentence_transformers import save_sentence_transformer
+from .sentence_transformers_files import save_sentence_transformer
 
 
 def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

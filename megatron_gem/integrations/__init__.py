@@ -14,7 +14,7 @@ Importing this package imports transformers (not megatron-core, not sentence-tra
 
 from .collator import GEMDataCollator
 from .enable import disable_gem, enable_gem, is_gem_enabled
-from .summary import load_gem_adapter, save_gem_adapter
+from .gem_adapter import load_gem_adapter, save_gem_adapter
 
 __all__ = [
     "GEMDataCollator",
@@ -34,9 +34,9 @@ __all__ = [
 def __getattr__(name):
     # Trainer classes import transformers' Trainer (accelerate); the exporter sentence-transformers.
     if name in ("GEMTrainer", "GEMTrainerMixin", "GEMPhaseCallback", "gem_trainer_class"):
-        from . import trainer
+        from . import hf_trainer
 
-        return getattr(trainer, name)
+        return getattr(hf_trainer, name)
     if name == "save_sentence_transformer":
         from .sentence_transformers import save_sentence_transformer
 

@@ -15,7 +15,7 @@
 Summary mode (``config.train_mode == "summary"``), as train.py's ``--gem-train summary``: no token
 is added and nothing is resized (K existing unused tokens serve, ``gem.tokens.summary_token_ids``;
 their ids go to ``config.special_token_ids``); every base parameter is frozen and the summary
-adapter is attached and registered as ``model.gem_adapter`` (integrations/summary.py); nothing is
+adapter is attached and registered as ``model.gem_adapter`` (integrations/gem_adapter.py); nothing is
 suppressed in ``generate()`` (generation is the base model's, unchanged). ``base_path``: the base
 checkpoint directory the export names and digests (default: where the model was loaded from).
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 from ..attention.hf import ATTN_NAME
 from ..gem.config import GEMConfig
 from ..hf.model import prepare_gem_lm
-from .summary import attach_gem_adapter, detach_gem_adapter
+from .gem_adapter import attach_gem_adapter, detach_gem_adapter
 
 _CONFIG_KEYS = ("gem_attention_backend", "gem_suffix_sees_bos")
 

@@ -42,7 +42,7 @@ from ..attention.megatron import gem_mask_info
 from ..gem.config import GEMConfig
 from ..gem.losses import Distillation, loss_weights
 from ..gem.roles import IGNORE_INDEX
-from ..mcore.batch import BATCH_KEYS, join_rows, unwrap_model
+from ..mcore.forward_rows import BATCH_KEYS, join_rows, unwrap_model
 from ..mcore.loss import gem_micro_batch_loss
 from .collator import CL_PREFIX
 

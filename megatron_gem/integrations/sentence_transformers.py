@@ -3,7 +3,7 @@ writer, for a directory of the user's own.
 
 Every HF export of megatron_gem already carries the sentence-transformers files (train.py's
 ``hf/`` from both engines, tools/convert_checkpoint.py); :func:`save_sentence_transformer`
-(megatron_gem/hf/sentence_transformers.py, which documents the two layouts) writes them into
+(megatron_gem/hf/sentence_transformers_files.py, which documents the two layouts) writes them into
 any other directory with ``gem_config.json``, e.g. one saved with ``save_pretrained`` after
 ``enable_gem``. :class:`GEMSentenceEncoder` is the ``"custom"`` layout's module (any K): the
 GEM layout and mask inside sentence-transformers, GEMEmbedder's vectors.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..gem.readout import pool_special_states
-from ..hf.sentence_transformers import CUSTOM_CONFIG, MODES, ST_FILES, builtin_processor_kwargs, save_sentence_transformer
+from ..hf.sentence_transformers_files import CUSTOM_CONFIG, MODES, ST_FILES, builtin_processor_kwargs, save_sentence_transformer
 
 __all__ = ["GEMSentenceEncoder", "MODES", "ST_FILES", "builtin_processor_kwargs", "save_sentence_transformer"]
 

@@ -31,7 +31,7 @@ from ..gem.config import CONFIG_NAME, GEMConfig
 from ..hf.deepspeed_checkpoint import deepspeed_to_hf  # noqa: F401  (the converters' one home for callers)
 from . import checkpoint_io as io
 from .hf_mapping import HFWeights, hf_from_megatron, megatron_from_hf
-from .llama import LlamaArch, arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+from .llama import LlamaArch, arch_from_hf_config, padded_vocab_size, transformer_config
 
 
 def _load_tokenizer(directory: str):
@@ -49,6 +49,8 @@ def _meta_gem_model(arch, *, vocab: int, padded: int, dtype: torch.dtype):
     from ..gem.losses import LogitScale
 
     config = transformer_config(arch, params_dtype=dtype)
+    from .gpt_model import build_gem_gpt_model  # megatron-core: imported when a model is built
+
     with torch.device("meta"):
         model = build_gem_gpt_model(arch, config, vocab_size=vocab, padded_vocab=padded, pre_process=True, post_process=True)
     init = model.logit_scale.log_scale  # meta; rebuild with the constructor's defaults
@@ -100,6 +102,8 @@ def build_from_meta(meta: dict, *, tp: int = 1, pp: int = 1, **kwargs):
     arch = LlamaArch.from_dict(meta["arch"])
     dtype = getattr(torch, meta.get("dtype", "float32"))
     config = transformer_config(arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype, **kwargs)
+    from .gpt_model import build_gem_gpt_model  # megatron-core: imported when a model is built
+
     model = build_gem_gpt_model(arch, config, vocab_size=meta["vocab_size"], padded_vocab=meta["padded_vocab_size"])
     return arch, model
 

@@ -1,5 +1,6 @@
-"""GEMGPTModel: megatron-core's GPTModel with what GEM needs (its own module so that importing
-megatron_gem.mcore.llama does not import megatron-core)."""
+"""GEMGPTModel: megatron-core's GPTModel with what GEM needs, and ``build_gem_gpt_model``, a rank's
+GEMGPTModel from llama.py's architecture and layer spec (its own module so that importing
+megatron_gem.mcore.llama does not import megatron-core; it imports llama.py, never the reverse)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from ..gem.losses import LogitScale
-from .llama import LlamaArch, inv_freq
+from .llama import LlamaArch, gem_block_spec, inv_freq
 
 
 class GEMGPTModel(GPTModel):
@@ -81,3 +82,70 @@ class GEMGPTModel(GPTModel):
             return logits
         ids = torch.arange(start, start + part, device=logits.device)
         return logits.masked_fill(ids >= self.true_vocab_size, float("-inf"))
+
+
+def build_gem_gpt_model(
+    arch: LlamaArch,
+    config,
+    *,
+    vocab_size: int,
+    padded_vocab: int,
+    backend: str = "auto",
+    suffix_sees_bos: bool = False,
+    logit_scale_init: float = 20.0,
+    logit_scale_max: float = 100.0,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    layer_impl: str = "local",
+):
+    """The GEM GPTModel of this pipeline stage (megatron-core parallel state must be initialised).
+
+    ``vocab_size`` is the real vocabulary (tokenizer incl. GEM tokens, or the checkpoint's
+    embedding rows), ``padded_vocab`` what megatron allocates (see padded_vocab_size);
+    ``layer_impl`` as mcore.fused chose it (``config`` built with the same)."""
+    from megatron.core import parallel_state
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    model = GEMGPTModel(
+        config=config,
+        transformer_layer_spec=gem_block_spec(
+            config, backend=backend, suffix_sees_bos=suffix_sees_bos, layer_impl=layer_impl, sliding_window=arch.sliding_window
+        ),
+        vocab_size=padded_vocab,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        arch=arch,
+        true_vocab_size=vocab_size,
+        logit_scale_init=logit_scale_init,
+        logit_scale_max=logit_scale_max,
+    )
+    mark_tensor_parallel_weights(model)
+    return model
+
+
+def mark_tensor_parallel_weights(model) -> None:
+    """Tag every TP-split weight with megatron-core's tensor-parallel attributes.
+
+    megatron-core 0.16 sets them only inside its weight initialisers, which
+    ``perform_initialization=False`` (weights come from a checkpoint) skips; without them the
+    optimizer takes split weights for TP duplicates and the gradient norm (hence clipping)
+    counts only TP rank 0's slices."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes
+
+    for module in model.modules():
+        dim = {ColumnParallelLinear: 0, VocabParallelEmbedding: 0, RowParallelLinear: 1}.get(type(module))
+        if dim is None:
+            for cls, d in ((ColumnParallelLinear, 0), (VocabParallelEmbedding, 0), (RowParallelLinear, 1)):
+                if isinstance(module, cls):
+                    dim = d
+        weight = getattr(module, "weight", None)
+        if dim is not None and isinstance(weight, torch.nn.Parameter) and not getattr(weight, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)

@@ -8,7 +8,8 @@ Pieces
                        the local spec with an HF-exact RMSNorm (or apex's fused one), or the
                        TransformerEngine spec (mcore/fused.py chooses; the converter and tests
                        build the local one).
-  GEMGPTModel          GPTModel whose RoPE follows the batch's position_ids (packed documents
+  GEMGPTModel          (gpt_model.py, built by its build_gem_gpt_model from the pieces here)
+                       GPTModel whose RoPE follows the batch's position_ids (packed documents
                        restart at 0, as in the HF model) and whose ``forward(..., task="embed")``
                        returns last-layer states for the summary readout.
 
@@ -299,72 +300,3 @@ def gem_block_spec(config, *, backend: str = "auto", suffix_sees_bos: bool = Fal
     else:
         final_norm = FusedRMSNorm if layer_impl == "apex" else RMSNorm
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=final_norm)
-
-
-def build_gem_gpt_model(
-    arch: LlamaArch,
-    config,
-    *,
-    vocab_size: int,
-    padded_vocab: int,
-    backend: str = "auto",
-    suffix_sees_bos: bool = False,
-    logit_scale_init: float = 20.0,
-    logit_scale_max: float = 100.0,
-    pre_process: bool | None = None,
-    post_process: bool | None = None,
-    layer_impl: str = "local",
-):
-    """The GEM GPTModel of this pipeline stage (megatron-core parallel state must be initialised).
-
-    ``vocab_size`` is the real vocabulary (tokenizer incl. GEM tokens, or the checkpoint's
-    embedding rows), ``padded_vocab`` what megatron allocates (see padded_vocab_size);
-    ``layer_impl`` as mcore.fused chose it (``config`` built with the same)."""
-    from megatron.core import parallel_state
-
-    if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
-    if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
-    from .gpt_model import GEMGPTModel
-
-    model = GEMGPTModel(
-        config=config,
-        transformer_layer_spec=gem_block_spec(
-            config, backend=backend, suffix_sees_bos=suffix_sees_bos, layer_impl=layer_impl, sliding_window=arch.sliding_window
-        ),
-        vocab_size=padded_vocab,
-        max_sequence_length=arch.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta),
-        arch=arch,
-        true_vocab_size=vocab_size,
-        logit_scale_init=logit_scale_init,
-        logit_scale_max=logit_scale_max,
-    )
-    mark_tensor_parallel_weights(model)
-    return model
-
-
-def mark_tensor_parallel_weights(model) -> None:
-    """Tag every TP-split weight with megatron-core's tensor-parallel attributes.
-
-    megatron-core 0.16 sets them only inside its weight initialisers, which
-    ``perform_initialization=False`` (weights come from a checkpoint) skips; without them the
-    optimizer takes split weights for TP duplicates and the gradient norm (hence clipping)
-    counts only TP rank 0's slices."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes
-
-    for module in model.modules():
-        dim = {ColumnParallelLinear: 0, VocabParallelEmbedding: 0, RowParallelLinear: 1}.get(type(module))
-        if dim is None:
-            for cls, d in ((ColumnParallelLinear, 0), (VocabParallelEmbedding, 0), (RowParallelLinear, 1)):
-                if isinstance(module, cls):
-                    dim = d
-        weight = getattr(module, "weight", None)
-        if dim is not None and isinstance(weight, torch.nn.Parameter) and not getattr(weight, "tensor_model_parallel", False):
-            set_tensor_model_parallel_attributes(weight, True, dim, 1)

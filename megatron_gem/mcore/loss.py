@@ -86,7 +86,7 @@ def gem_micro_batch_loss(
 ) -> MicroBatchLoss:
     """``output``: what ``GEMGPTModel.forward(..., labels=batch["labels"])`` returned, i.e.
     (per-token NTP losses [n, L] or None, contrastive states [B - n, L, H] or None). A batch
-    with the teacher's rows of its texts (``batch["teacher"]``, distill/batch.py) adds the
+    with the teacher's rows of its texts (``batch["teacher"]``, distill/teacher_rows.py) adds the
     teacher's term to the contrastive one (``distill``: gem.losses.Distillation)."""
     token_losses, states = output
     n = batch["ntp_rows"]

@@ -14,7 +14,7 @@ from . import checkpoint_io as io
 from .fused import LayerImpl, choose_layer_impl, fused_kernels_available
 from .hf_mapping import load_hf_into_model
 from .hf_source import check_summary_ids_fit, load_hf_source
-from .llama import LlamaArch, build_gem_gpt_model, padded_vocab_size, transformer_config
+from .llama import LlamaArch, padded_vocab_size, transformer_config
 
 
 @dataclass
@@ -92,6 +92,8 @@ def build_gem_model(
         params_dtype=dtype,
         layer_impl=impl.name,
     )
+    from .gpt_model import build_gem_gpt_model  # megatron-core: imported when a model is built
+
     model = build_gem_gpt_model(
         arch,
         config,

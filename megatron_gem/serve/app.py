@@ -18,14 +18,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from .api_errors import APIError, bad_request, unauthorized, unknown_model
 from .batching import EmbeddingBatcher
 from .chat import ChatService, wire
 from .completions import CompletionService
 from .config import ServeConfig
 from .embeddings import EmbeddingService
-from .errors import APIError, bad_request, unauthorized, unknown_model
 from .generation import GenerationRunner
-from .metrics import ServerMetrics
+from .prometheus_metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList
 
 log = logging.getLogger("megatron_gem.serve")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import overloaded, unavailable
+from .api_errors import overloaded, unavailable
 
 
 @dataclass

@@ -20,8 +20,8 @@ import uuid
 
 from fastapi.responses import StreamingResponse
 
+from .api_errors import APIError, bad_request
 from .embeddings import encode_vector
-from .errors import APIError, bad_request
 from .generation import Answer
 from .protocol import (
     AssistantMessage,

@@ -8,8 +8,8 @@ import uuid
 
 from fastapi.responses import StreamingResponse
 
+from .api_errors import bad_request
 from .chat import sse, sse_error
-from .errors import bad_request
 from .generation import Answer
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse
 

@@ -18,7 +18,7 @@ import base64
 
 import numpy as np
 
-from .errors import bad_request
+from .api_errors import bad_request
 from .protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 
 

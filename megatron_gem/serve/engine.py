@@ -154,7 +154,7 @@ class GEMEngine:
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """The prompt of a conversation: the tokenizer's chat template up to the assistant turn."""
         if not getattr(self.tokenizer, "chat_template", None):
-            from .errors import bad_request
+            from .api_errors import bad_request
 
             raise bad_request("this model's tokenizer has no chat template: use /v1/completions", param="messages")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from .api_errors import bad_request, overloaded, unavailable
 from .engine import SamplingParams
-from .errors import bad_request, overloaded, unavailable
 from .protocol import Usage
 
 _FINISHED = object()  # end of a job's queue, pushed after generate returned or failed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..common.cli import add_debug_flag
+from ..common.entry_point import add_debug_flag
 from ..common.errors import InputError, ModelLoadError
 from ..common.model_paths import MEGATRON_META, check_model_source, max_positions, read_model_config
 from ..common.outputs import OVERWRITE_FLAG, add_overwrite_flag

@@ -19,9 +19,9 @@ from ..data import (
     open_pair_corpus,
     read_texts,
 )
-from ..data.cache import build_or_reuse, cacheable, open_cached
 from ..data.datasets import SHORT_FOR_SUMMARY
 from ..data.split import CorpusView, split_corpus
+from ..data.token_cache import build_or_reuse, cacheable, open_cached
 from ..data.tokenization import PromptedText
 from ..gem.template import EmbedTemplate
 from .config import DataConfig, JobConfig
@@ -39,7 +39,7 @@ def data_cache_dir(job: JobConfig) -> str:
 
 def open_documents(source, tokenizer, data: DataConfig, cache_dir: str | None):
     """One corpus of documents. Text input with a ``cache_dir`` is tokenised once, by global
-    rank 0, into a .bin/.idx cache there (data/cache.py; reused when one with the same key
+    rank 0, into a .bin/.idx cache there (data/token_cache.py; reused when one with the same key
     exists), while the other ranks wait; every rank then memory-maps it. Its start-up line
     travels as ``corpus.cache_note`` (rank 0 says on stderr when it starts tokenising). Other input (a Megatron prefix, hf:NAME) opens as before.
     Collective when cached."""
@@ -158,7 +158,7 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
     return ntp, contrastive
 
 
-def cache_summary(corpus) -> str:
+def cache_report(corpus) -> str:
     """The start-up lines of open_documents' caches (built or reused) of ``corpus`` (or of
     each source of a blend), one per line, each starting with a newline; "" without a cache.
     Take it before --split: the split's views are other objects."""
@@ -166,16 +166,16 @@ def cache_summary(corpus) -> str:
     return "".join(f"\n{c.cache_note}" for c in parts if getattr(c, "cache_note", None))
 
 
-def data_summary(corpus, contrastive_loader, ntp_loader=None) -> str:
+def data_report(corpus, contrastive_loader, ntp_loader=None) -> str:
     """What reading the training data counted (read, skipped and why, tokens), pairs included;
     for a blend, each source's documents and its samples per blend epoch; in summary mode also
     the phase-1 pieces left out for being too short for a GEM layout."""
-    text = corpus.stats.summary("read")
+    text = corpus.stats.report("read")
     if isinstance(corpus, CorpusBlend):
         for name, c in zip(corpus.names, corpus.corpora):
             text += f"\n[blend] {name}: {c.stats.documents_read} documents read, {c.stats.documents_skipped} skipped, {c.stats.tokens_in} tokens"
     if ntp_loader is not None and isinstance(ntp_loader.dataset, BlendedDataset):
-        text += "\n" + ntp_loader.dataset.summary()
+        text += "\n" + ntp_loader.dataset.report()
     dataset = ntp_loader.dataset if ntp_loader is not None else None
     config = getattr(dataset, "config", None)
     if config is not None and config.summary_mode and hasattr(dataset, "plan"):
@@ -186,7 +186,7 @@ def data_summary(corpus, contrastive_loader, ntp_loader=None) -> str:
         )
     dataset = contrastive_loader.dataset if contrastive_loader is not None else None
     if dataset is not None and dataset.positives is not None:
-        text += f"\nphase-2 pairs ({len(dataset.corpus)}):\n" + dataset.corpus.stats.summary("pairs")
+        text += f"\nphase-2 pairs ({len(dataset.corpus)}):\n" + dataset.corpus.stats.report("pairs")
     return text
 
 
@@ -222,7 +222,7 @@ def split_training_corpus(job: JobConfig, corpus, tokenizer):
     if v.valid_data and v.eval_iters > 0:
         valid = open_documents(_one_or_many(v.valid_data), tokenizer, job.data, data_cache_dir(job))
         note = f"\n{valid.cache_note}" if getattr(valid, "cache_note", None) else ""
-        return corpus, valid, f"--valid-data:\n{valid.stats.summary('valid')}{note}"
+        return corpus, valid, f"--valid-data:\n{valid.stats.report('valid')}{note}"
     return corpus, None, ""
 
 

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine (ZeRO-0/1/2/3; GPU with NCCL, CPU with gloo): the hooks trainer.py
+"""The DeepSpeed engine (ZeRO-0/1/2/3; GPU with NCCL, CPU with gloo): the hooks run.py
 calls. The model is an HF causal LM with the GEM tokens and GEM attention (hf/model.py) plus
 the InfoNCE logit scale; one optimizer step is ``accum`` micro-batches, each
 ``engine.backward`` + ``engine.step`` (DeepSpeed steps the optimizer at the accumulation
@@ -22,12 +22,12 @@ from ..gem.tokens import pad_vocab_rows
 from ..hf.export import export_hf, export_summary_adapter
 from ..hf.model import GEMModel, load_causal_lm, param_groups, prepare_gem_lm, zero3_gather
 from .checkpoint import load_trainable_only
-from .distributed import init_deepspeed_distributed
 from .ds_config import load_ds_config, zero_stage
 from .grad_cache import cached_backward
+from .process_setup import init_deepspeed_distributed
+from .run import Engine
 from .schedule import build_scheduler
 from .step import MicroLoss, StepOutput, contrastive_micro_loss, ntp_loss_scale, ntp_micro_loss
-from .trainer import Engine
 from .validation import EvalParts
 
 
@@ -250,7 +250,7 @@ class DeepSpeedEngine(Engine):
         else:
             export_hf(module.lm, self.tokenizer, self.job.gem, out_dir, extra=extra, vocab_size=module.vocab_size)
 
-    def summary(self) -> dict:
+    def report(self) -> dict:
         return {"zero_stage": zero_stage(self.ds_config), "dp_size": self.dp_size}
 
     def close(self) -> None:

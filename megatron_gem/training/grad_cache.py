@@ -102,7 +102,7 @@ def cached_backward(
     ``backward(loss, last)`` backpropagates one chunk's surrogate (``last``: the micro-batch's
     final backward); ``extra()`` (optional) gives a loss that rides with the first chunk's
     backward (phase 2's NTP part when alpha < 1). Chunks that carry the teacher's rows
-    (``chunk["teacher"]``, distill/batch.py) add the teacher's term (``distill``). Returns the
+    (``chunk["teacher"]``, distill/teacher_rows.py) add the teacher's term (``distill``). Returns the
     micro-batch's contrastive term."""
     chunks = batch["chunks"]
     snapshots, embs, scale = [], [], None

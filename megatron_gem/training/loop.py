@@ -69,7 +69,9 @@ class StepBookkeeping:
             print(f"[megatron-gem] {self.stop.received or 'signal'}: saved step {done} to {ck.save}; exiting for requeue", flush=True)
         return self.preempted
 
-    def summary(self, **extra) -> dict:
+    def final_report(self, **extra) -> dict:
+        """The run's result (what train() returns and main prints at the end): losses, the last step,
+        pre-emption, the last validation, and ``extra`` (the engine's report, the teacher cache's counts)."""
         return {
             "first_loss": self.first_loss,
             "last_loss": self.last_loss,

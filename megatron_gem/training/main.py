@@ -1,6 +1,6 @@
 """train.py's main: the command line becomes a JobConfig here (and nowhere further down), the
 engine the flags select runs it through the shared trainer, and errors become one line on
-stderr (common/cli.py): exit 2 for the input (flags, paths, data, model folders), 1 for a
+stderr (common/entry_point.py): exit 2 for the input (flags, paths, data, model folders), 1 for a
 failure during the run (a damaged checkpoint, a failed write, a non-finite step); the
 traceback only with --debug."""
 
@@ -10,7 +10,7 @@ import os
 import sys
 
 from ..common import distributed as D
-from ..common.cli import exit_code_of, message_of, report
+from ..common.entry_point import exit_code_of, message_of, report
 from ..common.manifest import CheckpointError
 from .args import job_config, parse_args
 from .checkpoint import CheckpointWriteError
@@ -34,10 +34,10 @@ def main(argv=None) -> int:
     engine = None
     try:
         job = job_config(args, world_size=int(os.environ["WORLD_SIZE"]))  # before any process group: bad flags fail fast
-        from .trainer import train
+        from .run import train
 
         engine = make_engine(job)
-        summary = train(job, engine)
+        result = train(job, engine)
     except Exception as e:
         code = exit_code_of(e)
         if code is None or args.debug:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
             report("train.py", message_of(e), stream=sys.stderr)
         shutdown(engine)
         return code
-    D.print_main(f"[megatron-gem] done: {summary}")
+    D.print_main(f"[megatron-gem] done: {result}")
     shutdown(engine)
     return 0
 

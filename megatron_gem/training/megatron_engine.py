@@ -1,6 +1,6 @@
 """The megatron-core engine: tensor, pipeline and data parallelism (distributed optimizer),
 sequence parallelism and activation recomputation; GPU with NCCL, CPU with gloo. The hooks
-trainer.py calls; everything else (data, phases, schedule, metrics, checkpoint protocol,
+run.py calls; everything else (data, phases, schedule, metrics, checkpoint protocol,
 resume, export cadence, pre-emption) is the trainer's, shared with the DeepSpeed engine.
 
 * the model is megatron-core's GPTModel (mcore/gpt_model.py, built by mcore.provider) with GEM
@@ -49,14 +49,14 @@ from ..gem.adapter import base_only
 from ..gem.losses import Distillation
 from ..gem.summary_step import gather_summary_queries, summary_width
 from ..mcore import checkpoint_io as io
-from ..mcore.batch import join_rows, unwrap_model
+from ..mcore.forward_rows import join_rows, unwrap_model
 from ..mcore.loss import contrastive_embeddings, gem_micro_batch_loss
 from ..mcore.summary import summary_adapter_of
 from .args import ArgumentError
 from .grad_cache import RngSnapshot, chunk_teacher_rows, embedding_grads, surrogate_loss
+from .run import Engine
 from .schedule import lr_for_step
 from .step import StepOutput, ntp_loss_scale
-from .trainer import Engine
 from .validation import EvalParts
 
 STATE_NAME = "gem_state.json"
@@ -679,7 +679,7 @@ class MegatronEngine(Engine):
             extra=extra,
         )
 
-    def summary(self) -> dict:
+    def report(self) -> dict:
         p = self.job.parallel
         return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size, "dp_size": self.dp_size}
 

@@ -94,7 +94,7 @@ def ntp_micro_loss(model, batch: dict, *, scale: float) -> MicroLoss:
 def contrastive_micro_loss(model, batch: dict, *, gather_keys=None, weight: float = 1.0, distill=None) -> MicroLoss:
     """InfoNCE between each anchor text (doc j < N) and its positive view (doc N + j), with the
     batch's hard negatives (docs 2N..) as extra keys; with the teacher's rows of the batch
-    (``batch["teacher"]``, distill/batch.py) mixed with the teacher's KL by ``distill``
+    (``batch["teacher"]``, distill/teacher_rows.py) mixed with the teacher's KL by ``distill``
     (gem.losses.micro_batch_loss)."""
     emb, scale = model(batch, "embed")
     part = micro_batch_loss(

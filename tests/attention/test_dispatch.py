@@ -12,7 +12,7 @@ from megatron_gem.attention import dispatch
 from megatron_gem.attention.batch_cache import block_tables, causal_layouts, dense_masks, flex_block_masks
 from megatron_gem.attention.megatron import gem_mask_info, split_mask_info
 from megatron_gem.gem.roles import PAD_DOC_ID, Role
-from megatron_gem.kernels.testing import STYLES, random_batch
+from megatron_gem.kernels.reference import STYLES, random_batch
 
 P, S, X = int(Role.PREFIX), int(Role.SPECIAL), int(Role.SUFFIX)
 

@@ -43,7 +43,7 @@ COLLECTIVES = {
 
 
 def _python_files():
-    for top in ("megatron_gem", "kernels", "tools"):
+    for top in ("megatron_gem", "tools"):
         for root, _, files in os.walk(os.path.join(REPO, top)):
             yield from (os.path.join(root, f) for f in files if f.endswith(".py"))
     yield os.path.join(REPO, "train.py")

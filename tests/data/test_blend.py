@@ -91,7 +91,7 @@ def test_weights_are_honoured_over_an_epoch(sources, cfg):
         for a, b in zip(row, ds.datasets[s][k]):
             np.testing.assert_array_equal(a, b)
     counts = largest_remainder_counts(weights, n)
-    assert f"[blend]   b (weight 0.3): {counts[1]} samples per blend epoch" in ds.summary() and f"{n} samples per blend epoch (weighted)" in ds.summary()
+    assert f"[blend]   b (weight 0.3): {counts[1]} samples per blend epoch" in ds.report() and f"{n} samples per blend epoch (weighted)" in ds.report()
 
 
 def test_a_finite_blend_ends(sources, cfg):

@@ -174,7 +174,7 @@ def test_sentence_transformers_export_with_a_template_is_custom(gem_hf_checkpoin
     import os
     import shutil
 
-    from megatron_gem.hf.sentence_transformers import save_sentence_transformer
+    from megatron_gem.hf.sentence_transformers_files import save_sentence_transformer
 
     path = str(tmp_path / "ckpt")
     shutil.copytree(gem_hf_checkpoint, path)

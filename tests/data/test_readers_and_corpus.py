@@ -74,7 +74,7 @@ def test_bad_records_error_or_skip(tmp_path, name, data, pattern, reason):
     assert texts(p, on_bad="skip", stats=stats) == ["ok", "fine"]
     assert stats.skipped == {reason: 1}
     assert stats.documents_read == 2
-    assert f"{reason}: 1" in stats.summary()
+    assert f"{reason}: 1" in stats.report()
 
 
 def test_empty_and_whitespace_documents_are_skipped_and_counted(tmp_path):

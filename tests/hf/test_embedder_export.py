@@ -13,7 +13,7 @@ from megatron_gem.embedder import GEMEmbedder
 from megatron_gem.gem import GEMConfig
 from megatron_gem.hf.export import export_hf
 from megatron_gem.hf.model_card import record_evaluation
-from megatron_gem.hf.sentence_transformers import CUSTOM_MODULE, save_sentence_transformer
+from megatron_gem.hf.sentence_transformers_files import CUSTOM_MODULE, save_sentence_transformer
 from megatron_gem.integrations import disable_gem, enable_gem
 from megatron_gem.testing import make_tiny_llama, make_tiny_tokenizer
 from tests.embedder_checks import TEXTS, assert_embedder_ready

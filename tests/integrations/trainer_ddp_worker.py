@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 
 from megatron_gem.gem import GEMConfig
 from megatron_gem.integrations import GEMDataCollator, GEMTrainer, enable_gem
-from megatron_gem.integrations.trainer import LOGIT_SCALE_ATTR
+from megatron_gem.integrations.hf_trainer import LOGIT_SCALE_ATTR
 from megatron_gem.testing import sample_sentences
 
 STEPS = 5  # 3 mixed-NTP steps, then 2 with NTP and InfoNCE

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_gem import gem_attention
-from megatron_gem.kernels.testing import random_batch
+from megatron_gem.kernels.reference import random_batch
 
 
 def _inputs(B, Hq, Hkv, L, D, seed=0):

@@ -18,7 +18,7 @@ from megatron_gem.kernels.block_table import (
     check_contiguous_documents,
     classify_blocks,
 )
-from megatron_gem.kernels.testing import STYLES, random_batch
+from megatron_gem.kernels.reference import STYLES, random_batch
 
 TILINGS = ((16, 16), (32, 16), (16, 32), (64, 64))
 

@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from megatron_gem import gem_attention
 from megatron_gem.kernels import build_block_table, placeholder_block_table, triton_gem_attention
 from megatron_gem.kernels import gem_attention_triton as kernel_module
-from megatron_gem.kernels.testing import make_inputs, random_batch
+from megatron_gem.kernels.reference import make_inputs, random_batch
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from torch.nn.attention.flex_attention import create_mask  # noqa: F401  (import
 from megatron_gem import gem_attention
 from megatron_gem.attention.cached import gem_attention_over_cache
 from megatron_gem.gem.roles import Role
-from megatron_gem.kernels.testing import make_inputs, random_batch, reference_attention, run_with_grads
+from megatron_gem.kernels.reference import make_inputs, random_batch, reference_attention, run_with_grads
 
 P, S, X = int(Role.PREFIX), int(Role.SPECIAL), int(Role.SUFFIX)
 

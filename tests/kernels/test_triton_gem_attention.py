@@ -13,7 +13,7 @@ import torch
 
 from megatron_gem.gem.mask import gem_mask
 from megatron_gem.kernels import build_block_table, triton_gem_attention
-from megatron_gem.kernels.testing import PRECISION, error_report, make_inputs, random_batch, reference_attention, run_with_grads
+from megatron_gem.kernels.reference import PRECISION, error_report, make_inputs, random_batch, reference_attention, run_with_grads
 
 
 def check_against_reference(doc, role, *, Hq, Hkv, D, dtype, block_m, block_n, bos=False, seed=0, scale=None):

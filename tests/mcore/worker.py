@@ -44,8 +44,9 @@ def hf_logits(hf, ids, pos, doc, roles):
 
 def megatron_logits(hf, arch=None, padded_extra=0):
     from megatron_gem.attention.megatron import gem_mask_info
+    from megatron_gem.mcore.gpt_model import build_gem_gpt_model
     from megatron_gem.mcore.hf_mapping import dict_getter, load_hf_into_model
-    from megatron_gem.mcore.llama import arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+    from megatron_gem.mcore.llama import arch_from_hf_config, padded_vocab_size, transformer_config
 
     arch = arch or arch_from_hf_config(hf.config)
     model = build_gem_gpt_model(
@@ -135,7 +136,8 @@ def fused_layers_equivalence():
     has the local spec's state-dict names (checkpoints interchange), loads HF weights by them and
     gives the HF logits. Also the local spec's dist-checkpoint keys: TransformerEngine's names."""
     import megatron_gem.mcore.fused as fused
-    from megatron_gem.mcore.llama import FusedRMSNorm, arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+    from megatron_gem.mcore.gpt_model import build_gem_gpt_model
+    from megatron_gem.mcore.llama import FusedRMSNorm, arch_from_hf_config, padded_vocab_size, transformer_config
     from megatron_gem.testing import make_tiny_llama
 
     calls = []
@@ -193,8 +195,9 @@ def summary_equivalence():
     from megatron_gem.gem.roles import Role
     from megatron_gem.hf.summary import attach_summary_adapter as attach_hf
     from megatron_gem.hf.summary import detach_summary_adapter as detach_hf
+    from megatron_gem.mcore.gpt_model import build_gem_gpt_model
     from megatron_gem.mcore.hf_mapping import dict_getter, load_hf_into_model
-    from megatron_gem.mcore.llama import arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+    from megatron_gem.mcore.llama import arch_from_hf_config, padded_vocab_size, transformer_config
     from megatron_gem.mcore.summary import attach_summary_adapter, detach_summary_adapter, hf_adapter_state, load_hf_adapter_state
     from megatron_gem.testing import make_tiny_llama
 
@@ -245,8 +248,9 @@ def summary_host_syncs():
     copy of the mask; and which adapted linears took their delta into their own output."""
     from megatron_gem.attention.megatron import gem_mask_info
     from megatron_gem.gem.config import GEMConfig
+    from megatron_gem.mcore.gpt_model import build_gem_gpt_model
     from megatron_gem.mcore.hf_mapping import dict_getter, load_hf_into_model
-    from megatron_gem.mcore.llama import arch_from_hf_config, build_gem_gpt_model, padded_vocab_size, transformer_config
+    from megatron_gem.mcore.llama import arch_from_hf_config, padded_vocab_size, transformer_config
     from megatron_gem.mcore.summary import TARGETS, attach_summary_adapter, detach_summary_adapter
     from megatron_gem.testing import make_tiny_llama
     from tests.host_syncs import HostSyncCounter

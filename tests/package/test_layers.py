@@ -63,11 +63,18 @@ def imports(path: str):
 
 
 def sources():
-    for dirpath, dirnames, names in os.walk(ROOT, followlinks=True):
+    for dirpath, dirnames, names in os.walk(ROOT):
         dirnames[:] = [d for d in dirnames if d != "__pycache__"]
         for name in names:
             if name.endswith(".py"):
                 yield os.path.join(dirpath, name)
+
+
+def test_the_package_holds_no_symlink():
+    """Every file of the package lives in its tree (a symlinked room installs or copies differently
+    from a checkout)."""
+    links = [os.path.join(d, n) for d, dirs, names in os.walk(ROOT) for n in dirs + names if os.path.islink(os.path.join(d, n))]
+    assert not links, links
 
 
 def test_every_room_has_a_layer():

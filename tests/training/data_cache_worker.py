@@ -30,7 +30,7 @@ def main(out_dir: str, data: str, bad: str, cache: str) -> None:
     out = {
         "docs": [first.get(i).tolist() for i in range(len(first))],
         "notes": [first.cache_note, second.cache_note],
-        "stats": first.stats.summary("read"),
+        "stats": first.stats.report("read"),
         "error": error,
     }
     with open(os.path.join(out_dir, f"rank{r}.json"), "w") as f:

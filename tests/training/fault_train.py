@@ -31,15 +31,15 @@ current = {"step": -1}  # 0-based index of the step being computed
 
 
 def _track_steps():
-    from megatron_gem.training import trainer
+    from megatron_gem.training import run as training_run
 
-    original = trainer.loss_weights
+    original = training_run.loss_weights
 
     def loss_weights(step, config):
         current["step"] = step
         return original(step, config)
 
-    trainer.loss_weights = loss_weights
+    training_run.loss_weights = loss_weights
 
 
 def _poisoned() -> bool:
@@ -79,9 +79,9 @@ elif kind == "enospc":
 elif kind == "signal":
     import signal
 
-    from megatron_gem.training import trainer
+    from megatron_gem.training import run as training_run
 
-    weights = trainer.loss_weights  # _track_steps' wrapper: current["step"] is set inside it
+    weights = training_run.loss_weights  # _track_steps' wrapper: current["step"] is set inside it
 
     def signalling_loss_weights(step, config):
         out = weights(step, config)
@@ -89,7 +89,7 @@ elif kind == "signal":
             os.kill(os.getpid(), signal.SIGUSR1)
         return out
 
-    trainer.loss_weights = signalling_loss_weights
+    training_run.loss_weights = signalling_loss_weights
 else:
     raise SystemExit(f"fault_train.py: unknown MG_FAULT kind {kind!r}")
 

@@ -7,7 +7,7 @@ import pytest
 
 from megatron_gem.common.manifest import CheckpointError
 from megatron_gem.training.checkpoint import LATEST, read_latest, resolve_checkpoint
-from megatron_gem.training.trainer import Engine, save_checkpoint
+from megatron_gem.training.run import Engine, save_checkpoint
 
 
 class FakeEngine(Engine):

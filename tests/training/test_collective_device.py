@@ -53,10 +53,10 @@ ENGINES = {
 # Call sites (the first project function outside common/distributed.py) whose collectives the
 # hook must have checked, by the operation torch.distributed ran.
 SITES = {
-    ("all_reduce", "megatron_gem/training/distributed.py:should_exit"),  # the exit signal handler
+    ("all_reduce", "megatron_gem/training/process_setup.py:should_exit"),  # the exit signal handler
     ("all_reduce", "megatron_gem/training/guard.py:check_step"),  # the NaN guard
     ("all_reduce", "megatron_gem/training/step.py:step_record"),  # the metrics of a step
-    ("all_reduce", "megatron_gem/training/trainer.py:train"),  # the global batch's NTP targets
+    ("all_reduce", "megatron_gem/training/run.py:train"),  # the global batch's NTP targets
     ("all_reduce", "megatron_gem/training/validation.py:__call__"),  # validation sums
     ("all_gather", "megatron_gem/training/validation.py:contrastive_sums"),  # validation's InfoNCE keys
     ("all_gather", "megatron_gem/gem/losses.py:info_nce"),  # training's InfoNCE keys (GradCache pass 1)

@@ -23,7 +23,7 @@ def test_two_ranks_tokenise_once_and_share_errors(tmp_path, tiny_tokenizer):
     reference = open_corpus(str(data), tiny_tokenizer, on_bad="skip")  # what each rank tokenised before
     for rank in got:
         assert rank["docs"] == [reference.get(i).tolist() for i in range(len(reference))]
-        assert rank["stats"] == reference.stats.summary("read")  # incl. "documents skipped: 1 (missing_field: 1)"
+        assert rank["stats"] == reference.stats.report("read")  # incl. "documents skipped: 1 (missing_field: 1)"
         assert rank["error"] is not None and f"{bad}:2" in rank["error"]
     built, reused = got[0]["notes"]
     (directory,) = [p for p in cache.iterdir() if p.name.startswith("docs-") and ".tmp." not in p.name]

@@ -206,7 +206,7 @@ def test_negatives_are_read_laid_out_and_counted(pairs):
     corpus, batch = _batch(tok, cfg, pairs, chunk=None)
     assert corpus.negatives.counts.tolist() == [0, 1, 2] * 4
     assert corpus.stats.hard_negatives == 12 and corpus.stats.records_without_negatives == 4
-    assert "[pairs] hard negatives: 12 (records without any: 4, empty strings dropped: 0)" in corpus.stats.summary("pairs")
+    assert "[pairs] hard negatives: 12 (records without any: 4, empty strings dropped: 0)" in corpus.stats.report("pairs")
     n, m = batch["num_texts"], batch["num_negatives"]
     docs = set(batch["doc_ids"][batch["doc_ids"] >= 0].tolist())
     assert docs == set(range(2 * n + m))  # anchors, positives, then the hard negatives

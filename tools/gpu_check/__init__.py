@@ -5,7 +5,7 @@ tuning, a training step, train.py end to end.
 
 One command for one H200 (about 5 minutes with the default budget). Parts:
   a  correctness: the Triton kernel, sdpa and flex against the fp32 reference of the kernel
-     tests (megatron_gem.kernels.testing), bf16 and fp16, outputs and dQ/dK/dV, several layouts
+     tests (megatron_gem.kernels.reference), bf16 and fp16, outputs and dQ/dK/dV, several layouts
      incl. GQA/MQA and suffix_sees_bos; error bound = 2 x the low-precision reference's own
      error + slack (flash-attention style, the same bound as tests/kernels).
   b  speed: bf16, Hq:Hkv 32:8, head dims 128 and 64, 8k/16k/32k tokens in one row; masks dense

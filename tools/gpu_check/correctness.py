@@ -28,7 +28,7 @@ CASES_QUICK = [
 def part_a(ctx: dict, clock: Clock, res: dict, save) -> None:
     from megatron_gem.attention.dispatch import gem_attention
     from megatron_gem.gem.mask import gem_mask
-    from megatron_gem.kernels.testing import PRECISION, error_report, make_inputs, random_batch, reference_attention, run_with_grads
+    from megatron_gem.kernels.reference import PRECISION, error_report, make_inputs, random_batch, reference_attention, run_with_grads
 
     cuda, dev = ctx["cuda"], ctx["device"]
     table, _ = document_lengths()

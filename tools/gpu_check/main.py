@@ -18,7 +18,7 @@ import torch
 from .common import PEAK_BF16_TFLOPS, REPO, Clock, error_text, log, set_log_file, write_json
 from .correctness import part_a
 from .environment import environment, gemm_tflops
-from .report import evaluate_targets, markdown, summary
+from .report import evaluate_targets, headline, markdown
 from .speed import part_b
 from .train_e2e import COMBOS, WHEELS_ENV, part_e
 from .train_step import part_d
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     finally:
         result["wall_s"] = time.monotonic() - t_start
         save()
-        s = summary(result)
+        s = headline(result)
         for rec in s.get("tuning", []):
             print(rec)
         print(json.dumps(s, default=str))

@@ -202,7 +202,7 @@ def train_e2e_markdown(e: dict) -> list[str]:
     return lines
 
 
-def summary(result: dict) -> dict:
+def headline(result: dict) -> dict:
     """The figures for the last stdout line (the full record is in the JSON file)."""
     s = {
         "json": result["files"]["json"],

@@ -12,7 +12,7 @@ does anything only when GEM_TEST_NCCL_RULE names a folder for its reports. Then:
   ``.to`` anything else, or ``.cpu()``, gives a plain host copy again; an op that mixes it
   with a host tensor of one or more dimensions is refused, as CUDA refuses;
 * torch.distributed's tensor collectives, when called from the project's code (megatron_gem/,
-  kernels/, tools/, train.py; the frameworks' own collectives keep their own rules), refuse
+  tools/, train.py; the frameworks' own collectives keep their own rules), refuse
   any tensor not on DECLARED, the way NCCL refuses a host tensor ("No backend type associated
   with device type cpu"), then run on gloo with the host memory underneath;
 * at exit, each process that imported the rule's module writes ``rank{RANK}-{pid}.json`` into
@@ -38,7 +38,7 @@ if os.environ.get("GEM_TEST_NCCL_RULE"):
 
     REPORT_DIR = os.environ["GEM_TEST_NCCL_RULE"]
     REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    PROJECT = tuple(os.path.join(REPO, p) for p in ("megatron_gem" + os.sep, "kernels" + os.sep, "tools" + os.sep, "train.py"))
+    PROJECT = tuple(os.path.join(REPO, p) for p in ("megatron_gem" + os.sep, "tools" + os.sep, "train.py"))
     RULE_FILE = os.path.join(REPO, "megatron_gem", "common", "distributed.py")
     RULE_MODULE = "megatron_gem.common.distributed"
     DECLARED = torch.device("privateuseone")  # any device type that is not the CPU

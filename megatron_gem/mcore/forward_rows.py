@@ -31,7 +31,7 @@ def join_rows(ntp: dict | None, contrastive: dict | None, device=None) -> dict:
     out["num_texts"] = int(contrastive["num_texts"]) if contrastive is not None else 0
     out["num_negatives"] = int(contrastive.get("num_negatives", 0)) if contrastive is not None else 0
     if contrastive is not None and contrastive.get("teacher") is not None:
-        out["teacher"] = contrastive["teacher"]  # the teacher's rows of the contrastive texts (distill/batch.py)
+        out["teacher"] = contrastive["teacher"]  # the teacher's rows of the contrastive texts (distill/teacher_rows.py)
     if device is not None:
         out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
     return out

@@ -1,4 +1,4 @@
-"""Fast paths for executing the GEM rule (imported as megatron_gem.kernels).
+"""Fast paths for executing the GEM rule.
 
   block_table            which (query block, key block) tiles hold allowed pairs (torch only)
   gem_attention_triton   the block-sparse Triton attention: forward, backward, registered as the

@@ -37,10 +37,10 @@ from .checkpoint import (
     tag_for,
 )
 from .config import JobConfig
-from .data_setup import build_loaders, build_validation_loaders, cache_summary, data_cache_dir, data_summary, open_training_corpus, split_training_corpus
-from .distributed import exit_signal_handler
+from .data_setup import build_loaders, build_validation_loaders, cache_report, data_cache_dir, data_report, open_training_corpus, split_training_corpus
 from .loop import StepBookkeeping
 from .metrics import MetricsLogger
+from .process_setup import exit_signal_handler
 from .step import StepOutput, count_trained_tokens, step_record
 from .validation import Validator
 
@@ -93,11 +93,12 @@ class Engine:
         """The engine's part of the start-up banner."""
         return self.name
 
-    def summary(self) -> dict:
+    def report(self) -> dict:
+        """The engine's figures for the run's final report (its parallel layout)."""
         return {}
 
     def close(self) -> None:
-        """End of the run (before the summary is printed)."""
+        """End of the run (before the final report is printed)."""
 
     def shutdown(self) -> None:
         """After the summary, and on the error paths: tear down the process groups. A process
@@ -194,7 +195,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
     engine.build(job, tokenizer)
 
     corpus = open_training_corpus(job.data, tokenizer, cache_dir=data_cache_dir(job))
-    cache_text = cache_summary(corpus)
+    cache_text = cache_report(corpus)
     corpus, valid_corpus, split_note = split_training_corpus(job, corpus, tokenizer)
     ntp_loader, cl_loader = build_loaders(job, corpus, tokenizer, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
     engine.adapt_loaders(job, ntp_loader, cl_loader)
@@ -230,7 +231,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
     )
     D.print_main(
         f"[megatron-gem] {job.model.path}: {engine.describe()}, accum={accum}, steps {start_step}->{end_step} "
-        f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_summary(corpus, cl_loader, ntp_loader)}{cache_text}\nvalidation: {valid_text}"
+        f"(phase 2 from {job.gem.contrastive_from_step}), {len(corpus)} documents; data: {data_report(corpus, cl_loader, ntp_loader)}{cache_text}\nvalidation: {valid_text}"
         + (f"\n{describe_teacher(teacher, job)}" if teacher is not None else "")
     )
 
@@ -264,4 +265,4 @@ def train(job: JobConfig, engine: Engine) -> dict:
     log.close()
     engine.close()
     extra = {"teacher_texts_cached": teacher.hits, "teacher_texts_computed": teacher.misses} if teacher is not None else {}
-    return book.summary(**engine.summary(), **extra)
+    return book.final_report(**engine.report(), **extra)

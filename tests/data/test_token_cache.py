@@ -1,4 +1,4 @@
-"""Text input tokenised once (data/cache.py): the cached corpus is the in-memory corpus of the same
+"""Text input tokenised once (data/token_cache.py): the cached corpus is the in-memory corpus of the same
 text (documents, token ids, counts), reused only for the same content and tokenizer, never
 half-written."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from megatron_gem.data import DataError, open_corpus
-from megatron_gem.data.cache import CACHE_INFO, build_or_reuse, cache_key, cacheable, open_cached
+from megatron_gem.data.token_cache import CACHE_INFO, build_or_reuse, cache_key, cacheable, open_cached
 
 
 def _corpus_files(tmp_path):
@@ -38,7 +38,7 @@ def test_cached_corpus_is_the_in_memory_corpus_and_is_reused(tmp_path, tiny_toke
     assert entry.status == "built" and entry.documents == len(reference) == 65
     assert _docs(cached) == _docs(reference)
     assert np.array_equal(cached.lengths, reference.lengths) and cached.fingerprint() == reference.fingerprint()
-    assert cached.stats.summary("read") == reference.stats.summary("read")  # skipped records and why, tokens
+    assert cached.stats.report("read") == reference.stats.report("read")  # skipped records and why, tokens
     assert dict(cached.stats.skipped) == {"malformed_json": 1, "missing_field": 1}, cached.stats.skipped
 
     import megatron_gem.data.preprocess as preprocess

@@ -57,13 +57,13 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..common import distributed as D
-from ..distill.batch import embed_batch
+from ..distill.teacher_rows import embed_batch
 from ..gem.config import GEMConfig
 from ..gem.losses import Distillation, LogitScale, loss_weights, micro_batch_loss
 from ..gem.readout import pool_special_states
 from .collator import CL_KEYS, CL_PREFIX, GEMDataCollator
 from .enable import is_gem_enabled
-from .summary import gem_adapter_of, load_gem_adapter, save_gem_adapter
+from .gem_adapter import gem_adapter_of, load_gem_adapter, save_gem_adapter
 
 logger = logging.getLogger(__name__)
 LOGIT_SCALE_FILE = "gem_logit_scale.pt"
@@ -186,7 +186,7 @@ class GEMTrainerMixin:
         steps = self.current_gradient_accumulation_steps if self._gem_trainer_skips_ga_division(num_items_in_batch) else 1
         emb, head_out = self.gem_contrastive_embeddings(model, cl_batch)
         teacher = None
-        if self.gem_teacher is not None:  # its rows of the same texts, no gradient (distill/batch.py)
+        if self.gem_teacher is not None:  # its rows of the same texts, no gradient (distill/teacher_rows.py)
             teacher = embed_batch(self.gem_teacher, {"texts": cl_batch.get("texts"), "num_texts": cl_batch["num_texts"]})["teacher"]
         part = micro_batch_loss(
             w_ntp=w_ntp,
