@@ -42,16 +42,14 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from ..attention.megatron import gem_mask_info, summary_query_info
+from ..attention.megatron import gem_mask_info
 from ..common import distributed as D
 from ..common.files import write_json_atomic
-from ..gem.adapter import base_only
 from ..gem.losses import Distillation
-from ..gem.summary_step import gather_summary_queries, summary_width
 from ..mcore import checkpoint_io as io
 from ..mcore.batch import join_rows, unwrap_model
 from ..mcore.loss import contrastive_embeddings, gem_micro_batch_loss
-from ..mcore.summary import summary_adapter_of
+from ..mcore.summary import SummaryFastPath
 from .args import ArgumentError
 from .grad_cache import RngSnapshot, chunk_teacher_rows, embedding_grads, surrogate_loss
 from .schedule import lr_for_step
@@ -114,27 +112,6 @@ class StepLoss:
         )
         stats = {"ntp_sum": out.ntp_sum, "ntp_tokens": out.ntp_tokens, "cl": float(out.cl) if out.cl is not None else None, "tokens": out.tokens}
         return out.total, stats
-
-
-def summary_step_batch(batch: dict, slot: int, width: int) -> dict:
-    """The summary step's micro-batch of a joined contrastive micro-batch: its gathered summary
-    tokens ([B, width], gem/summary_step.py) and their ``attention_mask`` (summary_query_info:
-    read the prefill recorded under ``slot``); the counts (and the teacher's rows) the loss reads."""
-    q = gather_summary_queries(batch, width=width)
-    out = {
-        "input_ids": q["input_ids"],
-        "position_ids": q["position_ids"],
-        "doc_ids": q["doc_ids"],
-        "roles": q["roles"],
-        "attention_mask": summary_query_info(q, slot),
-        "labels": None,
-        "ntp_rows": 0,
-        "num_texts": batch["num_texts"],
-        "num_negatives": batch["num_negatives"],
-    }
-    if batch.get("teacher") is not None:
-        out["teacher"] = batch["teacher"]
-    return out
 
 
 def _with_ntp_stats(stats: list[dict], ntp_stats: list[dict] | None) -> list[dict]:
@@ -360,10 +337,9 @@ class MegatronEngine(Engine):
         finalized (data-parallel reduction) only with pass 2's. Returns the per-micro-batch stats
         the plain path's schedule returns."""
         ntp_stats = self._ntp_schedule_unfinalized(ntp_batches, len(cl_batches), w_ntp=w_ntp, ntp_scale=ntp_scale)
-        store = summary_adapter_of(self.model).prefill_kv
         micro = [join_rows(None, b, self.device) for b in cl_batches]
-        try:
-            steps, width = self._prefill(micro)
+        with SummaryFastPath(self.model) as fast:
+            steps, width = self._prefill(fast, micro)
             step_loss = StepLoss(w_ntp=0.0, w_cl=w_cl, ntp_scale=0.0, gather_keys=self.gather_keys, distill=self.distill)
 
             def summary_step(data_iterator, model):
@@ -372,8 +348,6 @@ class MegatronEngine(Engine):
                 return output, lambda out: step_loss.loss(batch, unwrap_model(model), out)
 
             stats = self._schedule(summary_step, steps, seq_length=max(width, 1))
-        finally:
-            store.clear()
         for record, batch in zip(stats, micro):  # the micro-batch's tokens, not only its summary tokens
             record["tokens"] = int((batch["doc_ids"] >= 0).sum())
         return _with_ntp_stats(stats, ntp_stats)
@@ -391,10 +365,9 @@ class MegatronEngine(Engine):
         ntp_stats = self._ntp_schedule_unfinalized(ntp_batches, len(cl_batches), w_ntp=w_ntp, ntp_scale=ntp_scale)
         owner = [(m, c) for m in range(len(cl_batches)) for c in range(per_micro)]
         chunks = [join_rows(None, cl_batches[m]["chunks"][c], self.device) for m, c in owner]
-        store = summary_adapter_of(self.model).prefill_kv
         snapshots: list[RngSnapshot] = []
-        try:
-            steps, width = self._prefill(chunks)
+        with SummaryFastPath(self.model) as fast:
+            steps, width = self._prefill(fast, chunks)
 
             embed_step = self._embed_step(snapshots, lambda batch: batch["attention_mask"])  # pass 1: embeddings only, no graph
             with torch.no_grad():
@@ -411,8 +384,6 @@ class MegatronEngine(Engine):
                 return output, lambda out: self._surrogate(batch, unwrap_model(model), out, cached[m], c, w_ntp=0.0, ntp_scale=0.0, per_micro=per_micro)
 
             stats = self._schedule(grad_step, steps, seq_length=max(width, 1))
-        finally:
-            store.clear()
         out = []
         for m in range(len(cl_batches)):  # one record per micro-batch, as the plain path's; every token of its chunks
             group = stats[m * per_micro : (m + 1) * per_micro]
@@ -420,26 +391,19 @@ class MegatronEngine(Engine):
                 out.append({**group[0], "tokens": sum(int((chunks[k]["doc_ids"] >= 0).sum()) for k in range(m * per_micro, (m + 1) * per_micro))})
         return _with_ntp_stats(out, ntp_stats)
 
-    def _prefill(self, micro: list) -> tuple[list, int]:
+    def _prefill(self, fast: SummaryFastPath, micro: list) -> tuple[list, int]:
         """The fast path's pass 1: a forward-only schedule of ``micro`` (joined contrastive rows)
-        under no_grad with the deltas off, every GEM core attention recording its keys and values
-        under the micro-batch's slot. Returns the summary-step micro-batches reading those slots
-        and their width (one for the step: pipeline messages have one shape)."""
-        adapter = summary_adapter_of(self.model)
-        store = adapter.prefill_kv
-        slots = iter(range(len(micro)))
+        without autograd, the base model's keys and values recorded (mcore/summary.py). Returns
+        the summary-step micro-batches reading that record and their width."""
 
         def prefill_step(data_iterator, model):
             batch = next(data_iterator)
-            store.record_slot = next(slots)
-            output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=0)
+            output = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], ntp_rows=0)
             return output, lambda out: (torch.zeros((), device=self.device), {})
 
-        with torch.no_grad(), base_only(adapter):
-            self._schedule(prefill_step, micro, forward_only=True)
-        store.record_slot = None
-        width = max(summary_width(b) for b in micro)
-        return [summary_step_batch(b, slot, width) for slot, b in enumerate(micro)], width
+        with torch.no_grad():
+            self._schedule(prefill_step, fast.prefill_batches(micro), forward_only=True)
+        return fast.step_batches(micro)
 
     def _ntp_schedule_unfinalized(self, ntp_batches: list, accum: int, *, w_ntp: float, ntp_scale: float) -> list[dict] | None:
         """The fast path's NTP rows (--gem-alpha < 1; GEM layouts, whose suffix depends on the
