@@ -97,31 +97,47 @@ def surrogate_loss(emb: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, s
 def cached_backward(
     forward, backward, batch: dict, *, weight: float, gather_keys: GatherKeys | None = None, extra=None, distill: Distillation | None = None
 ) -> float:
-    """Both GradCache passes over ``batch["chunks"]`` for an engine that runs its own forward
-    and backward calls (DeepSpeed). ``forward(chunk)`` -> (embeddings, logit scale);
-    ``backward(loss, last)`` backpropagates one chunk's surrogate (``last``: the micro-batch's
-    final backward); ``extra()`` (optional) gives a loss that rides with the first chunk's
-    backward (phase 2's NTP part when alpha < 1). Chunks that carry the teacher's rows
-    (``chunk["teacher"]``, distill/batch.py) add the teacher's term (``distill``). Returns the
-    micro-batch's contrastive term."""
-    chunks = batch["chunks"]
-    snapshots, embs, scale = [], [], None
-    with torch.no_grad():
-        for chunk in chunks:
-            snapshots.append(RngSnapshot())
-            emb, scale = forward(chunk)
-            embs.append(emb)
-    counts = [(int(c["num_texts"]), int(c.get("num_negatives", 0))) for c in chunks]
-    cached = embedding_grads(embs, counts, scale, weight=weight, gather_keys=gather_keys, teacher=chunk_teacher_rows(chunks), distill=distill)
-    del embs
-    for c, chunk in enumerate(chunks):
-        snapshots[c].restore()
-        emb, scale = forward(chunk)
-        loss = surrogate_loss(emb, cached.grads[c], scale, cached.scale_grad if c == 0 else None)
-        if c == 0 and extra is not None:
-            loss = loss + extra()
-        backward(loss, c == len(chunks) - 1)
-    return cached.loss
+    """Both GradCache passes over ``batch["chunks"]`` for a caller that runs its own forward and
+    backward calls (a plain-PyTorch loop, tools/bench_train.py). ``forward(chunk)`` ->
+    (embeddings, logit scale); ``backward(loss, last)`` backpropagates one chunk's surrogate
+    (``last``: the micro-batch's final backward); ``extra()`` (optional) gives a loss that rides
+    with the first chunk's backward (phase 2's NTP part when alpha < 1). Chunks that carry the
+    teacher's rows (``chunk["teacher"]``, distill/batch.py) add the teacher's term (``distill``).
+    Returns the micro-batch's contrastive term. The passes are training/step_plan.py's, the
+    engines' own."""
+    from .step_plan import StepPlan, run_step  # step_plan builds on this module
+
+    passes = _CallablePasses(forward, backward, extra)
+    records = run_step(StepPlan(grad_cache=True), passes, [], [batch], w_cl=weight, gather_keys=gather_keys, distill=distill)
+    return records[0]["cl"]
+
+
+class _CallablePasses:
+    """step_plan.Passes over two callables (see cached_backward)."""
+
+    def __init__(self, forward, backward, extra):
+        self.forward, self.backward, self.extra = forward, backward, extra
+
+    def forward_only(self, units) -> list:
+        out = []
+        with torch.no_grad():
+            for u in units:
+                u.begin_forward(pass_one=True)
+                out.append(self.forward(u.cl))
+        return out
+
+    def forward_backward(self, units, *, finalize: bool = True) -> list[dict]:
+        for u in units:
+            u.begin_forward()
+            emb, scale = self.forward(u.cl)
+            loss = u.surrogate(emb, scale)
+            if u.chunk == 0 and self.extra is not None:
+                loss = loss + self.extra()
+            self.backward(loss, u.last)
+        return [{"ntp_sum": None, "ntp_tokens": 0, "cl": None, "tokens": 0} for _ in units]
+
+    def prefill(self, units):
+        raise NotImplementedError("no prefill pass here")
 
 
 class RngSnapshot:
