@@ -3,7 +3,8 @@
 The base model's modules, parameters and state dict are left as they are (no wrapping): each
 adapted ``nn.Linear`` gets a forward hook that adds its delta on the active rows, and each
 decoder layer a forward pre-hook that sets the active rows from the ``roles``/``doc_ids`` the
-layer receives (none when the call says ``gem_base_only``: the fast path's prefill) (transformers passes the extra model keywords down to every layer; the layers of
+layer receives, none when the call says ``gem_base_only`` (the fast path's prefill: a per-call
+keyword, no flag on the adapter) (transformers passes the extra model keywords down to every layer; the layers of
 one forward share one gem.adapter.ActiveRows, found with one sync). The delta is added into the
 linear's fresh output in place (no copy of it, no boolean mask). Activation
 recomputation re-runs a layer's forward without its hooks, so the layer's checkpoint function is

@@ -6,16 +6,15 @@ resume, export cadence, pre-emption) is the trainer's, shared with the DeepSpeed
 * the model is megatron-core's GPTModel (mcore/gpt_model.py, built by mcore.provider) with GEM
   core attention; ``--model`` is an HF checkpoint (GEM tokens added with mean rows when
   missing) or a megatron checkpoint written by tools/convert_checkpoint.py;
-* one optimizer step = megatron-core's forward_backward_func over ``accum`` micro-batches
-  (1F1B pipeline schedule when PP > 1), then the megatron optimizer step;
+* one optimizer step = the passes training/step_plan.py composes (plain, summary fast path,
+  GradCache, any mix), each one megatron-core forward_backward_func call over its units
+  (``MegatronPasses``; 1F1B pipeline schedule when PP > 1), then the megatron optimizer step;
 * a phase-2 micro-batch with alpha < 1 carries its NTP rows and its contrastive rows in one
   forward (rows [:n] NTP, rows [n:] the contrastive texts), so every pipeline message has one
   shape per step;
-* a GradCache step (``--contrastive-micro-batch-size``, training/grad_cache.py; PP = 1) is two
-  schedule calls: forward-only (no graph) over every chunk of every micro-batch, which gives
-  the embeddings; the InfoNCE gradients of each micro-batch's embeddings; then forward and
-  backward over the chunks with the surrogate loss (a micro-batch's NTP rows ride with its
-  first chunk), scaled back by the chunk count the schedule divides by;
+* a GradCache pass (``--contrastive-micro-batch-size``; PP = 1) scales each chunk's surrogate
+  loss back by the chunk count the schedule divides by; the summary fast path's prefill is a
+  forward-only pass whose record mcore/summary.py's ``SummaryFastPath`` keeps for the step;
 * checkpoints are megatron-core dist_checkpointing (model + distributed optimizer), which
   ``tools/convert_checkpoint.py megatron-to-hf`` also reads;
 * summary mode (``--gem-train summary``, mcore/summary.py): the base is frozen, only the adapter
