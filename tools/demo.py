@@ -73,7 +73,7 @@ def parse_args(argv=None):
         default=None,
         metavar="TEMPLATE",
         help="train.py --gem-embed-template: a template with one {text} wrapped around every embedded text before the summary tokens, "
-        "in training and at embedding time; default in summary mode PromptEOL's (it took the demo's average from 0.328 to 0.577, README), "
+        "in training and at embedding time; default in summary mode PromptEOL's (it took the demo's average from 0.328 to 0.577, docs/eval.md), "
         "in full mode '' (the bare text; full mode with a template is not measured)",
     )
     p.add_argument(

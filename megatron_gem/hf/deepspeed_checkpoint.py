@@ -6,8 +6,9 @@ deepspeed-to-hf``), for every engine configuration train.py writes:
 * ZeRO-0 with --bf16: the optimizer's fp32 master weights (fp32_groups), matched to the
   parameters in the optimizer's own order (train.py's param_groups: decayed matrices, then the
   rest) and checked against the module's bf16 copies, which must be their rounding;
-* ZeRO-1/2/3 (any precision): DeepSpeed's own consolidation, zero_to_fp32 (which unpickles the
-  optimizer-state files: convert only checkpoints you trust);
+* ZeRO-1/2/3 (any precision): DeepSpeed's own consolidation, zero_to_fp32, with every file it
+  reads loaded weights-only (``_weights_only_zero_to_fp32``): tensors, containers and three
+  DeepSpeed record types, never a pickled callable, so a foreign checkpoint cannot run code;
 * summary mode (--gem-train summary): the checkpoint holds only what trained (adapter, logit
   scale); the output is the adapter folder train.py exports (hf/summary_files.py) over the base
   checkpoint given as ``model_dir``.
@@ -22,6 +23,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
+import types
+from unittest import mock
 
 import torch
 
@@ -105,17 +109,56 @@ def _zero0_state(path: str) -> dict[str, torch.Tensor]:
     return {name: masters.get(_storage_key(t), t.float()) for name, t in module.items()}
 
 
+# The DeepSpeed types an optimizer-state file pickles beside its tensors (DeepSpeed 0.19): a
+# loss scaler's attributes, the ZeRO stage enum and ZeRO-1/2's fragment records. Allowing these
+# classes lets ``weights_only`` loading rebuild them; nothing else (no callable) is allowed.
+def _deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class _WeightsOnlyTorch(types.ModuleType):
+    """``torch`` as zero_to_fp32 sees it: the same module except ``load``, which always loads
+    weights-only (zero_to_fp32 passes ``weights_only=False`` to every file it reads)."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        return torch.load(f, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _weights_only_zero_to_fp32():
+    """DeepSpeed's zero_to_fp32 module, reading every checkpoint file weights-only."""
+    from deepspeed.utils import zero_to_fp32
+
+    with mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()), torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        yield zero_to_fp32
+
+
 def deepspeed_state(tag_dir: str) -> dict[str, torch.Tensor]:
     """fp32 tensors of every parameter a checkpoint directory of the DeepSpeed engine holds,
-    under GEMModel's names (``lm.*``, ``logit_scale.*``, summary mode ``adapter.*``)."""
+    under GEMModel's names (``lm.*``, ``logit_scale.*``, summary mode ``adapter.*``). Every file
+    is read weights-only: a file that needs more than tensors and DeepSpeed's record types to
+    load is refused (CheckpointError naming it), never unpickled."""
     names = os.listdir(tag_dir)
     if not any(n.endswith("_optim_states.pt") for n in names):  # ZeRO-0: no partitioned optimizer state
         return _zero0_state(os.path.join(tag_dir, MODEL_STATES[0]))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
-            return dict(get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir)))
+        with _weights_only_zero_to_fp32() as zero_to_fp32, contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+            return dict(zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir)))
+    except pickle.UnpicklingError as e:  # weights-only refused a global: name the file's verdict, not torch's advice
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise CheckpointError(f"{tag_dir}: refusing to load it: a file holds more than tensors and DeepSpeed's checkpoint records ({reason})") from e
     except Exception as e:  # DeepSpeed's reader raises whatever a bad file makes it raise
         raise CheckpointError(f"{tag_dir}: DeepSpeed's zero_to_fp32 cannot read it ({type(e).__name__}: {e})") from e
 

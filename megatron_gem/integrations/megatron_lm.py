@@ -57,6 +57,7 @@ def gem_model_provider(
     make_vocab_size_divisible_by: int = 128,
     sequence_parallel: bool = False,
     recompute_granularity: str | None = None,
+    seq_length: int | None = None,
 ) -> Callable:
     """A Megatron-LM style ``model_provider(pre_process=True, post_process=True, vp_stage=None)``.
 
@@ -65,7 +66,8 @@ def gem_model_provider(
     from there and returns this stage's GEMGPTModel with the checkpoint's weights (GEM tokens added
     to ``tokenizer`` / ``config`` if missing), built by the same ``build_gem_model`` as train.py's
     megatron engine. The provider exposes ``provider.arch``, ``provider.vocab_size`` and
-    ``provider.config`` after its first call.
+    ``provider.config`` after its first call. ``seq_length`` (Megatron-LM's ``--seq-length``):
+    refused when above the checkpoint's ``max_position_embeddings``.
     """
     from ..hf.model import load_tokenizer
 
@@ -90,6 +92,7 @@ def gem_model_provider(
             sequence_parallel=sequence_parallel,
             recompute_granularity=recompute_granularity,
             make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+            seq_length=seq_length,
             pre_process=pre_process,
             post_process=post_process,
         )

@@ -53,6 +53,7 @@ def build_gem_model(
     Summary mode (``gem_config.train_mode == "summary"``): the summary tokens are existing ones
     (gem.tokens.summary_token_ids, no rows added), the base is frozen and the adapter attached
     (mcore.summary.attach_summary_adapter; its initial A from ``seed``).
+    ``seq_length``: the longest row the run will feed, checked against the checkpoint's positions.
     Raises ModelLoadError / ValueError naming the problem."""
     from megatron.core import parallel_state
 
@@ -76,6 +77,9 @@ def build_gem_model(
     else:
         arch, hf_config, source, vocab = load_hf_source(path, tokenizer, gem_config)
         padded = padded_vocab_size(vocab, tp, make_vocab_size_divisible_by)
+    if seq_length is not None and seq_length > arch.max_position_embeddings:
+        # train.py checks this in its flags; the Megatron-LM provider's callers reach it here.
+        raise ModelLoadError(f"--seq-length {seq_length} is above --model {path}'s max_position_embeddings {arch.max_position_embeddings}")
     impl = choose_layer_impl(fused_kernels_available(), summary_mode=gem_config.summary_mode)
     config = transformer_config(
         arch,

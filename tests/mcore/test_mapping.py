@@ -143,3 +143,16 @@ def test_summary_mode_refuses_sequence_parallel(tiny_tokenizer):
 
     with pytest.raises(ValueError, match="--gem-train summary does not support --sequence-parallel"):
         build_gem_model("unused", tiny_tokenizer, GEMConfig(train_mode="summary"), tp=2, pp=1, sequence_parallel=True)
+
+
+def test_a_sequence_longer_than_the_checkpoint_positions_is_refused(tiny_inputs, tiny_tokenizer):
+    """build_gem_model's ``seq_length`` (Megatron-LM's provider path has no train.py flag check)."""
+    from transformers import AutoConfig
+
+    from megatron_gem.common.errors import ModelLoadError
+    from megatron_gem.gem.config import GEMConfig
+    from megatron_gem.mcore.provider import build_gem_model
+
+    limit = AutoConfig.from_pretrained(tiny_inputs["model"]).max_position_embeddings
+    with pytest.raises(ModelLoadError, match=f"--seq-length {limit + 1} is above --model .*max_position_embeddings {limit}"):
+        build_gem_model(tiny_inputs["model"], tiny_tokenizer, GEMConfig(), tp=1, pp=1, seq_length=limit + 1)

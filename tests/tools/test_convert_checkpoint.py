@@ -104,6 +104,37 @@ def test_every_deepspeed_checkpoint_round_trips(runs, kind, tmp_path):
     assert "manifest.json" not in verify(str(out))["files"]
 
 
+class _Payload:
+    """What a hostile checkpoint could pickle: unpickling it would run ``open(path, "w")``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unread(runs, tmp_path, capsys):
+    """ZeRO-1/2/3 files go through DeepSpeed's zero_to_fp32, which loads them with
+    ``weights_only=False``: a pickled callable in an optimizer-state file would run. The converter
+    reads every file weights-only, so the payload never runs and the file is refused in one line.
+    Before: the payload ran (the marker file appeared) and the conversion went on."""
+    save, model = runs("zero1")
+    hostile = tmp_path / "hostile"
+    shutil.copytree(save, hostile)
+    (hostile / "global_step2" / "manifest.json").unlink()
+    optim = next((hostile / "global_step2").glob("*_optim_states.pt"))
+    state = torch.load(optim, map_location="cpu", weights_only=False)  # the test's own file
+    marker = tmp_path / "payload_ran"
+    state["optimizer_state_dict"]["extra"] = _Payload(str(marker))
+    torch.save(state, optim)
+    assert convert("deepspeed-to-hf", "--input", str(hostile), "--model", model, "--output", str(tmp_path / "hf")) == 1
+    assert not marker.exists()
+    line = one_error_line(capsys.readouterr().err)
+    assert str(hostile / "global_step2") in line and "refusing to load" in line
+    assert not (tmp_path / "hf").exists()
+
+
 # ---- never removes what it did not write -------------------------------------------------------
 
 
