@@ -55,11 +55,6 @@ class StepPlan:
             grad_cache=bool(cl_batches) and "chunks" in cl_batches[0],
         )
 
-    def describe(self) -> str:
-        parts = ["summary tokens" if self.summary_positions else "all rows"]
-        parts += [name for name, on in (("prefill pass", self.prefill), ("NTP apart", self.ntp_apart), ("GradCache", self.grad_cache)) if on]
-        return ", ".join(parts)
-
 
 @dataclass
 class Unit:
