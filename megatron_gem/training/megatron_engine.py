@@ -178,8 +178,21 @@ class MegatronPasses:
             return output, lambda out: self._surrogate(u, batch, inner, out)
 
         batches = [self._batch(u) for u in units]
-        with contextlib.nullcontext() if finalize else self.engine._grads_finalized_later():
+        with contextlib.nullcontext() if finalize else self._grads_finalized_later():
             return self._run(units, batches, step)
+
+    @contextlib.contextmanager
+    def _grads_finalized_later(self):
+        """A forward-backward schedule that leaves its gradients in the buffers unreduced: the
+        step's last schedule finalizes (data-parallel all-reduce / reduce-scatter, sequence-
+        parallel norms) everything once; finalizing twice would reduce the first part again."""
+        config = self.engine.config
+        finalize = config.finalize_model_grads_func
+        config.finalize_model_grads_func = None
+        try:
+            yield
+        finally:
+            config.finalize_model_grads_func = finalize
 
     def _surrogate(self, u: Unit, batch, model, output):
         """GradCache pass 2: the unit's NTP part (and the zero touches) plus its surrogate."""
