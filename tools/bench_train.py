@@ -198,8 +198,8 @@ def run_memory_point(args) -> dict:
     from megatron_gem.data import ContrastiveDataset, GEMDataLoader, InMemoryCorpus
     from megatron_gem.gem import GEMConfig
     from megatron_gem.hf.model import GEMModel, prepare_gem_lm
-    from megatron_gem.training.grad_cache import cached_backward
     from megatron_gem.training.step import contrastive_micro_loss
+    from megatron_gem.training.step_plan import cached_backward
 
     n, chunk = args.memory_point
     torch.manual_seed(0)

@@ -20,7 +20,6 @@ Pieces (plain torch; the HF and megatron-core adapters attach them to their line
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 
@@ -61,7 +60,7 @@ class ActiveRows:
         return cls(mask.shape, mask.reshape(-1).nonzero().squeeze(1))
 
 
-def _alias_key(t: torch.Tensor) -> tuple:
+def alias_key(t: torch.Tensor) -> tuple:
     """What identifies a tensor's contents without reading them: its memory (address, shape,
     strides, dtype) and its version counter. Views and ``detach()`` copies of one tensor (what
     activation recompute hands a layer) share all of it; an in-place write bumps the version.
@@ -104,7 +103,7 @@ class ActiveMask:
     def rows_for(self, sources: tuple[torch.Tensor, ...], mask_of) -> ActiveRows:
         """The ActiveRows of ``mask_of()``, a bool mask computed from the tensors ``sources``
         alone: from the memo when the same ``sources`` were seen, else built (one sync)."""
-        key = tuple(_alias_key(t) for t in sources)
+        key = tuple(alias_key(t) for t in sources)
         for i, (k, _, rows) in enumerate(self._memo):
             if k == key:
                 self._memo.insert(0, self._memo.pop(i))
@@ -188,17 +187,3 @@ class SummaryAdapter(nn.Module):
     def set_positions(self, roles: torch.Tensor | None, doc_ids: torch.Tensor | None) -> None:
         """Activate at this batch's summary positions; None (no GEM metadata): nowhere."""
         self.active.set(None if roles is None else self.rows_for(roles, doc_ids))
-
-
-@contextlib.contextmanager
-def base_only(adapter):
-    """The deltas act nowhere inside the block (the base model exactly), GEM metadata or not:
-    the no-grad prefill of the phase-2 fast path, in both engines. ``adapter``: a SummaryAdapter
-    or mcore's MegatronSummaryAdapter (both read ``suspended`` when setting their rows)."""
-    before = adapter.suspended
-    adapter.suspended = True
-    try:
-        yield
-    finally:
-        adapter.suspended = before
-        adapter.active.clear()

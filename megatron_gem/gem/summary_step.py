@@ -1,6 +1,6 @@
 """The summary step of summary mode's phase-2 fast path, in plain PyTorch: which tokens run with
 autograd and how the keys they read are described. Both engines run it: hf/summary.py over a
-transformers DynamicCache, the megatron-core engine over attention/megatron.py's PrefillKV.
+transformers DynamicCache, the megatron-core engine over mcore/summary.py's PrefillKV.
 
 Why the step is exact: with the base frozen and the deltas acting only at SPECIAL positions, the
 text before the summary tokens depends on no trainable parameter (a PREFIX token never attends a

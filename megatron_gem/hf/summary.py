@@ -3,7 +3,8 @@
 The base model's modules, parameters and state dict are left as they are (no wrapping): each
 adapted ``nn.Linear`` gets a forward hook that adds its delta on the active rows, and each
 decoder layer a forward pre-hook that sets the active rows from the ``roles``/``doc_ids`` the
-layer receives (transformers passes the extra model keywords down to every layer; the layers of
+layer receives, none when the call says ``gem_base_only`` (the fast path's prefill: a per-call
+keyword, no flag on the adapter) (transformers passes the extra model keywords down to every layer; the layers of
 one forward share one gem.adapter.ActiveRows, found with one sync). The delta is added into the
 linear's fresh output in place (no copy of it, no boolean mask). Activation
 recomputation re-runs a layer's forward without its hooks, so the layer's checkpoint function is
@@ -19,9 +20,14 @@ import inspect
 import torch
 from torch import nn
 
-from ..gem.adapter import ActiveRows, SummaryAdapter, base_only
+from ..gem.adapter import ActiveRows, SummaryAdapter
 from ..gem.config import GEMConfig
 from ..gem.summary_step import gather_summary_queries, prefill_keys
+
+# The per-call keyword of a forward whose deltas act nowhere, GEM metadata or not (the base model
+# exactly): the phase-2 fast path's prefill. transformers passes it down to every decoder layer
+# with doc_ids/roles; the attention ignores it.
+BASE_ONLY = "gem_base_only"
 
 # Every attention and MLP projection of the Llama/Mistral family (HF module names).
 DEFAULT_HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -71,13 +77,11 @@ def attach_summary_adapter(lm, config: GEMConfig, *, adapter: SummaryAdapter | N
         handles.append(modules[name].register_forward_hook(lambda mod, args, out, d=delta: d(args[0], out, adapter.active.rows, in_place=True)))
 
     def set_rows(mod, args, kwargs):
-        if adapter.suspended:
+        if kwargs.get(BASE_ONLY):
             adapter.active.clear()
         else:
             adapter.set_positions(kwargs.get("roles"), kwargs.get("doc_ids"))
         _pin_rows_for_recompute(mod, adapter)
-
-    adapter.suspended = False
 
     for layer in decoder_layers(lm):
         handles.append(layer.register_forward_pre_hook(set_rows, with_kwargs=True))
@@ -157,8 +161,8 @@ def summary_states(lm, adapter: SummaryAdapter, batch: dict) -> tuple[torch.Tens
     ids, pos, docs, roles = batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["roles"]
     q = gather_summary_queries(batch)
     cache = DynamicCache(config=lm.config)
-    with torch.no_grad(), base_only(adapter):
-        lm.base_model(input_ids=ids, position_ids=pos, doc_ids=docs, roles=roles, **cache_kwargs(lm, cache))
+    with torch.no_grad():
+        lm.base_model(input_ids=ids, position_ids=pos, doc_ids=docs, roles=roles, **{BASE_ONLY: True}, **cache_kwargs(lm, cache))
     k = prefill_keys(docs, roles, q)
     keys = {
         "gem_key_doc_ids": k["doc_ids"],

@@ -25,6 +25,16 @@ recomputation on the detached copy of the same argument, share one ActiveRows) a
 add by index, with no device-to-host sync per layer. Column-parallel outputs take the delta in
 place; a RowParallelLinear's output comes out of the tensor-parallel all-reduce Function as a
 view autograd forbids writing into, so it takes it out of place (one copy of that output).
+Summary mode's phase-2 fast path (gem/summary_step.py) runs as two schedule passes whose
+micro-batches say per call what they are: ``SummaryFastPath`` (the one handle the engine
+holds for a step) builds the prefill batches (deltas off; every layer's keys and values
+recorded under the micro-batch's slot) and the summary-step batches (the gathered summary
+tokens, reading that record), and registers their ``attention_mask`` tensors in its
+``PrefillKV``; a pre-hook on each core attention looks the call's own ``attention_mask`` up
+there (by its memory, gem.adapter.alias_key: no host sync, and a recomputed layer's detached
+copy finds the same entry), records, or hands the core attention a ``CachedPrefix``
+(attention/cached.py) instead. The core attention holds no store and reads no schedule.
+
 The deltas' initial values depend only on the seed and the global layer (a full A is drawn,
 then sliced), so every TP x PP layout starts from the single-process adapter.
 """
@@ -36,8 +46,9 @@ import math
 import torch
 from torch import nn
 
-from ..gem.adapter import ActiveMask, LowRankDelta, adapter_active, adapter_key
+from ..gem.adapter import ActiveMask, LowRankDelta, adapter_active, adapter_key, alias_key
 from ..gem.config import GEMConfig
+from ..gem.summary_step import gather_summary_queries, prefill_keys, summary_width
 from .hf_mapping import layer_offsets, shard, split_qkv, unshard
 
 # megatron layer (inside decoder.layers.{i}) -> (parallel kind, the HF projections it fuses)
@@ -108,6 +119,125 @@ def initial_lora_A(rank: int, in_features: int, *, seed: int, layer: int, target
     return a
 
 
+PREFILL, SUMMARY_STEP = "prefill", "summary step"
+
+
+class PrefillKV:
+    """The fast path's record of one optimizer step: which ``attention_mask`` tensors are a
+    prefill or a summary step of which micro-batch slot (``bind``), and the keys and values each
+    layer's prefill recorded (``record``/``read``, per (slot, layer)). Entries hold their mask
+    tensors, so no other batch can reuse that memory while they live; ``clear()`` (the end of
+    the step: SummaryFastPath) drops everything."""
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple, tuple[torch.Tensor, str, int]] = {}
+        self.entries: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def bind(self, info: torch.Tensor, kind: str, slot: int) -> torch.Tensor:
+        self.calls[(alias_key(info),)] = (info, kind, slot)
+        return info
+
+    def call_of(self, info) -> tuple[str | None, int | None]:
+        """(PREFILL or SUMMARY_STEP, slot) of a bound mask; (None, None) for any other argument."""
+        if not self.calls or not isinstance(info, torch.Tensor):
+            return None, None
+        hit = self.calls.get((alias_key(info),))
+        return (hit[1], hit[2]) if hit is not None else (None, None)
+
+    def record(self, slot: int, layer: int, key: torch.Tensor, value: torch.Tensor, info: torch.Tensor) -> None:
+        self.entries[(slot, layer)] = (key.detach(), value.detach(), info)
+
+    def read(self, slot: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if (slot, layer) not in self.entries:
+            raise RuntimeError(f"summary step: no recorded prefill for micro-batch {slot}, layer {layer}")
+        return self.entries[(slot, layer)]
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.entries.clear()
+
+
+def _prefill_pre_hook(store: PrefillKV):
+    """Forward pre-hook of a GEM core attention (query, key, value, attention_mask, ...): a
+    prefill call records its keys and values [B, H, L, D] and runs as usual; a summary-step call
+    gets a CachedPrefix (its slot's record + both sides' metadata) as its attention_mask."""
+    from ..attention.cached import CachedPrefix
+
+    def hook(module, args, kwargs):
+        positional = len(args) > 3
+        info = args[3] if positional else kwargs.get("attention_mask")
+        kind, slot = store.call_of(info)
+        if kind is None:
+            return None
+        layer = module.layer_number
+        if kind == PREFILL:
+            store.record(slot, layer, args[1].permute(1, 2, 0, 3), args[2].permute(1, 2, 0, 3), info)
+            return None
+        k_pre, v_pre, pre_info = store.read(slot, layer)
+        queries = {"doc_ids": info[0], "roles": info[1], "index": info[2]}
+        keys = prefill_keys(pre_info[0], pre_info[1], queries)
+        prefix = CachedPrefix(k_pre, v_pre, info[0], info[1], info[2], keys["doc_ids"], keys["roles"], keys["index"], keys["is_doc_start"])
+        if positional:
+            return (*args[:3], prefix, *args[4:]), kwargs
+        return args, {**kwargs, "attention_mask": prefix}
+
+    return hook
+
+
+class SummaryFastPath:
+    """The engine's one handle on summary mode's phase-2 fast path for an optimizer step::
+
+        with SummaryFastPath(model) as fast:
+            prefills = fast.prefill_batches(micro)   # run forward-only, without autograd
+            steps, width = fast.step_batches(micro)  # then forward/backward these
+
+    ``micro``: joined contrastive micro-batches (mcore.forward_rows.join_rows). The prefill batches run
+    the base model (deltas off) and record every layer's keys and values under their slot; the
+    summary-step batches ([B, width] gathered summary tokens, gem/summary_step.py) read them.
+    Leaving the block drops the record."""
+
+    def __init__(self, model):
+        adapter = summary_adapter_of(model)
+        if adapter is None:
+            raise RuntimeError("the summary fast path needs a model in summary mode (no gem_adapter attached)")
+        self.store = adapter.prefill_kv
+
+    def __enter__(self) -> "SummaryFastPath":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.clear()
+
+    def prefill_batches(self, micro: list[dict]) -> list[dict]:
+        from ..attention.megatron import gem_mask_info
+
+        return [{**b, "attention_mask": self.store.bind(gem_mask_info(b["doc_ids"], b["roles"]), PREFILL, slot)} for slot, b in enumerate(micro)]
+
+    def step_batches(self, micro: list[dict]) -> tuple[list[dict], int]:
+        """The summary-step batch of each micro-batch (its gathered summary tokens, one width for
+        the step: pipeline messages have one shape) and that width."""
+        width = max(summary_width(b) for b in micro)
+        return [self._step_batch(b, slot, width) for slot, b in enumerate(micro)], width
+
+    def _step_batch(self, batch: dict, slot: int, width: int) -> dict:
+        q = gather_summary_queries(batch, width=width)
+        info = torch.stack([q["doc_ids"].long(), q["roles"].long(), q["index"].long()])
+        out = {
+            "input_ids": q["input_ids"],
+            "position_ids": q["position_ids"],
+            "doc_ids": q["doc_ids"],
+            "roles": q["roles"],
+            "attention_mask": self.store.bind(info, SUMMARY_STEP, slot),
+            "labels": None,
+            "ntp_rows": 0,
+            "num_texts": batch["num_texts"],
+            "num_negatives": batch["num_negatives"],
+        }
+        if batch.get("teacher") is not None:
+            out["teacher"] = batch["teacher"]
+        return out
+
+
 class MegatronSummaryAdapter(nn.Module):
     """The deltas of one pipeline stage, keyed by GLOBAL megatron layer name
     ("decoder.layers.3.mlp.linear_fc1"), with a dist_checkpointing sharded_state_dict (keys
@@ -119,18 +249,15 @@ class MegatronSummaryAdapter(nn.Module):
         self.positions = positions
         self.active = ActiveMask()
         self.deltas = nn.ModuleDict({adapter_key(n): d for n, d in deltas.items()})
-        from ..attention.megatron import PrefillKV  # imports megatron-core: not at module level
-
-        self.suspended = False  # True: the deltas act nowhere (the phase-2 fast path's prefill)
-        self.prefill_kv = PrefillKV()  # that prefill's keys/values, read by its summary step
+        self.prefill_kv = PrefillKV()  # the fast path's per-call masks and recorded keys/values
 
     def delta_for(self, name: str) -> ParallelLowRankDelta:
         return self.deltas[adapter_key(name)]
 
     def set_positions(self, attention_mask: torch.Tensor | None) -> None:
-        """From a layer's gem_mask_info [2, B, L] (or summary_query_info) argument: the active rows
-        as [L, B]."""
-        if attention_mask is None or self.suspended:
+        """From a layer's gem_mask_info [2, B, L] (or summary-step [3, B, S]) argument: the active
+        rows as [L, B]; none for a fast-path prefill (the base model's keys and values)."""
+        if attention_mask is None or self.prefill_kv.call_of(attention_mask)[0] == PREFILL:
             self.active.set(None)
             return
         from ..attention.megatron import split_mask_info
@@ -211,7 +338,7 @@ def attach_summary_adapter(model, config: GEMConfig, *, seed: int = 0) -> Megatr
     handles.append(model.decoder.register_forward_pre_hook(lambda mod, args: adapter.active.begin_forward()))
     for layer in model.decoder.layers:
         handles.append(layer.register_forward_pre_hook(set_rows, with_kwargs=True))
-        layer.self_attention.core_attention.prefill_kv = adapter.prefill_kv
+        handles.append(layer.self_attention.core_attention.register_forward_pre_hook(_prefill_pre_hook(adapter.prefill_kv), with_kwargs=True))
     if getattr(model, "pre_process", False) and model.config.recompute_granularity is not None:
         # megatron-core's (reentrant) recomputation back-propagates through a recomputed layer
         # only when one of its inputs requires grad; the frozen embedding's output does not, so
@@ -236,8 +363,6 @@ def detach_summary_adapter(model) -> MegatronSummaryAdapter | None:
         adapter.hook_handles = []
         adapter.active.forget()
         adapter.prefill_kv.clear()
-        for layer in model.decoder.layers:
-            layer.self_attention.core_attention.prefill_kv = None
         delattr(model, ADAPTER_ATTR)
     return adapter
 

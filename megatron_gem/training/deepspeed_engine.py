@@ -4,8 +4,11 @@ the InfoNCE logit scale; one optimizer step is ``accum`` micro-batches, each
 ``engine.backward`` + ``engine.step`` (DeepSpeed steps the optimizer at the accumulation
 boundary); checkpoints are DeepSpeed's own (model, optimizer, scheduler, client state).
 
-A GradCache micro-batch (``--contrastive-micro-batch-size``, training/grad_cache.py) runs one
-``engine.backward`` per chunk before its one ``engine.step``: every backward but the
+The step's passes are training/step_plan.py's (``DeepSpeedPasses`` says how this engine runs
+one): a unit's NTP rows and texts are two forwards of the HF model (summary mode's fast path
+runs inside the "embed" forward: hf/summary.py summary_states), one ``engine.backward`` per
+unit. A GradCache micro-batch (``--contrastive-micro-batch-size``, training/grad_cache.py)
+runs one ``engine.backward`` per chunk before its one ``engine.step``: every backward but the
 micro-batch's last is marked as no accumulation boundary (DeepSpeed's
 set_gradient_accumulation_boundary), so ZeRO accumulates the chunks' gradients and reduces
 and steps exactly where the unchunked run does; each backward is still scaled by 1 / accum.
@@ -23,11 +26,11 @@ from ..hf.export import export_hf, export_summary_adapter
 from ..hf.model import GEMModel, load_causal_lm, param_groups, prepare_gem_lm, zero3_gather
 from .checkpoint import load_trainable_only
 from .ds_config import load_ds_config, zero_stage
-from .grad_cache import cached_backward
 from .process_setup import init_deepspeed_distributed
 from .run import Engine
 from .schedule import build_scheduler
-from .step import MicroLoss, StepOutput, contrastive_micro_loss, ntp_loss_scale, ntp_micro_loss
+from .step import StepOutput, contrastive_micro_loss, ntp_loss_scale, ntp_micro_loss
+from .step_plan import StepPlan, Unit, run_step, step_output
 from .validation import EvalParts
 
 
@@ -75,6 +78,60 @@ def read_logit_scale(model) -> float:
         with deepspeed.zero.GatheredParameters([param]):
             return float(model.logit_scale())
     return float(model.logit_scale())
+
+
+class DeepSpeedPasses:
+    """How DeepSpeed runs the passes of a step (training/step_plan.py Passes): a unit's NTP rows
+    and texts are separate forwards of GEMModel, its loss one ``engine.backward``; a micro-batch's
+    last unit ends with ``engine.step()`` (DeepSpeed steps the optimizer at the accumulation
+    boundary), the units before it marked as no boundary. The fast path's prefill runs inside
+    the model's "embed" forward, so there is no prefill pass here."""
+
+    def __init__(self, owner: DeepSpeedEngine, *, ntp_scale: float, w_cl: float, accum: int):
+        self.owner, self.engine, self.ntp_scale, self.w_cl, self.accum = owner, owner.engine, ntp_scale, w_cl, accum
+        self.own_norm = None
+
+    def forward_backward(self, units: list[Unit], *, finalize: bool = True) -> list[dict]:
+        engine, owner, records = self.engine, self.owner, []
+        for u in units:
+            record = {"ntp_sum": None, "ntp_tokens": 0, "cl": None, "tokens": 0}
+            if u.cached is None:
+                loss = torch.zeros((), device=owner.device)
+            else:  # GradCache pass 2: the chunk's surrogate; the micro-batch's NTP rows ride with chunk 0
+                u.begin_forward()
+                emb, scale = engine(u.cl, "embed")
+                loss = u.surrogate(emb, scale)
+                record["tokens"] += int((u.cl["doc_ids"] >= 0).sum())
+            if u.ntp is not None:
+                part = ntp_micro_loss(engine, u.ntp, scale=self.ntp_scale)
+                loss = loss + part.loss
+                record.update(ntp_sum=part.ntp_sum, ntp_tokens=part.ntp_tokens, tokens=record["tokens"] + part.tokens)
+            if u.cl is not None and u.cached is None:
+                part = contrastive_micro_loss(engine, u.cl, gather_keys=owner.gather_keys, weight=self.w_cl, distill=owner.distill)
+                loss = loss + part.loss
+                record.update(cl=part.cl_loss, tokens=record["tokens"] + part.tokens)
+            if not u.last:
+                engine.set_gradient_accumulation_boundary(False)
+            engine.backward(loss)
+            if not u.last:
+                engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own count
+            if u.last:
+                if u.micro == self.accum - 1 and owner._own_grad_norm:
+                    self.own_norm = grad_norm_of(engine.module)
+                engine.step()
+            records.append(record)
+        return records
+
+    def forward_only(self, units: list[Unit]) -> list:
+        out = []
+        with torch.no_grad():
+            for u in units:
+                u.begin_forward(pass_one=True)
+                out.append(self.engine(u.cl, "embed"))
+        return out
+
+    def prefill(self, units: list[Unit]):
+        raise NotImplementedError("DeepSpeed runs the summary fast path's prefill inside the model's forward (StepPlan prefill_pass=False)")
 
 
 class DeepSpeedEngine(Engine):
@@ -129,70 +186,16 @@ class DeepSpeedEngine(Engine):
         return f"ZeRO-{zero_stage(self.ds_config)}, dp={self.dp_size}"
 
     def train_step(self, step, *, w_ntp, w_cl, ntp_batches, cl_batches, global_tokens) -> StepOutput:
-        engine, accum = self.engine, max(len(ntp_batches), len(cl_batches))
+        accum = max(len(ntp_batches), len(cl_batches))
         ntp_batches = [to_device(b, self.device) for b in ntp_batches]
         cl_batches = [to_device(b, self.device) for b in cl_batches]
         scale = ntp_loss_scale(w_ntp, dp_size=self.dp_size, accum_steps=accum, global_tokens=global_tokens)
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
-        parts: list[MicroLoss] = []
-        own_norm = None
-        for m in range(accum):
-            if cl_batches and "chunks" in cl_batches[m]:
-                self._cached_micro_batch(cl_batches[m], ntp_batches[m] if ntp_batches else None, scale, w_cl, parts)
-            else:
-                loss = torch.zeros((), device=self.device)
-                if ntp_batches:
-                    part = ntp_micro_loss(engine, ntp_batches[m], scale=scale)
-                    parts.append(part)
-                    loss = loss + part.loss
-                if cl_batches:
-                    part = contrastive_micro_loss(engine, cl_batches[m], gather_keys=self.gather_keys, weight=w_cl, distill=self.distill)
-                    parts.append(part)
-                    loss = loss + part.loss
-                engine.backward(loss)
-            if m == accum - 1 and self._own_grad_norm:
-                own_norm = grad_norm_of(engine.module)
-            engine.step()
-        grad_norm = own_norm if self._own_grad_norm else engine.get_global_grad_norm()
-        ntp_sums = [p.ntp_sum for p in parts if p.cl_loss is None]
-        cl_values = [p.cl_loss for p in parts if p.cl_loss is not None]
-        return StepOutput(
-            lr=lr,
-            grad_norm=float(grad_norm) if grad_norm is not None else None,
-            reporter=True,
-            ntp_sums=ntp_sums,
-            cl_values=cl_values,
-            tokens=sum(p.tokens for p in parts),
-            logit_scale=read_logit_scale(engine.module),
-            local_losses=ntp_sums + cl_values,
-        )
-
-    def _cached_micro_batch(self, cl_batch: dict, ntp_batch: dict | None, ntp_scale: float, w_cl: float, parts: list) -> None:
-        """One GradCache micro-batch (its NTP rows, if any, ride with the first chunk)."""
-        engine = self.engine
-
-        def ntp_loss():
-            part = ntp_micro_loss(engine, ntp_batch, scale=ntp_scale)
-            parts.append(part)
-            return part.loss
-
-        def backward(loss, last: bool) -> None:
-            if not last:
-                engine.set_gradient_accumulation_boundary(False)
-            engine.backward(loss)
-            if not last:
-                engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own count
-
-        value = cached_backward(
-            lambda chunk: engine(chunk, "embed"),
-            backward,
-            cl_batch,
-            weight=w_cl,
-            gather_keys=self.gather_keys,
-            extra=ntp_loss if ntp_batch else None,
-            distill=self.distill,
-        )
-        parts.append(MicroLoss(loss=None, cl_loss=value, tokens=sum(int((c["doc_ids"] >= 0).sum()) for c in cl_batch["chunks"])))
+        passes = DeepSpeedPasses(self, ntp_scale=scale, w_cl=w_cl, accum=accum)
+        plan = StepPlan.of(self.job, cl_batches, prefill_pass=False)  # the fast path's prefill runs inside the "embed" forward
+        records = run_step(plan, passes, ntp_batches, cl_batches, w_cl=w_cl, gather_keys=self.gather_keys, distill=self.distill)
+        grad_norm = passes.own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        return step_output(records, lr=lr, grad_norm=grad_norm, reporter=True, logit_scale=read_logit_scale(self.engine.module))
 
     @torch.no_grad()
     def eval_step(self, ntp_batches, cl_batches):

@@ -94,36 +94,6 @@ def surrogate_loss(emb: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, s
     return out + (scale * scale_grad.to(scale.device) if scale_grad is not None else zero_touch(scale))
 
 
-def cached_backward(
-    forward, backward, batch: dict, *, weight: float, gather_keys: GatherKeys | None = None, extra=None, distill: Distillation | None = None
-) -> float:
-    """Both GradCache passes over ``batch["chunks"]`` for an engine that runs its own forward
-    and backward calls (DeepSpeed). ``forward(chunk)`` -> (embeddings, logit scale);
-    ``backward(loss, last)`` backpropagates one chunk's surrogate (``last``: the micro-batch's
-    final backward); ``extra()`` (optional) gives a loss that rides with the first chunk's
-    backward (phase 2's NTP part when alpha < 1). Chunks that carry the teacher's rows
-    (``chunk["teacher"]``, distill/teacher_rows.py) add the teacher's term (``distill``). Returns the
-    micro-batch's contrastive term."""
-    chunks = batch["chunks"]
-    snapshots, embs, scale = [], [], None
-    with torch.no_grad():
-        for chunk in chunks:
-            snapshots.append(RngSnapshot())
-            emb, scale = forward(chunk)
-            embs.append(emb)
-    counts = [(int(c["num_texts"]), int(c.get("num_negatives", 0))) for c in chunks]
-    cached = embedding_grads(embs, counts, scale, weight=weight, gather_keys=gather_keys, teacher=chunk_teacher_rows(chunks), distill=distill)
-    del embs
-    for c, chunk in enumerate(chunks):
-        snapshots[c].restore()
-        emb, scale = forward(chunk)
-        loss = surrogate_loss(emb, cached.grads[c], scale, cached.scale_grad if c == 0 else None)
-        if c == 0 and extra is not None:
-            loss = loss + extra()
-        backward(loss, c == len(chunks) - 1)
-    return cached.loss
-
-
 class RngSnapshot:
     """The random state a forward runs under: torch's CPU generator, the current CUDA device's,
     and megatron-core's tensor-parallel CUDA RNG tracker when megatron is in use. Taken before a

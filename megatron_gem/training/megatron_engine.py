@@ -6,16 +6,15 @@ resume, export cadence, pre-emption) is the trainer's, shared with the DeepSpeed
 * the model is megatron-core's GPTModel (mcore/gpt_model.py, built by mcore.provider) with GEM
   core attention; ``--model`` is an HF checkpoint (GEM tokens added with mean rows when
   missing) or a megatron checkpoint written by tools/convert_checkpoint.py;
-* one optimizer step = megatron-core's forward_backward_func over ``accum`` micro-batches
-  (1F1B pipeline schedule when PP > 1), then the megatron optimizer step;
+* one optimizer step = the passes training/step_plan.py composes (plain, summary fast path,
+  GradCache, any mix), each one megatron-core forward_backward_func call over its units
+  (``MegatronPasses``; 1F1B pipeline schedule when PP > 1), then the megatron optimizer step;
 * a phase-2 micro-batch with alpha < 1 carries its NTP rows and its contrastive rows in one
   forward (rows [:n] NTP, rows [n:] the contrastive texts), so every pipeline message has one
   shape per step;
-* a GradCache step (``--contrastive-micro-batch-size``, training/grad_cache.py; PP = 1) is two
-  schedule calls: forward-only (no graph) over every chunk of every micro-batch, which gives
-  the embeddings; the InfoNCE gradients of each micro-batch's embeddings; then forward and
-  backward over the chunks with the surrogate loss (a micro-batch's NTP rows ride with its
-  first chunk), scaled back by the chunk count the schedule divides by;
+* a GradCache pass (``--contrastive-micro-batch-size``; PP = 1) scales each chunk's surrogate
+  loss back by the chunk count the schedule divides by; the summary fast path's prefill is a
+  forward-only pass whose record mcore/summary.py's ``SummaryFastPath`` keeps for the step;
 * checkpoints are megatron-core dist_checkpointing (model + distributed optimizer), which
   ``tools/convert_checkpoint.py megatron-to-hf`` also reads;
 * summary mode (``--gem-train summary``, mcore/summary.py): the base is frozen, only the adapter
@@ -34,6 +33,7 @@ itself is mcore/loss.py's, the one the Megatron-LM integration uses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -42,21 +42,19 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from ..attention.megatron import gem_mask_info, summary_query_info
+from ..attention.megatron import gem_mask_info
 from ..common import distributed as D
 from ..common.files import write_json_atomic
-from ..gem.adapter import base_only
 from ..gem.losses import Distillation
-from ..gem.summary_step import gather_summary_queries, summary_width
 from ..mcore import checkpoint_io as io
 from ..mcore.forward_rows import join_rows, unwrap_model
 from ..mcore.loss import contrastive_embeddings, gem_micro_batch_loss
-from ..mcore.summary import summary_adapter_of
+from ..mcore.summary import SummaryFastPath
 from .args import ArgumentError
-from .grad_cache import RngSnapshot, chunk_teacher_rows, embedding_grads, surrogate_loss
 from .run import Engine
 from .schedule import lr_for_step
 from .step import StepOutput, ntp_loss_scale
+from .step_plan import StepPlan, Unit, run_step, step_output
 from .validation import EvalParts
 
 STATE_NAME = "gem_state.json"
@@ -96,17 +94,11 @@ class EvalForward:
 
 
 class StepLoss:
-    """forward_step_func / loss_func pair of one optimizer step (megatron-core schedule API)."""
+    """The loss_func of a unit's forward (megatron-core schedule API): its micro-batch loss
+    (mcore/loss.py), and its per-unit record."""
 
     def __init__(self, *, w_ntp: float, w_cl: float, ntp_scale: float, gather_keys, distill=None):
         self.w_ntp, self.w_cl, self.ntp_scale, self.gather_keys, self.distill = w_ntp, w_cl, ntp_scale, gather_keys, distill
-
-    def forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
-        output = model(
-            batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"], labels=batch["labels"]
-        )
-        return output, lambda out: self.loss(batch, unwrap_model(model), out)
 
     def loss(self, batch, model, output):
         out = gem_micro_batch_loss(
@@ -114,35 +106,6 @@ class StepLoss:
         )
         stats = {"ntp_sum": out.ntp_sum, "ntp_tokens": out.ntp_tokens, "cl": float(out.cl) if out.cl is not None else None, "tokens": out.tokens}
         return out.total, stats
-
-
-def summary_step_batch(batch: dict, slot: int, width: int) -> dict:
-    """The summary step's micro-batch of a joined contrastive micro-batch: its gathered summary
-    tokens ([B, width], gem/summary_step.py) and their ``attention_mask`` (summary_query_info:
-    read the prefill recorded under ``slot``); the counts (and the teacher's rows) the loss reads."""
-    q = gather_summary_queries(batch, width=width)
-    out = {
-        "input_ids": q["input_ids"],
-        "position_ids": q["position_ids"],
-        "doc_ids": q["doc_ids"],
-        "roles": q["roles"],
-        "attention_mask": summary_query_info(q, slot),
-        "labels": None,
-        "ntp_rows": 0,
-        "num_texts": batch["num_texts"],
-        "num_negatives": batch["num_negatives"],
-    }
-    if batch.get("teacher") is not None:
-        out["teacher"] = batch["teacher"]
-    return out
-
-
-def _with_ntp_stats(stats: list[dict], ntp_stats: list[dict] | None) -> list[dict]:
-    """The fast path's per-micro-batch records with the NTP schedule's figures joined in (one
-    record per micro-batch, as the joined rows of the other paths give)."""
-    if ntp_stats is None:
-        return stats
-    return [{**c, "ntp_sum": n["ntp_sum"], "ntp_tokens": n["ntp_tokens"], "tokens": n["tokens"] + c["tokens"]} for n, c in zip(ntp_stats, stats)]
 
 
 def _reporter() -> bool:
@@ -183,6 +146,99 @@ def check_trained_dtype(named_parameters, dtype: torch.dtype) -> None:
         raise RuntimeError(
             f"trained parameters not in the model's {str(dtype).replace('torch.', '')} (megatron-core's optimizer checkpoints need one dtype): {', '.join(odd[:5])}"
         )
+
+
+class MegatronPasses:
+    """How megatron-core runs the passes of a step (training/step_plan.py Passes): each pass is
+    one forward_backward_func call over its units (the 1F1B pipeline schedule when PP > 1), a
+    unit's NTP and contrastive rows joined into one forward (rows [:n] NTP, rows [n:] texts);
+    the summary fast path's prefill is a forward-only pass (mcore/summary.py SummaryFastPath)."""
+
+    def __init__(self, engine: MegatronEngine, loss: StepLoss):
+        self.engine, self.step_loss = engine, loss
+
+    def _batch(self, u: Unit, *, with_ntp: bool = True) -> dict:
+        if "attention_mask" in (u.cl or {}):  # a summary step: prepared by the prefill
+            return u.cl
+        return join_rows(u.ntp if with_ntp else None, u.cl, self.engine.device)
+
+    def _run(self, units: list[Unit], batches: list[dict], forward_step, *, forward_only: bool = False):
+        return self.engine._schedule(forward_step, batches, forward_only=forward_only, seq_length=units[0].extra.get("seq_length"))
+
+    def forward_backward(self, units: list[Unit], *, finalize: bool = True) -> list[dict]:
+        queue = iter(units)
+
+        def step(data_iterator, model):
+            batch, u = next(data_iterator), next(queue)
+            u.begin_forward()
+            output = model(batch["input_ids"], batch["position_ids"], _mask_of(batch), ntp_rows=batch["ntp_rows"], labels=batch["labels"])
+            inner = unwrap_model(model)
+            if u.cached is None:
+                return output, lambda out: self.step_loss.loss(batch, inner, out)
+            return output, lambda out: self._surrogate(u, batch, inner, out)
+
+        batches = [self._batch(u) for u in units]
+        with contextlib.nullcontext() if finalize else self._grads_finalized_later():
+            return self._run(units, batches, step)
+
+    @contextlib.contextmanager
+    def _grads_finalized_later(self):
+        """A forward-backward schedule that leaves its gradients in the buffers unreduced: the
+        step's last schedule finalizes (data-parallel all-reduce / reduce-scatter, sequence-
+        parallel norms) everything once; finalizing twice would reduce the first part again."""
+        config = self.engine.config
+        finalize = config.finalize_model_grads_func
+        config.finalize_model_grads_func = None
+        try:
+            yield
+        finally:
+            config.finalize_model_grads_func = finalize
+
+    def _surrogate(self, u: Unit, batch, model, output):
+        """GradCache pass 2: the unit's NTP part (and the zero touches) plus its surrogate."""
+        sl = self.step_loss
+        ntp = gem_micro_batch_loss(batch, model, output, w_ntp=sl.w_ntp, w_cl=0.0, ntp_scale=sl.ntp_scale)
+        loss = ntp.total + u.surrogate(contrastive_embeddings(batch, output[1]), model.logit_scale())
+        # The schedule divides every loss by its number of units (accum x chunks); the step's
+        # loss is a mean over the accum micro-batches only.
+        record = {"ntp_sum": ntp.ntp_sum, "ntp_tokens": ntp.ntp_tokens, "cl": None, "tokens": ntp.tokens}
+        return loss * u.chunks, record
+
+    def forward_only(self, units: list[Unit]) -> list:
+        def embed_step(data_iterator, model):
+            batch, u = next(data_iterator), next(queue)
+            u.begin_forward(pass_one=True)
+            output = model(batch["input_ids"], batch["position_ids"], _mask_of(batch), ntp_rows=0)
+            inner = unwrap_model(model)
+            return output, lambda out: (torch.zeros((), device=self.engine.device), (contrastive_embeddings(batch, out[1]), inner.logit_scale()))
+
+        queue = iter(units)
+        with torch.no_grad():
+            return list(self._run(units, [self._batch(u, with_ntp=False) for u in units], embed_step, forward_only=True))
+
+    @contextlib.contextmanager
+    def prefill(self, units: list[Unit]):
+        micro = [join_rows(None, u.cl, self.engine.device) for u in units]
+
+        def prefill_step(data_iterator, model):
+            batch = next(data_iterator)
+            output = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], ntp_rows=0)
+            return output, lambda out: (torch.zeros((), device=self.engine.device), {})
+
+        with SummaryFastPath(self.engine.model) as fast:
+            with torch.no_grad():
+                self.engine._schedule(prefill_step, fast.prefill_batches(micro), forward_only=True)
+            steps, width = fast.step_batches(micro)
+            # a summary step stands for every token of its micro-batch (or chunk), not only its summary tokens
+            yield [
+                dataclasses.replace(u, ntp=None, cl=b, tokens=int((m["doc_ids"] >= 0).sum()), extra={"seq_length": max(width, 1)})
+                for u, b, m in zip(units, steps, micro)
+            ]
+
+
+def _mask_of(batch: dict):
+    """The attention_mask argument of a unit's batch: its own (a summary step's), else its GEM metadata."""
+    return batch["attention_mask"] if "attention_mask" in batch else gem_mask_info(batch["doc_ids"], batch["roles"])
 
 
 class MegatronEngine(Engine):
@@ -316,233 +372,20 @@ class MegatronEngine(Engine):
 
     def train_step(self, step, *, w_ntp, w_cl, ntp_batches, cl_batches, global_tokens) -> StepOutput:
         accum = max(len(ntp_batches), len(cl_batches))
-        ntp = ntp_batches or [None] * accum
-        cl = cl_batches or [None] * accum
         lr = lr_for_step(step, self.job)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         scale = ntp_loss_scale(w_ntp, dp_size=self.dp_size, accum_steps=accum, global_tokens=global_tokens)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        fast_summary = self.job.gem.summary_mode and self.job.model.summary_fast_path
-        if cl_batches and "chunks" in cl_batches[0] and fast_summary:
-            stats = self._summary_cached_steps(cl_batches, w_cl=w_cl, ntp_batches=ntp_batches, w_ntp=w_ntp, ntp_scale=scale)
-        elif cl_batches and "chunks" in cl_batches[0]:
-            stats = self._cached_steps(ntp, cl_batches, w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale)
-        elif cl_batches and fast_summary:
-            stats = self._summary_steps(cl_batches, w_cl=w_cl, ntp_batches=ntp_batches, w_ntp=w_ntp, ntp_scale=scale)
-        else:
-            micro = [join_rows(a, b, self.device) for a, b in zip(ntp, cl)]
-            step_loss = StepLoss(w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale, gather_keys=self.gather_keys, distill=self.distill)
-            stats = self._schedule(step_loss.forward_step, micro)
+        plan = StepPlan.of(self.job, cl_batches, prefill_pass=True)
+        passes = MegatronPasses(self, StepLoss(w_ntp=w_ntp, w_cl=w_cl, ntp_scale=scale, gather_keys=self.gather_keys, distill=self.distill))
+        records = run_step(plan, passes, ntp_batches, cl_batches, w_cl=w_cl, gather_keys=self.gather_keys, distill=self.distill)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:  # megatron-core found inf/nan gradients and skipped the update
             grad_norm = float("nan")
-        mine = _reporter()
-        return StepOutput(
-            lr=lr,
-            grad_norm=float(grad_norm) if grad_norm is not None else None,
-            reporter=mine,
-            ntp_sums=[s["ntp_sum"] for s in stats],
-            cl_values=[s["cl"] for s in stats if s["cl"] is not None],
-            tokens=sum(s["tokens"] for s in stats),
-            logit_scale=float(self.model.logit_scale()) if self.model.post_process else None,
-            local_losses=[s["ntp_sum"] for s in stats] + [s["cl"] for s in stats],
-        )
-
-    def _summary_steps(self, cl_batches: list, *, w_cl: float, ntp_batches: list, w_ntp: float, ntp_scale: float) -> list[dict]:
-        """Summary mode's phase-2 fast path (gem/summary_step.py): pass 1, a forward-only
-        schedule of the packed rows without autograd and with the deltas off, every layer
-        recording its keys and values (attention/megatron.py PrefillKV, one slot per micro-batch);
-        pass 2, forward and backward of only the gathered summary tokens, reading that record.
-        NTP rows of the same step (--gem-alpha < 1; GEM layouts, whose suffix depends on the
-        deltas) go first through a forward-backward schedule of their own, whose gradients are
-        finalized (data-parallel reduction) only with pass 2's. Returns the per-micro-batch stats
-        the plain path's schedule returns."""
-        ntp_stats = self._ntp_schedule_unfinalized(ntp_batches, len(cl_batches), w_ntp=w_ntp, ntp_scale=ntp_scale)
-        store = summary_adapter_of(self.model).prefill_kv
-        micro = [join_rows(None, b, self.device) for b in cl_batches]
-        try:
-            steps, width = self._prefill(micro)
-            step_loss = StepLoss(w_ntp=0.0, w_cl=w_cl, ntp_scale=0.0, gather_keys=self.gather_keys, distill=self.distill)
-
-            def summary_step(data_iterator, model):
-                batch = next(data_iterator)
-                output = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], ntp_rows=0)
-                return output, lambda out: step_loss.loss(batch, unwrap_model(model), out)
-
-            stats = self._schedule(summary_step, steps, seq_length=max(width, 1))
-        finally:
-            store.clear()
-        for record, batch in zip(stats, micro):  # the micro-batch's tokens, not only its summary tokens
-            record["tokens"] = int((batch["doc_ids"] >= 0).sum())
-        return _with_ntp_stats(stats, ntp_stats)
-
-    def _summary_cached_steps(self, cl_batches: list, *, w_cl: float, ntp_batches: list, w_ntp: float, ntp_scale: float) -> list[dict]:
-        """GradCache (--contrastive-micro-batch-size) on summary mode's fast path: the step's NTP
-        rows as in _summary_steps; one prefill of every chunk (no autograd, deltas off; the
-        record is small next to the activations GradCache avoids keeping); pass 1, the summary
-        tokens of every chunk without a graph, whose embeddings give the InfoNCE loss and its
-        gradient per embedding (grad_cache.embedding_grads); pass 2, the summary tokens again
-        with a graph and the surrogate loss. Returns one stats record per micro-batch."""
-        per_micro = len(cl_batches[0]["chunks"])
-        if any(len(b["chunks"]) != per_micro for b in cl_batches):
-            raise RuntimeError("every contrastive micro-batch of a step must have the same number of GradCache chunks")
-        ntp_stats = self._ntp_schedule_unfinalized(ntp_batches, len(cl_batches), w_ntp=w_ntp, ntp_scale=ntp_scale)
-        owner = [(m, c) for m in range(len(cl_batches)) for c in range(per_micro)]
-        chunks = [join_rows(None, cl_batches[m]["chunks"][c], self.device) for m, c in owner]
-        store = summary_adapter_of(self.model).prefill_kv
-        snapshots: list[RngSnapshot] = []
-        try:
-            steps, width = self._prefill(chunks)
-
-            embed_step = self._embed_step(snapshots, lambda batch: batch["attention_mask"])  # pass 1: embeddings only, no graph
-            with torch.no_grad():
-                embedded = self._schedule(embed_step, steps, forward_only=True, seq_length=max(width, 1))
-            cached = self._chunk_grads(cl_batches, embedded, w_cl=w_cl)
-            del embedded
-            queue = iter(range(len(steps)))
-
-            def grad_step(data_iterator, model):  # pass 2: the same summary forwards with a graph, surrogate loss
-                batch, k = next(data_iterator), next(queue)
-                m, c = owner[k]
-                snapshots[k].restore()
-                output = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], ntp_rows=0)
-                return output, lambda out: self._surrogate(batch, unwrap_model(model), out, cached[m], c, w_ntp=0.0, ntp_scale=0.0, per_micro=per_micro)
-
-            stats = self._schedule(grad_step, steps, seq_length=max(width, 1))
-        finally:
-            store.clear()
-        out = []
-        for m in range(len(cl_batches)):  # one record per micro-batch, as the plain path's; every token of its chunks
-            group = stats[m * per_micro : (m + 1) * per_micro]
-            if group:
-                out.append({**group[0], "tokens": sum(int((chunks[k]["doc_ids"] >= 0).sum()) for k in range(m * per_micro, (m + 1) * per_micro))})
-        return _with_ntp_stats(out, ntp_stats)
-
-    def _prefill(self, micro: list) -> tuple[list, int]:
-        """The fast path's pass 1: a forward-only schedule of ``micro`` (joined contrastive rows)
-        under no_grad with the deltas off, every GEM core attention recording its keys and values
-        under the micro-batch's slot. Returns the summary-step micro-batches reading those slots
-        and their width (one for the step: pipeline messages have one shape)."""
-        adapter = summary_adapter_of(self.model)
-        store = adapter.prefill_kv
-        slots = iter(range(len(micro)))
-
-        def prefill_step(data_iterator, model):
-            batch = next(data_iterator)
-            store.record_slot = next(slots)
-            output = model(batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=0)
-            return output, lambda out: (torch.zeros((), device=self.device), {})
-
-        with torch.no_grad(), base_only(adapter):
-            self._schedule(prefill_step, micro, forward_only=True)
-        store.record_slot = None
-        width = max(summary_width(b) for b in micro)
-        return [summary_step_batch(b, slot, width) for slot, b in enumerate(micro)], width
-
-    def _ntp_schedule_unfinalized(self, ntp_batches: list, accum: int, *, w_ntp: float, ntp_scale: float) -> list[dict] | None:
-        """The fast path's NTP rows (--gem-alpha < 1; GEM layouts, whose suffix depends on the
-        deltas): a forward-backward schedule of their own, its gradients left for the step's
-        last schedule to finalize. None when the step has none."""
-        if not ntp_batches:
-            return None
-        if len(ntp_batches) != accum:
-            raise RuntimeError(f"a phase-2 step has {len(ntp_batches)} NTP and {accum} contrastive micro-batches; the fast path pairs them")
-        ntp_loss = StepLoss(w_ntp=w_ntp, w_cl=0.0, ntp_scale=ntp_scale, gather_keys=self.gather_keys)
-        with self._grads_finalized_later():  # each schedule divides by its own micro-batch count: the same accum
-            return self._schedule(ntp_loss.forward_step, [join_rows(b, None, self.device) for b in ntp_batches])
-
-    @contextlib.contextmanager
-    def _grads_finalized_later(self):
-        """A forward-backward schedule that leaves its gradients in the buffers unreduced: the
-        step's last schedule finalizes (data-parallel all-reduce / reduce-scatter, sequence-
-        parallel norms) everything once; finalizing twice would reduce the first part again."""
-        finalize = self.config.finalize_model_grads_func
-        self.config.finalize_model_grads_func = None
-        try:
-            yield
-        finally:
-            self.config.finalize_model_grads_func = finalize
-
-    def _cached_steps(self, ntp: list, cl_batches: list, *, w_ntp: float, w_cl: float, ntp_scale: float) -> list[dict]:
-        """The GradCache passes of one optimizer step (PP = 1, checked in args); returns the
-        per-micro-batch stats the plain path's schedule returns."""
-        per_micro = len(cl_batches[0]["chunks"])
-        if any(len(b["chunks"]) != per_micro for b in cl_batches):
-            raise RuntimeError("every contrastive micro-batch of a step must have the same number of GradCache chunks")
-        owner = [(m, c) for m in range(len(cl_batches)) for c in range(per_micro)]
-        snapshots: list[RngSnapshot] = []
-
-        embed_step = self._embed_step(snapshots, lambda batch: gem_mask_info(batch["doc_ids"], batch["roles"]))  # pass 1: embeddings only, no graph
-        chunks = [join_rows(None, cl_batches[m]["chunks"][c], self.device) for m, c in owner]
-        with torch.no_grad():
-            embedded = self._schedule(embed_step, chunks, forward_only=True)
-        cached = self._chunk_grads(cl_batches, embedded, w_cl=w_cl)
-        del embedded
-
-        micro = [join_rows(ntp[m] if c == 0 else None, cl_batches[m]["chunks"][c], self.device) for m, c in owner]
-        queue = iter(range(len(micro)))
-
-        def grad_step(data_iterator, model):  # pass 2: the same forwards with graph, surrogate loss
-            batch, k = next(data_iterator), next(queue)
-            m, c = owner[k]
-            snapshots[k].restore()
-            output = model(
-                batch["input_ids"], batch["position_ids"], gem_mask_info(batch["doc_ids"], batch["roles"]), ntp_rows=batch["ntp_rows"], labels=batch["labels"]
-            )
-            return output, lambda out: self._surrogate(batch, unwrap_model(model), out, cached[m], c, w_ntp=w_ntp, ntp_scale=ntp_scale, per_micro=per_micro)
-
-        stats = self._schedule(grad_step, micro)
-        out = []
-        for m in range(len(cl_batches)):  # one record per micro-batch, as the plain path's
-            group = stats[m * per_micro : (m + 1) * per_micro]
-            out.append({**group[0], "tokens": sum(g["tokens"] for g in group)})
-        return out
-
-    def _embed_step(self, snapshots: list, mask_of):
-        """GradCache pass 1's forward_step: embeddings and the logit scale of one chunk, with the
-        random state it ran under recorded for pass 2. ``mask_of(batch)``: its attention_mask."""
-
-        def embed_step(data_iterator, model):
-            batch = next(data_iterator)
-            snapshots.append(RngSnapshot())
-            output = model(batch["input_ids"], batch["position_ids"], mask_of(batch), ntp_rows=0)
-            inner = unwrap_model(model)
-            return output, lambda out: (torch.zeros((), device=self.device), {"emb": contrastive_embeddings(batch, out[1]), "scale": inner.logit_scale()})
-
-        return embed_step
-
-    def _chunk_grads(self, cl_batches: list, embedded: list, *, w_cl: float) -> list:
-        """Per micro-batch: the contrastive loss of its chunks' embeddings (pass 1; with the
-        teacher's rows the chunks carry, its mix with the teacher's KL) and its gradient with
-        respect to each chunk's embeddings (grad_cache.embedding_grads)."""
-        per_micro = len(cl_batches[0]["chunks"])
-        cached = []
-        for m, batch in enumerate(cl_batches):
-            parts = [embedded[m * per_micro + c] for c in range(per_micro)]
-            counts = [(int(ch["num_texts"]), int(ch.get("num_negatives", 0))) for ch in batch["chunks"]]
-            cached.append(
-                embedding_grads(
-                    [p["emb"] for p in parts],
-                    counts,
-                    parts[0]["scale"],
-                    weight=w_cl,
-                    gather_keys=self.gather_keys,
-                    teacher=chunk_teacher_rows(batch["chunks"]),
-                    distill=self.distill,
-                )
-            )
-        return cached
-
-    def _surrogate(self, batch, model, output, cached, c: int, *, w_ntp: float, ntp_scale: float, per_micro: int):
-        ntp = gem_micro_batch_loss(batch, model, output, w_ntp=w_ntp, w_cl=0.0, ntp_scale=ntp_scale)  # NTP rows (chunk 0) and the zero touches
-        emb = contrastive_embeddings(batch, output[1])
-        loss = ntp.total + surrogate_loss(emb, cached.grads[c], model.logit_scale(), cached.scale_grad if c == 0 else None)
-        # The schedule divides every loss by its number of micro-batches (accum x chunks); the
-        # step's loss is a mean over the accum micro-batches only.
-        stats = {"ntp_sum": ntp.ntp_sum, "ntp_tokens": ntp.ntp_tokens, "cl": cached.loss if c == 0 else None, "tokens": ntp.tokens}
-        return loss * per_micro, stats
+        logit_scale = float(self.model.logit_scale()) if self.model.post_process else None
+        return step_output(records, lr=lr, grad_norm=grad_norm, reporter=_reporter(), logit_scale=logit_scale)
 
     def eval_step(self, ntp_batches, cl_batches):
         micro = [join_rows(a, b, self.device) for a, b in zip(ntp_batches, cl_batches)]

@@ -13,8 +13,9 @@ from megatron_gem.data.datasets import chunk_spans
 from megatron_gem.gem import GEMConfig
 from megatron_gem.hf.model import GEMModel, prepare_gem_lm
 from megatron_gem.testing import make_tiny_llama, make_tiny_tokenizer, sample_sentences
-from megatron_gem.training.grad_cache import RngSnapshot, cached_backward, embedding_grads, split_embeddings, surrogate_loss
+from megatron_gem.training.grad_cache import RngSnapshot, embedding_grads, split_embeddings, surrogate_loss
 from megatron_gem.training.step import contrastive_micro_loss
+from megatron_gem.training.step_plan import cached_backward
 
 
 @pytest.fixture(scope="module")
