@@ -19,6 +19,6 @@ if __name__ == "__main__":
         from megatron_gem.training.process_setup import exit_signal_handler
 
         exit_signal_handler(True)
-    from megatron_gem.training.main import main
+    from megatron_gem.training.main import exit_process, main
 
-    sys.exit(main())
+    exit_process(main())

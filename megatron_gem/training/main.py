@@ -6,8 +6,11 @@ traceback only with --debug."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+
+import torch.distributed as dist
 
 from ..common import distributed as D
 from ..common.entry_point import exit_code_of, message_of, report
@@ -49,12 +52,37 @@ def main(argv=None) -> int:
         shutdown(engine)
         return code
     D.print_main(f"[megatron-gem] done: {result}")
+    D.barrier()  # no rank tears its groups down while another still finishes its last collective
     shutdown(engine)
     return 0
+
+
+_HAD_PROCESS_GROUP = False  # set by shutdown(): exit_process then skips interpreter finalisation
 
 
 def shutdown(engine) -> None:
     """Process groups go down before the interpreter does (see Engine.shutdown). An unexpected
     exception skips this on purpose: its traceback matters more than a clean exit."""
+    global _HAD_PROCESS_GROUP
+    _HAD_PROCESS_GROUP = _HAD_PROCESS_GROUP or (dist.is_available() and dist.is_initialized())
     if engine is not None:
         engine.shutdown()
+
+
+def exit_process(code: int):
+    """train.py's last act. After a run that held process groups, the streams are flushed and the
+    process leaves with os._exit: interpreter finalisation then destroys C++ objects that
+    outlive Python's references (gloo and DeepSpeed worker threads, work objects holding
+    tensors) without the GIL they need, and aborts a finished run ("terminate called without an
+    active exception", exit -6), which destroy_process_group alone did not prevent (CI, a 2-rank
+    ZeRO-3 run). By then every output is committed: checkpoints and exports are written
+    atomically, the loggers closed (Trainer's log.close()), and logging is shut down here."""
+    if not _HAD_PROCESS_GROUP:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)
