@@ -157,3 +157,18 @@ def start_server(model_dir, *args, env: dict | None = None, timeout: float = 240
     return ServerProcess(
         model_dir, *args, port=free_port(), env=subprocess_env(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", **(env or {})), timeout=timeout, cwd=REPO
     )
+
+
+def exit_worker() -> None:
+    """The end of a multi-process test worker that succeeded, as train.py ends
+    (training/main.py exit_process): every rank past its last collective, the groups torn
+    down, the streams flushed, then os._exit, so interpreter finalisation cannot abort a
+    finished worker."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

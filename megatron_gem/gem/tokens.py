@@ -16,6 +16,7 @@ mask them, and exports drop them again (hf/export.py): no checkpoint on disk hol
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, ContextManager, Iterable
 
 import torch
@@ -78,6 +79,22 @@ def init_rows_to_mean(model, token_ids: list[int], num_old_rows: int, *, gather:
             weight[idx.to(weight.device)] = mean_row(weight, num_old_rows)
 
 
+def _add_to_tokenizer(tokenizer, config: GEMConfig) -> list[int]:
+    tokenizer.add_special_tokens({"additional_special_tokens": config.special_tokens}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(config.special_tokens)
+
+
+def tokenizer_with_gem_tokens(tokenizer, config: GEMConfig):
+    """``tokenizer`` as the engines leave it once the model is built: a copy with the K GEM tokens
+    added the way add_gem_tokens adds them (full mode on a tokenizer without them), else
+    ``tokenizer`` itself. train.py reads its data with it before the model loads."""
+    if config.summary_mode or find_gem_tokens(tokenizer, config) is not None:
+        return tokenizer
+    extended = copy.deepcopy(tokenizer)
+    _add_to_tokenizer(extended, config)
+    return extended
+
+
 def add_gem_tokens(model, tokenizer, config: GEMConfig, *, gather: GatherFn | None = None) -> list[int]:
     """Add the K GEM tokens to ``tokenizer`` and ``model`` (resize + mean-row init).
 
@@ -88,8 +105,7 @@ def add_gem_tokens(model, tokenizer, config: GEMConfig, *, gather: GatherFn | No
     weight = model.get_input_embeddings().weight
     num_rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions are empty; ds_shape is real
     if ids is None:
-        tokenizer.add_special_tokens({"additional_special_tokens": config.special_tokens}, replace_extra_special_tokens=False)
-        ids = tokenizer.convert_tokens_to_ids(config.special_tokens)
+        ids = _add_to_tokenizer(tokenizer, config)
         # A model whose vocabulary is padded beyond the tokenizer keeps its size when the new ids
         # fit; the reused rows are re-initialised like new ones.
         if len(tokenizer) > num_rows:

@@ -117,8 +117,9 @@ def _ntp_loader(job: JobConfig, corpus, tokenizer, dp_rank: int, dp_size: int):
     )
 
 
-def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: int):
-    """(NTP loader, contrastive loader or None); both endless (epochs repeat with new seeds)."""
+def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: int, pairs: PairCorpus | None = None):
+    """(NTP loader, contrastive loader or None); both endless (epochs repeat with new seeds).
+    ``pairs``: --contrastive-data already read (open_contrastive_pairs), else read here."""
     b, seed = job.batch, job.optimizer.seed
     ntp = _ntp_loader(job, corpus, tokenizer, dp_rank, dp_size)
     contrastive = None
@@ -126,7 +127,9 @@ def build_loaders(job: JobConfig, corpus, tokenizer, *, dp_rank: int, dp_size: i
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         texts, positives, negatives, anchor_prompt, raw = corpus, None, None, None, None
         if job.data.pairs:
-            pairs = split_pairs(job, open_contrastive_pairs(job.data, tokenizer, job.gem.query_prompt))["train"]
+            if pairs is None:
+                pairs = open_contrastive_pairs(job.data, tokenizer, job.gem.query_prompt)
+            pairs = split_pairs(job, pairs)["train"]
             texts, positives, negatives, raw = pairs.queries, pairs.positives, pairs.negatives, pairs.texts
         else:
             if job.gem.query_prompt:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ..common import distributed as D
 from ..distill import Teacher, embed_batch
 from ..gem.losses import loss_weights
+from ..gem.tokens import tokenizer_with_gem_tokens
 from ..hf.model import check_gem_tokens, load_tokenizer
 from .checkpoint import (
     LATEST,
@@ -37,7 +38,16 @@ from .checkpoint import (
     tag_for,
 )
 from .config import JobConfig
-from .data_setup import build_loaders, build_validation_loaders, cache_report, data_cache_dir, data_report, open_training_corpus, split_training_corpus
+from .data_setup import (
+    build_loaders,
+    build_validation_loaders,
+    cache_report,
+    data_cache_dir,
+    data_report,
+    open_contrastive_pairs,
+    open_training_corpus,
+    split_training_corpus,
+)
 from .loop import StepBookkeeping
 from .metrics import MetricsLogger
 from .process_setup import exit_signal_handler
@@ -192,12 +202,20 @@ def train(job: JobConfig, engine: Engine) -> dict:
     seed_everything(job.optimizer.seed)
     tokenizer = load_tokenizer(job.model.tokenizer_path, "--tokenizer" if job.model.tokenizer else "--model")
     check_gem_tokens(tokenizer, job.gem)  # before the model loads: the tokens the flags ask for exist
-    engine.build(job, tokenizer)
 
-    corpus = open_training_corpus(job.data, tokenizer, cache_dir=data_cache_dir(job))
+    # The data is read (text tokenised into its cache) before the model loads: a malformed record
+    # fails in seconds, not after minutes of loading weights. It is read with the tokenizer the
+    # engine leaves once it has added the GEM tokens (checked equal below).
+    data_tokenizer = tokenizer_with_gem_tokens(tokenizer, job.gem)
+    corpus = open_training_corpus(job.data, data_tokenizer, cache_dir=data_cache_dir(job))
     cache_text = cache_report(corpus)
-    corpus, valid_corpus, split_note = split_training_corpus(job, corpus, tokenizer)
-    ntp_loader, cl_loader = build_loaders(job, corpus, tokenizer, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
+    corpus, valid_corpus, split_note = split_training_corpus(job, corpus, data_tokenizer)
+    pairs = open_contrastive_pairs(job.data, data_tokenizer, job.gem.query_prompt) if job.has_phase_two and job.data.pairs else None
+
+    engine.build(job, tokenizer)
+    if data_tokenizer is not tokenizer and data_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise RuntimeError("the engine added the GEM tokens under other ids than tokenizer_with_gem_tokens: the data was tokenised for another vocabulary")
+    ntp_loader, cl_loader = build_loaders(job, corpus, tokenizer, dp_rank=engine.dp_rank, dp_size=engine.dp_size, pairs=pairs)
     engine.adapt_loaders(job, ntp_loader, cl_loader)
     validator, valid_text = None, "none"
     if job.validates:

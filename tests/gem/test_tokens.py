@@ -69,3 +69,27 @@ def test_refuses_model_and_tokenizer_from_different_checkpoints():
     add_gem_tokens(make_tiny_llama(len(tok)), tok, GEMConfig())
     with pytest.raises(ValueError, match="different checkpoints"):
         add_gem_tokens(make_tiny_llama(len(tok) - 1), tok, GEMConfig())
+
+
+@pytest.mark.parametrize("summary", [False, True])
+def test_the_data_tokenizer_is_the_one_the_model_build_leaves(summary):
+    """train.py tokenises its data with tokenizer_with_gem_tokens before the model loads; the
+    engine then adds the tokens to the real tokenizer (add_gem_tokens): the two must agree
+    token for token, and the copy must leave the original as it was."""
+    from megatron_gem.gem.tokens import tokenizer_with_gem_tokens
+
+    config = GEMConfig(num_special_tokens=3)
+    tok = make_tiny_tokenizer()
+    before = tok.get_vocab()
+    if summary:
+        config = GEMConfig(num_special_tokens=3, train_mode="summary")
+        assert tokenizer_with_gem_tokens(tok, config) is tok  # summary mode adds no token
+        return
+    data_tok = tokenizer_with_gem_tokens(tok, config)
+    assert data_tok is not tok and tok.get_vocab() == before
+    add_gem_tokens(make_tiny_llama(len(tok)), tok, config)
+    assert data_tok.get_vocab() == tok.get_vocab() != before
+    text = f"a line {config.special_tokens[0]} with a GEM token"
+    assert data_tok(text)["input_ids"] == tok(text)["input_ids"]
+    # A tokenizer that already carries the tokens (a GEM checkpoint) is used as it is.
+    assert tokenizer_with_gem_tokens(tok, config) is tok

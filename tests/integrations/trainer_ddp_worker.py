@@ -165,3 +165,6 @@ def main(base: str, out: str, modes: str, per_device: int, zero_stage: int | Non
 if __name__ == "__main__":
     stage = sys.argv[5] if len(sys.argv) > 5 else "none"
     main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), None if stage == "none" else int(stage), "resume" in sys.argv[6:])
+    from tests.launch import exit_worker
+
+    exit_worker()

@@ -501,3 +501,6 @@ if __name__ == "__main__":
         stream_vs_reference(*sys.argv[2:])
     else:
         raise SystemExit(f"unknown command {cmd}")
+    from tests.launch import exit_worker
+
+    exit_worker()

@@ -247,3 +247,18 @@ def test_unreadable_model_and_unwritable_save_are_named(tiny_inputs, tmp_path, c
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
     assert main(args_for(tiny_inputs, tmp_path / "out")) == 2
     assert f"--save {tmp_path / 'out'}: cannot write there ({tmp_path} is not writable)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["--data", "--contrastive-data"])
+def test_a_malformed_record_is_refused_before_the_model_loads(tiny_inputs, tmp_path, capsys, monkeypatch, which):
+    """The training data is read before the engine builds the model (full mode: with the GEM
+    tokens the engine will add), so a bad record costs seconds, not a model load."""
+    from megatron_gem.training.deepspeed_engine import DeepSpeedEngine
+
+    forbid(monkeypatch, "the model load", (DeepSpeedEngine, "build"))
+    bad = tmp_path / "bad.jsonl"
+    good = '{"text": "a fine line of text for the corpus"}' if which == "--data" else '{"query": "a question", "positive": "an answer"}'
+    bad.write_text(f"{good}\n{good}\n{{not json\n")
+    assert main(args_for(tiny_inputs, tmp_path / "out", which, str(bad))) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("train.py: error: ") and f"{bad}:3" in line, line
