@@ -169,6 +169,9 @@ def exit_worker() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    import atexit
+
+    atexit._run_exitfuncs()  # multiprocessing's children (megatron-core's checkpoint writers) end
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -6,7 +6,7 @@ traceback only with --debug."""
 
 from __future__ import annotations
 
-import logging
+import atexit
 import os
 import sys
 
@@ -76,10 +76,13 @@ def exit_process(code: int):
     tensors) without the GIL they need, and aborts a finished run ("terminate called without an
     active exception", exit -6), which destroy_process_group alone did not prevent (CI, a 2-rank
     ZeRO-3 run). By then every output is committed: checkpoints and exports are written
-    atomically, the loggers closed (Trainer's log.close()), and logging is shut down here."""
+    atomically and the loggers closed (Trainer's log.close())."""
     if not _HAD_PROCESS_GROUP:
         sys.exit(code)
-    logging.shutdown()
+    # What a normal exit runs before finalisation still runs: the atexit handlers (multiprocessing
+    # ends its daemonic children and managers, e.g. megatron-core's checkpoint writers, whose
+    # inherited stdout would otherwise keep a launcher's pipe open; logging flushes).
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
