@@ -208,3 +208,22 @@ def measure_step_activations(
             loss.backward()
     backward = tracker.at_backward_peak if tracker.backward_peak else tracker.at_peak
     return ActivationPeak(overall=Composition(**tracker.at_peak), backward=Composition(**backward))
+
+
+def measure_optimizer_step(numels: list[int], *, dtype: torch.dtype = torch.float32) -> int:
+    """Peak bytes of temporaries of a steady-state torch AdamW step (state already made) over
+    parameters of these sizes, on fake tensors: what the CPU engine's optimizer (torch AdamW,
+    not foreach on CPU) allocates beyond the parameters, gradients and moments. (On GPU the
+    engine's FusedAdam updates in place: no such temporaries.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        params = [torch.nn.Parameter(torch.empty(n, dtype=dtype)) for n in numels]
+        for p in params:
+            p.grad = torch.empty_like(p)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        opt.step()  # makes the moments
+        tracker = StorageTracker()
+        with tracker:
+            opt.step()
+    return tracker.peak

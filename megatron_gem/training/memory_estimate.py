@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .activation_memory import ActivationPeak, fake_model, measure_step_activations
+from .activation_memory import ActivationPeak, fake_model, measure_optimizer_step, measure_step_activations
 
 GB = 1e9
 PARTS = ("parameters", "gradients", "optimizer", "activations", "logits_loss", "attention")
@@ -155,10 +155,17 @@ def estimate_step_memory(
     adapter_rank: int = 16,
     activations: ActivationPeak | None = None,
     backend: str = "triton",
+    optimizer: str = "fused_adam",
 ) -> MemoryEstimate:
     """Peak bytes per rank of one step (the most loaded rank). ``activations``: a measurement
     to reuse (else measured here: a few seconds on CPU). ``backend``: the GEM attention backend
-    of the run (triton: a CUDA run's packed rows; sdpa: a CPU run's dense-mask path)."""
+    of the run (triton: a CUDA run's packed rows; sdpa: a CPU run's dense-mask path).
+    ``optimizer``: "fused_adam" (GPU: DeepSpeed's FusedAdam, in place) or "torch_adamw" (the
+    CPU engine's; its step temporaries are measured on fake tensors).
+
+    The peak is the larger of two moments: forward/backward (resident states + what the
+    measured step holds) and the optimizer step (resident states + the gradients as the step
+    sees them + its flat copies and temporaries, activations gone)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     w = 2 if bf16 else 4
     counts = model_counts(hf_config, vocab_size=vocab_size, train_mode=train_mode, adapter_rank=adapter_rank)
@@ -167,7 +174,7 @@ def estimate_step_memory(
     # measured on the step's own timeline; ZeRO-2's partition is counted from the first
     # reduction on (allocated there, freed after the step); ZeRO-3's partition (allocated at
     # initialisation) and megatron-core's main-grad buffer are resident all along.
-    timeline_grads = layout.engine == "deepspeed" and layout.zero_stage <= 1 and train_mode == "full"
+    timeline_grads = keeps_whole_grads(layout, train_mode)
     if activations is None:
         cfg = hf_config
         if layout.engine == "megatron":  # this rank's stage and TP shard of the model
@@ -196,13 +203,43 @@ def estimate_step_memory(
         grads, at = (states["gradients"], b) if after >= before else (0.0, a)
     else:
         grads, at = states["gradients"], a
-    return MemoryEstimate(
+    backward_pass = MemoryEstimate(
         **resident,
         gradients=grads,
         activations=at.activations * in_flight,
         logits_loss=at.logits_loss,
         attention=at.attention,
     )
+    step_grads = step_phase_gradients(counts, layout, weight_bytes=w, optimizer=optimizer)
+    step = MemoryEstimate(**resident, gradients=step_grads, activations=0, logits_loss=0, attention=0)
+    return max(backward_pass, step, key=lambda e: e.peak)
+
+
+def keeps_whole_grads(layout: Layout, train_mode: str) -> bool:
+    """Whether the parameters' own gradients stay whole through backward (ZeRO-0/1): they are
+    then measured on the step's timeline rather than counted by the sharding rule."""
+    return layout.engine == "deepspeed" and layout.zero_stage <= 1 and train_mode == "full"
+
+
+def step_phase_gradients(c: ModelCounts, layout: Layout, *, weight_bytes: int, optimizer: str) -> float:
+    """Bytes of gradients and their copies live at the peak of the optimizer step (DeepSpeed's
+    step: the partition's gradients flattened, cast to fp32 for the master weights, Adam; the
+    gradients themselves are freed only after it), plus the optimizer's temporaries."""
+    if optimizer not in ("fused_adam", "torch_adamw"):
+        raise ValueError(f"optimizer must be 'fused_adam' or 'torch_adamw', got {optimizer!r}")
+    T, w = c.trainable, weight_bytes
+    if layout.engine == "megatron":  # fp32 main grads are the buffer counted as resident
+        return 4 * T / (layout.tp * layout.pp)
+    dp, s = layout.dp, layout.zero_stage
+    part = math.ceil(T / dp)
+    temps = measure_optimizer_step([part] if s else [T], dtype=torch.float32 if s or w == 4 else torch.bfloat16) if optimizer == "torch_adamw" else 0
+    if s == 0:
+        return T * w + temps
+    cast = 4 * part if w != 4 else 0  # bf16 -> the fp32 master's grad; fp32 grads are used as they are
+    if s == 3:  # the partition (resident) is flattened into the fp32 master's grad
+        return part * w + 4 * part + temps
+    grads = T * w if s == 1 else part * w  # still held while Adam runs (measured on CPU)
+    return grads + part * w + cast + temps
 
 
 def tp_pp_shard_config(hf_config, *, tp: int, pp: int):

@@ -1,0 +1,242 @@
+"""Training recipes: model shape, mode, engine layout and batch, one dataclass each. The
+throughput recipes were chosen with the memory estimator (``choose``: the cheapest ZeRO
+stage, then recomputation only if needed, then the largest micro-batch that fits an 80 GB
+H100 with HEADROOM_GB to spare); ``tools/estimate_memory.py --recipes`` prints their
+estimates, ``--choose`` reruns the choice. ``paper-*`` recipes reproduce the paper's batch
+(32 rows of 512 tokens per optimizer step).
+
+Communication per rank and step (``communication``), ring collectives over n ranks, each
+moving (n - 1) / n of its payload per rank; P parameters, T trainable, w = 2 (bf16):
+  ZeRO-0   all-reduce of the gradients once per step: 2 (n-1)/n T w
+  ZeRO-1/2 reduce-scatter of the gradients (T w) and all-gather of the updated parameters
+           (T w) per step: 2 (n-1)/n T w, half in each kind (ZeRO-2 reduces every micro-batch)
+  ZeRO-3   per micro-batch an all-gather of the parameters (P w) in forward and again in
+           backward (recomputation runs inside the backward's gather), a reduce-scatter of
+           the gradients (T w): 3 (n-1)/n per micro-batch
+  TP       per layer and micro-batch two all-reduces of the activations [tokens, h] in
+           forward and two in backward (with sequence parallelism the same volume as
+           all-gathers and reduce-scatters), plus the data-parallel gradient reduce-scatter
+           (fp32) and parameter all-gather (bf16) of the rank's shard
+Summary mode: the base is frozen and replicated (ZeRO-1/2 shard only what the optimizer holds),
+so only the deltas travel.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+GPU_MEMORY_GB = 80.0
+HEADROOM_GB = 10.0  # CUDA context, NCCL buffers, allocator fragmentation
+VOCAB_ROW_MULTIPLE = 64  # full mode's vocabulary padding (gem.tokens.pad_vocab_rows)
+
+# Published architectures (the HF config.json fields that decide memory).
+MODELS = {
+    "llama3.2-1b": dict(
+        hf="meta-llama/Llama-3.2-1B", model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+    ),
+    "llama3.2-3b": dict(
+        hf="meta-llama/Llama-3.2-3B", model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
+    ),
+    "llama3-8b": dict(
+        hf="meta-llama/Meta-Llama-3-8B", model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+    ),
+    "mistral-7b": dict(
+        hf="mistralai/Mistral-7B-v0.1", model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32000, tie_word_embeddings=False, sliding_window=4096,
+    ),
+}
+
+
+def hf_config(model: str):
+    """The transformers config of ``model`` (a MODELS key), built offline."""
+    from transformers import AutoConfig
+
+    fields = dict(MODELS[model])
+    fields.pop("hf")
+    return AutoConfig.for_model(fields.pop("model_type"), max_position_embeddings=131072, use_cache=False, **fields)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: str  # a MODELS key
+    train_mode: str  # "full" | "summary"
+    gpus: int
+    micro_batch_size: int
+    seq_length: int
+    global_batch_size: int  # rows per optimizer step
+    engine: str = "deepspeed"
+    zero_stage: int = 1
+    tp: int = 1
+    pp: int = 1
+    gradient_checkpointing: bool = False
+    note: str = ""
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // (self.tp * self.pp)
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    @property
+    def tokens_per_gpu(self) -> int:
+        """Tokens one GPU computes per optimizer step (a tensor-parallel group shares its rows)."""
+        return self.micro_batch_size * self.seq_length * self.accumulation
+
+    def vocab_size(self) -> int:
+        """The trained vocabulary: full mode adds one GEM token and pads to VOCAB_ROW_MULTIPLE
+        rows; summary mode reuses an existing token."""
+        v = MODELS[self.model]["vocab_size"]
+        if self.train_mode == "summary":
+            return v
+        return -(-(v + 1) // VOCAB_ROW_MULTIPLE) * VOCAB_ROW_MULTIPLE
+
+    def layout(self):
+        from .memory_estimate import Layout
+
+        bucket = MODELS[self.model]["hidden_size"] ** 2  # ds_config.py's "auto": hidden^2
+        return Layout(engine=self.engine, zero_stage=self.zero_stage, dp=self.dp, tp=self.tp, pp=self.pp, reduce_bucket_size=bucket)
+
+    def check(self) -> None:
+        if self.gpus % (self.tp * self.pp) or self.global_batch_size % (self.micro_batch_size * self.dp):
+            raise ValueError(f"recipe {self.name}: global batch {self.global_batch_size} is not a multiple of micro-batch x dp")
+
+    def command(self) -> str:
+        """The train.py arguments of this recipe (MODEL, DATA, SAVE from the environment)."""
+        args = [f"--micro-batch-size {self.micro_batch_size}", f"--global-batch-size {self.global_batch_size}", f"--seq-length {self.seq_length}", "--bf16"]
+        if self.engine == "deepspeed":
+            args.append(f"--deepspeed {DS_CONFIGS[self.zero_stage]}")
+        else:
+            args += [f"--tensor-model-parallel-size {self.tp}", f"--pipeline-model-parallel-size {self.pp}", "--sequence-parallel"]
+        if self.gradient_checkpointing:
+            args.append("--gradient-checkpointing" if self.engine == "deepspeed" else "--recompute-granularity full")
+        if self.train_mode == "summary":
+            args.append("--gem-train summary")
+        return " ".join(args)
+
+
+DS_CONFIGS = {1: "configs/deepspeed/ds_zero1.json", 2: "configs/deepspeed/ds_zero2.json", 3: "ds_zero3.json"}
+
+
+@functools.lru_cache(maxsize=None)
+def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool, tp: int, pp: int):
+    """One fake-tensor measurement (tens of seconds at 8B, 8k tokens), shared by the layouts
+    that need the same one (the ZeRO stages differ only in whether gradients stay)."""
+    from .activation_memory import measure_step_activations
+    from .memory_estimate import tp_pp_shard_config
+
+    cfg = hf_config(model)
+    if tp * pp > 1:
+        cfg = tp_pp_shard_config(cfg, tp=tp, pp=pp)
+        vocab_size = -(-vocab_size // tp)
+    return measure_step_activations(
+        cfg, micro_batch_size=micro_batch_size, seq_length=seq_length, vocab_size=vocab_size, train_mode=train_mode,
+        gradient_checkpointing=recompute, keep_grads=keep_grads,
+    )
+
+
+def estimate(recipe: Recipe):
+    """The memory estimate of ``recipe`` (training/memory_estimate.py), per rank."""
+    from .memory_estimate import estimate_step_memory, keeps_whole_grads
+
+    recipe.check()
+    layout = recipe.layout()
+    activations = _activations(
+        recipe.model, recipe.train_mode, recipe.micro_batch_size, recipe.seq_length, recipe.vocab_size(), recipe.gradient_checkpointing,
+        keeps_whole_grads(layout, recipe.train_mode), recipe.tp, recipe.pp,
+    )
+    return estimate_step_memory(
+        hf_config(recipe.model),
+        recipe.layout(),
+        micro_batch_size=recipe.micro_batch_size,
+        seq_length=recipe.seq_length,
+        vocab_size=recipe.vocab_size(),
+        num_microbatches=recipe.accumulation,
+        train_mode=recipe.train_mode,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        activations=activations,
+    )
+
+
+def fits(e) -> bool:
+    return e.peak <= (GPU_MEMORY_GB - HEADROOM_GB) * 1e9
+
+
+def choose(base: Recipe, *, max_micro_batch: int = 8, stages=(1, 2, 3)) -> tuple[Recipe, object]:
+    """The cheapest layout for ``base``'s model, mode, GPUs and sequence length: the lowest
+    ZeRO stage (least communication) that fits, without recomputation if possible, then the
+    largest micro-batch (a power of two up to ``max_micro_batch``) that still fits; the global
+    batch is one micro-batch per GPU. (ZeRO-0 is not offered: with bf16 DeepSpeed runs it
+    without fp32 master weights.) Raises when nothing fits."""
+    for stage in stages:
+        for recompute in (False, True):
+            best = None
+            mb = 1
+            while mb <= max_micro_batch:
+                r = replace(base, zero_stage=stage, gradient_checkpointing=recompute, micro_batch_size=mb, global_batch_size=mb * base.gpus)
+                e = estimate(r)
+                if not fits(e):
+                    break
+                best = (r, e)
+                mb *= 2
+            if best is not None:
+                return best
+    raise ValueError(f"{base.name}: no ZeRO stage fits {GPU_MEMORY_GB} GB with {HEADROOM_GB} GB headroom")
+
+
+def communication(recipe: Recipe) -> dict:
+    """Bytes sent per rank per optimizer step, by collective kind (see the module docstring)."""
+    from .memory_estimate import model_counts
+
+    c = model_counts(hf_config(recipe.model), vocab_size=recipe.vocab_size(), train_mode=recipe.train_mode)
+    return communication_bytes(
+        total=c.total, trainable=c.trainable, layout=recipe.layout(), micro_batches=recipe.accumulation,
+        tokens=recipe.micro_batch_size * recipe.seq_length, hidden=MODELS[recipe.model]["hidden_size"], layers=c.num_layers,
+    )
+
+
+def communication_bytes(*, total: int, trainable: int, layout, micro_batches: int, tokens: int = 0, hidden: int = 0, layers: int = 0, weight_bytes: int = 2) -> dict:
+    """Payload bytes per rank per optimizer step, by kind, and ``sent``: the bytes a rank
+    sends with ring algorithms ((n-1)/n of an all-gather's or reduce-scatter's payload, twice
+    that of an all-reduce's)."""
+    w, n = weight_bytes, layout.dp
+    out = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0}
+    ring = (n - 1) / n if n > 1 else 0.0
+    sent = 0.0
+    if layout.engine == "megatron":
+        t = layout.tp
+        shard = trainable / (t * layout.pp)
+        out["reduce_scatter"] += 4 * shard  # fp32 main grads
+        out["all_gather"] += w * shard
+        sent += ring * 6 * shard
+        if t > 1:
+            tp_payload = 4 * (layers // layout.pp) * micro_batches * tokens * hidden * w
+            out["all_reduce"] += tp_payload
+            sent += 2 * (t - 1) / t * tp_payload
+    elif layout.zero_stage == 0:
+        out["all_reduce"] = trainable * w
+        sent = 2 * ring * trainable * w
+    elif layout.zero_stage in (1, 2):
+        out["reduce_scatter"] = trainable * w * (micro_batches if layout.zero_stage == 2 else 1)
+        out["all_gather"] = trainable * w
+        sent = ring * (out["reduce_scatter"] + out["all_gather"])
+    else:
+        out["all_gather"] = 2 * total * w * micro_batches
+        out["reduce_scatter"] = trainable * w * micro_batches
+        sent = ring * (out["all_gather"] + out["reduce_scatter"])
+    out["sent"] = sent
+    return out
+
+
+def _throughput(model: str, mode: str, **layout) -> Recipe:
+    return Recipe(name=f"{model}-{mode}-8k", model=model, train_mode=mode, gpus=8, micro_batch_size=1, seq_length=8192, global_batch_size=8, **layout)
+
+
+# The table. Throughput recipes: the layout `choose` picked (rerun: tools/estimate_memory.py --choose).
+RECIPES: dict[str, Recipe] = {}
