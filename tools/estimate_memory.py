@@ -30,6 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--recipe", action="append", default=[], help="a recipe name (training/recipes.py RECIPES)")
     p.add_argument("--recipes", action="store_true", help="every recipe")
     p.add_argument("--choose", action="store_true", help="choose the throughput layouts again (minutes)")
+    p.add_argument("--megatron-config", action="append", default=[], help="a configs/megatron/*.json recipe (repeatable)")
     p.add_argument("--model", choices=sorted(R.MODELS), help="a model shape, for a layout of your own")
     p.add_argument("--mode", choices=("full", "summary"), default="full")
     p.add_argument("--engine", choices=("deepspeed", "megatron"), default="deepspeed")
@@ -45,8 +46,11 @@ def parse_args(argv=None):
     unknown = [n for n in args.recipe if n not in R.RECIPES]
     if unknown:
         p.error(f"--recipe {unknown[0]}: unknown; known: {', '.join(R.RECIPES)}")
-    if not (args.recipe or args.recipes or args.choose or args.model):
-        p.error("give --recipe NAME, --recipes, --choose or --model")
+    if not (args.recipe or args.recipes or args.choose or args.model or args.megatron_config):
+        p.error("give --recipe NAME, --recipes, --choose, --megatron-config FILE or --model")
+    for f in args.megatron_config:
+        if not os.path.isfile(f):
+            p.error(f"--megatron-config {f}: no such file")
     return args
 
 
@@ -65,6 +69,8 @@ def selected(args) -> list[R.Recipe]:
             gradient_checkpointing=args.gradient_checkpointing,
         )
         return [replace(r, global_batch_size=args.global_batch_size or args.micro_batch_size * r.dp)]
+    if args.megatron_config:
+        return [R.from_megatron_json(f) for f in args.megatron_config]
     return list(R.RECIPES.values()) if args.recipes else [R.RECIPES[n] for n in args.recipe]
 
 

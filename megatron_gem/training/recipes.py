@@ -5,18 +5,23 @@ H100 with HEADROOM_GB to spare); ``tools/estimate_memory.py --recipes`` prints t
 estimates, ``--choose`` reruns the choice. ``paper-*`` recipes reproduce the paper's batch
 (32 rows of 512 tokens per optimizer step).
 
-Communication per rank and step (``communication``), ring collectives over n ranks, each
-moving (n - 1) / n of its payload per rank; P parameters, T trainable, w = 2 (bf16):
-  ZeRO-0   all-reduce of the gradients once per step: 2 (n-1)/n T w
-  ZeRO-1/2 reduce-scatter of the gradients (T w) and all-gather of the updated parameters
-           (T w) per step: 2 (n-1)/n T w, half in each kind (ZeRO-2 reduces every micro-batch)
-  ZeRO-3   per micro-batch an all-gather of the parameters (P w) in forward and again in
-           backward (recomputation runs inside the backward's gather), a reduce-scatter of
-           the gradients (T w): 3 (n-1)/n per micro-batch
+Communication per rank and step (``communication``): payload bytes by collective kind (an
+all-gather's gathered tensor, a reduce-scatter's or all-reduce's input), and the bytes a rank
+sends with ring algorithms over n ranks ((n-1)/n of an all-gather's or reduce-scatter's
+payload, twice that for an all-reduce). P parameters, T trainable, w = 2 (bf16):
+  ZeRO-0   the gradients all-reduced once per step: T w
+  ZeRO-1/2 the gradients all-reduced (DeepSpeed reduces its gradient buckets with all-reduce,
+           use_multi_rank_bucket_allreduce; counted in tests/training/test_communication.py),
+           once per step (ZeRO-1) or per micro-batch (ZeRO-2): T w each; then the updated
+           parameters all-gathered: T w
+  ZeRO-3   per micro-batch the parameters all-gathered in forward and again in backward (once
+           a module's parameters are released: models over stage3_max_live_parameters;
+           recomputation runs inside the backward's gather): 2 P w, and the gradients
+           reduce-scattered: T w
   TP       per layer and micro-batch two all-reduces of the activations [tokens, h] in
            forward and two in backward (with sequence parallelism the same volume as
-           all-gathers and reduce-scatters), plus the data-parallel gradient reduce-scatter
-           (fp32) and parameter all-gather (bf16) of the rank's shard
+           all-gathers and reduce-scatters), plus the distributed optimizer's gradient
+           reduce-scatter (fp32) and parameter all-gather (bf16) of the rank's shard
 Summary mode: the base is frozen and replicated (ZeRO-1/2 shard only what the optimizer holds),
 so only the deltas travel.
 """
@@ -75,6 +80,7 @@ class Recipe:
     pp: int = 1
     gradient_checkpointing: bool = False
     note: str = ""
+    padded_vocab: int = 0  # megatron-core's own padding (a multiple of 128 x TP); 0: vocab_size()'s rule
 
     @property
     def dp(self) -> int:
@@ -93,6 +99,8 @@ class Recipe:
         """The trained vocabulary: full mode adds one GEM token and pads to VOCAB_ROW_MULTIPLE
         rows; summary mode reuses an existing token."""
         v = MODELS[self.model]["vocab_size"]
+        if self.padded_vocab:
+            return self.padded_vocab
         if self.train_mode == "summary":
             return v
         return -(-(v + 1) // VOCAB_ROW_MULTIPLE) * VOCAB_ROW_MULTIPLE
@@ -190,6 +198,24 @@ def choose(base: Recipe, *, max_micro_batch: int = 8, stages=(1, 2, 3)) -> tuple
     raise ValueError(f"{base.name}: no ZeRO stage fits {GPU_MEMORY_GB} GB with {HEADROOM_GB} GB headroom")
 
 
+def from_megatron_json(path) -> Recipe:
+    """The Recipe of a configs/megatron/*.json file (model by its HF id)."""
+    import json
+    import os
+
+    r = json.loads(open(path).read())
+    model = {m["hf"]: k for k, m in MODELS.items()}.get(r["hf_model"])
+    if model is None:
+        raise ValueError(f"{path}: hf_model {r['hf_model']!r} is not one of {sorted(m['hf'] for m in MODELS.values())}")
+    par, b = r["parallel"], r["batch"]
+    return Recipe(
+        name=os.path.basename(str(path)).removesuffix(".json"), model=model, train_mode="full", gpus=r["gpus"], micro_batch_size=b["micro_batch_size"],
+        seq_length=b["seq_length"], global_batch_size=b["global_batch_size"], engine="megatron", zero_stage=0,
+        tp=par["tensor_model_parallel_size"], pp=par["pipeline_model_parallel_size"], gradient_checkpointing=r["recompute_granularity"] == "full",
+        padded_vocab=r["model_shape"]["padded_vocab_size"],
+    )
+
+
 def communication(recipe: Recipe) -> dict:
     """Bytes sent per rank per optimizer step, by collective kind (see the module docstring)."""
     from .memory_estimate import model_counts
@@ -223,9 +249,9 @@ def communication_bytes(*, total: int, trainable: int, layout, micro_batches: in
         out["all_reduce"] = trainable * w
         sent = 2 * ring * trainable * w
     elif layout.zero_stage in (1, 2):
-        out["reduce_scatter"] = trainable * w * (micro_batches if layout.zero_stage == 2 else 1)
+        out["all_reduce"] = trainable * w * (micro_batches if layout.zero_stage == 2 else 1)
         out["all_gather"] = trainable * w
-        sent = ring * (out["reduce_scatter"] + out["all_gather"])
+        sent = ring * (2 * out["all_reduce"] + out["all_gather"])
     else:
         out["all_gather"] = 2 * total * w * micro_batches
         out["reduce_scatter"] = trainable * w * micro_batches
@@ -234,9 +260,37 @@ def communication_bytes(*, total: int, trainable: int, layout, micro_batches: in
     return out
 
 
-def _throughput(model: str, mode: str, **layout) -> Recipe:
-    return Recipe(name=f"{model}-{mode}-8k", model=model, train_mode=mode, gpus=8, micro_batch_size=1, seq_length=8192, global_batch_size=8, **layout)
+def _throughput(model: str, mode: str, *, micro_batch_size: int, gradient_checkpointing: bool = False, zero_stage: int = 1) -> Recipe:
+    return Recipe(
+        name=f"{model}-{mode}-8k", model=model, train_mode=mode, gpus=8, micro_batch_size=micro_batch_size, seq_length=8192,
+        global_batch_size=8 * micro_batch_size, zero_stage=zero_stage, gradient_checkpointing=gradient_checkpointing,
+        note="throughput: packed rows of 8192 tokens, one micro-batch per GPU per step",
+    )
 
 
-# The table. Throughput recipes: the layout `choose` picked (rerun: tools/estimate_memory.py --choose).
-RECIPES: dict[str, Recipe] = {}
+def _paper(model: str, gpus: int) -> Recipe:
+    return Recipe(
+        name=f"paper-{model}", model=model, train_mode="full", gpus=gpus, micro_batch_size=32 // gpus, seq_length=512, global_batch_size=32,
+        zero_stage=1, note=f"the paper's batch: 32 rows x 512 = 16,384 tokens per step; each of {gpus} GPUs computes {32 // gpus} rows",
+    )
+
+
+# The table. Throughput recipes: the layout `choose` picked (tools/estimate_memory.py --choose
+# reruns it): ZeRO-1 fits every model on 8 H100s; recomputation only where the larger models'
+# activations need it, which then buys the largest micro-batch.
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        _paper("llama3.2-1b", 8),
+        _paper("llama3.2-3b", 8),
+        _paper("llama3-8b", 16),
+        _throughput("llama3.2-1b", "full", micro_batch_size=4),
+        _throughput("llama3.2-1b", "summary", micro_batch_size=4),
+        _throughput("llama3.2-3b", "full", micro_batch_size=1),
+        _throughput("llama3.2-3b", "summary", micro_batch_size=2),
+        _throughput("llama3-8b", "full", micro_batch_size=8, gradient_checkpointing=True),
+        _throughput("llama3-8b", "summary", micro_batch_size=1),
+        _throughput("mistral-7b", "full", micro_batch_size=8, gradient_checkpointing=True),
+        _throughput("mistral-7b", "summary", micro_batch_size=1),
+    )
+}
