@@ -30,6 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--recipe", action="append", default=[], help="a recipe name (training/recipes.py RECIPES)")
     p.add_argument("--recipes", action="store_true", help="every recipe")
     p.add_argument("--choose", action="store_true", help="choose the throughput layouts again (minutes)")
+    p.add_argument("--compare-communication", metavar="RECIPE", help="bytes per rank per step of RECIPE under ZeRO-1/2/3 and TP=8")
     p.add_argument("--megatron-config", action="append", default=[], help="a configs/megatron/*.json recipe (repeatable)")
     p.add_argument("--model", choices=sorted(R.MODELS), help="a model shape, for a layout of your own")
     p.add_argument("--mode", choices=("full", "summary"), default="full")
@@ -46,8 +47,10 @@ def parse_args(argv=None):
     unknown = [n for n in args.recipe if n not in R.RECIPES]
     if unknown:
         p.error(f"--recipe {unknown[0]}: unknown; known: {', '.join(R.RECIPES)}")
-    if not (args.recipe or args.recipes or args.choose or args.model or args.megatron_config):
-        p.error("give --recipe NAME, --recipes, --choose, --megatron-config FILE or --model")
+    if args.compare_communication and args.compare_communication not in R.RECIPES:
+        p.error(f"--compare-communication {args.compare_communication}: unknown recipe; known: {', '.join(R.RECIPES)}")
+    if not (args.recipe or args.recipes or args.choose or args.model or args.megatron_config or args.compare_communication):
+        p.error("give --recipe NAME, --recipes, --choose, --megatron-config FILE, --compare-communication RECIPE or --model")
     for f in args.megatron_config:
         if not os.path.isfile(f):
             p.error(f"--megatron-config {f}: no such file")
@@ -79,8 +82,23 @@ def layout_text(r: R.Recipe) -> str:
     return f"{r.gpus} GPUs {par}, mb {r.micro_batch_size} x {r.seq_length}{', recompute' if r.gradient_checkpointing else ''}"
 
 
+def compare_communication(name: str) -> dict:
+    """The communication table of one recipe's model and batch under other layouts."""
+    print("| layout | all-reduce GB | reduce-scatter GB | all-gather GB | sent per rank GB |")
+    print("| --- | --- | --- | --- | --- |")
+    figures = {}
+    for label, r in R.layout_variants(R.RECIPES[name]):
+        c = R.communication(r)
+        figures[label] = {k: round(v / 1e9, 3) for k, v in c.items()}
+        print(f"| {label} | {c['all_reduce'] / 1e9:.2f} | {c['reduce_scatter'] / 1e9:.2f} | {c['all_gather'] / 1e9:.2f} | {c['sent'] / 1e9:.2f} |")
+    print(json.dumps({name: figures}))
+    return figures
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compare_communication:
+        return compare_communication(args.compare_communication)
     rows, figures, comm_lines = [], {}, []
     for r in selected(args):
         e = R.estimate(r)

@@ -238,9 +238,10 @@ def communication_bytes(*, total: int, trainable: int, layout, micro_batches: in
     if layout.engine == "megatron":
         t = layout.tp
         shard = trainable / (t * layout.pp)
-        out["reduce_scatter"] += 4 * shard  # fp32 main grads
-        out["all_gather"] += w * shard
-        sent += ring * 6 * shard
+        if n > 1:  # the distributed optimizer over the data-parallel group
+            out["reduce_scatter"] += 4 * shard  # fp32 main grads
+            out["all_gather"] += w * shard
+            sent += ring * 6 * shard
         if t > 1:
             tp_payload = 4 * (layers // layout.pp) * micro_batches * tokens * hidden * w
             out["all_reduce"] += tp_payload
@@ -258,6 +259,19 @@ def communication_bytes(*, total: int, trainable: int, layout, micro_batches: in
         sent = ring * (out["all_gather"] + out["reduce_scatter"])
     out["sent"] = sent
     return out
+
+
+def layout_variants(recipe: Recipe, tp: int = 8) -> list[tuple[str, Recipe]]:
+    """``recipe`` under ZeRO-1, -2, -3 and under megatron-core TP=``tp`` over the same GPUs and
+    global batch (one row per micro-batch there): the layouts whose communication the docs
+    compare."""
+    dp = recipe.gpus // tp
+    return [
+        ("ZeRO-1", replace(recipe, zero_stage=1)),
+        ("ZeRO-2", replace(recipe, zero_stage=2)),
+        ("ZeRO-3", replace(recipe, zero_stage=3)),
+        (f"TP={tp} (megatron-core, dp={dp})", replace(recipe, engine="megatron", zero_stage=0, tp=tp, micro_batch_size=1)),
+    ]
 
 
 def _throughput(model: str, mode: str, *, micro_batch_size: int, gradient_checkpointing: bool = False, zero_stage: int = 1) -> Recipe:
