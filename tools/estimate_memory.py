@@ -62,13 +62,30 @@ def selected(args) -> list[R.Recipe]:
         out = []
         for model in R.MODELS:
             for mode in ("full", "summary"):
-                base = R.Recipe(name=f"{model}-{mode}-8k", model=model, train_mode=mode, gpus=args.gpus, micro_batch_size=1, seq_length=args.seq_length, global_batch_size=args.gpus)
+                base = R.Recipe(
+                    name=f"{model}-{mode}-8k",
+                    model=model,
+                    train_mode=mode,
+                    gpus=args.gpus,
+                    micro_batch_size=1,
+                    seq_length=args.seq_length,
+                    global_batch_size=args.gpus,
+                )
                 out.append(R.choose(base)[0])
         return out
     if args.model:
         r = R.Recipe(
-            name=f"{args.model}-{args.mode}", model=args.model, train_mode=args.mode, gpus=args.gpus, micro_batch_size=args.micro_batch_size,
-            seq_length=args.seq_length, global_batch_size=0, engine=args.engine, zero_stage=args.zero_stage, tp=args.tp, pp=args.pp,
+            name=f"{args.model}-{args.mode}",
+            model=args.model,
+            train_mode=args.mode,
+            gpus=args.gpus,
+            micro_batch_size=args.micro_batch_size,
+            seq_length=args.seq_length,
+            global_batch_size=0,
+            engine=args.engine,
+            zero_stage=args.zero_stage,
+            tp=args.tp,
+            pp=args.pp,
             gradient_checkpointing=args.gradient_checkpointing,
         )
         return [replace(r, global_batch_size=args.global_batch_size or args.micro_batch_size * r.dp)]

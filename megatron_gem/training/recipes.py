@@ -38,20 +38,53 @@ VOCAB_ROW_MULTIPLE = 64  # full mode's vocabulary padding (gem.tokens.pad_vocab_
 # Published architectures (the HF config.json fields that decide memory).
 MODELS = {
     "llama3.2-1b": dict(
-        hf="meta-llama/Llama-3.2-1B", model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+        hf="meta-llama/Llama-3.2-1B",
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
     ),
     "llama3.2-3b": dict(
-        hf="meta-llama/Llama-3.2-3B", model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-        num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
+        hf="meta-llama/Llama-3.2-3B",
+        model_type="llama",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=True,
     ),
     "llama3-8b": dict(
-        hf="meta-llama/Meta-Llama-3-8B", model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+        hf="meta-llama/Meta-Llama-3-8B",
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=False,
     ),
     "mistral-7b": dict(
-        hf="mistralai/Mistral-7B-v0.1", model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32000, tie_word_embeddings=False, sliding_window=4096,
+        hf="mistralai/Mistral-7B-v0.1",
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        sliding_window=4096,
     ),
 }
 
@@ -144,8 +177,13 @@ def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length:
         cfg = tp_pp_shard_config(cfg, tp=tp, pp=pp)
         vocab_size = -(-vocab_size // tp)
     return measure_step_activations(
-        cfg, micro_batch_size=micro_batch_size, seq_length=seq_length, vocab_size=vocab_size, train_mode=train_mode,
-        gradient_checkpointing=recompute, keep_grads=keep_grads,
+        cfg,
+        micro_batch_size=micro_batch_size,
+        seq_length=seq_length,
+        vocab_size=vocab_size,
+        train_mode=train_mode,
+        gradient_checkpointing=recompute,
+        keep_grads=keep_grads,
     )
 
 
@@ -156,8 +194,15 @@ def estimate(recipe: Recipe):
     recipe.check()
     layout = recipe.layout()
     activations = _activations(
-        recipe.model, recipe.train_mode, recipe.micro_batch_size, recipe.seq_length, recipe.vocab_size(), recipe.gradient_checkpointing,
-        keeps_whole_grads(layout, recipe.train_mode), recipe.tp, recipe.pp,
+        recipe.model,
+        recipe.train_mode,
+        recipe.micro_batch_size,
+        recipe.seq_length,
+        recipe.vocab_size(),
+        recipe.gradient_checkpointing,
+        keeps_whole_grads(layout, recipe.train_mode),
+        recipe.tp,
+        recipe.pp,
     )
     return estimate_step_memory(
         hf_config(recipe.model),
@@ -209,9 +254,18 @@ def from_megatron_json(path) -> Recipe:
         raise ValueError(f"{path}: hf_model {r['hf_model']!r} is not one of {sorted(m['hf'] for m in MODELS.values())}")
     par, b = r["parallel"], r["batch"]
     return Recipe(
-        name=os.path.basename(str(path)).removesuffix(".json"), model=model, train_mode="full", gpus=r["gpus"], micro_batch_size=b["micro_batch_size"],
-        seq_length=b["seq_length"], global_batch_size=b["global_batch_size"], engine="megatron", zero_stage=0,
-        tp=par["tensor_model_parallel_size"], pp=par["pipeline_model_parallel_size"], gradient_checkpointing=r["recompute_granularity"] == "full",
+        name=os.path.basename(str(path)).removesuffix(".json"),
+        model=model,
+        train_mode="full",
+        gpus=r["gpus"],
+        micro_batch_size=b["micro_batch_size"],
+        seq_length=b["seq_length"],
+        global_batch_size=b["global_batch_size"],
+        engine="megatron",
+        zero_stage=0,
+        tp=par["tensor_model_parallel_size"],
+        pp=par["pipeline_model_parallel_size"],
+        gradient_checkpointing=r["recompute_granularity"] == "full",
         padded_vocab=r["model_shape"]["padded_vocab_size"],
     )
 
@@ -222,12 +276,19 @@ def communication(recipe: Recipe) -> dict:
 
     c = model_counts(hf_config(recipe.model), vocab_size=recipe.vocab_size(), train_mode=recipe.train_mode)
     return communication_bytes(
-        total=c.total, trainable=c.trainable, layout=recipe.layout(), micro_batches=recipe.accumulation,
-        tokens=recipe.micro_batch_size * recipe.seq_length, hidden=MODELS[recipe.model]["hidden_size"], layers=c.num_layers,
+        total=c.total,
+        trainable=c.trainable,
+        layout=recipe.layout(),
+        micro_batches=recipe.accumulation,
+        tokens=recipe.micro_batch_size * recipe.seq_length,
+        hidden=MODELS[recipe.model]["hidden_size"],
+        layers=c.num_layers,
     )
 
 
-def communication_bytes(*, total: int, trainable: int, layout, micro_batches: int, tokens: int = 0, hidden: int = 0, layers: int = 0, weight_bytes: int = 2) -> dict:
+def communication_bytes(
+    *, total: int, trainable: int, layout, micro_batches: int, tokens: int = 0, hidden: int = 0, layers: int = 0, weight_bytes: int = 2
+) -> dict:
     """Payload bytes per rank per optimizer step, by kind, and ``sent``: the bytes a rank
     sends with ring algorithms ((n-1)/n of an all-gather's or reduce-scatter's payload, twice
     that of an all-reduce's)."""
@@ -276,16 +337,30 @@ def layout_variants(recipe: Recipe, tp: int = 8) -> list[tuple[str, Recipe]]:
 
 def _throughput(model: str, mode: str, *, micro_batch_size: int, gradient_checkpointing: bool = False, zero_stage: int = 1) -> Recipe:
     return Recipe(
-        name=f"{model}-{mode}-8k", model=model, train_mode=mode, gpus=8, micro_batch_size=micro_batch_size, seq_length=8192,
-        global_batch_size=8 * micro_batch_size, zero_stage=zero_stage, gradient_checkpointing=gradient_checkpointing,
+        name=f"{model}-{mode}-8k",
+        model=model,
+        train_mode=mode,
+        gpus=8,
+        micro_batch_size=micro_batch_size,
+        seq_length=8192,
+        global_batch_size=8 * micro_batch_size,
+        zero_stage=zero_stage,
+        gradient_checkpointing=gradient_checkpointing,
         note="throughput: packed rows of 8192 tokens, one micro-batch per GPU per step",
     )
 
 
 def _paper(model: str, gpus: int) -> Recipe:
     return Recipe(
-        name=f"paper-{model}", model=model, train_mode="full", gpus=gpus, micro_batch_size=32 // gpus, seq_length=512, global_batch_size=32,
-        zero_stage=1, note=f"the paper's batch: 32 rows x 512 = 16,384 tokens per step; each of {gpus} GPUs computes {32 // gpus} rows",
+        name=f"paper-{model}",
+        model=model,
+        train_mode="full",
+        gpus=gpus,
+        micro_batch_size=32 // gpus,
+        seq_length=512,
+        global_batch_size=32,
+        zero_stage=1,
+        note=f"the paper's batch: 32 rows x 512 = 16,384 tokens per step; each of {gpus} GPUs computes {32 // gpus} rows",
     )
 
 

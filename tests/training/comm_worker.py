@@ -79,8 +79,14 @@ def main():
         "train_micro_batch_size_per_gpu": mb,
         "gradient_accumulation_steps": accum,
         "bf16": {"enabled": False},
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": W.HIDDEN * W.HIDDEN, "stage3_prefetch_bucket_size": W.HIDDEN * W.HIDDEN,
-                              "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0},
+        "zero_optimization": {
+            "stage": stage,
+            "reduce_bucket_size": W.HIDDEN * W.HIDDEN,
+            "stage3_prefetch_bucket_size": W.HIDDEN * W.HIDDEN,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_max_live_parameters": 0,
+            "stage3_max_reuse_distance": 0,
+        },
         "steps_per_print": 10**9,
     }
     torch.manual_seed(0)

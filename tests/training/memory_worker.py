@@ -20,8 +20,15 @@ def config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, max_position_embeddings=4096, use_cache=False, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=4096,
+        use_cache=False,
+        tie_word_embeddings=False,
     )
 
 
@@ -64,8 +71,12 @@ def main():
         "train_micro_batch_size_per_gpu": mb,
         "gradient_accumulation_steps": 1,
         "bf16": {"enabled": False},
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": HIDDEN * HIDDEN, "stage3_prefetch_bucket_size": HIDDEN * HIDDEN,
-                              "stage3_param_persistence_threshold": 10 * HIDDEN},
+        "zero_optimization": {
+            "stage": stage,
+            "reduce_bucket_size": HIDDEN * HIDDEN,
+            "stage3_prefetch_bucket_size": HIDDEN * HIDDEN,
+            "stage3_param_persistence_threshold": 10 * HIDDEN,
+        },
         "steps_per_print": 10**9,
     }
     torch.manual_seed(0)
@@ -81,7 +92,6 @@ def main():
         pos = (torch.arange(seq) % DOC_LEN).expand(mb, seq)
         doc = (torch.arange(seq) // DOC_LEN).expand(mb, seq).contiguous()
         batch = {"input_ids": ids, "position_ids": pos, "doc_ids": doc, "roles": torch.zeros_like(ids), "labels": ids.clone()}
-        marks = []
         for _ in range(3):  # the first step creates the optimizer state; the peak is read in the later ones
             with torch.profiler.record_function("gem_step"):
                 loss = engine(batch, "ntp_losses").sum() / (mb * seq)

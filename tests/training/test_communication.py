@@ -28,7 +28,11 @@ def test_communication_arithmetic_matches_counted_collectives(stage):
     run = counted(stage, accumulation=2)
     got = run["counted"]
     want = communication_bytes(
-        total=run["params"], trainable=run["params"], layout=Layout(zero_stage=stage, dp=2), micro_batches=2, weight_bytes=4  # fp32 on CPU
+        total=run["params"],
+        trainable=run["params"],
+        layout=Layout(zero_stage=stage, dp=2),
+        micro_batches=2,
+        weight_bytes=4,  # fp32 on CPU
     )
     print(f"ZeRO-{stage}: counted {dict(got)}, arithmetic {want}")
     for kind in ("all_reduce", "reduce_scatter", "all_gather"):

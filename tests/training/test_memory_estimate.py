@@ -7,11 +7,10 @@ the tolerance tests the activation measurement, not only the state arithmetic)."
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
-
-import subprocess
 
 from tests.launch import REPO, free_port, subprocess_env
 
