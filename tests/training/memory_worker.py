@@ -3,7 +3,10 @@ rank), its peak memory during a steady-state step measured from the CPU allocato
 records (torch.profiler profile_memory: every allocation and free, in order). Prints one JSON
 line. The oracle of tests/training/test_memory_estimate.py: nothing here uses the estimator.
 
-usage: memory_worker.py STAGE MICRO_BATCH SEQ_LENGTH [--gradient-checkpointing]
+usage: memory_worker.py STAGE MICRO_BATCH SEQ_LENGTH [--gradient-checkpointing] [--summary]
+
+--summary: summary mode (the base frozen, rank-16 deltas at each document's summary token,
+which sits SUMMARY_AT tokens into the document; the rest of the document is its suffix).
 """
 
 import json
@@ -14,6 +17,7 @@ import torch
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 1024, 4, 8, 4, 4096
 DOC_LEN = 128  # packed rows: a new document every DOC_LEN tokens (the dense GEM-mask path)
+SUMMARY_AT = 96
 
 
 def config():
@@ -56,6 +60,7 @@ def live_bytes_peak(prof, name: str, skip: int) -> tuple[int, int]:
 def main():
     stage, mb, seq = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     checkpointing = "--gradient-checkpointing" in sys.argv
+    summary = "--summary" in sys.argv
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     import deepspeed
@@ -85,13 +90,17 @@ def main():
         use_gem_attention(lm, backend="sdpa")
         if checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = GEMModel(lm, GEMConfig())
+        gem = GEMConfig(train_mode="summary", num_special_tokens=1, special_token_ids=[5], adapter_rank=16) if summary else GEMConfig()
+        model = GEMModel(lm, gem)
         optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         ids = torch.randint(4, VOCAB, (mb, seq))
         pos = (torch.arange(seq) % DOC_LEN).expand(mb, seq)
         doc = (torch.arange(seq) // DOC_LEN).expand(mb, seq).contiguous()
-        batch = {"input_ids": ids, "position_ids": pos, "doc_ids": doc, "roles": torch.zeros_like(ids), "labels": ids.clone()}
+        roles = torch.zeros_like(ids)
+        if summary:  # PREFIX ... SPECIAL (the summary token) SUFFIX ... in every document
+            roles = ((pos >= SUMMARY_AT).long() * 2 - (pos == SUMMARY_AT).long()).contiguous()
+        batch = {"input_ids": ids, "position_ids": pos, "doc_ids": doc, "roles": roles, "labels": ids.clone()}
         for _ in range(3):  # the first step creates the optimizer state; the peak is read in the later ones
             with torch.profiler.record_function("gem_step"):
                 loss = engine(batch, "ntp_losses").sum() / (mb * seq)
@@ -99,7 +108,7 @@ def main():
                 engine.step()
                 del loss
     at_start, peak = live_bytes_peak(prof, "gem_step", skip=1)
-    print(json.dumps({"stage": stage, "micro_batch": mb, "seq_length": seq, "live_at_step_start": at_start, "peak": peak}))
+    print(json.dumps({"stage": stage, "micro_batch": mb, "seq_length": seq, "summary": summary, "live_at_step_start": at_start, "peak": peak}))
 
 
 if __name__ == "__main__":
