@@ -253,6 +253,6 @@ def gem_attention(q, k, v, doc_ids, roles, *, scale=None, backend="auto", suffix
     name = choose_backend(backend, q.device, doc_ids, roles, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window)
     # A fake q (FakeTensorMode: memory estimation) launches nothing: the kernel op's fake
     # implementation gives the outputs' shapes on any device.
-    if name == "triton" and q.device.type != "cuda" and not is_fake(q) and os.environ.get("TRITON_INTERPRET") != "1":
+    if name == "triton" and q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and not is_fake(q):
         raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter")
     return _IMPLS[name](q, k, v, doc_ids, roles, scale=scale, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window)
