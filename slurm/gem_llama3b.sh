@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GEM post-training of Llama-3.2-3B: 1 node(s) x 8 GPUs, DeepSpeed ZeRO-3.
+# GEM post-training of Llama-3.2-3B: 1 node(s) x 8 GPUs, DeepSpeed ZeRO-1 (configs/deepspeed/ds_zero1.json).
 #
 #   MODEL=/ckpt/Llama-3.2-3B DATA=/data/sentences.jsonl sbatch slurm/gem_llama3b.sh
 #   MODEL=/ckpt/my-llama3b DATA=... SAVE=/runs/x sbatch --nodes=4 --time=48:00:00 slurm/gem_llama3b.sh
@@ -11,18 +11,21 @@
 #
 # Recipe figures (Llama-3.2-3B with 1 GEM token: 3,212,752,896 parameters, counted as in
 # docs/slurm.md "Recipe figures"):
-#   checkpoint (ZeRO-3, full mode): 12 bytes per parameter (fp32 master weights and Adam's two
-#     moments; ZeRO-3 stores no bf16 copy) = 38.6 GB, 4.8 GB per rank at 8 ranks; summary mode
-#     (--gem-train summary) stores only the adapter and its optimizer state
+#   checkpoint (ZeRO-1, full mode): 14 bytes per parameter (fp32 master weights and Adam's two
+#     moments, 12, sharded; bf16 weights, 2, written by rank 0) = 45.0 GB, 4.8 GB of
+#     optimizer state per rank at 8 ranks; summary mode (--gem-train summary) stores only
+#     the adapter and its optimizer state
 #   HF export (hf/, bf16): 2 bytes per parameter = 6.4 GB
 #   on disk: SAVE_TOTAL_LIMIT=2 keeps the newest 2 checkpoints (of the 10 that SAVE_INTERVAL=100
 #     of 1000 steps writes)
-#   collective timeout 10 min: a save written at 200 MB/s (a slow shared file system) takes
-#     3.2 min, and ranks wait in a collective for the slowest writer
+#   collective timeout 15 min: a save written at 200 MB/s (a slow shared file system) takes
+#     3.7 min, and ranks wait in a collective for the slowest writer
 #   tokens: 32 rows x 512 = 16,384 per optimizer step, 2,048 per GPU on 8 GPUs
-#     (4 micro-batches of 1 x 512 each)
-#   per-GPU memory and bytes communicated per step: from the memory estimator of issue #29,
-#     not in the repo yet
+#     (one micro-batch of 4 x 512 each)
+#   per-GPU memory (tools/estimate_memory.py --recipe paper-llama3.2-3b): peak 20.1 GB
+#     (parameters 6.4, gradients and the step's copies 8.8, optimizer 4.8; the step's own peak)
+#   sent per rank per step: 16.9 GB (gradient all-reduce + parameter all-gather, bf16)
+#   ZeRO-1 is the lowest stage that fits (docs/slurm.md "Memory and communication")
 #
 #SBATCH --job-name=gem-llama3b
 #SBATCH --nodes=1
@@ -38,9 +41,9 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 
-: "${SEQ_LENGTH:=512}" "${MICRO_BATCH_SIZE:=1}" "${GLOBAL_BATCH_SIZE:=32}"
+: "${SEQ_LENGTH:=512}" "${MICRO_BATCH_SIZE:=4}" "${GLOBAL_BATCH_SIZE:=32}"
 : "${TRAIN_ITERS:=1000}" "${CONTRASTIVE_FROM_STEP:=100}" "${LR:=1e-4}" "${CONTRASTIVE_LR:=1e-5}"
-: "${SAVE_INTERVAL:=100}" "${SAVE_TOTAL_LIMIT:=2}" "${DISTRIBUTED_TIMEOUT_MINUTES:=10}" "${LOG_INTERVAL:=10}" "${GRADIENT_CHECKPOINTING:=0}"
+: "${SAVE_INTERVAL:=100}" "${SAVE_TOTAL_LIMIT:=2}" "${DISTRIBUTED_TIMEOUT_MINUTES:=15}" "${LOG_INTERVAL:=10}" "${GRADIENT_CHECKPOINTING:=0}"
 export SEQ_LENGTH MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE TRAIN_ITERS CONTRASTIVE_FROM_STEP LR CONTRASTIVE_LR \
   SAVE_INTERVAL SAVE_TOTAL_LIMIT DISTRIBUTED_TIMEOUT_MINUTES LOG_INTERVAL GRADIENT_CHECKPOINTING
 export GEM_RECIPE="Llama-3.2-3B, slurm/gem_llama3b.sh"
@@ -55,6 +58,8 @@ if [ -z "${GEM_ROOT:-}" ]; then
   [ -f "$GEM_ROOT/train.py" ] || GEM_ROOT=${SLURM_SUBMIT_DIR:-.}
 fi
 export GEM_ROOT
+: "${DS_CONFIG:=$GEM_ROOT/configs/deepspeed/ds_zero1.json}"  # the estimator's choice (docs/slurm.md)
+export DS_CONFIG
 : "${SAVE:=$GEM_ROOT/runs/gem-llama3b}"
 export SAVE
 exec bash "$GEM_ROOT/slurm/gem_train.sh" "$@"

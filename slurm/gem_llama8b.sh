@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GEM post-training of Llama-3.1-8B: 2 node(s) x 8 GPUs, DeepSpeed ZeRO-3.
+# GEM post-training of Llama-3.1-8B: 2 node(s) x 8 GPUs, DeepSpeed ZeRO-1 (configs/deepspeed/ds_zero1.json).
 #
 #   MODEL=/ckpt/Llama-3.1-8B DATA=/data/sentences.jsonl sbatch slurm/gem_llama8b.sh
 #   MODEL=/ckpt/my-llama8b DATA=... SAVE=/runs/x sbatch --nodes=4 --time=48:00:00 slurm/gem_llama8b.sh
@@ -11,18 +11,21 @@
 #
 # Recipe figures (Llama-3.1-8B with 1 GEM token: 8,030,269,440 parameters, counted as in
 # docs/slurm.md "Recipe figures"):
-#   checkpoint (ZeRO-3, full mode): 12 bytes per parameter (fp32 master weights and Adam's two
-#     moments; ZeRO-3 stores no bf16 copy) = 96.4 GB, 6.0 GB per rank at 16 ranks; summary mode
-#     (--gem-train summary) stores only the adapter and its optimizer state
+#   checkpoint (ZeRO-1, full mode): 14 bytes per parameter (fp32 master weights and Adam's two
+#     moments, 12, sharded; bf16 weights, 2, written by rank 0) = 112.4 GB, 6.0 GB of
+#     optimizer state per rank at 16 ranks; summary mode (--gem-train summary) stores only
+#     the adapter and its optimizer state
 #   HF export (hf/, bf16): 2 bytes per parameter = 16.1 GB
 #   on disk: SAVE_TOTAL_LIMIT=2 keeps the newest 2 checkpoints (of the 10 that SAVE_INTERVAL=100
 #     of 1000 steps writes)
-#   collective timeout 25 min: a save written at 200 MB/s (a slow shared file system) takes
-#     8.0 min, and ranks wait in a collective for the slowest writer
+#   collective timeout 30 min: a save written at 200 MB/s (a slow shared file system) takes
+#     9.4 min, and ranks wait in a collective for the slowest writer
 #   tokens: 32 rows x 512 = 16,384 per optimizer step, 1,024 per GPU on 16 GPUs
-#     (2 micro-batches of 1 x 512 each)
-#   per-GPU memory and bytes communicated per step: from the memory estimator of issue #29,
-#     not in the repo yet
+#     (one micro-batch of 2 x 512 each)
+#   per-GPU memory (tools/estimate_memory.py --recipe paper-llama3-8b): peak 41.2 GB
+#     (parameters 16.1, gradients and the step's copies 19.1, optimizer 6.0; the step's own peak)
+#   sent per rank per step: 45.2 GB (gradient all-reduce + parameter all-gather, bf16)
+#   ZeRO-1 is the lowest stage that fits (docs/slurm.md "Memory and communication")
 #
 #SBATCH --job-name=gem-llama8b
 #SBATCH --nodes=2
@@ -38,9 +41,9 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@600
 
-: "${SEQ_LENGTH:=512}" "${MICRO_BATCH_SIZE:=1}" "${GLOBAL_BATCH_SIZE:=32}"
+: "${SEQ_LENGTH:=512}" "${MICRO_BATCH_SIZE:=2}" "${GLOBAL_BATCH_SIZE:=32}"
 : "${TRAIN_ITERS:=1000}" "${CONTRASTIVE_FROM_STEP:=100}" "${LR:=1e-4}" "${CONTRASTIVE_LR:=1e-5}"
-: "${SAVE_INTERVAL:=100}" "${SAVE_TOTAL_LIMIT:=2}" "${DISTRIBUTED_TIMEOUT_MINUTES:=25}" "${LOG_INTERVAL:=10}" "${GRADIENT_CHECKPOINTING:=1}"
+: "${SAVE_INTERVAL:=100}" "${SAVE_TOTAL_LIMIT:=2}" "${DISTRIBUTED_TIMEOUT_MINUTES:=30}" "${LOG_INTERVAL:=10}" "${GRADIENT_CHECKPOINTING:=0}"
 export SEQ_LENGTH MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE TRAIN_ITERS CONTRASTIVE_FROM_STEP LR CONTRASTIVE_LR \
   SAVE_INTERVAL SAVE_TOTAL_LIMIT DISTRIBUTED_TIMEOUT_MINUTES LOG_INTERVAL GRADIENT_CHECKPOINTING
 export GEM_RECIPE="Llama-3.1-8B, slurm/gem_llama8b.sh"
@@ -55,6 +58,8 @@ if [ -z "${GEM_ROOT:-}" ]; then
   [ -f "$GEM_ROOT/train.py" ] || GEM_ROOT=${SLURM_SUBMIT_DIR:-.}
 fi
 export GEM_ROOT
+: "${DS_CONFIG:=$GEM_ROOT/configs/deepspeed/ds_zero1.json}"  # the estimator's choice (docs/slurm.md)
+export DS_CONFIG
 : "${SAVE:=$GEM_ROOT/runs/gem-llama8b}"
 export SAVE
 exec bash "$GEM_ROOT/slurm/gem_train.sh" "$@"

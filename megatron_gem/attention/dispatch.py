@@ -251,6 +251,8 @@ def gem_attention(q, k, v, doc_ids, roles, *, scale=None, backend="auto", suffix
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     name = choose_backend(backend, q.device, doc_ids, roles, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window)
-    if name == "triton" and q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    # A fake q (FakeTensorMode: memory estimation) launches nothing: the kernel op's fake
+    # implementation gives the outputs' shapes on any device.
+    if name == "triton" and q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and not is_fake(q):
         raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter")
     return _IMPLS[name](q, k, v, doc_ids, roles, scale=scale, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window)

@@ -61,7 +61,8 @@ def test_recipe_defaults_reach_train_py(fake_slurm):
     args = (fake_slurm / "srun.args").read_text().splitlines()
     flags = dict(zip(args, args[1:]))
     assert flags["--model"] == str(fake_slurm / "model") and flags["--load"] == str(fake_slurm / "save")
-    assert flags["--distributed-timeout-minutes"] == "25" and flags["--save-total-limit"] == "2" and flags["--save-interval"] == "100"
+    assert flags["--deepspeed"].endswith("configs/deepspeed/ds_zero1.json") and flags["--micro-batch-size"] == "2"  # the estimator's choice
+    assert flags["--distributed-timeout-minutes"] == "30" and flags["--save-total-limit"] == "2" and flags["--save-interval"] == "100"
     # the environment still overrides a recipe default
     run_script("gem_llama8b.sh", fake_slurm, MODEL="m", DISTRIBUTED_TIMEOUT_MINUTES="60", SAVE_TOTAL_LIMIT="5", DATA_CACHE_PATH="/shared/cache")
     args = (fake_slurm / "srun.args").read_text().splitlines()

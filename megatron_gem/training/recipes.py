@@ -1,0 +1,385 @@
+"""Training recipes: model shape, mode, engine layout and batch, one dataclass each. The
+throughput recipes were chosen with the memory estimator (``choose``: the cheapest ZeRO
+stage, then recomputation only if needed, then the largest micro-batch that fits an 80 GB
+H100 with HEADROOM_GB to spare); ``tools/estimate_memory.py --recipes`` prints their
+estimates, ``--choose`` reruns the choice. ``paper-*`` recipes reproduce the paper's batch
+(32 rows of 512 tokens per optimizer step).
+
+Communication per rank and step (``communication``): payload bytes by collective kind (an
+all-gather's gathered tensor, a reduce-scatter's or all-reduce's input), and the bytes a rank
+sends with ring algorithms over n ranks ((n-1)/n of an all-gather's or reduce-scatter's
+payload, twice that for an all-reduce). P parameters, T trainable, w = 2 (bf16):
+  ZeRO-0   the gradients all-reduced once per step: T w
+  ZeRO-1/2 the gradients all-reduced (DeepSpeed reduces its gradient buckets with all-reduce,
+           use_multi_rank_bucket_allreduce; counted in tests/training/test_communication.py),
+           once per step (ZeRO-1) or per micro-batch (ZeRO-2): T w each; then the updated
+           parameters all-gathered: T w
+  ZeRO-3   per micro-batch the parameters all-gathered in forward and again in backward (once
+           a module's parameters are released: models over stage3_max_live_parameters;
+           recomputation runs inside the backward's gather): 2 P w, and the gradients
+           reduce-scattered: T w
+  TP       per layer and micro-batch two all-reduces of the activations [tokens, h] in
+           forward and two in backward (with sequence parallelism the same volume as
+           all-gathers and reduce-scatters), plus the distributed optimizer's gradient
+           reduce-scatter (fp32) and parameter all-gather (bf16) of the rank's shard
+Summary mode: the base is frozen and replicated (ZeRO-1/2 shard only what the optimizer holds),
+so only the deltas travel.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+GPU_MEMORY_GB = 80.0
+HEADROOM_GB = 10.0  # CUDA context, NCCL buffers, allocator fragmentation
+VOCAB_ROW_MULTIPLE = 64  # full mode's vocabulary padding (gem.tokens.pad_vocab_rows)
+
+# Published architectures (the HF config.json fields that decide memory).
+MODELS = {
+    "llama3.2-1b": dict(
+        hf="meta-llama/Llama-3.2-1B",
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "llama3.2-3b": dict(
+        hf="meta-llama/Llama-3.2-3B",
+        model_type="llama",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "llama3-8b": dict(
+        hf="meta-llama/Meta-Llama-3-8B",
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "mistral-7b": dict(
+        hf="mistralai/Mistral-7B-v0.1",
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        sliding_window=4096,
+    ),
+}
+
+
+def hf_config(model: str):
+    """The transformers config of ``model`` (a MODELS key), built offline."""
+    from transformers import AutoConfig
+
+    fields = dict(MODELS[model])
+    fields.pop("hf")
+    return AutoConfig.for_model(fields.pop("model_type"), max_position_embeddings=131072, use_cache=False, **fields)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: str  # a MODELS key
+    train_mode: str  # "full" | "summary"
+    gpus: int
+    micro_batch_size: int
+    seq_length: int
+    global_batch_size: int  # rows per optimizer step
+    engine: str = "deepspeed"
+    zero_stage: int = 1
+    tp: int = 1
+    pp: int = 1
+    gradient_checkpointing: bool = False
+    note: str = ""
+    padded_vocab: int = 0  # megatron-core's own padding (a multiple of 128 x TP); 0: vocab_size()'s rule
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // (self.tp * self.pp)
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    @property
+    def tokens_per_gpu(self) -> int:
+        """Tokens one GPU computes per optimizer step (a tensor-parallel group shares its rows)."""
+        return self.micro_batch_size * self.seq_length * self.accumulation
+
+    def vocab_size(self) -> int:
+        """The trained vocabulary: full mode adds one GEM token and pads to VOCAB_ROW_MULTIPLE
+        rows; summary mode reuses an existing token."""
+        v = MODELS[self.model]["vocab_size"]
+        if self.padded_vocab:
+            return self.padded_vocab
+        if self.train_mode == "summary":
+            return v
+        return -(-(v + 1) // VOCAB_ROW_MULTIPLE) * VOCAB_ROW_MULTIPLE
+
+    def layout(self):
+        from .memory_estimate import Layout
+
+        bucket = MODELS[self.model]["hidden_size"] ** 2  # ds_config.py's "auto": hidden^2
+        return Layout(engine=self.engine, zero_stage=self.zero_stage, dp=self.dp, tp=self.tp, pp=self.pp, reduce_bucket_size=bucket)
+
+    def check(self) -> None:
+        if self.gpus % (self.tp * self.pp) or self.global_batch_size % (self.micro_batch_size * self.dp):
+            raise ValueError(f"recipe {self.name}: global batch {self.global_batch_size} is not a multiple of micro-batch x dp")
+
+    def command(self) -> str:
+        """The train.py arguments of this recipe (MODEL, DATA, SAVE from the environment)."""
+        args = [f"--micro-batch-size {self.micro_batch_size}", f"--global-batch-size {self.global_batch_size}", f"--seq-length {self.seq_length}", "--bf16"]
+        if self.engine == "deepspeed":
+            args.append(f"--deepspeed {DS_CONFIGS[self.zero_stage]}")
+        else:
+            args += [f"--tensor-model-parallel-size {self.tp}", f"--pipeline-model-parallel-size {self.pp}", "--sequence-parallel"]
+        if self.gradient_checkpointing:
+            args.append("--gradient-checkpointing" if self.engine == "deepspeed" else "--recompute-granularity full")
+        if self.train_mode == "summary":
+            args.append("--gem-train summary")
+        return " ".join(args)
+
+
+DS_CONFIGS = {1: "configs/deepspeed/ds_zero1.json", 2: "configs/deepspeed/ds_zero2.json", 3: "ds_zero3.json"}
+
+
+@functools.lru_cache(maxsize=None)
+def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool, tp: int, pp: int):
+    """One fake-tensor measurement (tens of seconds at 8B, 8k tokens), shared by the layouts
+    that need the same one (the ZeRO stages differ only in whether gradients stay)."""
+    from .activation_memory import measure_step_activations
+    from .memory_estimate import tp_pp_shard_config
+
+    cfg = hf_config(model)
+    if tp * pp > 1:
+        cfg = tp_pp_shard_config(cfg, tp=tp, pp=pp)
+        vocab_size = -(-vocab_size // tp)
+    return measure_step_activations(
+        cfg,
+        micro_batch_size=micro_batch_size,
+        seq_length=seq_length,
+        vocab_size=vocab_size,
+        train_mode=train_mode,
+        gradient_checkpointing=recompute,
+        keep_grads=keep_grads,
+    )
+
+
+def estimate(recipe: Recipe):
+    """The memory estimate of ``recipe`` (training/memory_estimate.py), per rank."""
+    from .memory_estimate import estimate_step_memory, keeps_whole_grads
+
+    recipe.check()
+    layout = recipe.layout()
+    activations = _activations(
+        recipe.model,
+        recipe.train_mode,
+        recipe.micro_batch_size,
+        recipe.seq_length,
+        recipe.vocab_size(),
+        recipe.gradient_checkpointing,
+        keeps_whole_grads(layout, recipe.train_mode),
+        recipe.tp,
+        recipe.pp,
+    )
+    return estimate_step_memory(
+        hf_config(recipe.model),
+        recipe.layout(),
+        micro_batch_size=recipe.micro_batch_size,
+        seq_length=recipe.seq_length,
+        vocab_size=recipe.vocab_size(),
+        num_microbatches=recipe.accumulation,
+        train_mode=recipe.train_mode,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        activations=activations,
+    )
+
+
+def fits(e) -> bool:
+    return e.peak <= (GPU_MEMORY_GB - HEADROOM_GB) * 1e9
+
+
+def choose(base: Recipe, *, max_micro_batch: int = 8, stages=(1, 2, 3)) -> tuple[Recipe, object]:
+    """The cheapest layout for ``base``'s model, mode, GPUs and sequence length: the lowest
+    ZeRO stage (least communication) that fits, without recomputation if possible, then the
+    largest micro-batch (a power of two up to ``max_micro_batch``) that still fits; the global
+    batch is one micro-batch per GPU. (ZeRO-0 is not offered: with bf16 DeepSpeed runs it
+    without fp32 master weights.) Raises when nothing fits."""
+    for stage in stages:
+        for recompute in (False, True):
+            best = None
+            mb = 1
+            while mb <= max_micro_batch:
+                r = replace(base, zero_stage=stage, gradient_checkpointing=recompute, micro_batch_size=mb, global_batch_size=mb * base.gpus)
+                e = estimate(r)
+                if not fits(e):
+                    break
+                best = (r, e)
+                mb *= 2
+            if best is not None:
+                return best
+    raise ValueError(f"{base.name}: no ZeRO stage fits {GPU_MEMORY_GB} GB with {HEADROOM_GB} GB headroom")
+
+
+def from_megatron_json(path) -> Recipe:
+    """The Recipe of a configs/megatron/*.json file (model by its HF id)."""
+    import json
+    import os
+
+    r = json.loads(open(path).read())
+    model = {m["hf"]: k for k, m in MODELS.items()}.get(r["hf_model"])
+    if model is None:
+        raise ValueError(f"{path}: hf_model {r['hf_model']!r} is not one of {sorted(m['hf'] for m in MODELS.values())}")
+    par, b = r["parallel"], r["batch"]
+    return Recipe(
+        name=os.path.basename(str(path)).removesuffix(".json"),
+        model=model,
+        train_mode="full",
+        gpus=r["gpus"],
+        micro_batch_size=b["micro_batch_size"],
+        seq_length=b["seq_length"],
+        global_batch_size=b["global_batch_size"],
+        engine="megatron",
+        zero_stage=0,
+        tp=par["tensor_model_parallel_size"],
+        pp=par["pipeline_model_parallel_size"],
+        gradient_checkpointing=r["recompute_granularity"] == "full",
+        padded_vocab=r["model_shape"]["padded_vocab_size"],
+    )
+
+
+def communication(recipe: Recipe) -> dict:
+    """Bytes sent per rank per optimizer step, by collective kind (see the module docstring)."""
+    from .memory_estimate import model_counts
+
+    c = model_counts(hf_config(recipe.model), vocab_size=recipe.vocab_size(), train_mode=recipe.train_mode)
+    return communication_bytes(
+        total=c.total,
+        trainable=c.trainable,
+        layout=recipe.layout(),
+        micro_batches=recipe.accumulation,
+        tokens=recipe.micro_batch_size * recipe.seq_length,
+        hidden=MODELS[recipe.model]["hidden_size"],
+        layers=c.num_layers,
+    )
+
+
+def communication_bytes(
+    *, total: int, trainable: int, layout, micro_batches: int, tokens: int = 0, hidden: int = 0, layers: int = 0, weight_bytes: int = 2
+) -> dict:
+    """Payload bytes per rank per optimizer step, by kind, and ``sent``: the bytes a rank
+    sends with ring algorithms ((n-1)/n of an all-gather's or reduce-scatter's payload, twice
+    that of an all-reduce's)."""
+    w, n = weight_bytes, layout.dp
+    out = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0}
+    ring = (n - 1) / n if n > 1 else 0.0
+    sent = 0.0
+    if layout.engine == "megatron":
+        t = layout.tp
+        shard = trainable / (t * layout.pp)
+        if n > 1:  # the distributed optimizer over the data-parallel group
+            out["reduce_scatter"] += 4 * shard  # fp32 main grads
+            out["all_gather"] += w * shard
+            sent += ring * 6 * shard
+        if t > 1:
+            tp_payload = 4 * (layers // layout.pp) * micro_batches * tokens * hidden * w
+            out["all_reduce"] += tp_payload
+            sent += 2 * (t - 1) / t * tp_payload
+    elif layout.zero_stage == 0:
+        out["all_reduce"] = trainable * w
+        sent = 2 * ring * trainable * w
+    elif layout.zero_stage in (1, 2):
+        out["all_reduce"] = trainable * w * (micro_batches if layout.zero_stage == 2 else 1)
+        out["all_gather"] = trainable * w
+        sent = ring * (2 * out["all_reduce"] + out["all_gather"])
+    else:
+        out["all_gather"] = 2 * total * w * micro_batches
+        out["reduce_scatter"] = trainable * w * micro_batches
+        sent = ring * (out["all_gather"] + out["reduce_scatter"])
+    out["sent"] = sent
+    return out
+
+
+def layout_variants(recipe: Recipe, tp: int = 8) -> list[tuple[str, Recipe]]:
+    """``recipe`` under ZeRO-1, -2, -3 and under megatron-core TP=``tp`` over the same GPUs and
+    global batch (one row per micro-batch there): the layouts whose communication the docs
+    compare."""
+    dp = recipe.gpus // tp
+    return [
+        ("ZeRO-1", replace(recipe, zero_stage=1)),
+        ("ZeRO-2", replace(recipe, zero_stage=2)),
+        ("ZeRO-3", replace(recipe, zero_stage=3)),
+        (f"TP={tp} (megatron-core, dp={dp})", replace(recipe, engine="megatron", zero_stage=0, tp=tp, micro_batch_size=1)),
+    ]
+
+
+def _throughput(model: str, mode: str, *, micro_batch_size: int, gradient_checkpointing: bool = False, zero_stage: int = 1) -> Recipe:
+    return Recipe(
+        name=f"{model}-{mode}-8k",
+        model=model,
+        train_mode=mode,
+        gpus=8,
+        micro_batch_size=micro_batch_size,
+        seq_length=8192,
+        global_batch_size=8 * micro_batch_size,
+        zero_stage=zero_stage,
+        gradient_checkpointing=gradient_checkpointing,
+        note="throughput: packed rows of 8192 tokens, one micro-batch per GPU per step",
+    )
+
+
+def _paper(model: str, gpus: int) -> Recipe:
+    return Recipe(
+        name=f"paper-{model}",
+        model=model,
+        train_mode="full",
+        gpus=gpus,
+        micro_batch_size=32 // gpus,
+        seq_length=512,
+        global_batch_size=32,
+        zero_stage=1,
+        note=f"the paper's batch: 32 rows x 512 = 16,384 tokens per step; each of {gpus} GPUs computes {32 // gpus} rows",
+    )
+
+
+# The table. Throughput recipes: the layout `choose` picked (tools/estimate_memory.py --choose
+# reruns it): ZeRO-1 fits every model on 8 H100s; recomputation only where the larger models'
+# activations need it, which then buys the largest micro-batch.
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        _paper("llama3.2-1b", 8),
+        _paper("llama3.2-3b", 8),
+        _paper("llama3-8b", 16),
+        _throughput("llama3.2-1b", "full", micro_batch_size=4),
+        _throughput("llama3.2-1b", "summary", micro_batch_size=4),
+        _throughput("llama3.2-3b", "full", micro_batch_size=1),
+        _throughput("llama3.2-3b", "summary", micro_batch_size=2),
+        _throughput("llama3-8b", "full", micro_batch_size=8, gradient_checkpointing=True),
+        _throughput("llama3-8b", "summary", micro_batch_size=1),
+        _throughput("mistral-7b", "full", micro_batch_size=8, gradient_checkpointing=True),
+        _throughput("mistral-7b", "summary", micro_batch_size=1),
+    )
+}

@@ -1,0 +1,63 @@
+"""The memory estimator (training/memory_estimate.py) against the real peak of a small Llama
+trained with the real DeepSpeed engine on CPU (tests/training/memory_worker.py: one process,
+fp32, the allocator's own records), for every ZeRO stage, with and without activation
+recomputation, and in summary mode (frozen base, deltas at the summary tokens). The estimate must be within 10% of the measured peak; and the activations
+must be a large enough share of that peak that an estimate without them would miss it (so
+the tolerance tests the activation measurement, not only the state arithmetic)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.launch import REPO, free_port, subprocess_env
+
+sys.path.insert(0, os.path.dirname(__file__))
+import memory_worker as W  # noqa: E402
+
+TOLERANCE = 0.10
+# (ZeRO stage, micro-batch, length, recompute, summary mode)
+CASES = [(0, 2, 512, False, False), (1, 2, 512, True, False), (2, 2, 512, False, False), (3, 4, 512, True, False), (1, 2, 512, False, True)]
+
+
+def measured_peak(stage, mb, seq, checkpointing, summary) -> dict:
+    args = ["tests/training/memory_worker.py", str(stage), str(mb), str(seq)]
+    args += (["--gradient-checkpointing"] if checkpointing else []) + (["--summary"] if summary else [])
+    env = subprocess_env(MASTER_PORT=str(free_port()), PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)  # a training run, as tests.launch starts train.py (the interpreter changes what DeepSpeed allocates)
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "stage,mb,seq,checkpointing,summary",
+    CASES,
+    ids=[f"zero{c[0]}-mb{c[1]}{'-recompute' if c[3] else ''}{'-summary' if c[4] else ''}" for c in CASES],
+)
+def test_estimate_matches_real_deepspeed_peak(stage, mb, seq, checkpointing, summary):
+    from megatron_gem.training.memory_estimate import Layout, estimate_step_memory
+
+    real = measured_peak(stage, mb, seq, checkpointing, summary)["peak"]
+    est = estimate_step_memory(
+        W.config(),
+        Layout(zero_stage=stage, dp=1, reduce_bucket_size=W.HIDDEN**2),
+        micro_batch_size=mb,
+        seq_length=seq,
+        vocab_size=W.VOCAB,
+        bf16=False,
+        gradient_checkpointing=checkpointing,
+        backend="sdpa",  # what the CPU run takes for packed rows
+        optimizer="torch_adamw",
+        train_mode="summary" if summary else "full",
+    )
+    err = est.peak / real - 1
+    print(
+        f"ZeRO-{stage} mb={mb} seq={seq} recompute={checkpointing} summary={summary}: estimated {est.peak / 1e6:.1f} MB, measured {real / 1e6:.1f} MB ({err:+.1%})"
+    )
+    assert abs(err) <= TOLERANCE, (est.gb(), real)
+    if not checkpointing:  # the measurement carries weight: without it the estimate would be off by more than the tolerance
+        states_only = est.parameters + est.gradients + est.optimizer
+        assert real - states_only > TOLERANCE * real

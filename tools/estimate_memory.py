@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Peak memory per rank of one training step, by part, without a GPU (the estimator of
+megatron_gem/training/memory_estimate.py), and the bytes each rank communicates per step.
+
+  tools/estimate_memory.py --recipes                    every recipe of training/recipes.py
+  tools/estimate_memory.py --recipe llama3-8b-full-8k   one (repeatable)
+  tools/estimate_memory.py --choose                     rerun the choice of the throughput layouts
+  tools/estimate_memory.py --model llama3-8b --zero-stage 3 --dp 8 --micro-batch-size 1 \\
+      --seq-length 8192 --gradient-checkpointing        any layout of a known model
+
+Prints a markdown table (GB = 10^9 bytes per rank) and, last, one JSON object of its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_gem.training import recipes as R  # noqa: E402
+from megatron_gem.training.memory_estimate import format_table  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", action="append", default=[], help="a recipe name (training/recipes.py RECIPES)")
+    p.add_argument("--recipes", action="store_true", help="every recipe")
+    p.add_argument("--choose", action="store_true", help="choose the throughput layouts again (minutes)")
+    p.add_argument("--compare-communication", metavar="RECIPE", help="bytes per rank per step of RECIPE under ZeRO-1/2/3 and TP=8")
+    p.add_argument("--megatron-config", action="append", default=[], help="a configs/megatron/*.json recipe (repeatable)")
+    p.add_argument("--model", choices=sorted(R.MODELS), help="a model shape, for a layout of your own")
+    p.add_argument("--mode", choices=("full", "summary"), default="full")
+    p.add_argument("--engine", choices=("deepspeed", "megatron"), default="deepspeed")
+    p.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2, 3))
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--global-batch-size", type=int, default=None, help="default: one micro-batch per data-parallel rank")
+    p.add_argument("--seq-length", type=int, default=8192)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.recipe if n not in R.RECIPES]
+    if unknown:
+        p.error(f"--recipe {unknown[0]}: unknown; known: {', '.join(R.RECIPES)}")
+    if args.compare_communication and args.compare_communication not in R.RECIPES:
+        p.error(f"--compare-communication {args.compare_communication}: unknown recipe; known: {', '.join(R.RECIPES)}")
+    if not (args.recipe or args.recipes or args.choose or args.model or args.megatron_config or args.compare_communication):
+        p.error("give --recipe NAME, --recipes, --choose, --megatron-config FILE, --compare-communication RECIPE or --model")
+    for f in args.megatron_config:
+        if not os.path.isfile(f):
+            p.error(f"--megatron-config {f}: no such file")
+    return args
+
+
+def selected(args) -> list[R.Recipe]:
+    if args.choose:
+        out = []
+        for model in R.MODELS:
+            for mode in ("full", "summary"):
+                base = R.Recipe(
+                    name=f"{model}-{mode}-8k",
+                    model=model,
+                    train_mode=mode,
+                    gpus=args.gpus,
+                    micro_batch_size=1,
+                    seq_length=args.seq_length,
+                    global_batch_size=args.gpus,
+                )
+                out.append(R.choose(base)[0])
+        return out
+    if args.model:
+        r = R.Recipe(
+            name=f"{args.model}-{args.mode}",
+            model=args.model,
+            train_mode=args.mode,
+            gpus=args.gpus,
+            micro_batch_size=args.micro_batch_size,
+            seq_length=args.seq_length,
+            global_batch_size=0,
+            engine=args.engine,
+            zero_stage=args.zero_stage,
+            tp=args.tp,
+            pp=args.pp,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+        return [replace(r, global_batch_size=args.global_batch_size or args.micro_batch_size * r.dp)]
+    if args.megatron_config:
+        return [R.from_megatron_json(f) for f in args.megatron_config]
+    return list(R.RECIPES.values()) if args.recipes else [R.RECIPES[n] for n in args.recipe]
+
+
+def layout_text(r: R.Recipe) -> str:
+    par = f"ZeRO-{r.zero_stage}" if r.engine == "deepspeed" else f"TP={r.tp} PP={r.pp}"
+    return f"{r.gpus} GPUs {par}, mb {r.micro_batch_size} x {r.seq_length}{', recompute' if r.gradient_checkpointing else ''}"
+
+
+def compare_communication(name: str) -> dict:
+    """The communication table of one recipe's model and batch under other layouts."""
+    print("| layout | all-reduce GB | reduce-scatter GB | all-gather GB | sent per rank GB |")
+    print("| --- | --- | --- | --- | --- |")
+    figures = {}
+    for label, r in R.layout_variants(R.RECIPES[name]):
+        c = R.communication(r)
+        figures[label] = {k: round(v / 1e9, 3) for k, v in c.items()}
+        print(f"| {label} | {c['all_reduce'] / 1e9:.2f} | {c['reduce_scatter'] / 1e9:.2f} | {c['all_gather'] / 1e9:.2f} | {c['sent'] / 1e9:.2f} |")
+    print(json.dumps({name: figures}))
+    return figures
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.compare_communication:
+        return compare_communication(args.compare_communication)
+    rows, figures, comm_lines = [], {}, []
+    for r in selected(args):
+        e = R.estimate(r)
+        c = R.communication(r)
+        rows.append((f"{r.name} ({layout_text(r)})", e))
+        figures[r.name] = {
+            "recipe": asdict(r),
+            "memory_gb": e.gb(),
+            "fits": R.fits(e),
+            "tokens_per_gpu_per_step": r.tokens_per_gpu,
+            "communication_gb_per_rank_per_step": {k: round(v / 1e9, 3) for k, v in c.items()},
+        }
+        comm_lines.append(
+            f"| {r.name} | {r.tokens_per_gpu:,} | {c['reduce_scatter'] / 1e9:.2f} | {c['all_gather'] / 1e9:.2f} | {c['all_reduce'] / 1e9:.2f} | {c['sent'] / 1e9:.2f} |"
+        )
+    print(format_table(rows))
+    print()
+    print("| recipe | tokens per GPU per step | reduce-scatter GB | all-gather GB | all-reduce GB | sent per rank GB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n".join(comm_lines))
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
