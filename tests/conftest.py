@@ -98,3 +98,17 @@ def tiny_teacher(tmp_path_factory):
     from megatron_gem.testing import save_tiny_sentence_transformer
 
     return save_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_teacher") / "teacher")
+
+
+# Summed test seconds per file (pytest --durations=0 of `make test`, 2026-12-07, docs/testing.md
+# "Suite time"): a scheduling hint, never asserted. With --dist loadfile each file runs whole on
+# one worker, so the last long file to start sets the finish: the Makefile passes
+# --no-loadscope-reorder and the files go out longest first, the rest after in collection order.
+FILE_SECONDS = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    def weight(item):
+        return -FILE_SECONDS.get(item.nodeid.split("::", 1)[0], 0)
+
+    items.sort(key=weight)  # stable: a file's tests keep their order, unlisted files theirs

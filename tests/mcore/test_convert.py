@@ -283,6 +283,7 @@ def test_add_gem_tokens_streaming_equals_live_model(tied, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "streamed").convert_tokens_to_ids(GEMConfig(num_special_tokens=2).special_tokens) == ids
 
 
+@pytest.mark.long  # a benchmark's smoke run; the round trip it times is make test's (test_round_trip_bit_equal_and_tp2_pp2_load)
 def test_bench_convert_tool_runs_on_a_small_shape(tmp_path):
     """tools/bench_convert.py end to end on a small shape: round trip bit-exact, figures in
     its last-line JSON (the 8B run itself is a benchmark, outside the suite)."""
