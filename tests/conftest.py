@@ -104,7 +104,28 @@ def tiny_teacher(tmp_path_factory):
 # "Suite time"): a scheduling hint, never asserted. With --dist loadfile each file runs whole on
 # one worker, so the last long file to start sets the finish: the Makefile passes
 # --no-loadscope-reorder and the files go out longest first, the rest after in collection order.
-FILE_SECONDS = {}
+FILE_SECONDS = {
+    "tests/training/test_megatron_engine.py": 281,
+    "tests/training/test_deepspeed_engine.py": 253,
+    "tests/mcore/test_convert.py": 182,
+    "tests/slurm/test_slurm_cluster.py": 177,
+    "tests/training/test_megatron_summary.py": 175,
+    "tests/training/test_reliability.py": 168,
+    "tests/training/test_summary_mode.py": 142,
+    "tests/tools/test_convert_checkpoint.py": 137,
+    "tests/training/test_collective_device.py": 66,
+    "tests/kernels/test_triton_gem_attention.py": 60,
+    "tests/integrations/test_trainer_ddp.py": 58,
+    "tests/data/test_tools.py": 44,
+    "tests/eval/test_quick.py": 43,
+    "tests/training/test_bad_inputs.py": 40,
+    "tests/eval/test_lm_harness.py": 38,
+    "tests/eval/test_training_text.py": 37,
+    "tests/mcore/test_deepspeed_to_hf.py": 31,
+    "tests/serve/test_rag_example.py": 28,
+    "tests/eval/test_reproduce_recipes.py": 28,
+    "tests/eval/test_offline_tasks.py": 26,
+}
 
 
 def pytest_collection_modifyitems(config, items):
