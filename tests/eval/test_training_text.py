@@ -104,7 +104,6 @@ def test_natural_text_is_disjoint_from_every_evaluation_text(every_evaluation_te
     assert natural_sentences(500, seed=3).texts == natural_sentences(seed=3).texts[:500]
 
 
-@pytest.mark.long  # builds the whole held-out task (a minute); the offline suite's tasks against the training texts stay in make test
 @needs_all
 @needs_distill
 def test_heldout_task_is_disjoint_from_every_training_corpus(distill, natural):

@@ -76,6 +76,7 @@ def test_tp2_pp2_equals_single_process(reference, converted_checkpoint, corpus, 
     assert_embedder_ready(tmp_path / "offline", manifest=False)
 
 
+@pytest.mark.long  # a further 4-rank layout, with sequence parallelism and full recomputation: TP=2 x PP=2 equal to one process is make test's
 def test_tp2_dp2_sequence_parallel_recompute_equals_single_process(reference, gem_hf_checkpoint, corpus, tmp_path):
     """4 processes, TP=2 x DP=2 with sequence parallelism, full recomputation and the
     distributed optimizer; phase 1 (phase 2's in-batch negatives grow with DP by design)."""
