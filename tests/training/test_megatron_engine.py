@@ -1,7 +1,7 @@
 """megatron-core GEM training on CPU/gloo: TP=2 x PP=2 and TP=2 x DP=2 (sequence parallel,
 recomputation, distributed optimizer) give the single-process numbers, validation figures
 included (every run validates on --valid-data after steps 2 and 4); exact resume (also in bf16);
-export. Summary mode through megatron-core: test_megatron_summary.py."""
+export. TP=2 x DP=2 and the bf16 resume are make test-long's (docs/testing.md, "Suite time"). Summary mode through megatron-core: test_megatron_summary.py."""
 
 import json
 import re

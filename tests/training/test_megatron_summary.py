@@ -1,7 +1,7 @@
 """Summary mode (a trained adapter on a frozen base) through megatron-core's engine on CPU/gloo:
 only the adapter trains and the base stays exact; the phase-2 fast path equals its full rows
 (also with GradCache chunks); TP=2 x PP=2 with recomputation, stopped and resumed, gives the
-single-process run; a single-process resume is exact. Apart from test_megatron_engine.py (which
+single-process run (make test-long); a single-process resume is exact. Apart from test_megatron_engine.py (which
 it shares train.py's arguments with, tests/training/megatron_runs.py) so that the two files run
 on the two test processes side by side."""
 
