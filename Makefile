@@ -12,8 +12,11 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist; whole files per process, so module fixtures are built once):
 # most multi-process tests leave a core idle while their ranks start or wait on each other.
-# PYTEST_WORKERS=0 runs in this process alone.
+# PYTEST_WORKERS=0 runs in this process alone. --no-loadscope-reorder keeps the file order of
+# tests/conftest.py (longest first: the last file to start sets the finish), not xdist's
+# most-tests-first.
 PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # vLLM (the GEM plugin, docs/vllm.md) lives in its own environment: vLLM's CPU build pins a
 # transformers older than constraints.txt's. Built by `make vllm-venv`, cached like .venv.
@@ -21,7 +24,7 @@ VLLM_VENV := .venv-vllm
 VLLM_PIP := $(VLLM_VENV)/bin/pip
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install test test-install demo clean-venv vllm-venv test-vllm
+.PHONY: install test test-long test-install demo clean-venv vllm-venv test-vllm
 
 install: $(STAMP)
 
@@ -39,7 +42,12 @@ $(STAMP): requirements-data.txt constraints.txt pyproject.toml tools/install_cor
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
+
+# The `long` tests: further cases of behaviours make test checks (more layouts, shapes, resumes;
+# docs/testing.md says which and why); CI runs them after make test.
+test-long: $(STAMP)
+	$(PY) -m pytest -q $(XDIST) -m long $(PYTEST_ARGS)
 
 vllm-venv: $(VLLM_STAMP)
 

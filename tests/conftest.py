@@ -98,3 +98,42 @@ def tiny_teacher(tmp_path_factory):
     from megatron_gem.testing import save_tiny_sentence_transformer
 
     return save_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_teacher") / "teacher")
+
+
+# Summed test seconds per file (pytest --durations=0 of `make test`, 2026-12-07, docs/testing.md
+# "Suite time"): a scheduling hint, never asserted. With --dist loadfile each file runs whole on
+# one worker, so the last long file to start sets the finish: the Makefile passes
+# --no-loadscope-reorder and the files go out longest first, the rest after in collection order.
+FILE_SECONDS = {
+    "tests/training/test_megatron_engine.py": 202,
+    "tests/training/test_megatron_summary.py": 175,
+    "tests/slurm/test_slurm_cluster.py": 154,
+    "tests/mcore/test_convert.py": 141,
+    "tests/training/test_deepspeed_engine.py": 123,
+    "tests/tools/test_convert_checkpoint.py": 62,
+    "tests/training/test_reliability.py": 54,
+    "tests/eval/test_training_text.py": 48,
+    "tests/training/test_summary_mode.py": 39,
+    "tests/integrations/test_trainer_ddp.py": 28,
+    "tests/kernels/test_triton_gem_attention.py": 28,
+    "tests/training/test_collective_device.py": 27,
+    "tests/eval/test_lm_harness.py": 27,
+    "tests/eval/test_offline_tasks.py": 23,
+    "tests/training/test_bad_inputs.py": 18,
+    "tests/mcore/test_deepspeed_to_hf.py": 18,
+    "tests/data/test_tools.py": 12,
+    "tests/integrations/test_hf_trainer.py": 12,
+    "tests/serve/test_server.py": 11,
+    "tests/serve/test_rag_example.py": 11,
+    "tests/integrations/test_megatron_lm.py": 8,
+    "tests/kernels/test_backends_agree.py": 8,
+    "tests/integrations/test_summary_mode.py": 8,
+    "tests/tools/test_bench_summary_step.py": 8,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    def weight(item):
+        return -FILE_SECONDS.get(item.nodeid.split("::", 1)[0], 0)
+
+    items.sort(key=weight)  # stable: a file's tests keep their order, unlisted files theirs

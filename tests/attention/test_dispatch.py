@@ -206,6 +206,7 @@ def compiled_flex(monkeypatch):
     return calls
 
 
+@pytest.mark.long  # torch.compile of flex on CPU (a minute); uncompiled flex agrees in make test (test_backends_agree, test_sliding_window)
 def test_compiled_flex_equals_sdpa_reference(compiled_flex):
     """Compiled FlexAttention with the block-table BlockMask equals the dense reference
     (forward: no FlexAttention backward on CPU) over layouts, suffix_sees_bos and a window. One

@@ -45,7 +45,9 @@ def _close(x, y, rel):
     return abs(x - y) <= rel * abs(x)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+# ZeRO-3 in make test (the same equalities, plus a resume and the engine checkpoint); DDP, the
+# same launch without sharding, in make test-long.
+@pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.long), "zero3"])
 def test_gem_trainer_on_two_processes_equals_one(base_dir, one_process, tmp_path, engine):
     # Under ZeRO-3 the same launch also checkpoints at step 3 and resumes a second run from there.
     run_torchrun([WORKER, base_dir, str(tmp_path), ",".join(MODES), "4"] + (["3", "resume"] if engine == "zero3" else []), nproc=2, env=ENV)

@@ -31,7 +31,8 @@ def _toolchain_missing():
     return None
 
 
-@pytest.mark.parametrize("bos", [False, True], ids=["default", "suffix_sees_bos"])
+# suffix_sees_bos compiles a second specialisation of the same kernel: make test-long
+@pytest.mark.parametrize("bos", [False, pytest.param(True, marks=pytest.mark.long)], ids=["default", "suffix_sees_bos"])
 def test_aot_compile_sm80_sm90(bos):
     missing = _toolchain_missing()
     if missing:

@@ -35,6 +35,10 @@ def _run(tmp_path, *args, env_extra=None, timeout=300):
     return out, last, full, proc
 
 
+# long (make test-long): parts a-d of the GPU script in the Triton interpreter; the kernels they
+# call are make test's own (tests/kernels/, tests/attention/), and the script's end-to-end path
+# (its processes, JSON and markdown) stays in make test through test_a_dead_part_is_recorded.
+@pytest.mark.long
 def test_quick_all_parts_on_cpu(tmp_path):
     out, last, full, proc = _run(tmp_path, "--parts", "a,b,c,d")
     assert (out / "gpu_check.md").exists() and all((out / f"part_{p}.json").exists() for p in "abcd")

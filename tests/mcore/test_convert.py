@@ -64,7 +64,7 @@ def test_summary_mode_syncs_once_per_micro_batch(equivalence):
     assert len({s["total"] for s in r.values()}) == 1, r
 
 
-def test_round_trip_bit_equal_and_tp2_pp2_load(gem_hf_checkpoint, converted_checkpoint, tmp_path):
+def test_round_trip_bit_equal_and_tp2_pp2_load(gem_hf_checkpoint, converted_checkpoint, layout_logits, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,17 +87,12 @@ def test_round_trip_bit_equal_and_tp2_pp2_load(gem_hf_checkpoint, converted_chec
     assert len(AutoTokenizer.from_pretrained(back)) == vocab
     AutoModelForCausalLM.from_pretrained(back)  # loads as a plain HF model
 
-    # The same dist checkpoint loaded at TP=2 x PP=2 (4 processes) gives the HF logits.
+    # The same dist checkpoint loaded at TP=2 x PP=2 (4 processes; in layout_logits' launch) gives
+    # the HF logits.
+    from tests.mcore.worker import hf_logits
 
-    from tests.mcore.worker import hf_logits, packed_batch
-
+    got, _, batch, _ = layout_logits[COMMAND_LINE]
     hf = AutoModelForCausalLM.from_pretrained(gem_hf_checkpoint)
-    batch = packed_batch(vocab, seed=1)
-    torch.save(batch, tmp_path / "batch.pt")
-    run_torchrun(
-        ["tests/mcore/worker.py", "load_logits", str(converted_checkpoint), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt"), "2", "2"], nproc=4
-    )
-    got = torch.load(tmp_path / "logits.pt")
     ref = hf_logits(hf, *batch)
     assert got.shape[-1] == meta["padded_vocab_size"]
     assert torch.allclose(got[..., :vocab], ref, atol=1e-5, rtol=1e-5), float((got[..., :vocab] - ref).abs().max())
@@ -121,32 +116,37 @@ def tied_rope_scaled_checkpoint(tmp_path_factory):
 
 
 LAYOUTS = [(1, 1, "untied"), (2, 1, "tied"), (1, 2, "tied"), (2, 2, "tied")]
+# conftest's converted_checkpoint (the command line's hf-to-megatron, untied, TP=2 x PP=2) loaded
+# in the same 4-process launch: test_round_trip_bit_equal_and_tp2_pp2_load reads its logits.
+COMMAND_LINE = (2, 2, "command line")
 
 
 @pytest.fixture(scope="module")
-def layout_logits(gem_hf_checkpoint, tied_rope_scaled_checkpoint, tmp_path_factory):
+def layout_logits(gem_hf_checkpoint, tied_rope_scaled_checkpoint, converted_checkpoint, tmp_path_factory):
     """Each layout's checkpoint converted (one process, convert.hf_to_megatron) and loaded at its
-    TP x PP (one 4-process launch; megatron-core's parallel state rebuilt per layout): the
-    logits of one packed GEM batch per layout. {(tp, pp, kind): (logits, source checkpoint)}."""
+    TP x PP (one 4-process launch; megatron-core's parallel state rebuilt per layout), the
+    command line's conversion too: the logits of one packed GEM batch per layout.
+    {(tp, pp, kind): (logits, source checkpoint, batch, loss report)}."""
     work = tmp_path_factory.mktemp("mg_layouts")
     plan = []
     for tp, pp, kind in LAYOUTS:
         src = gem_hf_checkpoint if kind == "untied" else tied_rope_scaled_checkpoint
         plan.append({"src": str(src), "dir": str(work / f"mg_{tp}{pp}{kind}"), "tp": tp, "pp": pp, "out": str(work / f"logits_{tp}{pp}{kind}.pt")})
-    (work / "plan.json").write_text(json.dumps(plan))
-    run_torchrun(["tests/mcore/worker.py", "convert_layouts", str(work / "plan.json")])
+    (work / "convert.json").write_text(json.dumps(plan))
+    run_torchrun(["tests/mcore/worker.py", "convert_layouts", str(work / "convert.json")])
     from transformers import AutoConfig
 
     from tests.mcore.worker import packed_batch
 
+    plan.append({"src": str(gem_hf_checkpoint), "dir": str(converted_checkpoint), "tp": 2, "pp": 2, "out": str(work / "logits_command_line.pt")})
     for i, item in enumerate(plan):  # a batch in each source's vocabulary
         item["batch"] = str(work / f"batch_{i}.pt")
-        torch.save(packed_batch(AutoConfig.from_pretrained(item["src"]).vocab_size, seed=2), item["batch"])
+        torch.save(packed_batch(AutoConfig.from_pretrained(item["src"]).vocab_size, seed=2 if i < len(LAYOUTS) else 1), item["batch"])
     (work / "plan.json").write_text(json.dumps(plan))
     run_torchrun(["tests/mcore/worker.py", "load_logits_layouts", str(work / "plan.json")], nproc=4)
     return {
         layout: (torch.load(item["out"]), item["src"], torch.load(item["batch"]), json.loads(open(item["out"] + ".loss.json").read()))
-        for layout, item in zip(LAYOUTS, plan)
+        for layout, item in zip([*LAYOUTS, COMMAND_LINE], plan)
     }
 
 
@@ -283,6 +283,7 @@ def test_add_gem_tokens_streaming_equals_live_model(tied, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "streamed").convert_tokens_to_ids(GEMConfig(num_special_tokens=2).special_tokens) == ids
 
 
+@pytest.mark.long  # a benchmark's smoke run; the round trip it times is make test's (test_round_trip_bit_equal_and_tp2_pp2_load)
 def test_bench_convert_tool_runs_on_a_small_shape(tmp_path):
     """tools/bench_convert.py end to end on a small shape: round trip bit-exact, figures in
     its last-line JSON (the 8B run itself is a benchmark, outside the suite)."""

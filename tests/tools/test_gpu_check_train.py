@@ -21,6 +21,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TOOL = os.path.join(REPO, "tools", "gpu_check.py")
 
 
+# long (make test-long): three train.py launches through the tool; train.py's own stop-and-resume
+# exactness is make test's (test_deepspeed_engine, test_summary_mode), this is the tool's wrapper.
+@pytest.mark.long
 @pytest.mark.multiprocess
 def test_part_e_runs_train_py_stops_and_resumes_exactly_on_cpu(tmp_path):
     out = tmp_path / "out"

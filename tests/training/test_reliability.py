@@ -58,6 +58,9 @@ def test_write_error_mid_save_stops_every_rank_and_keeps_the_previous_checkpoint
     same_run(uninterrupted, read_metrics(save))
 
 
+# long (make test-long): a failure on one rank stopping every rank is make test's through the
+# full disk above (this engine) and test_megatron_engine's TP=2 NaN (the same trainer check).
+@pytest.mark.long
 @pytest.mark.multiprocess
 def test_nan_on_one_rank_stops_every_rank_before_saving(full_disk_run, tiny_inputs, tmp_path):
     # What is left is the step-2 checkpoint of an ordinary run; resuming from exactly that is
