@@ -229,19 +229,28 @@ def split_training_corpus(job: JobConfig, corpus, tokenizer):
     return corpus, None, ""
 
 
-def build_validation_loaders(job: JobConfig, valid_corpus, tokenizer, *, dp_rank: int, dp_size: int):
+def open_validation_pairs(job: JobConfig, tokenizer) -> PairCorpus | None:
+    """--valid-contrastive-data read into a PairCorpus; None without it."""
+    v = job.validation
+    if not v.valid_contrastive_data:
+        return None
+    return open_pair_corpus(
+        _one_or_many(v.valid_contrastive_data), tokenizer, query_field=job.data.query_field, positive_field=job.data.positive_field, on_bad=job.data.on_bad
+    )
+
+
+def build_validation_loaders(job: JobConfig, valid_corpus, tokenizer, *, dp_rank: int, dp_size: int, valid_pairs: PairCorpus | None = None):
     """(NTP loader, contrastive loader, what the contrastive texts are) over held-out data, with
     the training batch shapes; the validator restarts both at sample 0 for every validation,
     so every validation sees the same batches. Contrastive: held-out pairs (--valid-contrastive-
     data, or the valid part of --contrastive-data under --split), else the validation documents
-    with self-supervised positive views (the training phase-2 recipe)."""
+    with self-supervised positive views (the training phase-2 recipe). ``valid_pairs``:
+    --valid-contrastive-data already read (open_validation_pairs), else read here."""
     b, seed, v = job.batch, job.optimizer.seed, job.validation
     ntp = _ntp_loader(job, valid_corpus, tokenizer, dp_rank, dp_size)
     texts, positives, source = valid_corpus, None, "self-supervised views of the validation documents"
     if v.valid_contrastive_data:
-        pairs = open_pair_corpus(
-            _one_or_many(v.valid_contrastive_data), tokenizer, query_field=job.data.query_field, positive_field=job.data.positive_field, on_bad=job.data.on_bad
-        )
+        pairs = valid_pairs if valid_pairs is not None else open_validation_pairs(job, tokenizer)
         texts, positives, source = pairs.queries, pairs.positives, f"{len(pairs)} pairs of --valid-contrastive-data"
     elif job.data.pairs and v.split is not None:
         pairs = split_pairs(job, open_contrastive_pairs(job.data, tokenizer))["valid"]

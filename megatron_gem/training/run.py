@@ -46,6 +46,7 @@ from .data_setup import (
     data_report,
     open_contrastive_pairs,
     open_training_corpus,
+    open_validation_pairs,
     split_training_corpus,
 )
 from .loop import StepBookkeeping
@@ -211,6 +212,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
     cache_text = cache_report(corpus)
     corpus, valid_corpus, split_note = split_training_corpus(job, corpus, data_tokenizer)
     pairs = open_contrastive_pairs(job.data, data_tokenizer, job.gem.query_prompt) if job.has_phase_two and job.data.pairs else None
+    valid_pairs = open_validation_pairs(job, data_tokenizer) if job.validates else None
 
     engine.build(job, tokenizer)
     if data_tokenizer is not tokenizer and data_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -219,7 +221,7 @@ def train(job: JobConfig, engine: Engine) -> dict:
     engine.adapt_loaders(job, ntp_loader, cl_loader)
     validator, valid_text = None, "none"
     if job.validates:
-        v_ntp, v_cl, v_source = build_validation_loaders(job, valid_corpus, tokenizer, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
+        v_ntp, v_cl, v_source = build_validation_loaders(job, valid_corpus, tokenizer, dp_rank=engine.dp_rank, dp_size=engine.dp_size, valid_pairs=valid_pairs)
         engine.adapt_loaders(job, v_ntp, v_cl)
         validator = Validator(engine, v_ntp, v_cl, eval_iters=job.validation.eval_iters)
         v = job.validation

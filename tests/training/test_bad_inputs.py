@@ -249,7 +249,7 @@ def test_unreadable_model_and_unwritable_save_are_named(tiny_inputs, tmp_path, c
     assert f"--save {tmp_path / 'out'}: cannot write there ({tmp_path} is not writable)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("which", ["--data", "--contrastive-data"])
+@pytest.mark.parametrize("which", ["--data", "--contrastive-data", "--valid-contrastive-data"])
 def test_a_malformed_record_is_refused_before_the_model_loads(tiny_inputs, tmp_path, capsys, monkeypatch, which):
     """The training data is read before the engine builds the model (full mode: with the GEM
     tokens the engine will add), so a bad record costs seconds, not a model load."""
@@ -259,6 +259,7 @@ def test_a_malformed_record_is_refused_before_the_model_loads(tiny_inputs, tmp_p
     bad = tmp_path / "bad.jsonl"
     good = '{"text": "a fine line of text for the corpus"}' if which == "--data" else '{"query": "a question", "positive": "an answer"}'
     bad.write_text(f"{good}\n{good}\n{{not json\n")
-    assert main(args_for(tiny_inputs, tmp_path / "out", which, str(bad))) == 2
+    extra = ["--valid-data", tiny_inputs["data"], "--eval-interval", "2", "--eval-iters", "1"] if which == "--valid-contrastive-data" else []
+    assert main(args_for(tiny_inputs, tmp_path / "out", which, str(bad), *extra)) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("train.py: error: ") and f"{bad}:3" in line, line
