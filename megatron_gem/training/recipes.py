@@ -31,9 +31,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 
+from ..gem.tokens import VOCAB_ROW_MULTIPLE  # full mode's vocabulary padding (pad_vocab_rows)
+
 GPU_MEMORY_GB = 80.0
 HEADROOM_GB = 10.0  # CUDA context, NCCL buffers, allocator fragmentation
-VOCAB_ROW_MULTIPLE = 64  # full mode's vocabulary padding (gem.tokens.pad_vocab_rows)
 
 # Published architectures (the HF config.json fields that decide memory).
 MODELS = {
