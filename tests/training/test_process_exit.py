@@ -21,7 +21,7 @@ if {group}:
     dist.init_process_group("gloo", rank=0, world_size=1)
 # A daemonic child holding the inherited stdout (as megatron-core's checkpoint writers do): the
 # exit must end it, or the caller's pipe never closes.
-child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,), daemon=True)
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,), daemon=True)
 child.start()
 main.shutdown(Engine())  # what main() does last, on success and on input errors alike
 assert not dist.is_initialized()
@@ -35,6 +35,6 @@ main.exit_process({code})
 def test_exit_keeps_the_last_output_and_the_exit_code(group, code):
     env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env.pop("PYTHONUNBUFFERED", None)  # buffered, as a batch job's log file is
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(group=group, code=code)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(group=group, code=code)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == code, proc.stderr[-3000:]
     assert proc.stdout.endswith("last words, no newline") and proc.stderr.endswith("and on stderr"), (proc.stdout, proc.stderr)
