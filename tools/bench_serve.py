@@ -13,10 +13,13 @@ built once and cached: speed and memory do not depend on training), fp32, --thre
    what return_embedding adds) vs embedding the same message with a separate call, both
    in-process on the same loaded model (compute only), and over HTTP (a chat answer with and
    without return_embedding, against a /v1/embeddings call). Target: prefill read <= 0.1x.
-3. embedding throughput (texts/s) on --texts held-out texts of ~--chars characters (the Python
-   tutorial paragraphs, the perplexity text no recipe trains on): the server (requests of 32
-   texts, 8 at once) and GEMEmbedder.encode in alternating --rounds (medians), SentenceTransformer.encode on the same folder,
-   all-MiniLM-L6-v2, and with --vllm-url a vLLM server's /v1/embeddings (the GEM vLLM plugin).
+3. embedding throughput (texts/s) on --texts held-out texts of ~--chars characters (pieces of the
+   Python tutorial's paragraphs, then of the GNU info manuals: text no recipe trains on; the texts
+   of tools/bench_vllm_plugin.py): the server (requests of 32 texts, 8 at once) and
+   GEMEmbedder.encode in alternating --rounds (medians), SentenceTransformer.encode on the same
+   folder, all-MiniLM-L6-v2, and the GEM vLLM plugin's /v1/embeddings on the same folder and
+   requests: with --vllm started here (vLLM's environment, make vllm-venv; after our server has
+   stopped, so the two never share the cores), or a running one at --vllm-url.
    Target: server >= 1.2x GEMEmbedder.encode, and above vLLM when given.
 4. latency p50/p99 under load: --clients async openai clients mixing /v1/embeddings (4 texts)
    and streaming chat (--chat-tokens tokens) for --seconds.
@@ -37,6 +40,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))  # bench_vllm_plugin.start_plugin (--vllm)
 
 
 def log(msg: str) -> None:
@@ -54,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--chat-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=15, help="repeats of each query-embedding timing")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the server and GEMEmbedder.encode throughput (medians reported)")
+    p.add_argument("--vllm", action="store_true", help="start the GEM vLLM plugin (.venv-vllm) on the same folder and time its /v1/embeddings too")
     p.add_argument("--vllm-url", default=None, help="a vLLM server (GEM plugin) serving the same model: its /v1/embeddings throughput is included")
     p.add_argument("--vllm-model", default=None, help="the model name the vLLM server expects (default: its first /v1/models entry)")
     p.add_argument("--skip", nargs="*", default=[], choices=("memory", "query", "throughput", "load", "baselines"), help="parts to leave out")
@@ -82,21 +87,6 @@ def bench_model() -> str:
     return out
 
 
-def heldout_texts(n: int, chars: int) -> list[str]:
-    """``n`` texts of about ``chars`` characters: Python tutorial paragraphs cut at a word."""
-    from megatron_gem.eval.corpora import python_doc_paragraphs
-
-    out = []
-    for p in python_doc_paragraphs():
-        if len(p) < chars:
-            continue
-        cut = p[:chars]
-        out.append(cut[: cut.rfind(" ")] if " " in cut else cut)
-        if len(out) == n:
-            return out
-    raise RuntimeError(f"only {len(out)} paragraphs of >= {chars} characters; lower --texts or --chars")
-
-
 def rss_mb(pid: int | None = None) -> float:
     import psutil
 
@@ -113,8 +103,10 @@ def stack_role(role: str, model_dir: str, threads: int) -> dict:
     import torch
     import uvicorn  # noqa: F401
 
+    from megatron_gem.eval.corpora import held_out_pieces
+
     torch.set_num_threads(threads)
-    texts = heldout_texts(32, 320)
+    texts = held_out_pieces(32, 320)
     if role == "chat":
         from megatron_gem.hf.summary_files import load_generation_model
 
@@ -302,13 +294,29 @@ def in_process_figures(model_dir: str, texts: list[str], threads: int, repeats: 
     return out
 
 
-def vllm_throughput(url: str, model: str | None, texts: list[str]) -> float:
+def vllm_rounds(model_dir: str, texts: list[str], args) -> list[float]:
+    """texts/s of the GEM vLLM plugin's /v1/embeddings (the same requests as our server's), one
+    figure per --rounds: on a server started here on ``model_dir`` (--vllm) or at --vllm-url."""
     import httpx
 
-    if model is None:
-        model = httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"]
-    server_throughput(url, texts[:32], model=model)  # warm-up
-    return server_throughput(url, texts, model=model)
+    proc = None
+    if args.vllm:
+        from bench_vllm_plugin import start_plugin
+
+        from megatron_gem.integrations.vllm_plugin.server import stop_vllm_server
+
+        proc, url, startup, vllm_log = start_plugin(model_dir)
+        log(f"vllm serve up in {startup:.0f} s")
+    else:
+        url = args.vllm_url
+    try:
+        model = args.vllm_model or httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"]
+        server_throughput(url, texts[:64], model=model)  # warm-up
+        return [server_throughput(url, texts, model=model) for _ in range(args.rounds)]
+    finally:
+        if proc is not None:
+            stop_vllm_server(proc)
+            os.unlink(vllm_log)
 
 
 def main(argv=None) -> int:
@@ -320,7 +328,9 @@ def main(argv=None) -> int:
         return 0
     load = os.getloadavg()[0]
     log(f"model {model_dir}; load average {load:.1f} on {os.cpu_count()} cores (figures taken beside other jobs are not measurements)")
-    texts = heldout_texts(args.texts, args.chars)
+    from megatron_gem.eval.corpora import held_out_pieces
+
+    texts = held_out_pieces(args.texts, args.chars)
     result = {"model": model_dir, "threads": args.threads, "texts": len(texts), "mean_chars": sum(map(len, texts)) / len(texts), "load_average_at_start": load}
 
     from megatron_gem.serve.process import ServerProcess
@@ -362,9 +372,10 @@ def main(argv=None) -> int:
     finally:
         server.stop()
 
-    if args.vllm_url and "throughput" not in args.skip:
-        result["vllm_embedding_texts_per_s"] = vllm_throughput(args.vllm_url, args.vllm_model, texts)
-        log(f"vLLM /v1/embeddings: {result['vllm_embedding_texts_per_s']:.2f} texts/s")
+    if (args.vllm or args.vllm_url) and "throughput" not in args.skip:
+        result["vllm_rounds"] = vllm_rounds(model_dir, texts, args)
+        result["vllm_embedding_texts_per_s"] = statistics.median(result["vllm_rounds"])
+        log(f"vLLM /v1/embeddings: {result['vllm_embedding_texts_per_s']:.2f} texts/s (median of {len(result['vllm_rounds'])})")
     result.update(in_process_figures(model_dir, texts, args.threads, args.repeats, args.skip))
     if "memory" not in args.skip:
         chat, embed = run_role("chat", model_dir, args.threads), run_role("embed", model_dir, args.threads)

@@ -37,27 +37,6 @@ PROMPTEOL = 'This sentence : "{text}" means in one word:"'
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "megatron_gem", "bench_vllm")
 
 
-def held_out_texts(n: int, chars: int) -> list[str]:
-    """The first ``n`` pieces of ``chars`` characters or a little less (whole words; pieces under
-    90 % of that dropped) of held-out text (eval/training_text.py keeps every training text
-    apart from it): the Python tutorial's paragraphs, then the GNU info manuals' sections."""
-    from megatron_gem.eval.corpora import gnu_info_sections, python_doc_paragraphs
-
-    texts = []
-    for paragraph in python_doc_paragraphs() + [s.text for s in gnu_info_sections()]:
-        piece = ""
-        for word in paragraph.split():
-            if piece and len(piece) + 1 + len(word) > chars:
-                texts.append(piece)
-                piece = ""
-            piece = f"{piece} {word}" if piece else word
-        texts.append(piece)
-    texts = [t for t in texts if len(t) >= 0.9 * chars]
-    if len(texts) < n:
-        raise SystemExit(f"bench_vllm_plugin: only {len(texts)} pieces of ~{chars} characters in the Python tutorial and the GNU info manuals (--texts {n})")
-    return texts[:n]
-
-
 def fresh_smollm2_folder(mode: str) -> str:
     """A GEM folder of SmolLM2-135M-Instruct with an untrained GEM part (see the module docstring)."""
     import torch
@@ -92,20 +71,31 @@ def fresh_smollm2_folder(mode: str) -> str:
     return out
 
 
+def start_plugin(folder: str, *, max_model_len: int = 512, kv_cache_gib: int = 2, timeout: float = 1200):
+    """``vllm serve FOLDER`` with the GEM plugin (vLLM's environment, .venv-vllm), fp32, as this
+    benchmark runs it; returns (process, base url, start-up seconds, log path) once it answers.
+    tools/bench_serve.py --vllm starts the same server."""
+    from megatron_gem.integrations.vllm_plugin.server import free_local_port, start_vllm_server
+
+    if not os.path.exists(VLLM_PYTHON):
+        raise SystemExit(f"{VLLM_PYTHON} is missing: run `make vllm-venv` (docs/vllm.md)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=REPO, HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib))
+    log = tempfile.NamedTemporaryFile(suffix=".vllm.log", delete=False).name
+    t0 = time.perf_counter()
+    proc, url = start_vllm_server(
+        VLLM_PYTHON, folder, free_local_port(), "--dtype", "float32", "--max-model-len", max_model_len, env=env, log_path=log, timeout=timeout
+    )
+    return proc, url, time.perf_counter() - t0, log
+
+
 def plugin_run(folder: str, texts: list[str], args) -> dict:
     """Start vllm serve, time ``--reps`` requests of all texts after a warm-up; the vectors of the last."""
     from openai import OpenAI
 
-    from megatron_gem.integrations.vllm_plugin.server import free_local_port, start_vllm_server, stop_vllm_server
+    from megatron_gem.integrations.vllm_plugin.server import stop_vllm_server
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=REPO, HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib))
-    log = tempfile.NamedTemporaryFile(suffix=".vllm.log", delete=False).name
-    t0 = time.perf_counter()
-    proc, url = start_vllm_server(
-        VLLM_PYTHON, folder, free_local_port(), "--dtype", "float32", "--max-model-len", args.max_model_len, env=env, log_path=log, timeout=args.timeout
-    )
-    startup = time.perf_counter() - t0
+    proc, url, startup, log = start_plugin(folder, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib, timeout=args.timeout)
     try:
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=args.timeout)
         model = client.models.list().data[0].id
@@ -139,8 +129,12 @@ def main(argv=None) -> dict:
     import torch
 
     from megatron_gem.embedder import GEMEmbedder
+    from megatron_gem.eval.corpora import held_out_pieces
 
-    texts = held_out_texts(args.texts, args.chars)
+    try:
+        texts = held_out_pieces(args.texts, args.chars)
+    except ValueError as e:
+        raise SystemExit(f"bench_vllm_plugin: --texts {args.texts} --chars {args.chars}: {e}") from None
     folder = args.model or fresh_smollm2_folder(args.mode)
     plugin = plugin_run(folder, texts, args)
     # GEMEmbedder after the server has stopped: the two never share the cores.

@@ -374,6 +374,27 @@ def gnu_info_sections(root: str | None = None, *, min_words: int = 20, max_chars
 # --------------------------------------------------------------------------- gensim test data
 
 
+def held_out_pieces(n: int, chars: int = 320) -> list[str]:
+    """The first ``n`` pieces of about ``chars`` characters (whole words, a piece ends before the
+    word that would pass ``chars``; pieces under 90 % of it dropped) of text no recipe trains on
+    (eval/training_text.py keeps it apart): the Python tutorial's paragraphs, then the GNU info
+    manuals' sections. The serving benchmarks' texts (tools/bench_serve.py,
+    tools/bench_vllm_plugin.py): every engine they time embeds these."""
+    kept = []
+    for paragraph in python_doc_paragraphs() + [s.text for s in gnu_info_sections()]:
+        pieces, piece = [], ""
+        for word in paragraph.split():
+            if piece and len(piece) + 1 + len(word) > chars:
+                pieces.append(piece)
+                piece = ""
+            piece = f"{piece} {word}" if piece else word
+        pieces.append(piece)
+        kept += [t for t in pieces if len(t) >= 0.9 * chars]
+        if len(kept) >= n:
+            return kept[:n]
+    raise ValueError(f"only {len(kept)} pieces of ~{chars} characters in the Python tutorial and the GNU info manuals ({n} asked for)")
+
+
 def gensim_test_data_dir() -> str:
     d = os.path.join(_package_dir("gensim", "gensim"), "test", "test_data")
     if not os.path.isdir(d):

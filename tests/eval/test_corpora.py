@@ -111,3 +111,18 @@ def test_red_trivia():
     items = corpora.red_trivia()
     assert len(items) > 5000 and len({i.category for i in items}) > 30
     assert all(i.answers for i in items[:100])
+
+
+@needs_pydoc
+def test_held_out_pieces_are_whole_word_slices_of_the_held_out_text():
+    """The serving benchmarks' texts: n pieces of 90-100% of the asked length (a word longer than
+    that aside), each a run of whole words of one Python tutorial paragraph or GNU info section."""
+    pieces = corpora.held_out_pieces(40, 200)
+    assert len(pieces) == 40 and len(set(pieces)) == 40
+    sources = [" ".join(p.split()) for p in corpora.python_doc_paragraphs()]
+    for piece in pieces:
+        assert 180 <= len(piece) <= 200 or " " not in piece
+        assert any(f" {piece} " in f" {src} " for src in sources), piece[:60]
+    assert corpora.held_out_pieces(10, 200) == pieces[:10]  # a prefix: fewer texts, the same first ones
+    with pytest.raises(ValueError, match="pieces of ~200 characters"):
+        corpora.held_out_pieces(10**7, 200)
