@@ -11,7 +11,9 @@ pages; ``--sources`` picks some); ``--kind natural`` the natural-sentence text o
 reproduction. ``--debian-packages FILE ...`` reads package descriptions from control-format
 files (default: the dpkg status file; ``apt-cache dumpavail > FILE`` lists every package apt
 knows). The file is the ``--data`` format (``--text-field text``); the counts per source (read,
-kept, dropped and why) go to ``<out>.counts.json`` and are printed.
+kept, dropped and why) go to ``<out>.counts.json`` and are printed. An existing ``--out`` (or its
+counts file) is refused before any corpus is read, unless ``--overwrite``; both are written
+atomically.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def main(argv=None) -> int:
     from megatron_gem.eval.training_text import DISTILLATION_SOURCES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="the jsonl file to write")
+    p.add_argument("--out", required=True, help="the jsonl file to write (must not exist; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file and its counts file")
     p.add_argument("--kind", choices=["distillation", "natural"], default="distillation")
     p.add_argument("--sources", nargs="+", choices=DISTILLATION_SOURCES, default=list(DISTILLATION_SOURCES), help="--kind distillation: the sources to read")
     p.add_argument("--max-per-source", type=int, default=None, help="--kind distillation: a seeded sample of at most N texts per source")
@@ -44,6 +47,13 @@ def main(argv=None) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         p.error(f"--out {args.out}: the folder {out_dir} does not exist")
+    from megatron_gem.eval.training_text import counts_path
+
+    for path in (args.out, counts_path(args.out)):
+        if os.path.isdir(path):
+            p.error(f"--out {args.out}: {path} is a directory")
+        if os.path.exists(path) and not args.overwrite:
+            p.error(f"--out {args.out}: {path} exists; pass --overwrite to replace it")
 
     from megatron_gem.eval.corpora import CorpusMissing
     from megatron_gem.eval.training_text import distillation_texts, natural_sentences, write_jsonl

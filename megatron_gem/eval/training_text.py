@@ -276,5 +276,10 @@ def write_jsonl(path: str, text: TrainingText) -> str:
     text``), written atomically; the counts go to ``<path without .jsonl>.counts.json``."""
     write_text_atomic(path, "".join(json.dumps({"text": t, "source": s}) + "\n" for t, s in zip(text.texts, text.sources, strict=True)))
     counts = {k: dict(v) for k, v in text.counts.items()} | {"written": len(text.texts)}
-    write_json_atomic((path[: -len(".jsonl")] if path.endswith(".jsonl") else path) + ".counts.json", counts)
+    write_json_atomic(counts_path(path), counts)
     return path
+
+
+def counts_path(path: str) -> str:
+    """Where ``write_jsonl`` puts the counts of the jsonl file ``path``."""
+    return (path[: -len(".jsonl")] if path.endswith(".jsonl") else path) + ".counts.json"

@@ -37,6 +37,20 @@ def test_bad_flags_are_one_line(tmp_path, capsys, argv, message):
     assert not os.path.exists(tmp_path / "x.jsonl")
 
 
+@pytest.mark.parametrize("existing", ["x.jsonl", "x.counts.json"])
+def test_an_existing_output_is_refused_and_kept(tmp_path, capsys, monkeypatch, existing):
+    """A user's file at --out (or where its counts would go) is refused before any corpus is
+    read, and left byte for byte."""
+    from megatron_gem.eval import training_text
+
+    monkeypatch.setattr(training_text, "distillation_texts", lambda *a, **k: pytest.fail("a corpus was read"))
+    (tmp_path / existing).write_text("the user's own file\n")
+    with pytest.raises(SystemExit):
+        load_tool("write_training_text").main(["--out", str(tmp_path / "x.jsonl")])
+    assert f"{tmp_path / existing} exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert (tmp_path / existing).read_text() == "the user's own file\n"
+
+
 @pytest.mark.skipif(
     not os.path.isdir(corpora.WORDNET_DIR) or not os.path.isdir(corpora.INFO_DIR), reason="corpora not installed (bash tools/install_corpora.sh)"
 )
@@ -56,3 +70,10 @@ def test_writes_the_text_and_its_counts(tmp_path, capsys):
     assert counts["debian-descriptions"] == {"read": 5, "kept": 2, "dropped: shorter than 5 words": 1, "dropped: a package an evaluation reads": 2}
     assert counts["written"] == 2
     assert "wrote 2 texts" in capsys.readouterr().out
+    # A second run to the same file: refused, then with --overwrite replaced (here by 1 text).
+    argv = ["--out", str(out), "--sources", "debian-descriptions", "--debian-packages", str(status), "--limit", "1"]
+    with pytest.raises(SystemExit):
+        load_tool("write_training_text").main(argv)
+    assert len(open(out).readlines()) == 2
+    load_tool("write_training_text").main([*argv, "--overwrite"])
+    assert len(open(out).readlines()) == 1 and json.load(open(tmp_path / "descriptions.counts.json"))["written"] == 1
