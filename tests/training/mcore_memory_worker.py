@@ -1,0 +1,150 @@
+"""One rank of a small megatron-core GEM model trained on CPU (fp32, gloo) as train.py's
+megatron engine builds it (training/megatron_engine.py MegatronEngine.build: megatron-core's
+DistributedDataParallel with fp32 gradient buffers, get_megatron_optimizer with the
+distributed optimizer, torch Adam on CPU), one NTP micro-batch per step through megatron-core's
+forward_backward_func, then the optimizer step. Two things are measured in a steady-state
+step (the first step makes the optimizer state and is not counted):
+
+* memory: the peak of the CPU allocator's live bytes (torch.profiler profile_memory, as
+  tests/training/memory_worker.py reads it for DeepSpeed), per rank;
+* communication: the payload bytes of the torch.distributed collectives by kind (hooked as
+  tests/training/comm_worker.py hooks them), per rank.
+
+Every rank prints one JSON line. The oracle of tests/training/test_memory_estimate.py and
+test_communication.py's megatron cases: nothing here uses the estimator.
+
+usage: torchrun --nproc-per-node TP mcore_memory_worker.py TP MICRO_BATCH SEQ_LENGTH
+       [--recompute] [--sequence-parallel]
+"""
+
+import gc
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+import comm_worker as C  # noqa: E402  (the collective hooks)
+import memory_worker as W  # noqa: E402  (the model shape, the allocator reading)
+
+DOC_LEN = W.DOC_LEN
+
+
+def init_weights(model) -> None:
+    """The model is built without initialisation (weights come from a checkpoint in training):
+    small normal weights, unit norms, so the step's numbers are finite."""
+    g = torch.Generator().manual_seed(dist.get_rank())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def build(tp: int, recompute: bool, sequence_parallel: bool):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_gem.mcore.gpt_model import build_gem_gpt_model
+    from megatron_gem.mcore.llama import arch_from_hf_config, padded_vocab_size, transformer_config
+
+    arch = arch_from_hf_config(W.config())
+    config = transformer_config(
+        arch,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        recompute_granularity="full" if recompute else None,
+        params_dtype=torch.float32,
+    )
+    model = build_gem_gpt_model(arch, config, vocab_size=W.VOCAB, padded_vocab=padded_vocab_size(W.VOCAB, tp), backend="sdpa")
+    init_weights(model)
+    # What MegatronEngine.build makes of it (train.py's defaults: the distributed optimizer on).
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True),
+        module=model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, adam_eps=1e-8, clip_grad=1.0, bf16=False, params_dtype=torch.float32, use_distributed_optimizer=True),
+        [ddp],
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    config.grad_scale_func = optimizer.scale_loss
+    ddp.train()
+    return model, ddp, optimizer
+
+
+def main():
+    tp, mb, seq = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    recompute = "--recompute" in sys.argv
+    sequence_parallel = "--sequence-parallel" in sys.argv
+    for name in C.KINDS:  # before megatron-core binds them
+        if hasattr(dist, name):
+            setattr(dist, name, C._hook(name, getattr(dist, name)))
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gem.attention.megatron import gem_mask_info
+    from megatron_gem.mcore.runtime import init_model_parallel
+
+    init_model_parallel(tp, 1, seed=0)
+    torch.manual_seed(0)  # the same batch on every TP rank (a TP group shares its rows)
+    ids = torch.randint(4, W.VOCAB, (mb, seq))
+    pos = (torch.arange(seq) % DOC_LEN).expand(mb, seq).contiguous()
+    doc = (torch.arange(seq) // DOC_LEN).expand(mb, seq).contiguous()
+    mask = gem_mask_info(doc, torch.zeros_like(ids))
+    labels = torch.roll(ids, -1, dims=1)
+    forward_backward = get_forward_backward_func()
+
+    def forward_step(data_iterator, model):
+        next(data_iterator)
+        losses, _ = model(ids, pos, mask, ntp_rows=mb, labels=labels)
+        return losses, lambda out: (out.sum() / (mb * seq), {})
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        model, ddp, optimizer = build(tp, recompute, sequence_parallel)
+        for step in range(3):
+            C.counting = step == 2  # the collectives of the last step (the first makes the optimizer state)
+            gc.collect()
+            gc.disable()  # as memory_worker.py: the cyclic collector runs between steps only
+            with torch.profiler.record_function("gem_step"):
+                ddp.zero_grad_buffer()
+                optimizer.zero_grad()
+                forward_backward(
+                    forward_step_func=forward_step,
+                    data_iterator=iter([None]),
+                    model=[ddp],
+                    num_microbatches=1,
+                    seq_length=seq,
+                    micro_batch_size=mb,
+                    forward_only=False,
+                )
+                ok, grad_norm, _ = optimizer.step()
+            gc.enable()
+            assert ok and grad_norm == grad_norm, f"step {step}: the update was skipped (grad norm {grad_norm})"
+    C.counting = False
+    at_start, peak = W.live_bytes_peak(prof, "gem_step", skip=1)
+    params = sum(p.numel() for p in model.parameters())
+    out = {
+        "rank": dist.get_rank(),
+        "tp": tp,
+        "micro_batch": mb,
+        "seq_length": seq,
+        "recompute": recompute,
+        "sequence_parallel": sequence_parallel,
+        "params_on_rank": params,
+        "live_at_step_start": at_start,
+        "peak": peak,
+        "counted": dict(C.counted),
+    }
+    print(json.dumps(out), flush=True)
+    from megatron_gem.mcore.runtime import destroy
+
+    destroy()
+
+
+if __name__ == "__main__":
+    main()
