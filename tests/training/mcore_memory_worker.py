@@ -18,6 +18,7 @@ usage: torchrun --nproc-per-node TP mcore_memory_worker.py TP MICRO_BATCH SEQ_LE
 """
 
 import gc
+import inspect
 import json
 import os
 import sys
@@ -30,6 +31,22 @@ import comm_worker as C  # noqa: E402  (the collective hooks)
 import memory_worker as W  # noqa: E402  (the model shape, the allocator reading)
 
 DOC_LEN = W.DOC_LEN
+
+
+def _hook(name, fn):
+    """comm_worker.py's counting, for collectives over more than one rank only: with dp = 1
+    the distributed optimizer still reduce-scatters and all-gathers over its one-rank group,
+    which moves nothing."""
+    counted_fn = C._hook(name, fn)
+    signature = inspect.signature(fn)
+
+    def wrapped(*args, **kwargs):
+        group = signature.bind(*args, **kwargs).arguments.get("group")
+        if dist.get_world_size(group) == 1:
+            return fn(*args, **kwargs)
+        return counted_fn(*args, **kwargs)
+
+    return wrapped
 
 
 def init_weights(model) -> None:
@@ -84,7 +101,7 @@ def main():
     sequence_parallel = "--sequence-parallel" in sys.argv
     for name in C.KINDS:  # before megatron-core binds them
         if hasattr(dist, name):
-            setattr(dist, name, C._hook(name, getattr(dist, name)))
+            setattr(dist, name, _hook(name, getattr(dist, name)))
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_gem.attention.megatron import gem_mask_info
@@ -139,6 +156,8 @@ def main():
         "live_at_step_start": at_start,
         "peak": peak,
         "counted": dict(C.counted),
+        # the whole model's parameters: TP-split ones on every rank, replicated ones (norms) once
+        "total_params": sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1) for p in model.parameters()),
     }
     print(json.dumps(out), flush=True)
     from megatron_gem.mcore.runtime import destroy
