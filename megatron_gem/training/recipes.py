@@ -123,7 +123,7 @@ class Recipe:
     gradient_checkpointing: bool = False
     note: str = ""
     padded_vocab: int = 0  # megatron-core's own padding (a multiple of 128 x TP); 0: vocab_size()'s rule
-    sequence_parallel: bool = True  # megatron-core with TP > 1: --sequence-parallel
+    sequence_parallel: bool = True  # megatron-core with TP > 1, full mode: --sequence-parallel
 
     @property
     def dp(self) -> int:
@@ -152,7 +152,8 @@ class Recipe:
         from .memory_estimate import Layout
 
         bucket = MODELS[self.model]["hidden_size"] ** 2  # ds_config.py's "auto": hidden^2
-        sp = self.engine == "megatron" and self.tp > 1 and self.sequence_parallel
+        # summary mode's deltas act on whole-sequence layer inputs: no sequence parallelism there (mcore/provider.py)
+        sp = self.engine == "megatron" and self.tp > 1 and self.sequence_parallel and self.train_mode == "full"
         return Layout(engine=self.engine, zero_stage=self.zero_stage, dp=self.dp, tp=self.tp, pp=self.pp, reduce_bucket_size=bucket, sequence_parallel=sp)
 
     def check(self) -> None:
