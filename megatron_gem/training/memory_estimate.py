@@ -188,7 +188,14 @@ def estimate_step_memory(
     timeline_grads = keeps_whole_grads(layout, train_mode)
     if activations is None and layout.engine == "megatron" and train_mode == "full":
         activations = megatron_activations(
-            hf_config, layout, micro_batch_size=micro_batch_size, seq_length=seq_length, vocab_size=vocab_size, dtype=dtype, recompute=gradient_checkpointing, backend=backend
+            hf_config,
+            layout,
+            micro_batch_size=micro_batch_size,
+            seq_length=seq_length,
+            vocab_size=vocab_size,
+            dtype=dtype,
+            recompute=gradient_checkpointing,
+            backend=backend,
         )
     if activations is None:
         cfg = hf_config

@@ -191,7 +191,14 @@ def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length:
     tp, pp = layout.tp, layout.pp
     if layout.engine == "megatron" and train_mode == "full":  # megatron-core's own model (mcore/step_memory.py)
         return megatron_activations(
-            cfg, layout, micro_batch_size=micro_batch_size, seq_length=seq_length, vocab_size=vocab_size, dtype=torch.bfloat16, recompute=recompute, backend="triton"
+            cfg,
+            layout,
+            micro_batch_size=micro_batch_size,
+            seq_length=seq_length,
+            vocab_size=vocab_size,
+            dtype=torch.bfloat16,
+            recompute=recompute,
+            backend="triton",
         )
     if tp * pp > 1:
         cfg = tp_pp_shard_config(cfg, tp=tp, pp=pp)

@@ -85,7 +85,9 @@ def build(tp: int, recompute: bool, sequence_parallel: bool):
         module=model,
     )
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, adam_eps=1e-8, clip_grad=1.0, bf16=False, params_dtype=torch.float32, use_distributed_optimizer=True),
+        OptimizerConfig(
+            optimizer="adam", lr=1e-4, weight_decay=0.0, adam_eps=1e-8, clip_grad=1.0, bf16=False, params_dtype=torch.float32, use_distributed_optimizer=True
+        ),
         [ddp],
     )
     config.finalize_model_grads_func = finalize_model_grads
