@@ -20,13 +20,13 @@ distributed optimizer)
   12*P_rank/dp with bf16 weights (fp32 master + Adam m, v) or 8*P_rank/dp with fp32 weights
   (the master is the weight itself), where P_rank is the most loaded pipeline stage's
   parameters (its layers plus the embedding, and the LM head when PP = 1) over TP.
-  Activations are measured on megatron-core's own GEM model of one TP rank (mcore/
-  step_memory.py: a fake process group of TP ranks, so heads, FFN width and vocabulary are
-  sharded, and with sequence parallelism the hidden-size tensors too, as the real layers do);
-  the stage's layers with embedding and head; the first stage holds min(PP, micro-batches)
-  micro-batches in flight (1F1B). Summary mode's activations are the HF model's (tp_pp_
-  shard_config: hidden-size tensors whole). Validated against real megatron-core runs on CPU
-  (tests/training/test_memory_estimate.py).
+  Activations are measured on megatron-core's own GEM model of one TP rank
+  (mcore_activation_memory.py: a fake process group of TP ranks, so heads, FFN width and
+  vocabulary are sharded, and with sequence parallelism the hidden-size tensors too, as the
+  real layers do); the stage's layers with embedding and head; the first stage holds
+  min(PP, micro-batches) micro-batches in flight (1F1B). Summary mode's activations are the
+  HF model's (tp_pp_shard_config: hidden-size tensors whole). Validated against real
+  megatron-core runs on CPU (tests/training/test_megatron_memory.py).
 
 Not counted: the CUDA context, NCCL buffers and allocator fragmentation (budget ~5-8 GB on an
 80 GB GPU: the recipes keep that headroom).
@@ -268,9 +268,9 @@ def step_phase_gradients(c: ModelCounts, layout: Layout, *, weight_bytes: int, o
 
 def megatron_activations(hf_config, layout: Layout, *, micro_batch_size: int, seq_length: int, vocab_size: int, dtype, recompute: bool, backend: str):
     """The activation peak of one micro-batch on the most loaded megatron-core rank (its
-    stage's layers, its TP shard; mcore/step_memory.py, a child process of a few seconds)."""
+    stage's layers, its TP shard; training/mcore_activation_memory.py, a child process of a few seconds)."""
     from ..mcore.llama import padded_vocab_size
-    from ..mcore.step_memory import measure_megatron_activations
+    from .mcore_activation_memory import measure_megatron_activations
 
     if hf_config.num_hidden_layers % layout.pp:
         raise ValueError(f"num_hidden_layers={hf_config.num_hidden_layers} is not divisible by PP={layout.pp}")

@@ -189,7 +189,7 @@ def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length:
 
     cfg = hf_config(model)
     tp, pp = layout.tp, layout.pp
-    if layout.engine == "megatron" and train_mode == "full":  # megatron-core's own model (mcore/step_memory.py)
+    if layout.engine == "megatron" and train_mode == "full":  # megatron-core's own model (training/mcore_activation_memory.py)
         return megatron_activations(
             cfg,
             layout,

@@ -33,17 +33,75 @@ import memory_worker as W  # noqa: E402  (the model shape, the allocator reading
 DOC_LEN = W.DOC_LEN
 
 
+def _storages(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a.untyped_storage()
+        elif isinstance(a, (list, tuple)):
+            yield from _storages(a)
+
+
+def _released(fn):
+    """``fn`` (a collective), returning once gloo has let go of its tensors: gloo's worker
+    thread still holds them for a moment after wait() returns and drops them when it next
+    runs, on a loaded machine sometimes after several more of the step's allocations (a
+    tensor the step had freed then stays allocated: TP's all-reduced layer outputs were seen
+    live at the next step's start). Waiting here until each storage's reference count is back
+    to what it was before the call keeps every free where the step makes it (a condition, not
+    a time: it changes no allocation)."""
+
+    def wrapped(*args, **kwargs):
+        storages = list(_storages(list(args) + list(kwargs.values())))
+        before = [torch._C._storage_Use_Count(s._cdata) for s in storages]
+        out = fn(*args, **kwargs)
+        if kwargs.get("async_op"):  # the caller's handle holds the tensors until it waits
+            return out
+        for s, n in zip(storages, before):
+            while torch._C._storage_Use_Count(s._cdata) > n:
+                os.sched_yield()
+        return out
+
+    return wrapped
+
+
+class _Done:
+    """The handle of a collective that had nothing to do (async_op=True callers wait on it)."""
+
+    def wait(self, *args, **kwargs):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+def _identity(name, bound: dict):
+    """A collective over a one-rank group: the result is the input. All-reduce leaves the
+    tensor as it is; reduce-scatter and all-gather copy the input into the output when they
+    are different tensors (megatron-core's distributed optimizer passes a view of its grad
+    buffer as both)."""
+    if name.startswith(("reduce_scatter", "_reduce_scatter", "all_gather_into", "_all_gather")):
+        out, inp = list(bound.values())[:2]
+        if out.data_ptr() != inp.data_ptr() or out.shape != inp.shape:
+            out.copy_(inp.view_as(out))
+    return _Done() if bound.get("async_op") else None
+
+
 def _hook(name, fn):
-    """comm_worker.py's counting, for collectives over more than one rank only: with dp = 1
-    the distributed optimizer still reduce-scatters and all-gathers over its one-rank group,
-    which moves nothing."""
-    counted_fn = C._hook(name, fn)
+    """comm_worker.py's counting, for collectives over more than one rank only. With dp = 1
+    megatron-core's distributed optimizer still reduce-scatters its gradient buffer and
+    all-gathers its parameters over the one-rank data-parallel group, which moves nothing:
+    those run as the identity here, not through gloo. Through gloo, the reduce-scatter cloned
+    the 12 MB gradient buffer and its worker thread freed the clone when it next ran, on a
+    loaded machine sometimes only after the next step's peak (+12 MB on one rank or the
+    other, at random): a figure of the thread scheduler and of gloo's one-rank path, not of
+    the step (the same reason as memory_worker.py's skipped one-process all-reduce)."""
+    counted_fn = C._hook(name, _released(fn))
     signature = inspect.signature(fn)
 
     def wrapped(*args, **kwargs):
-        group = signature.bind(*args, **kwargs).arguments.get("group")
-        if dist.get_world_size(group) == 1:
-            return fn(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs).arguments
+        if dist.get_world_size(bound.get("group")) == 1:
+            return _identity(name, bound)
         return counted_fn(*args, **kwargs)
 
     return wrapped

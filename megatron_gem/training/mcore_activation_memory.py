@@ -15,7 +15,7 @@ the meta device and given fake CPU storage (FakeTensorMode); StorageTracker
 (mcore/cpu_shims.py) and a process group are set up, so this runs in a child process of its
 own (``measure_megatron_activations`` starts it), never in the caller's.
 
-  python -m megatron_gem.mcore.step_memory '<JSON of measure()'s arguments>'   prints one JSON line
+  python -m megatron_gem.training.mcore_activation_memory '<JSON of measure()'s arguments>'   prints one JSON line
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ import sys
 def measure_megatron_activations(hf_config, **kwargs):
     """``measure``'s ActivationPeak, measured in a child process (see the module docstring).
     ``hf_config``: a transformers config; ``kwargs``: measure()'s other arguments."""
-    from ..training.activation_memory import ActivationPeak, Composition
+    from .activation_memory import ActivationPeak, Composition
 
     spec = {"hf_config": hf_config.to_dict(), **kwargs}
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}  # fake CPU tensors: no GPU needed or touched
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "megatron_gem.mcore.step_memory", json.dumps(spec)], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "megatron_gem.training.mcore_activation_memory", json.dumps(spec)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"megatron_gem/mcore/step_memory.py failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"megatron_gem/training/mcore_activation_memory.py failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return ActivationPeak(overall=Composition(**out["overall"]), backward=Composition(**out["backward"]))
 
@@ -73,8 +73,8 @@ def measure(
 
     from ..attention.megatron import gem_mask_info
     from ..common import distributed as D
-    from ..training.activation_memory import Composition, StorageTracker
-    from . import cpu_shims
+    from ..mcore import cpu_shims
+    from .activation_memory import Composition, StorageTracker
 
     cpu_shims.apply()
     D.BACKEND_DEVICE["fake"] = "cpu"  # the fake group's "tensors" are fake CPU ones
@@ -88,8 +88,8 @@ def measure(
     # swap changes nothing there, so it is skipped.
     tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
 
-    from .gpt_model import build_gem_gpt_model
-    from .llama import arch_from_hf_config, transformer_config
+    from ..mcore.gpt_model import build_gem_gpt_model
+    from ..mcore.llama import arch_from_hf_config, transformer_config
 
     fields = dict(hf_config)
     cfg = AutoConfig.for_model(fields.pop("model_type"), **{k: v for k, v in fields.items() if k not in ("transformers_version",)})
@@ -126,7 +126,7 @@ def measure(
 def _labelled_loss(tracker):
     """What the vocabulary-parallel loss allocates in forward counts as "logits_loss" (its
     backward is labelled by its autograd node, as for the HF model)."""
-    from . import loss
+    from ..mcore import loss
 
     inner = loss.vocab_parallel_token_losses
 
