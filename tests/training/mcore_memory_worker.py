@@ -33,37 +33,6 @@ import memory_worker as W  # noqa: E402  (the model shape, the allocator reading
 DOC_LEN = W.DOC_LEN
 
 
-def _storages(args):
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            yield a.untyped_storage()
-        elif isinstance(a, (list, tuple)):
-            yield from _storages(a)
-
-
-def _released(fn):
-    """``fn`` (a collective), returning once gloo has let go of its tensors: gloo's worker
-    thread still holds them for a moment after wait() returns and drops them when it next
-    runs, on a loaded machine sometimes after several more of the step's allocations (a
-    tensor the step had freed then stays allocated: TP's all-reduced layer outputs were seen
-    live at the next step's start). Waiting here until each storage's reference count is back
-    to what it was before the call keeps every free where the step makes it (a condition, not
-    a time: it changes no allocation)."""
-
-    def wrapped(*args, **kwargs):
-        storages = list(_storages(list(args) + list(kwargs.values())))
-        before = [torch._C._storage_Use_Count(s._cdata) for s in storages]
-        out = fn(*args, **kwargs)
-        if kwargs.get("async_op"):  # the caller's handle holds the tensors until it waits
-            return out
-        for s, n in zip(storages, before):
-            while torch._C._storage_Use_Count(s._cdata) > n:
-                os.sched_yield()
-        return out
-
-    return wrapped
-
-
 class _Done:
     """The handle of a collective that had nothing to do (async_op=True callers wait on it)."""
 
@@ -95,7 +64,7 @@ def _hook(name, fn):
     loaded machine sometimes only after the next step's peak (+12 MB on one rank or the
     other, at random): a figure of the thread scheduler and of gloo's one-rank path, not of
     the step (the same reason as memory_worker.py's skipped one-process all-reduce)."""
-    counted_fn = C._hook(name, _released(fn))
+    counted_fn = C._hook(name, fn)
     signature = inspect.signature(fn)
 
     def wrapped(*args, **kwargs):
