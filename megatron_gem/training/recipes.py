@@ -19,7 +19,7 @@ payload, twice that for an all-reduce). P parameters, T trainable, w = 2 (bf16):
            recomputation runs inside the backward's gather): 2 P w, and the gradients
            reduce-scattered: T w
   TP       per micro-batch, of the activations [tokens, h] (w bytes each; L the stage's layers;
-           counted on a real TP=2 run in tests/training/test_communication.py):
+           counted on a real TP=2 run in tests/training/test_megatron_memory.py):
            without sequence parallelism 4L + 2 all-reduces (per layer the attention's and the
            MLP's outputs in forward, their inputs' gradients in backward; the embedding's
            output, the LM head's input gradient); with it the same moves as all-gathers and
@@ -228,7 +228,7 @@ def estimate(recipe: Recipe):
         recipe.vocab_size(),
         recipe.gradient_checkpointing,
         keeps_whole_grads(layout, recipe.train_mode),
-        replace(layout, dp=1, reduce_bucket_size=0),  # what the activations depend on
+        replace(layout, dp=1, reduce_bucket_size=0, zero_stage=0),  # what the activations depend on (keep_grads: the ZeRO stage's part)
     )
     return estimate_step_memory(
         hf_config(recipe.model),
