@@ -14,7 +14,14 @@ Every rank prints one JSON line. The oracle of tests/training/test_memory_estima
 test_communication.py's megatron cases: nothing here uses the estimator.
 
 usage: torchrun --nproc-per-node TP mcore_memory_worker.py TP MICRO_BATCH SEQ_LENGTH
-       [--recompute] [--sequence-parallel]
+       [--recompute] [--sequence-parallel] [--local-collectives]
+
+--local-collectives: the TP group's collectives are done by each rank alone (``_local``: the
+same tensors, no gloo; nothing counted). Through gloo a rank's peak moves by up to 20% from
+run to run, one rank or the other at random: gloo frees some of a collective's tensors from
+its own worker thread, on a loaded machine late (with the TP collectives done locally the
+same steps peak at the same bytes on both ranks, every run). This measures the step's own
+allocations on the real allocator; the gloo run measures them with gloo's timing on top.
 """
 
 import gc
@@ -31,6 +38,7 @@ import comm_worker as C  # noqa: E402  (the collective hooks)
 import memory_worker as W  # noqa: E402  (the model shape, the allocator reading)
 
 DOC_LEN = W.DOC_LEN
+LOCAL_COLLECTIVES = "--local-collectives" in sys.argv
 
 
 class _Done:
@@ -55,6 +63,25 @@ def _identity(name, bound: dict):
     return _Done() if bound.get("async_op") else None
 
 
+def _local(name, bound: dict):
+    """--local-collectives: a collective over the TP group done by this rank alone, into the
+    same tensors (nothing allocated): an all-reduce keeps the rank's own values, an all-gather
+    repeats its shard, a reduce-scatter takes its slice. The step's shapes and allocations are
+    those of the real step; its numbers are not a TP result (the memory does not depend on
+    them)."""
+    if name.startswith(("all_gather_into", "_all_gather")):
+        out, inp = list(bound.values())[:2]
+        n = out.numel() // inp.numel()
+        out.view(n, -1).copy_(inp.reshape(1, -1).expand(n, -1))
+    elif name.startswith(("reduce_scatter", "_reduce_scatter")):
+        out, inp = list(bound.values())[:2]
+        n = inp.numel() // out.numel()
+        out.copy_(inp.reshape(n, -1)[dist.get_rank(bound.get("group"))].view_as(out))
+    elif name != "all_reduce":
+        raise NotImplementedError(f"--local-collectives: {name}")
+    return _Done() if bound.get("async_op") else None
+
+
 def _hook(name, fn):
     """comm_worker.py's counting, for collectives over more than one rank only. With dp = 1
     megatron-core's distributed optimizer still reduce-scatters its gradient buffer and
@@ -71,6 +98,8 @@ def _hook(name, fn):
         bound = signature.bind(*args, **kwargs).arguments
         if dist.get_world_size(bound.get("group")) == 1:
             return _identity(name, bound)
+        if LOCAL_COLLECTIVES:
+            return _local(name, bound)
         return counted_fn(*args, **kwargs)
 
     return wrapped
