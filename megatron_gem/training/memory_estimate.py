@@ -14,13 +14,19 @@ DeepSpeed (what its engine builds for our configs; ``grad_accum_dtype`` unset)
   stage 3   params P*w/dp plus the gathered working set (one decoder layer and the largest
             of embedding / LM head, gathered whole around their forward and backward);
             grads T*w/dp plus the bucket (resident from initialisation); 12*T/dp
-megatron-core (distributed optimizer, bf16 weights with fp32 main grads)
-  params 2*P_rank, grads 4*P_rank, optimizer 12*P_rank/dp, where P_rank is the most loaded
-  pipeline stage's parameters (its layers plus the embedding, and the LM head when PP = 1)
-  over TP. Activations are measured on the stage's layers with heads, key/value heads, FFN
-  width and vocabulary divided by TP; hidden-size tensors are counted whole (sequence
-  parallelism would divide them by TP: an upper bound there); the first stage holds
-  min(PP, micro-batches) micro-batches in flight (1F1B).
+megatron-core (as training/megatron_engine.py builds it: DDP with fp32 grad buffers, the
+distributed optimizer)
+  params w*P_rank, grads 4*P_rank (the fp32 main-grad buffer, resident), optimizer
+  12*P_rank/dp with bf16 weights (fp32 master + Adam m, v) or 8*P_rank/dp with fp32 weights
+  (the master is the weight itself), where P_rank is the most loaded pipeline stage's
+  parameters (its layers plus the embedding, and the LM head when PP = 1) over TP.
+  Activations are measured on megatron-core's own GEM model of one TP rank
+  (mcore_activation_memory.py: a fake process group of TP ranks, so heads, FFN width and
+  vocabulary are sharded, and with sequence parallelism the hidden-size tensors too, as the
+  real layers do); the stage's layers with embedding and head; the first stage holds
+  min(PP, micro-batches) micro-batches in flight (1F1B). Summary mode's activations are the
+  HF model's (tp_pp_shard_config: hidden-size tensors whole). Validated against real
+  megatron-core runs on CPU (tests/training/test_megatron_memory.py).
 
 Not counted: the CUDA context, NCCL buffers and allocator fragmentation (budget ~5-8 GB on an
 80 GB GPU: the recipes keep that headroom).
@@ -50,19 +56,22 @@ class Layout:
     tp: int = 1
     pp: int = 1
     reduce_bucket_size: int = 500_000_000  # elements; DeepSpeed's default (ours: hidden^2)
+    sequence_parallel: bool = False  # megatron-core with TP > 1: hidden-size activations split over TP
 
     def __post_init__(self):
         if self.engine not in ("deepspeed", "megatron"):
             raise ValueError(f"engine must be 'deepspeed' or 'megatron', got {self.engine!r}")
         if self.engine == "deepspeed" and (self.tp, self.pp) != (1, 1):
             raise ValueError("the DeepSpeed engine has no tensor / pipeline parallelism (tp = pp = 1)")
+        if self.sequence_parallel and (self.engine != "megatron" or self.tp == 1):
+            raise ValueError("sequence_parallel needs the megatron engine with tp > 1")
         if not 0 <= self.zero_stage <= 3:
             raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
 
     def describe(self) -> str:
         if self.engine == "deepspeed":
             return f"ZeRO-{self.zero_stage} dp={self.dp}"
-        return f"TP={self.tp} PP={self.pp} dp={self.dp}"
+        return f"TP={self.tp} PP={self.pp} dp={self.dp}{' SP' if self.sequence_parallel else ''}"
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,9 @@ def state_bytes(c: ModelCounts, layout: Layout, *, weight_bytes: int, train_mode
             stage += c.embedding
         p_rank = stage / layout.tp
         t_rank = p_rank if train_mode == "full" else T / (layout.tp * layout.pp)
-        return {"parameters": 2 * p_rank, "gradients": 4 * t_rank, "optimizer": 12 * t_rank / dp}
+        # the distributed optimizer's fp32 master is a copy of bf16 weights, the weight itself in fp32
+        master = 4 if w != 4 else 0
+        return {"parameters": w * p_rank, "gradients": 4 * t_rank, "optimizer": (master + 8) * t_rank / dp}
     s = layout.zero_stage
     bucket = min(layout.reduce_bucket_size, T) * w
     if s == 0:
@@ -175,6 +186,17 @@ def estimate_step_memory(
     # reduction on (allocated there, freed after the step); ZeRO-3's partition (allocated at
     # initialisation) and megatron-core's main-grad buffer are resident all along.
     timeline_grads = keeps_whole_grads(layout, train_mode)
+    if activations is None and layout.engine == "megatron" and train_mode == "full":
+        activations = megatron_activations(
+            hf_config,
+            layout,
+            micro_batch_size=micro_batch_size,
+            seq_length=seq_length,
+            vocab_size=vocab_size,
+            dtype=dtype,
+            recompute=gradient_checkpointing,
+            backend=backend,
+        )
     if activations is None:
         cfg = hf_config
         if layout.engine == "megatron":  # this rank's stage and TP shard of the model
@@ -229,7 +251,9 @@ def step_phase_gradients(c: ModelCounts, layout: Layout, *, weight_bytes: int, o
         raise ValueError(f"optimizer must be 'fused_adam' or 'torch_adamw', got {optimizer!r}")
     T, w = c.trainable, weight_bytes
     if layout.engine == "megatron":  # fp32 main grads are the buffer counted as resident
-        return 4 * T / (layout.tp * layout.pp)
+        # torch AdamW (CPU) steps one parameter shard at a time: its temporaries are the largest one's
+        temps = measure_optimizer_step([math.ceil(c.embedding / layout.tp)]) if optimizer == "torch_adamw" else 0
+        return 4 * T / (layout.tp * layout.pp) + temps
     dp, s = layout.dp, layout.zero_stage
     part = math.ceil(T / dp)
     temps = measure_optimizer_step([part] if s else [T], dtype=torch.float32 if s or w == 4 else torch.bfloat16) if optimizer == "torch_adamw" else 0
@@ -240,6 +264,28 @@ def step_phase_gradients(c: ModelCounts, layout: Layout, *, weight_bytes: int, o
         return part * w + 4 * part + temps
     grads = T * w if s == 1 else part * w  # still held while Adam runs (measured on CPU)
     return grads + part * w + cast + temps
+
+
+def megatron_activations(hf_config, layout: Layout, *, micro_batch_size: int, seq_length: int, vocab_size: int, dtype, recompute: bool, backend: str):
+    """The activation peak of one micro-batch on the most loaded megatron-core rank (its
+    stage's layers, its TP shard; training/mcore_activation_memory.py, a child process of a few seconds)."""
+    from ..mcore.llama import padded_vocab_size
+    from .mcore_activation_memory import measure_megatron_activations
+
+    if hf_config.num_hidden_layers % layout.pp:
+        raise ValueError(f"num_hidden_layers={hf_config.num_hidden_layers} is not divisible by PP={layout.pp}")
+    return measure_megatron_activations(
+        hf_config,
+        tp=layout.tp,
+        num_layers=hf_config.num_hidden_layers // layout.pp,
+        micro_batch_size=micro_batch_size,
+        seq_length=seq_length,
+        vocab_size=padded_vocab_size(vocab_size, layout.tp),  # a multiple of 128 x TP already stays
+        dtype=str(dtype).replace("torch.", ""),
+        sequence_parallel=layout.sequence_parallel,
+        recompute=recompute,
+        backend=backend,
+    )
 
 
 def tp_pp_shard_config(hf_config, *, tp: int, pp: int):

@@ -18,10 +18,18 @@ payload, twice that for an all-reduce). P parameters, T trainable, w = 2 (bf16):
            a module's parameters are released: models over stage3_max_live_parameters;
            recomputation runs inside the backward's gather): 2 P w, and the gradients
            reduce-scattered: T w
-  TP       per layer and micro-batch two all-reduces of the activations [tokens, h] in
-           forward and two in backward (with sequence parallelism the same volume as
-           all-gathers and reduce-scatters), plus the distributed optimizer's gradient
-           reduce-scatter (fp32) and parameter all-gather (bf16) of the rank's shard
+  TP       per micro-batch, of the activations [tokens, h] (w bytes each; L the stage's layers;
+           counted on a real TP=2 run in tests/training/test_megatron_memory.py):
+           without sequence parallelism 4L + 2 all-reduces (per layer the attention's and the
+           MLP's outputs in forward, their inputs' gradients in backward; the embedding's
+           output, the LM head's input gradient); with it the same moves as all-gathers and
+           reduce-scatters, and backward gathers each column-parallel layer's input again for
+           its weight gradient: 6L + 2 all-gathers and 4L + 2 reduce-scatters; full
+           recomputation repeats the forward's 2L (of each kind with SP). Plus the vocabulary-
+           parallel loss's three fp32 statistics per token (all-reduce) and, with SP, the norm
+           weights' fp32 gradients once per step; the distributed optimizer's gradient
+           reduce-scatter (fp32) and parameter all-gather (w) of the rank's shard over dp.
+           Pipeline sends (point-to-point) are not counted.
 Summary mode: the base is frozen and replicated (ZeRO-1/2 shard only what the optimizer holds),
 so only the deltas travel.
 """
@@ -115,6 +123,7 @@ class Recipe:
     gradient_checkpointing: bool = False
     note: str = ""
     padded_vocab: int = 0  # megatron-core's own padding (a multiple of 128 x TP); 0: vocab_size()'s rule
+    sequence_parallel: bool = True  # megatron-core with TP > 1, full mode: --sequence-parallel
 
     @property
     def dp(self) -> int:
@@ -143,7 +152,9 @@ class Recipe:
         from .memory_estimate import Layout
 
         bucket = MODELS[self.model]["hidden_size"] ** 2  # ds_config.py's "auto": hidden^2
-        return Layout(engine=self.engine, zero_stage=self.zero_stage, dp=self.dp, tp=self.tp, pp=self.pp, reduce_bucket_size=bucket)
+        # summary mode's deltas act on whole-sequence layer inputs: no sequence parallelism there (mcore/provider.py)
+        sp = self.engine == "megatron" and self.tp > 1 and self.sequence_parallel and self.train_mode == "full"
+        return Layout(engine=self.engine, zero_stage=self.zero_stage, dp=self.dp, tp=self.tp, pp=self.pp, reduce_bucket_size=bucket, sequence_parallel=sp)
 
     def check(self) -> None:
         if self.gpus % (self.tp * self.pp) or self.global_batch_size % (self.micro_batch_size * self.dp):
@@ -155,7 +166,8 @@ class Recipe:
         if self.engine == "deepspeed":
             args.append(f"--deepspeed {DS_CONFIGS[self.zero_stage]}")
         else:
-            args += [f"--tensor-model-parallel-size {self.tp}", f"--pipeline-model-parallel-size {self.pp}", "--sequence-parallel"]
+            args += [f"--tensor-model-parallel-size {self.tp}", f"--pipeline-model-parallel-size {self.pp}"]
+            args += ["--sequence-parallel"] if self.layout().sequence_parallel else []
         if self.gradient_checkpointing:
             args.append("--gradient-checkpointing" if self.engine == "deepspeed" else "--recompute-granularity full")
         if self.train_mode == "summary":
@@ -167,13 +179,27 @@ DS_CONFIGS = {1: "configs/deepspeed/ds_zero1.json", 2: "configs/deepspeed/ds_zer
 
 
 @functools.lru_cache(maxsize=None)
-def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool, tp: int, pp: int):
+def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool, layout):
     """One fake-tensor measurement (tens of seconds at 8B, 8k tokens), shared by the layouts
     that need the same one (the ZeRO stages differ only in whether gradients stay)."""
+    import torch
+
     from .activation_memory import measure_step_activations
-    from .memory_estimate import tp_pp_shard_config
+    from .memory_estimate import megatron_activations, tp_pp_shard_config
 
     cfg = hf_config(model)
+    tp, pp = layout.tp, layout.pp
+    if layout.engine == "megatron" and train_mode == "full":  # megatron-core's own model (training/mcore_activation_memory.py)
+        return megatron_activations(
+            cfg,
+            layout,
+            micro_batch_size=micro_batch_size,
+            seq_length=seq_length,
+            vocab_size=vocab_size,
+            dtype=torch.bfloat16,
+            recompute=recompute,
+            backend="triton",
+        )
     if tp * pp > 1:
         cfg = tp_pp_shard_config(cfg, tp=tp, pp=pp)
         vocab_size = -(-vocab_size // tp)
@@ -202,8 +228,7 @@ def estimate(recipe: Recipe):
         recipe.vocab_size(),
         recipe.gradient_checkpointing,
         keeps_whole_grads(layout, recipe.train_mode),
-        recipe.tp,
-        recipe.pp,
+        replace(layout, dp=1, reduce_bucket_size=0, zero_stage=0),  # what the activations depend on (keep_grads: the ZeRO stage's part)
     )
     return estimate_step_memory(
         hf_config(recipe.model),
@@ -268,6 +293,7 @@ def from_megatron_json(path) -> Recipe:
         pp=par["pipeline_model_parallel_size"],
         gradient_checkpointing=r["recompute_granularity"] == "full",
         padded_vocab=r["model_shape"]["padded_vocab_size"],
+        sequence_parallel=bool(par.get("sequence_parallel", False)),
     )
 
 
@@ -284,11 +310,12 @@ def communication(recipe: Recipe) -> dict:
         tokens=recipe.micro_batch_size * recipe.seq_length,
         hidden=MODELS[recipe.model]["hidden_size"],
         layers=c.num_layers,
+        recompute=recipe.gradient_checkpointing,
     )
 
 
 def communication_bytes(
-    *, total: int, trainable: int, layout, micro_batches: int, tokens: int = 0, hidden: int = 0, layers: int = 0, weight_bytes: int = 2
+    *, total: int, trainable: int, layout, micro_batches: int, tokens: int = 0, hidden: int = 0, layers: int = 0, weight_bytes: int = 2, recompute: bool = False
 ) -> dict:
     """Payload bytes per rank per optimizer step, by kind, and ``sent``: the bytes a rank
     sends with ring algorithms ((n-1)/n of an all-gather's or reduce-scatter's payload, twice
@@ -305,9 +332,21 @@ def communication_bytes(
             out["all_gather"] += w * shard
             sent += ring * 6 * shard
         if t > 1:
-            tp_payload = 4 * (layers // layout.pp) * micro_batches * tokens * hidden * w
-            out["all_reduce"] += tp_payload
-            sent += 2 * (t - 1) / t * tp_payload
+            L = layers // layout.pp
+            ends = 2 if layout.pp == 1 else 1  # the embedding's output (first stage), the LM head's input (last stage)
+            again = 2 * L if recompute else 0  # the forward's collectives, run again in backward
+            unit = micro_batches * tokens * hidden * w  # one [tokens, hidden] activation per micro-batch
+            loss_stats = 3 * micro_batches * tokens * 4  # the vocabulary-parallel loss: max, sum of exp, target logit (fp32)
+            if layout.sequence_parallel:
+                ag, rs = (6 * L + ends + again) * unit, (4 * L + ends + again) * unit
+                ar = loss_stats + (2 * L + 1) * hidden * 4  # the norms' fp32 gradients, summed over TP once per step
+            else:
+                ag = rs = 0
+                ar = (4 * L + ends + again) * unit + loss_stats
+            out["all_reduce"] += ar
+            out["all_gather"] += ag
+            out["reduce_scatter"] += rs
+            sent += (t - 1) / t * (2 * ar + ag + rs)
     elif layout.zero_stage == 0:
         out["all_reduce"] = trainable * w
         sent = 2 * ring * trainable * w

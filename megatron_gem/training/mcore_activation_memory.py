@@ -1,0 +1,148 @@
+"""The activation memory of one megatron-core GEM micro-batch on one tensor-parallel rank,
+measured on fake tensors with megatron-core's own model (mcore/gpt_model.py): the estimator's
+megatron-core measurement (training/memory_estimate.py). The HF model it measures for
+DeepSpeed keeps other tensors than megatron-core's layers do (the fused QKV output stays
+whole while V is saved; the gated MLP saves a copy of its linear half), and tensor and
+sequence parallelism decide which tensors are split: so the megatron-core model itself runs.
+
+How, without GPUs or peers: torch.distributed's "fake" process group of TP ranks (this
+process is rank 0; its collectives return at once, touching nothing) carries megatron-core's
+TP groups, so every layer is built and runs as on a real TP rank (its shards of the heads,
+FFN and vocabulary; with sequence parallelism its sequence shard of the hidden-size tensors,
+and the gathered/reduce-scattered buffers the collectives write into); the model is built on
+the meta device and given fake CPU storage (FakeTensorMode); StorageTracker
+(training/activation_memory.py) counts what forward and backward allocate. The CPU shims
+(mcore/cpu_shims.py) and a process group are set up, so this runs in a child process of its
+own (``measure_megatron_activations`` starts it), never in the caller's.
+
+  python -m megatron_gem.training.mcore_activation_memory '<JSON of measure()'s arguments>'   prints one JSON line
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+
+def measure_megatron_activations(hf_config, **kwargs):
+    """``measure``'s ActivationPeak, measured in a child process (see the module docstring).
+    ``hf_config``: a transformers config; ``kwargs``: measure()'s other arguments."""
+    from .activation_memory import ActivationPeak, Composition
+
+    spec = {"hf_config": hf_config.to_dict(), **kwargs}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}  # fake CPU tensors: no GPU needed or touched
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "megatron_gem.training.mcore_activation_memory", json.dumps(spec)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"megatron_gem/training/mcore_activation_memory.py failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return ActivationPeak(overall=Composition(**out["overall"]), backward=Composition(**out["backward"]))
+
+
+def measure(
+    hf_config: dict,
+    *,
+    tp: int,
+    num_layers: int,
+    micro_batch_size: int,
+    seq_length: int,
+    vocab_size: int,
+    dtype: str = "bfloat16",
+    sequence_parallel: bool = False,
+    recompute: bool = False,
+    backend: str = "triton",
+) -> dict:
+    """One micro-batch of packed NTP rows [micro_batch_size, seq_length] through the GEM
+    GPTModel of one TP rank of ``num_layers`` layers (a pipeline stage's; embedding and LM head
+    both, an upper bound for a middle stage): forward with labels (the vocabulary-parallel
+    chunked loss, mcore/loss.py), the losses summed, backward. Parameter gradients are dropped
+    as they are made: megatron-core's DDP adds them into its fp32 grad buffer, which the
+    estimator counts as resident. ``vocab_size``: the padded vocabulary (all TP ranks').
+    In this process: it initialises torch.distributed (run it in a child process)."""
+    from dataclasses import asdict
+
+    import torch
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from transformers import AutoConfig
+
+    from ..attention.megatron import gem_mask_info
+    from ..common import distributed as D
+    from ..mcore import cpu_shims
+    from .activation_memory import Composition, StorageTracker
+
+    cpu_shims.apply()
+    D.BACKEND_DEVICE["fake"] = "cpu"  # the fake group's "tensors" are fake CPU ones
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, create_gloo_process_groups=False)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    # The model-parallel RNG tracker swaps generator states around the embedding's dropout;
+    # fake generator states cannot be read back. GEM's configs have no dropout (p = 0): the
+    # swap changes nothing there, so it is skipped.
+    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+
+    from ..mcore.gpt_model import build_gem_gpt_model
+    from ..mcore.llama import arch_from_hf_config, transformer_config
+
+    fields = dict(hf_config)
+    cfg = AutoConfig.for_model(fields.pop("model_type"), **{k: v for k, v in fields.items() if k not in ("transformers_version",)})
+    cfg.num_hidden_layers = num_layers
+    arch = arch_from_hf_config(cfg)
+    config = transformer_config(
+        arch,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        recompute_granularity="full" if recompute else None,
+        params_dtype=getattr(torch, dtype),
+        use_cpu_initialization=True,
+    )
+    with torch.device("meta"):  # no memory, no initialisation
+        model = build_gem_gpt_model(arch, config, vocab_size=vocab_size, padded_vocab=vocab_size, backend=backend)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        model.train()
+        tracker = StorageTracker()
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p: tracker.gradient_made(p, False))
+        ids = torch.zeros((micro_batch_size, seq_length), dtype=torch.long)
+        with tracker, _labelled_loss(tracker):
+            losses, _ = model(ids, ids, gem_mask_info(ids, ids), ntp_rows=micro_batch_size, labels=ids)
+            loss = losses.sum()
+            del losses
+            loss.backward()
+    backward = tracker.at_backward_peak if tracker.backward_peak else tracker.at_peak
+    return {"overall": asdict(Composition(**tracker.at_peak)), "backward": asdict(Composition(**backward))}
+
+
+@contextlib.contextmanager
+def _labelled_loss(tracker):
+    """What the vocabulary-parallel loss allocates in forward counts as "logits_loss" (its
+    backward is labelled by its autograd node, as for the HF model)."""
+    from ..mcore import loss
+
+    inner = loss.vocab_parallel_token_losses
+
+    def labelled(*args, **kwargs):
+        tracker._enter_loss()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            tracker._leave_loss()
+
+    loss.vocab_parallel_token_losses = labelled
+    try:
+        yield
+    finally:
+        loss.vocab_parallel_token_losses = inner
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(**json.loads(sys.argv[1]))))

@@ -1,0 +1,227 @@
+"""One rank of a small megatron-core GEM model trained on CPU (fp32, gloo) as train.py's
+megatron engine builds it (training/megatron_engine.py MegatronEngine.build: megatron-core's
+DistributedDataParallel with fp32 gradient buffers, get_megatron_optimizer with the
+distributed optimizer, torch Adam on CPU), one NTP micro-batch per step through megatron-core's
+forward_backward_func, then the optimizer step. Two things are measured in a steady-state
+step (the first step makes the optimizer state and is not counted):
+
+* memory: the peak of the CPU allocator's live bytes (torch.profiler profile_memory, as
+  tests/training/memory_worker.py reads it for DeepSpeed), per rank;
+* communication: the payload bytes of the torch.distributed collectives by kind (hooked as
+  tests/training/comm_worker.py hooks them), per rank.
+
+Every rank prints one JSON line. The oracle of tests/training/test_memory_estimate.py and
+test_communication.py's megatron cases: nothing here uses the estimator.
+
+usage: torchrun --nproc-per-node TP mcore_memory_worker.py TP MICRO_BATCH SEQ_LENGTH
+       [--recompute] [--sequence-parallel] [--local-collectives]
+
+--local-collectives: the TP group's collectives are done by each rank alone (``_local``: the
+same tensors, no gloo; nothing counted). Through gloo a rank's peak moves by up to 20% from
+run to run, one rank or the other at random: gloo frees some of a collective's tensors from
+its own worker thread, on a loaded machine late (with the TP collectives done locally the
+same steps peak at the same bytes on both ranks, every run). This measures the step's own
+allocations on the real allocator; the gloo run measures them with gloo's timing on top.
+"""
+
+import gc
+import inspect
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+import comm_worker as C  # noqa: E402  (the collective hooks)
+import memory_worker as W  # noqa: E402  (the model shape, the allocator reading)
+
+DOC_LEN = W.DOC_LEN
+LOCAL_COLLECTIVES = "--local-collectives" in sys.argv
+
+
+class _Done:
+    """The handle of a collective that had nothing to do (async_op=True callers wait on it)."""
+
+    def wait(self, *args, **kwargs):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+def _identity(name, bound: dict):
+    """A collective over a one-rank group: the result is the input. All-reduce leaves the
+    tensor as it is; reduce-scatter and all-gather copy the input into the output when they
+    are different tensors (megatron-core's distributed optimizer passes a view of its grad
+    buffer as both)."""
+    if name.startswith(("reduce_scatter", "_reduce_scatter", "all_gather_into", "_all_gather")):
+        out, inp = list(bound.values())[:2]
+        if out.data_ptr() != inp.data_ptr() or out.shape != inp.shape:
+            out.copy_(inp.view_as(out))
+    return _Done() if bound.get("async_op") else None
+
+
+def _local(name, bound: dict):
+    """--local-collectives: a collective over the TP group done by this rank alone, into the
+    same tensors (nothing allocated): an all-reduce keeps the rank's own values, an all-gather
+    repeats its shard, a reduce-scatter takes its slice. The step's shapes and allocations are
+    those of the real step; its numbers are not a TP result (the memory does not depend on
+    them)."""
+    if name.startswith(("all_gather_into", "_all_gather")):
+        out, inp = list(bound.values())[:2]
+        n = out.numel() // inp.numel()
+        out.view(n, -1).copy_(inp.reshape(1, -1).expand(n, -1))
+    elif name.startswith(("reduce_scatter", "_reduce_scatter")):
+        out, inp = list(bound.values())[:2]
+        n = inp.numel() // out.numel()
+        out.copy_(inp.reshape(n, -1)[dist.get_rank(bound.get("group"))].view_as(out))
+    elif name != "all_reduce":
+        raise NotImplementedError(f"--local-collectives: {name}")
+    return _Done() if bound.get("async_op") else None
+
+
+def _hook(name, fn):
+    """comm_worker.py's counting, for collectives over more than one rank only. With dp = 1
+    megatron-core's distributed optimizer still reduce-scatters its gradient buffer and
+    all-gathers its parameters over the one-rank data-parallel group, which moves nothing:
+    those run as the identity here, not through gloo. Through gloo, the reduce-scatter cloned
+    the 12 MB gradient buffer and its worker thread freed the clone when it next ran, on a
+    loaded machine sometimes only after the next step's peak (+12 MB on one rank or the
+    other, at random): a figure of the thread scheduler and of gloo's one-rank path, not of
+    the step (the same reason as memory_worker.py's skipped one-process all-reduce)."""
+    counted_fn = C._hook(name, fn)
+    signature = inspect.signature(fn)
+
+    def wrapped(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        if dist.get_world_size(bound.get("group")) == 1:
+            return _identity(name, bound)
+        if LOCAL_COLLECTIVES:
+            return _local(name, bound)
+        return counted_fn(*args, **kwargs)
+
+    return wrapped
+
+
+def init_weights(model) -> None:
+    """The model is built without initialisation (weights come from a checkpoint in training):
+    small normal weights, unit norms, so the step's numbers are finite."""
+    g = torch.Generator().manual_seed(dist.get_rank())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def build(tp: int, recompute: bool, sequence_parallel: bool):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_gem.mcore.gpt_model import build_gem_gpt_model
+    from megatron_gem.mcore.llama import arch_from_hf_config, padded_vocab_size, transformer_config
+
+    arch = arch_from_hf_config(W.config())
+    config = transformer_config(
+        arch,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        recompute_granularity="full" if recompute else None,
+        params_dtype=torch.float32,
+    )
+    model = build_gem_gpt_model(arch, config, vocab_size=W.VOCAB, padded_vocab=padded_vocab_size(W.VOCAB, tp), backend="sdpa")
+    init_weights(model)
+    # What MegatronEngine.build makes of it (train.py's defaults: the distributed optimizer on).
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True),
+        module=model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=1e-4, weight_decay=0.0, adam_eps=1e-8, clip_grad=1.0, bf16=False, params_dtype=torch.float32, use_distributed_optimizer=True
+        ),
+        [ddp],
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    config.grad_scale_func = optimizer.scale_loss
+    ddp.train()
+    return model, ddp, optimizer
+
+
+def main():
+    tp, mb, seq = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    recompute = "--recompute" in sys.argv
+    sequence_parallel = "--sequence-parallel" in sys.argv
+    for name in C.KINDS:  # before megatron-core binds them
+        if hasattr(dist, name):
+            setattr(dist, name, _hook(name, getattr(dist, name)))
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gem.attention.megatron import gem_mask_info
+    from megatron_gem.mcore.runtime import init_model_parallel
+
+    init_model_parallel(tp, 1, seed=0)
+    torch.manual_seed(0)  # the same batch on every TP rank (a TP group shares its rows)
+    ids = torch.randint(4, W.VOCAB, (mb, seq))
+    pos = (torch.arange(seq) % DOC_LEN).expand(mb, seq).contiguous()
+    doc = (torch.arange(seq) // DOC_LEN).expand(mb, seq).contiguous()
+    mask = gem_mask_info(doc, torch.zeros_like(ids))
+    labels = torch.roll(ids, -1, dims=1)
+    forward_backward = get_forward_backward_func()
+
+    def forward_step(data_iterator, model):
+        next(data_iterator)
+        losses, _ = model(ids, pos, mask, ntp_rows=mb, labels=labels)
+        return losses, lambda out: (out.sum() / (mb * seq), {})
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        model, ddp, optimizer = build(tp, recompute, sequence_parallel)
+        for step in range(3):
+            C.counting = step == 2  # the collectives of the last step (the first makes the optimizer state)
+            gc.collect()
+            gc.disable()  # as memory_worker.py: the cyclic collector runs between steps only
+            with torch.profiler.record_function("gem_step"):
+                ddp.zero_grad_buffer()
+                optimizer.zero_grad()
+                forward_backward(
+                    forward_step_func=forward_step,
+                    data_iterator=iter([None]),
+                    model=[ddp],
+                    num_microbatches=1,
+                    seq_length=seq,
+                    micro_batch_size=mb,
+                    forward_only=False,
+                )
+                ok, grad_norm, _ = optimizer.step()
+            gc.enable()
+            assert ok and grad_norm == grad_norm, f"step {step}: the update was skipped (grad norm {grad_norm})"
+    C.counting = False
+    at_start, peak = W.live_bytes_peak(prof, "gem_step", skip=1)
+    params = sum(p.numel() for p in model.parameters())
+    out = {
+        "rank": dist.get_rank(),
+        "tp": tp,
+        "micro_batch": mb,
+        "seq_length": seq,
+        "recompute": recompute,
+        "sequence_parallel": sequence_parallel,
+        "params_on_rank": params,
+        "live_at_step_start": at_start,
+        "peak": peak,
+        "counted": dict(C.counted),
+        # the whole model's parameters: TP-split ones on every rank, replicated ones (norms) once
+        "total_params": sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1) for p in model.parameters()),
+    }
+    print(json.dumps(out), flush=True)
+    from megatron_gem.mcore.runtime import destroy
+
+    destroy()
+
+
+if __name__ == "__main__":
+    main()
