@@ -92,8 +92,13 @@ class StorageTracker(TorchDispatchMode):
             return "logits_loss"
         return "activations"
 
+    def run(self, func, args, kwargs):
+        """Runs one operator (the next mode down: FakeTensorMode). A subclass may run some
+        operators otherwise (training/contrastive_memory.py: a batch's real metadata)."""
+        return func(*args, **kwargs)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = self.run(func, args, kwargs or {})
         node = torch._C._current_autograd_node()  # the backward node running now, if any
         node_name = node.name() if node is not None else ""
         label = None
