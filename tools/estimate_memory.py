@@ -8,7 +8,10 @@ megatron_gem/training/memory_estimate.py), and the bytes each rank communicates 
   tools/estimate_memory.py --model llama3-8b --zero-stage 3 --dp 8 --micro-batch-size 1 \\
       --seq-length 8192 --gradient-checkpointing        any layout of a known model
 
-Prints a markdown table (GB = 10^9 bytes per rank) and, last, one JSON object of its figures.
+Prints markdown tables (GB = 10^9 bytes per rank): phase 1 (a micro-batch of packed next-token
+rows), phase 2 (a contrastive micro-batch: the DeepSpeed engine's step, GradCache chunks, the
+alpha-weighted NTP rows, a teacher; training/contrastive_memory.py), the peak of the run (the
+larger of the two) and the communication; last, one JSON object of its figures.
 """
 
 from __future__ import annotations
@@ -43,7 +46,16 @@ def parse_args(argv=None):
     p.add_argument("--global-batch-size", type=int, default=None, help="default: one micro-batch per data-parallel rank")
     p.add_argument("--seq-length", type=int, default=8192)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    g = p.add_argument_group("phase 2 (with --model; train.py's flags of the same names)")
+    g.add_argument("--contrastive-batch-size", type=int, default=0, help="anchors per contrastive micro-batch (default 8 x --micro-batch-size)")
+    g.add_argument("--contrastive-max-length", type=int, default=512)
+    g.add_argument("--contrastive-micro-batch-size", type=int, default=0, help="GradCache chunk of anchors (default: none)")
+    g.add_argument("--gem-alpha", type=float, default=1.0, help="< 1: (1 - alpha) NTP rides with the texts")
+    g.add_argument("--teacher-params", type=int, default=0, help="a --contrastive-teacher's parameter count (fp32 on the GPU)")
+    g.add_argument("--teacher-dim", type=int, default=1024, help="its embedding width (with --teacher-params)")
     args = p.parse_args(argv)
+    if not 0.0 < args.gem_alpha <= 1.0:
+        p.error(f"--gem-alpha {args.gem_alpha}: must lie in (0, 1]")
     unknown = [n for n in args.recipe if n not in R.RECIPES]
     if unknown:
         p.error(f"--recipe {unknown[0]}: unknown; known: {', '.join(R.RECIPES)}")
@@ -87,6 +99,12 @@ def selected(args) -> list[R.Recipe]:
             tp=args.tp,
             pp=args.pp,
             gradient_checkpointing=args.gradient_checkpointing,
+            contrastive_batch_size=args.contrastive_batch_size,
+            contrastive_max_length=args.contrastive_max_length,
+            contrastive_micro_batch_size=args.contrastive_micro_batch_size,
+            alpha=args.gem_alpha,
+            teacher_params=args.teacher_params,
+            teacher_dim=args.teacher_dim if args.teacher_params else 0,
         )
         return [replace(r, global_batch_size=args.global_batch_size or args.micro_batch_size * r.dp)]
     if args.megatron_config:
@@ -116,15 +134,24 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.compare_communication:
         return compare_communication(args.compare_communication)
-    rows, figures, comm_lines = [], {}, []
+    rows, rows2, peak_lines, figures, comm_lines = [], [], [], {}, []
     for r in selected(args):
         e = R.estimate(r)
+        e2 = R.estimate_phase2(r)
         c = R.communication(r)
         rows.append((f"{r.name} ({layout_text(r)})", e))
+        peak = max(e.peak, e2.peak) if e2 is not None else e.peak
+        if e2 is not None:
+            rows2.append((f"{r.name} ({r.contrastive_shape().describe()})", e2))
+        fits = peak <= (R.GPU_MEMORY_GB - R.HEADROOM_GB) * 1e9
+        phase2_text = f"{e2.peak / 1e9:.2f}" if e2 is not None else "not modelled"
+        peak_lines.append(f"| {r.name} | {e.peak / 1e9:.2f} | {phase2_text} | {peak / 1e9:.2f} | {'yes' if fits else 'no'} |")
         figures[r.name] = {
             "recipe": asdict(r),
             "memory_gb": e.gb(),
-            "fits": R.fits(e),
+            "phase2_memory_gb": e2.gb() if e2 is not None else None,
+            "peak_gb": round(peak / 1e9, 3),
+            "fits": fits,
             "tokens_per_gpu_per_step": r.tokens_per_gpu,
             "communication_gb_per_rank_per_step": {k: round(v / 1e9, 3) for k, v in c.items()},
         }
@@ -132,6 +159,15 @@ def main(argv=None) -> dict:
             f"| {r.name} | {r.tokens_per_gpu:,} | {c['reduce_scatter'] / 1e9:.2f} | {c['all_gather'] / 1e9:.2f} | {c['all_reduce'] / 1e9:.2f} | {c['sent'] / 1e9:.2f} |"
         )
     print(format_table(rows))
+    print()
+    if rows2:
+        print("Phase 2 (contrastive micro-batch):")
+        print()
+        print(format_table(rows2))
+        print()
+    print(f"| recipe | phase 1 GB | phase 2 GB | peak GB | fits {R.GPU_MEMORY_GB - R.HEADROOM_GB:.0f} GB |")
+    print("| --- | --- | --- | --- | --- |")
+    print("\n".join(peak_lines))
     print()
     print("| recipe | tokens per GPU per step | reduce-scatter GB | all-gather GB | all-reduce GB | sent per rank GB |")
     print("| --- | --- | --- | --- | --- | --- |")

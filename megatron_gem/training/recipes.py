@@ -115,6 +115,15 @@ class Recipe:
     gradient_checkpointing: bool = False
     note: str = ""
     padded_vocab: int = 0  # megatron-core's own padding (a multiple of 128 x TP); 0: vocab_size()'s rule
+    # Phase 2 (train.py's flags; 0: the flag's default): anchors per contrastive micro-batch
+    # (--contrastive-batch-size, default 8 x micro_batch_size), their length (--contrastive-max-length),
+    # GradCache chunk (--contrastive-micro-batch-size, 0: none), --gem-alpha.
+    contrastive_batch_size: int = 0
+    contrastive_max_length: int = 512
+    contrastive_micro_batch_size: int = 0
+    alpha: float = 1.0
+    teacher_params: int = 0  # --contrastive-teacher's parameters (fp32 on every GPU; 0: no teacher)
+    teacher_dim: int = 0  # its embedding width
 
     @property
     def dp(self) -> int:
@@ -139,6 +148,19 @@ class Recipe:
             return v
         return -(-(v + 1) // VOCAB_ROW_MULTIPLE) * VOCAB_ROW_MULTIPLE
 
+    def contrastive_shape(self):
+        """The phase-2 micro-batch per rank (training/contrastive_memory.py ContrastiveShape)."""
+        from .contrastive_memory import ContrastiveShape
+
+        return ContrastiveShape(
+            batch_size=self.contrastive_batch_size or 8 * self.micro_batch_size,
+            max_length=min(self.contrastive_max_length, self.seq_length),
+            chunk=self.contrastive_micro_batch_size or None,
+            alpha=self.alpha,
+            teacher_dim=self.teacher_dim,
+            teacher_params=self.teacher_params,
+        )
+
     def layout(self):
         from .memory_estimate import Layout
 
@@ -160,6 +182,14 @@ class Recipe:
             args.append("--gradient-checkpointing" if self.engine == "deepspeed" else "--recompute-granularity full")
         if self.train_mode == "summary":
             args.append("--gem-train summary")
+        if self.contrastive_batch_size:
+            args.append(f"--contrastive-batch-size {self.contrastive_batch_size}")
+        if self.contrastive_max_length != 512:
+            args.append(f"--contrastive-max-length {self.contrastive_max_length}")
+        if self.contrastive_micro_batch_size:
+            args.append(f"--contrastive-micro-batch-size {self.contrastive_micro_batch_size}")
+        if self.alpha != 1.0:
+            args.append(f"--gem-alpha {self.alpha:g}")
         return " ".join(args)
 
 
@@ -218,6 +248,56 @@ def estimate(recipe: Recipe):
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _contrastive_activations(model: str, train_mode: str, shape, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool):
+    """One fake-tensor measurement of a phase-2 micro-batch (minutes at 8B), shared like _activations."""
+    from .contrastive_memory import measure_contrastive_step
+
+    return measure_contrastive_step(
+        hf_config(model),
+        shape,
+        micro_batch_size=micro_batch_size,
+        seq_length=seq_length,
+        vocab_size=vocab_size,
+        train_mode=train_mode,
+        gradient_checkpointing=recompute,
+        keep_grads=keep_grads,
+    )
+
+
+def estimate_phase2(recipe: Recipe):
+    """The memory estimate of ``recipe``'s phase-2 step (training/contrastive_memory.py), per rank;
+    None for a megatron-core recipe (its phase 2 is not modelled here)."""
+    from .contrastive_memory import estimate_contrastive_memory
+    from .memory_estimate import keeps_whole_grads
+
+    recipe.check()
+    if recipe.engine != "deepspeed":
+        return None
+    layout, shape = recipe.layout(), recipe.contrastive_shape()
+    activations = _contrastive_activations(
+        recipe.model,
+        recipe.train_mode,
+        shape,
+        recipe.micro_batch_size,
+        recipe.seq_length,
+        recipe.vocab_size(),
+        recipe.gradient_checkpointing,
+        keeps_whole_grads(layout, recipe.train_mode),
+    )
+    return estimate_contrastive_memory(
+        hf_config(recipe.model),
+        layout,
+        shape,
+        micro_batch_size=recipe.micro_batch_size,
+        seq_length=recipe.seq_length,
+        vocab_size=recipe.vocab_size(),
+        train_mode=recipe.train_mode,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        activations=activations,
+    )
+
+
 def fits(e) -> bool:
     return e.peak <= (GPU_MEMORY_GB - HEADROOM_GB) * 1e9
 
@@ -242,6 +322,24 @@ def choose(base: Recipe, *, max_micro_batch: int = 8, stages=(1, 2, 3)) -> tuple
             if best is not None:
                 return best
     raise ValueError(f"{base.name}: no ZeRO stage fits {GPU_MEMORY_GB} GB with {HEADROOM_GB} GB headroom")
+
+
+def choose_contrastive_chunk(recipe: Recipe) -> int:
+    """The GradCache chunk ``recipe``'s phase 2 needs: 0 (none) when the whole contrastive
+    micro-batch fits, else the largest power of two below it that fits (GradCache's gradient is
+    the unchunked one; a larger chunk runs fewer, larger forwards). Raises when even one pair per
+    chunk does not fit."""
+    whole = replace(recipe, contrastive_micro_batch_size=0)
+    if fits(estimate_phase2(whole)):
+        return 0
+    chunk = 1
+    while chunk * 2 < whole.contrastive_shape().batch_size:
+        chunk *= 2
+    while chunk >= 1:
+        if fits(estimate_phase2(replace(recipe, contrastive_micro_batch_size=chunk))):
+            return chunk
+        chunk //= 2
+    raise ValueError(f"{recipe.name}: phase 2 does not fit {GPU_MEMORY_GB} GB with {HEADROOM_GB} GB headroom even one pair per GradCache chunk")
 
 
 def from_megatron_json(path) -> Recipe:
@@ -351,7 +449,7 @@ def _throughput(model: str, mode: str, *, micro_batch_size: int, gradient_checkp
     )
 
 
-def _paper(model: str, gpus: int) -> Recipe:
+def _paper(model: str, gpus: int, *, contrastive_micro_batch_size: int = 0) -> Recipe:
     return Recipe(
         name=f"paper-{model}",
         model=model,
@@ -361,19 +459,24 @@ def _paper(model: str, gpus: int) -> Recipe:
         seq_length=512,
         global_batch_size=32,
         zero_stage=1,
+        contrastive_micro_batch_size=contrastive_micro_batch_size,
         note=f"the paper's batch: 32 rows x 512 = 16,384 tokens per step; each of {gpus} GPUs computes {32 // gpus} rows",
     )
 
 
 # The table. Throughput recipes: the layout `choose` picked (tools/estimate_memory.py --choose
 # reruns it): ZeRO-1 fits every model on 8 H100s; recomputation only where the larger models'
-# activations need it, which then buys the largest micro-batch.
+# activations need it, which then buys the largest micro-batch. Phase 2 with train.py's default
+# contrastive batch (8 x micro-batch pairs of 512 tokens): at 8k rows that is phase 1's token
+# count, but the paper recipes' rows are 512 tokens, so phase 2 runs 16x phase 1's tokens per
+# micro-batch; 3B and 8B then need GradCache (`choose_contrastive_chunk`, docs/slurm.md: 135 and
+# 130 GB per GPU unchunked, 50 and 66 GB in chunks of 8 and 4 pairs).
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         _paper("llama3.2-1b", 8),
-        _paper("llama3.2-3b", 8),
-        _paper("llama3-8b", 16),
+        _paper("llama3.2-3b", 8, contrastive_micro_batch_size=8),
+        _paper("llama3-8b", 16, contrastive_micro_batch_size=4),
         _throughput("llama3.2-1b", "full", micro_batch_size=4),
         _throughput("llama3.2-1b", "summary", micro_batch_size=4),
         _throughput("llama3.2-3b", "full", micro_batch_size=1),

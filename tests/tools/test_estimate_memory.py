@@ -68,6 +68,9 @@ def test_command_line_table_and_json(capsys):
     assert mem["parameters"] == pytest.approx(2 * 1.2358e9 / 1e9, rel=0.01)  # bf16 weights, whole under ZeRO-2
     assert mem["peak"] == pytest.approx(sum(v for k, v in mem.items() if k != "peak"), abs=0.01)
     assert fig["fits"] and fig["tokens_per_gpu_per_step"] == 256
+    mem2 = fig["phase2_memory_gb"]  # 8 pairs x 256 tokens (train.py's defaults capped by the row), ZeRO-2 alike
+    assert mem2["parameters"] == mem["parameters"] and mem2["activations"] > 0
+    assert fig["peak_gb"] == max(mem["peak"], mem2["peak"])
 
 
 def test_unknown_recipe_is_a_usage_error(capsys):
