@@ -5,6 +5,7 @@ megatron_gem/training/memory_estimate.py), and the bytes each rank communicates 
   tools/estimate_memory.py --recipes                    every recipe of training/recipes.py
   tools/estimate_memory.py --recipe llama3-8b-full-8k   one (repeatable)
   tools/estimate_memory.py --choose                     rerun the choice of the throughput layouts
+  tools/estimate_memory.py --recipes --before-after     each recipe before / after the GPU-path changes
   tools/estimate_memory.py --model llama3-8b --zero-stage 3 --dp 8 --micro-batch-size 1 \\
       --seq-length 8192 --gradient-checkpointing        any layout of a known model
 
@@ -25,7 +26,7 @@ from dataclasses import asdict, replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_gem.training import recipes as R  # noqa: E402
-from megatron_gem.training.memory_estimate import format_table  # noqa: E402
+from megatron_gem.training.memory_estimate import PARTS, format_table  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -35,6 +36,12 @@ def parse_args(argv=None):
     p.add_argument("--choose", action="store_true", help="choose the throughput layouts again (minutes)")
     p.add_argument("--compare-communication", metavar="RECIPE", help="bytes per rank per step of RECIPE under ZeRO-1/2/3 and TP=8")
     p.add_argument("--megatron-config", action="append", default=[], help="a configs/megatron/*.json recipe (repeatable)")
+    p.add_argument(
+        "--before-after",
+        action="store_true",
+        help="the selected recipes estimated with the paths before the GPU-path changes (transformers' full-logits loss, the dense-mask "
+        "attention) and after (the chunked LM-head loss, the Triton kernel)",
+    )
     p.add_argument("--model", choices=sorted(R.MODELS), help="a model shape, for a layout of your own")
     p.add_argument("--mode", choices=("full", "summary"), default="full")
     p.add_argument("--engine", choices=("deepspeed", "megatron"), default="deepspeed")
@@ -130,10 +137,54 @@ def compare_communication(name: str) -> dict:
     return figures
 
 
+PATHS = (("after", "chunked", "triton"), ("before", "hf", "sdpa"))
+
+
+def dense_scores_bytes(r: R.Recipe, rows: int) -> float:
+    """fp32 scores [rows, heads on a rank, L, L] of the dense-mask path: what attention/dispatch.py's
+    check_dense_fits weighs on CUDA (it refuses above DENSE_SCORE_FRACTION of the device)."""
+    heads = R.MODELS[r.model]["num_attention_heads"] // r.tp
+    return rows * heads * r.seq_length**2 * 4
+
+
+def before_after(recipes: list[R.Recipe]) -> dict:
+    """Peak GB per rank by part, before and after the GPU-path changes (docs/slurm.md)."""
+    from megatron_gem.attention.dispatch import DENSE_SCORE_FRACTION
+    from megatron_gem.training.contrastive_memory import contrastive_tokens
+
+    guard = DENSE_SCORE_FRACTION * R.GPU_MEMORY_GB * 1e9
+    print("| recipe | path | " + " | ".join(PARTS) + " | phase 1 GB | phase 2 GB | peak GB | dense fp32 scores GB (CUDA guard) |")
+    print("|" + " --- |" * (len(PARTS) + 6))
+    figures = {}
+    for r in recipes:
+        rows2 = contrastive_tokens(r.contrastive_shape(), seq_length=r.seq_length, train_mode=r.train_mode)[1] if r.engine == "deepspeed" else 0
+        for label, loss, backend in PATHS:
+            e = R.estimate(r, loss=loss, backend=backend)
+            e2 = R.estimate_phase2(r, backend=backend)
+            peak = max(e.peak, e2.peak) if e2 is not None else e.peak
+            g = e.gb()
+            scores = ""
+            if label == "before":
+                worst = dense_scores_bytes(r, max(r.micro_batch_size, rows2))
+                scores = f"{worst / 1e9:.1f} ({'refused' if worst > guard else 'runs'})"
+            p2 = f"{e2.peak / 1e9:.2f}" if e2 is not None else "not modelled"
+            print(f"| {r.name} | {label} | " + " | ".join(f"{g[k]:.2f}" for k in PARTS) + f" | {e.peak / 1e9:.2f} | {p2} | {peak / 1e9:.2f} | {scores} |")
+            figures.setdefault(r.name, {})[label] = {
+                "phase1_gb": g,
+                "phase2_gb": e2.gb() if e2 is not None else None,
+                "peak_gb": round(peak / 1e9, 3),
+                **({"dense_scores_gb": round(worst / 1e9, 3), "refused_on_cuda": worst > guard} if label == "before" else {}),
+            }
+    print(json.dumps(figures))
+    return figures
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.compare_communication:
         return compare_communication(args.compare_communication)
+    if args.before_after:
+        return before_after(selected(args))
     rows, rows2, peak_lines, figures, comm_lines = [], [], [], {}, []
     for r in selected(args):
         e = R.estimate(r)

@@ -197,7 +197,19 @@ DS_CONFIGS = {1: "configs/deepspeed/ds_zero1.json", 2: "configs/deepspeed/ds_zer
 
 
 @functools.lru_cache(maxsize=None)
-def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool, tp: int, pp: int):
+def _activations(
+    model: str,
+    train_mode: str,
+    micro_batch_size: int,
+    seq_length: int,
+    vocab_size: int,
+    recompute: bool,
+    keep_grads: bool,
+    tp: int,
+    pp: int,
+    loss: str = "chunked",
+    backend: str = "triton",
+):
     """One fake-tensor measurement (tens of seconds at 8B, 8k tokens), shared by the layouts
     that need the same one (the ZeRO stages differ only in whether gradients stay)."""
     from .activation_memory import measure_step_activations
@@ -215,11 +227,15 @@ def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length:
         train_mode=train_mode,
         gradient_checkpointing=recompute,
         keep_grads=keep_grads,
+        loss=loss,
+        backend=backend,
     )
 
 
-def estimate(recipe: Recipe):
-    """The memory estimate of ``recipe`` (training/memory_estimate.py), per rank."""
+def estimate(recipe: Recipe, *, loss: str = "chunked", backend: str = "triton"):
+    """The memory estimate of ``recipe`` (training/memory_estimate.py), per rank. ``loss`` and
+    ``backend``: the LM-head loss and GEM attention backend measured (activation_memory.py
+    measure_step_activations; "hf" and "sdpa": the paths before the GPU-path changes)."""
     from .memory_estimate import estimate_step_memory, keeps_whole_grads
 
     recipe.check()
@@ -234,6 +250,8 @@ def estimate(recipe: Recipe):
         keeps_whole_grads(layout, recipe.train_mode),
         recipe.tp,
         recipe.pp,
+        loss,
+        backend,
     )
     return estimate_step_memory(
         hf_config(recipe.model),
@@ -249,7 +267,9 @@ def estimate(recipe: Recipe):
 
 
 @functools.lru_cache(maxsize=None)
-def _contrastive_activations(model: str, train_mode: str, shape, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool):
+def _contrastive_activations(
+    model: str, train_mode: str, shape, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool, backend: str = "triton"
+):
     """One fake-tensor measurement of a phase-2 micro-batch (minutes at 8B), shared like _activations."""
     from .contrastive_memory import measure_contrastive_step
 
@@ -262,10 +282,11 @@ def _contrastive_activations(model: str, train_mode: str, shape, micro_batch_siz
         train_mode=train_mode,
         gradient_checkpointing=recompute,
         keep_grads=keep_grads,
+        backend=backend,
     )
 
 
-def estimate_phase2(recipe: Recipe):
+def estimate_phase2(recipe: Recipe, *, backend: str = "triton"):
     """The memory estimate of ``recipe``'s phase-2 step (training/contrastive_memory.py), per rank;
     None for a megatron-core recipe (its phase 2 is not modelled here)."""
     from .contrastive_memory import estimate_contrastive_memory
@@ -284,6 +305,7 @@ def estimate_phase2(recipe: Recipe):
         recipe.vocab_size(),
         recipe.gradient_checkpointing,
         keeps_whole_grads(layout, recipe.train_mode),
+        backend,
     )
     return estimate_contrastive_memory(
         hf_config(recipe.model),
