@@ -8,10 +8,11 @@ ran until the chunked loss (full logits ``hidden @ W^T`` in bf16, upcast to fp32
 How it is measured: every tensor is a fake tensor (torch's FakeTensorMode: shapes and dtypes
 only, nothing computed, seconds at the real shape; CPU device by default, since a CPU build of
 torch cannot run autograd on fake CUDA tensors, and the aten ops and their outputs are the
-ones a GPU runs), and a dispatch mode sums the bytes of the storages alive after each op (weak
-references drop them when freed): the peak of that sum over the forward and backward, above
-the inputs (hidden, head weight, labels), gradients included (grad_hidden, grad_W: the same
-in both). This counts what the code keeps alive, not the caching allocator's rounding and
+ones a GPU runs), and the memory estimator's dispatch mode (training/activation_memory.py
+StorageTracker: one count for both tools) sums the bytes of the storages ops create while they
+are alive (weak references drop them when freed): the peak of that sum over the forward and
+backward, above the inputs (hidden, head weight, labels), gradients included (grad_hidden,
+grad_W: the same in both). This counts what the code keeps alive, not the caching allocator's rounding and
 fragmentation (which a real GPU adds on top of both). ``--real`` runs real tensors instead
 (small shapes only), as a check of the count.
 Last line: one JSON object.
@@ -26,44 +27,13 @@ import argparse
 import json
 import os
 import sys
-import weakref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
 
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages that ops inside the mode created and that are still alive;
-    ``peak``: the most at any op boundary. The storages of ``inputs`` are not counted, nor when
-    an op returns a view of them."""
-
-    def __init__(self, inputs=()):
-        super().__init__()
-        self.live = self.peak = 0
-        self._inputs = [t.untyped_storage() for t in inputs]  # held: their ids stay theirs
-        self._seen: set[int] = {id(st) for st in self._inputs}
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = id(storage)
-                if key not in self._seen:
-                    nbytes = storage.nbytes()
-                    self._seen.add(key)
-                    self.live += nbytes
-                    weakref.finalize(storage, self._release, key, nbytes)
-        self.peak = max(self.peak, self.live)
-        return out
+from megatron_gem.training.activation_memory import StorageTracker  # noqa: E402
 
 
 def before(hidden, weight, labels):
@@ -99,13 +69,13 @@ def measure(loss_fn, *, tokens, vocab, hidden_size, dtype, device, real) -> dict
             labels = torch.zeros(tokens, device=device, dtype=torch.long)
         hidden.requires_grad_(True)
         weight.requires_grad_(True)
-        tracker = LiveBytes(inputs=(hidden, weight, labels))
+        tracker = StorageTracker()  # the estimator's count (training/activation_memory.py): the inputs, made before, are not in it
         with tracker:
             loss = loss_fn(hidden, weight, labels)
             forward_peak = tracker.peak
             loss.backward()
         value = float(loss.detach()) if real else None
-        grads_alive = tracker.live  # grad_hidden + grad_W (+ the loss scalar)
+        grads_alive = tracker.current  # grad_hidden + grad_W (+ the loss scalar)
         del loss
     return {"peak_bytes": tracker.peak, "forward_peak_bytes": forward_peak, "grads_bytes": grads_alive, "loss": value}
 

@@ -145,8 +145,7 @@ def dense_gem_attention(q, k, v, doc_ids, roles, *, scale=None, suffix_sees_bos=
     check_dense_fits(q)
     if is_fake(q) or is_fake(doc_ids):
         # FakeTensorMode (memory estimation): a mask of the real shape and dtype, no content.
-        B, L = doc_ids.shape
-        mask = torch.empty((B, 1, L, L), dtype=torch.bool, device=q.device)
+        mask = _fake_dense_mask(doc_ids, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     mask = dense_masks.get(
         (doc_ids, roles),
@@ -154,6 +153,19 @@ def dense_gem_attention(q, k, v, doc_ids, roles, *, scale=None, suffix_sees_bos=
         lambda: gem_mask(doc_ids, roles, suffix_sees_bos=suffix_sees_bos, sliding_window=sliding_window)[:, None].to(q.device),
     )
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _fake_dense_mask(doc_ids: torch.Tensor, device) -> torch.Tensor:
+    """The dense mask of a batch under FakeTensorMode: one per batch (kept on the ``doc_ids``
+    object, which every layer of a forward receives), as ``dense_masks`` shares one real mask
+    among the layers; a mask per layer would count the mask once per layer (SDPA keeps it for
+    the backward)."""
+    mask = getattr(doc_ids, "_gem_fake_dense_mask", None)
+    if mask is None:
+        B, L = doc_ids.shape
+        mask = torch.empty((B, 1, L, L), dtype=torch.bool, device=device)
+        doc_ids._gem_fake_dense_mask = mask
+    return mask
 
 
 def flex_block_mask(doc_ids, roles, *, device, suffix_sees_bos=False, sliding_window=None):

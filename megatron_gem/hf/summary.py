@@ -160,7 +160,10 @@ def summary_states(lm, adapter: SummaryAdapter, batch: dict) -> tuple[torch.Tens
 
     ids, pos, docs, roles = batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["roles"]
     q = gather_summary_queries(batch)
-    cache = DynamicCache(config=lm.config)
+    # Full-length layers, not the config's: a sliding-window model's (Mistral) cache layers keep
+    # only the last window of keys, but the summary step's key metadata describes the whole row
+    # (the GEM rule applies the window itself, gem/mask.py rule 5).
+    cache = DynamicCache()
     with torch.no_grad():
         lm.base_model(input_ids=ids, position_ids=pos, doc_ids=docs, roles=roles, **{BASE_ONLY: True}, **cache_kwargs(lm, cache))
     k = prefill_keys(docs, roles, q)

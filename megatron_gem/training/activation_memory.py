@@ -70,6 +70,7 @@ class StorageTracker(TorchDispatchMode):
         self.backward_peak, self.at_backward_peak = 0, dict(self.by_label)
         self._grads_made = False
         self._in_loss = 0
+        self.loss_nodes: set = set()  # backward nodes of a loss graph not made by LMHeadCrossEntropy (HF's full-logits loss)
         if loss_module is not None:  # the loss's forward, by its module's hooks
             loss_module.register_forward_pre_hook(lambda *_: self._enter_loss())
             loss_module.register_forward_hook(lambda *_: self._leave_loss())
@@ -80,7 +81,7 @@ class StorageTracker(TorchDispatchMode):
     def _leave_loss(self):
         self._in_loss -= 1
 
-    def _label(self, func, node_name: str) -> str:
+    def _label(self, func, node_name: str, node=None) -> str:
         name = str(func)
         if any(op in name for op in _ATTENTION_OPS):
             return "attention"
@@ -88,12 +89,17 @@ class StorageTracker(TorchDispatchMode):
             return "gradients"
         if any(op in node_name for op in _ATTENTION_OPS):
             return "attention"
-        if self._in_loss or "LMHeadCrossEntropy" in node_name:
+        if self._in_loss or "LMHeadCrossEntropy" in node_name or (node is not None and node in self.loss_nodes):
             return "logits_loss"
         return "activations"
 
+    def run(self, func, args, kwargs):
+        """Runs one operator (the next mode down: FakeTensorMode). A subclass may run some
+        operators otherwise (training/contrastive_memory.py: a batch's real metadata)."""
+        return func(*args, **kwargs)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = self.run(func, args, kwargs or {})
         node = torch._C._current_autograd_node()  # the backward node running now, if any
         node_name = node.name() if node is not None else ""
         label = None
@@ -105,7 +111,7 @@ class StorageTracker(TorchDispatchMode):
             key = storage._cdata
             if key in self.live or key in inputs:
                 continue  # a view or an in-place result (of a parameter, too): nothing new
-            label = label or self._label(func, node_name)
+            label = label or self._label(func, node_name, node)
             n = storage.nbytes()
             self.live[key] = (n, label)
             self.by_label[label] += n
@@ -164,6 +170,7 @@ def measure_step_activations(
     gradient_checkpointing: bool = False,
     keep_grads: bool = False,
     backend: str = "triton",
+    loss: str = "chunked",
 ) -> ActivationPeak:
     """Peak bytes of one micro-batch of packed NTP rows [micro_batch_size, seq_length]: the
     GEM model's ``ntp_losses`` forward (GEM attention, chunked LM-head loss), the loss summed,
@@ -176,6 +183,12 @@ def measure_step_activations(
     from the loss down to the first layer's input (the deltas act in every layer), so it is
     measured as the frozen base's backward to the embedding output: no weight gradients, and
     no linear layer keeps its input for one.
+
+    ``loss``: "chunked" (gem/lm_head_loss.py through hf/head_loss.py: the training path) or "hf"
+    (before it: transformers' own causal-LM forward with labels, i.e. the full logits
+    [tokens, vocab] from the LM head, upcast to fp32 by its loss_function, then cross-entropy).
+    ``backend``: the GEM attention backend; "sdpa" is the dense-mask path the Triton kernel
+    replaced on GPU (a [b, 1, s, s] boolean mask and SDPA).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -184,6 +197,8 @@ def measure_step_activations(
 
     if train_mode not in ("full", "summary"):
         raise ValueError(f"train_mode must be 'full' or 'summary', got {train_mode!r}")
+    if loss not in ("chunked", "hf"):
+        raise ValueError(f"loss must be 'chunked' or 'hf', got {loss!r}")
     lm = fake_model(hf_config, dtype=dtype, vocab_size=vocab_size)
     with FakeTensorMode(allow_non_fake_inputs=True):
         lm.to_empty(device="cpu")
@@ -202,12 +217,42 @@ def measure_step_activations(
         shape = (micro_batch_size, seq_length)
         ids = torch.zeros(shape, dtype=torch.long)
         with tracker:
-            hidden = lm.base_model(input_ids=ids, position_ids=ids, doc_ids=ids, roles=ids, use_cache=False).last_hidden_state
-            loss = head(hidden, ids).sum()
-            del hidden
-            loss.backward()
+            if loss == "hf":
+                total = _hf_full_logits_loss(lm, ids, tracker)
+            else:
+                hidden = lm.base_model(input_ids=ids, position_ids=ids, doc_ids=ids, roles=ids, use_cache=False).last_hidden_state
+                total = head(hidden, ids).sum()
+                del hidden
+            total.backward()
+            tracker.loss_nodes.clear()
     backward = tracker.at_backward_peak if tracker.backward_peak else tracker.at_peak
     return ActivationPeak(overall=Composition(**tracker.at_peak), backward=Composition(**backward))
+
+
+def _hf_full_logits_loss(lm, ids: torch.Tensor, tracker: StorageTracker) -> torch.Tensor:
+    """transformers' causal-LM forward with labels (its LM head on every position, its
+    loss_function: logits upcast to fp32, shifted, cross-entropy), labelled for the tracker: from
+    the LM head's forward to the loss in forward, and the backward nodes between the loss and
+    the last hidden state in backward, count as logits/loss."""
+    seen = {}
+    hooks = [
+        lm.base_model.register_forward_hook(lambda m, i, out: seen.__setitem__("hidden", out.last_hidden_state)),
+        lm.get_output_embeddings().register_forward_pre_hook(lambda *_: tracker._enter_loss()),
+    ]
+    try:
+        out = lm(input_ids=ids, position_ids=ids, doc_ids=ids, roles=ids, labels=ids, use_cache=False)
+        tracker._leave_loss()
+    finally:
+        for h in hooks:
+            h.remove()
+    stop, todo = seen["hidden"].grad_fn, [out.loss.grad_fn]
+    while todo:  # the loss's graph down to the hidden state
+        node = todo.pop()
+        if node is None or node is stop or node in tracker.loss_nodes:
+            continue
+        tracker.loss_nodes.add(node)
+        todo += [n for n, _ in node.next_functions]
+    return out.loss
 
 
 def measure_optimizer_step(numels: list[int], *, dtype: torch.dtype = torch.float32) -> int:

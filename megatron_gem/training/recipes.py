@@ -124,6 +124,15 @@ class Recipe:
     note: str = ""
     padded_vocab: int = 0  # megatron-core's own padding (a multiple of 128 x TP); 0: vocab_size()'s rule
     sequence_parallel: bool = True  # megatron-core with TP > 1, full mode: --sequence-parallel
+    # Phase 2 (train.py's flags; 0: the flag's default): anchors per contrastive micro-batch
+    # (--contrastive-batch-size, default 8 x micro_batch_size), their length (--contrastive-max-length),
+    # GradCache chunk (--contrastive-micro-batch-size, 0: none), --gem-alpha.
+    contrastive_batch_size: int = 0
+    contrastive_max_length: int = 512
+    contrastive_micro_batch_size: int = 0
+    alpha: float = 1.0
+    teacher_params: int = 0  # --contrastive-teacher's parameters (fp32 on every GPU; 0: no teacher)
+    teacher_dim: int = 0  # its embedding width
 
     @property
     def dp(self) -> int:
@@ -147,6 +156,19 @@ class Recipe:
         if self.train_mode == "summary":
             return v
         return -(-(v + 1) // VOCAB_ROW_MULTIPLE) * VOCAB_ROW_MULTIPLE
+
+    def contrastive_shape(self):
+        """The phase-2 micro-batch per rank (training/contrastive_memory.py ContrastiveShape)."""
+        from .contrastive_memory import ContrastiveShape
+
+        return ContrastiveShape(
+            batch_size=self.contrastive_batch_size or 8 * self.micro_batch_size,
+            max_length=min(self.contrastive_max_length, self.seq_length),
+            chunk=self.contrastive_micro_batch_size or None,
+            alpha=self.alpha,
+            teacher_dim=self.teacher_dim,
+            teacher_params=self.teacher_params,
+        )
 
     def layout(self):
         from .memory_estimate import Layout
@@ -172,6 +194,14 @@ class Recipe:
             args.append("--gradient-checkpointing" if self.engine == "deepspeed" else "--recompute-granularity full")
         if self.train_mode == "summary":
             args.append("--gem-train summary")
+        if self.contrastive_batch_size:
+            args.append(f"--contrastive-batch-size {self.contrastive_batch_size}")
+        if self.contrastive_max_length != 512:
+            args.append(f"--contrastive-max-length {self.contrastive_max_length}")
+        if self.contrastive_micro_batch_size:
+            args.append(f"--contrastive-micro-batch-size {self.contrastive_micro_batch_size}")
+        if self.alpha != 1.0:
+            args.append(f"--gem-alpha {self.alpha:g}")
         return " ".join(args)
 
 
@@ -179,7 +209,18 @@ DS_CONFIGS = {1: "configs/deepspeed/ds_zero1.json", 2: "configs/deepspeed/ds_zer
 
 
 @functools.lru_cache(maxsize=None)
-def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool, layout):
+def _activations(
+    model: str,
+    train_mode: str,
+    micro_batch_size: int,
+    seq_length: int,
+    vocab_size: int,
+    recompute: bool,
+    keep_grads: bool,
+    layout,
+    loss: str = "chunked",
+    backend: str = "triton",
+):
     """One fake-tensor measurement (tens of seconds at 8B, 8k tokens), shared by the layouts
     that need the same one (the ZeRO stages differ only in whether gradients stay)."""
     import torch
@@ -189,7 +230,9 @@ def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length:
 
     cfg = hf_config(model)
     tp, pp = layout.tp, layout.pp
-    if layout.engine == "megatron" and train_mode == "full":  # megatron-core's own model (training/mcore_activation_memory.py)
+    # megatron-core's own model (training/mcore_activation_memory.py) for today's paths; the
+    # paths before the GPU-path changes (loss "hf", backend "sdpa") exist in the HF model only.
+    if layout.engine == "megatron" and train_mode == "full" and (loss, backend) == ("chunked", "triton"):
         return megatron_activations(
             cfg,
             layout,
@@ -211,11 +254,15 @@ def _activations(model: str, train_mode: str, micro_batch_size: int, seq_length:
         train_mode=train_mode,
         gradient_checkpointing=recompute,
         keep_grads=keep_grads,
+        loss=loss,
+        backend=backend,
     )
 
 
-def estimate(recipe: Recipe):
-    """The memory estimate of ``recipe`` (training/memory_estimate.py), per rank."""
+def estimate(recipe: Recipe, *, loss: str = "chunked", backend: str = "triton"):
+    """The memory estimate of ``recipe`` (training/memory_estimate.py), per rank. ``loss`` and
+    ``backend``: the LM-head loss and GEM attention backend measured (activation_memory.py
+    measure_step_activations; "hf" and "sdpa": the paths before the GPU-path changes)."""
     from .memory_estimate import estimate_step_memory, keeps_whole_grads
 
     recipe.check()
@@ -229,6 +276,8 @@ def estimate(recipe: Recipe):
         recipe.gradient_checkpointing,
         keeps_whole_grads(layout, recipe.train_mode),
         replace(layout, dp=1, reduce_bucket_size=0, zero_stage=0),  # what the activations depend on (keep_grads: the ZeRO stage's part)
+        loss,
+        backend,
     )
     return estimate_step_memory(
         hf_config(recipe.model),
@@ -237,6 +286,60 @@ def estimate(recipe: Recipe):
         seq_length=recipe.seq_length,
         vocab_size=recipe.vocab_size(),
         num_microbatches=recipe.accumulation,
+        train_mode=recipe.train_mode,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        activations=activations,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _contrastive_activations(
+    model: str, train_mode: str, shape, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool, backend: str = "triton"
+):
+    """One fake-tensor measurement of a phase-2 micro-batch (minutes at 8B), shared like _activations."""
+    from .contrastive_memory import measure_contrastive_step
+
+    return measure_contrastive_step(
+        hf_config(model),
+        shape,
+        micro_batch_size=micro_batch_size,
+        seq_length=seq_length,
+        vocab_size=vocab_size,
+        train_mode=train_mode,
+        gradient_checkpointing=recompute,
+        keep_grads=keep_grads,
+        backend=backend,
+    )
+
+
+def estimate_phase2(recipe: Recipe, *, backend: str = "triton"):
+    """The memory estimate of ``recipe``'s phase-2 step (training/contrastive_memory.py), per rank;
+    None for a megatron-core recipe (its phase 2 is not modelled here)."""
+    from .contrastive_memory import estimate_contrastive_memory
+    from .memory_estimate import keeps_whole_grads
+
+    recipe.check()
+    if recipe.engine != "deepspeed":
+        return None
+    layout, shape = recipe.layout(), recipe.contrastive_shape()
+    activations = _contrastive_activations(
+        recipe.model,
+        recipe.train_mode,
+        shape,
+        recipe.micro_batch_size,
+        recipe.seq_length,
+        recipe.vocab_size(),
+        recipe.gradient_checkpointing,
+        keeps_whole_grads(layout, recipe.train_mode),
+        backend,
+    )
+    return estimate_contrastive_memory(
+        hf_config(recipe.model),
+        layout,
+        shape,
+        micro_batch_size=recipe.micro_batch_size,
+        seq_length=recipe.seq_length,
+        vocab_size=recipe.vocab_size(),
         train_mode=recipe.train_mode,
         gradient_checkpointing=recipe.gradient_checkpointing,
         activations=activations,
@@ -267,6 +370,24 @@ def choose(base: Recipe, *, max_micro_batch: int = 8, stages=(1, 2, 3)) -> tuple
             if best is not None:
                 return best
     raise ValueError(f"{base.name}: no ZeRO stage fits {GPU_MEMORY_GB} GB with {HEADROOM_GB} GB headroom")
+
+
+def choose_contrastive_chunk(recipe: Recipe) -> int:
+    """The GradCache chunk ``recipe``'s phase 2 needs: 0 (none) when the whole contrastive
+    micro-batch fits, else the largest power of two below it that fits (GradCache's gradient is
+    the unchunked one; a larger chunk runs fewer, larger forwards). Raises when even one pair per
+    chunk does not fit."""
+    whole = replace(recipe, contrastive_micro_batch_size=0)
+    if fits(estimate_phase2(whole)):
+        return 0
+    chunk = 1
+    while chunk * 2 < whole.contrastive_shape().batch_size:
+        chunk *= 2
+    while chunk >= 1:
+        if fits(estimate_phase2(replace(recipe, contrastive_micro_batch_size=chunk))):
+            return chunk
+        chunk //= 2
+    raise ValueError(f"{recipe.name}: phase 2 does not fit {GPU_MEMORY_GB} GB with {HEADROOM_GB} GB headroom even one pair per GradCache chunk")
 
 
 def from_megatron_json(path) -> Recipe:
@@ -390,7 +511,7 @@ def _throughput(model: str, mode: str, *, micro_batch_size: int, gradient_checkp
     )
 
 
-def _paper(model: str, gpus: int) -> Recipe:
+def _paper(model: str, gpus: int, *, contrastive_micro_batch_size: int = 0) -> Recipe:
     return Recipe(
         name=f"paper-{model}",
         model=model,
@@ -400,19 +521,24 @@ def _paper(model: str, gpus: int) -> Recipe:
         seq_length=512,
         global_batch_size=32,
         zero_stage=1,
+        contrastive_micro_batch_size=contrastive_micro_batch_size,
         note=f"the paper's batch: 32 rows x 512 = 16,384 tokens per step; each of {gpus} GPUs computes {32 // gpus} rows",
     )
 
 
 # The table. Throughput recipes: the layout `choose` picked (tools/estimate_memory.py --choose
 # reruns it): ZeRO-1 fits every model on 8 H100s; recomputation only where the larger models'
-# activations need it, which then buys the largest micro-batch.
+# activations need it, which then buys the largest micro-batch. Phase 2 with train.py's default
+# contrastive batch (8 x micro-batch pairs of 512 tokens): at 8k rows that is phase 1's token
+# count, but the paper recipes' rows are 512 tokens, so phase 2 runs 16x phase 1's tokens per
+# micro-batch; 3B and 8B then need GradCache (`choose_contrastive_chunk`, docs/slurm.md: 135 and
+# 130 GB per GPU unchunked, 50 and 66 GB in chunks of 8 and 4 pairs).
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         _paper("llama3.2-1b", 8),
-        _paper("llama3.2-3b", 8),
-        _paper("llama3-8b", 16),
+        _paper("llama3.2-3b", 8, contrastive_micro_batch_size=8),
+        _paper("llama3-8b", 16, contrastive_micro_batch_size=4),
         _throughput("llama3.2-1b", "full", micro_batch_size=4),
         _throughput("llama3.2-1b", "summary", micro_batch_size=4),
         _throughput("llama3.2-3b", "full", micro_batch_size=1),

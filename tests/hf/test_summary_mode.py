@@ -239,3 +239,26 @@ def test_adapter_syncs_once_per_forward_and_writes_into_the_layer_outputs(checkp
         fast_totals[layers] = (syncs.total, syncs.ops["aten::nonzero"])
     assert len(set(totals.values())) == 1, totals
     assert len(set(fast_totals.values())) == 1 and fast_totals[1][1] <= 2, fast_totals
+
+
+def test_fast_path_of_a_sliding_window_model_with_rows_longer_than_the_window():
+    """Mistral's window (16 here) shorter than the packed rows (64): the prefill's cache keeps every
+    key of the row (a sliding-window cache layer would keep only the last window and the summary
+    step's key metadata would no longer match it), and the fast path equals the full rows."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = make_tiny_tokenizer()
+    cfg = GEMConfig(num_special_tokens=1, train_mode="summary", summary_tokens=SUMMARY_TOKENS[:1], adapter_rank=4, p_raw=0.5)
+    torch.manual_seed(5)
+    mcfg = MistralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=16
+    )
+    lm = MistralForCausalLM(mcfg).double()
+    prepare_gem_lm(lm, tok, cfg)
+    model = GEMModel(lm, cfg)
+    for d in model.adapter.deltas.values():
+        torch.nn.init.normal_(d.lora_B, std=0.2)
+    batch = contrastive_batch(tok, cfg)
+    assert batch["input_ids"].shape[1] > mcfg.sliding_window
+    with torch.no_grad():
+        assert_close(model.embeddings(batch, fast=True), model.embeddings(batch, fast=False), TOLERANCES[torch.float64], "embeddings")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_gem.training import recipes as R
+
 ROOT = Path(__file__).resolve().parents[2]
 WRAPPERS = ("gem_llama1b.sh", "gem_llama3b.sh", "gem_llama8b.sh")
 
@@ -63,6 +65,7 @@ def test_recipe_defaults_reach_train_py(fake_slurm):
     assert flags["--model"] == str(fake_slurm / "model") and flags["--load"] == str(fake_slurm / "save")
     assert flags["--deepspeed"].endswith("configs/deepspeed/ds_zero1.json") and flags["--micro-batch-size"] == "2"  # the estimator's choice
     assert flags["--distributed-timeout-minutes"] == "30" and flags["--save-total-limit"] == "2" and flags["--save-interval"] == "100"
+    assert flags["--contrastive-micro-batch-size"] == str(R.RECIPES["paper-llama3-8b"].contrastive_micro_batch_size)  # phase 2's GradCache chunk
     # the environment still overrides a recipe default
     run_script("gem_llama8b.sh", fake_slurm, MODEL="m", DISTRIBUTED_TIMEOUT_MINUTES="60", SAVE_TOTAL_LIMIT="5", DATA_CACHE_PATH="/shared/cache")
     args = (fake_slurm / "srun.args").read_text().splitlines()

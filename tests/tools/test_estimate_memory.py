@@ -68,6 +68,9 @@ def test_command_line_table_and_json(capsys):
     assert mem["parameters"] == pytest.approx(2 * 1.2358e9 / 1e9, rel=0.01)  # bf16 weights, whole under ZeRO-2
     assert mem["peak"] == pytest.approx(sum(v for k, v in mem.items() if k != "peak"), abs=0.01)
     assert fig["fits"] and fig["tokens_per_gpu_per_step"] == 256
+    mem2 = fig["phase2_memory_gb"]  # 8 pairs x 256 tokens (train.py's defaults capped by the row), ZeRO-2 alike
+    assert mem2["parameters"] == mem["parameters"] and mem2["activations"] > 0
+    assert fig["peak_gb"] == max(mem["peak"], mem2["peak"])
 
 
 def test_unknown_recipe_is_a_usage_error(capsys):
@@ -75,3 +78,45 @@ def test_unknown_recipe_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         tool.main(["--recipe", "nope"])
     assert e.value.code == 2 and "--recipe nope: unknown" in capsys.readouterr().err
+
+
+def test_fake_hf_loss_measurement_equals_real_tensors():
+    """The path before the chunked loss (transformers' causal-LM forward with labels: full logits,
+    fp32 cross-entropy) measured on fake tensors against the same tracker over real ones, and its
+    logits/loss part larger than the chunked loss's at a vocabulary the chunks split."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_gem.attention.hf import use_gem_attention
+    from megatron_gem.training.activation_memory import StorageTracker, _hf_full_logits_loss, measure_step_activations
+
+    cfg = LlamaConfig(
+        vocab_size=4096, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, use_cache=False
+    )
+    B, L = 2, 128
+    fake = measure_step_activations(cfg, micro_batch_size=B, seq_length=L, vocab_size=4096, dtype=torch.float32, backend="sdpa", loss="hf")
+    chunked = measure_step_activations(cfg, micro_batch_size=B, seq_length=L, vocab_size=4096, dtype=torch.float32, backend="sdpa")
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(cfg)
+    use_gem_attention(lm, backend="sdpa")
+    for p in lm.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    ids = torch.zeros(B, L, dtype=torch.long)  # what the fake run feeds: one document per row
+    tracker = StorageTracker()
+    with tracker:
+        loss = _hf_full_logits_loss(lm, ids, tracker)
+        loss.backward()
+    assert fake.overall.total == pytest.approx(tracker.peak, rel=0.02)
+    assert fake.overall.logits_loss == pytest.approx(tracker.at_peak["logits_loss"], rel=0.02)
+    assert fake.overall.logits_loss > chunked.overall.logits_loss > 0
+
+
+def test_before_after_table(capsys):
+    tool = load_tool("estimate_memory")
+    figures = tool.main(["--model", "llama3.2-1b", "--seq-length", "4096", "--micro-batch-size", "1", "--before-after"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("| recipe | path | parameters |") and json.loads(out[-1]) == json.loads(json.dumps(figures))
+    (fig,) = figures.values()
+    before, after = fig["before"], fig["after"]
+    assert before["phase1_gb"]["logits_loss"] > after["phase1_gb"]["logits_loss"] > 0  # 4096 tokens: the backward outweighs the optimizer step
+    assert before["phase1_gb"]["peak"] > after["phase1_gb"]["peak"]
+    assert before["refused_on_cuda"] == (before["dense_scores_gb"] > 20)

@@ -4,9 +4,15 @@ records (torch.profiler profile_memory: every allocation and free, in order). Pr
 line. The oracle of tests/training/test_memory_estimate.py: nothing here uses the estimator.
 
 usage: memory_worker.py STAGE MICRO_BATCH SEQ_LENGTH [--gradient-checkpointing] [--summary]
+                        [--phase2 PAIRS MAX_LENGTH [--chunk C] [--alpha A]]
 
 --summary: summary mode (the base frozen, rank-16 deltas at each document's summary token,
 which sits SUMMARY_AT tokens into the document; the rest of the document is its suffix).
+--phase2: a contrastive step instead (the DeepSpeed engine's passes, training/deepspeed_engine.py
+DeepSpeedPasses through training/step_plan.py run_step, as DeepSpeedEngine.train_step runs them):
+PAIRS anchors and positives of MAX_LENGTH tokens packed into rows of SEQ_LENGTH (the data set's
+own collation), GradCache chunks of C anchors (--chunk), and with --alpha A < 1 a micro-batch of
+MICRO_BATCH NTP rows weighted 1 - A riding with it.
 """
 
 import gc
@@ -58,10 +64,41 @@ def live_bytes_peak(prof, name: str, skip: int) -> tuple[int, int]:
     return (before[-1] if before else 0), max(inside)
 
 
+def _flag(name, cast, default=None):
+    return cast(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+def ntp_step(engine, batch, mb, seq):
+    loss = engine(batch, "ntp_losses").sum() / (mb * seq)
+    engine.backward(loss)
+    engine.step()
+
+
+def phase2_step(engine, model, phase2, ntp_batch, mb, seq):
+    """One phase-2 step as DeepSpeedEngine.train_step runs it (without the metrics record)."""
+    from types import SimpleNamespace
+
+    from megatron_gem.gem.losses import Distillation
+    from megatron_gem.training.contrastive_memory import ContrastiveShape, contrastive_batch
+    from megatron_gem.training.deepspeed_engine import DeepSpeedPasses
+    from megatron_gem.training.step_plan import StepPlan, run_step
+
+    pairs, max_length, chunk, alpha = phase2
+    cl = contrastive_batch(ContrastiveShape(pairs, max_length, chunk=chunk), seq_length=seq, train_mode="summary" if model.summary_mode else "full")
+    owner = SimpleNamespace(engine=engine, device=torch.device("cpu"), gather_keys=None, distill=Distillation(1.0, 0.05), _own_grad_norm=False)
+    passes = DeepSpeedPasses(owner, ntp_scale=(1 - alpha) / (mb * seq), w_cl=alpha, accum=1)
+    plan = StepPlan(summary_positions=model.summary_mode and model.fast_summary, grad_cache="chunks" in cl)
+    run_step(plan, passes, [ntp_batch] if alpha < 1 else [], [cl], w_cl=alpha, distill=owner.distill)
+
+
 def main():
     stage, mb, seq = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     checkpointing = "--gradient-checkpointing" in sys.argv
     summary = "--summary" in sys.argv
+    phase2 = None
+    if "--phase2" in sys.argv:
+        i = sys.argv.index("--phase2")
+        phase2 = (int(sys.argv[i + 1]), int(sys.argv[i + 2]), _flag("--chunk", int), _flag("--alpha", float, 1.0))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     import deepspeed
@@ -110,6 +147,7 @@ def main():
         if summary:  # PREFIX ... SPECIAL (the summary token) SUFFIX ... in every document
             roles = ((pos >= SUMMARY_AT).long() * 2 - (pos == SUMMARY_AT).long()).contiguous()
         batch = {"input_ids": ids, "position_ids": pos, "doc_ids": doc, "roles": roles, "labels": ids.clone()}
+        run = (lambda: phase2_step(engine, model, phase2, batch, mb, seq)) if phase2 else (lambda: ntp_step(engine, batch, mb, seq))
         for _ in range(3):  # the first step creates the optimizer state; the peak is read in the later ones
             # Python's cyclic collector runs between steps, never inside one: where it runs inside a
             # step it can leave a gradient-sized buffer of DeepSpeed's (ZeRO-0 on CPU) alive across
@@ -119,13 +157,12 @@ def main():
             gc.collect()
             gc.disable()
             with torch.profiler.record_function("gem_step"):
-                loss = engine(batch, "ntp_losses").sum() / (mb * seq)
-                engine.backward(loss)
-                engine.step()
-                del loss
+                run()
             gc.enable()
     at_start, peak = live_bytes_peak(prof, "gem_step", skip=1)
-    print(json.dumps({"stage": stage, "micro_batch": mb, "seq_length": seq, "summary": summary, "live_at_step_start": at_start, "peak": peak}))
+    print(
+        json.dumps({"stage": stage, "micro_batch": mb, "seq_length": seq, "summary": summary, "phase2": phase2, "live_at_step_start": at_start, "peak": peak})
+    )
 
 
 if __name__ == "__main__":
