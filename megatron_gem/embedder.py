@@ -302,13 +302,16 @@ class GEMEmbedder:
         roles = torch.full((batch, k), int(Role.SPECIAL), device=device)
         docs = torch.zeros(batch, k, dtype=torch.long, device=device)
         positions = real.sum(-1, keepdim=True) + arange_k
-        # Keys: the n cached tokens (text; padding hidden by a doc id no query has), then the K new ones.
-        k_index = torch.arange(n + k, device=device).expand(batch, n + k)
+        # Keys: the n cached tokens (text; padding hidden by a doc id no query has), then the K new
+        # ones. Every token's index is its position in the row encode lays out (text at 0..m-1, the
+        # summary tokens at m..m+K-1), not its slot in the padded cache: a sliding window (rule 5)
+        # is measured between these indices, so a padded row must not count its padding.
+        k_index = torch.cat([(real.long().cumsum(-1) - 1).clamp(min=0), positions], dim=-1)
         k_doc = torch.cat([torch.where(real, 0, _HIDDEN_DOC), docs], dim=-1)
         k_role = torch.cat([torch.full((batch, n), int(Role.PREFIX), device=device), roles], dim=-1)
         # The model's "gem" attention reads a cache under the rule when given the keys' metadata
         # (attention/hf.py -> attention/cached.py, the summary step of summary mode's training too).
-        keys = {"gem_key_doc_ids": k_doc, "gem_key_roles": k_role, "gem_key_index": k_index, "gem_query_index": (n + arange_k).expand(batch, k)}
+        keys = {"gem_key_doc_ids": k_doc, "gem_key_roles": k_role, "gem_key_index": k_index, "gem_query_index": positions}
         hidden = self.model.base_model(
             input_ids=ids, position_ids=positions, **cache_kwargs(self.model, view), roles=roles, doc_ids=docs, **keys
         ).last_hidden_state.float()

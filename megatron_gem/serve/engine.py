@@ -145,7 +145,7 @@ class GEMEngine:
                 raise ValueError(f"text {i} is empty; cannot embed an empty text")
             ids[i, : len(t)] = torch.as_tensor(t)
             real[i, : len(t)] = True
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache()  # full-length layers (prompt_cache says why)
         model.base_model(input_ids=ids.to(device), **cache_kwargs(model, cache))
         return self.embedder.embed_from_cache(cache, attention_mask=real.to(device)).cpu()
 
@@ -188,7 +188,15 @@ class GEMEngine:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         ids = torch.tensor([prompt_ids], device=self.embedder.device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen, streamer=streamer, tokenizer=self.tokenizer)
+        extra = {}
+        if return_embedding:  # the readout needs every prompt key: a cache of full-length layers (prompt_cache)
+            from transformers import DynamicCache
+
+            from ..hf.summary import cache_kwargs
+
+            name, cache = next(iter(cache_kwargs(model, DynamicCache()).items()))
+            extra[name] = cache
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen, streamer=streamer, tokenizer=self.tokenizer, **extra)
         generated = out.sequences[0, ids.shape[1] :].tolist()
         embedding = None
         if return_embedding:
@@ -200,7 +208,11 @@ class GEMEngine:
 def prompt_cache(cache, n: int):
     """A view of ``cache`` that holds its first ``n`` positions (the prompt), sharing the
     tensors; ``cache`` itself is left as it was. After ``generate`` the cache also holds the
-    answer's tokens; causal attention left the prompt's keys and values as the prefill wrote them."""
+    answer's tokens; causal attention left the prompt's keys and values as the prefill wrote them.
+    The cache must have full-length layers (``DynamicCache()``, not ``DynamicCache(config=...)``):
+    a sliding-window model's (Mistral) own cache layers keep only the last window of keys, while
+    the summary tokens read the whole prompt under the GEM rule, which applies the window itself
+    (gem/mask.py)."""
     view = copy.copy(cache)
     view.layers = []
     for layer in cache.layers:
