@@ -332,7 +332,10 @@ def _cache_view(cache):
         raise TypeError(f"embed_from_cache needs a transformers DynamicCache, got {type(cache).__name__}")
     other = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
     if other or not cache.layers:
-        raise TypeError(f"embed_from_cache reads a DynamicCache (DynamicLayer layers, what generate() uses by default); this cache has {other or 'no layers'}")
+        raise TypeError(
+            f"embed_from_cache reads a DynamicCache of full-length layers (DynamicLayer); this cache has {other or 'no layers'}"
+            " (a sliding-window model's generate() keeps only the last window: pass it DynamicCache(), without config, as its cache)"
+        )
     view = copy.copy(cache)
     view.layers = [copy.copy(layer) for layer in cache.layers]
     return view
