@@ -253,6 +253,15 @@ def resolve(recipe_args: list[str], *, pairs: str, teacher: str, teacher_cache: 
     return [paths.get(a, a) for a in recipe_args]
 
 
+def train_env(environ) -> dict:
+    """train.py's environment: ``environ`` without a launcher's rank variables, so train.py runs as
+    a one-process job and picks its own free rendezvous port when it starts (a fixed port made
+    two reproduce runs on one host collide: EADDRINUSE, the second row lost)."""
+    from megatron_gem.common.distributed import LAUNCHER_ENV
+
+    return {k: v for k, v in environ.items() if k not in LAUNCHER_ENV} | {"PYTHONWARNINGS": "ignore"}
+
+
 def train(name: str, recipe_args: list[str], base: str, data: str, runs: str) -> str:
     """Train row ``name`` with train.py and ``recipe_args`` (or reuse a finished run of the same recipe)."""
     run = os.path.join(runs, name.replace(" ", "_"))
@@ -278,7 +287,7 @@ def train(name: str, recipe_args: list[str], base: str, data: str, runs: str) ->
     # A run directory of another recipe is this tool's own: start over there.
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model", base, "--data", data, "--save", run, "--overwrite-output-dir"] + recipe_args
     log(f"{name}: training: " + " ".join(cmd[1:]))
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + len(name)), PYTHONWARNINGS="ignore")
+    env = train_env(os.environ)
     t0 = time.perf_counter()
     os.makedirs(runs, exist_ok=True)
     log_path = os.path.join(runs, f"{name.replace(' ', '_')}.log")
@@ -593,7 +602,7 @@ def main(argv=None) -> int:
                 except TrainingFailed as e:
                     if entry["kind"] != "frozen":
                         raise
-                    why = f"summary mode (--gem-train summary) is not available here: {e}"
+                    why = f"training failed: {e}"
                     log(f"{name}: SKIPPED: {why}")
                     skipped.append({"name": name, "reason": why})
                     continue
@@ -601,7 +610,7 @@ def main(argv=None) -> int:
             if entry["kind"] == "frozen":
                 same, detail = frozen_check(base, path, args.ppl_texts)
                 if not same:
-                    why = f"summary mode (--gem-train summary) is not available here: the export's plain-text logits are not the base model's ({detail})"
+                    why = f"the frozen-base check failed: the export's plain-text logits are not the base model's ({detail})"
                     log(f"{name}: SKIPPED: {why}")
                     skipped.append({"name": name, "reason": why})
                     continue

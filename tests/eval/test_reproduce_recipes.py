@@ -176,7 +176,7 @@ def test_plan_seeds_headline_rows_and_their_controls():
     assert all(e["data"] == "natural" for e in plan if e.get("recipe", "").endswith("-natural"))
 
 
-def test_frozen_rows_are_skipped_and_counted_when_summary_mode_is_missing(tmp_path, monkeypatch, capsys):
+def test_frozen_rows_are_skipped_and_counted_when_training_or_the_frozen_check_fails(tmp_path, monkeypatch, capsys):
     """main() with the frozen rows only: one whose training fails, one whose export is not
     frozen (logits differ); both are skipped with a clear line, counted, and the table is written."""
     import json
@@ -192,9 +192,9 @@ def test_frozen_rows_are_skipped_and_counted_when_summary_mode_is_missing(tmp_pa
     monkeypatch.setattr(rep, "frozen_check", lambda base, export, n: (False, "texts 0..7: logits differ (max |diff| 0.5)"))
     assert rep.main(["--out", str(tmp_path / "out"), "--chart", "", "--only", "gem-summary", "gem-summary-wordnet-pairs"]) == 0
     out = capsys.readouterr().out
-    assert "gem-summary: SKIPPED: summary mode (--gem-train summary) is not available here: train.py exited 2" in out
+    assert "gem-summary: SKIPPED: training failed: train.py exited 2" in out
     assert (
-        "gem-summary-wordnet-pairs: SKIPPED: summary mode (--gem-train summary) is not available here: the export's plain-text logits are not the base" in out
+        "gem-summary-wordnet-pairs: SKIPPED: the frozen-base check failed: the export's plain-text logits are not the base" in out
     )
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [s["name"] for s in results["skipped"]] == ["gem-summary", "gem-summary-wordnet-pairs"] and results["rows"] == []
@@ -233,3 +233,15 @@ def test_teacher_recipes(tmp_path):
     assert next(e for e in plan if e["name"] == "gem-summary-teacher seed1")["data"] == rep.DISTILL
     for name in ("gem-summary-teacher", "gem-summary-teacher-pairs", "gem-teacher"):
         assert not any(a.startswith("--contrastive-teacher") or a in (rep.TEACHER, rep.TEACHER_CACHE) for a in rep.control_recipe(rep.RECIPES[name]))
+
+
+def test_train_env_leaves_the_rendezvous_to_train_py():
+    """Two reproduce runs on one host trained with the same fixed MASTER_PORT: the second's
+    train.py failed with EADDRINUSE. The child's environment holds no launcher variable, so
+    train.py runs as a one-process job on a port the OS gives it (ensure_launcher_env)."""
+    from megatron_gem.common.distributed import LAUNCHER_ENV
+
+    rep = _reproduce()
+    env = rep.train_env({"RANK": "3", "WORLD_SIZE": "8", "MASTER_PORT": "29633", "MASTER_ADDR": "node7", "LOCAL_RANK": "3", "PATH": "/bin"})
+    assert not set(LAUNCHER_ENV) & set(env)
+    assert env["PATH"] == "/bin"
