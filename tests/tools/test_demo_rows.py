@@ -73,3 +73,33 @@ def test_cached_base_rows_are_used_only_under_the_same_key(tmp_path):
     assert demo.cached_base_rows(str(path), {"base_digest": "d", "eval_items": 200}) == [{"model": "m"}]
     assert demo.cached_base_rows(str(path), {"base_digest": "other", "eval_items": 200}) is None
     assert demo.cached_base_rows(str(path), {"base_digest": "d", "eval_items": 100}) is None
+
+
+def test_reference_row_is_the_packaged_embedder_without_perplexity():
+    """The reference row is all-MiniLM-L6-v2's own scores on the demo's tasks: scored here
+    through sentence-transformers directly, the row must equal them."""
+    from sentence_transformers import SentenceTransformer
+
+    from megatron_gem.eval.quick import score_embeddings
+    from megatron_gem.packaged_models import minilm_dir
+
+    demo = load_tool("demo")
+    row = demo.reference_row(_tasks())
+    st = SentenceTransformer(minilm_dir(), device="cpu")
+    expected = score_embeddings(lambda t: st.encode(list(t)), _tasks())
+    assert row["model"].startswith(demo.TEACHER_NAME) and row["perplexity"] is None
+    assert {k: row[k] for k in expected} == expected
+
+
+def test_teacher_flag_names_the_packaged_teacher_or_a_folder(tmp_path, capsys):
+    import pytest
+
+    demo = load_tool("demo")
+    assert demo.parse_args([]).contrastive_teacher_weight == 0.5
+    assert demo.parse_args(["--contrastive-teacher", demo.TEACHER_NAME]).contrastive_teacher == demo.TEACHER_NAME
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "modules.json").write_text("[]")
+    assert demo.parse_args(["--contrastive-teacher", str(tmp_path / "st")]).contrastive_teacher == str(tmp_path / "st")
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--contrastive-teacher", str(tmp_path)])  # no modules.json
+    assert "not a sentence-transformers folder" in capsys.readouterr().err
