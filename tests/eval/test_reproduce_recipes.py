@@ -193,9 +193,7 @@ def test_frozen_rows_are_skipped_and_counted_when_training_or_the_frozen_check_f
     assert rep.main(["--out", str(tmp_path / "out"), "--chart", "", "--only", "gem-summary", "gem-summary-wordnet-pairs"]) == 0
     out = capsys.readouterr().out
     assert "gem-summary: SKIPPED: training failed: train.py exited 2" in out
-    assert (
-        "gem-summary-wordnet-pairs: SKIPPED: the frozen-base check failed: the export's plain-text logits are not the base" in out
-    )
+    assert "gem-summary-wordnet-pairs: SKIPPED: the frozen-base check failed: the export's plain-text logits are not the base" in out
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [s["name"] for s in results["skipped"]] == ["gem-summary", "gem-summary-wordnet-pairs"] and results["rows"] == []
     assert "skipped 2 row(s)" in (tmp_path / "out" / "table.md").read_text()
