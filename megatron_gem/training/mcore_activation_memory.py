@@ -55,6 +55,8 @@ def measure(
     sequence_parallel: bool = False,
     recompute: bool = False,
     backend: str = "triton",
+    train_mode: str = "full",
+    adapter_rank: int = 16,
 ) -> dict:
     """One micro-batch of packed NTP rows [micro_batch_size, seq_length] through the GEM
     GPTModel of one TP rank of ``num_layers`` layers (a pipeline stage's; embedding and LM head
@@ -62,7 +64,17 @@ def measure(
     chunked loss, mcore/loss.py), the losses summed, backward. Parameter gradients are dropped
     as they are made: megatron-core's DDP adds them into its fp32 grad buffer, which the
     estimator counts as resident. ``vocab_size``: the padded vocabulary (all TP ranks').
-    In this process: it initialises torch.distributed (run it in a child process)."""
+    In this process: it initialises torch.distributed (run it in a child process).
+
+    ``train_mode="summary"``: the base frozen and mcore/summary.py's adapter attached (rank
+    ``adapter_rank`` deltas on every decoder linear layer, split over TP as the real ones are).
+    Its deltas act at the summary tokens, found from the batch's roles (a ``nonzero``), so the
+    batch's metadata is real (contrastive_memory.RealMetadataTracker): documents of
+    SUMMARY_DOC_LEN tokens packed into the rows, each with its summary token at SUMMARY_AT and
+    its suffix after (the delta path's own tensors are a few rows per document: its share of
+    the peak hardly depends on where they are). What the frozen layers keep for backward
+    (megatron-core's linears save their input only for a weight gradient) is what the
+    measurement is for."""
     from dataclasses import asdict
 
     import torch
@@ -75,7 +87,12 @@ def measure(
     from ..common import distributed as D
     from ..mcore import cpu_shims
     from .activation_memory import Composition, StorageTracker
+    from .contrastive_memory import RealMetadataTracker
 
+    if train_mode not in ("full", "summary"):
+        raise ValueError(f"train_mode must be 'full' or 'summary', got {train_mode!r}")
+    if train_mode == "summary" and sequence_parallel:
+        raise ValueError("summary mode does not run with sequence parallelism (mcore/summary.py attach_summary_adapter refuses it)")
     cpu_shims.apply()
     D.BACKEND_DEVICE["fake"] = "cpu"  # the fake group's "tensors" are fake CPU ones
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
@@ -105,21 +122,51 @@ def measure(
     )
     with torch.device("meta"):  # no memory, no initialisation
         model = build_gem_gpt_model(arch, config, vocab_size=vocab_size, padded_vocab=vocab_size, backend=backend)
+    summary = train_mode == "summary"
+    if summary:  # real metadata (see the docstring), made before any fake mode
+        doc_ids, roles, positions = summary_rows(micro_batch_size, seq_length)
+        info = gem_mask_info(doc_ids, roles)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         model.train()
-        tracker = StorageTracker()
+        if summary:
+            from ..gem.config import GEMConfig
+            from ..mcore.summary import attach_summary_adapter
+
+            attach_summary_adapter(model, GEMConfig(special_token_ids=[1], train_mode="summary", adapter_rank=adapter_rank), seed=0)
+        tracker = RealMetadataTracker() if summary else StorageTracker()
         for p in model.parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(lambda p: tracker.gradient_made(p, False))
         ids = torch.zeros((micro_batch_size, seq_length), dtype=torch.long)
+        if not summary:
+            positions, info = ids, gem_mask_info(ids, ids)
         with tracker, _labelled_loss(tracker):
-            losses, _ = model(ids, ids, gem_mask_info(ids, ids), ntp_rows=micro_batch_size, labels=ids)
+            losses, _ = model(ids, positions, info, ntp_rows=micro_batch_size, labels=ids)
             loss = losses.sum()
             del losses
             loss.backward()
     backward = tracker.at_backward_peak if tracker.backward_peak else tracker.at_peak
     return {"overall": asdict(Composition(**tracker.at_peak)), "backward": asdict(Composition(**backward))}
+
+
+SUMMARY_DOC_LEN, SUMMARY_AT = 128, 96  # summary mode's measured batch (see measure())
+
+
+def summary_rows(micro_batch_size: int, seq_length: int):
+    """(doc_ids, roles, position_ids) [micro_batch_size, seq_length] of packed documents of
+    SUMMARY_DOC_LEN tokens: PREFIX up to the summary token at SUMMARY_AT (its last one if
+    shorter), SUFFIX after."""
+    import torch
+
+    from ..gem.roles import Role
+
+    pos = (torch.arange(seq_length) % SUMMARY_DOC_LEN).expand(micro_batch_size, seq_length).contiguous()
+    doc = (torch.arange(seq_length) // SUMMARY_DOC_LEN).expand(micro_batch_size, seq_length).contiguous()
+    length = torch.bincount(doc[0])[doc]  # each token's document length (the last one may be short)
+    at = torch.clamp(length - 1, max=SUMMARY_AT)
+    roles = torch.where(pos < at, int(Role.PREFIX), torch.where(pos == at, int(Role.SPECIAL), int(Role.SUFFIX)))
+    return doc, roles.contiguous(), pos
 
 
 @contextlib.contextmanager

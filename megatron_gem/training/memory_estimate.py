@@ -19,14 +19,20 @@ distributed optimizer)
   params w*P_rank, grads 4*P_rank (the fp32 main-grad buffer, resident), optimizer
   12*P_rank/dp with bf16 weights (fp32 master + Adam m, v) or 8*P_rank/dp with fp32 weights
   (the master is the weight itself), where P_rank is the most loaded pipeline stage's
-  parameters (its layers plus the embedding, and the LM head when PP = 1) over TP.
+  parameters (its layers plus the embedding, and the LM head when PP = 1) over TP. Summary
+  mode: params w*(P_rank + T_rank), grads 4*T_rank, optimizer (12 or 8)*T_rank/dp, where
+  T_rank is the adapter this rank holds as mcore/summary.py splits it
+  (megatron_trainable_shards: per fused layer, A [r, in] and B [out/TP, r] for linear_qkv and
+  linear_fc1, A [r, in/TP] and B [out, r] for linear_proj and linear_fc2; one A per fused
+  layer, where HF's adapter has one per projection) plus the logit scale.
   Activations are measured on megatron-core's own GEM model of one TP rank
   (mcore_activation_memory.py: a fake process group of TP ranks, so heads, FFN width and
   vocabulary are sharded, and with sequence parallelism the hidden-size tensors too, as the
   real layers do); the stage's layers with embedding and head; the first stage holds
-  min(PP, micro-batches) micro-batches in flight (1F1B). Summary mode's activations are the
-  HF model's (tp_pp_shard_config: hidden-size tensors whole). Validated against real
-  megatron-core runs on CPU (tests/training/test_megatron_memory.py).
+  min(PP, micro-batches) micro-batches in flight (1F1B). Summary mode's activations are
+  measured the same way, on that model with the frozen base and mcore/summary.py's adapter
+  attached (its deltas at each document's summary token). Validated against real
+  megatron-core runs on CPU, full and summary mode (tests/training/test_megatron_memory.py).
 
 Not counted: the CUDA context, NCCL buffers and allocator fragmentation (budget ~5-8 GB on an
 80 GB GPU: the recipes keep that headroom).
@@ -84,6 +90,22 @@ class ModelCounts:
     embedding: int  # input embedding (the LM head has the same shape)
     num_layers: int
     tied: bool
+    # summary mode: one layer's deltas as megatron-core fuses them (mcore/summary.py TARGETS):
+    # (parallel kind, in_features, out_features) of linear_qkv, linear_proj, linear_fc1, linear_fc2
+    fused_adapter: tuple = ()
+    adapter_rank: int = 0
+
+
+def megatron_trainable_shards(c: ModelCounts, layout: Layout) -> list[int]:
+    """Summary mode on megatron-core: the sizes of the trainable tensors one rank of the most
+    loaded stage holds (mcore/summary.py: a column-parallel layer's delta has A [r, in]
+    replicated and B [out/TP, r] split; a row-parallel one A [r, in/TP] split and B [out, r]
+    replicated), and the logit scale."""
+    r, tp = c.adapter_rank, layout.tp
+    per_layer = []
+    for kind, i, o in c.fused_adapter:
+        per_layer += [r * i, o // tp * r] if kind == "column" else [r * (i // tp), o * r]
+    return per_layer * (c.num_layers // layout.pp) + [1]
 
 
 def model_counts(hf_config, *, vocab_size: int, train_mode: str = "full", adapter_rank: int = 16) -> ModelCounts:
@@ -97,6 +119,15 @@ def model_counts(hf_config, *, vocab_size: int, train_mode: str = "full", adapte
     else:
         trainable = total
     layer = sum(p.numel() for p in decoder_layers(lm)[0].parameters())
+    fused = ()
+    if train_mode == "summary":  # one layer's projections, fused as megatron-core's layers are
+        one = {n.rsplit(".", 1)[-1]: (m.in_features, m.out_features) for n, m in decoder_layers(lm)[0].named_modules() if isinstance(m, torch.nn.Linear)}
+        fused = (
+            ("column", one["q_proj"][0], one["q_proj"][1] + one["k_proj"][1] + one["v_proj"][1]),
+            ("row", *one["o_proj"]),
+            ("column", one["gate_proj"][0], one["gate_proj"][1] + one["up_proj"][1]),
+            ("row", *one["down_proj"]),
+        )
     return ModelCounts(
         total=total,
         trainable=trainable,
@@ -104,6 +135,8 @@ def model_counts(hf_config, *, vocab_size: int, train_mode: str = "full", adapte
         embedding=lm.get_input_embeddings().weight.numel(),
         num_layers=len(decoder_layers(lm)),
         tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        fused_adapter=fused,
+        adapter_rank=adapter_rank if train_mode == "summary" else 0,
     )
 
 
@@ -115,10 +148,12 @@ def state_bytes(c: ModelCounts, layout: Layout, *, weight_bytes: int, train_mode
         if layout.pp == 1 and not c.tied:
             stage += c.embedding
         p_rank = stage / layout.tp
-        t_rank = p_rank if train_mode == "full" else T / (layout.tp * layout.pp)
+        # summary mode: the base (frozen, no grad buffer) and the adapter's shards on the rank
+        t_rank = p_rank if train_mode == "full" else sum(megatron_trainable_shards(c, layout))
         # the distributed optimizer's fp32 master is a copy of bf16 weights, the weight itself in fp32
         master = 4 if w != 4 else 0
-        return {"parameters": w * p_rank, "gradients": 4 * t_rank, "optimizer": (master + 8) * t_rank / dp}
+        held = p_rank if train_mode == "full" else p_rank + t_rank
+        return {"parameters": w * held, "gradients": 4 * t_rank, "optimizer": (master + 8) * t_rank / dp}
     s = layout.zero_stage
     bucket = min(layout.reduce_bucket_size, T) * w
     if s == 0:
@@ -186,7 +221,7 @@ def estimate_step_memory(
     # reduction on (allocated there, freed after the step); ZeRO-3's partition (allocated at
     # initialisation) and megatron-core's main-grad buffer are resident all along.
     timeline_grads = keeps_whole_grads(layout, train_mode)
-    if activations is None and layout.engine == "megatron" and train_mode == "full":
+    if activations is None and layout.engine == "megatron":
         activations = megatron_activations(
             hf_config,
             layout,
@@ -196,14 +231,12 @@ def estimate_step_memory(
             dtype=dtype,
             recompute=gradient_checkpointing,
             backend=backend,
+            train_mode=train_mode,
+            adapter_rank=adapter_rank,
         )
     if activations is None:
-        cfg = hf_config
-        if layout.engine == "megatron":  # this rank's stage and TP shard of the model
-            cfg = tp_pp_shard_config(hf_config, tp=layout.tp, pp=layout.pp)
-            vocab_size = math.ceil(vocab_size / layout.tp)
         activations = measure_step_activations(
-            cfg,
+            hf_config,
             micro_batch_size=micro_batch_size,
             seq_length=seq_length,
             vocab_size=vocab_size,
@@ -251,9 +284,11 @@ def step_phase_gradients(c: ModelCounts, layout: Layout, *, weight_bytes: int, o
         raise ValueError(f"optimizer must be 'fused_adam' or 'torch_adamw', got {optimizer!r}")
     T, w = c.trainable, weight_bytes
     if layout.engine == "megatron":  # fp32 main grads are the buffer counted as resident
+        shards = megatron_trainable_shards(c, layout) if c.fused_adapter else [math.ceil(c.embedding / layout.tp)]
         # torch AdamW (CPU) steps one parameter shard at a time: its temporaries are the largest one's
-        temps = measure_optimizer_step([math.ceil(c.embedding / layout.tp)]) if optimizer == "torch_adamw" else 0
-        return 4 * T / (layout.tp * layout.pp) + temps
+        temps = measure_optimizer_step([max(shards)]) if optimizer == "torch_adamw" else 0
+        t_rank = sum(shards) if c.fused_adapter else T / (layout.tp * layout.pp)
+        return 4 * t_rank + temps
     dp, s = layout.dp, layout.zero_stage
     part = math.ceil(T / dp)
     temps = measure_optimizer_step([part] if s else [T], dtype=torch.float32 if s or w == 4 else torch.bfloat16) if optimizer == "torch_adamw" else 0
@@ -266,7 +301,19 @@ def step_phase_gradients(c: ModelCounts, layout: Layout, *, weight_bytes: int, o
     return grads + part * w + cast + temps
 
 
-def megatron_activations(hf_config, layout: Layout, *, micro_batch_size: int, seq_length: int, vocab_size: int, dtype, recompute: bool, backend: str):
+def megatron_activations(
+    hf_config,
+    layout: Layout,
+    *,
+    micro_batch_size: int,
+    seq_length: int,
+    vocab_size: int,
+    dtype,
+    recompute: bool,
+    backend: str,
+    train_mode: str = "full",
+    adapter_rank: int = 16,
+):
     """The activation peak of one micro-batch on the most loaded megatron-core rank (its
     stage's layers, its TP shard; training/mcore_activation_memory.py, a child process of a few seconds)."""
     from ..mcore.llama import padded_vocab_size
@@ -285,6 +332,8 @@ def megatron_activations(hf_config, layout: Layout, *, micro_batch_size: int, se
         sequence_parallel=layout.sequence_parallel,
         recompute=recompute,
         backend=backend,
+        train_mode=train_mode,
+        adapter_rank=adapter_rank,
     )
 
 

@@ -232,7 +232,7 @@ def _activations(
     tp, pp = layout.tp, layout.pp
     # megatron-core's own model (training/mcore_activation_memory.py) for today's paths; the
     # paths before the GPU-path changes (loss "hf", backend "sdpa") exist in the HF model only.
-    if layout.engine == "megatron" and train_mode == "full" and (loss, backend) == ("chunked", "triton"):
+    if layout.engine == "megatron" and (loss, backend) == ("chunked", "triton"):
         return megatron_activations(
             cfg,
             layout,
@@ -242,6 +242,7 @@ def _activations(
             dtype=torch.bfloat16,
             recompute=recompute,
             backend="triton",
+            train_mode=train_mode,
         )
     if tp * pp > 1:
         cfg = tp_pp_shard_config(cfg, tp=tp, pp=pp)

@@ -14,7 +14,12 @@ Every rank prints one JSON line. The oracle of tests/training/test_memory_estima
 test_communication.py's megatron cases: nothing here uses the estimator.
 
 usage: torchrun --nproc-per-node TP mcore_memory_worker.py TP MICRO_BATCH SEQ_LENGTH
-       [--recompute] [--sequence-parallel] [--local-collectives]
+       [--recompute] [--sequence-parallel] [--local-collectives] [--summary]
+
+--summary: summary mode as the engine builds it (mcore/summary.py attach_summary_adapter: the
+base frozen, rank-16 deltas on every decoder linear layer, only they and the logit scale in
+DDP's buffers and the optimizer), the deltas acting at each document's summary token, which
+sits memory_worker.SUMMARY_AT tokens into the document (the rest of it its suffix).
 
 --local-collectives: the TP group's collectives are done by each rank alone (``_local``: the
 same tensors, no gloo; nothing counted). Through gloo a rank's peak moves by up to 20% from
@@ -117,7 +122,7 @@ def init_weights(model) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def build(tp: int, recompute: bool, sequence_parallel: bool):
+def build(tp: int, recompute: bool, sequence_parallel: bool, summary: bool = False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -134,6 +139,11 @@ def build(tp: int, recompute: bool, sequence_parallel: bool):
     )
     model = build_gem_gpt_model(arch, config, vocab_size=W.VOCAB, padded_vocab=padded_vocab_size(W.VOCAB, tp), backend="sdpa")
     init_weights(model)
+    if summary:  # as mcore/provider.py build_gem_model does after loading the base
+        from megatron_gem.gem.config import GEMConfig
+        from megatron_gem.mcore.summary import attach_summary_adapter
+
+        attach_summary_adapter(model, GEMConfig(train_mode="summary", num_special_tokens=1, special_token_ids=[5], adapter_rank=16), seed=0)
     # What MegatronEngine.build makes of it (train.py's defaults: the distributed optimizer on).
     ddp = DistributedDataParallel(
         config=config,
@@ -157,6 +167,7 @@ def main():
     tp, mb, seq = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     recompute = "--recompute" in sys.argv
     sequence_parallel = "--sequence-parallel" in sys.argv
+    summary = "--summary" in sys.argv
     for name in C.KINDS:  # before megatron-core binds them
         if hasattr(dist, name):
             setattr(dist, name, _hook(name, getattr(dist, name)))
@@ -170,7 +181,10 @@ def main():
     ids = torch.randint(4, W.VOCAB, (mb, seq))
     pos = (torch.arange(seq) % DOC_LEN).expand(mb, seq).contiguous()
     doc = (torch.arange(seq) // DOC_LEN).expand(mb, seq).contiguous()
-    mask = gem_mask_info(doc, torch.zeros_like(ids))
+    roles = torch.zeros_like(ids)
+    if summary:  # PREFIX ... SPECIAL (the summary token) SUFFIX ... in every document
+        roles = ((pos >= W.SUMMARY_AT).long() * 2 - (pos == W.SUMMARY_AT).long()).contiguous()
+    mask = gem_mask_info(doc, roles)
     labels = torch.roll(ids, -1, dims=1)
     forward_backward = get_forward_backward_func()
 
@@ -180,7 +194,7 @@ def main():
         return losses, lambda out: (out.sum() / (mb * seq), {})
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        model, ddp, optimizer = build(tp, recompute, sequence_parallel)
+        model, ddp, optimizer = build(tp, recompute, sequence_parallel, summary)
         for step in range(3):
             C.counting = step == 2  # the collectives of the last step (the first makes the optimizer state)
             gc.collect()
@@ -210,7 +224,9 @@ def main():
         "seq_length": seq,
         "recompute": recompute,
         "sequence_parallel": sequence_parallel,
+        "summary": summary,
         "params_on_rank": params,
+        "trainable_on_rank": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "live_at_step_start": at_start,
         "peak": peak,
         "counted": dict(C.counted),
