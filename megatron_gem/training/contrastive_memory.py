@@ -134,9 +134,10 @@ def gem_config_for(train_mode: str, *, alpha: float = 1.0, teacher: bool = False
     return GEMConfig(special_token_ids=[1], train_mode=train_mode, alpha=alpha, **({"teacher_weight": 1.0} if teacher else {}))
 
 
-def contrastive_batch(shape: ContrastiveShape, *, seq_length: int, train_mode: str = "full") -> dict:
+def contrastive_batch(shape: ContrastiveShape, *, seq_length: int, train_mode: str = "full", num_rows: int | None = None) -> dict:
     """One contrastive micro-batch (with its GradCache chunks when ``shape.chunk``) as the data set
-    collates it, every text at its longest."""
+    collates it, every text at its longest. ``num_rows``: the data set's fixed row count (what
+    the megatron-core engine sets under pipeline parallelism; None: as many as the texts fill)."""
     from ..data.datasets import ContrastiveDataset
 
     n = shape.batch_size
@@ -153,6 +154,7 @@ def contrastive_batch(shape: ContrastiveShape, *, seq_length: int, train_mode: s
         shuffle=False,
         num_epochs=1,
         chunk_size=shape.chunk,
+        num_rows=num_rows,
     )
     batch = ds.collate([ds[i] for i in range(n)])
     if shape.teacher_dim:  # the teacher's rows (distill/teacher_rows.py), per chunk
@@ -162,17 +164,37 @@ def contrastive_batch(shape: ContrastiveShape, *, seq_length: int, train_mode: s
     return batch
 
 
-def ntp_batch(micro_batch_size: int, seq_length: int) -> dict:
-    """A packed NTP micro-batch (one document per row, every token a target)."""
+def ntp_batch(micro_batch_size: int, seq_length: int, *, summary: bool = False) -> dict:
+    """A packed NTP micro-batch, every token a target: one document per row, or in summary mode
+    (``summary``) the GEM layout the deltas act on (summary_documents: a summary token in every
+    document; with none, nothing would train through these rows and their backward would not
+    run)."""
     shape = (micro_batch_size, seq_length)
     ids = torch.full(shape, 7, dtype=torch.long)
-    return {
-        "input_ids": ids,
-        "labels": ids.clone(),
-        "position_ids": torch.arange(seq_length).expand(shape).contiguous(),
-        "doc_ids": torch.arange(micro_batch_size)[:, None].expand(shape).contiguous(),
-        "roles": torch.zeros(shape, dtype=torch.long),
-    }
+    if summary:
+        doc_ids, roles, positions = summary_documents(micro_batch_size, seq_length)
+    else:
+        doc_ids = torch.arange(micro_batch_size)[:, None].expand(shape).contiguous()
+        roles, positions = torch.zeros(shape, dtype=torch.long), torch.arange(seq_length).expand(shape).contiguous()
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": positions, "doc_ids": doc_ids, "roles": roles}
+
+
+SUMMARY_DOC_LEN, SUMMARY_AT = 128, 96  # summary mode's measured NTP rows (summary_documents)
+
+
+def summary_documents(micro_batch_size: int, seq_length: int):
+    """(doc_ids, roles, position_ids) [micro_batch_size, seq_length] of packed documents of
+    SUMMARY_DOC_LEN tokens: PREFIX up to the summary token at SUMMARY_AT (its last one if
+    shorter), SUFFIX after. Where the deltas act (a few rows per document) hardly moves the
+    peak; that they act somewhere in every document does (the backward runs through them)."""
+    from ..gem.roles import Role
+
+    pos = (torch.arange(seq_length) % SUMMARY_DOC_LEN).expand(micro_batch_size, seq_length).contiguous()
+    doc = (torch.arange(seq_length) // SUMMARY_DOC_LEN).expand(micro_batch_size, seq_length).contiguous()
+    length = torch.bincount(doc[0])[doc]  # each token's document length (the last one may be short)
+    at = torch.clamp(length - 1, max=SUMMARY_AT)
+    roles = torch.where(pos < at, int(Role.PREFIX), torch.where(pos == at, int(Role.SPECIAL), int(Role.SUFFIX)))
+    return doc, roles.contiguous(), pos
 
 
 class _Engine:
@@ -225,7 +247,7 @@ def measure_contrastive_step(
         raise ValueError(f"alpha must be in (0, 1] for a contrastive step, got {shape.alpha}")
     gem = gem_config_for(train_mode, alpha=shape.alpha, teacher=bool(shape.teacher_dim))
     cl = contrastive_batch(shape, seq_length=seq_length, train_mode=train_mode)
-    ntp = ntp_batch(micro_batch_size, seq_length) if shape.alpha < 1 else None
+    ntp = ntp_batch(micro_batch_size, seq_length, summary=train_mode == "summary") if shape.alpha < 1 else None
     lm = fake_model(hf_config, dtype=dtype, vocab_size=vocab_size)
     with torch.device("meta"):  # the adapter and the logit scale too: no memory, no init (values do not matter)
         model = GEMModel(lm, gem, fast_summary=fast_summary)
@@ -282,13 +304,33 @@ def estimate_contrastive_memory(
     and a teacher's fp32 weights (``shape.teacher_params``; Teacher.from_pretrained puts them on
     the engine's device for the whole run) in "parameters". The teacher's own forward runs
     before the step, without autograd and while none of the step's activations live: its
-    activations (a batch of texts, no graph) are not in the peak. DeepSpeed layouts only."""
-    from dataclasses import replace
+    activations (a batch of texts, no graph) are not in the peak. A megatron-core layout's
+    micro-batch is measured on megatron-core's own model running that engine's passes
+    (mcore_activation_memory.py, ``phase2``; its stage's layers, its TP shard; under PP the
+    contrastive rows fixed as the engine fixes them, and min(PP, micro-batches) in flight as
+    in phase 1: an upper bound, not validated)."""
+    from dataclasses import asdict, replace
 
-    from .memory_estimate import estimate_step_memory, keeps_whole_grads
+    from .memory_estimate import estimate_step_memory, keeps_whole_grads, megatron_activations
 
-    if layout.engine != "deepspeed":
-        raise ValueError("the phase-2 estimate models the DeepSpeed engine's step (megatron-core's runs its own passes)")
+    if activations is None and layout.engine == "megatron":
+        from .megatron_engine import contrastive_rows
+
+        rows = contrastive_rows(shape.batch_size, seq_length, min(seq_length, shape.max_length), shape.negatives) if layout.pp > 1 else None
+        activations = megatron_activations(
+            hf_config,
+            layout,
+            micro_batch_size=micro_batch_size,
+            seq_length=seq_length,
+            vocab_size=vocab_size,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+            recompute=gradient_checkpointing,
+            backend=backend,
+            train_mode=train_mode,
+            adapter_rank=adapter_rank,
+            phase2=asdict(shape),
+            contrastive_rows=rows,
+        )
     if activations is None:
         activations = measure_contrastive_step(
             hf_config,

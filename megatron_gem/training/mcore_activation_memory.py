@@ -57,6 +57,8 @@ def measure(
     backend: str = "triton",
     train_mode: str = "full",
     adapter_rank: int = 16,
+    phase2: dict | None = None,
+    contrastive_rows: int | None = None,
 ) -> dict:
     """One micro-batch of packed NTP rows [micro_batch_size, seq_length] through the GEM
     GPTModel of one TP rank of ``num_layers`` layers (a pipeline stage's; embedding and LM head
@@ -70,11 +72,23 @@ def measure(
     ``adapter_rank`` deltas on every decoder linear layer, split over TP as the real ones are).
     Its deltas act at the summary tokens, found from the batch's roles (a ``nonzero``), so the
     batch's metadata is real (contrastive_memory.RealMetadataTracker): documents of
-    SUMMARY_DOC_LEN tokens packed into the rows, each with its summary token at SUMMARY_AT and
-    its suffix after (the delta path's own tensors are a few rows per document: its share of
+    contrastive_memory.SUMMARY_DOC_LEN tokens packed into the rows, each with its summary token
+    at SUMMARY_AT and its suffix after (the delta path's own tensors are a few rows per document: its share of
     the peak hardly depends on where they are). What the frozen layers keep for backward
     (megatron-core's linears save their input only for a weight gradient) is what the
-    measurement is for."""
+    measurement is for.
+
+    ``phase2`` (contrastive_memory.ContrastiveShape's fields): a phase-2 step instead, the
+    megatron-core engine's own passes (training/megatron_engine.py MegatronPasses through
+    training/step_plan.py run_step, each pass through megatron-core's forward_backward_func:
+    the joined NTP and contrastive rows, GradCache's no-grad pass and chunks with the surrogate
+    loss, summary mode's prefill pass and summary step) on a real contrastive micro-batch
+    (contrastive_memory.contrastive_batch, the data set's collation; ``contrastive_rows``
+    rows when given, as MegatronEngine.adapt_loaders fixes them under PP), with
+    ``micro_batch_size`` x ``seq_length`` NTP rows when alpha < 1; its metadata real
+    (contrastive_memory.RealMetadataTracker), the model fake. DDP, its no-sync and the
+    gradient finalisation are not run (the fp32 grad buffer is counted as resident; the
+    parameters' gradients are dropped as made, as DDP's hooks move them into it)."""
     from dataclasses import asdict
 
     import torch
@@ -87,7 +101,7 @@ def measure(
     from ..common import distributed as D
     from ..mcore import cpu_shims
     from .activation_memory import Composition, StorageTracker
-    from .contrastive_memory import RealMetadataTracker
+    from .contrastive_memory import RealMetadataTracker, summary_documents
 
     if train_mode not in ("full", "summary"):
         raise ValueError(f"train_mode must be 'full' or 'summary', got {train_mode!r}")
@@ -123,8 +137,10 @@ def measure(
     with torch.device("meta"):  # no memory, no initialisation
         model = build_gem_gpt_model(arch, config, vocab_size=vocab_size, padded_vocab=vocab_size, backend=backend)
     summary = train_mode == "summary"
+    if phase2 is not None:
+        return _measure_phase2(model, config, phase2, micro_batch_size, seq_length, train_mode, adapter_rank, contrastive_rows)
     if summary:  # real metadata (see the docstring), made before any fake mode
-        doc_ids, roles, positions = summary_rows(micro_batch_size, seq_length)
+        doc_ids, roles, positions = summary_documents(micro_batch_size, seq_length)
         info = gem_mask_info(doc_ids, roles)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
@@ -150,23 +166,54 @@ def measure(
     return {"overall": asdict(Composition(**tracker.at_peak)), "backward": asdict(Composition(**backward))}
 
 
-SUMMARY_DOC_LEN, SUMMARY_AT = 128, 96  # summary mode's measured batch (see measure())
+def _measure_phase2(model, config, phase2: dict, micro_batch_size: int, seq_length: int, train_mode: str, adapter_rank: int, rows: int | None) -> dict:
+    """measure()'s phase-2 step (see its docstring) on the built meta ``model``."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
 
-
-def summary_rows(micro_batch_size: int, seq_length: int):
-    """(doc_ids, roles, position_ids) [micro_batch_size, seq_length] of packed documents of
-    SUMMARY_DOC_LEN tokens: PREFIX up to the summary token at SUMMARY_AT (its last one if
-    shorter), SUFFIX after."""
     import torch
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..gem.roles import Role
+    from ..gem.losses import Distillation
+    from .activation_memory import Composition
+    from .contrastive_memory import ContrastiveShape, RealMetadataTracker, contrastive_batch, gem_config_for, ntp_batch
+    from .megatron_engine import MegatronEngine, MegatronPasses, StepLoss
+    from .step_plan import StepPlan, run_step
 
-    pos = (torch.arange(seq_length) % SUMMARY_DOC_LEN).expand(micro_batch_size, seq_length).contiguous()
-    doc = (torch.arange(seq_length) // SUMMARY_DOC_LEN).expand(micro_batch_size, seq_length).contiguous()
-    length = torch.bincount(doc[0])[doc]  # each token's document length (the last one may be short)
-    at = torch.clamp(length - 1, max=SUMMARY_AT)
-    roles = torch.where(pos < at, int(Role.PREFIX), torch.where(pos == at, int(Role.SPECIAL), int(Role.SUFFIX)))
-    return doc, roles.contiguous(), pos
+    shape = ContrastiveShape(**phase2)
+    summary = train_mode == "summary"
+    gem = gem_config_for(train_mode, alpha=shape.alpha, teacher=bool(shape.teacher_dim))
+    cl = contrastive_batch(shape, seq_length=seq_length, train_mode=train_mode, num_rows=rows)
+    ntp = ntp_batch(micro_batch_size, seq_length, summary=summary) if shape.alpha < 1 else None
+    # megatron-core's schedule reads these of the config; DDP's no-sync, gradient finalisation
+    # and loss scaling are what the engine sets there (not run: see measure()'s docstring)
+    config.finalize_model_grads_func = config.no_sync_func = config.grad_scale_func = None
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        model.train()
+        if summary:
+            from ..gem.config import GEMConfig
+            from ..mcore.summary import attach_summary_adapter
+
+            attach_summary_adapter(model, GEMConfig(special_token_ids=[1], train_mode="summary", adapter_rank=adapter_rank), seed=0)
+        tracker = RealMetadataTracker()
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p: tracker.gradient_made(p, False))
+        engine = MegatronEngine.__new__(MegatronEngine)  # what MegatronPasses reads of the engine
+        engine.ddp, engine.model, engine.config, engine.device = model, model, config, torch.device("cpu")
+        engine.forward_backward = get_forward_backward_func()
+        engine.job = SimpleNamespace(batch=SimpleNamespace(seq_length=seq_length))
+        job = SimpleNamespace(gem=SimpleNamespace(summary_mode=summary), model=SimpleNamespace(summary_fast_path=True))
+        plan = StepPlan.of(job, [cl], prefill_pass=True)
+        distill = Distillation.from_config(gem)
+        w_ntp, w_cl = 1.0 - shape.alpha, shape.alpha
+        passes = MegatronPasses(engine, StepLoss(w_ntp=w_ntp, w_cl=w_cl, ntp_scale=w_ntp / (micro_batch_size * seq_length), gather_keys=None, distill=distill))
+        with tracker, _labelled_loss(tracker):
+            run_step(plan, passes, [ntp] if ntp is not None else [], [cl], w_cl=w_cl, gather_keys=None, distill=distill)
+    backward = tracker.at_backward_peak if tracker.backward_peak else tracker.at_peak
+    return {"overall": asdict(Composition(**tracker.at_peak)), "backward": asdict(Composition(**backward))}
 
 
 @contextlib.contextmanager

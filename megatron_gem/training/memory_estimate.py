@@ -313,9 +313,12 @@ def megatron_activations(
     backend: str,
     train_mode: str = "full",
     adapter_rank: int = 16,
+    phase2: dict | None = None,
+    contrastive_rows: int | None = None,
 ):
     """The activation peak of one micro-batch on the most loaded megatron-core rank (its
-    stage's layers, its TP shard; training/mcore_activation_memory.py, a child process of a few seconds)."""
+    stage's layers, its TP shard; training/mcore_activation_memory.py, a child process of a few
+    seconds); ``phase2``/``contrastive_rows``: a phase-2 micro-batch (measure()'s arguments)."""
     from ..mcore.llama import padded_vocab_size
     from .mcore_activation_memory import measure_megatron_activations
 
@@ -334,6 +337,8 @@ def megatron_activations(
         backend=backend,
         train_mode=train_mode,
         adapter_rank=adapter_rank,
+        phase2=phase2,
+        contrastive_rows=contrastive_rows,
     )
 
 

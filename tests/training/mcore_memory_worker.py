@@ -15,6 +15,15 @@ test_communication.py's megatron cases: nothing here uses the estimator.
 
 usage: torchrun --nproc-per-node TP mcore_memory_worker.py TP MICRO_BATCH SEQ_LENGTH
        [--recompute] [--sequence-parallel] [--local-collectives] [--summary]
+       [--phase2 PAIRS MAX_LENGTH [--chunk C] [--alpha A]]
+
+--phase2: a contrastive step instead, as MegatronEngine.train_step runs it: the engine's own
+passes (training/megatron_engine.py MegatronPasses through training/step_plan.py run_step,
+each pass one forward_backward_func call; GradCache chunks of C anchors with --chunk; summary
+mode's fast path with --summary: the no-grad prefill pass, then the summary step) on PAIRS
+anchors and positives of MAX_LENGTH tokens packed into rows of SEQ_LENGTH by the data set's own
+collation (contrastive_memory.contrastive_batch), and with --alpha A < 1 the MICRO_BATCH NTP
+rows weighted 1 - A joined to it (a pass of their own in summary mode).
 
 --summary: summary mode as the engine builds it (mcore/summary.py attach_summary_adapter: the
 base frozen, rank-16 deltas on every decoder linear layer, only they and the logit scale in
@@ -163,8 +172,41 @@ def build(tp: int, recompute: bool, sequence_parallel: bool, summary: bool = Fal
     return model, ddp, optimizer
 
 
+def _flag(name, cast, default=None):
+    return cast(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+def phase2_step(ddp, config, phase2, ntp_batch: dict, mb: int, seq: int, summary: bool) -> None:
+    """One phase-2 step's passes as MegatronEngine.train_step runs them (the engine object
+    carries only what MegatronPasses reads of it; the metrics record is left out)."""
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gem.gem.losses import Distillation
+    from megatron_gem.training.contrastive_memory import ContrastiveShape, contrastive_batch
+    from megatron_gem.training.megatron_engine import MegatronEngine, MegatronPasses, StepLoss
+    from megatron_gem.training.step_plan import StepPlan, run_step
+
+    pairs, max_length, chunk, alpha = phase2
+    cl = contrastive_batch(ContrastiveShape(pairs, max_length, chunk=chunk), seq_length=seq, train_mode="summary" if summary else "full")
+    engine = MegatronEngine.__new__(MegatronEngine)
+    engine.ddp, engine.model, engine.config, engine.device = ddp, ddp.module, config, torch.device("cpu")
+    engine.forward_backward = get_forward_backward_func()
+    engine.job = SimpleNamespace(batch=SimpleNamespace(seq_length=seq))
+    job = SimpleNamespace(gem=SimpleNamespace(summary_mode=summary), model=SimpleNamespace(summary_fast_path=True))
+    plan = StepPlan.of(job, [cl], prefill_pass=True)
+    distill = Distillation(1.0, 0.05)
+    passes = MegatronPasses(engine, StepLoss(w_ntp=1 - alpha, w_cl=alpha, ntp_scale=(1 - alpha) / (mb * seq), gather_keys=None, distill=distill))
+    run_step(plan, passes, [ntp_batch] if alpha < 1 else [], [cl], w_cl=alpha, gather_keys=None, distill=distill)
+
+
 def main():
     tp, mb, seq = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    phase2 = None
+    if "--phase2" in sys.argv:
+        i = sys.argv.index("--phase2")
+        phase2 = (int(sys.argv[i + 1]), int(sys.argv[i + 2]), _flag("--chunk", int), _flag("--alpha", float, 1.0))
     recompute = "--recompute" in sys.argv
     sequence_parallel = "--sequence-parallel" in sys.argv
     summary = "--summary" in sys.argv
@@ -202,15 +244,19 @@ def main():
             with torch.profiler.record_function("gem_step"):
                 ddp.zero_grad_buffer()
                 optimizer.zero_grad()
-                forward_backward(
-                    forward_step_func=forward_step,
-                    data_iterator=iter([None]),
-                    model=[ddp],
-                    num_microbatches=1,
-                    seq_length=seq,
-                    micro_batch_size=mb,
-                    forward_only=False,
-                )
+                if phase2:
+                    ntp = {"input_ids": ids, "position_ids": pos, "doc_ids": doc, "roles": roles, "labels": labels}
+                    phase2_step(ddp, model.config, phase2, ntp, mb, seq, summary)
+                else:
+                    forward_backward(
+                        forward_step_func=forward_step,
+                        data_iterator=iter([None]),
+                        model=[ddp],
+                        num_microbatches=1,
+                        seq_length=seq,
+                        micro_batch_size=mb,
+                        forward_only=False,
+                    )
                 ok, grad_norm, _ = optimizer.step()
             gc.enable()
             assert ok and grad_norm == grad_norm, f"step {step}: the update was skipped (grad norm {grad_norm})"
@@ -225,6 +271,7 @@ def main():
         "recompute": recompute,
         "sequence_parallel": sequence_parallel,
         "summary": summary,
+        "phase2": phase2,
         "params_on_rank": params,
         "trainable_on_rank": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "live_at_step_start": at_start,
