@@ -24,6 +24,11 @@ Two things differ from phase 1's measurement, because a phase-2 step reads its d
 
 Parameters are fake, so the forward and backward allocate exactly what they would on the
 device, without computing anything of size.
+
+A megatron-core layout's phase 2 is measured the same way on that engine's own step
+(training/mcore_activation_memory.py with ``phase2``: MegatronPasses through run_step on
+megatron-core's GEM model of one TP rank, the same batches from this module);
+``estimate_contrastive_memory`` picks it by the layout.
 """
 
 from __future__ import annotations
@@ -298,6 +303,7 @@ def estimate_contrastive_memory(
     activations: ActivationPeak | None = None,
     backend: str = "triton",
     optimizer: str = "fused_adam",
+    num_microbatches: int = 1,
 ):
     """Peak bytes per rank of one phase-2 step (memory_estimate.MemoryEstimate): the states by
     memory_estimate.py's sharding rules, the micro-batch measured by ``measure_contrastive_step``,
@@ -357,5 +363,6 @@ def estimate_contrastive_memory(
         activations=activations,
         backend=backend,
         optimizer=optimizer,
+        num_microbatches=num_microbatches,
     )
     return replace(e, parameters=e.parameters + 4 * shape.teacher_params)

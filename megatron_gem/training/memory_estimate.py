@@ -33,6 +33,10 @@ distributed optimizer)
   measured the same way, on that model with the frozen base and mcore/summary.py's adapter
   attached (its deltas at each document's summary token). Validated against real
   megatron-core runs on CPU, full and summary mode (tests/training/test_megatron_memory.py).
+  Phase 2 (training/contrastive_memory.py estimate_contrastive_memory): the engine's own
+  phase-2 passes on that model (mcore_activation_memory.py ``phase2``), validated the same way
+  at PP = 1; under PP the contrastive rows are fixed as the engine fixes them and the same
+  in-flight rule applies (an upper bound, not validated).
 
 Not counted: the CUDA context, NCCL buffers and allocator fragmentation (budget ~5-8 GB on an
 80 GB GPU: the recipes keep that headroom).

@@ -295,11 +295,43 @@ def estimate(recipe: Recipe, *, loss: str = "chunked", backend: str = "triton"):
 
 @functools.lru_cache(maxsize=None)
 def _contrastive_activations(
-    model: str, train_mode: str, shape, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool, backend: str = "triton"
+    model: str,
+    train_mode: str,
+    shape,
+    micro_batch_size: int,
+    seq_length: int,
+    vocab_size: int,
+    recompute: bool,
+    keep_grads: bool,
+    backend: str = "triton",
+    layout=None,
 ):
-    """One fake-tensor measurement of a phase-2 micro-batch (minutes at 8B), shared like _activations."""
+    """One fake-tensor measurement of a phase-2 micro-batch (minutes at 8B), shared like _activations.
+    ``layout``: a megatron-core layout measures that engine's passes on its model (else DeepSpeed's)."""
     from .contrastive_memory import measure_contrastive_step
 
+    if layout is not None and layout.engine == "megatron":
+        import dataclasses
+
+        import torch
+
+        from .megatron_engine import contrastive_rows
+        from .memory_estimate import megatron_activations
+
+        rows = contrastive_rows(shape.batch_size, seq_length, min(seq_length, shape.max_length), shape.negatives) if layout.pp > 1 else None
+        return megatron_activations(
+            hf_config(model),
+            layout,
+            micro_batch_size=micro_batch_size,
+            seq_length=seq_length,
+            vocab_size=vocab_size,
+            dtype=torch.bfloat16,
+            recompute=recompute,
+            backend=backend,
+            train_mode=train_mode,
+            phase2=dataclasses.asdict(shape),
+            contrastive_rows=rows,
+        )
     return measure_contrastive_step(
         hf_config(model),
         shape,
@@ -314,14 +346,13 @@ def _contrastive_activations(
 
 
 def estimate_phase2(recipe: Recipe, *, backend: str = "triton"):
-    """The memory estimate of ``recipe``'s phase-2 step (training/contrastive_memory.py), per rank;
-    None for a megatron-core recipe (its phase 2 is not modelled here)."""
+    """The memory estimate of ``recipe``'s phase-2 step (training/contrastive_memory.py), per rank:
+    the DeepSpeed engine's passes on the HF model, or megatron-core's on its own model (PP > 1:
+    the in-flight upper bound of phase 1, not validated)."""
     from .contrastive_memory import estimate_contrastive_memory
     from .memory_estimate import keeps_whole_grads
 
     recipe.check()
-    if recipe.engine != "deepspeed":
-        return None
     layout, shape = recipe.layout(), recipe.contrastive_shape()
     activations = _contrastive_activations(
         recipe.model,
@@ -333,6 +364,7 @@ def estimate_phase2(recipe: Recipe, *, backend: str = "triton"):
         recipe.gradient_checkpointing,
         keeps_whole_grads(layout, recipe.train_mode),
         backend,
+        replace(layout, dp=1) if layout.engine == "megatron" else None,  # what megatron-core's measurement depends on
     )
     return estimate_contrastive_memory(
         hf_config(recipe.model),
@@ -344,6 +376,7 @@ def estimate_phase2(recipe: Recipe, *, backend: str = "triton"):
         train_mode=recipe.train_mode,
         gradient_checkpointing=recipe.gradient_checkpointing,
         activations=activations,
+        num_microbatches=recipe.accumulation,
     )
 
 
