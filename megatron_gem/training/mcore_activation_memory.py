@@ -27,9 +27,10 @@ import subprocess
 import sys
 
 
-def measure_megatron_activations(hf_config, **kwargs):
+def measure_megatron_activations(hf_config, with_saved: bool = False, **kwargs):
     """``measure``'s ActivationPeak, measured in a child process (see the module docstring).
-    ``hf_config``: a transformers config; ``kwargs``: measure()'s other arguments."""
+    ``hf_config``: a transformers config; ``kwargs``: measure()'s other arguments;
+    ``with_saved``: (ActivationPeak, Composition at the end of the forward)."""
     from .activation_memory import ActivationPeak, Composition
 
     spec = {"hf_config": hf_config.to_dict(), **kwargs}
@@ -40,7 +41,8 @@ def measure_megatron_activations(hf_config, **kwargs):
     if proc.returncode != 0:
         raise RuntimeError(f"megatron_gem/training/mcore_activation_memory.py failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return ActivationPeak(overall=Composition(**out["overall"]), backward=Composition(**out["backward"]))
+    peak = ActivationPeak(overall=Composition(**out["overall"]), backward=Composition(**out["backward"]))
+    return (peak, Composition(**out["saved"])) if with_saved else peak
 
 
 def measure(
@@ -59,6 +61,8 @@ def measure(
     adapter_rank: int = 16,
     phase2: dict | None = None,
     contrastive_rows: int | None = None,
+    pre_process: bool = True,
+    post_process: bool = True,
 ) -> dict:
     """One micro-batch of packed NTP rows [micro_batch_size, seq_length] through the GEM
     GPTModel of one TP rank of ``num_layers`` layers (a pipeline stage's; embedding and LM head
@@ -77,6 +81,13 @@ def measure(
     the peak hardly depends on where they are). What the frozen layers keep for backward
     (megatron-core's linears save their input only for a weight gradient) is what the
     measurement is for.
+
+    ``pre_process`` / ``post_process``: one pipeline stage as megatron-core builds it (the first:
+    the embedding, no LM head; the last: its input [s, b, h] received from the previous stage,
+    the LM head and loss; a stage without the head is back-propagated from a received gradient
+    of its output's shape). Besides the peak, ``saved``: what is live when the forward ends (the
+    tensors kept for backward and the output the schedule holds), which each further micro-batch
+    in flight on the stage adds (memory_estimate.py).
 
     ``phase2`` (contrastive_memory.ContrastiveShape's fields): a phase-2 step instead, the
     megatron-core engine's own passes (training/megatron_engine.py MegatronPasses through
@@ -135,7 +146,9 @@ def measure(
         use_cpu_initialization=True,
     )
     with torch.device("meta"):  # no memory, no initialisation
-        model = build_gem_gpt_model(arch, config, vocab_size=vocab_size, padded_vocab=vocab_size, backend=backend)
+        model = build_gem_gpt_model(
+            arch, config, vocab_size=vocab_size, padded_vocab=vocab_size, backend=backend, pre_process=pre_process, post_process=post_process
+        )
     summary = train_mode == "summary"
     if phase2 is not None:
         return _measure_phase2(model, config, phase2, micro_batch_size, seq_length, train_mode, adapter_rank, contrastive_rows)
@@ -157,13 +170,24 @@ def measure(
         ids = torch.zeros((micro_batch_size, seq_length), dtype=torch.long)
         if not summary:
             positions, info = ids, gem_mask_info(ids, ids)
+        rows = seq_length // tp if sequence_parallel else seq_length  # a stage's input / output [s, b, h]
+        boundary = (rows, micro_batch_size, arch.hidden_size)
         with tracker, _labelled_loss(tracker):
-            losses, _ = model(ids, positions, info, ntp_rows=micro_batch_size, labels=ids)
-            loss = losses.sum()
-            del losses
-            loss.backward()
+            if not pre_process:  # the tensor received from the previous stage (its buffer is this stage's)
+                received = torch.empty(boundary, dtype=getattr(torch, dtype), requires_grad=True)
+                model.set_input_tensor(received)
+            out = model(ids if pre_process else None, positions, info, ntp_rows=micro_batch_size, labels=ids)
+            saved = dict(tracker.by_label)
+            if post_process:
+                losses, _ = out
+                loss = losses.sum()
+                del losses, out
+                loss.backward()
+            else:  # the gradient received from the next stage
+                out.backward(torch.empty(boundary, dtype=out.dtype))
+                del out
     backward = tracker.at_backward_peak if tracker.backward_peak else tracker.at_peak
-    return {"overall": asdict(Composition(**tracker.at_peak)), "backward": asdict(Composition(**backward))}
+    return {"overall": asdict(Composition(**tracker.at_peak)), "backward": asdict(Composition(**backward)), "saved": asdict(Composition(**saved))}
 
 
 def _measure_phase2(model, config, phase2: dict, micro_batch_size: int, seq_length: int, train_mode: str, adapter_rank: int, rows: int | None) -> dict:

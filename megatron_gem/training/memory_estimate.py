@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .activation_memory import ActivationPeak, fake_model, measure_optimizer_step, measure_step_activations
+from .activation_memory import ActivationPeak, Composition, fake_model, measure_optimizer_step, measure_step_activations
 
 GB = 1e9
 PARTS = ("parameters", "gradients", "optimizer", "activations", "logits_loss", "attention")
@@ -173,6 +173,19 @@ def state_bytes(c: ModelCounts, layout: Layout, *, weight_bytes: int, train_mode
 
 
 @dataclass(frozen=True)
+class PipelineStages:
+    """megatron-core under PP > 1: the first and the last stage measured apart (their own
+    layers; the embedding, or the received input with the LM head and loss), each as the peak
+    of one micro-batch and what stays live once its forward ends (``*_saved``: kept for its
+    backward). A middle stage has fewer states and fewer micro-batches in flight than the first."""
+
+    first: ActivationPeak
+    first_saved: Composition
+    last: ActivationPeak
+    last_saved: Composition
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     parameters: float
     gradients: float
@@ -250,8 +263,27 @@ def estimate_step_memory(
             keep_grads=timeline_grads,
             backend=backend,
         )
-    in_flight = min(layout.pp, num_microbatches) if layout.engine == "megatron" else 1
     resident = {"parameters": states["parameters"], "optimizer": states["optimizer"]}
+    step_grads = step_phase_gradients(counts, layout, weight_bytes=w, optimizer=optimizer)
+    step = MemoryEstimate(**resident, gradients=step_grads, activations=0, logits_loss=0, attention=0)
+    if isinstance(activations, PipelineStages):
+        # 1F1B: stage r runs min(PP - r, micro-batches) forwards before its first backward, so the
+        # first stage holds that many micro-batches' saved tensors at its peak (one of them at its
+        # backward's peak), the last stage one
+        stages = [(activations.first, activations.first_saved, min(layout.pp, num_microbatches)), (activations.last, activations.last_saved, 1)]
+        candidates = [
+            MemoryEstimate(
+                **resident,
+                gradients=states["gradients"],
+                activations=peak.overall.activations + (k - 1) * saved.activations,
+                logits_loss=peak.overall.logits_loss + (k - 1) * saved.logits_loss,
+                attention=peak.overall.attention + (k - 1) * saved.attention,
+            )
+            for peak, saved, k in stages
+        ]
+        return max(*candidates, step, key=lambda e: e.peak)
+    # (a measurement given for a pipeline stage: the upper bound of every micro-batch in flight at its peak)
+    in_flight = min(layout.pp, num_microbatches) if layout.engine == "megatron" else 1
     a = activations.overall
     if timeline_grads:
         grads, at = a.gradients, a
@@ -269,8 +301,6 @@ def estimate_step_memory(
         logits_loss=at.logits_loss,
         attention=at.attention,
     )
-    step_grads = step_phase_gradients(counts, layout, weight_bytes=w, optimizer=optimizer)
-    step = MemoryEstimate(**resident, gradients=step_grads, activations=0, logits_loss=0, attention=0)
     return max(backward_pass, step, key=lambda e: e.peak)
 
 
@@ -328,8 +358,7 @@ def megatron_activations(
 
     if hf_config.num_hidden_layers % layout.pp:
         raise ValueError(f"num_hidden_layers={hf_config.num_hidden_layers} is not divisible by PP={layout.pp}")
-    return measure_megatron_activations(
-        hf_config,
+    kwargs = dict(
         tp=layout.tp,
         num_layers=hf_config.num_hidden_layers // layout.pp,
         micro_batch_size=micro_batch_size,
@@ -344,6 +373,11 @@ def megatron_activations(
         phase2=phase2,
         contrastive_rows=contrastive_rows,
     )
+    if layout.pp == 1 or phase2 is not None:
+        return measure_megatron_activations(hf_config, **kwargs)
+    first, first_saved = measure_megatron_activations(hf_config, with_saved=True, post_process=False, **kwargs)
+    last, last_saved = measure_megatron_activations(hf_config, with_saved=True, pre_process=False, **kwargs)
+    return PipelineStages(first, first_saved, last, last_saved)
 
 
 def tp_pp_shard_config(hf_config, *, tp: int, pp: int):

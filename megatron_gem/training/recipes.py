@@ -29,7 +29,12 @@ payload, twice that for an all-reduce). P parameters, T trainable, w = 2 (bf16):
            parallel loss's three fp32 statistics per token (all-reduce) and, with SP, the norm
            weights' fp32 gradients once per step; the distributed optimizer's gradient
            reduce-scatter (fp32) and parameter all-gather (w) of the rank's shard over dp.
-           Pipeline sends (point-to-point) are not counted.
+  PP       point-to-point, per micro-batch and stage boundary: the stage's output [s, b, h]
+           (w bytes; [s/TP, b, h] per TP rank with SP) sent forward, its gradient of the same
+           shape sent back (megatron-core's p2p_communication; counted on a real PP=2 run in
+           tests/training/test_megatron_memory.py). ``p2p``: what the most loaded rank sends,
+           M micro-batches x that tensor once (first / last stage: PP = 2) or twice (a middle
+           stage sends forward and back: PP > 2); it receives as much. Phase 1's rows.
 Summary mode: the base is frozen and replicated (ZeRO-1/2 shard only what the optimizer holds),
 so only the deltas travel.
 """
@@ -476,7 +481,7 @@ def communication_bytes(
     sends with ring algorithms ((n-1)/n of an all-gather's or reduce-scatter's payload, twice
     that of an all-reduce's)."""
     w, n = weight_bytes, layout.dp
-    out = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0}
+    out = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0, "p2p": 0}
     ring = (n - 1) / n if n > 1 else 0.0
     sent = 0.0
     if layout.engine == "megatron":
@@ -502,6 +507,10 @@ def communication_bytes(
             out["all_gather"] += ag
             out["reduce_scatter"] += rs
             sent += (t - 1) / t * (2 * ar + ag + rs)
+        if layout.pp > 1:
+            boundary = tokens * hidden * w / (t if layout.sequence_parallel else 1)  # one stage output (or its gradient), per TP rank
+            out["p2p"] = (2 if layout.pp > 2 else 1) * micro_batches * boundary
+            sent += out["p2p"]
     elif layout.zero_stage == 0:
         out["all_reduce"] = trainable * w
         sent = 2 * ring * trainable * w

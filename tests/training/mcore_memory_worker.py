@@ -15,7 +15,13 @@ test_communication.py's megatron cases: nothing here uses the estimator.
 
 usage: torchrun --nproc-per-node TP mcore_memory_worker.py TP MICRO_BATCH SEQ_LENGTH
        [--recompute] [--sequence-parallel] [--local-collectives] [--summary]
-       [--phase2 PAIRS MAX_LENGTH [--chunk C] [--alpha A]]
+       [--phase2 PAIRS MAX_LENGTH [--chunk C] [--alpha A]] [--pp P --microbatches M]
+
+--pp P: pipeline parallelism over P stages (torchrun --nproc-per-node TP x P), M micro-batches
+per step through megatron-core's 1F1B schedule (--microbatches, default 1). The point-to-point
+sends between stages are counted too ("p2p_sent"/"p2p_recv": the bytes of the tensors this rank
+sends to / receives from its neighbours, hooked at torch.distributed.batch_isend_irecv, through
+which megatron-core's p2p_communication sends everything with batch_p2p_comm, its default).
 
 --phase2: a contrastive step instead, as MegatronEngine.train_step runs it: the engine's own
 passes (training/megatron_engine.py MegatronPasses through training/step_plan.py run_step,
@@ -131,7 +137,7 @@ def init_weights(model) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def build(tp: int, recompute: bool, sequence_parallel: bool, summary: bool = False):
+def build(tp: int, recompute: bool, sequence_parallel: bool, summary: bool = False, pp: int = 1):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -142,10 +148,12 @@ def build(tp: int, recompute: bool, sequence_parallel: bool, summary: bool = Fal
     config = transformer_config(
         arch,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel,
         recompute_granularity="full" if recompute else None,
         params_dtype=torch.float32,
     )
+    assert config.batch_p2p_comm, "the p2p count hooks batch_isend_irecv"
     model = build_gem_gpt_model(arch, config, vocab_size=W.VOCAB, padded_vocab=padded_vocab_size(W.VOCAB, tp), backend="sdpa")
     init_weights(model)
     if summary:  # as mcore/provider.py build_gem_model does after loading the base
@@ -170,6 +178,22 @@ def build(tp: int, recompute: bool, sequence_parallel: bool, summary: bool = Fal
     config.grad_scale_func = optimizer.scale_loss
     ddp.train()
     return model, ddp, optimizer
+
+
+def _count_p2p(fn):
+    """torch.distributed.batch_isend_irecv, counting the bytes of its sends and receives (only
+    with C.counting). Its P2POps are built on torch.distributed's own isend / irecv, which
+    P2POp checks by identity: those cannot be wrapped themselves."""
+
+    def wrapped(ops):
+        if C.counting:
+            for op in ops:
+                kind = "p2p_sent" if op.op.__name__ == "isend" else "p2p_recv"
+                C.counted[kind] += op.tensor.numel() * op.tensor.element_size()
+                C.counted[kind + "_calls"] += 1
+        return fn(ops)
+
+    return wrapped
 
 
 def _flag(name, cast, default=None):
@@ -210,15 +234,17 @@ def main():
     recompute = "--recompute" in sys.argv
     sequence_parallel = "--sequence-parallel" in sys.argv
     summary = "--summary" in sys.argv
+    pp, micro = _flag("--pp", int, 1), _flag("--microbatches", int, 1)
     for name in C.KINDS:  # before megatron-core binds them
         if hasattr(dist, name):
             setattr(dist, name, _hook(name, getattr(dist, name)))
+    dist.batch_isend_irecv = _count_p2p(dist.batch_isend_irecv)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_gem.attention.megatron import gem_mask_info
     from megatron_gem.mcore.runtime import init_model_parallel
 
-    init_model_parallel(tp, 1, seed=0)
+    init_model_parallel(tp, pp, seed=0)
     torch.manual_seed(0)  # the same batch on every TP rank (a TP group shares its rows)
     ids = torch.randint(4, W.VOCAB, (mb, seq))
     pos = (torch.arange(seq) % DOC_LEN).expand(mb, seq).contiguous()
@@ -232,11 +258,13 @@ def main():
 
     def forward_step(data_iterator, model):
         next(data_iterator)
-        losses, _ = model(ids, pos, mask, ntp_rows=mb, labels=labels)
-        return losses, lambda out: (out.sum() / (mb * seq), {})
+        # the first stage embeds ids; a later one takes its input from the previous stage; the
+        # last returns (token losses, states), an earlier one its hidden states
+        output = model(ids, pos, mask, ntp_rows=mb, labels=labels)
+        return output, lambda out: (out[0].sum() / (micro * mb * seq), {})
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        model, ddp, optimizer = build(tp, recompute, sequence_parallel, summary)
+        model, ddp, optimizer = build(tp, recompute, sequence_parallel, summary, pp)
         for step in range(3):
             C.counting = step == 2  # the collectives of the last step (the first makes the optimizer state)
             gc.collect()
@@ -250,9 +278,9 @@ def main():
                 else:
                     forward_backward(
                         forward_step_func=forward_step,
-                        data_iterator=iter([None]),
+                        data_iterator=iter([None] * micro),
                         model=[ddp],
-                        num_microbatches=1,
+                        num_microbatches=micro,
                         seq_length=seq,
                         micro_batch_size=mb,
                         forward_only=False,
@@ -261,11 +289,16 @@ def main():
             gc.enable()
             assert ok and grad_norm == grad_norm, f"step {step}: the update was skipped (grad norm {grad_norm})"
     C.counting = False
+    from megatron.core import parallel_state
+
     at_start, peak = W.live_bytes_peak(prof, "gem_step", skip=1)
     params = sum(p.numel() for p in model.parameters())
     out = {
         "rank": dist.get_rank(),
         "tp": tp,
+        "pp": pp,
+        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "microbatches": micro,
         "micro_batch": mb,
         "seq_length": seq,
         "recompute": recompute,

@@ -39,16 +39,17 @@ MB, SEQ = 2, 512
 
 
 @functools.lru_cache(maxsize=None)
-def run(tp: int, recompute: bool, sequence_parallel: bool, local: bool = False, summary: bool = False, extra: tuple = ()) -> tuple:
+def run(tp: int, recompute: bool, sequence_parallel: bool, local: bool = False, summary: bool = False, extra: tuple = (), pp: int = 1, micro: int = 1) -> tuple:
     args = [str(tp), str(MB), str(SEQ)] + (["--recompute"] if recompute else []) + (["--sequence-parallel"] if sequence_parallel else [])
     args += (["--local-collectives"] if local else []) + (["--summary"] if summary else []) + list(extra)
+    args += ["--pp", str(pp), "--microbatches", str(micro)] if pp > 1 else []
     env = subprocess_env(PYTHONWARNINGS="ignore")
     env.pop("TRITON_INTERPRET", None)
-    cmd = [TORCHRUN, f"--nproc-per-node={tp}", f"--master-port={free_port()}", "tests/training/mcore_memory_worker.py", *args]
+    cmd = [TORCHRUN, f"--nproc-per-node={tp * pp}", f"--master-port={free_port()}", "tests/training/mcore_memory_worker.py", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert sorted(r["rank"] for r in ranks) == list(range(tp)), proc.stdout[-3000:]
+    assert sorted(r["rank"] for r in ranks) == list(range(tp * pp)), proc.stdout[-3000:]
     return tuple(sorted(ranks, key=lambda r: r["rank"]))
 
 
@@ -164,6 +165,48 @@ def test_phase2_estimate_matches_real_megatron_peak(tp, pairs, max_length, chunk
         assert abs(err) <= TOLERANCE, (est.gb(), r)
         # the measured micro-batch carries weight: the states alone would miss by more than the tolerance
         assert r["peak"] - (est.parameters + est.gradients + est.optimizer) > TOLERANCE * r["peak"]
+
+
+# Pipeline parallelism: PP=2 (two processes, gloo), M micro-batches of MB x SEQ per step
+# through megatron-core's 1F1B schedule. make test keeps M=2 (the first stage holds both
+# micro-batches in flight); M=4 (no more in flight, more sends) is make test-long.
+PIPELINE = [2, 4]
+
+
+@pytest.mark.parametrize("micro", [pytest.param(m, marks=[] if m == 2 else [pytest.mark.long]) for m in PIPELINE], ids=[f"pp2-m{m}" for m in PIPELINE])
+def test_pipeline_estimate_matches_real_megatron_peak_and_sends(micro):
+    """The estimator's PP=2 figures against a real 1F1B step: the peak (the most loaded rank: the
+    first stage, holding min(PP, M) micro-batches) and each stage's own, within 10%; the
+    point-to-point bytes equal recipes.communication_bytes's ``p2p`` (the sends hooked at
+    batch_isend_irecv), and every rank receives as much as it sends."""
+    import torch
+
+    from megatron_gem.training.memory_estimate import Layout, MemoryEstimate, estimate_step_memory, megatron_activations, model_counts, state_bytes
+    from megatron_gem.training.recipes import communication_bytes
+
+    ranks = run(1, False, False, pp=2, micro=micro)
+    layout = Layout(engine="megatron", pp=2)
+    kwargs = dict(micro_batch_size=MB, seq_length=SEQ, vocab_size=W.VOCAB, backend="sdpa")
+    est = estimate_step_memory(W.config(), layout, **kwargs, bf16=False, optimizer="torch_adamw", num_microbatches=micro)
+    most = max(ranks, key=lambda r: r["peak"])
+    assert most["pp_rank"] == 0, ranks  # the first stage holds the most
+    err = est.peak / most["peak"] - 1
+    print(f"PP=2 M={micro}: estimated {est.peak / 1e6:.1f} MB, measured {[round(r['peak'] / 1e6, 1) for r in ranks]} MB by stage ({err:+.1%})")
+    assert abs(err) <= TOLERANCE, (est.gb(), ranks)
+    # the last stage on its own: its states and one micro-batch with the LM head and loss
+    stages = megatron_activations(W.config(), layout, **kwargs, dtype=torch.float32, recompute=False)
+    states = state_bytes(model_counts(W.config(), vocab_size=W.VOCAB), layout, weight_bytes=4)
+    last = MemoryEstimate(**states, **{k: getattr(stages.last.overall, k) for k in ("activations", "logits_loss", "attention")})
+    measured_last = next(r["peak"] for r in ranks if r["pp_rank"] == 1)
+    print(f"PP=2 M={micro} last stage: estimated {last.peak / 1e6:.1f} MB, measured {measured_last / 1e6:.1f} MB ({last.peak / measured_last - 1:+.1%})")
+    assert abs(last.peak / measured_last - 1) <= TOLERANCE
+    want = communication_bytes(
+        total=0, trainable=0, layout=layout, micro_batches=micro, tokens=MB * SEQ, hidden=W.HIDDEN, layers=W.LAYERS, weight_bytes=4
+    )
+    for r in ranks:
+        got = r["counted"]
+        print(f"PP=2 M={micro} stage {r['pp_rank']}: sent {got.get('p2p_sent', 0)}, received {got.get('p2p_recv', 0)}, arithmetic {want['p2p']}")
+        assert got.get("p2p_sent", 0) == want["p2p"] and got.get("p2p_recv", 0) == want["p2p"]
 
 
 COMM = [(False, False), (True, False), (False, True), (True, True)]
