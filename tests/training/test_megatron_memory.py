@@ -200,9 +200,7 @@ def test_pipeline_estimate_matches_real_megatron_peak_and_sends(micro):
     measured_last = next(r["peak"] for r in ranks if r["pp_rank"] == 1)
     print(f"PP=2 M={micro} last stage: estimated {last.peak / 1e6:.1f} MB, measured {measured_last / 1e6:.1f} MB ({last.peak / measured_last - 1:+.1%})")
     assert abs(last.peak / measured_last - 1) <= TOLERANCE
-    want = communication_bytes(
-        total=0, trainable=0, layout=layout, micro_batches=micro, tokens=MB * SEQ, hidden=W.HIDDEN, layers=W.LAYERS, weight_bytes=4
-    )
+    want = communication_bytes(total=0, trainable=0, layout=layout, micro_batches=micro, tokens=MB * SEQ, hidden=W.HIDDEN, layers=W.LAYERS, weight_bytes=4)
     for r in ranks:
         got = r["counted"]
         print(f"PP=2 M={micro} stage {r['pp_rank']}: sent {got.get('p2p_sent', 0)}, received {got.get('p2p_recv', 0)}, arithmetic {want['p2p']}")
