@@ -28,15 +28,21 @@ distributed optimizer)
   Activations are measured on megatron-core's own GEM model of one TP rank
   (mcore_activation_memory.py: a fake process group of TP ranks, so heads, FFN width and
   vocabulary are sharded, and with sequence parallelism the hidden-size tensors too, as the
-  real layers do); the stage's layers with embedding and head; the first stage holds
-  min(PP, micro-batches) micro-batches in flight (1F1B). Summary mode's activations are
+  real layers do); at PP = 1 the layers with embedding and head. Under PP the first stage
+  (its layers and the embedding) and the last (its layers on the received input, the LM head
+  and the loss) are measured apart (PipelineStages), each as one micro-batch's peak and what
+  its forward leaves for backward; 1F1B runs min(PP - r, micro-batches) forwards on stage r
+  before its first backward, so the first stage adds min(PP, micro-batches) - 1 micro-batches'
+  saved tensors to its peak (a middle stage has fewer states and fewer in flight). Validated at
+  PP = 2 (tests/training/test_megatron_memory.py). Summary mode's activations are
   measured the same way, on that model with the frozen base and mcore/summary.py's adapter
   attached (its deltas at each document's summary token). Validated against real
   megatron-core runs on CPU, full and summary mode (tests/training/test_megatron_memory.py).
   Phase 2 (training/contrastive_memory.py estimate_contrastive_memory): the engine's own
   phase-2 passes on that model (mcore_activation_memory.py ``phase2``), validated the same way
-  at PP = 1; under PP the contrastive rows are fixed as the engine fixes them and the same
-  in-flight rule applies (an upper bound, not validated).
+  at PP = 1; under PP the contrastive rows are fixed as the engine fixes them and one
+  stage's layers with embedding and head count once per micro-batch in flight (an upper bound, not
+  validated).
 
 Not counted: the CUDA context, NCCL buffers and allocator fragmentation (budget ~5-8 GB on an
 80 GB GPU: the recipes keep that headroom).

@@ -353,7 +353,7 @@ def _contrastive_activations(
 def estimate_phase2(recipe: Recipe, *, backend: str = "triton"):
     """The memory estimate of ``recipe``'s phase-2 step (training/contrastive_memory.py), per rank:
     the DeepSpeed engine's passes on the HF model, or megatron-core's on its own model (PP > 1:
-    the in-flight upper bound of phase 1, not validated)."""
+    a stage with embedding and head times the micro-batches in flight: an upper bound, not validated)."""
     from .contrastive_memory import estimate_contrastive_memory
     from .memory_estimate import keeps_whole_grads
 
@@ -430,9 +430,11 @@ def choose_contrastive_chunk(recipe: Recipe) -> int:
 
 
 def from_megatron_json(path) -> Recipe:
-    """The Recipe of a configs/megatron/*.json file (model by its HF id)."""
+    """The Recipe of a configs/megatron/*.json file (model by its HF id; phase 2's contrastive
+    flags, --contrastive-batch-size and --contrastive-micro-batch-size, from its command)."""
     import json
     import os
+    import shlex
 
     r = json.loads(open(path).read())
     model = {m["hf"]: k for k, m in MODELS.items()}.get(r["hf_model"])
@@ -454,7 +456,19 @@ def from_megatron_json(path) -> Recipe:
         gradient_checkpointing=r["recompute_granularity"] == "full",
         padded_vocab=r["model_shape"]["padded_vocab_size"],
         sequence_parallel=bool(par.get("sequence_parallel", False)),
+        contrastive_batch_size=_flag_value(shlex.split(r["command"]), "--contrastive-batch-size", 0),
+        contrastive_micro_batch_size=_flag_value(shlex.split(r["command"]), "--contrastive-micro-batch-size", 0),
     )
+
+
+def _flag_value(argv: list[str], name: str, default: int) -> int:
+    """The integer value of ``name`` in a command line (``--name N`` or ``--name=N``), else ``default``."""
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith(name + "="):
+            return int(a.split("=", 1)[1])
+    return default
 
 
 def communication(recipe: Recipe) -> dict:
