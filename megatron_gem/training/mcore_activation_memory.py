@@ -75,8 +75,8 @@ def measure(
     ``train_mode="summary"``: the base frozen and mcore/summary.py's adapter attached (rank
     ``adapter_rank`` deltas on every decoder linear layer, split over TP as the real ones are).
     Its deltas act at the summary tokens, found from the batch's roles (a ``nonzero``), so the
-    batch's metadata is real (contrastive_memory.RealMetadataTracker): documents of
-    contrastive_memory.SUMMARY_DOC_LEN tokens packed into the rows, each with its summary token
+    batch's metadata is real (step_inputs.RealMetadataTracker): documents of
+    step_inputs.SUMMARY_DOC_LEN tokens packed into the rows, each with its summary token
     at SUMMARY_AT and its suffix after (the delta path's own tensors are a few rows per document: its share of
     the peak hardly depends on where they are). What the frozen layers keep for backward
     (megatron-core's linears save their input only for a weight gradient) is what the
@@ -89,15 +89,15 @@ def measure(
     tensors kept for backward and the output the schedule holds), which each further micro-batch
     in flight on the stage adds (memory_estimate.py).
 
-    ``phase2`` (contrastive_memory.ContrastiveShape's fields): a phase-2 step instead, the
+    ``phase2`` (step_inputs.ContrastiveShape's fields): a phase-2 step instead, the
     megatron-core engine's own passes (training/megatron_engine.py MegatronPasses through
     training/step_plan.py run_step, each pass through megatron-core's forward_backward_func:
     the joined NTP and contrastive rows, GradCache's no-grad pass and chunks with the surrogate
     loss, summary mode's prefill pass and summary step) on a real contrastive micro-batch
-    (contrastive_memory.contrastive_batch, the data set's collation; ``contrastive_rows``
+    (step_inputs.contrastive_batch, the data set's collation; ``contrastive_rows``
     rows when given, as MegatronEngine.adapt_loaders fixes them under PP), with
     ``micro_batch_size`` x ``seq_length`` NTP rows when alpha < 1; its metadata real
-    (contrastive_memory.RealMetadataTracker), the model fake. DDP, its no-sync and the
+    (step_inputs.RealMetadataTracker), the model fake. DDP, its no-sync and the
     gradient finalisation are not run (the fp32 grad buffer is counted as resident; the
     parameters' gradients are dropped as made, as DDP's hooks move them into it)."""
     from dataclasses import asdict
@@ -112,7 +112,7 @@ def measure(
     from ..common import distributed as D
     from ..mcore import cpu_shims
     from .activation_memory import Composition, StorageTracker
-    from .contrastive_memory import RealMetadataTracker, summary_documents
+    from .step_inputs import RealMetadataTracker, summary_documents
 
     if train_mode not in ("full", "summary"):
         raise ValueError(f"train_mode must be 'full' or 'summary', got {train_mode!r}")
@@ -201,8 +201,8 @@ def _measure_phase2(model, config, phase2: dict, micro_batch_size: int, seq_leng
 
     from ..gem.losses import Distillation
     from .activation_memory import Composition
-    from .contrastive_memory import ContrastiveShape, RealMetadataTracker, contrastive_batch, gem_config_for, ntp_batch
     from .megatron_engine import MegatronEngine, MegatronPasses, StepLoss
+    from .step_inputs import ContrastiveShape, RealMetadataTracker, contrastive_batch, gem_config_for, ntp_batch
     from .step_plan import StepPlan, run_step
 
     shape = ContrastiveShape(**phase2)
