@@ -187,14 +187,14 @@ def test_pipeline_estimate_matches_real_megatron_peak_and_sends(micro):
     ranks = run(1, False, False, pp=2, micro=micro)
     layout = Layout(engine="megatron", pp=2)
     kwargs = dict(micro_batch_size=MB, seq_length=SEQ, vocab_size=W.VOCAB, backend="sdpa")
-    est = estimate_step_memory(W.config(), layout, **kwargs, bf16=False, optimizer="torch_adamw", num_microbatches=micro)
+    stages = megatron_activations(W.config(), layout, **kwargs, dtype=torch.float32, recompute=False)  # the first and the last stage
+    est = estimate_step_memory(W.config(), layout, **kwargs, bf16=False, optimizer="torch_adamw", num_microbatches=micro, activations=stages)
     most = max(ranks, key=lambda r: r["peak"])
     assert most["pp_rank"] == 0, ranks  # the first stage holds the most
     err = est.peak / most["peak"] - 1
     print(f"PP=2 M={micro}: estimated {est.peak / 1e6:.1f} MB, measured {[round(r['peak'] / 1e6, 1) for r in ranks]} MB by stage ({err:+.1%})")
     assert abs(err) <= TOLERANCE, (est.gb(), ranks)
     # the last stage on its own: its states and one micro-batch with the LM head and loss
-    stages = megatron_activations(W.config(), layout, **kwargs, dtype=torch.float32, recompute=False)
     states = state_bytes(model_counts(W.config(), vocab_size=W.VOCAB), layout, weight_bytes=4)
     last = MemoryEstimate(**states, **{k: getattr(stages.last.overall, k) for k in ("activations", "logits_loss", "attention")})
     measured_last = next(r["peak"] for r in ranks if r["pp_rank"] == 1)
