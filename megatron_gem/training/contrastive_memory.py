@@ -24,155 +24,22 @@ Two things differ from phase 1's measurement, because a phase-2 step reads its d
 
 Parameters are fake, so the forward and backward allocate exactly what they would on the
 device, without computing anything of size.
+
+A megatron-core layout's phase 2 is measured the same way on that engine's own step
+(training/mcore_activation_memory.py with ``phase2``: MegatronPasses through run_step on
+megatron-core's GEM model of one TP rank, the same batches from this module);
+``estimate_contrastive_memory`` picks it by the layout.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
-import numpy as np
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils._pytree import tree_flatten
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .activation_memory import ActivationPeak, Composition, StorageTracker, fake_model
-
-_INDEX_OPS = ("aten::index.Tensor", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_")
-
-
-@dataclass(frozen=True)
-class ContrastiveShape:
-    """A phase-2 micro-batch per rank, by train.py's flags."""
-
-    batch_size: int  # --contrastive-batch-size: anchors per micro-batch (each with its positive)
-    max_length: int = 512  # --contrastive-max-length (capped by --seq-length), special tokens included
-    chunk: int | None = None  # --contrastive-micro-batch-size: GradCache chunk of anchors (None: none)
-    negatives: int = 0  # hard negatives per anchor (--contrastive-negative-field)
-    alpha: float = 1.0  # --gem-alpha: < 1 adds (1 - alpha) NTP on a packed micro-batch of rows
-    teacher_dim: int = 0  # --contrastive-teacher: its embedding width (0: no teacher)
-    teacher_params: int = 0  # the teacher's parameters: fp32 on the device for the whole run
-
-    def describe(self) -> str:
-        s = f"{self.batch_size} pairs x {self.max_length}"
-        s += f", GradCache chunks of {self.chunk}" if self.chunk else ""
-        s += f", {self.negatives} negatives each" if self.negatives else ""
-        s += f", alpha {self.alpha:g}" if self.alpha < 1 else ""
-        s += f", teacher {self.teacher_params / 1e6:.0f}M" if self.teacher_params else ""
-        return s
-
-
-def _bool_to_index(t: torch.Tensor) -> list[torch.Tensor]:
-    return list(t.nonzero().unbind(1))
-
-
-class RealMetadataTracker(StorageTracker):
-    """StorageTracker for a step that reads its batch: see the module docstring."""
-
-    def run(self, func, args, kwargs):
-        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        fake = [a for a in tensors if isinstance(a, FakeTensor)]
-        if func is torch.ops.aten._local_scalar_dense.default and fake:
-            return False if fake[0].dtype == torch.bool else 0 if not fake[0].is_floating_point() else 0.0
-        if tensors and not fake:  # metadata: computed for real, outside every mode
-            with _disable_current_modes():
-                return func(*args, **kwargs)
-        if not tensors:  # a factory: integer and boolean ones make metadata (positions, masks), real too
-            out = func(*args, **kwargs)
-            if isinstance(out, FakeTensor) and not out.is_floating_point() and not out.is_complex():
-                with _disable_current_modes():
-                    return func(*args, **kwargs)
-            return out
-        if func.name() in _INDEX_OPS and len(args) > 1 and isinstance(args[1], (list, tuple)):
-            indices = []
-            for i in args[1]:
-                if isinstance(i, torch.Tensor) and not isinstance(i, FakeTensor) and i.dtype == torch.bool:
-                    with _disable_current_modes():
-                        indices += _bool_to_index(i)
-                else:
-                    indices.append(i)
-            args = (args[0], indices, *args[2:])
-        return func(*args, **kwargs)
-
-
-class _MaxLengthTexts:
-    """A corpus of ``n`` texts each longer than any budget (so every text is cut to the longest
-    a contrastive view may be: the worst case of the flags)."""
-
-    def __init__(self, n: int, length: int, token: int):
-        self.lengths = np.full(n, length, dtype=np.int64)
-        self._text = np.full(length, token, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return int(self.lengths.shape[0])
-
-    def get(self, d: int) -> np.ndarray:
-        return self._text
-
-
-class _Negatives:
-    """``per`` hard negatives per pair, each a longest text (data.corpus.NegativeTexts' interface
-    as ContrastiveDataset reads it)."""
-
-    def __init__(self, n: int, per: int, length: int, token: int):
-        self.corpus = _MaxLengthTexts(n * per, length, token)
-        self.offsets = np.arange(n + 1, dtype=np.int64) * per
-        self._texts = [self.corpus.get(0)] * per
-
-    def __len__(self) -> int:
-        return int(self.offsets.shape[0] - 1)
-
-    def get(self, d: int) -> list:
-        return self._texts
-
-
-def gem_config_for(train_mode: str, *, alpha: float = 1.0, teacher: bool = False):
-    """A GEMConfig of the run's shape (one special token, id 1; summary mode's deltas at rank 16)."""
-    from ..gem.config import GEMConfig
-
-    return GEMConfig(special_token_ids=[1], train_mode=train_mode, alpha=alpha, **({"teacher_weight": 1.0} if teacher else {}))
-
-
-def contrastive_batch(shape: ContrastiveShape, *, seq_length: int, train_mode: str = "full") -> dict:
-    """One contrastive micro-batch (with its GradCache chunks when ``shape.chunk``) as the data set
-    collates it, every text at its longest."""
-    from ..data.datasets import ContrastiveDataset
-
-    n = shape.batch_size
-    length = 2 * seq_length + 8  # longer than any budget: every view is cut to max_length
-    texts = _MaxLengthTexts(n, length, token=7)
-    negatives = _Negatives(n, shape.negatives, length, token=7) if shape.negatives else None
-    ds = ContrastiveDataset(
-        texts,
-        gem_config_for(train_mode),
-        positives=_MaxLengthTexts(n, length, token=9),
-        negatives=negatives,
-        max_text_len=min(seq_length, shape.max_length),
-        seq_length=seq_length,
-        shuffle=False,
-        num_epochs=1,
-        chunk_size=shape.chunk,
-    )
-    batch = ds.collate([ds[i] for i in range(n)])
-    if shape.teacher_dim:  # the teacher's rows (distill/teacher_rows.py), per chunk
-        for part in batch.get("chunks", [batch]):
-            docs = 2 * int(part["num_texts"]) + int(part["num_negatives"])
-            part["teacher"] = torch.nn.functional.normalize(torch.ones(docs, shape.teacher_dim), dim=-1)
-    return batch
-
-
-def ntp_batch(micro_batch_size: int, seq_length: int) -> dict:
-    """A packed NTP micro-batch (one document per row, every token a target)."""
-    shape = (micro_batch_size, seq_length)
-    ids = torch.full(shape, 7, dtype=torch.long)
-    return {
-        "input_ids": ids,
-        "labels": ids.clone(),
-        "position_ids": torch.arange(seq_length).expand(shape).contiguous(),
-        "doc_ids": torch.arange(micro_batch_size)[:, None].expand(shape).contiguous(),
-        "roles": torch.zeros(shape, dtype=torch.long),
-    }
+from .activation_memory import ActivationPeak, Composition, fake_model
+from .step_inputs import ContrastiveShape, RealMetadataTracker, contrastive_batch, gem_config_for, ntp_batch  # noqa: F401  (ContrastiveShape: this module's API too)
 
 
 class _Engine:
@@ -225,7 +92,7 @@ def measure_contrastive_step(
         raise ValueError(f"alpha must be in (0, 1] for a contrastive step, got {shape.alpha}")
     gem = gem_config_for(train_mode, alpha=shape.alpha, teacher=bool(shape.teacher_dim))
     cl = contrastive_batch(shape, seq_length=seq_length, train_mode=train_mode)
-    ntp = ntp_batch(micro_batch_size, seq_length) if shape.alpha < 1 else None
+    ntp = ntp_batch(micro_batch_size, seq_length, summary=train_mode == "summary") if shape.alpha < 1 else None
     lm = fake_model(hf_config, dtype=dtype, vocab_size=vocab_size)
     with torch.device("meta"):  # the adapter and the logit scale too: no memory, no init (values do not matter)
         model = GEMModel(lm, gem, fast_summary=fast_summary)
@@ -276,19 +143,40 @@ def estimate_contrastive_memory(
     activations: ActivationPeak | None = None,
     backend: str = "triton",
     optimizer: str = "fused_adam",
+    num_microbatches: int = 1,
 ):
     """Peak bytes per rank of one phase-2 step (memory_estimate.MemoryEstimate): the states by
     memory_estimate.py's sharding rules, the micro-batch measured by ``measure_contrastive_step``,
     and a teacher's fp32 weights (``shape.teacher_params``; Teacher.from_pretrained puts them on
     the engine's device for the whole run) in "parameters". The teacher's own forward runs
     before the step, without autograd and while none of the step's activations live: its
-    activations (a batch of texts, no graph) are not in the peak. DeepSpeed layouts only."""
-    from dataclasses import replace
+    activations (a batch of texts, no graph) are not in the peak. A megatron-core layout's
+    micro-batch is measured on megatron-core's own model running that engine's passes
+    (mcore_activation_memory.py, ``phase2``; its stage's layers, its TP shard; under PP the
+    contrastive rows fixed as the engine fixes them, and min(PP, micro-batches) in flight as
+    in phase 1: an upper bound, not validated)."""
+    from dataclasses import asdict, replace
 
-    from .memory_estimate import estimate_step_memory, keeps_whole_grads
+    from .memory_estimate import estimate_step_memory, keeps_whole_grads, megatron_activations
 
-    if layout.engine != "deepspeed":
-        raise ValueError("the phase-2 estimate models the DeepSpeed engine's step (megatron-core's runs its own passes)")
+    if activations is None and layout.engine == "megatron":
+        from .megatron_engine import contrastive_rows
+
+        rows = contrastive_rows(shape.batch_size, seq_length, min(seq_length, shape.max_length), shape.negatives) if layout.pp > 1 else None
+        activations = megatron_activations(
+            hf_config,
+            layout,
+            micro_batch_size=micro_batch_size,
+            seq_length=seq_length,
+            vocab_size=vocab_size,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+            recompute=gradient_checkpointing,
+            backend=backend,
+            train_mode=train_mode,
+            adapter_rank=adapter_rank,
+            phase2=asdict(shape),
+            contrastive_rows=rows,
+        )
     if activations is None:
         activations = measure_contrastive_step(
             hf_config,
@@ -315,5 +203,6 @@ def estimate_contrastive_memory(
         activations=activations,
         backend=backend,
         optimizer=optimizer,
+        num_microbatches=num_microbatches,
     )
     return replace(e, parameters=e.parameters + 4 * shape.teacher_params)

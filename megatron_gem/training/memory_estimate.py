@@ -19,14 +19,30 @@ distributed optimizer)
   params w*P_rank, grads 4*P_rank (the fp32 main-grad buffer, resident), optimizer
   12*P_rank/dp with bf16 weights (fp32 master + Adam m, v) or 8*P_rank/dp with fp32 weights
   (the master is the weight itself), where P_rank is the most loaded pipeline stage's
-  parameters (its layers plus the embedding, and the LM head when PP = 1) over TP.
+  parameters (its layers plus the embedding, and the LM head when PP = 1) over TP. Summary
+  mode: params w*(P_rank + T_rank), grads 4*T_rank, optimizer (12 or 8)*T_rank/dp, where
+  T_rank is the adapter this rank holds as mcore/summary.py splits it
+  (megatron_trainable_shards: per fused layer, A [r, in] and B [out/TP, r] for linear_qkv and
+  linear_fc1, A [r, in/TP] and B [out, r] for linear_proj and linear_fc2; one A per fused
+  layer, where HF's adapter has one per projection) plus the logit scale.
   Activations are measured on megatron-core's own GEM model of one TP rank
   (mcore_activation_memory.py: a fake process group of TP ranks, so heads, FFN width and
   vocabulary are sharded, and with sequence parallelism the hidden-size tensors too, as the
-  real layers do); the stage's layers with embedding and head; the first stage holds
-  min(PP, micro-batches) micro-batches in flight (1F1B). Summary mode's activations are the
-  HF model's (tp_pp_shard_config: hidden-size tensors whole). Validated against real
-  megatron-core runs on CPU (tests/training/test_megatron_memory.py).
+  real layers do); at PP = 1 the layers with embedding and head. Under PP the first stage
+  (its layers and the embedding) and the last (its layers on the received input, the LM head
+  and the loss) are measured apart (PipelineStages), each as one micro-batch's peak and what
+  its forward leaves for backward; 1F1B runs min(PP - r, micro-batches) forwards on stage r
+  before its first backward, so the first stage adds min(PP, micro-batches) - 1 micro-batches'
+  saved tensors to its peak (a middle stage has fewer states and fewer in flight). Validated at
+  PP = 2 (tests/training/test_megatron_memory.py). Summary mode's activations are
+  measured the same way, on that model with the frozen base and mcore/summary.py's adapter
+  attached (its deltas at each document's summary token). Validated against real
+  megatron-core runs on CPU, full and summary mode (tests/training/test_megatron_memory.py).
+  Phase 2 (training/contrastive_memory.py estimate_contrastive_memory): the engine's own
+  phase-2 passes on that model (mcore_activation_memory.py ``phase2``), validated the same way
+  at PP = 1; under PP the contrastive rows are fixed as the engine fixes them and one
+  stage's layers with embedding and head count once per micro-batch in flight (an upper bound, not
+  validated).
 
 Not counted: the CUDA context, NCCL buffers and allocator fragmentation (budget ~5-8 GB on an
 80 GB GPU: the recipes keep that headroom).
@@ -39,7 +55,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .activation_memory import ActivationPeak, fake_model, measure_optimizer_step, measure_step_activations
+from .activation_memory import ActivationPeak, Composition, fake_model, measure_optimizer_step, measure_step_activations
 
 GB = 1e9
 PARTS = ("parameters", "gradients", "optimizer", "activations", "logits_loss", "attention")
@@ -84,6 +100,22 @@ class ModelCounts:
     embedding: int  # input embedding (the LM head has the same shape)
     num_layers: int
     tied: bool
+    # summary mode: one layer's deltas as megatron-core fuses them (mcore/summary.py TARGETS):
+    # (parallel kind, in_features, out_features) of linear_qkv, linear_proj, linear_fc1, linear_fc2
+    fused_adapter: tuple = ()
+    adapter_rank: int = 0
+
+
+def megatron_trainable_shards(c: ModelCounts, layout: Layout) -> list[int]:
+    """Summary mode on megatron-core: the sizes of the trainable tensors one rank of the most
+    loaded stage holds (mcore/summary.py: a column-parallel layer's delta has A [r, in]
+    replicated and B [out/TP, r] split; a row-parallel one A [r, in/TP] split and B [out, r]
+    replicated), and the logit scale."""
+    r, tp = c.adapter_rank, layout.tp
+    per_layer = []
+    for kind, i, o in c.fused_adapter:
+        per_layer += [r * i, o // tp * r] if kind == "column" else [r * (i // tp), o * r]
+    return per_layer * (c.num_layers // layout.pp) + [1]
 
 
 def model_counts(hf_config, *, vocab_size: int, train_mode: str = "full", adapter_rank: int = 16) -> ModelCounts:
@@ -97,6 +129,15 @@ def model_counts(hf_config, *, vocab_size: int, train_mode: str = "full", adapte
     else:
         trainable = total
     layer = sum(p.numel() for p in decoder_layers(lm)[0].parameters())
+    fused = ()
+    if train_mode == "summary":  # one layer's projections, fused as megatron-core's layers are
+        one = {n.rsplit(".", 1)[-1]: (m.in_features, m.out_features) for n, m in decoder_layers(lm)[0].named_modules() if isinstance(m, torch.nn.Linear)}
+        fused = (
+            ("column", one["q_proj"][0], one["q_proj"][1] + one["k_proj"][1] + one["v_proj"][1]),
+            ("row", *one["o_proj"]),
+            ("column", one["gate_proj"][0], one["gate_proj"][1] + one["up_proj"][1]),
+            ("row", *one["down_proj"]),
+        )
     return ModelCounts(
         total=total,
         trainable=trainable,
@@ -104,6 +145,8 @@ def model_counts(hf_config, *, vocab_size: int, train_mode: str = "full", adapte
         embedding=lm.get_input_embeddings().weight.numel(),
         num_layers=len(decoder_layers(lm)),
         tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        fused_adapter=fused,
+        adapter_rank=adapter_rank if train_mode == "summary" else 0,
     )
 
 
@@ -115,10 +158,12 @@ def state_bytes(c: ModelCounts, layout: Layout, *, weight_bytes: int, train_mode
         if layout.pp == 1 and not c.tied:
             stage += c.embedding
         p_rank = stage / layout.tp
-        t_rank = p_rank if train_mode == "full" else T / (layout.tp * layout.pp)
+        # summary mode: the base (frozen, no grad buffer) and the adapter's shards on the rank
+        t_rank = p_rank if train_mode == "full" else sum(megatron_trainable_shards(c, layout))
         # the distributed optimizer's fp32 master is a copy of bf16 weights, the weight itself in fp32
         master = 4 if w != 4 else 0
-        return {"parameters": w * p_rank, "gradients": 4 * t_rank, "optimizer": (master + 8) * t_rank / dp}
+        held = p_rank if train_mode == "full" else p_rank + t_rank
+        return {"parameters": w * held, "gradients": 4 * t_rank, "optimizer": (master + 8) * t_rank / dp}
     s = layout.zero_stage
     bucket = min(layout.reduce_bucket_size, T) * w
     if s == 0:
@@ -131,6 +176,19 @@ def state_bytes(c: ModelCounts, layout: Layout, *, weight_bytes: int, train_mode
         return {"parameters": P * w, "gradients": grads, "optimizer": optimizer}
     gathered = (c.layer + c.embedding) * w  # ZeRO-3's working set: a layer and the head, whole
     return {"parameters": P * w / dp + gathered, "gradients": grads, "optimizer": optimizer}
+
+
+@dataclass(frozen=True)
+class PipelineStages:
+    """megatron-core under PP > 1: the first and the last stage measured apart (their own
+    layers; the embedding, or the received input with the LM head and loss), each as the peak
+    of one micro-batch and what stays live once its forward ends (``*_saved``: kept for its
+    backward). A middle stage has fewer states and fewer micro-batches in flight than the first."""
+
+    first: ActivationPeak
+    first_saved: Composition
+    last: ActivationPeak
+    last_saved: Composition
 
 
 @dataclass(frozen=True)
@@ -186,7 +244,7 @@ def estimate_step_memory(
     # reduction on (allocated there, freed after the step); ZeRO-3's partition (allocated at
     # initialisation) and megatron-core's main-grad buffer are resident all along.
     timeline_grads = keeps_whole_grads(layout, train_mode)
-    if activations is None and layout.engine == "megatron" and train_mode == "full":
+    if activations is None and layout.engine == "megatron":
         activations = megatron_activations(
             hf_config,
             layout,
@@ -196,14 +254,12 @@ def estimate_step_memory(
             dtype=dtype,
             recompute=gradient_checkpointing,
             backend=backend,
+            train_mode=train_mode,
+            adapter_rank=adapter_rank,
         )
     if activations is None:
-        cfg = hf_config
-        if layout.engine == "megatron":  # this rank's stage and TP shard of the model
-            cfg = tp_pp_shard_config(hf_config, tp=layout.tp, pp=layout.pp)
-            vocab_size = math.ceil(vocab_size / layout.tp)
         activations = measure_step_activations(
-            cfg,
+            hf_config,
             micro_batch_size=micro_batch_size,
             seq_length=seq_length,
             vocab_size=vocab_size,
@@ -213,8 +269,27 @@ def estimate_step_memory(
             keep_grads=timeline_grads,
             backend=backend,
         )
-    in_flight = min(layout.pp, num_microbatches) if layout.engine == "megatron" else 1
     resident = {"parameters": states["parameters"], "optimizer": states["optimizer"]}
+    step_grads = step_phase_gradients(counts, layout, weight_bytes=w, optimizer=optimizer)
+    step = MemoryEstimate(**resident, gradients=step_grads, activations=0, logits_loss=0, attention=0)
+    if isinstance(activations, PipelineStages):
+        # 1F1B: stage r runs min(PP - r, micro-batches) forwards before its first backward, so the
+        # first stage holds that many micro-batches' saved tensors at its peak (one of them at its
+        # backward's peak), the last stage one
+        stages = [(activations.first, activations.first_saved, min(layout.pp, num_microbatches)), (activations.last, activations.last_saved, 1)]
+        candidates = [
+            MemoryEstimate(
+                **resident,
+                gradients=states["gradients"],
+                activations=peak.overall.activations + (k - 1) * saved.activations,
+                logits_loss=peak.overall.logits_loss + (k - 1) * saved.logits_loss,
+                attention=peak.overall.attention + (k - 1) * saved.attention,
+            )
+            for peak, saved, k in stages
+        ]
+        return max(*candidates, step, key=lambda e: e.peak)
+    # (a measurement given for a pipeline stage: the upper bound of every micro-batch in flight at its peak)
+    in_flight = min(layout.pp, num_microbatches) if layout.engine == "megatron" else 1
     a = activations.overall
     if timeline_grads:
         grads, at = a.gradients, a
@@ -232,8 +307,6 @@ def estimate_step_memory(
         logits_loss=at.logits_loss,
         attention=at.attention,
     )
-    step_grads = step_phase_gradients(counts, layout, weight_bytes=w, optimizer=optimizer)
-    step = MemoryEstimate(**resident, gradients=step_grads, activations=0, logits_loss=0, attention=0)
     return max(backward_pass, step, key=lambda e: e.peak)
 
 
@@ -251,9 +324,11 @@ def step_phase_gradients(c: ModelCounts, layout: Layout, *, weight_bytes: int, o
         raise ValueError(f"optimizer must be 'fused_adam' or 'torch_adamw', got {optimizer!r}")
     T, w = c.trainable, weight_bytes
     if layout.engine == "megatron":  # fp32 main grads are the buffer counted as resident
+        shards = megatron_trainable_shards(c, layout) if c.fused_adapter else [math.ceil(c.embedding / layout.tp)]
         # torch AdamW (CPU) steps one parameter shard at a time: its temporaries are the largest one's
-        temps = measure_optimizer_step([math.ceil(c.embedding / layout.tp)]) if optimizer == "torch_adamw" else 0
-        return 4 * T / (layout.tp * layout.pp) + temps
+        temps = measure_optimizer_step([max(shards)]) if optimizer == "torch_adamw" else 0
+        t_rank = sum(shards) if c.fused_adapter else T / (layout.tp * layout.pp)
+        return 4 * t_rank + temps
     dp, s = layout.dp, layout.zero_stage
     part = math.ceil(T / dp)
     temps = measure_optimizer_step([part] if s else [T], dtype=torch.float32 if s or w == 4 else torch.bfloat16) if optimizer == "torch_adamw" else 0
@@ -266,16 +341,30 @@ def step_phase_gradients(c: ModelCounts, layout: Layout, *, weight_bytes: int, o
     return grads + part * w + cast + temps
 
 
-def megatron_activations(hf_config, layout: Layout, *, micro_batch_size: int, seq_length: int, vocab_size: int, dtype, recompute: bool, backend: str):
+def megatron_activations(
+    hf_config,
+    layout: Layout,
+    *,
+    micro_batch_size: int,
+    seq_length: int,
+    vocab_size: int,
+    dtype,
+    recompute: bool,
+    backend: str,
+    train_mode: str = "full",
+    adapter_rank: int = 16,
+    phase2: dict | None = None,
+    contrastive_rows: int | None = None,
+):
     """The activation peak of one micro-batch on the most loaded megatron-core rank (its
-    stage's layers, its TP shard; training/mcore_activation_memory.py, a child process of a few seconds)."""
+    stage's layers, its TP shard; training/mcore_activation_memory.py, a child process of a few
+    seconds); ``phase2``/``contrastive_rows``: a phase-2 micro-batch (measure()'s arguments)."""
     from ..mcore.llama import padded_vocab_size
     from .mcore_activation_memory import measure_megatron_activations
 
     if hf_config.num_hidden_layers % layout.pp:
         raise ValueError(f"num_hidden_layers={hf_config.num_hidden_layers} is not divisible by PP={layout.pp}")
-    return measure_megatron_activations(
-        hf_config,
+    kwargs = dict(
         tp=layout.tp,
         num_layers=hf_config.num_hidden_layers // layout.pp,
         micro_batch_size=micro_batch_size,
@@ -285,7 +374,16 @@ def megatron_activations(hf_config, layout: Layout, *, micro_batch_size: int, se
         sequence_parallel=layout.sequence_parallel,
         recompute=recompute,
         backend=backend,
+        train_mode=train_mode,
+        adapter_rank=adapter_rank,
+        phase2=phase2,
+        contrastive_rows=contrastive_rows,
     )
+    if layout.pp == 1 or phase2 is not None:
+        return measure_megatron_activations(hf_config, **kwargs)
+    first, first_saved = measure_megatron_activations(hf_config, with_saved=True, post_process=False, **kwargs)
+    last, last_saved = measure_megatron_activations(hf_config, with_saved=True, pre_process=False, **kwargs)
+    return PipelineStages(first, first_saved, last, last_saved)
 
 
 def tp_pp_shard_config(hf_config, *, tp: int, pp: int):

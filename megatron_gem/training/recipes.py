@@ -29,7 +29,12 @@ payload, twice that for an all-reduce). P parameters, T trainable, w = 2 (bf16):
            parallel loss's three fp32 statistics per token (all-reduce) and, with SP, the norm
            weights' fp32 gradients once per step; the distributed optimizer's gradient
            reduce-scatter (fp32) and parameter all-gather (w) of the rank's shard over dp.
-           Pipeline sends (point-to-point) are not counted.
+  PP       point-to-point, per micro-batch and stage boundary: the stage's output [s, b, h]
+           (w bytes; [s/TP, b, h] per TP rank with SP) sent forward, its gradient of the same
+           shape sent back (megatron-core's p2p_communication; counted on a real PP=2 run in
+           tests/training/test_megatron_memory.py). ``p2p``: what the most loaded rank sends,
+           M micro-batches x that tensor once (first / last stage: PP = 2) or twice (a middle
+           stage sends forward and back: PP > 2); it receives as much. Phase 1's rows.
 Summary mode: the base is frozen and replicated (ZeRO-1/2 shard only what the optimizer holds),
 so only the deltas travel.
 """
@@ -232,7 +237,7 @@ def _activations(
     tp, pp = layout.tp, layout.pp
     # megatron-core's own model (training/mcore_activation_memory.py) for today's paths; the
     # paths before the GPU-path changes (loss "hf", backend "sdpa") exist in the HF model only.
-    if layout.engine == "megatron" and train_mode == "full" and (loss, backend) == ("chunked", "triton"):
+    if layout.engine == "megatron" and (loss, backend) == ("chunked", "triton"):
         return megatron_activations(
             cfg,
             layout,
@@ -242,6 +247,7 @@ def _activations(
             dtype=torch.bfloat16,
             recompute=recompute,
             backend="triton",
+            train_mode=train_mode,
         )
     if tp * pp > 1:
         cfg = tp_pp_shard_config(cfg, tp=tp, pp=pp)
@@ -294,11 +300,43 @@ def estimate(recipe: Recipe, *, loss: str = "chunked", backend: str = "triton"):
 
 @functools.lru_cache(maxsize=None)
 def _contrastive_activations(
-    model: str, train_mode: str, shape, micro_batch_size: int, seq_length: int, vocab_size: int, recompute: bool, keep_grads: bool, backend: str = "triton"
+    model: str,
+    train_mode: str,
+    shape,
+    micro_batch_size: int,
+    seq_length: int,
+    vocab_size: int,
+    recompute: bool,
+    keep_grads: bool,
+    backend: str = "triton",
+    layout=None,
 ):
-    """One fake-tensor measurement of a phase-2 micro-batch (minutes at 8B), shared like _activations."""
+    """One fake-tensor measurement of a phase-2 micro-batch (minutes at 8B), shared like _activations.
+    ``layout``: a megatron-core layout measures that engine's passes on its model (else DeepSpeed's)."""
     from .contrastive_memory import measure_contrastive_step
 
+    if layout is not None and layout.engine == "megatron":
+        import dataclasses
+
+        import torch
+
+        from .megatron_engine import contrastive_rows
+        from .memory_estimate import megatron_activations
+
+        rows = contrastive_rows(shape.batch_size, seq_length, min(seq_length, shape.max_length), shape.negatives) if layout.pp > 1 else None
+        return megatron_activations(
+            hf_config(model),
+            layout,
+            micro_batch_size=micro_batch_size,
+            seq_length=seq_length,
+            vocab_size=vocab_size,
+            dtype=torch.bfloat16,
+            recompute=recompute,
+            backend=backend,
+            train_mode=train_mode,
+            phase2=dataclasses.asdict(shape),
+            contrastive_rows=rows,
+        )
     return measure_contrastive_step(
         hf_config(model),
         shape,
@@ -313,14 +351,13 @@ def _contrastive_activations(
 
 
 def estimate_phase2(recipe: Recipe, *, backend: str = "triton"):
-    """The memory estimate of ``recipe``'s phase-2 step (training/contrastive_memory.py), per rank;
-    None for a megatron-core recipe (its phase 2 is not modelled here)."""
+    """The memory estimate of ``recipe``'s phase-2 step (training/contrastive_memory.py), per rank:
+    the DeepSpeed engine's passes on the HF model, or megatron-core's on its own model (PP > 1:
+    a stage with embedding and head times the micro-batches in flight: an upper bound, not validated)."""
     from .contrastive_memory import estimate_contrastive_memory
     from .memory_estimate import keeps_whole_grads
 
     recipe.check()
-    if recipe.engine != "deepspeed":
-        return None
     layout, shape = recipe.layout(), recipe.contrastive_shape()
     activations = _contrastive_activations(
         recipe.model,
@@ -332,6 +369,7 @@ def estimate_phase2(recipe: Recipe, *, backend: str = "triton"):
         recipe.gradient_checkpointing,
         keeps_whole_grads(layout, recipe.train_mode),
         backend,
+        replace(layout, dp=1) if layout.engine == "megatron" else None,  # what megatron-core's measurement depends on
     )
     return estimate_contrastive_memory(
         hf_config(recipe.model),
@@ -343,6 +381,7 @@ def estimate_phase2(recipe: Recipe, *, backend: str = "triton"):
         train_mode=recipe.train_mode,
         gradient_checkpointing=recipe.gradient_checkpointing,
         activations=activations,
+        num_microbatches=recipe.accumulation,
     )
 
 
@@ -391,9 +430,11 @@ def choose_contrastive_chunk(recipe: Recipe) -> int:
 
 
 def from_megatron_json(path) -> Recipe:
-    """The Recipe of a configs/megatron/*.json file (model by its HF id)."""
+    """The Recipe of a configs/megatron/*.json file (model by its HF id; phase 2's contrastive
+    flags, --contrastive-batch-size and --contrastive-micro-batch-size, from its command)."""
     import json
     import os
+    import shlex
 
     r = json.loads(open(path).read())
     model = {m["hf"]: k for k, m in MODELS.items()}.get(r["hf_model"])
@@ -415,7 +456,19 @@ def from_megatron_json(path) -> Recipe:
         gradient_checkpointing=r["recompute_granularity"] == "full",
         padded_vocab=r["model_shape"]["padded_vocab_size"],
         sequence_parallel=bool(par.get("sequence_parallel", False)),
+        contrastive_batch_size=_flag_value(shlex.split(r["command"]), "--contrastive-batch-size", 0),
+        contrastive_micro_batch_size=_flag_value(shlex.split(r["command"]), "--contrastive-micro-batch-size", 0),
     )
+
+
+def _flag_value(argv: list[str], name: str, default: int) -> int:
+    """The integer value of ``name`` in a command line (``--name N`` or ``--name=N``), else ``default``."""
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith(name + "="):
+            return int(a.split("=", 1)[1])
+    return default
 
 
 def communication(recipe: Recipe) -> dict:
@@ -442,7 +495,7 @@ def communication_bytes(
     sends with ring algorithms ((n-1)/n of an all-gather's or reduce-scatter's payload, twice
     that of an all-reduce's)."""
     w, n = weight_bytes, layout.dp
-    out = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0}
+    out = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0, "p2p": 0}
     ring = (n - 1) / n if n > 1 else 0.0
     sent = 0.0
     if layout.engine == "megatron":
@@ -468,6 +521,10 @@ def communication_bytes(
             out["all_gather"] += ag
             out["reduce_scatter"] += rs
             sent += (t - 1) / t * (2 * ar + ag + rs)
+        if layout.pp > 1:
+            boundary = tokens * hidden * w / (t if layout.sequence_parallel else 1)  # one stage output (or its gradient), per TP rank
+            out["p2p"] = (2 if layout.pp > 2 else 1) * micro_batches * boundary
+            sent += out["p2p"]
     elif layout.zero_stage == 0:
         out["all_reduce"] = trainable * w
         sent = 2 * ring * trainable * w

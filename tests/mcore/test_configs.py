@@ -45,6 +45,24 @@ def test_recipe_layout_and_memory(path):
     assert r["memory_per_gpu_gb"] == pytest.approx(est.gb(), rel=0.01), f"{path.name}: rerun {r['memory_command']} and write its figures"
 
 
+# Phase 2 of one recipe in make test (the 8B flagship: TP=2, SP, GradCache); the others in
+# make test-long (the same estimator, other shapes; each an 8B-scale fake measurement).
+PHASE2_KEEP = {"llama3-8b_8xh100"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=[] if p.stem in PHASE2_KEEP else [pytest.mark.long]) for p in RECIPES], ids=lambda p: p.stem)
+def test_recipe_phase2_memory(path):
+    """Phase 2 (the command's contrastive batch, train.py's default 8 x micro-batch pairs unless
+    it sets --contrastive-batch-size, in its GradCache chunks) fits with the same headroom, and
+    the written figures are the estimator's current ones."""
+    from megatron_gem.training import recipes as R
+
+    r = json.loads(path.read_text())
+    est = R.estimate_phase2(R.from_megatron_json(path))
+    assert R.fits(est), est.gb()
+    assert r["phase2_memory_per_gpu_gb"] == pytest.approx(est.gb(), rel=0.01), f"{path.name}: rerun {r['memory_command']} and write its figures"
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_command_parses(path):
     from megatron_gem.training.args import build_megatron_parser, wants_megatron

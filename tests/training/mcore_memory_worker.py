@@ -14,7 +14,27 @@ Every rank prints one JSON line. The oracle of tests/training/test_memory_estima
 test_communication.py's megatron cases: nothing here uses the estimator.
 
 usage: torchrun --nproc-per-node TP mcore_memory_worker.py TP MICRO_BATCH SEQ_LENGTH
-       [--recompute] [--sequence-parallel] [--local-collectives]
+       [--recompute] [--sequence-parallel] [--local-collectives] [--summary]
+       [--phase2 PAIRS MAX_LENGTH [--chunk C] [--alpha A]] [--pp P --microbatches M]
+
+--pp P: pipeline parallelism over P stages (torchrun --nproc-per-node TP x P), M micro-batches
+per step through megatron-core's 1F1B schedule (--microbatches, default 1). The point-to-point
+sends between stages are counted too ("p2p_sent"/"p2p_recv": the bytes of the tensors this rank
+sends to / receives from its neighbours, hooked at torch.distributed.batch_isend_irecv, through
+which megatron-core's p2p_communication sends everything with batch_p2p_comm, its default).
+
+--phase2: a contrastive step instead, as MegatronEngine.train_step runs it: the engine's own
+passes (training/megatron_engine.py MegatronPasses through training/step_plan.py run_step,
+each pass one forward_backward_func call; GradCache chunks of C anchors with --chunk; summary
+mode's fast path with --summary: the no-grad prefill pass, then the summary step) on PAIRS
+anchors and positives of MAX_LENGTH tokens packed into rows of SEQ_LENGTH by the data set's own
+collation (contrastive_memory.contrastive_batch), and with --alpha A < 1 the MICRO_BATCH NTP
+rows weighted 1 - A joined to it (a pass of their own in summary mode).
+
+--summary: summary mode as the engine builds it (mcore/summary.py attach_summary_adapter: the
+base frozen, rank-16 deltas on every decoder linear layer, only they and the logit scale in
+DDP's buffers and the optimizer), the deltas acting at each document's summary token, which
+sits memory_worker.SUMMARY_AT tokens into the document (the rest of it its suffix).
 
 --local-collectives: the TP group's collectives are done by each rank alone (``_local``: the
 same tensors, no gloo; nothing counted). Through gloo a rank's peak moves by up to 20% from
@@ -117,7 +137,7 @@ def init_weights(model) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def build(tp: int, recompute: bool, sequence_parallel: bool):
+def build(tp: int, recompute: bool, sequence_parallel: bool, summary: bool = False, pp: int = 1):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -128,12 +148,19 @@ def build(tp: int, recompute: bool, sequence_parallel: bool):
     config = transformer_config(
         arch,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel,
         recompute_granularity="full" if recompute else None,
         params_dtype=torch.float32,
     )
+    assert config.batch_p2p_comm, "the p2p count hooks batch_isend_irecv"
     model = build_gem_gpt_model(arch, config, vocab_size=W.VOCAB, padded_vocab=padded_vocab_size(W.VOCAB, tp), backend="sdpa")
     init_weights(model)
+    if summary:  # as mcore/provider.py build_gem_model does after loading the base
+        from megatron_gem.gem.config import GEMConfig
+        from megatron_gem.mcore.summary import attach_summary_adapter
+
+        attach_summary_adapter(model, GEMConfig(train_mode="summary", num_special_tokens=1, special_token_ids=[5], adapter_rank=16), seed=0)
     # What MegatronEngine.build makes of it (train.py's defaults: the distributed optimizer on).
     ddp = DistributedDataParallel(
         config=config,
@@ -153,34 +180,91 @@ def build(tp: int, recompute: bool, sequence_parallel: bool):
     return model, ddp, optimizer
 
 
+def _count_p2p(fn):
+    """torch.distributed.batch_isend_irecv, counting the bytes of its sends and receives (only
+    with C.counting). Its P2POps are built on torch.distributed's own isend / irecv, which
+    P2POp checks by identity: those cannot be wrapped themselves."""
+
+    def wrapped(ops):
+        if C.counting:
+            for op in ops:
+                kind = "p2p_sent" if op.op.__name__ == "isend" else "p2p_recv"
+                C.counted[kind] += op.tensor.numel() * op.tensor.element_size()
+                C.counted[kind + "_calls"] += 1
+        return fn(ops)
+
+    return wrapped
+
+
+def _flag(name, cast, default=None):
+    return cast(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+def phase2_step(ddp, config, phase2, ntp_batch: dict, mb: int, seq: int, summary: bool) -> None:
+    """One phase-2 step's passes as MegatronEngine.train_step runs them (the engine object
+    carries only what MegatronPasses reads of it; the metrics record is left out)."""
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gem.gem.losses import Distillation
+    from megatron_gem.training.contrastive_memory import ContrastiveShape, contrastive_batch
+    from megatron_gem.training.megatron_engine import MegatronEngine, MegatronPasses, StepLoss
+    from megatron_gem.training.step_plan import StepPlan, run_step
+
+    pairs, max_length, chunk, alpha = phase2
+    cl = contrastive_batch(ContrastiveShape(pairs, max_length, chunk=chunk), seq_length=seq, train_mode="summary" if summary else "full")
+    engine = MegatronEngine.__new__(MegatronEngine)
+    engine.ddp, engine.model, engine.config, engine.device = ddp, ddp.module, config, torch.device("cpu")
+    engine.forward_backward = get_forward_backward_func()
+    engine.job = SimpleNamespace(batch=SimpleNamespace(seq_length=seq))
+    job = SimpleNamespace(gem=SimpleNamespace(summary_mode=summary), model=SimpleNamespace(summary_fast_path=True))
+    plan = StepPlan.of(job, [cl], prefill_pass=True)
+    distill = Distillation(1.0, 0.05)
+    passes = MegatronPasses(engine, StepLoss(w_ntp=1 - alpha, w_cl=alpha, ntp_scale=(1 - alpha) / (mb * seq), gather_keys=None, distill=distill))
+    run_step(plan, passes, [ntp_batch] if alpha < 1 else [], [cl], w_cl=alpha, gather_keys=None, distill=distill)
+
+
 def main():
     tp, mb, seq = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    phase2 = None
+    if "--phase2" in sys.argv:
+        i = sys.argv.index("--phase2")
+        phase2 = (int(sys.argv[i + 1]), int(sys.argv[i + 2]), _flag("--chunk", int), _flag("--alpha", float, 1.0))
     recompute = "--recompute" in sys.argv
     sequence_parallel = "--sequence-parallel" in sys.argv
+    summary = "--summary" in sys.argv
+    pp, micro = _flag("--pp", int, 1), _flag("--microbatches", int, 1)
     for name in C.KINDS:  # before megatron-core binds them
         if hasattr(dist, name):
             setattr(dist, name, _hook(name, getattr(dist, name)))
+    dist.batch_isend_irecv = _count_p2p(dist.batch_isend_irecv)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_gem.attention.megatron import gem_mask_info
     from megatron_gem.mcore.runtime import init_model_parallel
 
-    init_model_parallel(tp, 1, seed=0)
+    init_model_parallel(tp, pp, seed=0)
     torch.manual_seed(0)  # the same batch on every TP rank (a TP group shares its rows)
     ids = torch.randint(4, W.VOCAB, (mb, seq))
     pos = (torch.arange(seq) % DOC_LEN).expand(mb, seq).contiguous()
     doc = (torch.arange(seq) // DOC_LEN).expand(mb, seq).contiguous()
-    mask = gem_mask_info(doc, torch.zeros_like(ids))
+    roles = torch.zeros_like(ids)
+    if summary:  # PREFIX ... SPECIAL (the summary token) SUFFIX ... in every document
+        roles = ((pos >= W.SUMMARY_AT).long() * 2 - (pos == W.SUMMARY_AT).long()).contiguous()
+    mask = gem_mask_info(doc, roles)
     labels = torch.roll(ids, -1, dims=1)
     forward_backward = get_forward_backward_func()
 
     def forward_step(data_iterator, model):
         next(data_iterator)
-        losses, _ = model(ids, pos, mask, ntp_rows=mb, labels=labels)
-        return losses, lambda out: (out.sum() / (mb * seq), {})
+        # the first stage embeds ids; a later one takes its input from the previous stage; the
+        # last returns (token losses, states), an earlier one its hidden states
+        output = model(ids, pos, mask, ntp_rows=mb, labels=labels)
+        return output, lambda out: (out[0].sum() / (micro * mb * seq), {})
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        model, ddp, optimizer = build(tp, recompute, sequence_parallel)
+        model, ddp, optimizer = build(tp, recompute, sequence_parallel, summary, pp)
         for step in range(3):
             C.counting = step == 2  # the collectives of the last step (the first makes the optimizer state)
             gc.collect()
@@ -188,29 +272,41 @@ def main():
             with torch.profiler.record_function("gem_step"):
                 ddp.zero_grad_buffer()
                 optimizer.zero_grad()
-                forward_backward(
-                    forward_step_func=forward_step,
-                    data_iterator=iter([None]),
-                    model=[ddp],
-                    num_microbatches=1,
-                    seq_length=seq,
-                    micro_batch_size=mb,
-                    forward_only=False,
-                )
+                if phase2:
+                    ntp = {"input_ids": ids, "position_ids": pos, "doc_ids": doc, "roles": roles, "labels": labels}
+                    phase2_step(ddp, model.config, phase2, ntp, mb, seq, summary)
+                else:
+                    forward_backward(
+                        forward_step_func=forward_step,
+                        data_iterator=iter([None] * micro),
+                        model=[ddp],
+                        num_microbatches=micro,
+                        seq_length=seq,
+                        micro_batch_size=mb,
+                        forward_only=False,
+                    )
                 ok, grad_norm, _ = optimizer.step()
             gc.enable()
             assert ok and grad_norm == grad_norm, f"step {step}: the update was skipped (grad norm {grad_norm})"
     C.counting = False
+    from megatron.core import parallel_state
+
     at_start, peak = W.live_bytes_peak(prof, "gem_step", skip=1)
     params = sum(p.numel() for p in model.parameters())
     out = {
         "rank": dist.get_rank(),
         "tp": tp,
+        "pp": pp,
+        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "microbatches": micro,
         "micro_batch": mb,
         "seq_length": seq,
         "recompute": recompute,
         "sequence_parallel": sequence_parallel,
+        "summary": summary,
+        "phase2": phase2,
         "params_on_rank": params,
+        "trainable_on_rank": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "live_at_step_start": at_start,
         "peak": peak,
         "counted": dict(C.counted),

@@ -16,6 +16,9 @@ sequence parallelism or recomputation therefore run the TP collectives locally
 (--local-collectives: each rank alone, the same tensors, no gloo), where the peak is the same
 on both ranks in every run; plain TP=2 runs through gloo (its larger peak keeps that noise
 under the tolerance: -1% to -7% seen). docs/slurm.md lists the gloo runs of every case.
+Summary mode (the frozen base, the adapter's TP shards: mcore/summary.py) runs at TP=1 and
+with the TP collectives local (its peak is smaller, so gloo's late frees weigh more: +1% and
++8% on the two ranks of one gloo run, listed in docs/slurm.md).
 """
 
 import functools
@@ -36,62 +39,172 @@ MB, SEQ = 2, 512
 
 
 @functools.lru_cache(maxsize=None)
-def run(tp: int, recompute: bool, sequence_parallel: bool, local: bool = False) -> tuple:
+def run(tp: int, recompute: bool, sequence_parallel: bool, local: bool = False, summary: bool = False, extra: tuple = (), pp: int = 1, micro: int = 1) -> tuple:
     args = [str(tp), str(MB), str(SEQ)] + (["--recompute"] if recompute else []) + (["--sequence-parallel"] if sequence_parallel else [])
-    args += ["--local-collectives"] if local else []
+    args += (["--local-collectives"] if local else []) + (["--summary"] if summary else []) + list(extra)
+    args += ["--pp", str(pp), "--microbatches", str(micro)] if pp > 1 else []
     env = subprocess_env(PYTHONWARNINGS="ignore")
     env.pop("TRITON_INTERPRET", None)
-    cmd = [TORCHRUN, f"--nproc-per-node={tp}", f"--master-port={free_port()}", "tests/training/mcore_memory_worker.py", *args]
+    cmd = [TORCHRUN, f"--nproc-per-node={tp * pp}", f"--master-port={free_port()}", "tests/training/mcore_memory_worker.py", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert sorted(r["rank"] for r in ranks) == list(range(tp)), proc.stdout[-3000:]
+    assert sorted(r["rank"] for r in ranks) == list(range(tp * pp)), proc.stdout[-3000:]
     return tuple(sorted(ranks, key=lambda r: r["rank"]))
 
 
-# (TP, recompute, sequence parallel, TP collectives done locally); make test keeps TP=1 (no
-# collectives: the model and the states alone), TP=2 through gloo (sharded states, TP
-# activations) and TP=2 with SP and recomputation; the rest is make test-long.
+# (TP, recompute, sequence parallel, TP collectives done locally, summary mode); make test
+# keeps TP=1 (no collectives: the model and the states alone), TP=2 through gloo (sharded
+# states, TP activations), TP=2 with SP and recomputation, and summary mode at TP=2 (the
+# adapter's TP shards, the frozen base's activations); the rest is make test-long.
 MEMORY = [
-    (1, False, False, False),
-    (1, True, False, False),
-    (2, False, False, False),
-    (2, False, False, True),
-    (2, False, True, True),
-    (2, True, False, True),
-    (2, True, True, True),
+    (1, False, False, False, False),
+    (1, True, False, False, False),
+    (2, False, False, False, False),
+    (2, False, False, True, False),
+    (2, False, True, True, False),
+    (2, True, False, True, False),
+    (2, True, True, True, False),
+    (1, False, False, False, True),
+    (2, False, False, True, True),
+    (2, True, False, True, True),
 ]
-MEMORY_LONG = {(1, True, False, False), (2, False, False, True), (2, False, True, True), (2, True, False, True)}
+MEMORY_LONG = {
+    (1, True, False, False, False),
+    (2, False, False, True, False),
+    (2, False, True, True, False),
+    (2, True, False, True, False),
+    (1, False, False, False, True),
+    (2, True, False, True, True),
+}
 
 
 @pytest.mark.parametrize(
-    "tp,recompute,sp,local",
+    "tp,recompute,sp,local,summary",
     [pytest.param(*c, marks=[pytest.mark.long] if c in MEMORY_LONG else []) for c in MEMORY],
-    ids=[f"tp{c[0]}{'-recompute' if c[1] else ''}{'-sp' if c[2] else ''}{'-local' if c[3] else ''}" for c in MEMORY],
+    ids=[f"tp{c[0]}{'-recompute' if c[1] else ''}{'-sp' if c[2] else ''}{'-local' if c[3] else ''}{'-summary' if c[4] else ''}" for c in MEMORY],
 )
-def test_estimate_matches_real_megatron_peak(tp, recompute, sp, local):
-    from megatron_gem.training.memory_estimate import Layout, estimate_step_memory
+def test_estimate_matches_real_megatron_peak(tp, recompute, sp, local, summary):
+    from megatron_gem.training.memory_estimate import Layout, estimate_step_memory, model_counts, state_bytes
 
-    ranks = run(tp, recompute, sp, local)
+    ranks = run(tp, recompute, sp, local, summary)
+    layout = Layout(engine="megatron", tp=tp, dp=1, sequence_parallel=sp)
     est = estimate_step_memory(
         W.config(),
-        Layout(engine="megatron", tp=tp, dp=1, sequence_parallel=sp),
+        layout,
         micro_batch_size=MB,
         seq_length=SEQ,
         vocab_size=W.VOCAB,
         bf16=False,
         gradient_checkpointing=recompute,
+        train_mode="summary" if summary else "full",
         backend="sdpa",  # what the CPU run takes
         optimizer="torch_adamw",  # megatron-core's CPU optimizer (torch AdamW over the distributed optimizer's shards)
     )
     for r in ranks:
         err = est.peak / r["peak"] - 1
         print(
-            f"TP={tp} recompute={recompute} SP={sp} local={local} rank {r['rank']}: estimated {est.peak / 1e6:.1f} MB, measured {r['peak'] / 1e6:.1f} MB ({err:+.1%})"
+            f"TP={tp} recompute={recompute} SP={sp} local={local} summary={summary} rank {r['rank']}: estimated {est.peak / 1e6:.1f} MB, measured {r['peak'] / 1e6:.1f} MB ({err:+.1%})"
         )
         assert abs(err) <= TOLERANCE, (est.gb(), r)
+        if summary:  # the sharding rule's count of the adapter's shards on this rank, against the model's own
+            states = state_bytes(model_counts(W.config(), vocab_size=W.VOCAB, train_mode="summary"), layout, weight_bytes=4, train_mode="summary")
+            assert states["gradients"] == 4 * r["trainable_on_rank"]
         if not recompute:  # without the activations the estimate would miss by more than the tolerance
             assert r["peak"] - (est.parameters + est.gradients + est.optimizer) > TOLERANCE * r["peak"]
+
+
+# Phase 2 (contrastive): (TP, pairs, max length, GradCache chunk, alpha, summary mode), the
+# texts packed into rows of SEQ as the data set packs them. make test keeps GradCache (its
+# no-grad pass and the chunks with the surrogate) and summary mode's fast path with NTP rows
+# (the prefill pass, the summary step, the NTP rows' own pass); the rest is make test-long.
+PHASE2 = [
+    (1, 8, 128, None, 1.0, False),
+    (1, 8, 128, 2, 1.0, False),
+    (1, 8, 128, None, 0.5, False),
+    (2, 8, 128, None, 1.0, False),
+    (1, 16, 128, None, 1.0, True),
+    (1, 16, 128, 4, 1.0, True),
+    (1, 8, 128, None, 0.5, True),
+]
+PHASE2_KEEP = {(1, 8, 128, 2, 1.0, False), (1, 8, 128, None, 0.5, True)}
+
+
+@pytest.mark.parametrize(
+    "tp,pairs,max_length,chunk,alpha,summary",
+    [pytest.param(*c, marks=[] if c in PHASE2_KEEP else [pytest.mark.long]) for c in PHASE2],
+    ids=[f"tp{c[0]}-{c[1]}x{c[2]}{f'-gradcache{c[3]}' if c[3] else ''}{f'-alpha{c[4]:g}' if c[4] < 1 else ''}{'-summary' if c[5] else ''}" for c in PHASE2],
+)
+def test_phase2_estimate_matches_real_megatron_peak(tp, pairs, max_length, chunk, alpha, summary):
+    """The megatron-core engine's phase-2 passes (MegatronPasses through run_step), estimated on
+    fake tensors (contrastive_memory.estimate_contrastive_memory with a megatron layout) against
+    the same passes on the real engine (the worker's --phase2). TP=2 with local collectives."""
+    from megatron_gem.training.contrastive_memory import ContrastiveShape, estimate_contrastive_memory
+    from megatron_gem.training.memory_estimate import Layout
+
+    extra = ("--phase2", str(pairs), str(max_length)) + (("--chunk", str(chunk)) if chunk else ()) + (("--alpha", str(alpha)) if alpha < 1 else ())
+    ranks = run(tp, False, False, tp > 1, summary, extra)
+    est = estimate_contrastive_memory(
+        W.config(),
+        Layout(engine="megatron", tp=tp, dp=1),
+        ContrastiveShape(pairs, max_length, chunk=chunk, alpha=alpha),
+        micro_batch_size=MB,
+        seq_length=SEQ,
+        vocab_size=W.VOCAB,
+        bf16=False,
+        train_mode="summary" if summary else "full",
+        backend="sdpa",
+        optimizer="torch_adamw",
+    )
+    for r in ranks:
+        err = est.peak / r["peak"] - 1
+        print(
+            f"phase 2 TP={tp} {pairs} pairs x {max_length} chunk={chunk} alpha={alpha} summary={summary} rank {r['rank']}: "
+            f"estimated {est.peak / 1e6:.1f} MB, measured {r['peak'] / 1e6:.1f} MB ({err:+.1%})"
+        )
+        assert abs(err) <= TOLERANCE, (est.gb(), r)
+        # the measured micro-batch carries weight: the states alone would miss by more than the tolerance
+        assert r["peak"] - (est.parameters + est.gradients + est.optimizer) > TOLERANCE * r["peak"]
+
+
+# Pipeline parallelism: PP=2 (two processes, gloo), M micro-batches of MB x SEQ per step
+# through megatron-core's 1F1B schedule. make test keeps M=2 (the first stage holds both
+# micro-batches in flight); M=4 (no more in flight, more sends) is make test-long.
+PIPELINE = [2, 4]
+
+
+@pytest.mark.parametrize("micro", [pytest.param(m, marks=[] if m == 2 else [pytest.mark.long]) for m in PIPELINE], ids=[f"pp2-m{m}" for m in PIPELINE])
+def test_pipeline_estimate_matches_real_megatron_peak_and_sends(micro):
+    """The estimator's PP=2 figures against a real 1F1B step: the peak (the most loaded rank: the
+    first stage, holding min(PP, M) micro-batches) and each stage's own, within 10%; the
+    point-to-point bytes equal recipes.communication_bytes's ``p2p`` (the sends hooked at
+    batch_isend_irecv), and every rank receives as much as it sends."""
+    import torch
+
+    from megatron_gem.training.memory_estimate import Layout, MemoryEstimate, estimate_step_memory, megatron_activations, model_counts, state_bytes
+    from megatron_gem.training.recipes import communication_bytes
+
+    ranks = run(1, False, False, pp=2, micro=micro)
+    layout = Layout(engine="megatron", pp=2)
+    kwargs = dict(micro_batch_size=MB, seq_length=SEQ, vocab_size=W.VOCAB, backend="sdpa")
+    stages = megatron_activations(W.config(), layout, **kwargs, dtype=torch.float32, recompute=False)  # the first and the last stage
+    est = estimate_step_memory(W.config(), layout, **kwargs, bf16=False, optimizer="torch_adamw", num_microbatches=micro, activations=stages)
+    most = max(ranks, key=lambda r: r["peak"])
+    assert most["pp_rank"] == 0, ranks  # the first stage holds the most
+    err = est.peak / most["peak"] - 1
+    print(f"PP=2 M={micro}: estimated {est.peak / 1e6:.1f} MB, measured {[round(r['peak'] / 1e6, 1) for r in ranks]} MB by stage ({err:+.1%})")
+    assert abs(err) <= TOLERANCE, (est.gb(), ranks)
+    # the last stage on its own: its states and one micro-batch with the LM head and loss
+    states = state_bytes(model_counts(W.config(), vocab_size=W.VOCAB), layout, weight_bytes=4)
+    last = MemoryEstimate(**states, **{k: getattr(stages.last.overall, k) for k in ("activations", "logits_loss", "attention")})
+    measured_last = next(r["peak"] for r in ranks if r["pp_rank"] == 1)
+    print(f"PP=2 M={micro} last stage: estimated {last.peak / 1e6:.1f} MB, measured {measured_last / 1e6:.1f} MB ({last.peak / measured_last - 1:+.1%})")
+    assert abs(last.peak / measured_last - 1) <= TOLERANCE
+    want = communication_bytes(total=0, trainable=0, layout=layout, micro_batches=micro, tokens=MB * SEQ, hidden=W.HIDDEN, layers=W.LAYERS, weight_bytes=4)
+    for r in ranks:
+        got = r["counted"]
+        print(f"PP=2 M={micro} stage {r['pp_rank']}: sent {got.get('p2p_sent', 0)}, received {got.get('p2p_recv', 0)}, arithmetic {want['p2p']}")
+        assert got.get("p2p_sent", 0) == want["p2p"] and got.get("p2p_recv", 0) == want["p2p"]
 
 
 COMM = [(False, False), (True, False), (False, True), (True, True)]
