@@ -13,8 +13,8 @@ generation survives.
 4. train.py (the same entry users run on clusters): phase 1 mixed NTP, phase 2 contrastive;
    --gem-train summary (the default: frozen base, deltas at the summary positions only, every
    embedded text wrapped in PromptEOL's prompt before the summary token) or full (every
-   weight, the paper); --contrastive-teacher all-MiniLM-L6-v2 distils that embedder's in-batch
-   similarities into phase 2 (half the loss by default, the rest InfoNCE on the pairs).
+   weight, the paper); in summary mode phase 2 also distils all-MiniLM-L6-v2's in-batch
+   similarities (--contrastive-teacher; half the loss, the rest InfoNCE on the pairs).
 5. After: GEMEmbedder on the trained export (runs/demo/hf), its perplexity and the perplexity
    ratio to the base; in summary mode a check that the export's plain-text logits are
    bit-identical to the base model's (torch.equal on the held-out texts).
@@ -83,10 +83,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--contrastive-teacher",
-        default="",
+        default=None,
         metavar="DIR",
         help="train.py --contrastive-teacher: a sentence-transformers folder whose in-batch similarities phase 2 distils into the summary "
-        f"embeddings ('{TEACHER_NAME}': the packaged one, also the reference row; '': none)",
+        f"embeddings ('{TEACHER_NAME}': the packaged one, also the reference row; '': none); default in summary mode '{TEACHER_NAME}' "
+        "(the reproduction's best recipe, gem-summary-teacher-pairs, docs/eval.md), in full mode '' (not measured there)",
     )
     p.add_argument(
         "--contrastive-teacher-weight",
@@ -100,8 +101,12 @@ def parse_args(argv=None):
         help="take the base rows from OUT/base_rows.json when it was measured with the same model, tasks and evaluation settings (they do not depend on training)",
     )
     args = p.parse_args(argv)
+    if args.contrastive_teacher is None:
+        args.contrastive_teacher = TEACHER_NAME if args.gem_train == "summary" else ""
     if args.contrastive_teacher and args.contrastive_teacher != TEACHER_NAME and not os.path.isfile(os.path.join(args.contrastive_teacher, "modules.json")):
-        p.error(f"--contrastive-teacher {args.contrastive_teacher}: not a sentence-transformers folder (no modules.json); '{TEACHER_NAME}' names the packaged one")
+        p.error(
+            f"--contrastive-teacher {args.contrastive_teacher}: not a sentence-transformers folder (no modules.json); '{TEACHER_NAME}' names the packaged one"
+        )
     if args.gem_embed_template is None:
         args.gem_embed_template = EOL_TEMPLATE if args.gem_train == "summary" else ""
     # An adapter that starts at zero and is all that trains takes a larger step than a full fine-tune.

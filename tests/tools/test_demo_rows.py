@@ -96,6 +96,9 @@ def test_teacher_flag_names_the_packaged_teacher_or_a_folder(tmp_path, capsys):
 
     demo = load_tool("demo")
     assert demo.parse_args([]).contrastive_teacher_weight == 0.5
+    assert demo.parse_args([]).contrastive_teacher == demo.TEACHER_NAME  # summary mode's default: the measured best recipe
+    assert demo.parse_args(["--gem-train", "full"]).contrastive_teacher == ""  # not measured in full mode
+    assert demo.parse_args(["--contrastive-teacher", ""]).contrastive_teacher == ""
     assert demo.parse_args(["--contrastive-teacher", demo.TEACHER_NAME]).contrastive_teacher == demo.TEACHER_NAME
     (tmp_path / "st").mkdir()
     (tmp_path / "st" / "modules.json").write_text("[]")
