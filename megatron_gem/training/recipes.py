@@ -36,7 +36,14 @@ payload, twice that for an all-reduce). P parameters, T trainable, w = 2 (bf16):
            M micro-batches x that tensor once (first / last stage: PP = 2) or twice (a middle
            stage sends forward and back: PP > 2); it receives as much. Phase 1's rows.
 Summary mode: the base is frozen and replicated (ZeRO-1/2 shard only what the optimizer holds),
-so only the deltas travel.
+so only the deltas travel. Under megatron-core TP the activations' collectives stay, less one
+(the frozen embedding: the first layer's input gradient is not reduced; PP = 1 and no
+recomputation, whose re-entered layers ask for that gradient again), plus the
+deltas' own: per layer, per micro-batch, four all-reduces of [summary tokens, rank] (the two
+row-parallel deltas' intermediates in forward, the two column-parallel ones' gradients in
+backward; recomputation repeats the forward's two); counted on a real TP=2 run
+(tests/training/test_megatron_memory.py). The recipe tables take every token as a summary token
+(an upper bound: the deltas' share is then at most 6 x rank / (4 x hidden) of the TP bytes).
 """
 
 from __future__ import annotations
@@ -485,15 +492,29 @@ def communication(recipe: Recipe) -> dict:
         hidden=MODELS[recipe.model]["hidden_size"],
         layers=c.num_layers,
         recompute=recipe.gradient_checkpointing,
+        # an upper bound: every token a summary token (the deltas' share is then <= 6 x rank / (4 x hidden) of the TP traffic)
+        summary_tokens=recipe.micro_batch_size * recipe.seq_length if recipe.train_mode == "summary" else None,
     )
 
 
 def communication_bytes(
-    *, total: int, trainable: int, layout, micro_batches: int, tokens: int = 0, hidden: int = 0, layers: int = 0, weight_bytes: int = 2, recompute: bool = False
+    *,
+    total: int,
+    trainable: int,
+    layout,
+    micro_batches: int,
+    tokens: int = 0,
+    hidden: int = 0,
+    layers: int = 0,
+    weight_bytes: int = 2,
+    recompute: bool = False,
+    summary_tokens: int | None = None,
+    adapter_rank: int = 16,
 ) -> dict:
     """Payload bytes per rank per optimizer step, by kind, and ``sent``: the bytes a rank
     sends with ring algorithms ((n-1)/n of an all-gather's or reduce-scatter's payload, twice
-    that of an all-reduce's)."""
+    that of an all-reduce's). ``summary_tokens`` (per micro-batch) marks summary mode under
+    megatron-core TP: see the module docstring."""
     w, n = weight_bytes, layout.dp
     out = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0, "p2p": 0}
     ring = (n - 1) / n if n > 1 else 0.0
@@ -517,6 +538,15 @@ def communication_bytes(
             else:
                 ag = rs = 0
                 ar = (4 * L + ends + again) * unit + loss_stats
+            if summary_tokens is not None:
+                if layout.pp == 1 and not recompute:
+                    # the frozen embedding: the first layer's input gradient is never reduced
+                    # (full recomputation re-enters the layers with an input that asks for one: counted)
+                    ar -= unit
+                # the deltas' [summary tokens, rank] intermediates: per layer the two row-parallel
+                # ones (attention output, MLP down) reduced in forward (again under recompute),
+                # the two column-parallel ones (QKV, MLP up) in backward
+                ar += L * (4 + (2 if recompute else 0)) * micro_batches * summary_tokens * adapter_rank * w
             out["all_reduce"] += ar
             out["all_gather"] += ag
             out["reduce_scatter"] += rs

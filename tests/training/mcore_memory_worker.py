@@ -304,6 +304,7 @@ def main():
         "recompute": recompute,
         "sequence_parallel": sequence_parallel,
         "summary": summary,
+        "summary_tokens": int((roles == 1).sum()) if summary else None,  # per micro-batch: what the deltas' collectives carry
         "phase2": phase2,
         "params_on_rank": params,
         "trainable_on_rank": sum(p.numel() for p in model.parameters() if p.requires_grad),

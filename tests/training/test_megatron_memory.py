@@ -207,19 +207,20 @@ def test_pipeline_estimate_matches_real_megatron_peak_and_sends(micro):
         assert got.get("p2p_sent", 0) == want["p2p"] and got.get("p2p_recv", 0) == want["p2p"]
 
 
-COMM = [(False, False), (True, False), (False, True), (True, True)]
+# (sequence parallel, recompute, summary mode); summary mode has no SP (the engine refuses it).
+COMM = [(False, False, False), (True, False, False), (False, True, False), (True, True, False), (False, False, True), (False, True, True)]
 
 
 @pytest.mark.parametrize(
-    "sp,recompute",
-    [pytest.param(sp, rc, marks=[pytest.mark.long] if rc else []) for sp, rc in COMM],
-    ids=[f"tp2{'-sp' if sp else ''}{'-recompute' if rc else ''}" for sp, rc in COMM],
+    "sp,recompute,summary",
+    [pytest.param(sp, rc, sm, marks=[pytest.mark.long] if rc else []) for sp, rc, sm in COMM],
+    ids=[f"tp2{'-sp' if sp else ''}{'-recompute' if rc else ''}{'-summary' if sm else ''}" for sp, rc, sm in COMM],
 )
-def test_tp_communication_matches_counted_collectives(sp, recompute):
+def test_tp_communication_matches_counted_collectives(sp, recompute, summary):
     from megatron_gem.training.memory_estimate import Layout
     from megatron_gem.training.recipes import communication_bytes
 
-    ranks = run(2, recompute, sp)
+    ranks = run(2, recompute, sp, summary=summary)
     want = communication_bytes(
         total=ranks[0]["total_params"],
         trainable=ranks[0]["total_params"],
@@ -230,10 +231,11 @@ def test_tp_communication_matches_counted_collectives(sp, recompute):
         layers=W.LAYERS,
         weight_bytes=4,  # fp32 on CPU
         recompute=recompute,
+        summary_tokens=ranks[0]["summary_tokens"],  # the batch's, as the worker built it (None in full mode)
     )
     for r in ranks:
         got = r["counted"]
-        print(f"TP=2 SP={sp} recompute={recompute} rank {r['rank']}: counted {got}, arithmetic {want}")
+        print(f"TP=2 SP={sp} recompute={recompute} summary={summary} rank {r['rank']}: counted {got}, arithmetic {want}")
         for kind in ("all_reduce", "reduce_scatter", "all_gather"):
             # the gradient norm's scalar rides along: 1 KB of slack
             assert got.get(kind, 0) == pytest.approx(want[kind], abs=1024), kind
