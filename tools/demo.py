@@ -87,7 +87,7 @@ def parse_args(argv=None):
         metavar="DIR",
         help="train.py --contrastive-teacher: a sentence-transformers folder whose in-batch similarities phase 2 distils into the summary "
         f"embeddings ('{TEACHER_NAME}': the packaged one, also the reference row; '': none); default in summary mode '{TEACHER_NAME}' "
-        "(the reproduction's best recipe, gem-summary-teacher-pairs, docs/eval.md), in full mode '' (not measured there)",
+        "(the reproduction's gem-summary-teacher-pairs, docs/eval.md), in full mode '' (not measured there)",
     )
     p.add_argument(
         "--contrastive-teacher-weight",
