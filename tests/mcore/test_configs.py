@@ -24,7 +24,12 @@ def test_all_models_and_cluster_sizes_present():
             assert f"{model}_{gpus}xh100" in names
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+# make test estimates phase 1 of two recipes (TP/DP and PP=2, the two estimator paths); the
+# other six are the same paths at other shapes (8-16 s each of fake 8B-scale measurement): make test-long.
+LAYOUT_KEEP = {"llama3-8b_8xh100", "mistral-7b_16xh100"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=[] if p.stem in LAYOUT_KEEP else [pytest.mark.long]) for p in RECIPES], ids=lambda p: p.stem)
 def test_recipe_layout_and_memory(path):
     from megatron_gem.training import recipes as R
     from megatron_gem.training.memory_estimate import model_counts
