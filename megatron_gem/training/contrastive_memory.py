@@ -128,6 +128,45 @@ def contrastive_tokens(shape: ContrastiveShape, *, seq_length: int, train_mode: 
     return sum(int(p["input_ids"].shape[0]) for p in parts), max(int(p["input_ids"].shape[0]) for p in parts)
 
 
+def measure_megatron_contrastive_step(
+    hf_config,
+    layout,
+    shape: ContrastiveShape,
+    *,
+    micro_batch_size: int,
+    seq_length: int,
+    vocab_size: int,
+    dtype: torch.dtype,
+    recompute: bool,
+    backend: str,
+    train_mode: str,
+    adapter_rank: int = 16,
+) -> ActivationPeak:
+    """A phase-2 micro-batch on megatron-core's own model running that engine's passes
+    (memory_estimate.megatron_activations with ``phase2``); under PP the contrastive rows fixed
+    as the engine fixes them (megatron_engine.contrastive_rows)."""
+    from dataclasses import asdict
+
+    from .megatron_engine import contrastive_rows
+    from .memory_estimate import megatron_activations
+
+    rows = contrastive_rows(shape.batch_size, seq_length, min(seq_length, shape.max_length), shape.negatives) if layout.pp > 1 else None
+    return megatron_activations(
+        hf_config,
+        layout,
+        micro_batch_size=micro_batch_size,
+        seq_length=seq_length,
+        vocab_size=vocab_size,
+        dtype=dtype,
+        recompute=recompute,
+        backend=backend,
+        train_mode=train_mode,
+        adapter_rank=adapter_rank,
+        phase2=asdict(shape),
+        contrastive_rows=rows,
+    )
+
+
 def estimate_contrastive_memory(
     hf_config,
     layout,
@@ -155,17 +194,15 @@ def estimate_contrastive_memory(
     (mcore_activation_memory.py, ``phase2``; its stage's layers, its TP shard; under PP the
     contrastive rows fixed as the engine fixes them, and min(PP, micro-batches) in flight as
     in phase 1: an upper bound, not validated)."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
-    from .memory_estimate import estimate_step_memory, keeps_whole_grads, megatron_activations
+    from .memory_estimate import estimate_step_memory, keeps_whole_grads
 
     if activations is None and layout.engine == "megatron":
-        from .megatron_engine import contrastive_rows
-
-        rows = contrastive_rows(shape.batch_size, seq_length, min(seq_length, shape.max_length), shape.negatives) if layout.pp > 1 else None
-        activations = megatron_activations(
+        activations = measure_megatron_contrastive_step(
             hf_config,
             layout,
+            shape,
             micro_batch_size=micro_batch_size,
             seq_length=seq_length,
             vocab_size=vocab_size,
@@ -174,8 +211,6 @@ def estimate_contrastive_memory(
             backend=backend,
             train_mode=train_mode,
             adapter_rank=adapter_rank,
-            phase2=asdict(shape),
-            contrastive_rows=rows,
         )
     if activations is None:
         activations = measure_contrastive_step(

@@ -320,20 +320,15 @@ def _contrastive_activations(
 ):
     """One fake-tensor measurement of a phase-2 micro-batch (minutes at 8B), shared like _activations.
     ``layout``: a megatron-core layout measures that engine's passes on its model (else DeepSpeed's)."""
-    from .contrastive_memory import measure_contrastive_step
+    from .contrastive_memory import measure_contrastive_step, measure_megatron_contrastive_step
 
     if layout is not None and layout.engine == "megatron":
-        import dataclasses
-
         import torch
 
-        from .megatron_engine import contrastive_rows
-        from .memory_estimate import megatron_activations
-
-        rows = contrastive_rows(shape.batch_size, seq_length, min(seq_length, shape.max_length), shape.negatives) if layout.pp > 1 else None
-        return megatron_activations(
+        return measure_megatron_contrastive_step(
             hf_config(model),
             layout,
+            shape,
             micro_batch_size=micro_batch_size,
             seq_length=seq_length,
             vocab_size=vocab_size,
@@ -341,8 +336,6 @@ def _contrastive_activations(
             recompute=recompute,
             backend=backend,
             train_mode=train_mode,
-            phase2=dataclasses.asdict(shape),
-            contrastive_rows=rows,
         )
     return measure_contrastive_step(
         hf_config(model),
